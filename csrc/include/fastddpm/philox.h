@@ -1,0 +1,46 @@
+// Philox4x32-10 and Box-Muller, shared by host and device code.
+// The specification is src/fastddpm/noise.py; this file reproduces its uint32 stream exactly.
+#pragma once
+#include <cstdint>
+
+#if defined(__CUDACC__)
+#define FDDPM_HD __host__ __device__ __forceinline__
+#else
+#define FDDPM_HD inline
+#endif
+
+namespace fastddpm {
+
+constexpr uint32_t kPhiloxM0 = 0xD2511F53u;
+constexpr uint32_t kPhiloxM1 = 0xCD9E8D57u;
+constexpr uint32_t kPhiloxW0 = 0x9E3779B9u;
+constexpr uint32_t kPhiloxW1 = 0xBB67AE85u;
+constexpr uint32_t kInitialNoiseStep = 0xFFFFFFFFu;  // the noise step of the starting static x_T
+
+struct U32x4 { uint32_t v[4]; };
+
+FDDPM_HD void philox_round(uint32_t c[4], uint32_t k0, uint32_t k1) {
+  const uint64_t p0 = uint64_t(kPhiloxM0) * c[0];
+  const uint64_t p1 = uint64_t(kPhiloxM1) * c[2];
+  const uint32_t hi0 = uint32_t(p0 >> 32), lo0 = uint32_t(p0);
+  const uint32_t hi1 = uint32_t(p1 >> 32), lo1 = uint32_t(p1);
+  const uint32_t n0 = hi1 ^ c[1] ^ k0, n2 = hi0 ^ c[3] ^ k1;
+  c[0] = n0; c[1] = lo1; c[2] = n2; c[3] = lo0;
+}
+
+// counter = (group, sample index, noise step, 0); key = the 64-bit seed split into two words.
+FDDPM_HD U32x4 philox4x32_10(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3, uint64_t seed) {
+  uint32_t c[4] = {c0, c1, c2, c3};
+  uint32_t k0 = uint32_t(seed), k1 = uint32_t(seed >> 32);
+#pragma unroll
+  for (int r = 0; r < 10; ++r) {
+    if (r) { k0 += kPhiloxW0; k1 += kPhiloxW1; }
+    philox_round(c, k0, k1);
+  }
+  return U32x4{{c[0], c[1], c[2], c[3]}};
+}
+
+// u(r) = ((r >> 9) + 0.5) * 2^-23, in (0, 1) and exact in float32.
+FDDPM_HD float uniform_open01(uint32_t r) { return (float(r >> 9) + 0.5f) * (1.0f / 8388608.0f); }
+
+}  // namespace fastddpm

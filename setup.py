@@ -1,0 +1,147 @@
+"""Build fastddpm's compiled core.
+
+fastddpm._C       the C++ CPU core (always built): OpenMP, runtime dispatch AVX-512 / AVX2 / scalar
+                  (each ISA file selects its own target with #pragma GCC target, so no -march=native).
+fastddpm._C_cuda  the CUDA core, built when nvcc is found (FASTDDPM_CUDA=auto|0|1), even without a GPU.
+                  The CUDA runtime is linked statically and finds the driver at run time, and the module
+                  is separate from _C, so a broken or absent CUDA stack never stops the CPU core importing.
+FASTDDPM_CUDA_ARCHS  semicolon list of SM numbers (default 75;80;86;89;90; PTX for the last).
+The build writes what it built into fastddpm/_build_info.json.
+"""
+import glob
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+from pybind11.setup_helpers import Pybind11Extension
+from setuptools import setup
+from setuptools.command.build_ext import build_ext
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+INCLUDE = os.path.join(ROOT, "csrc", "include")
+DEFAULT_ARCHS = "75;80;86;89;90"
+
+
+def find_nvcc():
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH") or "/usr/local/cuda"
+        cand = os.path.join(home, "bin", "nvcc")
+        nvcc = cand if os.path.exists(cand) else None
+    return nvcc
+
+
+def cuda_wanted():
+    mode = os.environ.get("FASTDDPM_CUDA", "auto").lower()
+    if mode not in ("auto", "0", "1"):
+        raise SystemExit(f"FASTDDPM_CUDA must be auto, 0 or 1, got {mode!r}")
+    nvcc = find_nvcc()
+    if mode == "1" and nvcc is None:
+        raise SystemExit("FASTDDPM_CUDA=1 but nvcc was not found (set CUDA_HOME or PATH)")
+    return (nvcc if mode != "0" else None), mode
+
+
+def cuda_archs():
+    archs = [a.strip() for a in os.environ.get("FASTDDPM_CUDA_ARCHS", DEFAULT_ARCHS).replace(",", ";").split(";")]
+    archs = [a for a in archs if a]
+    for a in archs:
+        if not a.isdigit():
+            raise SystemExit(f"FASTDDPM_CUDA_ARCHS entries must be SM numbers like 90, got {a!r}")
+    return archs
+
+
+CXX_FLAGS = ["-O3", "-fopenmp", "-std=c++17", "-fno-math-errno", "-Wall"]
+
+cpu_ext = Pybind11Extension(
+    "fastddpm._C",
+    sorted(glob.glob("csrc/cpu/*.cpp")) + ["csrc/bindings.cpp"],
+    include_dirs=[INCLUDE],
+    extra_compile_args=CXX_FLAGS,
+    extra_link_args=["-fopenmp"],
+    cxx_std=17,
+)
+
+cuda_ext = Pybind11Extension(
+    "fastddpm._C_cuda",
+    ["csrc/bindings_cuda.cpp"],
+    include_dirs=[INCLUDE],
+    extra_compile_args=["-O2", "-std=c++17"],
+    cxx_std=17,
+)
+
+
+class BuildExt(build_ext):
+    """Compiles csrc/cuda/*.cu with nvcc into objects linked into _C_cuda; records the build."""
+
+    def run(self):
+        self.nvcc, self.cuda_mode = cuda_wanted()
+        self.cuda_info = {"built": False}
+        if self.nvcc is None:
+            self.cuda_info["reason"] = ("FASTDDPM_CUDA=0" if self.cuda_mode == "0"
+                                        else "nvcc not found at build time")
+            self.extensions = [e for e in self.extensions if e.name != "fastddpm._C_cuda"]
+        super().run()
+        self.write_build_info()
+
+    def build_extension(self, ext):
+        if ext.name == "fastddpm._C_cuda":
+            try:
+                self.build_cuda(ext)
+            except (subprocess.CalledProcessError, OSError) as exc:
+                if self.cuda_mode == "1":
+                    raise
+                self.cuda_info = {"built": False, "reason": f"CUDA build failed: {exc}"}
+                print(f"warning: fastddpm._C_cuda not built: {exc}", file=sys.stderr)
+            return
+        super().build_extension(ext)
+
+    def build_cuda(self, ext):
+        archs = cuda_archs()
+        cuda_home = os.path.dirname(os.path.dirname(os.path.realpath(self.nvcc)))
+        gencode = []
+        for a in archs:
+            gencode += ["-gencode", f"arch=compute_{a},code=sm_{a}"]
+        gencode += ["-gencode", f"arch=compute_{archs[-1]},code=compute_{archs[-1]}"]
+        objdir = os.path.join(self.build_temp, "cuda")
+        os.makedirs(objdir, exist_ok=True)
+        objects = []
+        for src in sorted(glob.glob("csrc/cuda/*.cu")):
+            obj = os.path.join(objdir, os.path.basename(src) + ".o")
+            cmd = [self.nvcc, "-c", src, "-o", obj, "-O3", "-std=c++17", "-I", INCLUDE,
+                   "--use_fast_math", "-Xcompiler", "-fPIC", "-lineinfo", *gencode]
+            print(" ".join(cmd))
+            subprocess.check_call(cmd)
+            objects.append(obj)
+        libdir = next((d for d in (os.path.join(cuda_home, "lib64"), os.path.join(cuda_home, "lib"),
+                                   os.path.join(cuda_home, "targets", "x86_64-linux", "lib"))
+                       if os.path.exists(os.path.join(d, "libcudart_static.a"))), None)
+        if libdir is None:
+            raise OSError(f"libcudart_static.a not found under {cuda_home}")
+        ext.include_dirs.append(os.path.join(cuda_home, "include"))
+        ext.extra_objects = objects + [os.path.join(libdir, "libcudart_static.a")]
+        ext.extra_link_args = ["-lrt", "-lpthread", "-ldl"]
+        super().build_extension(ext)
+        version = subprocess.run([self.nvcc, "--version"], capture_output=True, text=True).stdout
+        release = next((ln.split("release")[1].split(",")[0].strip() for ln in version.splitlines()
+                        if "release" in ln), "unknown")
+        self.cuda_info = {"built": True, "cuda_version": release, "archs": archs, "ptx": archs[-1],
+                          "runtime": "static"}
+
+    def write_build_info(self):
+        info = {
+            "cpu": {"isa_paths": ["avx512", "avx2", "scalar"], "openmp": True, "march_native": False,
+                    "compiler": self.compiler.compiler_so[0] if hasattr(self.compiler, "compiler_so") else "?"},
+            "cuda": self.cuda_info,
+            "python": sys.version.split()[0],
+        }
+        targets = [os.path.join(ROOT, "src", "fastddpm")] if self.inplace else []
+        targets.append(os.path.join(self.build_lib, "fastddpm"))
+        for d in targets:
+            if os.path.isdir(d):
+                with open(os.path.join(d, "_build_info.json"), "w") as f:
+                    json.dump(info, f, indent=2)
+
+
+setup(ext_modules=[cpu_ext, cuda_ext], cmdclass={"build_ext": BuildExt})

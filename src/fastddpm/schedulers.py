@@ -1,0 +1,328 @@
+"""DDPM and DDIM schedulers: diffusers' config keys, float64 tables, one fused-step row per timestep.
+
+Every step of either sampler is the same affine map, evaluated by the fused kernel per element:
+
+    x0     = a_x * x_t + a_m * m                       # m: the model output
+    x0     = clip(x0, -r, r)        if r > 0           # clip_sample_range, 0 = no clipping
+    x_prev = c_x0 * x0 + d_x * x_t + d_m * m + sigma * z
+
+The scheduler computes the row (a_x, a_m, c_x0, d_x, d_m, sigma, r, 0) of every timestep in float64
+and stores it as float32 [steps, 8] (COEF_WIDTH); the kernels only multiply and add.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Any
+
+import numpy as np
+
+__all__ = ["DDPMScheduler", "DDIMScheduler", "COEF_WIDTH", "SchedulerConfigError"]
+
+COEF_WIDTH = 8
+A_X, A_M, C_X0, D_X, D_M, SIGMA, CLIP, _PAD = range(COEF_WIDTH)
+
+BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid")
+PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
+VARIANCE_TYPES = ("fixed_small", "fixed_large")
+TIMESTEP_SPACINGS = ("leading", "linspace", "trailing")
+
+
+class SchedulerConfigError(ValueError):
+    """A scheduler config key or value that fastddpm does not know or cannot honour."""
+
+
+# Keys diffusers writes that fastddpm accepts only at the value that changes nothing.
+_INERT_KEYS = {"thresholding": False}
+# Keys that only matter when an inert key is switched on; any value is harmless.
+_IGNORED_KEYS = ("dynamic_thresholding_ratio", "sample_max_value")
+
+
+def _betas(cfg: dict) -> np.ndarray:
+    """beta_t in float64, exactly as diffusers defines each schedule (diffusers then rounds to float32)."""
+    n = cfg["num_train_timesteps"]
+    if cfg["trained_betas"] is not None:
+        betas = np.asarray(cfg["trained_betas"], dtype=np.float64)
+        if betas.ndim != 1 or betas.size == 0:
+            raise SchedulerConfigError("trained_betas must be a non-empty 1-D list of floats")
+        return betas
+    b0, b1 = float(cfg["beta_start"]), float(cfg["beta_end"])
+    schedule = cfg["beta_schedule"]
+    if schedule == "linear":
+        return np.linspace(b0, b1, n, dtype=np.float64)
+    if schedule == "scaled_linear":
+        return np.linspace(b0**0.5, b1**0.5, n, dtype=np.float64) ** 2
+    if schedule == "squaredcos_cap_v2":
+        def alpha_bar(t):
+            return math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
+        return np.array([min(1 - alpha_bar((i + 1) / n) / alpha_bar(i / n), 0.999) for i in range(n)])
+    if schedule == "sigmoid":
+        return 1.0 / (1.0 + np.exp(-np.linspace(-6.0, 6.0, n))) * (b1 - b0) + b0
+    raise SchedulerConfigError(f"beta_schedule={schedule!r} is not one of {BETA_SCHEDULES}")
+
+
+def _rescale_zero_terminal_snr(betas: np.ndarray) -> np.ndarray:
+    """diffusers' rescale_zero_terminal_snr (Lin et al. 2023), in float64."""
+    abar_sqrt = np.sqrt(np.cumprod(1.0 - betas))
+    s0, sT = abar_sqrt[0], abar_sqrt[-1]
+    abar_sqrt = (abar_sqrt - sT) * (s0 / (s0 - sT))
+    abar = abar_sqrt**2
+    alphas = np.concatenate([abar[:1], abar[1:] / abar[:-1]])
+    return 1.0 - alphas
+
+
+def _x0_eps_coefficients(prediction_type: str, abar: float) -> tuple[float, float, float, float]:
+    """(a_x, a_m, b_x, b_m) with x0 = a_x x_t + a_m m and eps = b_x x_t + b_m m (unclipped x0)."""
+    sa, sb = math.sqrt(abar), math.sqrt(1.0 - abar)
+    if prediction_type == "epsilon":
+        return 1.0 / sa, -sb / sa, 0.0, 1.0
+    if prediction_type == "sample":
+        return 0.0, 1.0, 1.0 / sb, -sa / sb
+    return sa, -sb, sb, sa  # v_prediction
+
+
+class _Scheduler:
+    """Shared config handling, tables and the step entry point. Subclasses define _DEFAULTS and _row."""
+
+    _DEFAULTS: dict[str, Any] = {}
+    order = 1
+    init_noise_sigma = 1.0
+
+    def __init__(self, **config):
+        cfg = dict(self._DEFAULTS)
+        for key, value in config.items():
+            if key.startswith("_") or key in _IGNORED_KEYS:
+                continue  # diffusers bookkeeping (_class_name, _diffusers_version) and inert knobs
+            if key in _INERT_KEYS:
+                if bool(value) != _INERT_KEYS[key]:
+                    raise SchedulerConfigError(f"{key}={value!r} is not supported by fastddpm")
+                continue
+            if key not in cfg:
+                raise SchedulerConfigError(
+                    f"unknown {type(self).__name__} config key {key!r}; known keys: {sorted(cfg)}")
+            cfg[key] = value
+        self._validate(cfg)
+        self.config = cfg
+        betas = _betas(cfg)
+        if cfg["rescale_betas_zero_snr"]:
+            betas = _rescale_zero_terminal_snr(betas)
+        self.betas = betas                                  # [T] float64
+        self.alphas = 1.0 - betas
+        self.alphas_cumprod = np.cumprod(self.alphas)       # [T] float64
+        if cfg["rescale_betas_zero_snr"]:
+            self.alphas_cumprod[-1] = 2.0**-24             # as diffusers: keeps 1/sqrt(abar_T) finite
+        self.num_train_timesteps = len(betas)
+        self.num_inference_steps: int | None = None
+        self._tables: dict = {}
+        self._set_timestep_array(np.arange(self.num_train_timesteps - 1, -1, -1, dtype=np.int64))
+
+    # -- config -------------------------------------------------------------------------------
+    def _validate(self, cfg: dict) -> None:
+        def choice(key, allowed):
+            if cfg[key] not in allowed:
+                raise SchedulerConfigError(f"{key}={cfg[key]!r} is not one of {allowed}")
+        choice("beta_schedule", BETA_SCHEDULES)
+        choice("prediction_type", PREDICTION_TYPES)
+        choice("timestep_spacing", TIMESTEP_SPACINGS)
+        n = cfg["num_train_timesteps"]
+        if cfg["trained_betas"] is not None:
+            cfg["num_train_timesteps"] = n = len(cfg["trained_betas"])
+        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+            raise SchedulerConfigError(f"num_train_timesteps must be a positive integer, got {n!r}")
+        betas = _betas(cfg)
+        if not (np.all(np.isfinite(betas)) and np.all(betas > 0) and np.all(betas < 1)):
+            raise SchedulerConfigError("every beta must be finite and in (0, 1)")
+        r = cfg["clip_sample_range"]
+        if not (isinstance(r, (int, float)) and math.isfinite(r) and r > 0):
+            raise SchedulerConfigError(f"clip_sample_range must be a positive finite number, got {r!r}")
+        off = cfg["steps_offset"]
+        if isinstance(off, bool) or not isinstance(off, (int, np.integer)) or off < 0:
+            raise SchedulerConfigError(f"steps_offset must be a non-negative integer, got {off!r}")
+
+    @classmethod
+    def from_config(cls, config: dict | str | os.PathLike, **overrides):
+        """Build from a dict, a scheduler_config.json, or a directory holding one (or scheduler/ in it)."""
+        if not isinstance(config, dict):
+            path = os.fspath(config)
+            for candidate in (path, os.path.join(path, "scheduler_config.json"),
+                              os.path.join(path, "scheduler", "scheduler_config.json")):
+                if os.path.isfile(candidate):
+                    with open(candidate, encoding="utf-8") as f:
+                        config = json.load(f)
+                    break
+            else:
+                raise FileNotFoundError(f"no scheduler_config.json at {path!r}")
+            if not isinstance(config, dict):
+                raise SchedulerConfigError(f"{path}: a scheduler config must be a JSON object")
+        return cls(**{**config, **overrides})
+
+    def save_config(self, directory: str | os.PathLike) -> str:
+        """Write scheduler_config.json (diffusers' format) into directory; returns its path."""
+        os.makedirs(directory, exist_ok=True)
+        cfg = {"_class_name": type(self).__name__, **self.config}
+        if cfg["trained_betas"] is not None:
+            cfg["trained_betas"] = [float(b) for b in cfg["trained_betas"]]
+        path = os.path.join(os.fspath(directory), "scheduler_config.json")
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(cfg, f, indent=2, sort_keys=True)
+        return path
+
+    def __repr__(self):
+        return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in self.config.items())})"
+
+    # -- timesteps ----------------------------------------------------------------------------
+    def _spaced_timesteps(self, n: int) -> np.ndarray:
+        T, spacing = self.num_train_timesteps, self.config["timestep_spacing"]
+        if spacing == "linspace":
+            return np.linspace(0, T - 1, n).round()[::-1].astype(np.int64)
+        if spacing == "leading":
+            ts = (np.arange(0, n) * (T // n)).round()[::-1].astype(np.int64)
+            return ts + int(self.config["steps_offset"])
+        return np.round(np.arange(T, 0, -T / n)).astype(np.int64) - 1   # trailing
+
+    def set_timesteps(self, num_inference_steps: int, device=None) -> None:
+        n = num_inference_steps
+        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or not 1 <= n <= self.num_train_timesteps:
+            raise ValueError(f"num_inference_steps must be an integer in [1, {self.num_train_timesteps}], got {n!r}")
+        ts = self._spaced_timesteps(int(n))
+        if ts.min() < 0 or ts.max() >= self.num_train_timesteps:
+            raise ValueError(f"steps_offset={self.config['steps_offset']} puts timesteps outside "
+                             f"[0, {self.num_train_timesteps}) for {n} steps")
+        self.num_inference_steps = int(n)
+        self._set_timestep_array(ts)
+
+    def _set_timestep_array(self, ts: np.ndarray) -> None:
+        self.timesteps = ts                                  # [S] int64, descending
+        self._row_of = np.full(self.num_train_timesteps, -1, dtype=np.int64)
+        self._row_of[ts] = np.arange(len(ts))
+        self._tables.clear()
+
+    def previous_timestep(self, timestep: int) -> int:
+        row = self.row_index(timestep)
+        return self._prev_of_row(row)
+
+    def row_index(self, timestep) -> int:
+        """The row of the coefficient table for timestep (an int or a 0-d array); ValueError if none."""
+        try:
+            t = int(timestep)
+        except (TypeError, ValueError):
+            raise TypeError(f"timestep must be an integer, got {type(timestep).__name__}") from None
+        if not 0 <= t < self.num_train_timesteps or self._row_of[t] < 0:
+            raise ValueError(f"timestep {timestep!r} is not one of this scheduler's timesteps "
+                             f"({len(self.timesteps)} in [0, {self.num_train_timesteps}))")
+        return int(self._row_of[t])
+
+    # -- the coefficient table ------------------------------------------------------------------
+    def coefficients(self, **step_options) -> np.ndarray:
+        """float32 [len(timesteps), COEF_WIDTH]: the fused-step row of every timestep, in loop order."""
+        key = tuple(sorted(step_options.items()))
+        table = self._tables.get(key)
+        if table is None:
+            rows = np.array([self._row(i, **step_options) for i in range(len(self.timesteps))],
+                            dtype=np.float64).reshape(-1, COEF_WIDTH)
+            table = np.ascontiguousarray(rows.astype(np.float32))
+            table.setflags(write=False)
+            self._tables[key] = table
+        return table
+
+    def coefficients_float64(self, **step_options) -> np.ndarray:
+        """The same table before rounding to float32 (for the float64 reference)."""
+        return np.array([self._row(i, **step_options) for i in range(len(self.timesteps))],
+                        dtype=np.float64).reshape(-1, COEF_WIDTH)
+
+    def _clip_range(self) -> float:
+        return float(self.config["clip_sample_range"]) if self.config["clip_sample"] else 0.0
+
+    # -- step -----------------------------------------------------------------------------------
+    def _step(self, model_output, timestep, sample, noise, seed, first_index, backend, out, **options):
+        from .dispatch import fused_step
+        row = self.row_index(timestep)
+        return fused_step(sample, model_output, self.coefficients(**options), row, int(self.timesteps[row]),
+                          noise=noise, seed=seed, first_index=first_index, backend=backend, out=out)
+
+
+class DDPMScheduler(_Scheduler):
+    """DDPM (Ho et al. 2020) ancestral sampling; the same maths as diffusers' DDPMScheduler.step."""
+
+    _DEFAULTS = dict(num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="linear",
+                     trained_betas=None, variance_type="fixed_small", clip_sample=True,
+                     prediction_type="epsilon", clip_sample_range=1.0, timestep_spacing="leading",
+                     steps_offset=0, rescale_betas_zero_snr=False)
+
+    def _validate(self, cfg):
+        super()._validate(cfg)
+        if cfg["variance_type"] not in VARIANCE_TYPES:
+            raise SchedulerConfigError(f"variance_type={cfg['variance_type']!r} is not one of {VARIANCE_TYPES}")
+
+    def _prev_of_row(self, row: int) -> int:
+        return int(self.timesteps[row + 1]) if row + 1 < len(self.timesteps) else -1
+
+    def _row(self, row: int) -> list[float]:
+        t = int(self.timesteps[row])
+        prev = self._prev_of_row(row)
+        abar = self.alphas_cumprod[t]
+        abar_prev = self.alphas_cumprod[prev] if prev >= 0 else 1.0
+        beta_prod, beta_prod_prev = 1.0 - abar, 1.0 - abar_prev
+        alpha_t = abar / abar_prev
+        beta_t = 1.0 - alpha_t
+        a_x, a_m, _, _ = _x0_eps_coefficients(self.config["prediction_type"], abar)
+        c_x0 = math.sqrt(abar_prev) * beta_t / beta_prod
+        c_xt = math.sqrt(alpha_t) * beta_prod_prev / beta_prod
+        if t > 0:
+            variance = max(beta_prod_prev / beta_prod * beta_t, 1e-20)
+            if self.config["variance_type"] == "fixed_large":
+                variance = beta_t
+            sigma = math.sqrt(variance)
+        else:
+            sigma = 0.0
+        return [a_x, a_m, c_x0, c_xt, 0.0, sigma, self._clip_range(), 0.0]
+
+    def step(self, model_output, timestep, sample, *, noise=None, seed=None, first_index=0,
+             backend="auto", out=None):
+        """x_{t-1} from x_t: diffusers' DDPMScheduler.step for the same config and noise.
+
+        model_output, sample: [N, ...] float32 (NumPy or torch). Without ``noise`` the kernel draws
+        the Philox noise of (seed, sample first_index + i, timestep); ``seed=None`` draws a fresh seed.
+        Returns the next sample (``out`` if given; ``out`` may be ``sample`` for in place).
+        """
+        return self._step(model_output, timestep, sample, noise, seed, first_index, backend, out)
+
+
+class DDIMScheduler(_Scheduler):
+    """DDIM (Song et al. 2021), any eta; the same maths as diffusers' DDIMScheduler.step."""
+
+    _DEFAULTS = dict(num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="linear",
+                     trained_betas=None, clip_sample=True, set_alpha_to_one=True, steps_offset=0,
+                     prediction_type="epsilon", clip_sample_range=1.0, timestep_spacing="leading",
+                     rescale_betas_zero_snr=False)
+
+    def __init__(self, **config):
+        super().__init__(**config)
+        self.final_alpha_cumprod = 1.0 if self.config["set_alpha_to_one"] else float(self.alphas_cumprod[0])
+        self._set_timestep_array(np.zeros(0, dtype=np.int64))   # diffusers: set_timesteps first
+
+    def _prev_of_row(self, row: int) -> int:
+        # diffusers' DDIM steps back by T // n whatever the spacing
+        return int(self.timesteps[row]) - self.num_train_timesteps // self.num_inference_steps
+
+    def _row(self, row: int, eta: float = 0.0) -> list[float]:
+        t = int(self.timesteps[row])
+        prev = self._prev_of_row(row)
+        abar = self.alphas_cumprod[t]
+        abar_prev = self.alphas_cumprod[prev] if prev >= 0 else self.final_alpha_cumprod
+        a_x, a_m, b_x, b_m = _x0_eps_coefficients(self.config["prediction_type"], abar)
+        variance = (1.0 - abar_prev) / (1.0 - abar) * (1.0 - abar / abar_prev)
+        std = eta * math.sqrt(variance)
+        c_eps = math.sqrt(max(1.0 - abar_prev - std**2, 0.0))
+        return [a_x, a_m, math.sqrt(abar_prev), c_eps * b_x, c_eps * b_m, std, self._clip_range(), 0.0]
+
+    def step(self, model_output, timestep, sample, *, eta=0.0, noise=None, seed=None, first_index=0,
+             backend="auto", out=None):
+        """x_prev from x_t: diffusers' DDIMScheduler.step(eta=eta) for the same config and noise."""
+        if self.num_inference_steps is None:
+            raise ValueError("call set_timesteps(num_inference_steps) before DDIMScheduler.step")
+        eta = float(eta)
+        if not (math.isfinite(eta) and eta >= 0):
+            raise ValueError(f"eta must be a finite number >= 0, got {eta!r}")
+        return self._step(model_output, timestep, sample, noise, seed, first_index, backend, out, eta=eta)
