@@ -1,0 +1,31 @@
+"""fastddpm: fast DDPM sampling. The public surface is this module's __all__ (see DESIGN.md)."""
+from __future__ import annotations
+
+import numpy as _np
+
+from . import noise as _noise_spec  # bound first: the function below takes the name
+
+from .backends import BackendUnavailableError, backends
+from .schedulers import DDIMScheduler, DDPMScheduler, SchedulerConfigError
+
+__version__ = "0.1.0"
+__all__ = ["sample", "load", "noise", "backends", "DDPMScheduler", "DDIMScheduler", "Pipeline",
+           "BackendUnavailableError", "SchedulerConfigError", "__version__"]
+
+
+def noise(seed: int, shape, step: int, first_index: int = 0) -> _np.ndarray:
+    """float32 normals that the sampler adds at noise step ``step`` (the timestep given to
+    ``Scheduler.step``; -1 for the initial static x_T) to samples ``first_index ...`` of ``shape``
+    (N, ...). The same numbers on every backend (spec: fastddpm/noise.py)."""
+    from .backends import get as _get
+    native = _get("native-cpu")
+    if not isinstance(native, str) and not native.unavailable():
+        return native.noise(seed, tuple(shape), step, first_index)
+    return _noise_spec.noise(seed, shape, step, first_index)
+
+
+def __getattr__(name):  # the pipeline pulls in more; import it on first use
+    if name in ("sample", "load", "Pipeline"):
+        from . import pipeline
+        return getattr(pipeline, name)
+    raise AttributeError(f"module 'fastddpm' has no attribute {name!r}")

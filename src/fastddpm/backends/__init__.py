@@ -1,0 +1,87 @@
+"""Backend registry and selection. Each backend module is imported lazily and may fail to import;
+a failure is recorded once, with its reason, and the next backend is chosen instead."""
+from __future__ import annotations
+
+import importlib
+
+from .base import Backend
+
+# Fastest first: "auto" takes the first that supports the arrays' device.
+_REGISTRY = (
+    ("native-cuda", "fastddpm.backends.native", "CUDA_BACKEND"),
+    ("native-cpu", "fastddpm.backends.native", "CPU_BACKEND"),
+    ("numba", "fastddpm.backends.numba_cpu", "BACKEND"),
+    ("torch", "fastddpm.backends.torch_ref", "BACKEND"),
+)
+NAMES = tuple(name for name, _, _ in _REGISTRY)
+
+_loaded: dict[str, Backend | str] = {}
+
+
+class BackendUnavailableError(RuntimeError):
+    """The requested backend cannot run this request; the message lists every reason."""
+
+
+def get(name: str) -> Backend | str:
+    """The backend object, or a string saying why its module could not be imported."""
+    if name not in _loaded:
+        for reg_name, module, attr in _REGISTRY:
+            if reg_name == name:
+                try:
+                    _loaded[name] = getattr(importlib.import_module(module), attr)
+                except Exception as exc:  # noqa: BLE001 - any import failure makes it unavailable
+                    _loaded[name] = f"{module} failed to import: {type(exc).__name__}: {exc}"
+                break
+        else:
+            raise ValueError(f"unknown backend {name!r}; choose one of {('auto',) + NAMES}")
+    return _loaded[name]
+
+
+def reasons(name: str, device: str | None = None) -> list[str]:
+    be = get(name)
+    if isinstance(be, str):
+        return [be]
+    return be.supports(device) if device is not None else be.unavailable()
+
+
+def backends() -> dict[str, dict]:
+    """Each backend: {"available": bool, "reasons": [...], "devices": [...], **details}."""
+    out = {}
+    for name in NAMES:
+        be = get(name)
+        why = reasons(name)
+        entry = {"available": not why, "reasons": why}
+        if not isinstance(be, str):
+            entry["devices"] = list(be.devices)
+            if not why:
+                try:
+                    entry.update(be.describe())
+                except Exception as exc:  # noqa: BLE001 - info must never crash
+                    entry["describe_error"] = str(exc)
+        out[name] = entry
+    return out
+
+
+_auto_cache: dict[str, Backend] = {}
+
+
+def select(backend: str, device: str) -> Backend:
+    """The backend to run a request on arrays living on ``device``, or BackendUnavailableError."""
+    if backend == "auto":
+        chosen = _auto_cache.get(device)
+        if chosen is not None:
+            return chosen
+        refusals = []
+        for name in NAMES:
+            why = reasons(name, device)
+            if not why:
+                _auto_cache[device] = get(name)
+                return _auto_cache[device]
+            refusals.append(f"{name}: " + "; ".join(why))
+        raise BackendUnavailableError(f"no backend can run on {device} arrays:\n  " + "\n  ".join(refusals))
+    if not isinstance(backend, str):
+        raise TypeError(f"backend must be a string, got {type(backend).__name__}")
+    why = reasons(backend, device)  # raises ValueError for an unknown name
+    if why:
+        raise BackendUnavailableError(f"backend {backend!r} cannot run this request:\n  - " + "\n  - ".join(why))
+    return get(backend)

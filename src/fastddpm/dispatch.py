@@ -1,0 +1,159 @@
+"""Validate the arrays of one fused step, pick the backend, run it. Kept thin: it is on the hot path.
+
+Accepts NumPy arrays and torch tensors (CPU or CUDA) and returns the kind it was given. Every check
+happens here, before any kernel runs; the compiled entry points check again.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from . import backends as _backends
+
+_F32 = np.dtype(np.float32)
+_MAX_INDEX = 2**32
+
+
+def fresh_seed() -> int:
+    """A new 64-bit seed from the OS entropy pool (for seed=None)."""
+    return int.from_bytes(os.urandom(8), "little")
+
+
+def check_seed(seed) -> int:
+    if seed is None:
+        return fresh_seed()
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+        raise TypeError(f"seed must be an int in [0, 2**64) or None, got {type(seed).__name__}")
+    seed = int(seed)
+    if not 0 <= seed < 2**64:
+        raise ValueError(f"seed must be in [0, 2**64), got {seed}")
+    return seed
+
+
+def check_first_index(first_index, batch: int) -> int:
+    if isinstance(first_index, bool) or not isinstance(first_index, (int, np.integer)):
+        raise TypeError(f"first_index must be an int, got {type(first_index).__name__}")
+    first_index = int(first_index)
+    if first_index < 0 or first_index + batch > _MAX_INDEX:
+        raise ValueError(f"sample indices first_index..first_index+N-1 must lie in [0, 2**32), "
+                         f"got first_index={first_index}, N={batch}")
+    return first_index
+
+
+def _is_torch(a) -> bool:
+    return type(a).__module__.startswith("torch") and hasattr(a, "is_cuda")
+
+
+def _describe(a) -> str:
+    if isinstance(a, np.ndarray):
+        return f"numpy {a.dtype} {a.shape}"
+    if _is_torch(a):
+        return f"torch {a.dtype} {tuple(a.shape)} on {a.device}"
+    return type(a).__name__
+
+
+def _check_numpy(name: str, a, shape) -> np.ndarray:
+    if type(a) is not np.ndarray:
+        if _is_torch(a):
+            raise TypeError(f"{name} is a torch tensor but sample is a NumPy array; pass one kind")
+        raise TypeError(f"{name} must be a NumPy array or torch tensor, got {_describe(a)}")
+    if a.dtype != _F32:
+        raise TypeError(f"{name} must be float32, got {a.dtype}")
+    if a.shape != shape:
+        raise ValueError(f"{name} has shape {a.shape}, expected {shape} (the shape of sample)")
+    return a
+
+
+def _contiguous(a: np.ndarray) -> np.ndarray:
+    return a if a.flags.c_contiguous else np.ascontiguousarray(a)
+
+
+def fused_step(sample, model_output, table: np.ndarray, row: int, noise_step: int, *, noise=None,
+               seed=None, first_index=0, backend="auto", out=None):
+    """One sampler step over every element; see fastddpm.schedulers for the maths."""
+    if type(sample) is np.ndarray:
+        return _step_numpy(sample, model_output, table, row, noise_step, noise, seed, first_index, backend, out)
+    if _is_torch(sample):
+        return _step_torch(sample, model_output, table, row, noise_step, noise, seed, first_index, backend, out)
+    raise TypeError(f"sample must be a NumPy array or a torch tensor, got {_describe(sample)}")
+
+
+def _step_numpy(x, m, table, row, noise_step, noise, seed, first_index, backend, out):
+    shape = x.shape
+    if x.dtype != _F32:
+        raise TypeError(f"sample must be float32, got {x.dtype}")
+    if x.ndim < 1:
+        raise ValueError("sample must have a batch dimension: shape (N, ...)")
+    _check_numpy("model_output", m, shape)
+    if noise is not None:
+        noise = _contiguous(_check_numpy("noise", noise, shape))
+    seed = 0 if noise is not None and seed is None else check_seed(seed)
+    first_index = check_first_index(first_index, shape[0])
+    be = _backends.select(backend, "cpu")
+    xc, mc = _contiguous(x), _contiguous(m)
+    if out is None:
+        result = np.empty(shape, dtype=_F32)
+        be.step(xc, mc, result, table, row, seed, noise_step, first_index, noise)
+        return result
+    _check_numpy("out", out, shape)
+    if not out.flags.writeable:
+        raise ValueError("out is read-only")
+    direct = out.flags.c_contiguous and (
+        out is xc or not (np.may_share_memory(out, xc) or np.may_share_memory(out, mc)
+                          or (noise is not None and np.may_share_memory(out, noise))))
+    if direct:
+        be.step(xc, mc, out, table, row, seed, noise_step, first_index, noise)
+    else:  # strided or overlapping out: compute aside, then copy in
+        tmp = np.empty(shape, dtype=_F32)
+        be.step(xc, mc, tmp, table, row, seed, noise_step, first_index, noise)
+        np.copyto(out, tmp)
+    return out
+
+
+def _step_torch(x, m, table, row, noise_step, noise, seed, first_index, backend, out):
+    import torch
+
+    shape = tuple(x.shape)
+    for name, a in (("model_output", m), ("noise", noise), ("out", out)):
+        if a is None:
+            continue
+        if not _is_torch(a):
+            raise TypeError(f"{name} is {_describe(a)} but sample is a torch tensor; pass one kind")
+        if a.device != x.device:
+            raise ValueError(f"{name} is on {a.device} but sample is on {x.device}")
+        if tuple(a.shape) != shape:
+            raise ValueError(f"{name} has shape {tuple(a.shape)}, expected {shape} (the shape of sample)")
+        if a.dtype != torch.float32:
+            raise TypeError(f"{name} must be torch.float32, got {a.dtype}")
+    if x.dtype != torch.float32:
+        raise TypeError(f"sample must be torch.float32, got {x.dtype}")
+    if x.ndim < 1:
+        raise ValueError("sample must have a batch dimension: shape (N, ...)")
+    if not x.is_cuda:
+        # CPU tensors share memory with NumPy views: run the NumPy path on them, no copy.
+        arrays = [None if a is None else a.detach().numpy() for a in (x, m, noise, out)]
+        result = _step_numpy(arrays[0], arrays[1], table, row, noise_step, arrays[2], seed, first_index,
+                             backend, arrays[3])
+        return out if out is not None else torch.from_numpy(result)
+    seed = 0 if noise is not None and seed is None else check_seed(seed)
+    first_index = check_first_index(first_index, shape[0])
+    be = _backends.select(backend, "cuda")
+    with torch.no_grad():
+        xc, mc = x.detach().contiguous(), m.detach().contiguous()
+        nc = None if noise is None else noise.detach().contiguous()
+        if out is not None and out.is_contiguous() and (out.data_ptr() == xc.data_ptr() or not any(
+                _overlaps(out, a) for a in (xc, mc, nc) if a is not None)):
+            be.step(xc, mc, out, table, row, seed, noise_step, first_index, nc)
+            return out
+        result = torch.empty(shape, dtype=torch.float32, device=x.device)
+        be.step(xc, mc, result, table, row, seed, noise_step, first_index, nc)
+        if out is None:
+            return result
+        out.copy_(result)
+        return out
+
+
+def _overlaps(a, b) -> bool:
+    a0, b0 = a.data_ptr(), b.data_ptr()
+    return a0 < b0 + b.numel() * 4 and b0 < a0 + a.numel() * 4
