@@ -18,9 +18,11 @@ def noise(seed: int, shape, step: int, first_index: int = 0) -> _np.ndarray:
     ``Scheduler.step``; -1 for the initial static x_T) to samples ``first_index ...`` of ``shape``
     (N, ...). The same numbers on every backend (spec: fastddpm/noise.py)."""
     from .backends import get as _get
+    seed, step = _noise_spec._check_seed(seed), _noise_spec._check_step(step)
+    shape = tuple(int(s) for s in shape)
     native = _get("native-cpu")
     if not isinstance(native, str) and not native.unavailable():
-        return native.noise(seed, tuple(shape), step, first_index)
+        return native.noise(seed, shape, step, first_index)
     return _noise_spec.noise(seed, shape, step, first_index)
 
 
