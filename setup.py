@@ -54,10 +54,15 @@ def cuda_archs():
 
 CXX_FLAGS = ["-O3", "-fopenmp", "-std=c++17", "-fno-math-errno", "-Wall"]
 
+# Headers and the shared kernel source: a change to any of them rebuilds the extensions.
+HEADERS = sorted(glob.glob("csrc/**/*.h", recursive=True) + glob.glob("csrc/**/*.inc", recursive=True)
+                 + glob.glob("csrc/**/*.cuh", recursive=True))
+
 cpu_ext = Pybind11Extension(
     "fastddpm._C",
     sorted(glob.glob("csrc/cpu/*.cpp")) + ["csrc/bindings.cpp"],
     include_dirs=[INCLUDE],
+    depends=HEADERS,
     extra_compile_args=CXX_FLAGS,
     extra_link_args=["-fopenmp"],
     cxx_std=17,
@@ -110,7 +115,7 @@ class BuildExt(build_ext):
         for src in sorted(glob.glob("csrc/cuda/*.cu")):
             obj = os.path.join(objdir, os.path.basename(src) + ".o")
             cmd = [self.nvcc, "-c", src, "-o", obj, "-O3", "-std=c++17", "-I", INCLUDE,
-                   "--use_fast_math", "-Xcompiler", "-fPIC", "-lineinfo", *gencode]
+                   "-Xcompiler", "-fPIC", "-lineinfo", *gencode]
             print(" ".join(cmd))
             subprocess.check_call(cmd)
             objects.append(obj)

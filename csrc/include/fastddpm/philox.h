@@ -32,7 +32,9 @@ FDDPM_HD void philox_round(uint32_t c[4], uint32_t k0, uint32_t k1) {
 FDDPM_HD U32x4 philox4x32_10(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3, uint64_t seed) {
   uint32_t c[4] = {c0, c1, c2, c3};
   uint32_t k0 = uint32_t(seed), k1 = uint32_t(seed >> 32);
+#if defined(__CUDACC__)
 #pragma unroll
+#endif
   for (int r = 0; r < 10; ++r) {
     if (r) { k0 += kPhiloxW0; k1 += kPhiloxW1; }
     philox_round(c, k0, k1);

@@ -1,0 +1,43 @@
+// The AVX-512F path: 16 lanes. The same source as the AVX2 path at twice the width.
+#include <cstdint>
+#include <cstring>
+
+#include "fastddpm/philox.h"
+#include "isa.h"
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx2,fma")
+// GCC 12's _mm512_sqrt_ps reads an intentionally undefined register: a false -Wuninitialized.
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+
+namespace fastddpm {
+namespace cpu {
+namespace avx512 {
+
+constexpr int K = 2;
+constexpr int W = 16;
+typedef uint64_t U64 __attribute__((vector_size(W * 4)));
+typedef float Fv __attribute__((vector_size(W * 4)));
+
+inline U64 mul_even(U64 a, U64 b) { return (U64)_mm512_mul_epu32((__m512i)a, (__m512i)b); }
+inline Fv vsqrt(Fv x) { return (Fv)_mm512_sqrt_ps((__m512)x); }
+
+#include "simd_kernels.inc"
+
+}  // namespace avx512
+
+const IsaKernels kAvx512Kernels = {"avx512", avx512::W, avx512::step_chunk, avx512::normals_chunk,
+                                   avx512::philox_chunk};
+
+}  // namespace cpu
+}  // namespace fastddpm
+
+#pragma GCC pop_options
+#else
+namespace fastddpm { namespace cpu {
+const IsaKernels kAvx512Kernels = kGenericKernels;
+}}  // namespace fastddpm::cpu
+#endif

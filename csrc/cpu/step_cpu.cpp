@@ -1,0 +1,113 @@
+#include "step_cpu.h"
+
+#include <omp.h>
+
+#include <atomic>
+#include <cmath>
+#include <stdexcept>
+#include <string>
+
+namespace fastddpm {
+namespace cpu {
+namespace {
+
+// Chunks are fixed slices of a sample, independent of the thread count, so results never depend
+// on how many threads ran them. 16384 elements: a multiple of every ISA's block (4 * lanes * vectors in flight).
+constexpr int64_t kChunk = 16384;
+// Below this many elements a parallel region costs more than it saves.
+constexpr int64_t kParallelMin = 1 << 16;
+constexpr int64_t kMaxIndex = int64_t(1) << 32;
+
+std::atomic<int> g_isa{-1};
+std::atomic<int> g_threads{0};
+
+void check_params(const StepParams& p) {
+  if (p.batch < 0 || p.per_sample < 0)
+    throw std::invalid_argument("batch and per_sample must be non-negative");
+  if (p.first_index + p.batch > kMaxIndex)
+    throw std::invalid_argument("sample indices first_index + i must lie below 2**32");
+  if ((p.per_sample + 3) / 4 > kMaxIndex)
+    throw std::invalid_argument("per_sample too large: Philox groups must fit in 32 bits");
+  if (p.per_sample > 0 && p.batch > INT64_MAX / p.per_sample)
+    throw std::invalid_argument("batch * per_sample overflows");
+}
+
+template <typename Fn>
+void for_each_chunk(const StepParams& p, Fn&& fn) {
+  const int64_t per = (p.per_sample + kChunk - 1) / kChunk;
+  const int64_t tasks = p.batch * per;
+  auto run = [&](int64_t t) {
+    Chunk c;
+    c.sample = t / per;
+    c.e0 = (t % per) * kChunk;
+    c.e1 = c.e0 + kChunk < p.per_sample ? c.e0 + kChunk : p.per_sample;
+    fn(c);
+  };
+  const int threads = num_threads();
+  if (threads <= 1 || tasks <= 1 || p.batch * p.per_sample < kParallelMin) {
+    for (int64_t t = 0; t < tasks; ++t) run(t);
+    return;
+  }
+#pragma omp parallel for schedule(static) num_threads(threads)
+  for (int64_t t = 0; t < tasks; ++t) run(t);
+}
+
+}  // namespace
+
+Isa active_isa() {
+  int v = g_isa.load(std::memory_order_relaxed);
+  if (v < 0) {
+    v = int(best_isa());
+    g_isa.store(v, std::memory_order_relaxed);
+  }
+  return Isa(v);
+}
+
+void set_active_isa(Isa isa) {
+  if (!isa_supported(isa))
+    throw std::invalid_argument(std::string("this CPU cannot run the ") + isa_name(isa) + " path");
+  g_isa.store(int(isa), std::memory_order_relaxed);
+}
+
+int num_threads() {
+  const int n = g_threads.load(std::memory_order_relaxed);
+  return n > 0 ? n : omp_get_max_threads();
+}
+
+void set_num_threads(int n) {
+  if (n < 1) throw std::invalid_argument("num_threads must be >= 1");
+  g_threads.store(n, std::memory_order_relaxed);
+}
+
+void fused_step(const StepParams& p, const StepArrays& a) {
+  check_params(p);
+  if (p.batch * p.per_sample == 0) return;
+  if (!a.x || !a.m || !a.out || !a.coef) throw std::invalid_argument("null array pointer");
+  for (int j = 0; j < kCoefWidth; ++j)
+    if (!std::isfinite(a.coef[j])) throw std::invalid_argument("coefficient row has a non-finite value");
+  if (a.coef[kClip] < 0.0f) throw std::invalid_argument("clip range must be >= 0 (0 = no clipping)");
+  const IsaKernels& k = kernels(active_isa());
+  for_each_chunk(p, [&](const Chunk& c) { k.step_chunk(p, a, c); });
+}
+
+void normals(const StepParams& p, float* out) {
+  check_params(p);
+  if (p.batch * p.per_sample == 0) return;
+  if (!out) throw std::invalid_argument("null output pointer");
+  const IsaKernels& k = kernels(active_isa());
+  for_each_chunk(p, [&](const Chunk& c) { k.normals_chunk(p, out, c); });
+}
+
+void philox_stream(const StepParams& p, uint32_t* out) {
+  check_params(p);
+  if (p.batch * p.per_sample == 0) return;
+  if (!out) throw std::invalid_argument("null output pointer");
+  const int64_t padded = (p.per_sample + 3) / 4 * 4;
+  StepParams q = p;
+  q.per_sample = padded;  // chunks over the padded row: whole groups
+  const IsaKernels& k = kernels(active_isa());
+  for_each_chunk(q, [&](const Chunk& c) { k.philox_chunk(q, out, padded, c); });
+}
+
+}  // namespace cpu
+}  // namespace fastddpm

@@ -1,0 +1,339 @@
+"""The reference U-Net: diffusers' ``UNet2DModel`` (the supported subset) in plain PyTorch.
+
+Written independently of diffusers as an ordinary ``nn.Module`` (F.conv2d, F.group_norm, F.silu,
+nearest upsampling, softmax attention written out with matmuls). Its state-dict keys, shapes and
+order equal ``unet_config.weight_shapes(cfg)``, so a diffusers checkpoint loads unchanged.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..unet_config import UNetConfig, random_weights, weight_shapes
+from ..weights import check_weights
+
+__all__ = ["ReferenceUNet"]
+
+
+# ---------------------------------------------------------------------- parameter holders
+# Uninitialised on purpose: ReferenceUNet fills every parameter (seeded init or given weights).
+
+class _Conv(nn.Module):
+    def __init__(self, c_in: int, c_out: int, k: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(c_out, c_in, k, k))  # [Cout, Cin, k, k]
+        self.bias = nn.Parameter(torch.empty(c_out))
+
+
+class _Linear(nn.Module):
+    def __init__(self, c_in: int, c_out: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(c_out, c_in))  # [out, in]
+        self.bias = nn.Parameter(torch.empty(c_out))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+class _GroupNorm(nn.Module):
+    def __init__(self, c: int, groups: int, eps: float):
+        super().__init__()
+        self.groups, self.eps = groups, eps
+        self.weight = nn.Parameter(torch.empty(c))
+        self.bias = nn.Parameter(torch.empty(c))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.group_norm(x, self.groups, self.weight, self.bias, self.eps)
+
+
+# ---------------------------------------------------------------------- layers
+
+class _Resnet(nn.Module):
+    """diffusers ResnetBlock2D ("default" time embedding, pre-norm, SiLU)."""
+
+    def __init__(self, cfg: UNetConfig, c_in: int, c_out: int, out_scale: float = 1.0):
+        super().__init__()
+        g, eps = cfg.norm_num_groups, cfg.norm_eps
+        self.norm1 = _GroupNorm(c_in, g, eps)
+        self.conv1 = _Conv(c_in, c_out, 3)
+        self.time_emb_proj = _Linear(cfg.time_embed_dim, c_out)
+        self.norm2 = _GroupNorm(c_out, g, eps)
+        self.conv2 = _Conv(c_out, c_out, 3)
+        # a 1x1 conv only where the channel count changes
+        self.conv_shortcut = _Conv(c_in, c_out, 1) if c_in != c_out else None
+        self.out_scale = out_scale
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        # x: [N, Cin, H, W], emb: [N, T]
+        h = F.silu(self.norm1(x))
+        h = F.conv2d(h, self.conv1.weight, self.conv1.bias, padding=1)   # [N, Cout, H, W]
+        h = h + self.time_emb_proj(F.silu(emb))[:, :, None, None]
+        h = F.silu(self.norm2(h))
+        h = F.conv2d(h, self.conv2.weight, self.conv2.bias, padding=1)
+        skip = x if self.conv_shortcut is None else \
+            F.conv2d(x, self.conv_shortcut.weight, self.conv_shortcut.bias)
+        return (skip + h) / self.out_scale
+
+
+class _Attention(nn.Module):
+    """diffusers Attention as built for UNet2DModel: group norm, multi-head self-attention over
+    the H*W positions, output projection, residual add, then division by ``out_scale``."""
+
+    def __init__(self, cfg: UNetConfig, c: int, groups: int, out_scale: float = 1.0):
+        super().__init__()
+        self.group_norm = _GroupNorm(c, groups, cfg.norm_eps)
+        self.to_q = _Linear(c, c)
+        self.to_k = _Linear(c, c)
+        self.to_v = _Linear(c, c)
+        self.to_out = nn.ModuleList([_Linear(c, c)])  # diffusers' to_out.0 (to_out.1 = dropout)
+        self.heads = cfg.heads(c)
+        self.out_scale = out_scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, c, hgt, wid = x.shape                                         # x: [N, C, H, W]
+        L, heads, d = hgt * wid, self.heads, c // self.heads
+        h = self.group_norm(x).reshape(n, c, L).transpose(1, 2)          # [N, L, C]
+
+        def split(t: torch.Tensor) -> torch.Tensor:                      # -> [N, heads, L, d]
+            return t.reshape(n, L, heads, d).transpose(1, 2)
+
+        q, k, v = split(self.to_q(h)), split(self.to_k(h)), split(self.to_v(h))
+        scores = torch.matmul(q, k.transpose(-1, -2)) * (1.0 / math.sqrt(d))  # [N, heads, L, L]
+        p = torch.softmax(scores, dim=-1)
+        o = torch.matmul(p, v).transpose(1, 2).reshape(n, L, c)           # [N, L, C]
+        o = self.to_out[0](o).transpose(1, 2).reshape(n, c, hgt, wid)     # [N, C, H, W]
+        return (o + x) / self.out_scale
+
+
+class _Downsample(nn.Module):
+    def __init__(self, c: int, padding: int):
+        super().__init__()
+        self.conv = _Conv(c, c, 3)
+        self.padding = padding
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x: [N, C, H, W] -> [N, C, H/2, W/2]
+        if self.padding == 0:  # diffusers pads right and bottom only, then a valid conv
+            return F.conv2d(F.pad(x, (0, 1, 0, 1)), self.conv.weight, self.conv.bias, stride=2)
+        return F.conv2d(x, self.conv.weight, self.conv.bias, stride=2, padding=1)
+
+
+class _Upsample(nn.Module):
+    def __init__(self, c: int):
+        super().__init__()
+        self.conv = _Conv(c, c, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.interpolate(x, scale_factor=2.0, mode="nearest")           # [N, C, 2H, 2W]
+        return F.conv2d(x, self.conv.weight, self.conv.bias, padding=1)
+
+
+class _DownBlock(nn.Module):
+    """DownBlock2D / AttnDownBlock2D: resnets (each followed by attention in the Attn variant),
+    then a stride-2 conv except in the last block. Every resnet (or attention) output and the
+    downsampled output are skips."""
+
+    def __init__(self, cfg: UNetConfig, i: int, c_in: int, c_out: int):
+        super().__init__()
+        m = cfg.layers_per_block
+        if cfg.down_block_types[i] == "AttnDownBlock2D":  # registered first, as in diffusers
+            self.attentions = nn.ModuleList(
+                [_Attention(cfg, c_out, cfg.norm_num_groups) for _ in range(m)])
+        else:
+            self.attentions = None
+        self.resnets = nn.ModuleList(
+            [_Resnet(cfg, c_in if j == 0 else c_out, c_out) for j in range(m)])
+        last = i == cfg.num_blocks - 1
+        self.downsamplers = None if last else \
+            nn.ModuleList([_Downsample(c_out, cfg.downsample_padding)])
+
+    def forward(self, h, emb, skips: list):
+        for j, resnet in enumerate(self.resnets):
+            h = resnet(h, emb)
+            if self.attentions is not None:
+                h = self.attentions[j](h)
+            skips.append(h)
+        if self.downsamplers is not None:
+            h = self.downsamplers[0](h)
+            skips.append(h)
+        return h
+
+
+class _UpBlock(nn.Module):
+    """UpBlock2D / AttnUpBlock2D: layers_per_block + 1 resnets, each on [h, skip] concatenated
+    along channels (attention after each in the Attn variant), then nearest x2 + conv except in
+    the last block."""
+
+    def __init__(self, cfg: UNetConfig, i: int, prev: int, c_out: int, skip_last: int):
+        super().__init__()
+        m = cfg.layers_per_block + 1
+        if cfg.up_block_types[i] == "AttnUpBlock2D":
+            self.attentions = nn.ModuleList(
+                [_Attention(cfg, c_out, cfg.norm_num_groups) for _ in range(m)])
+        else:
+            self.attentions = None
+        self.resnets = nn.ModuleList([
+            _Resnet(cfg, (prev if j == 0 else c_out) + (skip_last if j == m - 1 else c_out), c_out)
+            for j in range(m)])
+        last = i == cfg.num_blocks - 1
+        self.upsamplers = None if last else nn.ModuleList([_Upsample(c_out)])
+
+    def forward(self, h, emb, skips: list):
+        for j, resnet in enumerate(self.resnets):
+            h = resnet(torch.cat([h, skips.pop()], dim=1), emb)          # [N, Ch + Cskip, H, W]
+            if self.attentions is not None:
+                h = self.attentions[j](h)
+        if self.upsamplers is not None:
+            h = self.upsamplers[0](h)
+        return h
+
+
+class _MidBlock(nn.Module):
+    """UNetMidBlock2D: resnet, attention (if add_attention), resnet; all three divide their
+    output by mid_block_scale_factor."""
+
+    def __init__(self, cfg: UNetConfig):
+        super().__init__()
+        c, s = cfg.block_out_channels[-1], cfg.mid_block_scale_factor
+        self.attentions = nn.ModuleList(
+            [_Attention(cfg, c, cfg.attn_norm_groups(), s)] if cfg.add_attention else [])
+        self.resnets = nn.ModuleList([_Resnet(cfg, c, c, s), _Resnet(cfg, c, c, s)])
+
+    def forward(self, h, emb):
+        h = self.resnets[0](h, emb)
+        for attn in self.attentions:
+            h = attn(h)
+        return self.resnets[1](h, emb)
+
+
+class _TimestepEmbedding(nn.Module):
+    def __init__(self, c_in: int, dim: int):
+        super().__init__()
+        self.linear_1 = _Linear(c_in, dim)
+        self.linear_2 = _Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear_2(F.silu(self.linear_1(x)))
+
+
+# ---------------------------------------------------------------------- the network
+
+class ReferenceUNet(nn.Module):
+    """diffusers' ``UNet2DModel`` (the subset ``UNetConfig`` accepts) in plain PyTorch.
+
+    This is the oracle that the native plan (C++, CUDA and numba engines) is checked against,
+    and the "torch-eager" benchmark baseline; it is itself checked against diffusers.
+
+    ``ReferenceUNet(cfg, init_seed=0)`` fills the weights from ``random_weights(cfg, init_seed)``
+    (``init_seed=None`` leaves them uninitialised, for a caller that loads a state dict);
+    ``ReferenceUNet.from_weights(cfg, weights)`` loads a dict of NumPy arrays (diffusers keys).
+    ``forward(sample, timestep)`` returns the model output tensor [N, out_channels, H, W].
+    """
+
+    def __init__(self, cfg: UNetConfig | Mapping[str, Any], *, init_seed: int | None = 0):
+        super().__init__()
+        cfg = cfg if isinstance(cfg, UNetConfig) else UNetConfig.from_dict(cfg)
+        self.config = cfg
+        ch, n = cfg.block_out_channels, cfg.num_blocks
+        # registration order = diffusers' state_dict order (up_blocks before mid_block)
+        self.conv_in = _Conv(cfg.in_channels, ch[0], 3)
+        self.time_embedding = _TimestepEmbedding(ch[0], cfg.time_embed_dim)
+        self.down_blocks = nn.ModuleList(
+            [_DownBlock(cfg, i, ch[max(i - 1, 0)], ch[i]) for i in range(n)])
+        rev = ch[::-1]
+        self.up_blocks = nn.ModuleList(
+            [_UpBlock(cfg, i, rev[max(i - 1, 0)], rev[i], rev[min(i + 1, n - 1)])
+             for i in range(n)])
+        self.mid_block = _MidBlock(cfg)
+        self.conv_norm_out = _GroupNorm(ch[0], cfg.norm_num_groups, cfg.norm_eps)
+        self.conv_out = _Conv(ch[0], cfg.out_channels, 3)
+        if init_seed is not None:
+            self._fill(random_weights(cfg, init_seed))
+
+    @classmethod
+    def from_weights(cls, cfg: UNetConfig | Mapping[str, Any],
+                     weights: Mapping[str, Any]) -> "ReferenceUNet":
+        """Build from a dict of arrays with diffusers' state-dict keys (checked: every key
+        present, no extra keys, right shapes, finite values)."""
+        cfg = cfg if isinstance(cfg, UNetConfig) else UNetConfig.from_dict(cfg)
+        model = cls(cfg, init_seed=None)
+        model._fill(check_weights(weights, weight_shapes(cfg)))
+        return model
+
+    def _fill(self, weights: Mapping[str, np.ndarray]) -> None:
+        with torch.no_grad():
+            for name, p in self.named_parameters():
+                p.copy_(torch.from_numpy(np.ascontiguousarray(weights[name], dtype=np.float32)))
+
+    def numpy_weights(self) -> dict[str, np.ndarray]:
+        """The weights as float32 NumPy arrays, diffusers' keys and order."""
+        return {k: v.detach().cpu().float().numpy().copy() for k, v in self.state_dict().items()}
+
+    # -------------------------------------------------------------- forward
+
+    def time_embedding_input(self, t: torch.Tensor) -> torch.Tensor:
+        """Sinusoidal embedding of timesteps t [N] -> [N, C0] (diffusers' get_timestep_embedding
+        with max_period 10000, scale 1)."""
+        cfg = self.config
+        dim = cfg.block_out_channels[0]
+        half = dim // 2
+        exponent = -math.log(10000) * torch.arange(half, dtype=torch.float32, device=t.device)
+        freqs = torch.exp(exponent / (half - cfg.freq_shift))             # [half]
+        args = t[:, None].float() * freqs[None, :]                        # [N, half]
+        sin, cos = torch.sin(args), torch.cos(args)
+        emb = torch.cat([cos, sin] if cfg.flip_sin_to_cos else [sin, cos], dim=-1)
+        if dim % 2:
+            emb = F.pad(emb, (0, 1))  # odd width: a zero last column
+        return emb
+
+    def _timesteps(self, timestep, n: int, device) -> torch.Tensor:
+        """An int / float / 0-d or 1-d tensor (length 1 or N) -> a timestep per sample [N]."""
+        if torch.is_tensor(timestep):
+            t = timestep.to(device)
+        elif isinstance(timestep, (bool, np.bool_)):
+            raise TypeError("timestep must be a number or a tensor, not a bool")
+        elif isinstance(timestep, (int, np.integer)):
+            t = torch.tensor(int(timestep), dtype=torch.long, device=device)  # as diffusers
+        else:
+            t = torch.as_tensor(np.asarray(timestep), device=device)
+        if t.dim() == 0:
+            t = t[None]
+        if t.dim() != 1 or t.shape[0] not in (1, n):
+            raise ValueError(f"timestep must be a scalar or have shape [1] or [{n}] "
+                             f"(one per sample), got shape {tuple(t.shape)}")
+        if t.dtype == torch.bool or t.is_complex():
+            raise TypeError(f"timestep must be a real number, got dtype {t.dtype}")
+        return t.expand(n)
+
+    def forward(self, sample: torch.Tensor, timestep) -> torch.Tensor:
+        """sample [N, in_channels, H, W] (H, W multiples of 2**(num_blocks-1)), timestep an int
+        or a 0-d / 1-d tensor -> model output [N, out_channels, H, W]."""
+        cfg = self.config
+        if not torch.is_tensor(sample) or sample.dim() != 4 or sample.shape[1] != cfg.in_channels:
+            shape = tuple(sample.shape) if hasattr(sample, "shape") else type(sample).__name__
+            raise ValueError(f"sample must be a tensor [N, {cfg.in_channels}, H, W], got {shape}")
+        n, _, hgt, wid = sample.shape
+        if n == 0:
+            raise ValueError("sample has batch size 0")
+        cfg.check_image_size(hgt, wid)
+        x = sample.to(self.conv_in.weight.dtype)
+        if cfg.center_input_sample:
+            x = 2 * x - 1.0
+
+        t = self._timesteps(timestep, n, x.device)
+        emb = self.time_embedding(self.time_embedding_input(t).to(x.dtype))  # [N, T]
+
+        h = F.conv2d(x, self.conv_in.weight, self.conv_in.bias, padding=1)   # [N, C0, H, W]
+        skips = [h]
+        for block in self.down_blocks:
+            h = block(h, emb, skips)
+        h = self.mid_block(h, emb)                                        # [N, C[-1], H/m, W/m]
+        for block in self.up_blocks:
+            h = block(h, emb, skips)
+        h = F.silu(self.conv_norm_out(h))                                 # [N, C0, H, W]
+        return F.conv2d(h, self.conv_out.weight, self.conv_out.bias, padding=1)
