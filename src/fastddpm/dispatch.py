@@ -9,7 +9,9 @@ import os
 
 import numpy as np
 
-from . import backends as _backends
+import importlib as _importlib
+
+_backends = _importlib.import_module("fastddpm.backends")  # the subpackage, not fastddpm.backends()
 
 _F32 = np.dtype(np.float32)
 _MAX_INDEX = 2**32

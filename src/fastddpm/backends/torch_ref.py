@@ -1,0 +1,82 @@
+"""The torch backend: the fused step written as plain, unfused torch ops (CPU or CUDA tensors).
+
+It is the slow, obviously-right executor: the baseline of the step benchmarks and the fallback when
+nothing compiled and numba is missing. Its noise is the spec itself (fastddpm.noise, float64 NumPy
+rounded to float32), moved to the arrays' device, so it matches every other backend exactly.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+import importlib as _importlib
+
+noise_spec = _importlib.import_module("fastddpm.noise")  # the spec module, not fastddpm.noise()
+from .base import Backend
+
+try:
+    import torch
+    _TORCH_ERROR = None
+except ImportError as exc:
+    torch, _TORCH_ERROR = None, f"PyTorch is not installed ({exc})"
+
+
+def reference_step(x, m, row, z):
+    """Mirrors the fused step kernel (csrc/include/fastddpm/step.h) in plain torch ops.
+
+    x, m, z: [N, ...] float32 tensors; row: 8 coefficients (a_x, a_m, c_x0, d_x, d_m, sigma, clip, 0).
+    """
+    a_x, a_m, c_x0, d_x, d_m, sigma, clip = (float(v) for v in row[:7])
+    x0 = a_x * x + a_m * m
+    if clip > 0:
+        x0 = torch.clamp(x0, -clip, clip)   # clamp propagates NaN, as the kernels do
+    out = c_x0 * x0 + d_x * x + d_m * m
+    if sigma != 0.0:
+        out = out + sigma * z
+    return out
+
+
+def reference_step_randn(x, m, row, generator=None):
+    """The benchmark baseline: reference_step with z = torch.randn (what a plain torch sampler does)."""
+    z = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
+    return reference_step(x, m, row, z)
+
+
+class TorchBackend(Backend):
+    name = "torch"
+    devices = ("cpu", "cuda")
+
+    def unavailable(self) -> list[str]:
+        return [_TORCH_ERROR] if _TORCH_ERROR else []
+
+    def supports(self, device: str) -> list[str]:
+        reasons = super().supports(device)
+        if device == "cuda" and not reasons and not torch.cuda.is_available():
+            reasons.append("torch.cuda.is_available() is False")
+        return reasons
+
+    def step(self, x, m, out, table, row, seed, noise_step, first_index, noise) -> None:
+        is_numpy = isinstance(x, np.ndarray)
+        xt, mt = (torch.from_numpy(x), torch.from_numpy(m)) if is_numpy else (x, m)
+        coef = table[row]
+        if noise is not None:
+            z = torch.from_numpy(noise) if is_numpy else noise
+        elif coef[5] != 0:
+            z = torch.from_numpy(noise_spec.noise(seed, tuple(xt.shape), noise_step, first_index)).to(xt.device)
+        else:
+            z = None
+        with torch.no_grad():
+            result = reference_step(xt, mt, coef, z)
+            (torch.from_numpy(out) if is_numpy else out).copy_(result)
+
+    def noise(self, seed, shape, step, first_index=0, device="cpu"):
+        z = noise_spec.noise(seed, shape, step, first_index)
+        return z if device == "cpu" else torch.from_numpy(z).to(device)
+
+    def philox_uint32(self, seed, batch, per_sample, step, first_index=0):
+        return noise_spec.philox_uint32(seed, batch, per_sample, step, first_index)
+
+    def describe(self) -> dict:
+        return {"torch": torch.__version__, "threads": torch.get_num_threads()}
+
+
+BACKEND = TorchBackend()

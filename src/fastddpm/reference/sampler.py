@@ -1,0 +1,89 @@
+"""The reference sampler: the reverse diffusion loop in plain, unfused torch ops.
+
+It mirrors ``Pipeline.__call__`` / ``fastddpm.sample`` and is written from the papers' formulas
+(diffusers' DDPMScheduler.step and DDIMScheduler.step), reading only the scheduler's float64
+``alphas_cumprod`` and timesteps, never its fused coefficient table: so it also checks the table.
+The noise is the spec's (fastddpm.noise): x_T at noise step -1, the noise of timestep t at step t.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Iterable
+
+import torch
+
+import importlib as _importlib
+
+noise_spec = _importlib.import_module("fastddpm.noise")  # the spec module, not fastddpm.noise()
+
+
+def spec_noise(seed: int, shape: tuple, step: int, first_index: int, device) -> torch.Tensor:
+    """The spec's normals as a float32 tensor on ``device``."""
+    return torch.from_numpy(noise_spec.noise(seed, shape, step, first_index)).to(device)
+
+
+def _x0_and_eps(prediction_type: str, x, m, abar: float):
+    sa, sb = math.sqrt(abar), math.sqrt(1.0 - abar)
+    if prediction_type == "epsilon":
+        return (x - sb * m) / sa, m
+    if prediction_type == "sample":
+        return m, (x - sa * m) / sb
+    return sa * x - sb * m, sa * m + sb * x      # v_prediction
+
+
+def ddpm_step(scheduler, m, t: int, x, z):
+    """diffusers' DDPMScheduler.step (fixed_small / fixed_large) with the noise z given."""
+    cfg = scheduler.config
+    row = scheduler.row_index(t)
+    prev = int(scheduler.timesteps[row + 1]) if row + 1 < len(scheduler.timesteps) else -1
+    abar = float(scheduler.alphas_cumprod[t])
+    abar_prev = float(scheduler.alphas_cumprod[prev]) if prev >= 0 else 1.0
+    alpha, beta = abar / abar_prev, 1.0 - abar / abar_prev
+    x0, _ = _x0_and_eps(cfg["prediction_type"], x, m, abar)
+    if cfg["clip_sample"]:
+        x0 = x0.clamp(-cfg["clip_sample_range"], cfg["clip_sample_range"])
+    mean = (math.sqrt(abar_prev) * beta / (1 - abar)) * x0 + (math.sqrt(alpha) * (1 - abar_prev) / (1 - abar)) * x
+    if t == 0:
+        return mean
+    var = beta if cfg["variance_type"] == "fixed_large" else max((1 - abar_prev) / (1 - abar) * beta, 1e-20)
+    return mean + math.sqrt(var) * z
+
+
+def ddim_step(scheduler, m, t: int, x, z, eta: float):
+    """diffusers' DDIMScheduler.step(eta) with the noise z given (used only when eta > 0)."""
+    cfg = scheduler.config
+    prev = t - scheduler.num_train_timesteps // scheduler.num_inference_steps
+    abar = float(scheduler.alphas_cumprod[t])
+    abar_prev = float(scheduler.alphas_cumprod[prev]) if prev >= 0 else scheduler.final_alpha_cumprod
+    x0, eps = _x0_and_eps(cfg["prediction_type"], x, m, abar)
+    if cfg["clip_sample"]:
+        x0 = x0.clamp(-cfg["clip_sample_range"], cfg["clip_sample_range"])
+    std = eta * math.sqrt((1 - abar_prev) / (1 - abar) * (1 - abar / abar_prev))
+    out = math.sqrt(abar_prev) * x0 + math.sqrt(max(1 - abar_prev - std**2, 0.0)) * eps
+    return out + std * z if eta > 0 else out
+
+
+@torch.no_grad()
+def reference_sample(unet: Callable, scheduler, shape: tuple, *, seed: int, eta: float = 0.0,
+                     first_index: int = 0, keep: Iterable[int] = (), device="cpu",
+                     noise_fn: Callable = spec_noise, callback: Callable | None = None):
+    """Run the loop over ``scheduler.timesteps``; returns (x_0 [N, C, H, W] float32, frames).
+
+    unet(x, t) -> model output. ``keep``: loop positions to copy out (0 = x_T, k = after k steps).
+    ``noise_fn(seed, shape, step, first_index, device)``: the spec's noise by default (the
+    benchmark swaps in torch.randn to time what a plain torch sampler does).
+    """
+    keep = set(keep)
+    ddim = type(scheduler).__name__ == "DDIMScheduler"
+    x = noise_fn(seed, shape, -1, first_index, device)                  # x_T: [N, C, H, W]
+    frames = {0: x.clone()} if 0 in keep else {}
+    for k, t in enumerate(int(t) for t in scheduler.timesteps):
+        m = unet(x, t)
+        need_noise = (eta > 0) if ddim else (t > 0)
+        z = noise_fn(seed, shape, t, first_index, device) if need_noise else None
+        x = ddim_step(scheduler, m, t, x, z, eta) if ddim else ddpm_step(scheduler, m, t, x, z)
+        if k + 1 in keep:
+            frames[k + 1] = x.clone()
+        if callback is not None:
+            callback(k + 1)
+    return x, frames
