@@ -82,6 +82,20 @@ def _x0_eps_coefficients(prediction_type: str, abar: float) -> tuple[float, floa
     return sa, -sb, sb, sa  # v_prediction
 
 
+def _integer_timestep(timestep) -> int:
+    """An int, a NumPy integer, or a 0-d / one-element integer array or tensor -> int; else TypeError.
+    Strings, bools and floats are refused: int() would silently truncate 999.5 or parse '999'."""
+    if isinstance(timestep, (int, np.integer)) and not isinstance(timestep, (bool, np.bool_)):
+        return int(timestep)
+    dtype = getattr(timestep, "dtype", None)
+    size = getattr(timestep, "numel", getattr(timestep, "size", None))
+    size = size() if callable(size) else size
+    if dtype is not None and "int" in str(dtype) and size == 1:
+        return int(timestep.item() if hasattr(timestep, "item") else timestep)
+    raise TypeError(f"timestep must be an integer (or a one-element integer array/tensor), "
+                    f"got {type(timestep).__name__}{'' if dtype is None else ' of dtype ' + str(dtype)}")
+
+
 class _Scheduler:
     """Shared config handling, tables and the step entry point. Subclasses define _DEFAULTS and _row."""
 
@@ -204,10 +218,7 @@ class _Scheduler:
 
     def row_index(self, timestep) -> int:
         """The row of the coefficient table for timestep (an int or a 0-d array); ValueError if none."""
-        try:
-            t = int(timestep)
-        except (TypeError, ValueError):
-            raise TypeError(f"timestep must be an integer, got {type(timestep).__name__}") from None
+        t = _integer_timestep(timestep)
         if not 0 <= t < self.num_train_timesteps or self._row_of[t] < 0:
             raise ValueError(f"timestep {timestep!r} is not one of this scheduler's timesteps "
                              f"({len(self.timesteps)} in [0, {self.num_train_timesteps}))")
