@@ -33,6 +33,23 @@ def find_nvcc():
     return nvcc
 
 
+def find_cuda_home(nvcc):
+    """The toolkit root of this nvcc (its include/ and lib64/): nvcc may be a wrapper script elsewhere."""
+    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"),
+                  os.path.dirname(os.path.dirname(os.path.realpath(nvcc))), "/usr/local/cuda"]
+    try:  # nvcc names its own bin/ in its dry-run environment (#$ _HERE_=...)
+        dry = subprocess.run([nvcc, "--dryrun", "-c", "-x", "cu", os.devnull, "-o", os.devnull],
+                             capture_output=True, text=True).stderr
+        candidates += [os.path.dirname(ln.split("=", 1)[1].strip()) for ln in dry.splitlines()
+                       if ln.startswith("#$ _HERE_=")]
+    except OSError:
+        pass
+    for home in candidates:
+        if home and os.path.exists(os.path.join(home, "include", "cuda_runtime_api.h")):
+            return home
+    raise OSError(f"CUDA toolkit root of {nvcc} not found (set CUDA_HOME)")
+
+
 def cuda_wanted():
     mode = os.environ.get("FASTDDPM_CUDA", "auto").lower()
     if mode not in ("auto", "0", "1"):
@@ -104,7 +121,7 @@ class BuildExt(build_ext):
 
     def build_cuda(self, ext):
         archs = cuda_archs()
-        cuda_home = os.path.dirname(os.path.dirname(os.path.realpath(self.nvcc)))
+        cuda_home = find_cuda_home(self.nvcc)
         gencode = []
         for a in archs:
             gencode += ["-gencode", f"arch=compute_{a},code=sm_{a}"]
@@ -115,7 +132,7 @@ class BuildExt(build_ext):
         for src in sorted(glob.glob("csrc/cuda/*.cu")):
             obj = os.path.join(objdir, os.path.basename(src) + ".o")
             cmd = [self.nvcc, "-c", src, "-o", obj, "-O3", "-std=c++17", "-I", INCLUDE,
-                   "-Xcompiler", "-fPIC", "-lineinfo", *gencode]
+                   "-Xcompiler", "-fPIC,-Wall", "-lineinfo", *gencode]
             print(" ".join(cmd))
             subprocess.check_call(cmd)
             objects.append(obj)

@@ -1,0 +1,303 @@
+// fastddpm._C_cuda: the only file of the CUDA core that knows Python. It knows no torch either:
+// arrays arrive as device pointers (Python ints) plus sizes, streams as cudaStream_t handles (ints,
+// 0 = the legacy default stream). It checks the arguments, sets the device, releases the GIL and
+// calls the launchers of csrc/cuda/step_cuda.h; a refused argument becomes ValueError, a CUDA
+// failure RuntimeError with the CUDA error's name and text.
+//
+// The CUDA runtime is linked statically and finds the driver when first called, so importing this
+// module never needs a driver or a GPU: device_count() then answers (0, why).
+#include <cuda_runtime_api.h>
+#include <pybind11/pybind11.h>
+
+#include <cstdint>
+#include <cstring>
+#include <stdexcept>
+#include <string>
+#include <tuple>
+
+#include "cuda/step_cuda.h"
+#include "fastddpm/philox.h"
+
+namespace py = pybind11;
+using fastddpm::StepArrays;
+using fastddpm::StepParams;
+namespace fcuda = fastddpm::cuda;
+
+namespace {
+
+std::string cuda_text(cudaError_t e) { return std::string(cudaGetErrorName(e)) + ": " + cudaGetErrorString(e); }
+
+void check_cuda(cudaError_t e, const std::string& what) {
+  if (e == cudaSuccess) return;
+  cudaGetLastError();  // clear a non-sticky error so the next call starts clean
+  throw std::runtime_error(what + " failed: CUDA error " + cuda_text(e));
+}
+
+void check_status(const fcuda::Status& s, const char* what) {
+  if (s.ok()) return;
+  if (s.invalid_argument) throw py::value_error(std::string(what) + ": " + s.message);
+  cudaGetLastError();
+  throw std::runtime_error(std::string(what) + " failed: CUDA error " + cudaGetErrorName(s.error) + ": " +
+                           (s.message ? s.message : "?"));
+}
+
+// Puts this thread in relaxed capture mode while it lives. The checks before a launch are pure
+// queries (current device, pointer attributes), legal during a CUDA graph capture, but a capture in
+// global mode (torch's default) would refuse them as "potentially unsafe" and be invalidated.
+class RelaxedCapture {
+ public:
+  RelaxedCapture() { ok_ = cudaThreadExchangeStreamCaptureMode(&mode_) == cudaSuccess; }
+  ~RelaxedCapture() {
+    if (ok_) cudaThreadExchangeStreamCaptureMode(&mode_);
+  }
+  RelaxedCapture(const RelaxedCapture&) = delete;
+  RelaxedCapture& operator=(const RelaxedCapture&) = delete;
+
+ private:
+  cudaStreamCaptureMode mode_ = cudaStreamCaptureModeRelaxed;
+  bool ok_ = false;
+};
+
+// Runs on `device` (>= 0) or the current device (-1), restoring the previous device afterwards.
+class DeviceGuard {
+ public:
+  explicit DeviceGuard(int device) {
+    if (device < -1) throw py::value_error("device must be a CUDA device index >= 0, or -1 for the current device");
+    check_cuda(cudaGetDevice(&prev_), "cudaGetDevice");
+    device_ = device < 0 ? prev_ : device;
+    if (device_ != prev_) check_cuda(cudaSetDevice(device_), "cudaSetDevice(" + std::to_string(device_) + ")");
+  }
+  ~DeviceGuard() {
+    if (device_ != prev_) cudaSetDevice(prev_);
+  }
+  int device() const { return device_; }
+  DeviceGuard(const DeviceGuard&) = delete;
+  DeviceGuard& operator=(const DeviceGuard&) = delete;
+
+ private:
+  int prev_ = 0, device_ = 0;
+};
+
+// A pointer the kernels may dereference on `device`: refuses host memory and memory of another
+// device before launch (a bad pointer on the GPU is a sticky error that kills the CUDA context).
+void check_device_pointer(uintptr_t ptr, int device, const char* what) {
+  if (ptr == 0) throw py::value_error(std::string(what) + " is a null pointer");
+  cudaPointerAttributes at;
+  std::memset(&at, 0, sizeof at);
+  const cudaError_t e = cudaPointerGetAttributes(&at, reinterpret_cast<const void*>(ptr));
+  if (e != cudaSuccess) {
+    cudaGetLastError();
+    throw py::value_error(std::string(what) + " is not a CUDA pointer (" + cuda_text(e) + ")");
+  }
+  if (at.type == cudaMemoryTypeUnregistered)
+    throw py::value_error(std::string(what) + " points to host memory, not CUDA device memory");
+  if (at.type == cudaMemoryTypeDevice && at.device != device)
+    throw py::value_error(std::string(what) + " lives on CUDA device " + std::to_string(at.device) +
+                          " but the kernel runs on device " + std::to_string(device));
+}
+
+cudaStream_t stream_of(uintptr_t handle) { return reinterpret_cast<cudaStream_t>(handle); }
+
+uint32_t noise_step_of(int64_t step) {
+  if (step == -1) return fastddpm::kInitialNoiseStep;
+  if (step < 0 || step > int64_t(UINT32_MAX))
+    throw py::value_error("noise step must be in [0, 2**32) or -1 for the initial noise, got " + std::to_string(step));
+  return uint32_t(step);
+}
+
+StepParams params_of(int64_t batch, int64_t per_sample, uint64_t seed, int64_t step, int64_t first_index) {
+  if (batch < 0 || per_sample < 0) throw py::value_error("batch and per_sample must be non-negative");
+  if (first_index < 0 || first_index + batch > (int64_t(1) << 32))
+    throw py::value_error("sample indices first_index..first_index+batch-1 must lie in [0, 2**32)");
+  StepParams p;
+  p.batch = batch;
+  p.per_sample = per_sample;
+  p.seed = seed;
+  p.noise_step = noise_step_of(step);
+  p.first_index = uint32_t(first_index);
+  return p;
+}
+
+void fused_step(uintptr_t x, uintptr_t m, uintptr_t out, uintptr_t coef, uintptr_t noise, int64_t batch,
+                int64_t per_sample, uint64_t seed, int64_t noise_step, int64_t first_index, uintptr_t stream,
+                int device) {
+  const StepParams p = params_of(batch, per_sample, seed, noise_step, first_index);
+  RelaxedCapture relaxed;
+  DeviceGuard guard(device);
+  if (batch * per_sample == 0) return;
+  check_device_pointer(x, guard.device(), "x");
+  check_device_pointer(m, guard.device(), "m");
+  check_device_pointer(out, guard.device(), "out");
+  check_device_pointer(coef, guard.device(), "coef");
+  if (noise) check_device_pointer(noise, guard.device(), "noise");
+  StepArrays a;
+  a.x = reinterpret_cast<const float*>(x);
+  a.m = reinterpret_cast<const float*>(m);
+  a.out = reinterpret_cast<float*>(out);
+  a.coef = reinterpret_cast<const float*>(coef);
+  a.noise = reinterpret_cast<const float*>(noise);
+  fcuda::Status s;
+  {
+    py::gil_scoped_release nogil;
+    s = fcuda::fused_step(p, a, stream_of(stream));
+  }
+  check_status(s, "fused_step");
+}
+
+void normals(uintptr_t out, int64_t batch, int64_t per_sample, uint64_t seed, int64_t step, int64_t first_index,
+             uintptr_t stream, int device) {
+  const StepParams p = params_of(batch, per_sample, seed, step, first_index);
+  RelaxedCapture relaxed;
+  DeviceGuard guard(device);
+  if (batch * per_sample == 0) return;
+  check_device_pointer(out, guard.device(), "out");
+  fcuda::Status s;
+  {
+    py::gil_scoped_release nogil;
+    s = fcuda::normals(p, reinterpret_cast<float*>(out), stream_of(stream));
+  }
+  check_status(s, "normals");
+}
+
+void philox_uint32(uintptr_t out, int64_t batch, int64_t per_sample, uint64_t seed, int64_t step,
+                   int64_t first_index, uintptr_t stream, int device) {
+  const StepParams p = params_of(batch, per_sample, seed, step, first_index);
+  RelaxedCapture relaxed;
+  DeviceGuard guard(device);
+  if (batch * per_sample == 0) return;
+  check_device_pointer(out, guard.device(), "out");
+  fcuda::Status s;
+  {
+    py::gil_scoped_release nogil;
+    s = fcuda::philox_stream(p, reinterpret_cast<uint32_t*>(out), stream_of(stream));
+  }
+  check_status(s, "philox_uint32");
+}
+
+// (number of devices, why none): never raises, so a machine without a driver still imports and
+// reports. The CUDA runtime and driver versions go into the reason, the usual cause being a
+// driver older than this build's runtime.
+std::tuple<int, std::string> device_count() {
+  int n = 0;
+  const cudaError_t e = cudaGetDeviceCount(&n);
+  if (e == cudaSuccess && n > 0) return {n, ""};
+  cudaGetLastError();
+  int runtime = 0, driver = 0;
+  cudaRuntimeGetVersion(&runtime);
+  cudaDriverGetVersion(&driver);
+  auto version = [](int v) { return std::to_string(v / 1000) + "." + std::to_string(v % 1000 / 10); };
+  std::string why;
+  if (e == cudaSuccess) why = "no CUDA device found";
+  else if (driver == 0) why = "no NVIDIA driver found (libcuda.so): " + cuda_text(e);
+  else why = cuda_text(e) + " (the driver supports CUDA " + version(driver) + ")";
+  return {0, why + "; this build's CUDA runtime is " + version(runtime)};
+}
+
+py::dict device_info(int device) {
+  int n = 0;
+  check_cuda(cudaGetDeviceCount(&n), "cudaGetDeviceCount");
+  if (device < 0 || device >= n)
+    throw py::value_error("device " + std::to_string(device) + " out of range: " + std::to_string(n) + " device(s)");
+  cudaDeviceProp prop;
+  check_cuda(cudaGetDeviceProperties(&prop, device), "cudaGetDeviceProperties");
+  py::dict d;
+  d["name"] = std::string(prop.name);
+  d["capability"] = py::make_tuple(prop.major, prop.minor);
+  d["multiprocessors"] = prop.multiProcessorCount;
+  d["memory_bytes"] = static_cast<uint64_t>(prop.totalGlobalMem);
+  return d;
+}
+
+// Coefficient buffers for callers without torch: a contiguous host buffer -> a device allocation.
+uintptr_t upload(const py::buffer& data, int device) {
+  const py::buffer_info info = data.request();
+  int64_t expect = info.itemsize;
+  for (py::ssize_t i = info.ndim; i-- > 0;) {
+    if (info.shape[i] != 1 && info.strides[i] != expect) throw py::value_error("upload needs a C-contiguous buffer");
+    expect *= info.shape[i];
+  }
+  const size_t bytes = size_t(info.size) * size_t(info.itemsize);
+  if (bytes == 0) throw py::value_error("upload of an empty buffer");
+  DeviceGuard guard(device);
+  void* ptr = nullptr;
+  cudaError_t e;
+  {
+    py::gil_scoped_release nogil;
+    e = cudaMalloc(&ptr, bytes);
+    if (e == cudaSuccess) {
+      e = cudaMemcpy(ptr, info.ptr, bytes, cudaMemcpyHostToDevice);
+      if (e != cudaSuccess) cudaFree(ptr);
+    }
+  }
+  check_cuda(e, "upload of " + std::to_string(bytes) + " bytes");
+  return reinterpret_cast<uintptr_t>(ptr);
+}
+
+py::bytes download(uintptr_t ptr, int64_t nbytes, int device) {
+  if (nbytes < 0) throw py::value_error("nbytes must be >= 0");
+  DeviceGuard guard(device);
+  std::string host(size_t(nbytes), '\0');
+  if (nbytes) {
+    check_device_pointer(ptr, guard.device(), "ptr");
+    cudaError_t e;
+    {
+      py::gil_scoped_release nogil;
+      e = cudaMemcpy(&host[0], reinterpret_cast<const void*>(ptr), size_t(nbytes), cudaMemcpyDeviceToHost);
+    }
+    check_cuda(e, "download");
+  }
+  return py::bytes(host);
+}
+
+void free_ptr(uintptr_t ptr, int device) {
+  if (ptr == 0) return;
+  DeviceGuard guard(device);
+  check_cuda(cudaFree(reinterpret_cast<void*>(ptr)), "cudaFree");
+}
+
+void synchronize(int device) {
+  DeviceGuard guard(device);
+  cudaError_t e;
+  {
+    py::gil_scoped_release nogil;
+    e = cudaDeviceSynchronize();
+  }
+  check_cuda(e, "cudaDeviceSynchronize");
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C_cuda, mod) {
+  mod.doc() = "fastddpm's CUDA core: the fused sampler step and Philox noise on device pointers";
+  mod.attr("COEF_WIDTH") = int(fastddpm::kCoefWidth);
+  mod.def("fused_step", &fused_step, py::arg("x"), py::arg("m"), py::arg("out"), py::arg("coef"), py::arg("noise"),
+          py::arg("batch"), py::arg("per_sample"), py::arg("seed"), py::arg("noise_step"), py::arg("first_index"),
+          py::arg("stream") = 0, py::arg("device") = -1,
+          "out = fused step of x and m ([batch, per_sample] float32 device pointers) with the coefficient row at "
+          "device pointer coef (8 float32, read when the kernel runs). noise=0 makes the Philox noise of "
+          "(seed, first_index + i, noise_step) in the kernel; otherwise it is a [batch, per_sample] pointer. "
+          "Asynchronous on stream (a cudaStream_t as int); device=-1 is the current device.");
+  mod.def("normals", &normals, py::arg("out"), py::arg("batch"), py::arg("per_sample"), py::arg("seed"),
+          py::arg("step"), py::arg("first_index") = 0, py::arg("stream") = 0, py::arg("device") = -1,
+          "write the float32 [batch, per_sample] normals of the noise spec to device pointer out (step -1 = initial)");
+  mod.def("philox_uint32", &philox_uint32, py::arg("out"), py::arg("batch"), py::arg("per_sample"), py::arg("seed"),
+          py::arg("step"), py::arg("first_index") = 0, py::arg("stream") = 0, py::arg("device") = -1,
+          "write the uint32 [batch, ceil(per_sample/4)*4] raw Philox stream to device pointer out");
+  mod.def("device_count", &device_count,
+          "(number of CUDA devices, reason): (0, why) when there is no driver or GPU; never raises");
+  mod.def("device_name", [](int device) { return device_info(device)["name"].cast<std::string>(); },
+          py::arg("device") = 0);
+  mod.def("device_info", &device_info, py::arg("device") = 0,
+          "dict: name, capability (major, minor), multiprocessors, memory_bytes");
+  mod.def("runtime_version", [] {
+    int v = 0;
+    cudaRuntimeGetVersion(&v);
+    return v;
+  }, "the CUDA runtime version linked in (e.g. 13000)");
+  mod.def("upload", &upload, py::arg("data"), py::arg("device") = -1,
+          "copy a C-contiguous buffer (bytes, a NumPy array) to a new device allocation; returns its pointer");
+  mod.def("download", &download, py::arg("ptr"), py::arg("nbytes"), py::arg("device") = -1,
+          "copy nbytes from a device pointer back to host bytes (synchronous)");
+  mod.def("free", &free_ptr, py::arg("ptr"), py::arg("device") = -1, "cudaFree a pointer from upload()");
+  mod.def("synchronize", &synchronize, py::arg("device") = -1, "cudaDeviceSynchronize");
+}

@@ -1,0 +1,307 @@
+// The CUDA fused sampler step and the noise kernels (see step.h for the maths, noise.py for the
+// noise). One thread per Philox block (4 consecutive elements of one sample): it makes the block's
+// 4 normals in registers and reads, combines and writes its 4 elements, so z never touches memory.
+//
+// Two memory paths per kernel, same results:
+//   vec     per_sample % 4 == 0 and 16-byte aligned pointers: one float4 load per input, one
+//           float4 store; thread i owns elements [4i, 4i + 4), so no index division for the data.
+//   scalar  anything else: group g of sample s covers elements s*per_sample + [4g, 4g + 4), the
+//           last group of a sample may be partial (its unused normals are dropped, as in noise.py).
+// Grid-stride loops; 32-bit indices when everything fits, 64-bit otherwise.
+#include <cuda_runtime.h>
+
+#include <atomic>
+#include <climits>
+#include <cstdint>
+
+#include "fastddpm/philox.h"
+#include "step_cuda.h"
+
+namespace fastddpm {
+namespace cuda {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int64_t kMaxIndex = int64_t(1) << 32;  // sample indices and Philox groups are uint32 counters
+constexpr int kMaxCachedDevices = 64;
+
+// ---------------------------------------------------------------------------------------------
+// device code
+
+struct Coef {
+  float ax, am, cx0, dx, dm, sigma, clip;
+};
+
+// The row is read when the kernel runs, never baked into the launch: a captured CUDA graph replays
+// with the row's contents (and the table's row pointer is the only launch argument).
+__device__ __forceinline__ Coef load_coef(const float* __restrict__ row) {
+  return Coef{__ldg(row + kAx), __ldg(row + kAm), __ldg(row + kCx0), __ldg(row + kDx),
+              __ldg(row + kDm), __ldg(row + kSigma), __ldg(row + kClip)};
+}
+
+__device__ __forceinline__ float step_element(float x, float m, float z, const Coef& c, bool clip, bool noisy) {
+  float x0 = c.ax * x + c.am * m;
+  if (clip) {  // comparisons, not fminf/fmaxf: a NaN x0 must come out NaN (a NaN compare is false)
+    x0 = c.clip < x0 ? c.clip : x0;
+    x0 = x0 < -c.clip ? -c.clip : x0;
+  }
+  float y = c.cx0 * x0 + c.dx * x + c.dm * m;
+  if (noisy) y += c.sigma * z;
+  return y;
+}
+
+__device__ __forceinline__ void philox_normals(const StepParams& p, uint32_t group, uint32_t sample, float z[4]) {
+  box_muller4(philox4x32_10(group, p.first_index + sample, p.noise_step, 0u, p.seed), z);
+}
+
+struct StepPtrs {
+  const float* x;      // [batch, per_sample]
+  const float* m;      // [batch, per_sample]
+  float* out;          // [batch, per_sample], may alias x, m or noise exactly
+  const float* coef;   // [kCoefWidth], device
+  const float* noise;  // [batch, per_sample] or nullptr
+};
+
+// kVec: the 16-byte path. kGiven: noise comes from memory instead of Philox.
+// No __restrict__ on x, m, out: out may be x (in-place step); each element is read, then written,
+// by the same thread only.
+template <typename Index, bool kVec, bool kGiven>
+__global__ void __launch_bounds__(kThreads) step_kernel(const StepParams p, const StepPtrs a) {
+  const Coef c = load_coef(a.coef);
+  const bool clip = c.clip > 0.0f;
+  const bool make_noise = !kGiven && c.sigma != 0.0f;  // uniform branch: sigma = 0 skips Philox
+  const bool noisy = kGiven || make_noise;
+  const Index per = Index(p.per_sample);
+  const Index groups = (per + 3) / 4;                  // Philox blocks per sample
+  const Index total = Index(p.batch) * groups;
+  const Index stride = Index(gridDim.x) * kThreads;
+  for (Index i = Index(blockIdx.x) * kThreads + threadIdx.x; i < total; i += stride) {
+    const Index s = i / groups, g = i - s * groups;
+    float z[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    if (make_noise) philox_normals(p, uint32_t(g), uint32_t(s), z);
+    if (kVec) {
+      const float4 xv = reinterpret_cast<const float4*>(a.x)[i];  // elements 4i .. 4i+3
+      const float4 mv = reinterpret_cast<const float4*>(a.m)[i];
+      if (kGiven) {
+        const float4 nv = reinterpret_cast<const float4*>(a.noise)[i];
+        z[0] = nv.x; z[1] = nv.y; z[2] = nv.z; z[3] = nv.w;
+      }
+      float4 y;
+      y.x = step_element(xv.x, mv.x, z[0], c, clip, noisy);
+      y.y = step_element(xv.y, mv.y, z[1], c, clip, noisy);
+      y.z = step_element(xv.z, mv.z, z[2], c, clip, noisy);
+      y.w = step_element(xv.w, mv.w, z[3], c, clip, noisy);
+      reinterpret_cast<float4*>(a.out)[i] = y;
+    } else {
+      const Index e = s * per + 4 * g;        // first element of this group
+      const Index rest = per - 4 * g;          // elements of the sample from e on (>= 1)
+#pragma unroll
+      for (int k = 0; k < 4; ++k) {
+        if (Index(k) < rest) {
+          const float zk = kGiven ? a.noise[e + k] : z[k];
+          a.out[e + k] = step_element(a.x[e + k], a.m[e + k], zk, c, clip, noisy);
+        }
+      }
+    }
+  }
+}
+
+template <typename Index, bool kVec>
+__global__ void __launch_bounds__(kThreads) normals_kernel(const StepParams p, float* __restrict__ out) {
+  const Index per = Index(p.per_sample);
+  const Index groups = (per + 3) / 4;
+  const Index total = Index(p.batch) * groups;
+  const Index stride = Index(gridDim.x) * kThreads;
+  for (Index i = Index(blockIdx.x) * kThreads + threadIdx.x; i < total; i += stride) {
+    const Index s = i / groups, g = i - s * groups;
+    float z[4];
+    philox_normals(p, uint32_t(g), uint32_t(s), z);
+    if (kVec) {
+      reinterpret_cast<float4*>(out)[i] = make_float4(z[0], z[1], z[2], z[3]);
+    } else {
+      const Index e = s * per + 4 * g, rest = per - 4 * g;
+#pragma unroll
+      for (int k = 0; k < 4; ++k)
+        if (Index(k) < rest) out[e + k] = z[k];
+    }
+  }
+}
+
+// out: [batch, groups * 4]: rows are whole groups, so group i of the flat grid starts at 4i.
+template <typename Index, bool kVec>
+__global__ void __launch_bounds__(kThreads) philox_kernel(const StepParams p, uint32_t* __restrict__ out) {
+  const Index groups = (Index(p.per_sample) + 3) / 4;
+  const Index total = Index(p.batch) * groups;
+  const Index stride = Index(gridDim.x) * kThreads;
+  for (Index i = Index(blockIdx.x) * kThreads + threadIdx.x; i < total; i += stride) {
+    const Index s = i / groups, g = i - s * groups;
+    const U32x4 r = philox4x32_10(uint32_t(g), p.first_index + uint32_t(s), p.noise_step, 0u, p.seed);
+    if (kVec) {
+      reinterpret_cast<uint4*>(out)[i] = make_uint4(r.v[0], r.v[1], r.v[2], r.v[3]);
+    } else {
+#pragma unroll
+      for (int k = 0; k < 4; ++k) out[4 * i + k] = r.v[k];
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// host side: checks and launch shapes
+
+Status invalid(const char* message) {
+  Status s;
+  s.error = cudaErrorInvalidValue;
+  s.message = message;
+  s.invalid_argument = true;
+  return s;
+}
+
+Status from_cuda(cudaError_t e) {
+  Status s;
+  if (e != cudaSuccess) {
+    s.error = e;
+    s.message = cudaGetErrorString(e);
+  }
+  return s;
+}
+
+const char* check_params(const StepParams& p) {
+  if (p.batch < 0 || p.per_sample < 0) return "batch and per_sample must be non-negative";
+  if (p.per_sample > 4 * kMaxIndex) return "per_sample too large: Philox groups must fit in 32 bits";
+  if (int64_t(p.first_index) + p.batch > kMaxIndex)
+    return "sample indices first_index + i must lie below 2**32";
+  const int64_t padded = (p.per_sample + 3) / 4 * 4;
+  if (padded > 0 && p.batch > INT64_MAX / padded) return "batch * per_sample overflows";
+  return nullptr;
+}
+
+bool aligned(const void* ptr, uintptr_t bytes) { return (reinterpret_cast<uintptr_t>(ptr) & (bytes - 1)) == 0; }
+
+// Overlap that is not exact aliasing: threads would read elements other threads already wrote.
+bool partial_overlap(const void* a, const void* b, int64_t bytes) {
+  if (a == nullptr || b == nullptr || a == b) return false;
+  const uintptr_t pa = reinterpret_cast<uintptr_t>(a), pb = reinterpret_cast<uintptr_t>(b);
+  return pa < pb + uintptr_t(bytes) && pb < pa + uintptr_t(bytes);
+}
+
+// Resident blocks of kThreads on the whole current device (cached per device): the grid-stride
+// loops need no more blocks than can run at once (two waves' worth, for balance).
+Status max_blocks(int64_t* blocks) {
+  static std::atomic<int64_t> cache[kMaxCachedDevices];
+  int dev = 0;
+  cudaError_t e = cudaGetDevice(&dev);
+  if (e != cudaSuccess) return from_cuda(e);
+  if (dev >= 0 && dev < kMaxCachedDevices) {
+    const int64_t v = cache[dev].load(std::memory_order_relaxed);
+    if (v > 0) {
+      *blocks = v;
+      return Status{};
+    }
+  }
+  int sms = 0, threads_per_sm = 0;
+  e = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
+  if (e == cudaSuccess) e = cudaDeviceGetAttribute(&threads_per_sm, cudaDevAttrMaxThreadsPerMultiProcessor, dev);
+  if (e != cudaSuccess) return from_cuda(e);
+  const int64_t v = 2 * int64_t(sms) * (threads_per_sm > kThreads ? threads_per_sm / kThreads : 1);
+  if (dev >= 0 && dev < kMaxCachedDevices) cache[dev].store(v, std::memory_order_relaxed);
+  *blocks = v;
+  return Status{};
+}
+
+struct Shape {
+  unsigned blocks = 0;
+  bool wide = false;  // 64-bit indices
+};
+
+// groups: threads' work items (Philox blocks); row_len: elements per row of the largest array.
+Status launch_shape(const StepParams& p, int64_t row_len, Shape* shape) {
+  const int64_t groups = p.batch * ((p.per_sample + 3) / 4);
+  int64_t cap = 0;
+  const Status st = max_blocks(&cap);
+  if (!st.ok()) return st;
+  const int64_t need = (groups + kThreads - 1) / kThreads;
+  shape->blocks = unsigned(need < cap ? need : cap);
+  // 32-bit is safe if neither the loop counter (< groups + stride) nor an element index
+  // (< batch * row_len + 4) can pass 2**32.
+  const int64_t limit = int64_t(UINT32_MAX);
+  shape->wide = groups + int64_t(shape->blocks) * kThreads > limit || p.batch * row_len + 4 > limit;
+  return Status{};
+}
+
+Status after_launch() { return from_cuda(cudaGetLastError()); }
+
+template <typename Index>
+void launch_step(const Shape& sh, bool vec, bool given, const StepParams& p, const StepPtrs& a, cudaStream_t st) {
+  if (vec) {
+    if (given) step_kernel<Index, true, true><<<sh.blocks, kThreads, 0, st>>>(p, a);
+    else step_kernel<Index, true, false><<<sh.blocks, kThreads, 0, st>>>(p, a);
+  } else {
+    if (given) step_kernel<Index, false, true><<<sh.blocks, kThreads, 0, st>>>(p, a);
+    else step_kernel<Index, false, false><<<sh.blocks, kThreads, 0, st>>>(p, a);
+  }
+}
+
+}  // namespace
+
+Status fused_step(const StepParams& p, const StepArrays& a, cudaStream_t stream) {
+  if (const char* why = check_params(p)) return invalid(why);
+  if (p.batch * p.per_sample == 0) return Status{};
+  if (!a.x || !a.m || !a.out || !a.coef) return invalid("null device pointer (x, m, out and coef are required)");
+  if (!aligned(a.x, 4) || !aligned(a.m, 4) || !aligned(a.out, 4) || !aligned(a.coef, 4) ||
+      (a.noise && !aligned(a.noise, 4)))
+    return invalid("float32 device pointers must be 4-byte aligned");
+  const int64_t bytes = p.batch * p.per_sample * int64_t(sizeof(float));
+  if (partial_overlap(a.out, a.x, bytes) || partial_overlap(a.out, a.m, bytes) ||
+      partial_overlap(a.out, a.noise, bytes))
+    return invalid("out partially overlaps an input (it may only be the very same array)");
+  Shape sh;
+  const Status st = launch_shape(p, p.per_sample, &sh);
+  if (!st.ok()) return st;
+  const bool vec = p.per_sample % 4 == 0 && aligned(a.x, 16) && aligned(a.m, 16) && aligned(a.out, 16) &&
+                   (a.noise == nullptr || aligned(a.noise, 16));
+  const StepPtrs ptrs{a.x, a.m, a.out, a.coef, a.noise};
+  if (sh.wide) launch_step<uint64_t>(sh, vec, a.noise != nullptr, p, ptrs, stream);
+  else launch_step<uint32_t>(sh, vec, a.noise != nullptr, p, ptrs, stream);
+  return after_launch();
+}
+
+Status normals(const StepParams& p, float* out, cudaStream_t stream) {
+  if (const char* why = check_params(p)) return invalid(why);
+  if (p.batch * p.per_sample == 0) return Status{};
+  if (!out) return invalid("null output pointer");
+  if (!aligned(out, 4)) return invalid("float32 device pointers must be 4-byte aligned");
+  Shape sh;
+  const Status st = launch_shape(p, p.per_sample, &sh);
+  if (!st.ok()) return st;
+  const bool vec = p.per_sample % 4 == 0 && aligned(out, 16);
+  if (sh.wide) {
+    if (vec) normals_kernel<uint64_t, true><<<sh.blocks, kThreads, 0, stream>>>(p, out);
+    else normals_kernel<uint64_t, false><<<sh.blocks, kThreads, 0, stream>>>(p, out);
+  } else {
+    if (vec) normals_kernel<uint32_t, true><<<sh.blocks, kThreads, 0, stream>>>(p, out);
+    else normals_kernel<uint32_t, false><<<sh.blocks, kThreads, 0, stream>>>(p, out);
+  }
+  return after_launch();
+}
+
+Status philox_stream(const StepParams& p, uint32_t* out, cudaStream_t stream) {
+  if (const char* why = check_params(p)) return invalid(why);
+  if (p.batch * p.per_sample == 0) return Status{};
+  if (!out) return invalid("null output pointer");
+  if (!aligned(out, 4)) return invalid("uint32 device pointers must be 4-byte aligned");
+  Shape sh;
+  const Status st = launch_shape(p, (p.per_sample + 3) / 4 * 4, &sh);
+  if (!st.ok()) return st;
+  const bool vec = aligned(out, 16);
+  if (sh.wide) {
+    if (vec) philox_kernel<uint64_t, true><<<sh.blocks, kThreads, 0, stream>>>(p, out);
+    else philox_kernel<uint64_t, false><<<sh.blocks, kThreads, 0, stream>>>(p, out);
+  } else {
+    if (vec) philox_kernel<uint32_t, true><<<sh.blocks, kThreads, 0, stream>>>(p, out);
+    else philox_kernel<uint32_t, false><<<sh.blocks, kThreads, 0, stream>>>(p, out);
+  }
+  return after_launch();
+}
+
+}  // namespace cuda
+}  // namespace fastddpm

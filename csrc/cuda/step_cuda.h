@@ -1,0 +1,48 @@
+// Launchers of the CUDA fused step and the noise kernels. Raw device pointers, the plain StepParams
+// struct and a stream in; a Status out. No exceptions cross this boundary and no Python or torch
+// types appear below it (csrc/bindings_cuda.cpp is the only file that knows Python).
+//
+// Every launcher checks its arguments before anything reaches the GPU: a bad size, a null or
+// misaligned pointer, or a partial overlap of out with an input is refused with
+// cudaErrorInvalidValue and a message, never launched (a misaligned access on the device would be
+// a sticky error that poisons the whole CUDA context, torch's included).
+//
+// Launches are asynchronous on `stream` and legal inside CUDA graph capture: nothing here
+// allocates or synchronizes. The coefficient row is read by the kernel when it runs, so a captured
+// graph replays with whatever the row holds at replay time.
+#pragma once
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+
+#include "fastddpm/step.h"
+
+namespace fastddpm {
+namespace cuda {
+
+struct Status {
+  cudaError_t error = cudaSuccess;  // cudaErrorInvalidValue for a refused argument
+  const char* message = nullptr;    // static text; nullptr on success
+  bool invalid_argument = false;    // true: refused before launch (a caller error, not a CUDA failure)
+  bool ok() const { return error == cudaSuccess; }
+};
+
+// x_prev = fused step (see step.h), one pass over batch * per_sample elements.
+//   a.x, a.m:   [batch, per_sample] float32, device
+//   a.out:      [batch, per_sample] float32, device; may be a.x, a.m or a.noise exactly
+//   a.coef:     device pointer to one coefficient row (kCoefWidth float32), read at kernel time;
+//               the kernel trusts it (finite, clip >= 0: the scheduler's table guarantees that)
+//   a.noise:    nullptr (Philox noise of (seed, first_index + i, noise_step) made in registers)
+//               or [batch, per_sample] float32 given noise, device
+// 16-byte vector loads/stores when per_sample % 4 == 0 and every pointer is 16-byte aligned; a
+// scalar path otherwise (same results).
+Status fused_step(const StepParams& p, const StepArrays& a, cudaStream_t stream);
+
+// out[i, e] = normal e of sample first_index + i at p.noise_step; out: [batch, per_sample] float32.
+Status normals(const StepParams& p, float* out, cudaStream_t stream);
+
+// The raw Philox stream; out: [batch, ceil(per_sample / 4) * 4] uint32.
+Status philox_stream(const StepParams& p, uint32_t* out, cudaStream_t stream);
+
+}  // namespace cuda
+}  // namespace fastddpm
