@@ -94,6 +94,16 @@ class Pipeline:
         return self.unet_config.sample_hw or (32, 32)
 
     # ------------------------------------------------------------------ U-Net
+    def _per_sample_unet(self, device="cpu"):
+        """The reference U-Net applied one sample at a time: torch picks conv algorithms by batch
+        size, so batched calls would break batch invariance (sample(n=N)[:k] == sample(n=k))."""
+        import torch
+        unet = self.reference_unet(device)
+
+        def forward(x, t):                  # x: [N, C, H, W] tensor -> model output [N, C', H, W]
+            return torch.cat([unet(x[i:i + 1], t) for i in range(x.shape[0])])
+        return forward
+
     def reference_unet(self, device="cpu"):
         """The PyTorch reference U-Net with this pipeline's weights (needs torch)."""
         with self._lock:
@@ -205,7 +215,7 @@ class Pipeline:
     def _reference_loop(self, sched, shape, seed, eta, first_index, keep, callback):
         """The all-PyTorch reference sampler (backend="torch")."""
         from .reference import reference_sample
-        unet = self.reference_unet("cpu")
+        unet = self._per_sample_unet("cpu")
         x, frames = reference_sample(unet, sched, shape, seed=seed, eta=eta, first_index=first_index,
                                      keep=keep, callback=callback)
         return x.numpy(), {k: v.numpy() for k, v in frames.items()}
@@ -214,7 +224,7 @@ class Pipeline:
         """Reference U-Net (torch) for the model output, the fused step on ``be`` in place."""
         import torch
         from .noise import noise as spec_noise
-        unet = self.reference_unet("cpu")
+        unet = self._per_sample_unet("cpu")
         native_noise = getattr(be, "noise", None)
         try:
             x = native_noise(seed, shape, INITIAL_STEP, first_index)           # x_T: [N, C, H, W]
