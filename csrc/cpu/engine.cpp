@@ -1,0 +1,760 @@
+// The U-Net engine: a plan (fastddpm/plan.h) executed over one activation arena.
+//
+// Layout: the arena is sample-major, [N][T] floats; sample n's copy of slot s starts at
+// n * T + slot_off[s] and is NCHW (padded tensors [C, H+2, W+2]). Every slot is followed by
+// kSlack floats so the micro-kernel may read a full tile past the last valid column.
+//
+// Convolutions are implicit GEMMs, out[Cout, P] = A[Cout, K] * B[K, P], with A the weights packed
+// once at creation ([Cout/MR][K][MR]) and B never materialised: row k of B is the input at a fixed
+// offset boff[k] from the tile's first pixel. For a 3x3 stride-1 conv the pixels run over the
+// padded grid (P = H * (W+2)): tap (ci, dy, dx) is offset ci*plane + dy*(W+2) + dx, and the two
+// pad columns of each row are computed and dropped by the epilogue. The epilogue adds the bias,
+// the time-embedding row, the residual, scales, and scatters to the output (stride 2 for the
+// phases of the folded upsample). Stride-2 convs im2col into a scratch slot first.
+#include "engine.h"
+
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <stdexcept>
+#include <string>
+
+#include "engine_kernels.h"
+#include "fastddpm/plan.h"
+#include "fastddpm/step.h"
+#include "step_cpu.h"
+
+namespace fastddpm {
+namespace cpu {
+
+namespace P = fastddpm::plan;
+
+namespace {
+
+constexpr int64_t kSlack = 128;   // floats after each slot: >= the widest micro-tile (48)
+constexpr int64_t kAlign = 16;    // slot offsets in floats (64 bytes)
+constexpr int MR = kGemmMR;
+
+int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
+
+[[noreturn]] void fail(const std::string& msg) { throw std::invalid_argument(msg); }
+
+struct AlignedFree {
+  void operator()(float* p) const { std::free(p); }
+};
+using Buffer = std::unique_ptr<float[], AlignedFree>;
+
+Buffer alloc_floats(int64_t n) {
+  const size_t bytes = size_t(round_up(std::max<int64_t>(n, 1) * 4, 64));
+  float* p = static_cast<float*>(std::aligned_alloc(64, bytes));
+  if (!p) throw std::bad_alloc();
+  std::memset(p, 0, bytes);
+  return Buffer(p);
+}
+
+// One GEMM with its epilogue, over nbatch independent batch entries (samples).
+struct GemmCall {
+  int64_t M = 0, K = 0, Pn = 0;              // rows, reduction length, columns (pixels)
+  const float* A = nullptr;                  // packed [ceil(M/MR)][K][MR]
+  int64_t a_bstride = 0;
+  const int64_t* boff = nullptr;             // B row offsets (or rows k * bld when null)
+  int64_t bld = 0;
+  const float* B = nullptr;
+  int64_t b_bstride = 0;
+  float* out = nullptr;
+  int64_t o_bstride = 0, ocs = 0;            // per batch entry; per output row (channel)
+  int64_t Wp = 1, Wv = 1, oys = 0, oxs = 1, ooff = 0;  // column p -> (p / Wp, p % Wp) -> pixel
+  const float* bias = nullptr;               // [M]
+  const float* temb = nullptr;               // [M] per batch entry
+  int64_t t_bstride = 0;
+  const float* res = nullptr;                // residual, mapped like out
+  int64_t r_bstride = 0;
+  float scale = 1.0f;
+  int64_t nbatch = 1;
+};
+
+void run_gemm(const GemmCall& g, const EngineKernels& k, int threads) {
+  const int64_t NR = k.nr;
+  const int64_t Mb = (g.M + MR - 1) / MR, Pb = (g.Pn + NR - 1) / NR;
+  const int64_t tasks = g.nbatch * Pb * Mb;
+  auto task = [&](int64_t t) {
+    const int64_t mb = t % Mb, r = t / Mb, pb = r % Pb, b = r / Pb;
+    alignas(64) float tile[MR * 64];
+    int64_t pix[64];
+    k.gemm_tile(g.K, g.A + b * g.a_bstride + mb * g.K * MR, g.boff, g.bld,
+                g.B + b * g.b_bstride + pb * NR, tile);
+    const int64_t p0 = pb * NR, ncols = std::min(NR, g.Pn - p0);
+    int64_t y = p0 / g.Wp, x = p0 % g.Wp;
+    for (int64_t j = 0; j < ncols; ++j) {
+      pix[j] = x < g.Wv ? y * g.oys + x * g.oxs + g.ooff : -1;
+      if (++x == g.Wp) { x = 0; ++y; }
+    }
+    float* o = g.out + b * g.o_bstride;
+    const float* rs = g.res ? g.res + b * g.r_bstride : nullptr;
+    for (int m = 0; m < MR; ++m) {
+      const int64_t mm = mb * MR + m;
+      if (mm >= g.M) break;
+      const float add = (g.bias ? g.bias[mm] : 0.0f) + (g.temb ? g.temb[b * g.t_bstride + mm] : 0.0f);
+      float* orow = o + mm * g.ocs;
+      const float* trow = tile + m * NR;
+      if (rs) {
+        const float* rrow = rs + mm * g.ocs;
+        for (int64_t j = 0; j < ncols; ++j)
+          if (pix[j] >= 0) orow[pix[j]] = ((trow[j] + add) + rrow[pix[j]]) * g.scale;
+      } else {
+        for (int64_t j = 0; j < ncols; ++j)
+          if (pix[j] >= 0) orow[pix[j]] = (trow[j] + add) * g.scale;
+      }
+    }
+  };
+  if (threads <= 1 || tasks <= 1) {
+    for (int64_t t = 0; t < tasks; ++t) task(t);
+    return;
+  }
+#pragma omp parallel for schedule(static) num_threads(threads)
+  for (int64_t t = 0; t < tasks; ++t) task(t);
+}
+
+template <typename Fn>
+void parallel_for(int64_t n, int threads, bool worth_it, Fn&& fn) {
+  if (threads <= 1 || n <= 1 || !worth_it) {
+    for (int64_t i = 0; i < n; ++i) fn(i);
+    return;
+  }
+#pragma omp parallel for schedule(static) num_threads(threads)
+  for (int64_t i = 0; i < n; ++i) fn(i);
+}
+
+// A conv as a GEMM over one sample; UP convs have four (one per output phase).
+struct ConvGemm {
+  Buffer A;                    // packed [ceil(M/MR)][K][MR]
+  std::vector<int64_t> boff;   // relative to the sample's arena base
+  int64_t K = 0, Pn = 0, Wp = 1, Wv = 1, oys = 0, oxs = 1, ooff = 0;
+};
+
+struct Op {
+  int64_t code = 0, out = -1, in = -1, cin = 0, in2 = -1, cin2 = 0, h = 0, w = 0, cout = 0;
+  int64_t temb = -1, residual = -1, scratch = -1, mode = 0, groups = 0, heads = 0, flags = 0;
+  float eps = 0, scale = 1, a = 1, shift = 0;
+  std::vector<float> wt, bias, gamma, beta;   // LINEAR weight; biases; norm affine
+  std::vector<ConvGemm> gemms;                 // CONV: 1 or 4 (UP); ATTENTION: qkv, out
+  std::vector<float> bias2;                    // ATTENTION: out-projection bias
+};
+
+const char* op_name(int64_t code) {
+  switch (code) {
+    case P::kTimeEmb: return "TIME_EMB";
+    case P::kLinear: return "LINEAR";
+    case P::kPad: return "PAD";
+    case P::kGroupNorm: return "GROUPNORM";
+    case P::kConv: return "CONV";
+    case P::kAttention: return "ATTENTION";
+    default: return "?";
+  }
+}
+
+// Pack a [M, K] matrix given by element accessor f(m, k) into [ceil(M/MR)][K][MR], zero-padded.
+template <typename F>
+Buffer pack_a(int64_t M, int64_t K, F&& f) {
+  const int64_t Mb = (M + MR - 1) / MR;
+  Buffer A = alloc_floats(Mb * K * MR);
+  for (int64_t mb = 0; mb < Mb; ++mb)
+    for (int64_t kk = 0; kk < K; ++kk)
+      for (int m = 0; m < MR; ++m) {
+        const int64_t mm = mb * MR + m;
+        A[(mb * K + kk) * MR + m] = mm < M ? f(mm, kk) : 0.0f;
+      }
+  return A;
+}
+
+}  // namespace
+
+struct Engine::Impl {
+  int64_t N, in_c, out_c, H, W;
+  std::vector<int64_t> slot_off, slot_size;
+  int64_t T = 0;          // per-sample arena floats
+  int64_t pack_off = 0;   // engine-owned region for the attention operands
+  Buffer arena;
+  std::vector<Op> ops;
+  std::vector<float> tvals;  // [N] timesteps of the current forward
+
+  float* sample_base(int64_t n) { return arena.get() + n * T; }
+  float* slot(int64_t n, int64_t s) { return arena.get() + n * T + slot_off[s]; }
+
+  void build(const PlanView& pv, const std::vector<WeightView>& weights);
+  void forward_arena(const EngineKernels& k, int threads);
+  void op_time_emb(const Op& op);
+  void op_linear(const Op& op, const EngineKernels& k, int threads);
+  void op_pad(const Op& op, const EngineKernels& k, int threads);
+  void op_groupnorm(const Op& op, const EngineKernels& k, int threads);
+  void op_conv(const Op& op, const EngineKernels& k, int threads);
+  void op_attention(const Op& op, const EngineKernels& k, int threads);
+};
+
+// ------------------------------------------------------------------------------- construction
+
+void Engine::Impl::build(const PlanView& pv, const std::vector<WeightView>& weights) {
+  if (pv.n_ops < 1 || !pv.ints || !pv.floats) fail("the plan has no ops");
+  if (pv.n_slots < 2 || !pv.slot_sizes) fail("the plan needs at least the input and output slots");
+  slot_size.assign(pv.slot_sizes, pv.slot_sizes + pv.n_slots);
+  for (int64_t s = 0; s < pv.n_slots; ++s)
+    if (slot_size[s] < 0 || slot_size[s] > (int64_t(1) << 34)) fail("plan slot " + std::to_string(s) + " has a bad size");
+  if (slot_size[P::kInputSlot] != in_c * H * W)
+    fail("plan input slot holds " + std::to_string(slot_size[0]) + " floats per sample, expected in_channels*H*W = " + std::to_string(in_c * H * W));
+  if (slot_size[P::kOutputSlot] != out_c * H * W)
+    fail("plan output slot holds " + std::to_string(slot_size[1]) + " floats per sample, expected out_channels*H*W = " + std::to_string(out_c * H * W));
+
+  // weight lookups, checked against the shape each op needs
+  auto weight = [&](int64_t idx, std::vector<int64_t> shape, int64_t op_i, const char* role) -> const WeightView& {
+    if (idx < 0 || idx >= int64_t(weights.size()))
+      fail("plan op " + std::to_string(op_i) + ": " + role + " weight index " + std::to_string(idx) + " is out of range");
+    const WeightView& wv = weights[size_t(idx)];
+    if (wv.shape != shape) {
+      std::string want, got;
+      for (auto d : shape) want += (want.empty() ? "" : ", ") + std::to_string(d);
+      for (auto d : wv.shape) got += (got.empty() ? "" : ", ") + std::to_string(d);
+      fail("weight '" + wv.name + "' has shape (" + got + "), expected (" + want + ")");
+    }
+    if (!wv.data) fail("weight '" + wv.name + "' has no data");
+    return wv;
+  };
+  auto vec = [](const WeightView& wv) {
+    int64_t n = 1;
+    for (auto d : wv.shape) n *= d;
+    return std::vector<float>(wv.data, wv.data + n);
+  };
+
+  auto use = [&](int64_t s, int64_t floats, int64_t op_i, const char* what, bool optional = false) {
+    if (s == -1 && optional) return;
+    if (s < 0 || s >= pv.n_slots)
+      fail("plan op " + std::to_string(op_i) + ": " + what + " slot " + std::to_string(s) + " is out of range");
+    if (floats > slot_size[size_t(s)])
+      fail("plan op " + std::to_string(op_i) + ": " + what + " needs " + std::to_string(floats) +
+           " floats per sample but slot " + std::to_string(s) + " holds " + std::to_string(slot_size[size_t(s)]));
+  };
+
+  int64_t pack_need = 0;
+  for (int64_t i = 0; i < pv.n_ops; ++i) {
+    const int64_t* r = pv.ints + i * P::kIntFields;
+    const double* f = pv.floats + i * P::kFloatFields;
+    Op op;
+    op.code = r[P::kCode]; op.out = r[P::kOut]; op.in = r[P::kIn]; op.cin = r[P::kCIn];
+    op.in2 = r[P::kIn2]; op.cin2 = r[P::kCIn2]; op.h = r[P::kH]; op.w = r[P::kW];
+    op.cout = r[P::kCOut]; op.temb = r[P::kTemb]; op.residual = r[P::kResidual];
+    op.scratch = r[P::kScratch]; op.mode = r[P::kMode]; op.groups = r[P::kGroups];
+    op.heads = r[P::kHeads]; op.flags = r[P::kFlags];
+    op.eps = float(f[P::kEps]); op.scale = float(f[P::kScale]); op.a = float(f[P::kA]);
+    op.shift = float(f[P::kShift]);
+    for (int j = 0; j < P::kFloatFields; ++j)
+      if (!std::isfinite(f[j])) fail("plan op " + std::to_string(i) + " has a non-finite parameter");
+    const std::string where = "plan op " + std::to_string(i) + " (" + op_name(op.code) + ")";
+    auto positive = [&](int64_t v, const char* what) {
+      if (v <= 0 || v > (int64_t(1) << 24)) fail(where + ": " + what + " = " + std::to_string(v) + " must be positive");
+    };
+    const int64_t hw = op.h * op.w, pplane = (op.h + 2) * (op.w + 2);
+    switch (op.code) {
+      case P::kTimeEmb:
+        positive(op.cout, "c_out");
+        use(op.out, op.cout, i, "output");
+        break;
+      case P::kLinear: {
+        positive(op.cin, "c_in"); positive(op.cout, "c_out");
+        use(op.in, op.cin, i, "input"); use(op.out, op.cout, i, "output");
+        op.wt = vec(weight(r[P::kWIdx], {op.cout, op.cin}, i, "linear"));
+        op.bias = vec(weight(r[P::kBIdx], {op.cout}, i, "bias"));
+        break;
+      }
+      case P::kPad:
+      case P::kGroupNorm: {
+        positive(op.cin, "c_in"); positive(op.h, "h"); positive(op.w, "w");
+        if (op.cin2 < 0) fail(where + ": c_in2 must be >= 0");
+        use(op.in, op.cin * hw, i, "input");
+        if (op.cin2 > 0) use(op.in2, op.cin2 * hw, i, "second input");
+        const int64_t c = op.cin + op.cin2;
+        const bool padded = op.code == P::kPad || (op.flags & P::kFlagPaddedOut);
+        use(op.out, c * (padded ? pplane : hw), i, "output");
+        if (op.code == P::kGroupNorm) {
+          if (op.groups <= 0 || c % op.groups)
+            fail(where + ": " + std::to_string(c) + " channels are not divisible by " + std::to_string(op.groups) + " groups");
+          if (!(op.eps > 0)) fail(where + ": eps must be > 0");
+          op.gamma = vec(weight(r[P::kWIdx], {c}, i, "norm scale"));
+          op.beta = vec(weight(r[P::kBIdx], {c}, i, "norm shift"));
+        }
+        break;
+      }
+      case P::kConv: {
+        positive(op.cin, "c_in"); positive(op.cout, "c_out"); positive(op.h, "h"); positive(op.w, "w");
+        const int64_t M = op.cout, ci = op.cin;
+        const bool k1 = op.mode == P::kConv1;
+        const WeightView& wv = weight(r[P::kWIdx], {M, ci, k1 ? 1 : 3, k1 ? 1 : 3}, i, "conv");
+        op.bias = vec(weight(r[P::kBIdx], {M}, i, "conv bias"));
+        const float* w = wv.data;   // w: [Cout, Cin, k, k]
+        const float* ws = nullptr;  // the 1x1 shortcut: [Cout, Cin2, 1, 1]
+        if (op.in2 >= 0) {
+          if (op.mode != P::kConv3) fail(where + ": a shortcut input needs a 3x3 stride-1 conv");
+          positive(op.cin2, "c_in2");
+          use(op.in2, op.cin2 * pplane, i, "shortcut input");
+          ws = weight(r[P::kW2Idx], {M, op.cin2, 1, 1}, i, "shortcut").data;
+          const auto b2 = vec(weight(r[P::kB2Idx], {M}, i, "shortcut bias"));
+          for (int64_t m = 0; m < M; ++m) op.bias[size_t(m)] += b2[size_t(m)];
+        }
+        int64_t ho = op.h, wo = op.w;
+        if (op.mode == P::kDown0 || op.mode == P::kDown1) {
+          if (op.h % 2 || op.w % 2) fail(where + ": a stride-2 conv needs even sizes");
+          ho = op.h / 2; wo = op.w / 2;
+        } else if (op.mode == P::kUp) {
+          ho = op.h * 2; wo = op.w * 2;
+        }
+        use(op.out, M * ho * wo, i, "output");
+        use(op.temb, M, i, "time embedding", true);
+        use(op.residual, M * ho * wo, i, "residual", true);
+        const int64_t Wp = op.w + 2;
+        if (op.mode == P::kConv3) {
+          use(op.in, ci * pplane, i, "input (padded)");
+          ConvGemm g;
+          const int64_t Km = ci * 9, Ks = ws ? op.cin2 : 0;
+          g.K = Km + Ks;
+          g.A = pack_a(M, g.K, [&](int64_t m, int64_t kk) {
+            return kk < Km ? w[m * Km + kk] : ws[m * Ks + (kk - Km)];
+          });
+          for (int64_t c = 0; c < ci; ++c)
+            for (int dy = 0; dy < 3; ++dy)
+              for (int dx = 0; dx < 3; ++dx) g.boff.push_back(c * pplane + dy * Wp + dx);
+          for (int64_t c = 0; c < Ks; ++c) g.boff.push_back(c * pplane + Wp + 1);  // centre tap
+          g.Pn = op.h * Wp; g.Wp = Wp; g.Wv = op.w; g.oys = op.w; g.oxs = 1;
+          op.gemms.push_back(std::move(g));
+        } else if (op.mode == P::kConv1) {
+          use(op.in, ci * hw, i, "input");
+          ConvGemm g;
+          g.K = ci;
+          g.A = pack_a(M, ci, [&](int64_t m, int64_t kk) { return w[m * ci + kk]; });
+          for (int64_t c = 0; c < ci; ++c) g.boff.push_back(c * hw);
+          g.Pn = hw; g.Wp = op.w; g.Wv = op.w; g.oys = op.w; g.oxs = 1;
+          op.gemms.push_back(std::move(g));
+        } else if (op.mode == P::kDown0 || op.mode == P::kDown1) {
+          use(op.in, ci * hw, i, "input");
+          use(op.scratch, ci * 9 * ho * wo, i, "im2col scratch");
+          ConvGemm g;
+          g.K = ci * 9;
+          g.A = pack_a(M, g.K, [&](int64_t m, int64_t kk) { return w[m * g.K + kk]; });
+          for (int64_t kk = 0; kk < g.K; ++kk) g.boff.push_back(kk * ho * wo);  // + scratch offset later
+          g.Pn = ho * wo; g.Wp = wo; g.Wv = wo; g.oys = wo; g.oxs = 1;
+          op.gemms.push_back(std::move(g));
+        } else if (op.mode == P::kUp) {
+          use(op.in, ci * pplane, i, "input (padded)");
+          // Output phase (py, px) of nearest-x2 + 3x3 is a 2x2 conv on the low-res input: tap a of
+          // phase p sums the 3x3 rows dy in kTaps[p][a].
+          static const int kTaps[2][2][3] = {{{0, -1, -1}, {1, 2, -1}}, {{0, 1, -1}, {2, -1, -1}}};
+          for (int py = 0; py < 2; ++py)
+            for (int px = 0; px < 2; ++px) {
+              ConvGemm g;
+              g.K = ci * 4;
+              g.A = pack_a(M, g.K, [&](int64_t m, int64_t kk) {
+                const int64_t c = kk / 4;
+                const int a = int(kk % 4) / 2, b = int(kk % 2);
+                float s = 0.0f;
+                for (int u = 0; u < 3 && kTaps[py][a][u] >= 0; ++u)
+                  for (int v = 0; v < 3 && kTaps[px][b][v] >= 0; ++v)
+                    s += w[((m * ci + c) * 3 + kTaps[py][a][u]) * 3 + kTaps[px][b][v]];
+                return s;
+              });
+              for (int64_t c = 0; c < ci; ++c)
+                for (int a = 0; a < 2; ++a)
+                  for (int b = 0; b < 2; ++b) g.boff.push_back(c * pplane + (py + a) * Wp + (px + b));
+              g.Pn = op.h * Wp; g.Wp = Wp; g.Wv = op.w;
+              g.oys = 2 * wo; g.oxs = 2; g.ooff = py * wo + px;
+              op.gemms.push_back(std::move(g));
+            }
+        } else {
+          fail(where + ": unknown conv mode " + std::to_string(op.mode));
+        }
+        break;
+      }
+      case P::kAttention: {
+        positive(op.cin, "c_in"); positive(op.h, "h"); positive(op.w, "w"); positive(op.heads, "heads");
+        const int64_t C = op.cin, L = hw;
+        if (C % op.heads) fail(where + ": " + std::to_string(C) + " channels cannot be split into " + std::to_string(op.heads) + " heads");
+        const int64_t d = C / op.heads;
+        use(op.in, C * L, i, "input");
+        use(op.residual, C * L, i, "residual");
+        use(op.out, C * L, i, "output");
+        use(op.scratch, 4 * C * L + op.heads * L * L, i, "scratch");
+        const int64_t w0 = r[P::kWIdx];
+        const float* wq = weight(w0, {C, C}, i, "to_q").data;
+        const auto bq = vec(weight(w0 + 1, {C}, i, "to_q bias"));
+        const float* wk = weight(w0 + 2, {C, C}, i, "to_k").data;
+        const auto bk = vec(weight(w0 + 3, {C}, i, "to_k bias"));
+        const float* wvv = weight(w0 + 4, {C, C}, i, "to_v").data;
+        const auto bv = vec(weight(w0 + 5, {C}, i, "to_v bias"));
+        const float* wo = weight(w0 + 6, {C, C}, i, "to_out.0").data;
+        op.bias2 = vec(weight(w0 + 7, {C}, i, "to_out.0 bias"));
+        ConvGemm qkv;  // [3C, C]: q, k, v stacked
+        qkv.K = C;
+        qkv.A = pack_a(3 * C, C, [&](int64_t m, int64_t kk) {
+          const float* src = m < C ? wq : (m < 2 * C ? wk : wvv);
+          return src[(m % C) * C + kk];
+        });
+        op.bias.insert(op.bias.end(), bq.begin(), bq.end());
+        op.bias.insert(op.bias.end(), bk.begin(), bk.end());
+        op.bias.insert(op.bias.end(), bv.begin(), bv.end());
+        ConvGemm proj;
+        proj.K = C;
+        proj.A = pack_a(C, C, [&](int64_t m, int64_t kk) { return wo[m * C + kk]; });
+        op.gemms.push_back(std::move(qkv));
+        op.gemms.push_back(std::move(proj));
+        // packed K^T [ceil(L/MR)][d][MR] and V [ceil(d/MR)][L][MR] of every head
+        pack_need = std::max(pack_need, op.heads * (round_up(L, MR) * d + round_up(d, MR) * L));
+        break;
+      }
+      default:
+        fail("plan op " + std::to_string(i) + " has unknown op code " + std::to_string(op.code));
+    }
+    ops.push_back(std::move(op));
+  }
+  // the arena: every slot then its slack, then the attention pack region
+  slot_off.resize(slot_size.size());
+  int64_t off = 0;
+  for (size_t s = 0; s < slot_size.size(); ++s) {
+    slot_off[s] = off;
+    off += round_up(slot_size[s] + kSlack, kAlign);
+  }
+  pack_off = off;
+  off += round_up(pack_need + kSlack, kAlign);
+  T = off;
+  // B offsets were built relative to their slot: make them relative to the sample base
+  for (Op& op : ops) {
+    if (op.code != P::kConv) continue;
+    const int64_t src = (op.mode == P::kDown0 || op.mode == P::kDown1) ? op.scratch : op.in;
+    const int64_t main_k = op.mode == P::kConv3 ? op.cin * 9 : int64_t(op.gemms[0].boff.size());
+    for (ConvGemm& g : op.gemms)
+      for (size_t kk = 0; kk < g.boff.size(); ++kk)
+        g.boff[kk] += slot_off[size_t(int64_t(kk) < main_k || op.mode != P::kConv3 ? src : op.in2)];
+  }
+  if (N > 0 && T > (int64_t(1) << 36) / N) fail("the activations of this plan and batch are too large");
+  arena = alloc_floats(N * T);
+  tvals.assign(size_t(N), 0.0f);
+}
+
+// ------------------------------------------------------------------------------- ops
+
+void Engine::Impl::op_time_emb(const Op& op) {
+  // as torch computes it in float32: freqs = exp(-ln(1e4) * k / (half - shift)); arg = t * freqs
+  const int64_t dim = op.cout, half = dim / 2;
+  const float lnmax = -float(std::log(10000.0));
+  const float div = float(half) - op.shift;
+  for (int64_t n = 0; n < N; ++n) {
+    float* e = slot(n, op.out);  // e: [dim]
+    for (int64_t k = 0; k < half; ++k) {
+      const float ex = (lnmax * float(k)) / div;
+      const float freq = float(std::exp(double(ex)));
+      const float arg = tvals[size_t(n)] * freq;
+      const float s = float(std::sin(double(arg))), c = float(std::cos(double(arg)));
+      e[k] = (op.flags & P::kFlagFlip) ? c : s;
+      e[half + k] = (op.flags & P::kFlagFlip) ? s : c;
+    }
+    if (dim % 2) e[dim - 1] = 0.0f;
+  }
+}
+
+void Engine::Impl::op_linear(const Op& op, const EngineKernels& k, int threads) {
+  const int64_t ci = op.cin, co = op.cout;
+  std::vector<float> act(size_t(N * ci));  // act: [N, Cin] the (SiLU'd) input
+  for (int64_t n = 0; n < N; ++n) {
+    const float* x = slot(n, op.in);
+    if (op.flags & P::kFlagSilu) k.affine_act(x, act.data() + n * ci, ci, 1.0f, 0.0f, true);
+    else std::memcpy(act.data() + n * ci, x, size_t(ci) * 4);
+  }
+  parallel_for(N * co, threads, N * co * ci >= (1 << 16), [&](int64_t t) {
+    const int64_t n = t / co, o = t % co;
+    slot(n, op.out)[o] = k.dot(op.wt.data() + o * ci, act.data() + n * ci, ci) + op.bias[size_t(o)];
+  });
+}
+
+void Engine::Impl::op_pad(const Op& op, const EngineKernels& k, int threads) {
+  const int64_t C = op.cin + op.cin2, h = op.h, w = op.w, Wp = w + 2, plane = (h + 2) * Wp;
+  parallel_for(N * C, threads, N * C * plane >= (1 << 14), [&](int64_t t) {
+    const int64_t n = t / C, c = t % C;
+    const float* src = c < op.cin ? slot(n, op.in) + c * h * w : slot(n, op.in2) + (c - op.cin) * h * w;
+    float* dst = slot(n, op.out) + c * plane;  // dst: [H+2, W+2]
+    std::memset(dst, 0, size_t(Wp) * 4);
+    std::memset(dst + (h + 1) * Wp, 0, size_t(Wp) * 4);
+    for (int64_t y = 0; y < h; ++y) {
+      float* row = dst + (y + 1) * Wp;
+      row[0] = 0.0f;
+      row[w + 1] = 0.0f;
+      k.affine_act(src + y * w, row + 1, w, op.a, op.shift, false);
+    }
+  });
+}
+
+void Engine::Impl::op_groupnorm(const Op& op, const EngineKernels& k, int threads) {
+  const int64_t C = op.cin + op.cin2, G = op.groups, cpg = C / G, h = op.h, w = op.w, hw = h * w;
+  const bool padded = op.flags & P::kFlagPaddedOut, silu = op.flags & P::kFlagSilu;
+  const int64_t Wp = w + 2, plane = (h + 2) * Wp;
+  parallel_for(N * G, threads, N * C * hw >= (1 << 13), [&](int64_t t) {
+    const int64_t n = t / G, g = t % G;
+    auto chan = [&](int64_t c) {
+      return c < op.cin ? slot(n, op.in) + c * hw : slot(n, op.in2) + (c - op.cin) * hw;
+    };
+    const double count = double(cpg * hw);
+    double s = 0;
+    for (int64_t c = g * cpg; c < (g + 1) * cpg; ++c) s += k.sum(chan(c), hw);
+    const float mean = float(s / count);
+    double v = 0;
+    for (int64_t c = g * cpg; c < (g + 1) * cpg; ++c) v += k.sum_sq_dev(chan(c), hw, mean);
+    const float rstd = float(1.0 / std::sqrt(v / count + double(op.eps)));
+    for (int64_t c = g * cpg; c < (g + 1) * cpg; ++c) {
+      const float a = rstd * op.gamma[size_t(c)], b = op.beta[size_t(c)] - mean * a;
+      const float* src = chan(c);
+      if (!padded) {
+        k.affine_act(src, slot(n, op.out) + c * hw, hw, a, b, silu);
+        continue;
+      }
+      float* dst = slot(n, op.out) + c * plane;  // dst: [H+2, W+2], zero border
+      std::memset(dst, 0, size_t(Wp) * 4);
+      std::memset(dst + (h + 1) * Wp, 0, size_t(Wp) * 4);
+      for (int64_t y = 0; y < h; ++y) {
+        float* row = dst + (y + 1) * Wp;
+        row[0] = 0.0f;
+        row[w + 1] = 0.0f;
+        k.affine_act(src + y * w, row + 1, w, a, b, silu);
+      }
+    }
+  });
+}
+
+void Engine::Impl::op_conv(const Op& op, const EngineKernels& k, int threads) {
+  int64_t ho = op.h, wo = op.w;
+  if (op.mode == P::kDown0 || op.mode == P::kDown1) {
+    ho = op.h / 2; wo = op.w / 2;
+    // im2col: col[(c*3 + dy)*3 + dx][yo, xo] = in[c][2yo + dy - pad][2xo + dx - pad] (0 outside)
+    const int64_t pad = op.mode == P::kDown1 ? 1 : 0, h = op.h, w = op.w, C = op.cin;
+    parallel_for(N * C, threads, N * C * 9 * ho * wo >= (1 << 14), [&](int64_t t) {
+      const int64_t n = t / C, c = t % C;
+      const float* src = slot(n, op.in) + c * h * w;
+      float* col = slot(n, op.scratch) + c * 9 * ho * wo;
+      for (int dy = 0; dy < 3; ++dy)
+        for (int dx = 0; dx < 3; ++dx) {
+          float* row = col + (dy * 3 + dx) * ho * wo;
+          for (int64_t yo = 0; yo < ho; ++yo) {
+            const int64_t y = 2 * yo + dy - pad;
+            for (int64_t xo = 0; xo < wo; ++xo) {
+              const int64_t x = 2 * xo + dx - pad;
+              row[yo * wo + xo] = (y >= 0 && y < h && x >= 0 && x < w) ? src[y * w + x] : 0.0f;
+            }
+          }
+        }
+    });
+  } else if (op.mode == P::kUp) {
+    ho = op.h * 2; wo = op.w * 2;
+  }
+  for (const ConvGemm& cg : op.gemms) {
+    GemmCall g;
+    g.M = op.cout; g.K = cg.K; g.Pn = cg.Pn;
+    g.A = cg.A.get();
+    g.boff = cg.boff.data();
+    g.B = arena.get();  // boff is relative to the sample base (main input and shortcut rows)
+    g.b_bstride = T;
+    g.out = arena.get() + slot_off[size_t(op.out)];
+    g.o_bstride = T;
+    g.ocs = ho * wo;
+    g.Wp = cg.Wp; g.Wv = cg.Wv; g.oys = cg.oys; g.oxs = cg.oxs; g.ooff = cg.ooff;
+    g.bias = op.bias.data();
+    if (op.temb >= 0) { g.temb = arena.get() + slot_off[size_t(op.temb)]; g.t_bstride = T; }
+    if (op.residual >= 0) { g.res = arena.get() + slot_off[size_t(op.residual)]; g.r_bstride = T; }
+    g.scale = op.scale;
+    g.nbatch = N;
+    run_gemm(g, k, threads);
+  }
+}
+
+void Engine::Impl::op_attention(const Op& op, const EngineKernels& k, int threads) {
+  const int64_t C = op.cin, L = op.h * op.w, heads = op.heads, d = C / heads;
+  const int64_t q_off = slot_off[size_t(op.scratch)], o_off = q_off + 3 * C * L, s_off = o_off + C * L;
+  float* base = arena.get();
+  // q, k, v: [3C, L] = Wqkv [3C, C] * x_normed [C, L] + b
+  {
+    GemmCall g;
+    g.M = 3 * C; g.K = C; g.Pn = L;
+    g.A = op.gemms[0].A.get();
+    g.bld = L; g.B = base + slot_off[size_t(op.in)]; g.b_bstride = T;
+    g.out = base + q_off; g.o_bstride = T; g.ocs = L;
+    g.Wp = L; g.Wv = L;
+    g.bias = op.bias.data();
+    g.nbatch = N;
+    run_gemm(g, k, threads);
+  }
+  // pack per head: Kt [ceil(L/MR)][d][MR] (rows = keys) and V [ceil(d/MR)][L][MR]
+  const int64_t kt_size = round_up(L, MR) * d, v_size = round_up(d, MR) * L;
+  parallel_for(N * heads, threads, N * C * L >= (1 << 14), [&](int64_t t) {
+    const int64_t n = t / heads, hd = t % heads;
+    const float* kk = base + n * T + q_off + (C + hd * d) * L;      // K_h: [d, L]
+    const float* vv = base + n * T + q_off + (2 * C + hd * d) * L;  // V_h: [d, L]
+    float* kt = base + n * T + pack_off + hd * (kt_size + v_size);
+    float* vp = kt + kt_size;
+    for (int64_t jb = 0; jb < round_up(L, MR) / MR; ++jb)
+      for (int64_t c = 0; c < d; ++c)
+        for (int m = 0; m < MR; ++m) {
+          const int64_t j = jb * MR + m;
+          kt[(jb * d + c) * MR + m] = j < L ? kk[c * L + j] : 0.0f;
+        }
+    for (int64_t cb = 0; cb < round_up(d, MR) / MR; ++cb)
+      for (int64_t j = 0; j < L; ++j)
+        for (int m = 0; m < MR; ++m) {
+          const int64_t c = cb * MR + m;
+          vp[(cb * L + j) * MR + m] = c < d ? vv[c * L + j] : 0.0f;
+        }
+  });
+  for (int64_t hd = 0; hd < heads; ++hd) {
+    // St [L keys, L queries] = K_h^T Q_h
+    GemmCall g;
+    g.M = L; g.K = d; g.Pn = L;
+    g.A = base + pack_off + hd * (kt_size + v_size); g.a_bstride = T;
+    g.bld = L; g.B = base + q_off + hd * d * L; g.b_bstride = T;
+    g.out = base + s_off + hd * L * L; g.o_bstride = T; g.ocs = L;
+    g.Wp = L; g.Wv = L;
+    g.nbatch = N;
+    run_gemm(g, k, threads);
+  }
+  // softmax over the keys (down each column), softmax scale 1/sqrt(d)
+  const float sm_scale = float(1.0 / std::sqrt(double(d)));
+  const int64_t cols = 64, cblocks = (L + cols - 1) / cols;
+  parallel_for(N * heads * cblocks, threads, true, [&](int64_t t) {
+    const int64_t cb = t % cblocks, r = t / cblocks, hd = r % heads, n = r / heads;
+    float* S = base + n * T + s_off + hd * L * L;
+    k.softmax_cols(S, L, L, cb * cols, std::min(L, (cb + 1) * cols), sm_scale);
+  });
+  for (int64_t hd = 0; hd < heads; ++hd) {
+    // O_h [d, L queries] = V_h [d, L keys] * P [L keys, L queries]
+    GemmCall g;
+    g.M = d; g.K = L; g.Pn = L;
+    g.A = base + pack_off + hd * (kt_size + v_size) + kt_size; g.a_bstride = T;
+    g.bld = L; g.B = base + s_off + hd * L * L; g.b_bstride = T;
+    g.out = base + o_off + hd * d * L; g.o_bstride = T; g.ocs = L;
+    g.Wp = L; g.Wv = L;
+    g.nbatch = N;
+    run_gemm(g, k, threads);
+  }
+  {
+    // out = scale * (Wo O + bo + x)
+    GemmCall g;
+    g.M = C; g.K = C; g.Pn = L;
+    g.A = op.gemms[1].A.get();
+    g.bld = L; g.B = base + o_off; g.b_bstride = T;
+    g.out = base + slot_off[size_t(op.out)]; g.o_bstride = T; g.ocs = L;
+    g.Wp = L; g.Wv = L;
+    g.bias = op.bias2.data();
+    g.res = base + slot_off[size_t(op.residual)]; g.r_bstride = T;
+    g.scale = op.scale;
+    g.nbatch = N;
+    run_gemm(g, k, threads);
+  }
+}
+
+void Engine::Impl::forward_arena(const EngineKernels& k, int threads) {
+  for (const Op& op : ops) {
+    switch (op.code) {
+      case P::kTimeEmb: op_time_emb(op); break;
+      case P::kLinear: op_linear(op, k, threads); break;
+      case P::kPad: op_pad(op, k, threads); break;
+      case P::kGroupNorm: op_groupnorm(op, k, threads); break;
+      case P::kConv: op_conv(op, k, threads); break;
+      case P::kAttention: op_attention(op, k, threads); break;
+      default: break;  // rejected at build
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------- Engine
+
+Engine::Engine(const PlanView& plan, const std::vector<WeightView>& weights, int64_t batch, int64_t in_c,
+               int64_t out_c, int64_t height, int64_t width)
+    : impl_(new Impl), batch_(batch) {
+  if (batch < 1 || in_c < 1 || out_c < 1 || height < 1 || width < 1)
+    fail("batch, channels, height and width must be positive");
+  impl_->N = batch; impl_->in_c = in_c; impl_->out_c = out_c; impl_->H = height; impl_->W = width;
+  impl_->build(plan, weights);
+}
+
+Engine::~Engine() = default;
+
+int64_t Engine::arena_bytes() const { return impl_->N * impl_->T * 4; }
+
+void Engine::forward(const float* x, const float* t, float* out) {
+  if (!x || !t || !out) fail("null array pointer");
+  std::lock_guard<std::mutex> lock(mu_);
+  Impl& e = *impl_;
+  const int64_t in_n = e.in_c * e.H * e.W, out_n = e.out_c * e.H * e.W;
+  for (int64_t n = 0; n < e.N; ++n) {
+    if (!std::isfinite(t[n])) fail("timestep must be finite");
+    e.tvals[size_t(n)] = t[n];
+    std::memcpy(e.slot(n, P::kInputSlot), x + n * in_n, size_t(in_n) * 4);
+  }
+  e.forward_arena(engine_kernels(active_isa()), num_threads());
+  for (int64_t n = 0; n < e.N; ++n)
+    std::memcpy(out + n * out_n, e.slot(n, P::kOutputSlot), size_t(out_n) * 4);
+}
+
+bool Engine::run(const LoopArgs& a, const std::function<bool(int64_t)>& on_step) {
+  if (a.steps < 0 || (a.steps > 0 && (!a.coef || !a.timesteps)) || !a.x_out) fail("null array pointer");
+  if (a.keep.size() != a.keep_out.size()) fail("keep and keep_out differ in length");
+  if (a.first_index < 0 || a.first_index + batch_ > (int64_t(1) << 32))
+    fail("sample indices first_index + i must lie in [0, 2**32)");
+  for (int64_t s = 0; s < a.steps; ++s) {
+    if (a.timesteps[s] < 0 || a.timesteps[s] >= int64_t(0xFFFFFFFF))
+      fail("timestep " + std::to_string(a.timesteps[s]) + " is out of range");
+    for (int j = 0; j < kCoefWidth; ++j)
+      if (!std::isfinite(a.coef[s * kCoefWidth + j])) fail("coefficient table has a non-finite value");
+    if (a.coef[s * kCoefWidth + kClip] < 0.0f) fail("clip range must be >= 0");
+  }
+  for (size_t i = 0; i < a.keep.size(); ++i)
+    if (a.keep[i] < 0 || a.keep[i] > a.steps || !a.keep_out[i]) fail("bad trajectory position");
+
+  std::lock_guard<std::mutex> lock(mu_);
+  Impl& e = *impl_;
+  const int64_t per = e.in_c * e.H * e.W;
+  if (e.out_c != e.in_c) fail("sampling needs out_channels == in_channels");
+  auto params = [&](int64_t n, uint32_t step) {
+    StepParams p;
+    p.batch = 1;  // the arena is sample-major: one call per sample, same counters as a batch
+    p.per_sample = per;
+    p.seed = a.seed;
+    p.noise_step = step;
+    p.first_index = uint32_t(a.first_index + n);
+    return p;
+  };
+  auto keep_copy = [&](int64_t pos) {
+    for (size_t i = 0; i < a.keep.size(); ++i)
+      if (a.keep[i] == pos)
+        for (int64_t n = 0; n < e.N; ++n)
+          std::memcpy(a.keep_out[i] + n * per, e.slot(n, P::kInputSlot), size_t(per) * 4);
+  };
+  // x_T: the spec's normals at the initial noise step, into the input slot (the loop state)
+  for (int64_t n = 0; n < e.N; ++n) normals(params(n, 0xFFFFFFFFu), e.slot(n, P::kInputSlot));
+  keep_copy(0);
+  for (int64_t s = 0; s < a.steps; ++s) {
+    const EngineKernels& k = engine_kernels(active_isa());
+    const int threads = num_threads();
+    for (int64_t n = 0; n < e.N; ++n) e.tvals[size_t(n)] = float(a.timesteps[s]);
+    e.forward_arena(k, threads);  // model output -> the output slot
+    for (int64_t n = 0; n < e.N; ++n) {
+      StepArrays arr;
+      arr.x = e.slot(n, P::kInputSlot);
+      arr.m = e.slot(n, P::kOutputSlot);
+      arr.out = e.slot(n, P::kInputSlot);
+      arr.coef = a.coef + s * kCoefWidth;
+      fused_step(params(n, uint32_t(a.timesteps[s])), arr);
+    }
+    keep_copy(s + 1);
+    if (on_step && !on_step(s + 1)) return false;
+  }
+  for (int64_t n = 0; n < e.N; ++n)
+    std::memcpy(a.x_out + n * per, e.slot(n, P::kInputSlot), size_t(per) * 4);
+  return true;
+}
+
+}  // namespace cpu
+}  // namespace fastddpm

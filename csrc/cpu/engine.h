@@ -1,0 +1,71 @@
+// The native U-Net engine: executes a plan (src/fastddpm/plan.py, layout in fastddpm/plan.h) on
+// the CPU, and runs whole sampling loops (U-Net forward + fused step + Philox noise) in one call.
+// Raw pointers and plain structs only; bad input throws std::invalid_argument.
+#pragma once
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <vector>
+
+namespace fastddpm {
+namespace cpu {
+
+// The plan as plain arrays: ints [n_ops, plan::kIntFields], floats [n_ops, plan::kFloatFields].
+struct PlanView {
+  int64_t n_ops = 0;
+  const int64_t* ints = nullptr;
+  const double* floats = nullptr;
+  int64_t n_slots = 0;
+  const int64_t* slot_sizes = nullptr;  // per-sample floats
+};
+
+// One weight: diffusers' key (for messages), its float32 data and shape. Copied at creation.
+struct WeightView {
+  std::string name;
+  const float* data = nullptr;
+  std::vector<int64_t> shape;
+};
+
+// A whole sampling loop: steps rows of the scheduler's coefficient table and its timesteps.
+struct LoopArgs {
+  int64_t steps = 0;
+  const float* coef = nullptr;         // [steps, kCoefWidth]
+  const int64_t* timesteps = nullptr;  // [steps]; also the noise step of each step
+  uint64_t seed = 0;
+  int64_t first_index = 0;
+  std::vector<int64_t> keep;           // loop positions to copy out (0 = x_T, k = after k steps)
+  std::vector<float*> keep_out;        // one [N, C, H, W] buffer per keep entry
+  float* x_out = nullptr;              // [N, C, H, W] the final sample
+};
+
+class Engine {
+ public:
+  // batch, in_channels, out_channels, height, width: what the plan was built for (checked).
+  Engine(const PlanView& plan, const std::vector<WeightView>& weights, int64_t batch, int64_t in_c,
+         int64_t out_c, int64_t height, int64_t width);
+  ~Engine();
+  Engine(const Engine&) = delete;
+  Engine& operator=(const Engine&) = delete;
+
+  // out = U-Net(x, t): x [N, in_c, H, W], t [N] timesteps, out [N, out_c, H, W].
+  void forward(const float* x, const float* t, float* out);
+
+  // The loop of LoopArgs; on_step(k) runs after step k (1-based) and returns false to cancel.
+  // Returns false if cancelled (outputs then hold nothing meaningful).
+  bool run(const LoopArgs& args, const std::function<bool(int64_t)>& on_step);
+
+  int64_t batch() const { return batch_; }
+  int64_t arena_bytes() const;
+
+  struct Impl;
+
+ private:
+  std::unique_ptr<Impl> impl_;
+  int64_t batch_;
+  std::mutex mu_;  // one call at a time: calls share the activation arena
+};
+
+}  // namespace cpu
+}  // namespace fastddpm

@@ -1,0 +1,34 @@
+// The AVX-512F engine path: 16 lanes, a 4 x 48 micro-tile (12 zmm accumulators).
+#include <cstdint>
+
+#include "engine_kernels.h"
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx2,fma")
+
+namespace fastddpm {
+namespace cpu {
+namespace engine_avx512 {
+
+constexpr int W = 16;
+constexpr int NV = 3;
+typedef float Fv __attribute__((vector_size(W * 4)));
+inline Fv vfma(Fv a, Fv b, Fv c) { return (Fv)_mm512_fmadd_ps((__m512)a, (__m512)b, (__m512)c); }
+
+#include "engine_simd.inc"
+
+}  // namespace engine_avx512
+
+const EngineKernels kAvx512EngineKernels = engine_avx512::make_engine_kernels("avx512");
+
+}  // namespace cpu
+}  // namespace fastddpm
+
+#pragma GCC pop_options
+#else
+namespace fastddpm { namespace cpu {
+const EngineKernels kAvx512EngineKernels = kGenericEngineKernels;  // never selected off x86-64
+}}  // namespace fastddpm::cpu
+#endif

@@ -1,0 +1,30 @@
+// The portable engine path: 4-lane vectors lowered to the baseline ISA (SSE2 on x86-64).
+#include <cstdint>
+
+#include "engine_kernels.h"
+
+namespace fastddpm {
+namespace cpu {
+namespace engine_generic {
+
+constexpr int W = 4;
+constexpr int NV = 3;  // 4 x 12 micro-tile: 12 accumulators of the 16 SSE registers
+typedef float Fv __attribute__((vector_size(W * 4)));
+inline Fv vfma(Fv a, Fv b, Fv c) { return a * b + c; }
+
+#include "engine_simd.inc"
+
+}  // namespace engine_generic
+
+const EngineKernels kGenericEngineKernels = engine_generic::make_engine_kernels("generic");
+
+const EngineKernels& engine_kernels(Isa isa) {
+  switch (isa) {
+    case Isa::kAvx512: return kAvx512EngineKernels;
+    case Isa::kAvx2: return kAvx2EngineKernels;
+    default: return kGenericEngineKernels;
+  }
+}
+
+}  // namespace cpu
+}  // namespace fastddpm

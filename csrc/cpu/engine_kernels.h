@@ -1,0 +1,43 @@
+// Per-ISA kernels of the U-Net engine (engine.cpp): a register-blocked GEMM micro-kernel and the
+// vectorised element-wise pieces (group-norm apply + SiLU, column softmax, dot products). Each ISA
+// translation unit (engine_generic.cpp, engine_avx2.cpp, engine_avx512.cpp) compiles
+// engine_simd.inc for its own target; engine.cpp picks the table of cpu::active_isa() per call.
+#pragma once
+#include <cstdint>
+
+#include "isa.h"
+
+namespace fastddpm {
+namespace cpu {
+
+// Rows of the packed A operand: A is packed as [ceil(M / kGemmMR)][K][kGemmMR] on every ISA, so
+// weights are packed once whatever path runs later.
+constexpr int kGemmMR = 4;
+
+struct EngineKernels {
+  const char* name;
+  int nr;  // pixels (columns) per micro-tile: a multiple of the vector width
+  // tile[m * nr + j] = sum_k A[k * kGemmMR + m] * B[off(k) + j], m < kGemmMR, j < nr,
+  // off(k) = boff ? boff[k] : k * bld. Reads nr floats at each B row (past the valid columns).
+  void (*gemm_tile)(int64_t K, const float* A, const int64_t* boff, int64_t bld, const float* B,
+                    float* tile);
+  // y[i] = a * x[i] + b, then SiLU (y / (1 + exp(-y))) when silu; x and y may alias.
+  void (*affine_act)(const float* x, float* y, int64_t n, float a, float b, bool silu);
+  // sum of x[i] (first) and sum of (x[i] - mean)^2 (second) in double, for the norm statistics.
+  double (*sum)(const float* x, int64_t n);
+  double (*sum_sq_dev)(const float* x, int64_t n, float mean);
+  // softmax down the columns [i0, i1) of S [rows, ld] after scaling by `scale`: per column i,
+  // S[j][i] = exp(scale*S[j][i] - max) / sum_j(...).
+  void (*softmax_cols)(float* S, int64_t rows, int64_t ld, int64_t i0, int64_t i1, float scale);
+  // sum_i a[i] * b[i] (float accumulation in vector lanes).
+  float (*dot)(const float* a, const float* b, int64_t n);
+};
+
+extern const EngineKernels kGenericEngineKernels;
+extern const EngineKernels kAvx2EngineKernels;
+extern const EngineKernels kAvx512EngineKernels;
+
+const EngineKernels& engine_kernels(Isa isa);
+
+}  // namespace cpu
+}  // namespace fastddpm

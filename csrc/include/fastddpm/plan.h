@@ -1,0 +1,27 @@
+// The plan's array layout (src/fastddpm/plan.py is the definition; keep the two in step).
+// A plan is ints [n_ops, kIntFields] (int64), floats [n_ops, kFloatFields] (float64) and
+// slot_sizes [n_slots] (per-sample floats). Slot 0 = the U-Net input, slot 1 = the model output.
+#pragma once
+#include <cstdint>
+
+namespace fastddpm {
+namespace plan {
+
+enum OpCode : int64_t { kTimeEmb = 1, kLinear = 2, kPad = 3, kGroupNorm = 4, kConv = 5, kAttention = 6 };
+enum ConvMode : int64_t { kConv3 = 0, kConv1 = 1, kDown1 = 2, kDown0 = 3, kUp = 4 };
+
+// Columns of the int rows (plan.INT_FIELDS).
+enum IntField : int {
+  kCode = 0, kOut, kIn, kCIn, kIn2, kCIn2, kH, kW, kCOut, kWIdx, kBIdx, kW2Idx, kB2Idx, kTemb,
+  kResidual, kScratch, kMode, kGroups, kHeads, kFlags, kIntFields
+};
+// Columns of the float rows (plan.FLOAT_FIELDS).
+enum FloatField : int { kEps = 0, kScale, kA, kShift, kFloatFields };
+
+enum Flags : int64_t { kFlagSilu = 1, kFlagPaddedOut = 2, kFlagFlip = 4 };
+
+constexpr int64_t kInputSlot = 0;
+constexpr int64_t kOutputSlot = 1;
+
+}  // namespace plan
+}  // namespace fastddpm
