@@ -23,6 +23,8 @@ def fresh_seed() -> int:
 
 
 def check_seed(seed) -> int:
+    if type(seed) is int and 0 <= seed < 2**64:   # the common case, first (hot path)
+        return seed
     if seed is None:
         return fresh_seed()
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
@@ -90,10 +92,18 @@ def _step_numpy(x, m, table, row, noise_step, noise, seed, first_index, backend,
     _check_numpy("model_output", m, shape)
     if noise is not None:
         noise = _contiguous(_check_numpy("noise", noise, shape))
-    seed = 0 if noise is not None and seed is None else check_seed(seed)
-    first_index = check_first_index(first_index, shape[0])
+        if seed is None:
+            seed = 0                       # unused: the given noise replaces the kernel's
+    seed = check_seed(seed)
+    if first_index:
+        first_index = check_first_index(first_index, shape[0])
+    elif type(first_index) is not int:
+        first_index = check_first_index(first_index, shape[0])
+    if shape[0] >= _MAX_INDEX:
+        raise ValueError(f"at most 2**32 samples per call, got {shape[0]}")
     be = _backends.select(backend, "cpu")
-    xc, mc = _contiguous(x), _contiguous(m)
+    xc = x if x.flags.c_contiguous else np.ascontiguousarray(x)
+    mc = m if m.flags.c_contiguous else np.ascontiguousarray(m)
     if out is None:
         result = np.empty(shape, dtype=_F32)
         be.step(xc, mc, result, table, row, seed, noise_step, first_index, noise)
@@ -101,16 +111,24 @@ def _step_numpy(x, m, table, row, noise_step, noise, seed, first_index, backend,
     _check_numpy("out", out, shape)
     if not out.flags.writeable:
         raise ValueError("out is read-only")
-    direct = out.flags.c_contiguous and (
-        out is xc or not (np.may_share_memory(out, xc) or np.may_share_memory(out, mc)
-                          or (noise is not None and np.may_share_memory(out, noise))))
+    # in place (out is sample) is the common case and safe: each element is read before it is
+    # written. Any other overlap, or a strided out, goes through a temporary.
+    direct = out is xc or (out.flags.c_contiguous and _disjoint(out, xc, mc, noise))
     if direct:
         be.step(xc, mc, out, table, row, seed, noise_step, first_index, noise)
-    else:  # strided or overlapping out: compute aside, then copy in
+    else:
         tmp = np.empty(shape, dtype=_F32)
         be.step(xc, mc, tmp, table, row, seed, noise_step, first_index, noise)
         np.copyto(out, tmp)
     return out
+
+
+def _disjoint(out: np.ndarray, *arrays) -> bool:
+    """True when out shares no memory with any of arrays (None entries ignored)."""
+    arrays = [a for a in arrays if a is not None]
+    if out.base is None and all(a.base is None and a is not out for a in arrays):
+        return True          # distinct arrays that own their memory cannot overlap (the cheap, common case)
+    return not any(np.may_share_memory(out, a) for a in arrays)
 
 
 def _step_torch(x, m, table, row, noise_step, noise, seed, first_index, backend, out):

@@ -74,6 +74,12 @@ def _rescale_zero_terminal_snr(betas: np.ndarray) -> np.ndarray:
 
 def _x0_eps_coefficients(prediction_type: str, abar: float) -> tuple[float, float, float, float]:
     """(a_x, a_m, b_x, b_m) with x0 = a_x x_t + a_m m and eps = b_x x_t + b_m m (unclipped x0)."""
+    if prediction_type == "epsilon" and abar == 0.0:
+        # x0 = (x - sqrt(1 - abar) eps) / sqrt(abar) is undefined at abar = 0 (the last timestep of a
+        # rescale_betas_zero_snr schedule, where diffusers' DDPM and DDIM return inf or NaN): use
+        # abar = 2**-24 here, and only here, so the row stays finite. Sample and v prediction are
+        # defined at abar = 0 and use the exact table, as diffusers does.
+        abar = 2.0**-24
     sa, sb = math.sqrt(abar), math.sqrt(1.0 - abar)
     if prediction_type == "epsilon":
         return 1.0 / sa, -sb / sa, 0.0, 1.0
@@ -85,6 +91,8 @@ def _x0_eps_coefficients(prediction_type: str, abar: float) -> tuple[float, floa
 def _integer_timestep(timestep) -> int:
     """An int, a NumPy integer, or a 0-d / one-element integer array or tensor -> int; else TypeError.
     Strings, bools and floats are refused: int() would silently truncate 999.5 or parse '999'."""
+    if type(timestep) is int:          # the common case, first: this is on the per-step hot path
+        return timestep
     if isinstance(timestep, (int, np.integer)) and not isinstance(timestep, (bool, np.bool_)):
         return int(timestep)
     dtype = getattr(timestep, "dtype", None)
@@ -123,9 +131,7 @@ class _Scheduler:
             betas = _rescale_zero_terminal_snr(betas)
         self.betas = betas                                  # [T] float64
         self.alphas = 1.0 - betas
-        self.alphas_cumprod = np.cumprod(self.alphas)       # [T] float64
-        if cfg["rescale_betas_zero_snr"]:
-            self.alphas_cumprod[-1] = 2.0**-24             # as diffusers: keeps 1/sqrt(abar_T) finite
+        self.alphas_cumprod = np.cumprod(self.alphas)       # [T] float64; [T-1] = 0 after a zero-SNR rescale
         self.num_train_timesteps = len(betas)
         self.num_inference_steps: int | None = None
         self._tables: dict = {}
@@ -227,7 +233,7 @@ class _Scheduler:
     # -- the coefficient table ------------------------------------------------------------------
     def coefficients(self, **step_options) -> np.ndarray:
         """float32 [len(timesteps), COEF_WIDTH]: the fused-step row of every timestep, in loop order."""
-        key = tuple(sorted(step_options.items()))
+        key = tuple(sorted(step_options.items())) if step_options else ()
         table = self._tables.get(key)
         if table is None:
             rows = np.array([self._row(i, **step_options) for i in range(len(self.timesteps))],

@@ -62,7 +62,9 @@ def backends() -> dict[str, dict]:
     return out
 
 
+# Availability is fixed for the life of the process, so a selection is worked out once (hot path).
 _auto_cache: dict[str, Backend] = {}
+_named_cache: dict[tuple, Backend] = {}
 
 
 def select(backend: str, device: str) -> Backend:
@@ -81,7 +83,11 @@ def select(backend: str, device: str) -> Backend:
         raise BackendUnavailableError(f"no backend can run on {device} arrays:\n  " + "\n  ".join(refusals))
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a string, got {type(backend).__name__}")
+    chosen = _named_cache.get((backend, device))
+    if chosen is not None:
+        return chosen
     why = reasons(backend, device)  # raises ValueError for an unknown name
     if why:
         raise BackendUnavailableError(f"backend {backend!r} cannot run this request:\n  - " + "\n  - ".join(why))
-    return get(backend)
+    _named_cache[(backend, device)] = get(backend)
+    return _named_cache[(backend, device)]
