@@ -93,7 +93,7 @@ def uniform_from_uint32(r: np.ndarray) -> np.ndarray:
 
 def box_muller(bits: np.ndarray) -> np.ndarray:
     """uint32 [..., 4k] -> float64 normals [..., 4k]: lanes (0,1) and (2,3) of each block are pairs."""
-    pairs = bits.reshape(*bits.shape[:-1], -1, 2)
+    pairs = bits.reshape(*bits.shape[:-1], bits.shape[-1] // 2, 2)   # not -1: bits may be empty
     rad = np.sqrt(-2.0 * np.log(uniform_from_uint32(pairs[..., 0])))
     theta = 2.0 * np.pi * uniform_from_uint32(pairs[..., 1])
     return np.stack([rad * np.cos(theta), rad * np.sin(theta)], axis=-1).reshape(bits.shape)

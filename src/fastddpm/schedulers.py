@@ -145,14 +145,31 @@ class _Scheduler:
         choice("beta_schedule", BETA_SCHEDULES)
         choice("prediction_type", PREDICTION_TYPES)
         choice("timestep_spacing", TIMESTEP_SPACINGS)
+        for key in ("clip_sample", "set_alpha_to_one", "rescale_betas_zero_snr"):
+            if key in cfg and not isinstance(cfg[key], (bool, np.bool_)):
+                raise SchedulerConfigError(f"{key} must be true or false, got {cfg[key]!r}")
         n = cfg["num_train_timesteps"]
         if cfg["trained_betas"] is not None:
-            cfg["num_train_timesteps"] = n = len(cfg["trained_betas"])
+            try:
+                trained = np.asarray(cfg["trained_betas"], dtype=np.float64)
+            except (TypeError, ValueError):
+                trained = None
+            if trained is None or trained.ndim != 1 or trained.size == 0:
+                raise SchedulerConfigError("trained_betas must be a non-empty 1-D list of floats")
+            cfg["num_train_timesteps"] = n = len(trained)
+            source = "trained_betas"
+        else:
+            source = "beta_start, beta_end"
+            for key in ("beta_start", "beta_end"):
+                v = cfg[key]
+                if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)):
+                    raise SchedulerConfigError(f"{key} must be a number, got {v!r}")
         if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
             raise SchedulerConfigError(f"num_train_timesteps must be a positive integer, got {n!r}")
         betas = _betas(cfg)
         if not (np.all(np.isfinite(betas)) and np.all(betas > 0) and np.all(betas < 1)):
-            raise SchedulerConfigError("every beta must be finite and in (0, 1)")
+            raise SchedulerConfigError(f"every beta must be finite and in (0, 1): check {source} "
+                                       f"(beta_schedule={cfg['beta_schedule']!r})")
         r = cfg["clip_sample_range"]
         if not (isinstance(r, (int, float)) and math.isfinite(r) and r > 0):
             raise SchedulerConfigError(f"clip_sample_range must be a positive finite number, got {r!r}")
