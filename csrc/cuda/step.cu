@@ -64,9 +64,10 @@ struct StepPtrs {
 
 // kVec: the 16-byte path. kGiven: noise comes from memory instead of Philox.
 // No __restrict__ on x, m, out: out may be x (in-place step); each element is read, then written,
-// by the same thread only.
+// by the same thread only. Shared by the plain step (parameters as kernel arguments) and the loop
+// step (seed, noise step and coefficient row read from device memory).
 template <typename Index, bool kVec, bool kGiven>
-__global__ void __launch_bounds__(kThreads) step_kernel(const StepParams p, const StepPtrs a) {
+__device__ __forceinline__ void step_body(const StepParams& p, const StepPtrs& a) {
   const Coef c = load_coef(a.coef);
   const bool clip = c.clip > 0.0f;
   const bool make_noise = !kGiven && c.sigma != 0.0f;  // uniform branch: sigma = 0 skips Philox
@@ -106,8 +107,29 @@ __global__ void __launch_bounds__(kThreads) step_kernel(const StepParams p, cons
   }
 }
 
+template <typename Index, bool kVec, bool kGiven>
+__global__ void __launch_bounds__(kThreads) step_kernel(const StepParams p, const StepPtrs a) {
+  step_body<Index, kVec, kGiven>(p, a);
+}
+
+// The loop step: step k = state->step of a captured loop. Seed, first index, noise step
+// (noise_steps[k]) and coefficient row (coef_table + k * kCoefWidth) are read when the kernel
+// runs, so one captured graph replays every step of every run.
 template <typename Index, bool kVec>
-__global__ void __launch_bounds__(kThreads) normals_kernel(const StepParams p, float* __restrict__ out) {
+__global__ void __launch_bounds__(kThreads) loop_step_kernel(const StepParams p, StepPtrs a,
+                                                             const uint32_t* __restrict__ noise_steps,
+                                                             const LoopState* __restrict__ state) {
+  const int32_t k = state->step;
+  StepParams q = p;
+  q.seed = state->seed;
+  q.first_index = state->first_index;
+  q.noise_step = noise_steps[k];
+  a.coef += int64_t(k) * kCoefWidth;
+  step_body<Index, kVec, false>(q, a);
+}
+
+template <typename Index, bool kVec>
+__device__ __forceinline__ void normals_body(const StepParams& p, float* __restrict__ out) {
   const Index per = Index(p.per_sample);
   const Index groups = (per + 3) / 4;
   const Index total = Index(p.batch) * groups;
@@ -125,6 +147,21 @@ __global__ void __launch_bounds__(kThreads) normals_kernel(const StepParams p, f
         if (Index(k) < rest) out[e + k] = z[k];
     }
   }
+}
+
+template <typename Index, bool kVec>
+__global__ void __launch_bounds__(kThreads) normals_kernel(const StepParams p, float* __restrict__ out) {
+  normals_body<Index, kVec>(p, out);
+}
+
+// x_T of a captured loop: the seed and first index come from device memory.
+template <typename Index, bool kVec>
+__global__ void __launch_bounds__(kThreads) loop_normals_kernel(const StepParams p, float* __restrict__ out,
+                                                                const LoopState* __restrict__ state) {
+  StepParams q = p;
+  q.seed = state->seed;
+  q.first_index = state->first_index;
+  normals_body<Index, kVec>(q, out);
 }
 
 // out: [batch, groups * 4]: rows are whole groups, so group i of the flat grid starts at 4i.
@@ -299,6 +336,47 @@ Status philox_stream(const StepParams& p, uint32_t* out, cudaStream_t stream) {
   } else {
     if (vec) philox_kernel<uint32_t, true><<<sh.blocks, kThreads, 0, stream>>>(p, out);
     else philox_kernel<uint32_t, false><<<sh.blocks, kThreads, 0, stream>>>(p, out);
+  }
+  return after_launch();
+}
+
+Status loop_step(const StepParams& p, const float* x, const float* m, float* out, const float* coef_table,
+                 const uint32_t* noise_steps, const LoopState* state, cudaStream_t stream) {
+  if (const char* why = check_params(p)) return invalid(why);
+  if (p.batch * p.per_sample == 0) return Status{};
+  if (!x || !m || !out || !coef_table || !noise_steps || !state) return invalid("null device pointer");
+  const int64_t bytes = p.batch * p.per_sample * int64_t(sizeof(float));
+  if (partial_overlap(out, x, bytes) || partial_overlap(out, m, bytes))
+    return invalid("out partially overlaps an input (it may only be the very same array)");
+  Shape sh;
+  const Status st = launch_shape(p, p.per_sample, &sh);
+  if (!st.ok()) return st;
+  const bool vec = p.per_sample % 4 == 0 && aligned(x, 16) && aligned(m, 16) && aligned(out, 16);
+  const StepPtrs a{x, m, out, coef_table, nullptr};
+  if (sh.wide) {
+    if (vec) loop_step_kernel<uint64_t, true><<<sh.blocks, kThreads, 0, stream>>>(p, a, noise_steps, state);
+    else loop_step_kernel<uint64_t, false><<<sh.blocks, kThreads, 0, stream>>>(p, a, noise_steps, state);
+  } else {
+    if (vec) loop_step_kernel<uint32_t, true><<<sh.blocks, kThreads, 0, stream>>>(p, a, noise_steps, state);
+    else loop_step_kernel<uint32_t, false><<<sh.blocks, kThreads, 0, stream>>>(p, a, noise_steps, state);
+  }
+  return after_launch();
+}
+
+Status loop_normals(const StepParams& p, float* out, const LoopState* state, cudaStream_t stream) {
+  if (const char* why = check_params(p)) return invalid(why);
+  if (p.batch * p.per_sample == 0) return Status{};
+  if (!out || !state) return invalid("null device pointer");
+  Shape sh;
+  const Status st = launch_shape(p, p.per_sample, &sh);
+  if (!st.ok()) return st;
+  const bool vec = p.per_sample % 4 == 0 && aligned(out, 16);
+  if (sh.wide) {
+    if (vec) loop_normals_kernel<uint64_t, true><<<sh.blocks, kThreads, 0, stream>>>(p, out, state);
+    else loop_normals_kernel<uint64_t, false><<<sh.blocks, kThreads, 0, stream>>>(p, out, state);
+  } else {
+    if (vec) loop_normals_kernel<uint32_t, true><<<sh.blocks, kThreads, 0, stream>>>(p, out, state);
+    else loop_normals_kernel<uint32_t, false><<<sh.blocks, kThreads, 0, stream>>>(p, out, state);
   }
   return after_launch();
 }

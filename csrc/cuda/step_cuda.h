@@ -44,5 +44,24 @@ Status normals(const StepParams& p, float* out, cudaStream_t stream);
 // The raw Philox stream; out: [batch, ceil(per_sample / 4) * 4] uint32.
 Status philox_stream(const StepParams& p, uint32_t* out, cudaStream_t stream);
 
+// ---- the captured sampling loop (csrc/cuda/engine_cuda.cu) -----------------------------------
+// Per-run values live in device memory so that one captured CUDA graph serves every step and
+// every run: the kernels read them when they execute, never at capture.
+struct LoopState {
+  uint64_t seed = 0;
+  uint32_t first_index = 0;  // sample index of row 0 (first_index + batch <= 2**32, checked on the host)
+  int32_t step = 0;          // index k of the step now running (0-based), advanced on the device
+};
+
+// out = fused step k = state->step of x and m ([batch, per_sample] float32, device; out may be x):
+// coefficient row coef_table + k * kCoefWidth, noise step noise_steps[k], seed and first index from
+// *state. p supplies batch and per_sample (its seed / noise_step / first_index are ignored, but
+// p.first_index + batch must still be in range). Capturable: no allocation, no synchronisation.
+Status loop_step(const StepParams& p, const float* x, const float* m, float* out, const float* coef_table,
+                 const uint32_t* noise_steps, const LoopState* state, cudaStream_t stream);
+
+// out = the initial normals (p.noise_step) of seed and first index *state; out [batch, per_sample].
+Status loop_normals(const StepParams& p, float* out, const LoopState* state, cudaStream_t stream);
+
 }  // namespace cuda
 }  // namespace fastddpm

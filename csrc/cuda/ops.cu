@@ -1,0 +1,231 @@
+// The engine's non-GEMM kernels: time embedding, linear, pad, group norm (+SiLU, padded output),
+// stride-2 im2col, row softmax, and the two bookkeeping kernels of the captured loop.
+// Everything in fp32 (the dtype option only changes the GEMM operands).
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "engine_kernels.cuh"
+
+namespace fastddpm {
+namespace cuda {
+namespace {
+
+__device__ __forceinline__ float silu(float v) { return v / (1.0f + expf(-v)); }
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+
+// Sum (or max) over the block; every thread gets the result. blockDim.x a multiple of 32, <= 1024.
+template <bool kMax>
+__device__ float block_reduce(float v, float* scratch /* [32] */) {
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
+  v = kMax ? warp_max(v) : warp_sum(v);
+  __syncthreads();  // scratch may still be read by a previous reduction
+  if (lane == 0) scratch[warp] = v;
+  __syncthreads();
+  v = lane < warps ? scratch[lane] : (kMax ? -INFINITY : 0.0f);
+  return kMax ? warp_max(v) : warp_sum(v);
+}
+
+__global__ void time_emb_kernel(const float* __restrict__ t, float* __restrict__ out, int64_t o_bstride, int n,
+                                int dim, float shift, bool flip) {
+  const int half = dim / 2;
+  const int i = blockIdx.x * blockDim.x + threadIdx.x;
+  if (i >= n * (half + 1)) return;
+  const int b = i / (half + 1), k = i % (half + 1);
+  float* e = out + int64_t(b) * o_bstride;  // e: [dim]
+  if (k == half) {  // the zero column of an odd dim
+    if (dim % 2) e[dim - 1] = 0.0f;
+    return;
+  }
+  // as the CPU engine (and torch in float32): exponent in float, exp / sin / cos rounded from double
+  const float ex = (-float(9.210340371976184) * float(k)) / (float(half) - shift);  // -ln(1e4) * k / div
+  const float freq = float(exp(double(ex)));
+  const float arg = t[b] * freq;
+  const float s = float(sin(double(arg))), c = float(cos(double(arg)));
+  e[k] = flip ? c : s;
+  e[half + k] = flip ? s : c;
+}
+
+// One warp per output (b, o).
+__global__ void linear_kernel(const float* __restrict__ in, int64_t i_bstride, float* __restrict__ out,
+                              int64_t o_bstride, const float* __restrict__ W, const float* __restrict__ bias, int n,
+                              int cin, int cout, bool act) {
+  const int64_t wid = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
+  const int lane = threadIdx.x % 32;
+  if (wid >= int64_t(n) * cout) return;
+  const int b = int(wid / cout), o = int(wid % cout);
+  const float* x = in + int64_t(b) * i_bstride;
+  const float* w = W + int64_t(o) * cin;
+  float s = 0.0f;
+  for (int k = lane; k < cin; k += 32) s = fmaf(w[k], act ? silu(x[k]) : x[k], s);
+  s = warp_sum(s);
+  if (lane == 0) out[int64_t(b) * o_bstride + o] = s + bias[o];
+}
+
+__device__ __forceinline__ const float* concat_channel(const Concat& c, int b, int ch) {
+  const int64_t hw = int64_t(c.h) * c.w;
+  return ch < c.cin ? c.in + int64_t(b) * c.i_bstride + ch * hw
+                    : c.in2 + int64_t(b) * c.i2_bstride + (ch - c.cin) * hw;
+}
+
+__global__ void pad_kernel(const Concat c, float* __restrict__ out, int64_t o_bstride, int n, float a, float sh) {
+  const int C = c.cin + c.cin2, Wp = c.w + 2, plane = (c.h + 2) * Wp;
+  const int64_t total = int64_t(n) * C * plane;
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
+    const int q = int(i % plane);
+    const int64_t r = i / plane;
+    const int ch = int(r % C), b = int(r / C);
+    const int y = q / Wp - 1, x = q % Wp - 1;
+    float v = 0.0f;
+    if (y >= 0 && y < c.h && x >= 0 && x < c.w) v = a * concat_channel(c, b, ch)[y * c.w + x] + sh;
+    out[int64_t(b) * o_bstride + int64_t(ch) * plane + q] = v;
+  }
+}
+
+// One block per (sample, group): mean, then the biased variance as a second pass over the data
+// (as the CPU engine: no E[x^2] - mean^2 cancellation), then the affine (+SiLU) into out.
+__global__ void groupnorm_kernel(const Concat c, float* __restrict__ out, int64_t o_bstride, int groups,
+                                 float eps, const float* __restrict__ gamma, const float* __restrict__ beta,
+                                 bool act, bool padded) {
+  __shared__ float scratch[32];
+  const int b = blockIdx.x / groups, g = blockIdx.x % groups;
+  const int C = c.cin + c.cin2, cpg = C / groups, hw = c.h * c.w;
+  const int count = cpg * hw;
+  float s = 0.0f;
+  for (int i = threadIdx.x; i < count; i += blockDim.x) s += concat_channel(c, b, g * cpg + i / hw)[i % hw];
+  const float mean = block_reduce<false>(s, scratch) / float(count);
+  float v = 0.0f;
+  for (int i = threadIdx.x; i < count; i += blockDim.x) {
+    const float d = concat_channel(c, b, g * cpg + i / hw)[i % hw] - mean;
+    v = fmaf(d, d, v);
+  }
+  const float rstd = rsqrtf(block_reduce<false>(v, scratch) / float(count) + eps);
+  float* o = out + int64_t(b) * o_bstride;
+  if (!padded) {
+    for (int i = threadIdx.x; i < count; i += blockDim.x) {
+      const int ch = g * cpg + i / hw;
+      const float a = rstd * gamma[ch], sh = beta[ch] - mean * a;
+      const float y = a * concat_channel(c, b, ch)[i % hw] + sh;
+      o[int64_t(ch) * hw + i % hw] = act ? silu(y) : y;
+    }
+    return;
+  }
+  const int Wp = c.w + 2, plane = (c.h + 2) * Wp;  // out: [C, h+2, w+2], zero border
+  for (int i = threadIdx.x; i < cpg * plane; i += blockDim.x) {
+    const int ch = g * cpg + i / plane, q = i % plane, y = q / Wp - 1, x = q % Wp - 1;
+    float val = 0.0f;
+    if (y >= 0 && y < c.h && x >= 0 && x < c.w) {
+      const float a = rstd * gamma[ch], sh = beta[ch] - mean * a;
+      const float t = a * concat_channel(c, b, ch)[y * c.w + x] + sh;
+      val = act ? silu(t) : t;
+    }
+    o[int64_t(ch) * plane + q] = val;
+  }
+}
+
+__global__ void im2col_s2_kernel(const float* __restrict__ in, int64_t i_bstride, float* __restrict__ col,
+                                 int64_t c_bstride, int n, int C, int h, int w, int pad) {
+  const int ho = h / 2, wo = w / 2, howo = ho * wo;
+  const int64_t total = int64_t(n) * C * 9 * howo;
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
+    const int q = int(i % howo);
+    const int64_t r = i / howo;
+    const int tap = int(r % (C * 9)), b = int(r / (C * 9));
+    const int ch = tap / 9, dy = tap % 9 / 3, dx = tap % 3;
+    const int y = 2 * (q / wo) + dy - pad, x = 2 * (q % wo) + dx - pad;
+    const float v = (y >= 0 && y < h && x >= 0 && x < w) ? in[int64_t(b) * i_bstride + int64_t(ch) * h * w + y * w + x] : 0.0f;
+    col[int64_t(b) * c_bstride + int64_t(tap) * howo + q] = v;
+  }
+}
+
+// One block per row.
+__global__ void softmax_rows_kernel(float* __restrict__ S, int64_t bstride, int rows, int len) {
+  __shared__ float scratch[32];
+  const int b = blockIdx.x / rows, r = blockIdx.x % rows;
+  float* row = S + int64_t(b) * bstride + int64_t(r) * len;
+  float mx = -INFINITY;
+  for (int j = threadIdx.x; j < len; j += blockDim.x) mx = fmaxf(mx, row[j]);
+  mx = block_reduce<true>(mx, scratch);
+  float s = 0.0f;
+  for (int j = threadIdx.x; j < len; j += blockDim.x) s += expf(row[j] - mx);
+  const float inv = 1.0f / block_reduce<false>(s, scratch);
+  for (int j = threadIdx.x; j < len; j += blockDim.x) row[j] = expf(row[j] - mx) * inv;
+}
+
+__global__ void loop_begin_kernel(const LoopState* __restrict__ state, const uint32_t* __restrict__ timesteps,
+                                  float* __restrict__ tvals, int n) {
+  const int i = blockIdx.x * blockDim.x + threadIdx.x;
+  if (i < n) tvals[i] = float(timesteps[state->step]);
+}
+
+__global__ void loop_advance_kernel(LoopState* state) { state->step += 1; }
+
+unsigned blocks_for(int64_t total, int threads) {
+  const int64_t b = (total + threads - 1) / threads;
+  return unsigned(b < 65536 * 8 ? (b > 0 ? b : 1) : 65536 * 8);  // grid-stride loops cover the rest
+}
+
+}  // namespace
+
+cudaError_t launch_time_emb(const float* t, float* out, int64_t o_bstride, int n, int dim, float shift, bool flip,
+                            cudaStream_t st) {
+  const int64_t total = int64_t(n) * (dim / 2 + 1);
+  time_emb_kernel<<<unsigned((total + 127) / 128), 128, 0, st>>>(t, out, o_bstride, n, dim, shift, flip);
+  return cudaGetLastError();
+}
+
+cudaError_t launch_linear(const float* in, int64_t i_bstride, float* out, int64_t o_bstride, const float* W,
+                          const float* bias, int n, int cin, int cout, bool act, cudaStream_t st) {
+  const int64_t threads = int64_t(n) * cout * 32;
+  linear_kernel<<<unsigned((threads + 255) / 256), 256, 0, st>>>(in, i_bstride, out, o_bstride, W, bias, n, cin,
+                                                                  cout, act);
+  return cudaGetLastError();
+}
+
+cudaError_t launch_pad(const Concat& c, float* out, int64_t o_bstride, int n, float a, float b, cudaStream_t st) {
+  const int64_t total = int64_t(n) * (c.cin + c.cin2) * (c.h + 2) * (c.w + 2);
+  pad_kernel<<<blocks_for(total, 256), 256, 0, st>>>(c, out, o_bstride, n, a, b);
+  return cudaGetLastError();
+}
+
+cudaError_t launch_groupnorm(const Concat& c, float* out, int64_t o_bstride, int n, int groups, float eps,
+                             const float* gamma, const float* beta, bool act, bool padded, cudaStream_t st) {
+  groupnorm_kernel<<<unsigned(n * groups), 256, 0, st>>>(c, out, o_bstride, groups, eps, gamma, beta, act, padded);
+  return cudaGetLastError();
+}
+
+cudaError_t launch_im2col_s2(const float* in, int64_t i_bstride, float* col, int64_t c_bstride, int n, int C,
+                             int h, int w, int pad, cudaStream_t st) {
+  const int64_t total = int64_t(n) * C * 9 * (h / 2) * (w / 2);
+  im2col_s2_kernel<<<blocks_for(total, 256), 256, 0, st>>>(in, i_bstride, col, c_bstride, n, C, h, w, pad);
+  return cudaGetLastError();
+}
+
+cudaError_t launch_softmax_rows(float* S, int64_t bstride, int rows, int len, int n, cudaStream_t st) {
+  softmax_rows_kernel<<<unsigned(int64_t(n) * rows), 128, 0, st>>>(S, bstride, rows, len);
+  return cudaGetLastError();
+}
+
+cudaError_t launch_loop_begin(const LoopState* state, const uint32_t* timesteps, float* tvals, int n,
+                              cudaStream_t st) {
+  loop_begin_kernel<<<unsigned((n + 127) / 128), 128, 0, st>>>(state, timesteps, tvals, n);
+  return cudaGetLastError();
+}
+
+cudaError_t launch_loop_advance(LoopState* state, cudaStream_t st) {
+  loop_advance_kernel<<<1, 1, 0, st>>>(state);
+  return cudaGetLastError();
+}
+
+}  // namespace cuda
+}  // namespace fastddpm
