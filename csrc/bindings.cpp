@@ -2,13 +2,20 @@
 // pointers and plain structs, checks them, releases the GIL and calls the checked C++ entry points.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
 #include <cstring>
 #include <stdexcept>
 #include <string>
 
+#include "cpu/engine.h"
 #include "cpu/isa.h"
 #include "cpu/step_cpu.h"
+#include "fastddpm/plan.h"
+
+#include <memory>
+#include <optional>
+#include <vector>
 
 namespace py = pybind11;
 using fastddpm::StepArrays;
@@ -51,14 +58,24 @@ StepParams params_of(const py::array& x, uint64_t seed, uint32_t noise_step, int
   return p;
 }
 
+// coef: one row of 8 floats (row = -1) or the scheduler's whole table [S, 8] and the row to use
+// (indexing here saves the per-step creation of a NumPy view on the Python side).
 void fused_step(const py::array& x, const py::array& m, py::array& out, const py::array& coef,
-                uint64_t seed, uint32_t noise_step, int64_t first_index, const py::object& noise) {
+                uint64_t seed, uint32_t noise_step, int64_t first_index, const py::object& noise,
+                int64_t row) {
   StepArrays a;
   a.x = float_data(x, "sample");
   a.m = float_data(m, "model_output");
   a.out = writable_float_data(out, "out");
   a.coef = float_data(coef, "coefficient row");
-  if (coef.size() < fastddpm::kCoefWidth) throw std::invalid_argument("coefficient row needs 8 floats");
+  if (row < 0) {
+    if (coef.size() < fastddpm::kCoefWidth) throw std::invalid_argument("coefficient row needs 8 floats");
+  } else {
+    if (coef.ndim() != 2 || coef.shape(1) != fastddpm::kCoefWidth)
+      throw std::invalid_argument("coefficient table must be float32 [steps, 8]");
+    if (row >= coef.shape(0)) throw std::invalid_argument("coefficient row index out of range");
+    a.coef += row * fastddpm::kCoefWidth;
+  }
   same_size(m, x, "model_output");
   same_size(out, x, "out");
   if (!noise.is_none()) {
@@ -105,13 +122,128 @@ cpu::Isa isa_of(const std::string& name) {
   throw std::invalid_argument("unknown ISA path '" + name + "' (generic, avx2, avx512)");
 }
 
+// The U-Net engine: a plan (plan.py's arrays) + weights -> forward passes and whole loops.
+class PyEngine {
+ public:
+  PyEngine(const py::array& ints, const py::array& floats, const py::array& slot_sizes, const py::list& weights,
+           int64_t batch, int64_t in_c, int64_t out_c, int64_t height, int64_t width)
+      : n_(batch), in_c_(in_c), out_c_(out_c), h_(height), w_(width) {
+    namespace P = fastddpm::plan;
+    const auto ia = checked<int64_t>(ints, "plan ints", 2, P::kIntFields);
+    const auto fa = checked<double>(floats, "plan floats", 2, P::kFloatFields);
+    const auto sa = checked<int64_t>(slot_sizes, "plan slot_sizes", 1, -1);
+    if (ia.shape(0) != fa.shape(0)) throw std::invalid_argument("plan ints and floats differ in length");
+    cpu::PlanView pv;
+    pv.n_ops = ia.shape(0);
+    pv.ints = ia.data();
+    pv.floats = fa.data();
+    pv.n_slots = sa.shape(0);
+    pv.slot_sizes = sa.data();
+    std::vector<cpu::WeightView> ws;
+    std::vector<py::array> keep_alive;
+    for (const py::handle item : weights) {
+      const py::tuple pair = py::reinterpret_borrow<py::object>(item).cast<py::tuple>();
+      if (pair.size() != 2) throw std::invalid_argument("weights must be (name, array) pairs");
+      cpu::WeightView wv;
+      wv.name = pair[0].cast<std::string>();
+      const py::array arr = pair[1].cast<py::array>();
+      wv.data = float_data(arr, ("weight '" + wv.name + "'").c_str());
+      wv.shape.assign(arr.shape(), arr.shape() + arr.ndim());
+      ws.push_back(std::move(wv));
+      keep_alive.push_back(arr);
+    }
+    py::gil_scoped_release nogil;
+    engine_ = std::make_unique<cpu::Engine>(pv, ws, batch, in_c, out_c, height, width);
+  }
+
+  py::array_t<float> forward(const py::array& x, const py::array& t) {
+    const float* xp = float_data(x, "sample");
+    if (x.ndim() != 4 || x.shape(0) != n_ || x.shape(1) != in_c_ || x.shape(2) != h_ || x.shape(3) != w_)
+      throw std::invalid_argument("sample must have shape [" + std::to_string(n_) + ", " + std::to_string(in_c_) +
+                                  ", " + std::to_string(h_) + ", " + std::to_string(w_) + "] for this engine");
+    const float* tp = float_data(t, "timesteps");
+    if (t.ndim() != 1 || t.shape(0) != n_) throw std::invalid_argument("timesteps must be float32 [N]");
+    py::array_t<float> out({n_, out_c_, h_, w_});
+    float* op = out.mutable_data();
+    py::gil_scoped_release nogil;
+    engine_->forward(xp, tp, op);
+    return out;
+  }
+
+  py::tuple run(const py::array& coef, const py::array& timesteps, uint64_t seed, int64_t first_index,
+                const std::vector<int64_t>& keep, const py::object& callback, int64_t every) {
+    const float* cp = float_data(coef, "coefficient table");
+    if (coef.ndim() != 2 || coef.shape(1) != fastddpm::kCoefWidth)
+      throw std::invalid_argument("coefficient table must be float32 [steps, 8]");
+    const auto ts = checked<int64_t>(timesteps, "timesteps", 1, -1);
+    if (ts.shape(0) != coef.shape(0)) throw std::invalid_argument("timesteps and coefficient rows differ in length");
+    if (every < 1) throw std::invalid_argument("callback_every must be >= 1");
+    const int64_t steps = ts.shape(0);
+    py::array_t<float> x({n_, in_c_, h_, w_});
+    py::list frames;
+    cpu::LoopArgs a;
+    a.steps = steps;
+    a.coef = cp;
+    a.timesteps = ts.data();
+    a.seed = seed;
+    a.first_index = first_index;
+    a.keep = keep;
+    for (size_t i = 0; i < keep.size(); ++i) {
+      py::array_t<float> f({n_, in_c_, h_, w_});
+      a.keep_out.push_back(f.mutable_data());
+      frames.append(f);
+    }
+    a.x_out = x.mutable_data();
+    std::optional<py::error_already_set> err;
+    // Runs with the GIL released between steps; takes it back once per step to honour Ctrl-C
+    // (PyErr_CheckSignals) and, every `every` steps and at the end, to call the callback.
+    auto on_step = [&](int64_t k) -> bool {
+      py::gil_scoped_acquire gil;
+      try {
+        if (PyErr_CheckSignals() != 0) throw py::error_already_set();
+        if (!callback.is_none() && (k % every == 0 || k == steps)) callback(k);
+      } catch (py::error_already_set& e) {
+        err.emplace(std::move(e));
+        return false;
+      }
+      return true;
+    };
+    bool done;
+    {
+      py::gil_scoped_release nogil;
+      done = engine_->run(a, on_step);
+    }
+    if (err) throw std::move(*err);
+    if (!done) throw std::runtime_error("sampling was cancelled");
+    return py::make_tuple(x, frames);
+  }
+
+  int64_t arena_bytes() const { return engine_->arena_bytes(); }
+
+ private:
+  template <typename T>
+  static py::array_t<T> checked(const py::array& a, const char* what, int ndim, int64_t cols) {
+    if (!py::isinstance<py::array_t<T>>(a) || a.dtype().itemsize() != sizeof(T) ||
+        a.dtype().kind() != py::dtype::of<T>().kind())
+      throw py::type_error(std::string(what) + " has the wrong dtype");
+    if (!(a.flags() & py::array::c_style)) throw std::invalid_argument(std::string(what) + " must be C-contiguous");
+    if (a.ndim() != ndim || (cols >= 0 && a.shape(1) != cols))
+      throw std::invalid_argument(std::string(what) + " has the wrong shape");
+    return py::reinterpret_borrow<py::array_t<T>>(a);
+  }
+
+  std::unique_ptr<cpu::Engine> engine_;
+  int64_t n_, in_c_, out_c_, h_, w_;
+};
+
 }  // namespace
 
 PYBIND11_MODULE(_C, mod) {
   mod.doc() = "fastddpm's C++ CPU core: the fused sampler step and Philox noise";
   mod.def("fused_step", &fused_step, py::arg("x"), py::arg("m"), py::arg("out"), py::arg("coef"),
-          py::arg("seed"), py::arg("noise_step"), py::arg("first_index"), py::arg("noise"),
-          "out = fused step of x (sample) and m (model output) with one coefficient row; noise=None "
+          py::arg("seed"), py::arg("noise_step"), py::arg("first_index"), py::arg("noise"), py::arg("row") = -1,
+          "out = fused step of x (sample) and m (model output) with one coefficient row (or row `row` of "
+          "a [S, 8] table); noise=None "
           "makes the Philox noise of (seed, first_index + i, noise_step) in the kernel.");
   mod.def("normals", &normals, py::arg("seed"), py::arg("batch"), py::arg("per_sample"), py::arg("step"),
           py::arg("first_index") = 0, "float32 [batch, per_sample] normals of the noise spec");
@@ -126,6 +258,17 @@ PYBIND11_MODULE(_C, mod) {
       if (cpu::isa_supported(isa)) names.append(cpu::isa_name(isa));
     return names;
   }, "ISA paths this CPU can run, fastest first");
+  py::class_<PyEngine>(mod, "Engine", "The native U-Net engine for one plan (batch, height, width)")
+      .def(py::init<const py::array&, const py::array&, const py::array&, const py::list&, int64_t, int64_t,
+                    int64_t, int64_t, int64_t>(),
+           py::arg("ints"), py::arg("floats"), py::arg("slot_sizes"), py::arg("weights"), py::arg("batch"),
+           py::arg("in_channels"), py::arg("out_channels"), py::arg("height"), py::arg("width"))
+      .def("forward", &PyEngine::forward, py::arg("x"), py::arg("t"),
+           "model output [N, out_c, H, W] of x [N, in_c, H, W] (float32) at timesteps t (float32 [N])")
+      .def("run", &PyEngine::run, py::arg("coef"), py::arg("timesteps"), py::arg("seed"), py::arg("first_index"),
+           py::arg("keep"), py::arg("callback"), py::arg("every") = 1,
+           "the whole sampling loop; returns (x0, [frames for keep])")
+      .def_property_readonly("arena_bytes", &PyEngine::arena_bytes);
   mod.def("num_threads", &cpu::num_threads);
   mod.def("set_num_threads", &cpu::set_num_threads, py::arg("n"));
 }

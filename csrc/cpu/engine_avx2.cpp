@@ -16,6 +16,7 @@ constexpr int W = 8;
 constexpr int NV = 3;
 typedef float Fv __attribute__((vector_size(W * 4)));
 inline Fv vfma(Fv a, Fv b, Fv c) { return (Fv)_mm256_fmadd_ps((__m256)a, (__m256)b, (__m256)c); }
+inline Fv splat(float v) { return (Fv)_mm256_set1_ps(v); }
 
 #include "engine_simd.inc"
 

@@ -16,6 +16,7 @@ constexpr int W = 16;
 constexpr int NV = 3;
 typedef float Fv __attribute__((vector_size(W * 4)));
 inline Fv vfma(Fv a, Fv b, Fv c) { return (Fv)_mm512_fmadd_ps((__m512)a, (__m512)b, (__m512)c); }
+inline Fv splat(float v) { return (Fv)_mm512_set1_ps(v); }
 
 #include "engine_simd.inc"
 

@@ -11,6 +11,7 @@ constexpr int W = 4;
 constexpr int NV = 3;  // 4 x 12 micro-tile: 12 accumulators of the 16 SSE registers
 typedef float Fv __attribute__((vector_size(W * 4)));
 inline Fv vfma(Fv a, Fv b, Fv c) { return a * b + c; }
+inline Fv splat(float v) { return Fv{v, v, v, v}; }
 
 #include "engine_simd.inc"
 

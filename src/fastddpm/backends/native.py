@@ -41,8 +41,8 @@ class NativeCpuBackend(Backend):
         return [_C_ERROR] if _C is None else []
 
     def step(self, x, m, out, table, row, seed, noise_step, first_index, noise) -> None:
-        # x, m, out, noise: [N, ...] float32 C-contiguous; table[row]: 8 float32 coefficients
-        _C.fused_step(x, m, out, table[row], seed, noise_step, first_index, noise)
+        # x, m, out, noise: [N, ...] float32 C-contiguous; table: float32 [S, 8], row: this step's
+        _C.fused_step(x, m, out, table, seed, noise_step, first_index, noise, row)
 
     def noise(self, seed, shape, step, first_index=0, device="cpu"):
         shape = tuple(shape)
@@ -68,6 +68,76 @@ class NativeCpuBackend(Backend):
 
     def describe(self) -> dict:
         return {"isa": _C.isa(), "isas_supported": list(_C.supported_isas()), "threads": _C.num_threads()}
+
+    def make_engine(self, cfg, weights, batch: int, height: int, width: int) -> "NativeCpuEngine":
+        """The C++ U-Net engine for one (batch, height, width): whole loops in one native call."""
+        if _C is None:
+            raise RuntimeError(_C_ERROR)
+        return NativeCpuEngine(cfg, weights, batch, height, width)
+
+
+class NativeCpuEngine:
+    """The plan of (cfg, batch, height, width) executed by fastddpm._C.Engine.
+
+    ``forward(x, timestep)``: one U-Net forward (float32 NumPy [N, C, H, W] in and out).
+    ``run(sched, shape, *, seed, eta, first_index, keep, callback)``: the whole sampling loop
+    (U-Net, fused step, Philox noise) in one call with the GIL released; returns
+    (x0 [N, C, H, W] float32, {position: frame}). One call at a time runs per engine (others wait).
+    """
+
+    def __init__(self, cfg, weights, batch: int, height: int, width: int, *, callback_every: int = 1):
+        from ..plan import build_plan
+        from ..unet_config import UNetConfig, weight_shapes
+        from ..weights import check_weights
+        cfg = cfg if isinstance(cfg, UNetConfig) else UNetConfig.from_dict(cfg)
+        self.config = cfg
+        self.plan = build_plan(cfg, batch, height, width)
+        checked = check_weights(weights, weight_shapes(cfg))   # names every missing/extra/bad key
+        arrays = self.plan.arrays()
+        self.batch, self.height, self.width = self.plan.batch, self.plan.height, self.plan.width
+        self.callback_every = int(callback_every)
+        self._engine = _C.Engine(arrays["ints"], arrays["floats"], arrays["slot_sizes"],
+                                 [(n, checked[n]) for n in self.plan.weight_names], self.batch,
+                                 cfg.in_channels, cfg.out_channels, self.height, self.width)
+
+    def _timesteps(self, timestep) -> np.ndarray:
+        if isinstance(timestep, (bool, np.bool_)):
+            raise TypeError("timestep must be a number, not a bool")
+        if hasattr(timestep, "detach"):  # a torch tensor
+            timestep = timestep.detach().cpu().numpy()
+        t = np.asarray(timestep)
+        if t.dtype.kind not in "iuf":
+            raise TypeError(f"timestep must be a real number, got dtype {t.dtype}")
+        if t.ndim > 1 or (t.ndim == 1 and t.shape[0] not in (1, self.batch)):
+            raise ValueError(f"timestep must be a scalar or have shape [1] or [{self.batch}] "
+                             f"(one per sample), got shape {t.shape}")
+        t = np.broadcast_to(t.reshape(-1), (self.batch,)).astype(np.float32)
+        if not np.all(np.isfinite(t)):
+            raise ValueError("timestep must be finite")
+        return np.ascontiguousarray(t)
+
+    def forward(self, x, timestep) -> np.ndarray:
+        shape = (self.batch, self.config.in_channels, self.height, self.width)
+        if not isinstance(x, np.ndarray) or x.shape != shape:
+            raise ValueError(f"sample must be a NumPy array of shape {shape}, got "
+                             f"{getattr(x, 'shape', type(x).__name__)}")
+        if x.dtype != np.float32:
+            raise TypeError(f"sample must be float32, got {x.dtype}")
+        return self._engine.forward(np.ascontiguousarray(x), self._timesteps(timestep))
+
+    def run(self, sched, shape, *, seed, eta=0.0, first_index=0, keep=(), callback=None):
+        from ..schedulers import DDIMScheduler
+        shape = tuple(int(s) for s in shape)
+        want = (self.batch, self.config.in_channels, self.height, self.width)
+        if shape != want:
+            raise ValueError(f"this engine samples shape {want}, got {shape}")
+        opts = {"eta": float(eta)} if isinstance(sched, DDIMScheduler) else {}
+        coef = np.ascontiguousarray(sched.coefficients(**opts), dtype=np.float32)
+        ts = np.ascontiguousarray(np.asarray(sched.timesteps), dtype=np.int64)
+        keep = sorted(set(int(k) for k in keep))
+        x, frames = self._engine.run(coef, ts, int(seed), int(first_index), keep, callback,
+                                     self.callback_every)
+        return x, dict(zip(keep, frames))
 
 
 CPU_BACKEND = NativeCpuBackend()

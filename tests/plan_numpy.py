@@ -1,0 +1,109 @@
+"""A plain NumPy interpreter of a fastddpm plan (float64): the executable meaning of plan.py's
+op list, used by the tests to check the plan independently of any compiled engine."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from fastddpm.plan import CONV_MODES, Plan
+
+_MODES = {v: k for k, v in CONV_MODES.items()}
+
+
+def _silu(x):
+    return x / (1.0 + np.exp(-x))
+
+
+def _conv2d(x, w, stride=1):
+    """x: [N, C, Hp, Wp] already padded; w: [O, C, k, k] -> valid conv with stride."""
+    n, c, hp, wp = x.shape
+    o, _, k, _ = w.shape
+    ho, wo = (hp - k) // stride + 1, (wp - k) // stride + 1
+    out = np.zeros((n, o, ho, wo))
+    for dy in range(k):
+        for dx in range(k):
+            patch = x[:, :, dy:dy + stride * ho:stride, dx:dx + stride * wo:stride]  # [N, C, ho, wo]
+            out += np.einsum("nchw,oc->nohw", patch, w[:, :, dy, dx])
+    return out
+
+
+def run_plan(plan: Plan, weights: dict, x: np.ndarray, t) -> np.ndarray:
+    W = [np.asarray(weights[n], dtype=np.float64) for n in plan.weight_names]
+    N = plan.batch
+    slots: dict[int, np.ndarray] = {0: np.asarray(x, dtype=np.float64)}
+    tt = np.broadcast_to(np.asarray(t, dtype=np.float64).reshape(-1), (N,))
+
+    def cat(op):
+        a = slots[op.in_].reshape(N, op.c_in, op.h, op.w)
+        if op.in2 >= 0:
+            a = np.concatenate([a, slots[op.in2].reshape(N, op.c_in2, op.h, op.w)], axis=1)
+        return a
+
+    for op in plan.ops:
+        if op.kind == "TIME_EMB":
+            half = op.c_out // 2
+            f = np.exp(-math.log(10000) * np.arange(half) / (half - op.shift))
+            arg = tt[:, None] * f[None]
+            e = np.concatenate([np.cos(arg), np.sin(arg)] if op.flip else [np.sin(arg), np.cos(arg)], 1)
+            if op.c_out % 2:
+                e = np.pad(e, ((0, 0), (0, 1)))
+            res = e
+        elif op.kind == "LINEAR":
+            v = slots[op.in_].reshape(N, op.c_in)
+            res = (_silu(v) if op.silu else v) @ W[op.w_idx].T + W[op.b_idx]
+        elif op.kind == "PAD":
+            res = np.pad(op.a * cat(op) + op.shift, ((0, 0), (0, 0), (1, 1), (1, 1)))
+        elif op.kind == "GROUPNORM":
+            v = cat(op)
+            n, c, h, w = v.shape
+            g = v.reshape(n, op.groups, -1)
+            g = (g - g.mean(-1, keepdims=True)) / np.sqrt(g.var(-1, keepdims=True) + op.eps)
+            v = g.reshape(n, c, h, w) * W[op.w_idx][None, :, None, None] + W[op.b_idx][None, :, None, None]
+            if op.silu:
+                v = _silu(v)
+            res = np.pad(v, ((0, 0), (0, 0), (1, 1), (1, 1))) if op.padded_out else v
+        elif op.kind == "CONV":
+            mode = _MODES[op.mode]
+            wt, h, w = W[op.w_idx], op.h, op.w
+            if mode == "CONV3":
+                res = _conv2d(slots[op.in_].reshape(N, op.c_in, h + 2, w + 2), wt)
+            elif mode == "CONV1":
+                res = _conv2d(slots[op.in_].reshape(N, op.c_in, h, w), wt)
+            elif mode in ("DOWN0", "DOWN1"):
+                v = slots[op.in_].reshape(N, op.c_in, h, w)
+                pad = ((0, 1), (0, 1)) if mode == "DOWN0" else ((1, 1), (1, 1))
+                res = _conv2d(np.pad(v, ((0, 0), (0, 0)) + pad), wt, stride=2)
+            else:  # UP: the padded low-res input -> interior, nearest x2, pad, conv
+                v = slots[op.in_].reshape(N, op.c_in, h + 2, w + 2)[:, :, 1:-1, 1:-1]
+                v = v.repeat(2, axis=2).repeat(2, axis=3)
+                res = _conv2d(np.pad(v, ((0, 0), (0, 0), (1, 1), (1, 1))), wt)
+            res = res + W[op.b_idx][None, :, None, None]
+            if op.temb >= 0:
+                res = res + slots[op.temb].reshape(N, op.c_out)[:, :, None, None]
+            if op.in2 >= 0:
+                s = slots[op.in2].reshape(N, op.c_in2, h + 2, w + 2)[:, :, 1:-1, 1:-1]
+                res = res + np.einsum("nchw,oc->nohw", s, W[op.w2_idx][:, :, 0, 0]) \
+                    + W[op.b2_idx][None, :, None, None]
+            if op.residual >= 0:
+                res = res + slots[op.residual].reshape(res.shape)
+            res = res * op.scale
+        elif op.kind == "ATTENTION":
+            c, L, heads = op.c_in, op.h * op.w, op.heads
+            d = c // heads
+            hn = slots[op.in_].reshape(N, c, L).transpose(0, 2, 1)          # [N, L, C]
+            wq, bq, wk, bk, wv, bv, wo, bo = W[op.w_idx:op.w_idx + 8]
+            split = lambda a: a.reshape(N, L, heads, d).transpose(0, 2, 1, 3)  # noqa: E731
+            q, k, v = split(hn @ wq.T + bq), split(hn @ wk.T + bk), split(hn @ wv.T + bv)
+            s = q @ k.transpose(0, 1, 3, 2) / math.sqrt(d)
+            p = np.exp(s - s.max(-1, keepdims=True))
+            p /= p.sum(-1, keepdims=True)
+            o = (p @ v).transpose(0, 2, 1, 3).reshape(N, L, c) @ wo.T + bo
+            res = (o.transpose(0, 2, 1).reshape(N, c, op.h, op.w)
+                   + slots[op.residual].reshape(N, c, op.h, op.w)) * op.scale
+        else:
+            raise AssertionError(op.kind)
+        slots[op.out] = np.asarray(res).reshape(N, -1)
+        if op.scratch >= 0:
+            slots[op.scratch] = None   # the scratch slot's old value is gone
+    return slots[1].reshape(plan.output_shape)
