@@ -1,0 +1,668 @@
+"""The numba U-Net engine: fastddpm.plan executed by numba kernels, and the whole sampling loop.
+
+Used by the numba backend (``NumbaBackend.make_engine``) where the compiled core is missing. No
+torch anywhere: NumPy, numba and the plan.
+
+Layout
+------
+All activations live in one float32 *arena*: slot s of the plan is ``arena[soff[s] : soff[s] +
+N * slot_sizes[s]]``, sample n at ``soff[s] + n * slot_sizes[s]`` (NCHW per sample, padded tensors
+[C, H+2, W+2] as plan.py defines). All weights are packed once, at engine creation, into one flat
+float32 array in the form each op's kernel wants (``_pack``):
+
+- CONV3:  [c_out, 9 c_in + c_in2]: the 3x3 taps, then the 1x1 shortcut's columns (the shortcut is
+          extra rows of the same im2col GEMM); bias = conv bias + shortcut bias.
+- DOWN0/1, CONV1: [c_out, 9 c_in] / [c_out, c_in].
+- UP:     4 phase matrices [c_out, 4 c_in]: nearest x2 + 3x3 conv = for each output phase (py, px)
+          a 2x2 conv on the low-res input whose taps are sums of the 3x3 taps (4/9 of the work).
+- ATTENTION: to_q/to_k/to_v stacked [3C, C] + [3C] bias, to_out [C, C] + [C].
+
+A forward is one call of the jitted interpreter ``_forward`` over the plan's int/float rows. Each
+conv is im2col (parallel over input channels) + one ``np.dot`` per sample (numba hands it to the
+BLAS sgemm that SciPy ships; multithreaded there) + an epilogue pass (bias, time embedding,
+residual, scale; parallel over output channels). Samples run one after another with the same
+shapes, so a sample's result never depends on the batch size it ran in (batch invariance).
+
+The sampling loop (``NumbaEngine.run``) is a Python loop over the timesteps calling two jitted
+functions per step (the forward, then the numba backend's fused step + Philox noise in place):
+that costs a few microseconds per step against milliseconds of U-Net, and lets the progress
+callback run between steps.
+"""
+from __future__ import annotations
+
+import math
+import threading
+import time
+
+import numpy as np
+
+from ..plan import CONV_MODES, FLAG_FLIP, FLAG_PADDED_OUT, FLAG_SILU, OP_CODES, PlanError, build_plan
+
+try:
+    import numba
+    from numba import prange
+    _IMPORT_ERROR = None
+except Exception as exc:  # noqa: BLE001 - numba missing or refusing this NumPy
+    numba = None
+    _IMPORT_ERROR = f"numba is not importable ({type(exc).__name__}: {exc})"
+
+# Columns of Plan.arrays()["ints"] (plan.INT_FIELDS) and ["floats"] (plan.FLOAT_FIELDS).
+(I_CODE, I_OUT, I_IN, I_CIN, I_IN2, I_CIN2, I_H, I_W, I_COUT, I_WI, I_BI, I_W2, I_B2, I_TEMB, I_RES,
+ I_SCR, I_MODE, I_GROUPS, I_HEADS, I_FLAGS) = range(20)
+F_EPS, F_SCALE, F_A, F_SHIFT = range(4)
+OP_TIME_EMB, OP_LINEAR, OP_PAD, OP_GROUPNORM, OP_CONV, OP_ATTENTION = (
+    OP_CODES[k] for k in ("TIME_EMB", "LINEAR", "PAD", "GROUPNORM", "CONV", "ATTENTION"))
+M_CONV3, M_CONV1, M_DOWN1, M_DOWN0, M_UP = (CONV_MODES[k] for k in ("CONV3", "CONV1", "DOWN1", "DOWN0", "UP"))
+_ALIGN = 16   # floats: every slot and packed weight starts on a 64-byte boundary
+
+# UP phase taps: output row 2i + p reads padded low-res rows i + p + a (a = 0, 1), and the 3x3 tap
+# rows folded into each: p=0: a=0 <- {0}, a=1 <- {1, 2}; p=1: a=0 <- {0, 1}, a=1 <- {2}.
+_UP_TAPS = (((0,), (1, 2)), ((0, 1), (2,)))
+
+# Forwards below this many FLOP run on one thread unless the user set a count (NumbaEngine._threads).
+_PARALLEL_FLOPS = 4e9
+_COMPILE = {"seconds": None, "from_cache": None}   # the first forward of the process
+_COMPILE_LOCK = threading.Lock()
+
+
+def _njit_parallel(fn):
+    return numba.njit(parallel=True, cache=True, fastmath=False)(fn)
+
+
+def _njit(fn):
+    return numba.njit(cache=True, fastmath=False)(fn)
+
+
+if numba is not None:
+    _F0, _F1 = np.float32(0.0), np.float32(1.0)
+
+    from llvmlite import ir as _ir
+    from numba.extending import intrinsic as _intrinsic
+
+    @_intrinsic
+    def _f32_from_bits(typingctx, b):
+        """An int32's bits as a float32 (a bitcast; numba has no scalar view)."""
+        if b != numba.types.int32:
+            return None
+
+        def codegen(context, builder, sig, args):
+            return builder.bitcast(args[0], _ir.FloatType())
+        return numba.types.float32(numba.types.int32), codegen
+
+    # exp as a polynomial (Cephes expf, about 1 ulp) rather than a libm call: LLVM vectorises it,
+    # and exp is most of the cost of group norm + SiLU and of softmax.
+    _E_HI, _E_LO = np.float32(88.3762626647949), np.float32(-87.3365447505531)
+    _LOG2E, _HALF = np.float32(1.44269504088896341), np.float32(0.5)
+    _C1, _C2 = np.float32(0.693359375), np.float32(-2.12194440e-4)
+    _P0, _P1, _P2, _P3, _P4, _P5 = (np.float32(c) for c in (
+        1.9875691500e-4, 1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2, 1.6666665459e-1, 5.0000001201e-1))
+
+    @numba.njit(inline="always", fastmath=False)
+    def _expf(x):
+        x = _E_HI if x > _E_HI else x
+        x = _E_LO if x < _E_LO else x
+        fx = np.floor(x * _LOG2E + _HALF)              # x = n ln2 + r, |r| <= ln2 / 2
+        r = x - fx * _C1 - fx * _C2
+        z = r * r
+        p = ((((_P0 * r + _P1) * r + _P2) * r + _P3) * r + _P4) * r + _P5
+        p = p * z + r + _F1
+        return p * _f32_from_bits(np.int32((np.int32(fx) + 127) << 23))   # * 2^n
+
+    @numba.njit(inline="always", fastmath=False)
+    def _silu(v):
+        return v / (_F1 + _expf(-v))
+
+    # ---------------------------------------------------------------- im2col (per sample)
+    @_njit_parallel
+    def _im2col3(src, c, h, w, col, r0):
+        # src: padded [c, h+2, w+2]; col rows r0 + ci*9 + ky*3 + kx: [.., h*w]
+        for ci in prange(c):
+            for ky in range(3):
+                for kx in range(3):
+                    r = r0 + ci * 9 + ky * 3 + kx
+                    for i in range(h):
+                        for j in range(w):
+                            col[r, i * w + j] = src[ci, i + ky, j + kx]
+
+    @_njit_parallel
+    def _interior_rows(src, c, h, w, col, r0):
+        # src: padded [c, h+2, w+2] -> col rows r0 + ci: its interior [.., h*w] (1x1 shortcut)
+        for ci in prange(c):
+            for i in range(h):
+                for j in range(w):
+                    col[r0 + ci, i * w + j] = src[ci, i + 1, j + 1]
+
+    @_njit_parallel
+    def _im2col_down(src, c, h, w, col, pad_before):
+        # src: unpadded [c, h, w]; 3x3 stride 2. pad_before=1: pad 1 all round (DOWN1);
+        # pad_before=0: pad right/bottom only (DOWN0). col: [c*9, (h/2)*(w/2)]
+        ho, wo = h // 2, w // 2
+        for ci in prange(c):
+            for ky in range(3):
+                for kx in range(3):
+                    r = ci * 9 + ky * 3 + kx
+                    for i in range(ho):
+                        y = 2 * i + ky - pad_before
+                        for j in range(wo):
+                            x = 2 * j + kx - pad_before
+                            v = _F0
+                            if y >= 0 and y < h and x >= 0 and x < w:
+                                v = src[ci, y, x]
+                            col[r, i * wo + j] = v
+
+    @_njit_parallel
+    def _im2col_up(src, c, h, w, py, px, col):
+        # src: padded low-res [c, h+2, w+2]; phase (py, px): col rows ci*4 + a*2 + b = rows
+        # i + py + a, columns j + px + b of src: [c*4, h*w]
+        for ci in prange(c):
+            for a in range(2):
+                for b in range(2):
+                    r = ci * 4 + a * 2 + b
+                    for i in range(h):
+                        for j in range(w):
+                            col[r, i * w + j] = src[ci, i + py + a, j + px + b]
+
+    @_njit_parallel
+    def _scatter_phase(tmp, o, h, w, py, px, dst):
+        # tmp: [o, h*w] of phase (py, px) -> dst [o, 2h, 2w] at (2i + py, 2j + px)
+        for co in prange(o):
+            for i in range(h):
+                for j in range(w):
+                    dst[co, 2 * i + py, 2 * j + px] = tmp[co, i * w + j]
+
+    @_njit_parallel
+    def _epilogue(out, bias, temb, has_temb, res, has_res, scale):
+        # out: [o, M] in place: scale * (out + bias[o] + temb[o] + res[o, m])
+        o, m = out.shape
+        for co in prange(o):
+            add = bias[co]
+            if has_temb:
+                add += temb[co]
+            for k in range(m):
+                v = out[co, k] + add
+                if has_res:
+                    v += res[co, k]
+                out[co, k] = v * scale
+
+    # ---------------------------------------------------------------- group norm, pad
+    @_njit_parallel
+    def _groupnorm(src, c1, src2, c2, h, w, groups, eps, gamma, beta, silu, padded, dst):
+        # src: [c1, h*w], src2: [c2, h*w] (concatenated channels); dst: [c1+c2, h*w] or padded
+        # [c1+c2, (h+2)*(w+2)]. Statistics per group in float64, two passes (biased variance).
+        ctot = c1 + c2
+        cg = ctot // groups
+        hw = h * w
+        wp = w + 2
+        for g in prange(groups):
+            s = 0.0
+            for cc in range(g * cg, (g + 1) * cg):
+                row = src[cc] if cc < c1 else src2[cc - c1]
+                for k in range(hw):
+                    s += row[k]
+            mean = s / (cg * hw)
+            q = 0.0
+            for cc in range(g * cg, (g + 1) * cg):
+                row = src[cc] if cc < c1 else src2[cc - c1]
+                for k in range(hw):
+                    d = row[k] - mean
+                    q += d * d
+            rstd = 1.0 / math.sqrt(q / (cg * hw) + eps)
+            for cc in range(g * cg, (g + 1) * cg):
+                row = src[cc] if cc < c1 else src2[cc - c1]
+                out = dst[cc]
+                # y = x * a + b with a = gamma * rstd, b = beta - mean * a
+                a = np.float32(gamma[cc] * rstd)
+                b = np.float32(beta[cc] - mean * gamma[cc] * rstd)
+                if padded:
+                    out[:] = _F0                     # zero border (the slot holds old data)
+                    for i in range(h):
+                        o0 = (i + 1) * wp + 1
+                        if silu:
+                            for j in range(w):
+                                out[o0 + j] = _silu(row[i * w + j] * a + b)
+                        else:
+                            for j in range(w):
+                                out[o0 + j] = row[i * w + j] * a + b
+                elif silu:
+                    for k in range(hw):
+                        out[k] = _silu(row[k] * a + b)
+                else:
+                    for k in range(hw):
+                        out[k] = row[k] * a + b
+
+    @_njit_parallel
+    def _pad(src, c1, src2, c2, h, w, a, b, dst):
+        # dst: padded [c1+c2, (h+2)*(w+2)] = a * concat(src, src2) + b inside, 0 on the border
+        wp = w + 2
+        for cc in prange(c1 + c2):
+            for k in range((h + 2) * wp):
+                dst[cc, k] = _F0
+            for i in range(h):
+                for j in range(w):
+                    v = src[cc, i * w + j] if cc < c1 else src2[cc - c1, i * w + j]
+                    dst[cc, (i + 1) * wp + j + 1] = a * v + b
+
+    # ---------------------------------------------------------------- attention
+    @_njit_parallel
+    def _add_rows(a, bias):
+        # a: [r, L] += bias[r]
+        r, L = a.shape
+        for i in prange(r):
+            for k in range(L):
+                a[i, k] += bias[i]
+
+    @_njit_parallel
+    def _softmax_rows(s, scale):
+        # s: [L, L] scores -> softmax(scale * s) per row, in place
+        L = s.shape[0]
+        for i in prange(L):
+            mx = s[i, 0] * scale
+            for k in range(L):
+                v = s[i, k] * scale
+                s[i, k] = v
+                mx = v if v > mx else mx
+            tot = np.float32(0.0)
+            for k in range(L):
+                e = _expf(s[i, k] - mx)
+                s[i, k] = e
+                tot += e
+            inv = _F1 / tot
+            for k in range(L):
+                s[i, k] *= inv
+
+    # ---------------------------------------------------------------- the interpreter
+    @_njit
+    def _sample_view(arena, soff, ssize, slot, n, rows, cols):
+        base = soff[slot] + n * ssize[slot]
+        return arena[base:base + rows * cols].reshape(rows, cols)
+
+    @_njit
+    def _forward(ints, floats, woff, wflat, arena, soff, ssize, work, t, nb):
+        # One U-Net forward of nb samples: slot 0 (input) -> slot 1 (model output). t: [nb] float32.
+        for k in range(ints.shape[0]):
+            op = ints[k]
+            code = op[I_CODE]
+            cin, cin2, h, w, cout = op[I_CIN], op[I_CIN2], op[I_H], op[I_W], op[I_COUT]
+            flags = op[I_FLAGS]
+            if code == OP_TIME_EMB:
+                half = cout // 2
+                shift = np.float32(floats[k, F_SHIFT])
+                for n in range(nb):
+                    dst = _sample_view(arena, soff, ssize, op[I_OUT], n, 1, cout)
+                    for j in range(half):
+                        # float32 throughout, as the reference computes it
+                        f = np.exp(np.float32(-math.log(10000.0)) * np.float32(j) / (np.float32(half) - shift))
+                        arg = t[n] * f
+                        sn, cs = np.sin(arg), np.cos(arg)
+                        if flags & FLAG_FLIP:
+                            dst[0, j], dst[0, half + j] = cs, sn
+                        else:
+                            dst[0, j], dst[0, half + j] = sn, cs
+                    if cout % 2:
+                        dst[0, cout - 1] = _F0
+            elif code == OP_LINEAR:
+                wo, bo = woff[k, 0], woff[k, 1]
+                for n in range(nb):
+                    src = _sample_view(arena, soff, ssize, op[I_IN], n, 1, cin)
+                    dst = _sample_view(arena, soff, ssize, op[I_OUT], n, 1, cout)
+                    for o in range(cout):
+                        acc = 0.0
+                        for i in range(cin):
+                            v = src[0, i]
+                            if flags & FLAG_SILU:
+                                v = _silu(v)
+                            acc += wflat[wo + o * cin + i] * v
+                        dst[0, o] = np.float32(acc + wflat[bo + o])
+            elif code == OP_PAD:
+                hw = h * w
+                for n in range(nb):
+                    src = _sample_view(arena, soff, ssize, op[I_IN], n, cin, hw)
+                    src2 = src
+                    if op[I_IN2] >= 0:
+                        src2 = _sample_view(arena, soff, ssize, op[I_IN2], n, cin2, hw)
+                    dst = _sample_view(arena, soff, ssize, op[I_OUT], n, cin + cin2, (h + 2) * (w + 2))
+                    _pad(src, cin, src2, cin2, h, w, np.float32(floats[k, F_A]), np.float32(floats[k, F_SHIFT]), dst)
+            elif code == OP_GROUPNORM:
+                hw = h * w
+                ctot = cin + cin2
+                padded = (flags & FLAG_PADDED_OUT) != 0
+                dcols = (h + 2) * (w + 2) if padded else hw
+                gamma = wflat[woff[k, 0]:woff[k, 0] + ctot]
+                beta = wflat[woff[k, 1]:woff[k, 1] + ctot]
+                for n in range(nb):
+                    src = _sample_view(arena, soff, ssize, op[I_IN], n, cin, hw)
+                    src2 = src
+                    if op[I_IN2] >= 0:
+                        src2 = _sample_view(arena, soff, ssize, op[I_IN2], n, cin2, hw)
+                    dst = _sample_view(arena, soff, ssize, op[I_OUT], n, ctot, dcols)
+                    _groupnorm(src, cin, src2, cin2, h, w, op[I_GROUPS], floats[k, F_EPS], gamma, beta,
+                               (flags & FLAG_SILU) != 0, padded, dst)
+            elif code == OP_CONV:
+                mode = op[I_MODE]
+                if mode == M_UP:
+                    ho, wo_ = 2 * h, 2 * w
+                elif mode == M_DOWN0 or mode == M_DOWN1:
+                    ho, wo_ = h // 2, w // 2
+                else:
+                    ho, wo_ = h, w
+                m = ho * wo_
+                hp, wp = h + 2, w + 2
+                if mode == M_CONV3:
+                    kk = 9 * cin + (cin2 if op[I_IN2] >= 0 else 0)
+                elif mode == M_CONV1:
+                    kk = cin
+                elif mode == M_UP:
+                    kk = 4 * cin
+                else:
+                    kk = 9 * cin
+                wmat = wflat[woff[k, 0]:woff[k, 0] + (4 if mode == M_UP else 1) * cout * kk]
+                bias = wflat[woff[k, 1]:woff[k, 1] + cout]
+                scale = np.float32(floats[k, F_SCALE])
+                for n in range(nb):
+                    dst = _sample_view(arena, soff, ssize, op[I_OUT], n, cout, m)
+                    if mode == M_UP:
+                        src = _sample_view(arena, soff, ssize, op[I_IN], n, cin, hp * wp).reshape(cin, hp, wp)
+                        col = work[:kk * h * w].reshape(kk, h * w)
+                        tmp = work[kk * h * w:kk * h * w + cout * h * w].reshape(cout, h * w)
+                        d3 = dst.reshape(cout, ho, wo_)
+                        for ph in range(4):
+                            py, px = ph // 2, ph % 2
+                            _im2col_up(src, cin, h, w, py, px, col)
+                            wp_ = wmat[ph * cout * kk:(ph + 1) * cout * kk].reshape(cout, kk)
+                            np.dot(wp_, col, tmp)
+                            _scatter_phase(tmp, cout, h, w, py, px, d3)
+                    else:
+                        col = work[:kk * m].reshape(kk, m)
+                        if mode == M_CONV3:
+                            src = _sample_view(arena, soff, ssize, op[I_IN], n, cin, hp * wp).reshape(cin, hp, wp)
+                            _im2col3(src, cin, h, w, col, 0)
+                            if op[I_IN2] >= 0:
+                                s2 = _sample_view(arena, soff, ssize, op[I_IN2], n, cin2, hp * wp).reshape(cin2, hp, wp)
+                                _interior_rows(s2, cin2, h, w, col, 9 * cin)
+                        elif mode == M_CONV1:
+                            col = _sample_view(arena, soff, ssize, op[I_IN], n, cin, m)
+                        else:
+                            src = _sample_view(arena, soff, ssize, op[I_IN], n, cin, h * w).reshape(cin, h, w)
+                            _im2col_down(src, cin, h, w, col, 1 if mode == M_DOWN1 else 0)
+                        np.dot(wmat.reshape(cout, kk), col, dst)
+                    temb = bias
+                    if op[I_TEMB] >= 0:
+                        temb = _sample_view(arena, soff, ssize, op[I_TEMB], n, 1, cout)[0]
+                    res = dst
+                    if op[I_RES] >= 0:
+                        res = _sample_view(arena, soff, ssize, op[I_RES], n, cout, m)
+                    _epilogue(dst, bias, temb, op[I_TEMB] >= 0, res, op[I_RES] >= 0, scale)
+            elif code == OP_ATTENTION:
+                c = cin
+                L = h * w
+                heads = op[I_HEADS]
+                d = c // heads
+                wqkv = wflat[woff[k, 0]:woff[k, 0] + 3 * c * c].reshape(3 * c, c)
+                bqkv = wflat[woff[k, 1]:woff[k, 1] + 3 * c]
+                wout = wflat[woff[k, 2]:woff[k, 2] + c * c].reshape(c, c)
+                bout = wflat[woff[k, 3]:woff[k, 3] + c]
+                qkv = work[:3 * c * L].reshape(3 * c, L)                 # q, k, v: [3C, L]
+                att = work[3 * c * L:4 * c * L].reshape(c, L)            # heads' outputs: [C, L]
+                sc = work[4 * c * L:4 * c * L + L * L].reshape(L, L)     # one head's scores
+                inv = np.float32(1.0 / math.sqrt(d))
+                for n in range(nb):
+                    hn = _sample_view(arena, soff, ssize, op[I_IN], n, c, L)
+                    np.dot(wqkv, hn, qkv)
+                    _add_rows(qkv, bqkv)
+                    for hd in range(heads):
+                        q = qkv[hd * d:(hd + 1) * d]                     # [d, L]
+                        kt = qkv[c + hd * d:c + (hd + 1) * d]
+                        v = qkv[2 * c + hd * d:2 * c + (hd + 1) * d]
+                        np.dot(q.T, kt, sc)                             # [L, L] = q^T k
+                        _softmax_rows(sc, inv)
+                        np.dot(v, sc.T, att[hd * d:(hd + 1) * d])       # [d, L] = v p^T
+                    dst = _sample_view(arena, soff, ssize, op[I_OUT], n, c, L)
+                    np.dot(wout, att, dst)
+                    res = _sample_view(arena, soff, ssize, op[I_RES], n, c, L)
+                    _epilogue(dst, bout, bout, False, res, True, np.float32(floats[k, F_SCALE]))
+
+
+def _pack(plan, weights) -> tuple[np.ndarray, np.ndarray]:
+    """Weights in kernel form (module docstring): (flat float32, offsets int64 [n_ops, 4])."""
+    chunks, pos = [], 0
+    woff = np.full((len(plan.ops), 4), -1, dtype=np.int64)
+
+    def add(a) -> int:
+        nonlocal pos
+        a = np.ascontiguousarray(a, dtype=np.float32).ravel()
+        start = pos
+        chunks.append(a)
+        pos += a.size
+        pad = -pos % _ALIGN
+        if pad:
+            chunks.append(np.zeros(pad, np.float32))
+            pos += pad
+        return start
+
+    W = [np.asarray(weights[nm], dtype=np.float64) for nm in plan.weight_names]
+    for k, op in enumerate(plan.ops):
+        if op.kind == "LINEAR" or op.kind == "GROUPNORM":
+            woff[k, 0], woff[k, 1] = add(W[op.w_idx]), add(W[op.b_idx])
+        elif op.kind == "CONV":
+            w, b = W[op.w_idx], W[op.b_idx]                       # w: [O, C, k, k]
+            o = w.shape[0]
+            if op.mode == M_UP:
+                phases = []
+                for py in range(2):
+                    for px in range(2):
+                        f = np.zeros((o, op.c_in, 2, 2))
+                        for a in range(2):
+                            for bb in range(2):
+                                for ky in _UP_TAPS[py][a]:
+                                    for kx in _UP_TAPS[px][bb]:
+                                        f[:, :, a, bb] += w[:, :, ky, kx]
+                        phases.append(f.reshape(o, -1))           # [O, 4C]
+                woff[k, 0] = add(np.stack(phases))
+            elif op.w2_idx >= 0:
+                w2 = W[op.w2_idx].reshape(o, -1)                  # 1x1 shortcut [O, C2]
+                woff[k, 0] = add(np.concatenate([w.reshape(o, -1), w2], axis=1))
+                b = b + W[op.b2_idx]
+            else:
+                woff[k, 0] = add(w.reshape(o, -1))
+            woff[k, 1] = add(b)
+        elif op.kind == "ATTENTION":
+            wq, bq, wk, bk, wv, bv, wo, bo = W[op.w_idx:op.w_idx + 8]
+            woff[k, 0] = add(np.concatenate([wq, wk, wv]))        # [3C, C]
+            woff[k, 1] = add(np.concatenate([bq, bk, bv]))
+            woff[k, 2], woff[k, 3] = add(wo), add(bo)
+    flat = np.concatenate(chunks) if chunks else np.zeros(_ALIGN, np.float32)
+    return flat, woff
+
+
+def _work_floats(plan) -> int:
+    """Per-sample scratch the kernels need: im2col matrix (+ the UP phase product) or attention."""
+    need = 1
+    for op in plan.ops:
+        if op.kind == "CONV":
+            if op.in2 >= 0 and op.mode != M_CONV3:
+                raise PlanError(f"{op.name}: the numba engine fuses a shortcut only into a 3x3 conv")
+            if op.mode == M_UP:
+                need = max(need, (4 * op.c_in + op.c_out) * op.h * op.w)
+            elif op.mode == M_CONV3:
+                need = max(need, (9 * op.c_in + (op.c_in2 if op.in2 >= 0 else 0)) * op.h * op.w)
+            elif op.mode in (M_DOWN0, M_DOWN1):
+                need = max(need, 9 * op.c_in * (op.h // 2) * (op.w // 2))
+        elif op.kind == "ATTENTION":
+            L = op.h * op.w
+            need = max(need, 4 * op.c_in * L + L * L)
+    return need
+
+
+class _Threads:
+    """Sets numba's (per calling thread) and BLAS's thread counts for one engine call, then puts
+    the caller's back."""
+
+    def __init__(self, engine):
+        self.n, self.ctx = engine._threads()
+
+    def __enter__(self):
+        self.prev = numba.get_num_threads()
+        numba.set_num_threads(min(self.n, numba.config.NUMBA_NUM_THREADS))
+        self.ctx.__enter__()
+
+    def __exit__(self, *exc):
+        self.ctx.__exit__(*exc)
+        numba.set_num_threads(self.prev)
+
+
+class NumbaEngine:
+    """The plan of (cfg, batch, height, width) executed by numba kernels.
+
+    ``forward(x, timestep)``: one U-Net forward (float32 NumPy [N, C, H, W] in, a new array out).
+    ``run(sched, shape, *, seed, eta, first_index, keep, callback)``: the whole sampling loop;
+    returns (x0 [N, C, H, W] float32, {position: frame}). One call at a time per engine (a lock).
+    """
+
+    def __init__(self, cfg, weights, batch: int, height: int, width: int, *, step_backend=None):
+        if numba is None:
+            raise RuntimeError(_IMPORT_ERROR)
+        from ..unet_config import UNetConfig, weight_shapes
+        from ..weights import check_weights
+        cfg = cfg if isinstance(cfg, UNetConfig) else UNetConfig.from_dict(cfg)
+        self.config = cfg
+        self.plan = build_plan(cfg, batch, height, width)
+        checked = check_weights(weights, weight_shapes(cfg))   # names every missing/extra/bad key
+        self.batch, self.height, self.width = self.plan.batch, self.plan.height, self.plan.width
+        arrays = self.plan.arrays()
+        self._ints = np.ascontiguousarray(arrays["ints"])
+        self._floats = np.ascontiguousarray(arrays["floats"])
+        self._wflat, self._woff = _pack(self.plan, checked)
+        sizes = [int(s) for s in self.plan.slot_sizes]
+        offs, pos = [], 0
+        for s in sizes:
+            offs.append(pos)
+            pos += -(-(s * self.batch) // _ALIGN) * _ALIGN
+        self._soff = np.array(offs, dtype=np.int64)
+        self._ssize = np.array(sizes, dtype=np.int64)
+        self._arena = np.zeros(pos + _ALIGN, dtype=np.float32)   # every activation: one buffer
+        self._work = np.zeros(_work_floats(self.plan), dtype=np.float32)
+        self._t = np.zeros(self.batch, dtype=np.float32)
+        n_in = self.batch * sizes[0]
+        self._x_view = self._arena[:n_in].reshape(self.plan.input_shape)           # slot 0
+        o1 = offs[1]
+        self._m_view = self._arena[o1:o1 + self.batch * sizes[1]].reshape(self.plan.output_shape)
+        if step_backend is None:
+            from .numba_cpu import BACKEND as step_backend
+        self._step_backend = step_backend
+        self._lock = threading.Lock()
+        self._blas = None
+        from ..unet_config import flops
+        self._flops = flops(cfg, self.batch, self.height, self.width)
+
+    # ------------------------------------------------------------------ forward
+    def _timesteps(self, timestep) -> np.ndarray:
+        if isinstance(timestep, (bool, np.bool_)):
+            raise TypeError("timestep must be a number, not a bool")
+        if hasattr(timestep, "detach"):  # a torch tensor (torch not imported here)
+            timestep = timestep.detach().cpu().numpy()
+        t = np.asarray(timestep)
+        if t.dtype.kind not in "iuf":
+            raise TypeError(f"timestep must be a real number, got dtype {t.dtype}")
+        if t.ndim > 1 or (t.ndim == 1 and t.shape[0] not in (1, self.batch)):
+            raise ValueError(f"timestep must be a scalar or have shape [1] or [{self.batch}] "
+                             f"(one per sample), got shape {t.shape}")
+        t = np.broadcast_to(t.reshape(-1), (self.batch,)).astype(np.float32)
+        if not np.all(np.isfinite(t)):
+            raise ValueError("timestep must be finite")
+        return t
+
+    def _threads(self):
+        """(numba threads, a context limiting BLAS threads) for this engine's calls.
+
+        The user's count (FASTDDPM_NUM_THREADS / NumbaBackend.set_num_threads) if set. Otherwise 1
+        below _PARALLEL_FLOPS per forward: the kernels run per op and per sample, so a small
+        forward is ~300 short parallel regions, and on 2 shared cores each fork-join can wait a
+        whole scheduler timeslice for a descheduled worker (measured: 60 ms -> 2.5 s per
+        bench-small forward with 2 threads on a loaded machine; torch eager does the same)."""
+        n = getattr(self._step_backend, "_threads", None)
+        if n is None:
+            n = 1 if self._flops < _PARALLEL_FLOPS else numba.get_num_threads()
+        if self._blas is None:
+            try:
+                from threadpoolctl import ThreadpoolController
+                self._blas = ThreadpoolController()
+            except Exception:  # noqa: BLE001 - optional: without it BLAS keeps its own count
+                self._blas = False
+        import contextlib
+        ctx = self._blas.limit(limits=n, user_api="blas") if self._blas else contextlib.nullcontext()
+        return n, ctx
+
+    def _run_forward(self) -> None:
+        """slot 0 and self._t -> slot 1 (the caller holds the lock and has set the threads)."""
+        args = (self._ints, self._floats, self._woff, self._wflat, self._arena, self._soff,
+                self._ssize, self._work, self._t, self.batch)
+        if _COMPILE["seconds"] is not None:
+            _forward(*args)
+            return
+        with _COMPILE_LOCK:   # the first call compiles (or loads numba's disk cache): time it
+            hits = sum(_forward.stats.cache_hits.values())
+            t0 = time.perf_counter()
+            _forward(*args)
+            if _COMPILE["seconds"] is None:
+                _COMPILE["seconds"] = time.perf_counter() - t0
+                _COMPILE["from_cache"] = sum(_forward.stats.cache_hits.values()) > hits
+
+    def forward(self, x, timestep) -> np.ndarray:
+        shape = self.plan.input_shape
+        if not isinstance(x, np.ndarray) or x.shape != shape:
+            raise ValueError(f"sample must be a NumPy array of shape {shape}, got "
+                             f"{getattr(x, 'shape', type(x).__name__)}")
+        if x.dtype != np.float32:
+            raise TypeError(f"sample must be float32, got {x.dtype}")
+        t = self._timesteps(timestep)
+        with self._lock, _Threads(self):
+            self._x_view[...] = x
+            self._t[:] = t
+            self._run_forward()
+            return self._m_view.copy()
+
+    # ------------------------------------------------------------------ the loop
+    def run(self, sched, shape, *, seed, eta=0.0, first_index=0, keep=(), callback=None):
+        from ..noise import INITIAL_STEP
+        from ..schedulers import DDIMScheduler
+        shape = tuple(int(s) for s in shape)
+        if shape != self.plan.input_shape:
+            raise ValueError(f"this engine samples shape {self.plan.input_shape}, got {shape}")
+        opts = {"eta": float(eta)} if isinstance(sched, DDIMScheduler) else {}
+        table = sched.coefficients(**opts)                        # float32 [S, 8]
+        timesteps = [int(t) for t in sched.timesteps]
+        keep = set(int(k) for k in keep)
+        seed, first_index = int(seed), int(first_index)
+        be = self._step_backend
+        with self._lock, _Threads(self):
+            x = np.ascontiguousarray(be.noise(seed, shape, INITIAL_STEP, first_index), dtype=np.float32)  # x_T
+            frames = {0: x.copy()} if 0 in keep else {}
+            m = self._m_view
+            for k, t in enumerate(timesteps):
+                self._x_view[...] = x
+                self._t[:] = np.float32(t)
+                self._run_forward()                               # m = model output at t
+                be.step(x, m, x, table, k, seed, t, first_index, None)   # x <- x_{t-1}, in place
+                if k + 1 in keep:
+                    frames[k + 1] = x.copy()
+                if callback is not None:
+                    callback(k + 1)
+        return x, frames
+
+
+def compile_info() -> dict:
+    """For the backend's describe(): the first forward's time in this process (compile or cache load)."""
+    s = _COMPILE["seconds"]
+    if s is None:
+        return {"unet_compile_seconds": "not compiled yet"}
+    return {"unet_compile_seconds": round(s, 3),
+            "unet_compile_source": "disk cache" if _COMPILE["from_cache"] else "compiled"}
+
+
+def make_engine(backend, cfg, weights, batch: int, height: int, width: int):
+    """NumbaBackend.make_engine: the engine, or None where it cannot run (then the pipeline falls
+    back to the reference U-Net + this backend's fused step). numba's np.dot needs SciPy's BLAS."""
+    import importlib.util
+    if numba is None or importlib.util.find_spec("scipy") is None:
+        return None
+    return NumbaEngine(cfg, weights, batch, height, width, step_backend=backend)
