@@ -1,0 +1,866 @@
+// The CUDA U-Net engine: a plan (fastddpm/plan.h) executed over device buffers, and the sampling
+// loop as one captured CUDA graph replayed once per step.
+//
+// Layout (as csrc/cpu/engine.cpp): slots 2.. live in one sample-major arena [N][T] floats;
+// sample n's copy of slot s starts at n * T + slot_off[s], followed by kSlack floats so the GEMM
+// may read a tile past a slot's end. Slot 0 (x, the loop state) and slot 1 (the model output) are
+// separate contiguous [N, C*H*W] buffers, the layout the fused step kernel takes.
+//
+// Convs are implicit GEMMs (gemm.cu): B row k is the input at offset boff[k] from the sample base
+// of the arena; for a 3x3 stride-1 conv the columns run over the padded grid (P = H * (W+2)) and
+// the epilogue drops the two pad columns of each row; UP convs are four 2x2 phase GEMMs with
+// folded weights; stride-2 convs im2col into their scratch slot first.
+//
+// The loop: per-run values (seed, first index, the step counter) sit in a device LoopState; the
+// timestep and coefficient tables sit in device memory. One step = loop_begin (t from the
+// table) + the U-Net + loop_step (coefficient row and noise step from the tables at the counter)
+// + loop_advance (counter += 1). It is captured once per engine and replayed `steps` times with no
+// host synchronisation between steps; the host waits only on events at callback chunk boundaries,
+// one chunk behind the GPU, so the queue never drains.
+#include "engine_cuda.h"
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <string>
+
+#include "fastddpm/philox.h"
+#include "fastddpm/plan.h"
+#include "fastddpm/step.h"
+
+namespace fastddpm {
+namespace cuda {
+
+namespace P = fastddpm::plan;
+
+namespace {
+
+constexpr int64_t kSlack = 128;  // floats after each slot: reads past a slot's end stay inside the arena
+constexpr int64_t kAlign = 16;   // slot offsets in floats (64 bytes)
+
+int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
+
+[[noreturn]] void fail(const std::string& msg) { throw std::invalid_argument(msg); }
+
+std::string cuda_text(cudaError_t e) { return std::string(cudaGetErrorName(e)) + ": " + cudaGetErrorString(e); }
+
+void check(cudaError_t e, const char* what) {
+  if (e == cudaSuccess) return;
+  cudaGetLastError();  // clear a non-sticky error so the next call starts clean
+  throw CudaError(std::string(what) + " failed: CUDA error " + cuda_text(e));
+}
+
+void check_status(const Status& s, const char* what) {
+  if (s.ok()) return;
+  cudaGetLastError();
+  if (s.invalid_argument) fail(std::string(what) + ": " + (s.message ? s.message : "?"));
+  throw CudaError(std::string(what) + " failed: " + (s.message ? s.message : "?"));
+}
+
+// A device allocation owned by the engine; freed when dropped (so a failed build frees all).
+class DevBuf {
+ public:
+  DevBuf() = default;
+  DevBuf(size_t bytes, const char* what) : bytes_(std::max<size_t>(bytes, 16)) {
+    const cudaError_t e = cudaMalloc(&p_, bytes_);
+    if (e == cudaSuccess) return;
+    p_ = nullptr;
+    cudaGetLastError();  // an allocation failure is not sticky: clear it
+    size_t free_b = 0, total_b = 0;
+    cudaMemGetInfo(&free_b, &total_b);
+    cudaGetLastError();
+    const std::string msg = "CUDA out of memory: " + std::to_string(bytes_ >> 20) + " MiB for " + what + " (" +
+                            std::to_string(free_b >> 20) + " of " + std::to_string(total_b >> 20) +
+                            " MiB free on the device)";
+    if (e == cudaErrorMemoryAllocation) throw OutOfMemory(msg);
+    throw CudaError(std::string("cudaMalloc for ") + what + " failed: CUDA error " + cuda_text(e));
+  }
+  ~DevBuf() {
+    if (p_) cudaFree(p_);
+  }
+  DevBuf(DevBuf&& o) noexcept : p_(o.p_), bytes_(o.bytes_) { o.p_ = nullptr; o.bytes_ = 0; }
+  DevBuf& operator=(DevBuf&& o) noexcept {
+    if (this != &o) {
+      if (p_) cudaFree(p_);
+      p_ = o.p_; bytes_ = o.bytes_;
+      o.p_ = nullptr; o.bytes_ = 0;
+    }
+    return *this;
+  }
+  DevBuf(const DevBuf&) = delete;
+  DevBuf& operator=(const DevBuf&) = delete;
+  template <typename T> T* as() const { return static_cast<T*>(p_); }
+  size_t bytes() const { return p_ ? bytes_ : 0; }
+
+ private:
+  void* p_ = nullptr;
+  size_t bytes_ = 0;
+};
+
+DevBuf upload(const void* host, size_t bytes, const char* what) {
+  DevBuf b(bytes, what);
+  check(cudaMemcpy(b.as<void>(), host, bytes, cudaMemcpyHostToDevice), "weight upload");
+  return b;
+}
+DevBuf upload_floats(const std::vector<float>& v, const char* what) { return upload(v.data(), v.size() * 4, what); }
+
+// Pinned host staging (async copies); freed when dropped.
+class HostBuf {
+ public:
+  HostBuf() = default;
+  explicit HostBuf(size_t bytes) {
+    if (bytes == 0) return;
+    if (cudaMallocHost(&p_, bytes) != cudaSuccess) {
+      cudaGetLastError();
+      p_ = nullptr;
+      throw OutOfMemory("out of pinned host memory: " + std::to_string(bytes >> 20) + " MiB for trajectory frames");
+    }
+  }
+  ~HostBuf() {
+    if (p_) cudaFreeHost(p_);
+  }
+  HostBuf(const HostBuf&) = delete;
+  HostBuf& operator=(const HostBuf&) = delete;
+  HostBuf(HostBuf&& o) noexcept : p_(o.p_) { o.p_ = nullptr; }
+  HostBuf& operator=(HostBuf&& o) noexcept {
+    if (this != &o) {
+      if (p_) cudaFreeHost(p_);
+      p_ = o.p_;
+      o.p_ = nullptr;
+    }
+    return *this;
+  }
+  float* f() const { return static_cast<float*>(p_); }
+
+ private:
+  void* p_ = nullptr;
+};
+
+class DeviceGuard {
+ public:
+  explicit DeviceGuard(int device) {
+    check(cudaGetDevice(&prev_), "cudaGetDevice");
+    if (device != prev_) check(cudaSetDevice(device), "cudaSetDevice");
+    dev_ = device;
+  }
+  ~DeviceGuard() {
+    if (dev_ != prev_) cudaSetDevice(prev_);
+  }
+  DeviceGuard(const DeviceGuard&) = delete;
+  DeviceGuard& operator=(const DeviceGuard&) = delete;
+
+ private:
+  int prev_ = 0, dev_ = 0;
+};
+
+// Round to tf32 (10-bit mantissa, nearest, ties away): what the tensor cores would use anyway,
+// done once on the host for the weights.
+float tf32_round(float v) {
+  if (!std::isfinite(v)) return v;
+  uint32_t u;
+  std::memcpy(&u, &v, 4);
+  u = (u + 0x1000u) & 0xFFFFE000u;
+  std::memcpy(&v, &u, 4);
+  return v;
+}
+
+// One GEMM of a conv (CONV: 1, UP: 4) or attention (qkv, out projection).
+struct GGemm {
+  DevBuf A;      // [ceil(M/64)*64, Kpad] in the operand type
+  DevBuf boff;   // int32 [K], relative to the arena's sample base
+  int M = 0, K = 0, Kpad = 0, Pn = 0, Wp = 1, Wv = 1, oys = 0, oxs = 1, ooff = 0;
+  std::vector<int64_t> rel;  // boff before the slot offsets are known: (slot, offset in slot)
+  std::vector<int64_t> rel_slot;
+};
+
+struct GOp {
+  int64_t code = 0, out = -1, in = -1, cin = 0, in2 = -1, cin2 = 0, h = 0, w = 0, cout = 0;
+  int64_t temb = -1, residual = -1, scratch = -1, mode = 0, groups = 0, heads = 0, flags = 0;
+  float eps = 0, scale = 1, a = 1, shift = 0;
+  DevBuf wt, bias, gamma, beta, bias2;
+  std::vector<GGemm> gemms;
+};
+
+const char* op_name(int64_t code) {
+  switch (code) {
+    case P::kTimeEmb: return "TIME_EMB";
+    case P::kLinear: return "LINEAR";
+    case P::kPad: return "PAD";
+    case P::kGroupNorm: return "GROUPNORM";
+    case P::kConv: return "CONV";
+    case P::kAttention: return "ATTENTION";
+    default: return "?";
+  }
+}
+
+}  // namespace
+
+struct Engine::Impl {
+  int64_t N = 0, in_c = 0, out_c = 0, H = 0, W = 0;
+  Precision prec = Precision::kTF32;
+  std::vector<int64_t> slot_off, slot_size;
+  int64_t T = 0;  // per-sample arena floats
+  DevBuf arena, x, m, tvals, state;
+  std::vector<GOp> ops;
+  // the loop
+  DevBuf coef_tab, ts_tab;  // float [cap, 8], uint32 [cap]
+  int64_t cap = 0, steps = 0;
+  cudaStream_t stream = nullptr;
+  cudaEvent_t ev[2] = {nullptr, nullptr};
+  cudaGraph_t graph = nullptr;
+  cudaGraphExec_t exec = nullptr;
+  size_t graph_nodes = 0;
+  HostBuf state_host;
+
+  ~Impl() {
+    drop_graph();
+    for (auto& e : ev)
+      if (e) cudaEventDestroy(e);
+    if (stream) cudaStreamDestroy(stream);
+  }
+  void drop_graph() {
+    if (exec) cudaGraphExecDestroy(exec);
+    if (graph) cudaGraphDestroy(graph);
+    exec = nullptr;
+    graph = nullptr;
+  }
+
+  float* slot(int64_t s) const {
+    if (s == P::kInputSlot) return x.as<float>();
+    if (s == P::kOutputSlot) return m.as<float>();
+    return arena.as<float>() + slot_off[size_t(s)];
+  }
+  int64_t bstride(int64_t s) const {
+    if (s == P::kInputSlot) return in_c * H * W;
+    if (s == P::kOutputSlot) return out_c * H * W;
+    return T;
+  }
+
+  void build(const PlanView& pv, const std::vector<WeightView>& weights);
+  GGemm pack(int64_t M, int64_t K, const std::function<float(int64_t, int64_t)>& f, const char* what);
+  void forward_ops(cudaStream_t st);
+  void capture();
+};
+
+// ------------------------------------------------------------------------------- construction
+
+GGemm Engine::Impl::pack(int64_t M, int64_t K, const std::function<float(int64_t, int64_t)>& f, const char* what) {
+  GGemm g;
+  g.M = int(M);
+  g.K = int(K);
+  g.Kpad = int(round_up(K, kGemmTileK));
+  const int64_t Mp = round_up(M, kGemmTileM);
+  const size_t n = size_t(Mp) * size_t(g.Kpad);
+  if (precision_bytes(prec) == 4) {
+    std::vector<float> a(n, 0.0f);  // a: [Mp, Kpad]
+    for (int64_t r = 0; r < M; ++r)
+      for (int64_t k = 0; k < K; ++k) {
+        const float v = f(r, k);
+        a[size_t(r * g.Kpad + k)] = prec == Precision::kTF32 ? tf32_round(v) : v;
+      }
+    g.A = upload(a.data(), n * 4, what);
+  } else {
+    std::vector<uint16_t> a(n, 0);  // bf16 / fp16 bits: [Mp, Kpad]
+    for (int64_t r = 0; r < M; ++r)
+      for (int64_t k = 0; k < K; ++k) {
+        const float v = f(r, k);
+        if (prec == Precision::kBF16) {
+          const __nv_bfloat16 h = __float2bfloat16_rn(v);
+          std::memcpy(&a[size_t(r * g.Kpad + k)], &h, 2);
+        } else {
+          const __half h = __float2half_rn(v);
+          std::memcpy(&a[size_t(r * g.Kpad + k)], &h, 2);
+        }
+      }
+    g.A = upload(a.data(), n * 2, what);
+  }
+  return g;
+}
+
+void Engine::Impl::build(const PlanView& pv, const std::vector<WeightView>& weights) {
+  if (pv.n_ops < 1 || !pv.ints || !pv.floats) fail("the plan has no ops");
+  if (pv.n_slots < 2 || !pv.slot_sizes) fail("the plan needs at least the input and output slots");
+  slot_size.assign(pv.slot_sizes, pv.slot_sizes + pv.n_slots);
+  for (int64_t s = 0; s < pv.n_slots; ++s)
+    if (slot_size[size_t(s)] < 0 || slot_size[size_t(s)] > (int64_t(1) << 30))
+      fail("plan slot " + std::to_string(s) + " has a bad size");
+  if (slot_size[P::kInputSlot] != in_c * H * W)
+    fail("plan input slot holds " + std::to_string(slot_size[0]) + " floats per sample, expected in_channels*H*W = " +
+         std::to_string(in_c * H * W));
+  if (slot_size[P::kOutputSlot] != out_c * H * W)
+    fail("plan output slot holds " + std::to_string(slot_size[1]) + " floats per sample, expected out_channels*H*W = " +
+         std::to_string(out_c * H * W));
+
+  // the arena's per-sample layout first: boff needs the slot offsets
+  slot_off.assign(slot_size.size(), 0);
+  int64_t off = 0;
+  for (size_t s = 2; s < slot_size.size(); ++s) {
+    slot_off[s] = off;
+    off += round_up(slot_size[s] + kSlack, kAlign);
+  }
+  T = std::max<int64_t>(off, kAlign);
+  if (T > (int64_t(1) << 31) - 1) fail("the activations of one sample are too large for 32-bit offsets");
+
+  auto weight = [&](int64_t idx, std::vector<int64_t> shape, int64_t op_i, const char* role) -> const WeightView& {
+    if (idx < 0 || idx >= int64_t(weights.size()))
+      fail("plan op " + std::to_string(op_i) + ": " + role + " weight index " + std::to_string(idx) + " is out of range");
+    const WeightView& wv = weights[size_t(idx)];
+    if (wv.shape != shape) {
+      std::string want, got;
+      for (auto d : shape) want += (want.empty() ? "" : ", ") + std::to_string(d);
+      for (auto d : wv.shape) got += (got.empty() ? "" : ", ") + std::to_string(d);
+      fail("weight '" + wv.name + "' has shape (" + got + "), expected (" + want + ")");
+    }
+    if (!wv.data) fail("weight '" + wv.name + "' has no data");
+    return wv;
+  };
+  auto vec = [](const WeightView& wv) {
+    int64_t n = 1;
+    for (auto d : wv.shape) n *= d;
+    return std::vector<float>(wv.data, wv.data + n);
+  };
+  auto use = [&](int64_t s, int64_t floats, int64_t op_i, const char* what, bool optional = false) {
+    if (s == -1 && optional) return;
+    if (s < 0 || s >= pv.n_slots)
+      fail("plan op " + std::to_string(op_i) + ": " + what + " slot " + std::to_string(s) + " is out of range");
+    if (floats > slot_size[size_t(s)])
+      fail("plan op " + std::to_string(op_i) + ": " + what + " needs " + std::to_string(floats) +
+           " floats per sample but slot " + std::to_string(s) + " holds " + std::to_string(slot_size[size_t(s)]));
+  };
+  auto arena_slot = [&](int64_t s, int64_t op_i, const char* what) {  // GEMM sources are gathered from the arena
+    if (s < 2) fail("plan op " + std::to_string(op_i) + ": the CUDA engine reads a GEMM " + what +
+                    " from the arena, not from the input/output slot " + std::to_string(s));
+  };
+  auto boffs = [&](GGemm& g, const std::vector<int64_t>& rel) {
+    std::vector<int32_t> b(rel.begin(), rel.end());
+    g.boff = upload(b.data(), b.size() * 4, "GEMM offsets");
+  };
+
+  for (int64_t i = 0; i < pv.n_ops; ++i) {
+    const int64_t* r = pv.ints + i * P::kIntFields;
+    const double* f = pv.floats + i * P::kFloatFields;
+    GOp op;
+    op.code = r[P::kCode]; op.out = r[P::kOut]; op.in = r[P::kIn]; op.cin = r[P::kCIn];
+    op.in2 = r[P::kIn2]; op.cin2 = r[P::kCIn2]; op.h = r[P::kH]; op.w = r[P::kW];
+    op.cout = r[P::kCOut]; op.temb = r[P::kTemb]; op.residual = r[P::kResidual];
+    op.scratch = r[P::kScratch]; op.mode = r[P::kMode]; op.groups = r[P::kGroups];
+    op.heads = r[P::kHeads]; op.flags = r[P::kFlags];
+    op.eps = float(f[P::kEps]); op.scale = float(f[P::kScale]); op.a = float(f[P::kA]);
+    op.shift = float(f[P::kShift]);
+    for (int j = 0; j < P::kFloatFields; ++j)
+      if (!std::isfinite(f[j])) fail("plan op " + std::to_string(i) + " has a non-finite parameter");
+    const std::string where = "plan op " + std::to_string(i) + " (" + op_name(op.code) + ")";
+    auto positive = [&](int64_t v, const char* what) {
+      if (v <= 0 || v > (int64_t(1) << 24)) fail(where + ": " + what + " = " + std::to_string(v) + " must be positive");
+    };
+    const int64_t hw = op.h * op.w, pplane = (op.h + 2) * (op.w + 2);
+    switch (op.code) {
+      case P::kTimeEmb:
+        positive(op.cout, "c_out");
+        use(op.out, op.cout, i, "output");
+        break;
+      case P::kLinear:
+        positive(op.cin, "c_in"); positive(op.cout, "c_out");
+        use(op.in, op.cin, i, "input"); use(op.out, op.cout, i, "output");
+        op.wt = upload_floats(vec(weight(r[P::kWIdx], {op.cout, op.cin}, i, "linear")), "linear weight");
+        op.bias = upload_floats(vec(weight(r[P::kBIdx], {op.cout}, i, "bias")), "linear bias");
+        break;
+      case P::kPad:
+      case P::kGroupNorm: {
+        positive(op.cin, "c_in"); positive(op.h, "h"); positive(op.w, "w");
+        if (op.cin2 < 0) fail(where + ": c_in2 must be >= 0");
+        use(op.in, op.cin * hw, i, "input");
+        if (op.cin2 > 0) use(op.in2, op.cin2 * hw, i, "second input");
+        const int64_t c = op.cin + op.cin2;
+        const bool padded = op.code == P::kPad || (op.flags & P::kFlagPaddedOut);
+        use(op.out, c * (padded ? pplane : hw), i, "output");
+        if (op.code == P::kGroupNorm) {
+          if (op.groups <= 0 || c % op.groups)
+            fail(where + ": " + std::to_string(c) + " channels are not divisible by " + std::to_string(op.groups) + " groups");
+          if (!(op.eps > 0)) fail(where + ": eps must be > 0");
+          op.gamma = upload_floats(vec(weight(r[P::kWIdx], {c}, i, "norm scale")), "norm scale");
+          op.beta = upload_floats(vec(weight(r[P::kBIdx], {c}, i, "norm shift")), "norm shift");
+        }
+        break;
+      }
+      case P::kConv: {
+        positive(op.cin, "c_in"); positive(op.cout, "c_out"); positive(op.h, "h"); positive(op.w, "w");
+        const int64_t M = op.cout, ci = op.cin;
+        const bool k1 = op.mode == P::kConv1;
+        const WeightView& wv = weight(r[P::kWIdx], {M, ci, k1 ? 1 : 3, k1 ? 1 : 3}, i, "conv");
+        std::vector<float> bias = vec(weight(r[P::kBIdx], {M}, i, "conv bias"));
+        const float* w = wv.data;   // w: [Cout, Cin, k, k]
+        const float* ws = nullptr;  // the 1x1 shortcut: [Cout, Cin2, 1, 1]
+        if (op.in2 >= 0) {
+          if (op.mode != P::kConv3) fail(where + ": a shortcut input needs a 3x3 stride-1 conv");
+          positive(op.cin2, "c_in2");
+          use(op.in2, op.cin2 * pplane, i, "shortcut input");
+          arena_slot(op.in2, i, "shortcut input");
+          ws = weight(r[P::kW2Idx], {M, op.cin2, 1, 1}, i, "shortcut").data;
+          const auto b2 = vec(weight(r[P::kB2Idx], {M}, i, "shortcut bias"));
+          for (int64_t mm = 0; mm < M; ++mm) bias[size_t(mm)] += b2[size_t(mm)];
+        }
+        op.bias = upload_floats(bias, "conv bias");
+        int64_t ho = op.h, wo = op.w;
+        if (op.mode == P::kDown0 || op.mode == P::kDown1) {
+          if (op.h % 2 || op.w % 2) fail(where + ": a stride-2 conv needs even sizes");
+          ho = op.h / 2; wo = op.w / 2;
+        } else if (op.mode == P::kUp) {
+          ho = op.h * 2; wo = op.w * 2;
+        }
+        use(op.out, M * ho * wo, i, "output");
+        use(op.temb, M, i, "time embedding", true);
+        use(op.residual, M * ho * wo, i, "residual", true);
+        const int64_t Wp = op.w + 2;
+        if (op.mode == P::kConv3) {
+          use(op.in, ci * pplane, i, "input (padded)");
+          arena_slot(op.in, i, "input");
+          const int64_t Km = ci * 9, Ks = ws ? op.cin2 : 0;
+          GGemm g = pack(M, Km + Ks, [&](int64_t mm, int64_t kk) {
+            return kk < Km ? w[mm * Km + kk] : ws[mm * Ks + (kk - Km)];
+          }, "conv weights");
+          std::vector<int64_t> rel;
+          for (int64_t c = 0; c < ci; ++c)
+            for (int dy = 0; dy < 3; ++dy)
+              for (int dx = 0; dx < 3; ++dx) rel.push_back(slot_off[size_t(op.in)] + c * pplane + dy * Wp + dx);
+          for (int64_t c = 0; c < Ks; ++c) rel.push_back(slot_off[size_t(op.in2)] + c * pplane + Wp + 1);  // centre tap
+          boffs(g, rel);
+          g.Pn = int(op.h * Wp); g.Wp = int(Wp); g.Wv = int(op.w); g.oys = int(op.w); g.oxs = 1;
+          op.gemms.push_back(std::move(g));
+        } else if (op.mode == P::kConv1) {
+          use(op.in, ci * hw, i, "input");
+          arena_slot(op.in, i, "input");
+          GGemm g = pack(M, ci, [&](int64_t mm, int64_t kk) { return w[mm * ci + kk]; }, "conv weights");
+          std::vector<int64_t> rel;
+          for (int64_t c = 0; c < ci; ++c) rel.push_back(slot_off[size_t(op.in)] + c * hw);
+          boffs(g, rel);
+          g.Pn = int(hw); g.Wp = int(op.w); g.Wv = int(op.w); g.oys = int(op.w); g.oxs = 1;
+          op.gemms.push_back(std::move(g));
+        } else if (op.mode == P::kDown0 || op.mode == P::kDown1) {
+          use(op.in, ci * hw, i, "input");
+          use(op.scratch, ci * 9 * ho * wo, i, "im2col scratch");
+          arena_slot(op.in, i, "input");
+          arena_slot(op.scratch, i, "im2col scratch");
+          const int64_t K = ci * 9;
+          GGemm g = pack(M, K, [&](int64_t mm, int64_t kk) { return w[mm * K + kk]; }, "conv weights");
+          std::vector<int64_t> rel;
+          for (int64_t kk = 0; kk < K; ++kk) rel.push_back(slot_off[size_t(op.scratch)] + kk * ho * wo);
+          boffs(g, rel);
+          g.Pn = int(ho * wo); g.Wp = int(wo); g.Wv = int(wo); g.oys = int(wo); g.oxs = 1;
+          op.gemms.push_back(std::move(g));
+        } else if (op.mode == P::kUp) {
+          use(op.in, ci * pplane, i, "input (padded)");
+          arena_slot(op.in, i, "input");
+          // phase (py, px) of nearest-x2 + 3x3 = a 2x2 conv on the low-res input (csrc/cpu/engine.cpp)
+          static const int kTaps[2][2][3] = {{{0, -1, -1}, {1, 2, -1}}, {{0, 1, -1}, {2, -1, -1}}};
+          for (int py = 0; py < 2; ++py)
+            for (int px = 0; px < 2; ++px) {
+              GGemm g = pack(M, ci * 4, [&](int64_t mm, int64_t kk) {
+                const int64_t c = kk / 4;
+                const int a = int(kk % 4) / 2, b = int(kk % 2);
+                float s = 0.0f;
+                for (int u = 0; u < 3 && kTaps[py][a][u] >= 0; ++u)
+                  for (int v = 0; v < 3 && kTaps[px][b][v] >= 0; ++v)
+                    s += w[((mm * ci + c) * 3 + kTaps[py][a][u]) * 3 + kTaps[px][b][v]];
+                return s;
+              }, "upsample conv weights");
+              std::vector<int64_t> rel;
+              for (int64_t c = 0; c < ci; ++c)
+                for (int a = 0; a < 2; ++a)
+                  for (int b = 0; b < 2; ++b)
+                    rel.push_back(slot_off[size_t(op.in)] + c * pplane + (py + a) * Wp + (px + b));
+              boffs(g, rel);
+              g.Pn = int(op.h * Wp); g.Wp = int(Wp); g.Wv = int(op.w);
+              g.oys = int(2 * wo); g.oxs = 2; g.ooff = int(py * wo + px);
+              op.gemms.push_back(std::move(g));
+            }
+        } else {
+          fail(where + ": unknown conv mode " + std::to_string(op.mode));
+        }
+        break;
+      }
+      case P::kAttention: {
+        positive(op.cin, "c_in"); positive(op.h, "h"); positive(op.w, "w"); positive(op.heads, "heads");
+        const int64_t C = op.cin, L = hw;
+        if (C % op.heads)
+          fail(where + ": " + std::to_string(C) + " channels cannot be split into " + std::to_string(op.heads) + " heads");
+        use(op.in, C * L, i, "input");
+        use(op.residual, C * L, i, "residual");
+        use(op.out, C * L, i, "output");
+        use(op.scratch, 4 * C * L + op.heads * L * L, i, "scratch");
+        arena_slot(op.in, i, "input");
+        arena_slot(op.scratch, i, "scratch");
+        if (N * op.heads > 65535) fail(where + ": batch * heads must be <= 65535 on the CUDA engine");
+        const int64_t w0 = r[P::kWIdx];
+        const float* wq = weight(w0, {C, C}, i, "to_q").data;
+        const auto bq = vec(weight(w0 + 1, {C}, i, "to_q bias"));
+        const float* wk = weight(w0 + 2, {C, C}, i, "to_k").data;
+        const auto bk = vec(weight(w0 + 3, {C}, i, "to_k bias"));
+        const float* wvv = weight(w0 + 4, {C, C}, i, "to_v").data;
+        const auto bv = vec(weight(w0 + 5, {C}, i, "to_v bias"));
+        const float* wo = weight(w0 + 6, {C, C}, i, "to_out.0").data;
+        op.bias2 = upload_floats(vec(weight(w0 + 7, {C}, i, "to_out.0 bias")), "attention bias");
+        std::vector<float> bqkv(bq);  // [3C]: q, k, v stacked
+        bqkv.insert(bqkv.end(), bk.begin(), bk.end());
+        bqkv.insert(bqkv.end(), bv.begin(), bv.end());
+        op.bias = upload_floats(bqkv, "attention bias");
+        GGemm qkv = pack(3 * C, C, [&](int64_t mm, int64_t kk) {
+          const float* s = mm < C ? wq : (mm < 2 * C ? wk : wvv);
+          return s[(mm % C) * C + kk];
+        }, "attention weights");
+        std::vector<int64_t> rel;
+        for (int64_t c = 0; c < C; ++c) rel.push_back(slot_off[size_t(op.in)] + c * L);
+        boffs(qkv, rel);
+        qkv.Pn = int(L); qkv.Wp = int(L); qkv.Wv = int(L); qkv.oys = 0; qkv.oxs = 1;
+        GGemm proj = pack(C, C, [&](int64_t mm, int64_t kk) { return wo[mm * C + kk]; }, "attention weights");
+        rel.clear();
+        for (int64_t c = 0; c < C; ++c) rel.push_back(slot_off[size_t(op.scratch)] + 3 * C * L + c * L);
+        boffs(proj, rel);
+        proj.Pn = int(L); proj.Wp = int(L); proj.Wv = int(L); proj.oys = 0; proj.oxs = 1;
+        op.gemms.push_back(std::move(qkv));
+        op.gemms.push_back(std::move(proj));
+        break;
+      }
+      default:
+        fail("plan op " + std::to_string(i) + " has unknown op code " + std::to_string(op.code));
+    }
+    ops.push_back(std::move(op));
+  }
+  if (N > 65535) fail("batch must be <= 65535 on the CUDA engine");
+  if (N > 0 && T > (int64_t(1) << 40) / N) fail("the activations of this plan and batch are too large");
+  arena = DevBuf(size_t(N * T + kSlack) * 4, "the activation arena");
+  check(cudaMemset(arena.as<void>(), 0, arena.bytes()), "cudaMemset");
+  x = DevBuf(size_t(N * in_c * H * W) * 4, "the sample buffer");
+  m = DevBuf(size_t(N * out_c * H * W) * 4, "the model output buffer");
+  tvals = DevBuf(size_t(N) * 4, "the timesteps");
+  state = DevBuf(sizeof(LoopState), "the loop state");
+  state_host = HostBuf(sizeof(LoopState));
+  check(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), "cudaStreamCreate");
+  for (auto& e : ev) check(cudaEventCreateWithFlags(&e, cudaEventDisableTiming), "cudaEventCreate");
+}
+
+// ------------------------------------------------------------------------------- the forward
+
+void Engine::Impl::forward_ops(cudaStream_t st) {
+  const int n = int(N);
+  float* base = arena.as<float>();
+  auto concat = [&](const GOp& op) {
+    Concat c;
+    c.in = slot(op.in); c.i_bstride = bstride(op.in);
+    if (op.cin2 > 0) { c.in2 = slot(op.in2); c.i2_bstride = bstride(op.in2); }
+    c.cin = int(op.cin); c.cin2 = int(op.cin2); c.h = int(op.h); c.w = int(op.w);
+    return c;
+  };
+  auto gemm_of = [&](const GGemm& cg) {
+    GemmDev g;
+    g.M = cg.M; g.K = cg.K; g.Kpad = cg.Kpad; g.Pn = cg.Pn;
+    g.A = cg.A.as<void>(); g.boff = cg.boff.as<int>();
+    g.src = base; g.s_bstride = T;
+    g.Wp = cg.Wp; g.Wv = cg.Wv; g.oys = cg.oys; g.oxs = cg.oxs; g.ooff = cg.ooff;
+    g.nbatch = n;
+    return g;
+  };
+  for (const GOp& op : ops) {
+    switch (op.code) {
+      case P::kTimeEmb:
+        check(launch_time_emb(tvals.as<float>(), slot(op.out), bstride(op.out), n, int(op.cout), op.shift,
+                              op.flags & P::kFlagFlip, st), "time embedding");
+        break;
+      case P::kLinear:
+        check(launch_linear(slot(op.in), bstride(op.in), slot(op.out), bstride(op.out), op.wt.as<float>(),
+                            op.bias.as<float>(), n, int(op.cin), int(op.cout), op.flags & P::kFlagSilu, st), "linear");
+        break;
+      case P::kPad:
+        check(launch_pad(concat(op), slot(op.out), bstride(op.out), n, op.a, op.shift, st), "pad");
+        break;
+      case P::kGroupNorm:
+        check(launch_groupnorm(concat(op), slot(op.out), bstride(op.out), n, int(op.groups), op.eps,
+                               op.gamma.as<float>(), op.beta.as<float>(), op.flags & P::kFlagSilu,
+                               op.flags & P::kFlagPaddedOut, st), "group norm");
+        break;
+      case P::kConv: {
+        int64_t ho = op.h, wo = op.w;
+        if (op.mode == P::kDown0 || op.mode == P::kDown1) {
+          ho = op.h / 2; wo = op.w / 2;
+          check(launch_im2col_s2(slot(op.in), bstride(op.in), slot(op.scratch), T, n, int(op.cin), int(op.h),
+                                 int(op.w), op.mode == P::kDown1 ? 1 : 0, st), "im2col");
+        } else if (op.mode == P::kUp) {
+          ho = op.h * 2; wo = op.w * 2;
+        }
+        for (const GGemm& cg : op.gemms) {
+          GemmDev g = gemm_of(cg);
+          g.out = slot(op.out); g.o_bstride = bstride(op.out); g.ocs = ho * wo;
+          g.bias = op.bias.as<float>();
+          if (op.temb >= 0) { g.temb = slot(op.temb); g.t_bstride = bstride(op.temb); }
+          if (op.residual >= 0) { g.res = slot(op.residual); g.r_bstride = bstride(op.residual); }
+          g.scale = op.scale;
+          check(launch_gemm(g, prec, st), "conv GEMM");
+        }
+        break;
+      }
+      case P::kAttention: {
+        const int64_t C = op.cin, L = op.h * op.w, heads = op.heads, d = C / heads;
+        float* q = slot(op.scratch);  // per sample: q, k, v [3C, L]; o [C, L]; scores [heads, L, L]
+        float* k = q + C * L;
+        float* v = q + 2 * C * L;
+        float* o = q + 3 * C * L;
+        float* S = q + 4 * C * L;
+        GemmDev g = gemm_of(op.gemms[0]);
+        g.out = q; g.o_bstride = T; g.ocs = L;
+        g.bias = op.bias.as<float>();
+        check(launch_gemm(g, prec, st), "attention qkv GEMM");
+        StridedGemm s;  // S_h [i, j] = scale * sum_c q[h*d + c][i] k[h*d + c][j]
+        s.M = int(L); s.N = int(L); s.K = int(d);
+        s.A = q; s.sam = 1; s.sak = L; s.a_outer = T; s.a_inner = d * L;
+        s.B = k; s.sbk = L; s.sbn = 1; s.b_outer = T; s.b_inner = d * L;
+        s.C = S; s.scm = L; s.c_outer = T; s.c_inner = L * L;
+        s.alpha = float(1.0 / std::sqrt(double(d)));
+        s.outer = n; s.inner = int(heads);
+        check(launch_strided_gemm(s, st), "attention scores");
+        check(launch_softmax_rows(S, T, int(heads * L), int(L), n, st), "softmax");
+        StridedGemm pv;  // o[h*d + c][i] = sum_j v[h*d + c][j] P_h[i, j]
+        pv.M = int(d); pv.N = int(L); pv.K = int(L);
+        pv.A = v; pv.sam = L; pv.sak = 1; pv.a_outer = T; pv.a_inner = d * L;
+        pv.B = S; pv.sbk = 1; pv.sbn = L; pv.b_outer = T; pv.b_inner = L * L;
+        pv.C = o; pv.scm = L; pv.c_outer = T; pv.c_inner = d * L;
+        pv.outer = n; pv.inner = int(heads);
+        check(launch_strided_gemm(pv, st), "attention values");
+        GemmDev pj = gemm_of(op.gemms[1]);  // out = scale * (Wo o + bo + residual)
+        pj.out = slot(op.out); pj.o_bstride = bstride(op.out); pj.ocs = L;
+        pj.bias = op.bias2.as<float>();
+        pj.res = slot(op.residual); pj.r_bstride = bstride(op.residual);
+        pj.scale = op.scale;
+        check(launch_gemm(pj, prec, st), "attention out GEMM");
+        break;
+      }
+      default: break;  // rejected at build
+    }
+  }
+}
+
+// One step of the loop, captured: t from the table, the U-Net, the fused step (x in place), step += 1.
+void Engine::Impl::capture() {
+  drop_graph();
+  check(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal), "cudaStreamBeginCapture");
+  cudaError_t err = cudaSuccess;
+  std::string what;
+  try {
+    check(launch_loop_begin(state.as<LoopState>(), ts_tab.as<uint32_t>(), tvals.as<float>(), int(N), stream),
+          "loop begin");
+    forward_ops(stream);
+    StepParams p;
+    p.batch = N;
+    p.per_sample = in_c * H * W;
+    check_status(loop_step(p, x.as<float>(), m.as<float>(), x.as<float>(), coef_tab.as<float>(),
+                           ts_tab.as<uint32_t>(), state.as<LoopState>(), stream), "loop step");
+    check(launch_loop_advance(state.as<LoopState>(), stream), "loop advance");
+  } catch (const std::exception& e) {
+    err = cudaErrorUnknown;
+    what = e.what();
+  }
+  cudaGraph_t g = nullptr;
+  const cudaError_t end = cudaStreamEndCapture(stream, &g);
+  if (err != cudaSuccess || end != cudaSuccess) {
+    if (g) cudaGraphDestroy(g);
+    cudaGetLastError();
+    throw CudaError("capturing the sampling step failed: " + (what.empty() ? cuda_text(end) : what));
+  }
+  graph = g;
+  const cudaError_t inst = cudaGraphInstantiate(&exec, graph, 0);
+  if (inst != cudaSuccess) {
+    exec = nullptr;
+    drop_graph();
+    check(inst, "cudaGraphInstantiate");
+  }
+  graph_nodes = 0;
+  cudaGraphGetNodes(graph, nullptr, &graph_nodes);
+}
+
+// ------------------------------------------------------------------------------- Engine
+
+Engine::Engine(const PlanView& plan, const std::vector<WeightView>& weights, int64_t batch, int64_t in_c,
+               int64_t out_c, int64_t height, int64_t width, Precision requested, int device)
+    : impl_(new Impl), precision_(requested), device_(device), batch_(batch) {
+  if (batch < 1 || in_c < 1 || out_c < 1 || height < 1 || width < 1)
+    fail("batch, channels, height and width must be positive");
+  int count = 0;
+  check(cudaGetDeviceCount(&count), "cudaGetDeviceCount");
+  if (device < 0 || device >= count)
+    fail("CUDA device " + std::to_string(device) + " out of range: " + std::to_string(count) + " device(s)");
+  DeviceGuard guard(device);
+  int major = 0;
+  check(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device), "cudaDeviceGetAttribute");
+  if (major < 8) {  // no tf32 / bf16 tensor cores before Ampere
+    if (requested == Precision::kBF16) fail("dtype bf16 needs a GPU of compute capability 8.0 or newer");
+    if (requested == Precision::kTF32) precision_ = Precision::kF32;
+  }
+  if (major < 7 && requested == Precision::kF16) fail("dtype fp16 needs a GPU of compute capability 7.0 or newer");
+  Impl& e = *impl_;
+  e.N = batch; e.in_c = in_c; e.out_c = out_c; e.H = height; e.W = width; e.prec = precision_;
+  e.build(plan, weights);
+}
+
+Engine::~Engine() {
+  if (!impl_) return;
+  int prev = 0;
+  const bool ok = cudaGetDevice(&prev) == cudaSuccess;
+  if (ok && prev != device_) cudaSetDevice(device_);
+  if (impl_->stream) cudaStreamSynchronize(impl_->stream);
+  impl_.reset();
+  if (ok && prev != device_) cudaSetDevice(prev);
+}
+
+int64_t Engine::steps() const { return impl_->steps; }
+bool Engine::graph_captured() const { return impl_->exec != nullptr; }
+int64_t Engine::graph_nodes() const { return int64_t(impl_->graph_nodes); }
+int64_t Engine::device_bytes() const {
+  const Impl& e = *impl_;
+  int64_t b = int64_t(e.arena.bytes() + e.x.bytes() + e.m.bytes() + e.coef_tab.bytes() + e.ts_tab.bytes());
+  for (const GOp& op : e.ops) {
+    b += int64_t(op.wt.bytes() + op.bias.bytes() + op.gamma.bytes() + op.beta.bytes() + op.bias2.bytes());
+    for (const GGemm& g : op.gemms) b += int64_t(g.A.bytes() + g.boff.bytes());
+  }
+  return b;
+}
+
+void Engine::forward_host(const float* x, const float* t, float* out) {
+  if (!x || !t || !out) fail("null array pointer");
+  for (int64_t n = 0; n < batch_; ++n)
+    if (!std::isfinite(t[n])) fail("timestep must be finite");
+  std::lock_guard<std::mutex> lock(mu_);
+  DeviceGuard guard(device_);
+  Impl& e = *impl_;
+  const size_t in_b = size_t(e.N * e.in_c * e.H * e.W) * 4, out_b = size_t(e.N * e.out_c * e.H * e.W) * 4;
+  check(cudaMemcpyAsync(e.x.as<float>(), x, in_b, cudaMemcpyHostToDevice, e.stream), "copy of the sample");
+  check(cudaMemcpyAsync(e.tvals.as<float>(), t, size_t(e.N) * 4, cudaMemcpyHostToDevice, e.stream), "copy of t");
+  e.forward_ops(e.stream);
+  check(cudaMemcpyAsync(out, e.m.as<float>(), out_b, cudaMemcpyDeviceToHost, e.stream), "copy of the output");
+  check(cudaStreamSynchronize(e.stream), "U-Net forward");
+}
+
+void Engine::forward_device(const float* x, const float* t, float* out, cudaStream_t stream) {
+  if (!x || !t || !out) fail("null device pointer");
+  std::lock_guard<std::mutex> lock(mu_);
+  DeviceGuard guard(device_);
+  Impl& e = *impl_;
+  const size_t in_b = size_t(e.N * e.in_c * e.H * e.W) * 4, out_b = size_t(e.N * e.out_c * e.H * e.W) * 4;
+  // On the caller's stream: the engine's buffers are only touched in stream order.
+  check(cudaMemcpyAsync(e.x.as<float>(), x, in_b, cudaMemcpyDeviceToDevice, stream), "copy of the sample");
+  check(cudaMemcpyAsync(e.tvals.as<float>(), t, size_t(e.N) * 4, cudaMemcpyDeviceToDevice, stream), "copy of t");
+  e.forward_ops(stream);
+  check(cudaMemcpyAsync(out, e.m.as<float>(), out_b, cudaMemcpyDeviceToDevice, stream), "copy of the output");
+  // the engine's own stream must not run the loop over these buffers before this call is done
+  check(cudaEventRecord(e.ev[0], stream), "cudaEventRecord");
+  check(cudaStreamWaitEvent(e.stream, e.ev[0], 0), "cudaStreamWaitEvent");
+}
+
+void Engine::set_schedule(const float* coef, const int64_t* timesteps, int64_t steps) {
+  if (steps < 1) fail("the schedule needs at least one step");
+  if (!coef || !timesteps) fail("null array pointer");
+  if (steps > (int64_t(1) << 30)) fail("too many steps");
+  std::vector<uint32_t> ts(static_cast<size_t>(steps));
+  for (int64_t s = 0; s < steps; ++s) {
+    if (timesteps[s] < 0 || timesteps[s] >= int64_t(kInitialNoiseStep))
+      fail("timestep " + std::to_string(timesteps[s]) + " is out of range");
+    ts[size_t(s)] = uint32_t(timesteps[s]);
+    for (int j = 0; j < kCoefWidth; ++j)
+      if (!std::isfinite(coef[s * kCoefWidth + j])) fail("coefficient table has a non-finite value");
+    if (coef[s * kCoefWidth + kClip] < 0.0f) fail("clip range must be >= 0");
+  }
+  std::lock_guard<std::mutex> lock(mu_);
+  DeviceGuard guard(device_);
+  Impl& e = *impl_;
+  check(cudaStreamSynchronize(e.stream), "cudaStreamSynchronize");  // a running loop may read the tables
+  if (steps > e.cap) {  // new tables: new pointers, so the captured step is stale
+    const int64_t cap = std::max<int64_t>(steps, 1024);
+    DevBuf c(size_t(cap * kCoefWidth) * 4, "the coefficient table");
+    DevBuf t(size_t(cap) * 4, "the timestep table");
+    e.drop_graph();
+    e.coef_tab = std::move(c);
+    e.ts_tab = std::move(t);
+    e.cap = cap;
+  }
+  check(cudaMemcpy(e.coef_tab.as<float>(), coef, size_t(steps * kCoefWidth) * 4, cudaMemcpyHostToDevice),
+        "coefficient upload");
+  check(cudaMemcpy(e.ts_tab.as<uint32_t>(), ts.data(), size_t(steps) * 4, cudaMemcpyHostToDevice), "timestep upload");
+  e.steps = steps;
+}
+
+bool Engine::run(const RunArgs& a, const std::function<bool(int64_t)>& on_chunk) {
+  Impl& e = *impl_;
+  if (!a.x_out) fail("null array pointer");
+  if (a.keep.size() != a.keep_out.size()) fail("keep and keep_out differ in length");
+  if (a.first_index < 0 || a.first_index + batch_ > (int64_t(1) << 32))
+    fail("sample indices first_index + i must lie in [0, 2**32)");
+  if (a.every < 0) fail("callback chunk must be >= 0");
+  if (e.out_c != e.in_c) fail("sampling needs out_channels == in_channels");
+  std::lock_guard<std::mutex> lock(mu_);
+  if (e.steps < 1) fail("no schedule: call set_schedule first");
+  const int64_t S = e.steps;
+  for (size_t i = 0; i < a.keep.size(); ++i)
+    if (a.keep[i] < 0 || a.keep[i] > S || !a.keep_out[i]) fail("bad trajectory position");
+  DeviceGuard guard(device_);
+  const int64_t per = e.in_c * e.H * e.W;
+  const size_t frame_b = size_t(e.N * per) * 4;
+  HostBuf frames(frame_b * a.keep.size());  // pinned: the D2H copies stay asynchronous
+  HostBuf xh(frame_b);
+  check(cudaStreamSynchronize(e.stream), "cudaStreamSynchronize");  // the pinned state may be reused now
+  LoopState* st = reinterpret_cast<LoopState*>(e.state_host.f());
+  st->seed = a.seed;
+  st->first_index = uint32_t(a.first_index);
+  st->step = 0;
+  check(cudaMemcpyAsync(e.state.as<LoopState>(), st, sizeof(LoopState), cudaMemcpyHostToDevice, e.stream),
+        "copy of the loop state");
+  if (!e.exec) e.capture();
+  StepParams p;
+  p.batch = e.N;
+  p.per_sample = per;
+  p.noise_step = kInitialNoiseStep;
+  check_status(loop_normals(p, e.x.as<float>(), e.state.as<LoopState>(), e.stream), "initial noise");
+  auto keep_copy = [&](int64_t pos) {
+    for (size_t i = 0; i < a.keep.size(); ++i)
+      if (a.keep[i] == pos)
+        check(cudaMemcpyAsync(frames.f() + i * size_t(e.N * per), e.x.as<float>(), frame_b, cudaMemcpyDeviceToHost,
+                              e.stream), "trajectory copy");
+  };
+  keep_copy(0);
+  const int64_t every = (a.every <= 0 || !on_chunk) ? S : a.every;
+  int64_t pending = -1;  // the chunk boundary (step) whose event is recorded but not yet waited on
+  int pending_ev = 0, next_ev = 0;
+  bool cancelled = false;
+  for (int64_t k = 1; k <= S; ++k) {
+    check(cudaGraphLaunch(e.exec, e.stream), "cudaGraphLaunch");
+    keep_copy(k);
+    if (k % every == 0 || k == S) {
+      check(cudaEventRecord(e.ev[next_ev], e.stream), "cudaEventRecord");
+      // the GPU has this chunk queued: now wait for the previous one and report it
+      if (pending >= 0) {
+        check(cudaEventSynchronize(e.ev[pending_ev]), "sampling loop");
+        if (on_chunk && !on_chunk(pending)) { cancelled = true; break; }
+      }
+      pending = k;
+      pending_ev = next_ev;
+      next_ev ^= 1;
+    }
+  }
+  if (!cancelled && pending >= 0) {
+    check(cudaEventSynchronize(e.ev[pending_ev]), "sampling loop");
+    if (on_chunk && !on_chunk(pending)) cancelled = true;
+  }
+  if (cancelled) {
+    check(cudaStreamSynchronize(e.stream), "cudaStreamSynchronize");
+    return false;
+  }
+  check(cudaMemcpyAsync(xh.f(), e.x.as<float>(), frame_b, cudaMemcpyDeviceToHost, e.stream), "copy of the sample");
+  check(cudaStreamSynchronize(e.stream), "sampling loop");
+  std::memcpy(a.x_out, xh.f(), frame_b);
+  for (size_t i = 0; i < a.keep.size(); ++i) std::memcpy(a.keep_out[i], frames.f() + i * size_t(e.N * per), frame_b);
+  return true;
+}
+
+}  // namespace cuda
+}  // namespace fastddpm

@@ -1,0 +1,95 @@
+// The CUDA U-Net engine: executes a plan (src/fastddpm/plan.py, layout in fastddpm/plan.h) on one
+// GPU, and runs whole sampling loops as a captured CUDA graph. Mirrors csrc/cpu/engine.h.
+// Raw pointers and plain structs only (csrc/bindings_cuda.cpp is the only file that knows Python).
+// Errors: bad plans / shapes / arguments throw std::invalid_argument before anything is launched;
+// a failed cudaMalloc throws OutOfMemory (nothing half-built is kept, other engines and this
+// engine's earlier state stay usable); any other CUDA failure throws CudaError.
+#pragma once
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "engine_kernels.cuh"
+
+namespace fastddpm {
+namespace cuda {
+
+class OutOfMemory : public std::runtime_error {
+ public:
+  using std::runtime_error::runtime_error;
+};
+class CudaError : public std::runtime_error {
+ public:
+  using std::runtime_error::runtime_error;
+};
+
+// The plan as plain arrays: ints [n_ops, plan::kIntFields], floats [n_ops, plan::kFloatFields].
+struct PlanView {
+  int64_t n_ops = 0;
+  const int64_t* ints = nullptr;
+  const double* floats = nullptr;
+  int64_t n_slots = 0;
+  const int64_t* slot_sizes = nullptr;  // per-sample floats
+};
+
+// One weight (host float32, copied to the device at creation).
+struct WeightView {
+  std::string name;
+  const float* data = nullptr;
+  std::vector<int64_t> shape;
+};
+
+// One run of the loop over the schedule last given to set_schedule. Host arrays.
+struct RunArgs {
+  uint64_t seed = 0;
+  int64_t first_index = 0;
+  std::vector<int64_t> keep;      // loop positions to copy out (0 = x_T, k = after k steps)
+  std::vector<float*> keep_out;   // one [N, C, H, W] host buffer per keep entry
+  float* x_out = nullptr;         // [N, C, H, W] host: the final sample
+  int64_t every = 0;              // on_chunk after every `every` steps (and the last); 0 = only the last
+};
+
+class Engine {
+ public:
+  // requested: the GEMM precision asked for; kTF32 on a GPU older than sm_80 runs as kF32 (see
+  // precision()), kBF16 there is refused. device: CUDA device index.
+  Engine(const PlanView& plan, const std::vector<WeightView>& weights, int64_t batch, int64_t in_c,
+         int64_t out_c, int64_t height, int64_t width, Precision requested, int device);
+  ~Engine();
+  Engine(const Engine&) = delete;
+  Engine& operator=(const Engine&) = delete;
+
+  // out = U-Net(x, t): host arrays x [N, in_c, H, W], t [N], out [N, out_c, H, W] (synchronous).
+  void forward_host(const float* x, const float* t, float* out);
+  // The same on device pointers of this engine's device, enqueued on `stream` (asynchronous).
+  void forward_device(const float* x, const float* t, float* out, cudaStream_t stream);
+
+  // The scheduler's table: coef [steps, kCoefWidth] float32, timesteps [steps] (host; checked, uploaded).
+  void set_schedule(const float* coef, const int64_t* timesteps, int64_t steps);
+  // The whole loop; on_chunk(k) after step k at chunk boundaries, false = cancel. Returns false if cancelled.
+  bool run(const RunArgs& args, const std::function<bool(int64_t)>& on_chunk);
+
+  Precision precision() const { return precision_; }
+  int device() const { return device_; }
+  int64_t batch() const { return batch_; }
+  int64_t steps() const;
+  int64_t device_bytes() const;
+  bool graph_captured() const;
+  int64_t graph_nodes() const;
+
+  struct Impl;
+
+ private:
+  std::unique_ptr<Impl> impl_;
+  Precision precision_;
+  int device_;
+  int64_t batch_;
+  std::mutex mu_;  // one call at a time: calls share the activation arena and the graph
+};
+
+}  // namespace cuda
+}  // namespace fastddpm
