@@ -1,0 +1,179 @@
+"""Shared pieces of the step, noise and scheduler tests: the CPU backends to parametrise over, and
+the float64 reference formulas of one DDPM / DDIM step, written here from the papers and diffusers'
+code (independently of fastddpm.schedulers, which factors the same maths into coefficient rows).
+
+Tolerances
+----------
+The fused step runs in float32 with float32-rounded coefficients. Every coefficient is rounded once
+(<= 2**-24 relative) and the kernel does about eight multiplies and adds, each rounded once; every
+rounding error is at most 2**-24 of the magnitude of the quantity rounded, and no intermediate is
+larger than the sum of the absolute values of the terms of the formula (``scale`` below, computed
+from the *unclipped* x0 terms, since clipping is 1-Lipschitz and cannot enlarge an error). So
+|kernel - exact| <= ~16 * 2**-24 * scale; we assert STEP_RTOL = 16 units of 2**-24 times scale, i.e.
+about 1e-6 of the size of the terms (measured worst: 3.3 units on every config of the grid). A wrong
+coefficient, a wrong previous timestep or a missing clip changes the result by a sizeable fraction
+of ``scale``, far above this bound.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+
+import numpy as np
+import pytest
+
+import fastddpm
+from fastddpm.backends import get as get_backend
+
+EPS32 = 2.0**-24          # float32 unit roundoff
+STEP_ULPS = 16            # see the module docstring
+STEP_RTOL = STEP_ULPS * EPS32
+
+# The largest |normal| the spec can make: u >= 2**-24 so sqrt(-2 ln u) <= sqrt(48 ln 2) ~ 5.77.
+# float32 log, sqrt and sin/cos each contribute a few units of 2**-24 relative error (the kernels
+# use Cephes-style polynomials of about 1 ulp and an exact reduction of 2*pi*u); 5.77 * 8 * 2**-24
+# ~ 2.8e-6, rounded up to NORMAL_ATOL. Measured on 1.2M normals: 5.2e-7 (native, numba), 2.3e-7
+# (torch, which rounds the float64 spec).
+NORMAL_ATOL = 4e-6
+
+
+def cpu_backend_params():
+    """One pytest.param per available CPU backend, and per ISA path for native-cpu."""
+    params = []
+    for name, entry in fastddpm.backends().items():
+        if not (entry["available"] and "cpu" in entry.get("devices", [])):
+            continue
+        if name == "native-cpu":
+            for isa in get_backend(name).supported_isas():
+                params.append(pytest.param((name, isa), id=f"{name}-{isa}"))
+        else:
+            params.append(pytest.param((name, None), id=name))
+    return params
+
+
+CPU_BACKENDS = cpu_backend_params()
+CPU_BACKEND_NAMES = sorted({p.values[0][0] for p in CPU_BACKENDS})
+
+
+@contextlib.contextmanager
+def using(spec):
+    """Select backend ``spec = (name, isa)``: sets the native ISA path and restores it afterwards."""
+    name, isa = spec
+    if isa is None:
+        yield name
+        return
+    be = get_backend(name)
+    old = be.isa()
+    be.set_isa(isa)
+    try:
+        assert be.isa() == isa, f"set_isa({isa!r}) left the backend on {be.isa()!r}"
+        yield name
+    finally:
+        be.set_isa(old)
+
+
+@pytest.fixture(params=CPU_BACKENDS)
+def backend(request):
+    """The name of a CPU backend to pass as ``backend=`` (native-cpu once per ISA path)."""
+    with using(request.param) as name:
+        yield name
+
+
+# -- the float64 reference formulas ------------------------------------------------------------
+
+def pred_x0_eps(prediction_type, abar, x, m):
+    """(x0, |x0 terms|, eps, |eps terms|) from the model output m, as diffusers derives them."""
+    sa, sb = math.sqrt(abar), math.sqrt(1.0 - abar)
+    if prediction_type == "epsilon":
+        x0 = (x - sb * m) / sa
+        return x0, (np.abs(x) + sb * np.abs(m)) / sa, m, np.abs(m)
+    if prediction_type == "sample":
+        return m, np.abs(m), (x - sa * m) / sb, (np.abs(x) + sa * np.abs(m)) / sb
+    if prediction_type == "v_prediction":
+        return sa * x - sb * m, sa * np.abs(x) + sb * np.abs(m), sa * m + sb * x, sa * np.abs(m) + sb * np.abs(x)
+    raise AssertionError(prediction_type)
+
+
+def _f64(*arrays):
+    return [None if a is None else np.asarray(a, dtype=np.float64) for a in arrays]
+
+
+def ddpm_reference(sched, t, x, m, z):
+    """x_{t-1} of DDPM (Ho et al. eq. 6-7, diffusers' DDPMScheduler.step) in float64.
+
+    Returns (x_prev, scale, sigma): scale bounds the float32 evaluation error (module docstring).
+    """
+    x, m, z = _f64(x, m, z)
+    cfg = sched.config
+    ts = [int(v) for v in sched.timesteps]
+    i = ts.index(int(t))
+    prev = ts[i + 1] if i + 1 < len(ts) else -1
+    abar = float(sched.alphas_cumprod[t])
+    abar_prev = float(sched.alphas_cumprod[prev]) if prev >= 0 else 1.0
+    alpha_t = abar / abar_prev
+    beta_t = 1.0 - alpha_t
+    x0, x0_mag, _, _ = pred_x0_eps(cfg["prediction_type"], abar, x, m)
+    if cfg["clip_sample"]:
+        r = cfg["clip_sample_range"]
+        x0 = np.clip(x0, -r, r)
+    c_x0 = math.sqrt(abar_prev) * beta_t / (1.0 - abar)
+    c_xt = math.sqrt(alpha_t) * (1.0 - abar_prev) / (1.0 - abar)
+    out = c_x0 * x0 + c_xt * x
+    sigma = 0.0
+    if t > 0:
+        variance = max((1.0 - abar_prev) / (1.0 - abar) * beta_t, 1e-20)
+        if cfg["variance_type"] == "fixed_large":
+            variance = beta_t
+        sigma = math.sqrt(variance)
+        out = out + sigma * z
+    scale = abs(c_x0) * x0_mag + abs(c_xt) * np.abs(x) + (sigma * np.abs(z) if sigma else 0.0)
+    return out, scale, sigma
+
+
+def ddim_reference(sched, t, x, m, z, eta):
+    """x_prev of DDIM (Song et al. eq. 12 and 16, diffusers' DDIMScheduler.step) in float64."""
+    x, m, z = _f64(x, m, z)
+    cfg = sched.config
+    T = sched.num_train_timesteps
+    prev = int(t) - T // sched.num_inference_steps
+    abar = float(sched.alphas_cumprod[t])
+    if prev >= 0:
+        abar_prev = float(sched.alphas_cumprod[prev])
+    else:
+        abar_prev = 1.0 if cfg["set_alpha_to_one"] else float(sched.alphas_cumprod[0])
+    x0, x0_mag, eps, eps_mag = pred_x0_eps(cfg["prediction_type"], abar, x, m)
+    if cfg["clip_sample"]:
+        r = cfg["clip_sample_range"]
+        x0 = np.clip(x0, -r, r)
+    variance = (1.0 - abar_prev) / (1.0 - abar) * (1.0 - abar / abar_prev)
+    std = eta * math.sqrt(variance)
+    c_eps = math.sqrt(max(1.0 - abar_prev - std**2, 0.0))
+    out = math.sqrt(abar_prev) * x0 + c_eps * eps
+    if eta > 0:
+        out = out + std * z
+    scale = math.sqrt(abar_prev) * x0_mag + c_eps * eps_mag + (std * np.abs(z) if eta > 0 else 0.0)
+    return out, scale, std
+
+
+def assert_step_close(got, ref, scale, what="", rtol=STEP_RTOL, extra=0.0):
+    """|got - ref| <= rtol * scale + extra, elementwise, with the worst element reported."""
+    got = np.asarray(got, dtype=np.float64)
+    assert got.shape == ref.shape, f"{what}: shape {got.shape} != {ref.shape}"
+    bound = rtol * np.asarray(scale, dtype=np.float64) + extra
+    err = np.abs(got - ref)
+    bad = ~(err <= bound)   # NaN counts as bad
+    if bad.any():
+        i = np.unravel_index(int(np.argmax(np.where(bad, err - bound, -np.inf))), err.shape)
+        raise AssertionError(
+            f"{what}: {int(bad.sum())}/{bad.size} elements outside the float32 bound; worst at {i}: "
+            f"got {got[i]!r}, expected {ref[i]!r}, |diff| {err[i]:.3e} > bound {bound[i]:.3e} "
+            f"(scale {np.broadcast_to(scale, err.shape)[i]:.3e})")
+
+
+def random_inputs(shape, seed=0, x_std=1.0, m_std=1.0):
+    """float32 (x, m, z): sample, model output and given noise."""
+    rng = np.random.default_rng(seed)
+    x = (x_std * rng.standard_normal(shape)).astype(np.float32)
+    m = (m_std * rng.standard_normal(shape)).astype(np.float32)
+    z = rng.standard_normal(shape).astype(np.float32)
+    return x, m, z
