@@ -7,16 +7,23 @@
 // The CUDA runtime is linked statically and finds the driver when first called, so importing this
 // module never needs a driver or a GPU: device_count() then answers (0, why).
 #include <cuda_runtime_api.h>
+#include <pybind11/functional.h>
+#include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
 #include <cstdint>
 #include <cstring>
+#include <memory>
+#include <optional>
 #include <stdexcept>
 #include <string>
 #include <tuple>
 
+#include "cuda/engine_cuda.h"
 #include "cuda/step_cuda.h"
 #include "fastddpm/philox.h"
+#include "fastddpm/plan.h"
 
 namespace py = pybind11;
 using fastddpm::StepArrays;
@@ -265,9 +272,174 @@ void synchronize(int device) {
   check_cuda(e, "cudaDeviceSynchronize");
 }
 
+
+// ---- the U-Net engine ------------------------------------------------------------------------
+
+const float* float_data(const py::array& a, const char* what) {
+  if (!py::isinstance<py::array_t<float>>(a) || a.dtype().kind() != 'f' || a.itemsize() != 4)
+    throw py::type_error(std::string(what) + " must be a float32 array");
+  if (!(a.flags() & py::array::c_style)) throw py::value_error(std::string(what) + " must be C-contiguous");
+  return static_cast<const float*>(a.data());
+}
+
+template <typename T>
+py::array_t<T> checked(const py::array& a, const char* what, int ndim, int64_t cols) {
+  if (!py::isinstance<py::array_t<T>>(a) || a.dtype().itemsize() != sizeof(T) ||
+      a.dtype().kind() != py::dtype::of<T>().kind())
+    throw py::type_error(std::string(what) + " has the wrong dtype");
+  if (!(a.flags() & py::array::c_style)) throw py::value_error(std::string(what) + " must be C-contiguous");
+  if (a.ndim() != ndim || (cols >= 0 && a.shape(1) != cols)) throw py::value_error(std::string(what) + " has the wrong shape");
+  return py::reinterpret_borrow<py::array_t<T>>(a);
+}
+
+fcuda::Precision precision_of(const std::string& dtype) {
+  if (dtype == "fp32") return fcuda::Precision::kF32;
+  if (dtype == "tf32") return fcuda::Precision::kTF32;
+  if (dtype == "bf16") return fcuda::Precision::kBF16;
+  if (dtype == "fp16") return fcuda::Precision::kF16;
+  throw py::value_error("dtype must be one of 'fp32', 'tf32', 'bf16', 'fp16', got '" + dtype + "'");
+}
+
+const char* precision_name(fcuda::Precision p) {
+  switch (p) {
+    case fcuda::Precision::kF32: return "fp32";
+    case fcuda::Precision::kTF32: return "tf32";
+    case fcuda::Precision::kBF16: return "bf16";
+    case fcuda::Precision::kF16: return "fp16";
+  }
+  return "?";
+}
+
+class PyCudaEngine {
+ public:
+  PyCudaEngine(const py::array& ints, const py::array& floats, const py::array& slot_sizes, const py::list& weights,
+               int64_t batch, int64_t in_c, int64_t out_c, int64_t height, int64_t width, const std::string& dtype,
+               int device)
+      : n_(batch), in_c_(in_c), out_c_(out_c), h_(height), w_(width) {
+    namespace P = fastddpm::plan;
+    const fcuda::Precision prec = precision_of(dtype);
+    if (device < 0) throw py::value_error("device must be a CUDA device index >= 0");
+    const auto ia = checked<int64_t>(ints, "plan ints", 2, P::kIntFields);
+    const auto fa = checked<double>(floats, "plan floats", 2, P::kFloatFields);
+    const auto sa = checked<int64_t>(slot_sizes, "plan slot_sizes", 1, -1);
+    if (ia.shape(0) != fa.shape(0)) throw py::value_error("plan ints and floats differ in length");
+    fcuda::PlanView pv;
+    pv.n_ops = ia.shape(0);
+    pv.ints = ia.data();
+    pv.floats = fa.data();
+    pv.n_slots = sa.shape(0);
+    pv.slot_sizes = sa.data();
+    std::vector<fcuda::WeightView> ws;
+    std::vector<py::array> keep_alive;
+    for (const py::handle item : weights) {
+      const py::tuple pair = py::reinterpret_borrow<py::object>(item).cast<py::tuple>();
+      if (pair.size() != 2) throw py::value_error("weights must be (name, array) pairs");
+      fcuda::WeightView wv;
+      wv.name = pair[0].cast<std::string>();
+      const py::array arr = pair[1].cast<py::array>();
+      wv.data = float_data(arr, ("weight '" + wv.name + "'").c_str());
+      wv.shape.assign(arr.shape(), arr.shape() + arr.ndim());
+      ws.push_back(std::move(wv));
+      keep_alive.push_back(arr);
+    }
+    py::gil_scoped_release nogil;
+    engine_ = std::make_unique<fcuda::Engine>(pv, ws, batch, in_c, out_c, height, width, prec, device);
+  }
+
+  void check_sample(const py::array& x) const {
+    if (x.ndim() != 4 || x.shape(0) != n_ || x.shape(1) != in_c_ || x.shape(2) != h_ || x.shape(3) != w_)
+      throw py::value_error("sample must have shape [" + std::to_string(n_) + ", " + std::to_string(in_c_) + ", " +
+                            std::to_string(h_) + ", " + std::to_string(w_) + "] for this engine");
+  }
+
+  py::array_t<float> forward(const py::array& x, const py::array& t) {
+    const float* xp = float_data(x, "sample");
+    check_sample(x);
+    const float* tp = float_data(t, "timesteps");
+    if (t.ndim() != 1 || t.shape(0) != n_) throw py::value_error("timesteps must be float32 [N]");
+    py::array_t<float> out({n_, out_c_, h_, w_});
+    float* op = out.mutable_data();
+    py::gil_scoped_release nogil;
+    engine_->forward_host(xp, tp, op);
+    return out;
+  }
+
+  // Device pointers (e.g. torch CUDA tensors' data_ptr()): x [N, in_c, H, W], t float32 [N],
+  // out [N, out_c, H, W], all on the engine's device; asynchronous on `stream`.
+  void forward_ptr(uintptr_t x, uintptr_t t, uintptr_t out, uintptr_t stream) {
+    check_device_pointer(x, engine_->device(), "x");
+    check_device_pointer(t, engine_->device(), "t");
+    check_device_pointer(out, engine_->device(), "out");
+    py::gil_scoped_release nogil;
+    engine_->forward_device(reinterpret_cast<const float*>(x), reinterpret_cast<const float*>(t),
+                            reinterpret_cast<float*>(out), stream_of(stream));
+  }
+
+  void set_schedule(const py::array& coef, const py::array& timesteps) {
+    const auto c = checked<float>(coef, "coefficient table", 2, fastddpm::kCoefWidth);
+    const auto ts = checked<int64_t>(timesteps, "timesteps", 1, -1);
+    if (ts.shape(0) != c.shape(0)) throw py::value_error("timesteps and coefficient rows differ in length");
+    py::gil_scoped_release nogil;
+    engine_->set_schedule(c.data(), ts.data(), ts.shape(0));
+  }
+
+  py::tuple run(uint64_t seed, int64_t first_index, const std::vector<int64_t>& keep, const py::object& callback,
+                int64_t every) {
+    if (every < 0) throw py::value_error("callback_every must be >= 0");
+    py::array_t<float> x({n_, in_c_, h_, w_});
+    py::list frames;
+    fcuda::RunArgs a;
+    a.seed = seed;
+    a.first_index = first_index;
+    a.keep = keep;
+    for (size_t i = 0; i < keep.size(); ++i) {
+      py::array_t<float> f({n_, in_c_, h_, w_});
+      a.keep_out.push_back(f.mutable_data());
+      frames.append(f);
+    }
+    a.x_out = x.mutable_data();
+    a.every = every;
+    std::optional<py::error_already_set> err;
+    // At chunk boundaries only (the GPU keeps the next chunk queued): Ctrl-C and the callback.
+    auto on_chunk = [&](int64_t k) -> bool {
+      py::gil_scoped_acquire gil;
+      try {
+        if (PyErr_CheckSignals() != 0) throw py::error_already_set();
+        if (!callback.is_none()) callback(k);
+      } catch (py::error_already_set& e) {
+        err.emplace(std::move(e));
+        return false;
+      }
+      return true;
+    };
+    bool done;
+    {
+      py::gil_scoped_release nogil;
+      done = engine_->run(a, on_chunk);
+    }
+    if (err) throw std::move(*err);
+    if (!done) throw std::runtime_error("sampling was cancelled");
+    return py::make_tuple(x, frames);
+  }
+
+  fcuda::Engine& engine() { return *engine_; }
+
+ private:
+  std::unique_ptr<fcuda::Engine> engine_;
+  int64_t n_, in_c_, out_c_, h_, w_;
+};
+
 }  // namespace
 
 PYBIND11_MODULE(_C_cuda, mod) {
+  // CUDA out of memory -> MemoryError (the message says how much was asked and how much is free)
+  py::register_exception_translator([](std::exception_ptr p) {
+    try {
+      if (p) std::rethrow_exception(p);
+    } catch (const fcuda::OutOfMemory& e) {
+      PyErr_SetString(PyExc_MemoryError, e.what());
+    }
+  });
   mod.doc() = "fastddpm's CUDA core: the fused sampler step and Philox noise on device pointers";
   mod.attr("COEF_WIDTH") = int(fastddpm::kCoefWidth);
   mod.def("fused_step", &fused_step, py::arg("x"), py::arg("m"), py::arg("out"), py::arg("coef"), py::arg("noise"),
@@ -300,4 +472,26 @@ PYBIND11_MODULE(_C_cuda, mod) {
           "copy nbytes from a device pointer back to host bytes (synchronous)");
   mod.def("free", &free_ptr, py::arg("ptr"), py::arg("device") = -1, "cudaFree a pointer from upload()");
   mod.def("synchronize", &synchronize, py::arg("device") = -1, "cudaDeviceSynchronize");
+  mod.def("check_dtype", [](const std::string& d) { return std::string(precision_name(precision_of(d))); },
+          py::arg("dtype"), "the dtype if the engine accepts it; ValueError otherwise (needs no GPU)");
+  py::class_<PyCudaEngine>(mod, "Engine", "The CUDA U-Net engine for one plan (batch, height, width) on one device")
+      .def(py::init<const py::array&, const py::array&, const py::array&, const py::list&, int64_t, int64_t, int64_t,
+                    int64_t, int64_t, const std::string&, int>(),
+           py::arg("ints"), py::arg("floats"), py::arg("slot_sizes"), py::arg("weights"), py::arg("batch"),
+           py::arg("in_channels"), py::arg("out_channels"), py::arg("height"), py::arg("width"),
+           py::arg("dtype") = "tf32", py::arg("device") = 0)
+      .def("forward", &PyCudaEngine::forward, py::arg("x"), py::arg("t"),
+           "model output [N, out_c, H, W] of host x [N, in_c, H, W] (float32) at timesteps t (float32 [N])")
+      .def("forward_ptr", &PyCudaEngine::forward_ptr, py::arg("x"), py::arg("t"), py::arg("out"), py::arg("stream") = 0,
+           "the forward on device pointers (x, t float32 [N], out), asynchronous on stream")
+      .def("set_schedule", &PyCudaEngine::set_schedule, py::arg("coef"), py::arg("timesteps"),
+           "upload the scheduler's float32 [S, 8] table and int64 [S] timesteps")
+      .def("run", &PyCudaEngine::run, py::arg("seed"), py::arg("first_index"), py::arg("keep"), py::arg("callback"),
+           py::arg("every") = 0, "the whole sampling loop over the last schedule; returns (x0, [frames for keep])")
+      .def_property_readonly("dtype", [](PyCudaEngine& e) { return std::string(precision_name(e.engine().precision())); })
+      .def_property_readonly("device", [](PyCudaEngine& e) { return e.engine().device(); })
+      .def_property_readonly("device_bytes", [](PyCudaEngine& e) { return e.engine().device_bytes(); })
+      .def_property_readonly("graph_captured", [](PyCudaEngine& e) { return e.engine().graph_captured(); })
+      .def_property_readonly("graph_nodes", [](PyCudaEngine& e) { return e.engine().graph_nodes(); })
+      .def_property_readonly("steps", [](PyCudaEngine& e) { return e.engine().steps(); });
 }
