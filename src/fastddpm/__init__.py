@@ -10,7 +10,8 @@ from .schedulers import DDIMScheduler, DDPMScheduler, SchedulerConfigError
 
 __version__ = "0.1.0"
 __all__ = ["sample", "load", "noise", "backends", "DDPMScheduler", "DDIMScheduler", "Pipeline",
-           "BackendUnavailableError", "SchedulerConfigError", "__version__"]
+           "BackendUnavailableError", "SchedulerConfigError", "__version__",
+           "save_grid", "save_trajectory", "to_pil"]
 
 
 def noise(seed: int, shape, step: int, first_index: int = 0) -> _np.ndarray:
@@ -30,4 +31,7 @@ def __getattr__(name):  # the pipeline pulls in more; import it on first use
     if name in ("sample", "load", "Pipeline"):
         from . import pipeline
         return getattr(pipeline, name)
+    if name in ("save_grid", "save_trajectory", "to_pil"):   # pictures: Pillow, imported on first use
+        from . import images
+        return getattr(images, name)
     raise AttributeError(f"module 'fastddpm' has no attribute {name!r}")
