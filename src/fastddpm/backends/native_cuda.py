@@ -141,6 +141,24 @@ class NativeCudaBackend(Backend):
                               torch.cuda.current_stream(dev).cuda_stream, dev.index)
         return out.cpu().numpy().view(np.uint32)
 
+    # -- the U-Net engine -------------------------------------------------------------------------
+    def make_engine(self, cfg, weights, batch: int, height: int, width: int, *, dtype: str | None = None,
+                    device: int = 0) -> "NativeCudaEngine":
+        """The CUDA U-Net engine for one (batch, height, width): the whole loop as a CUDA graph.
+        dtype: "tf32" (default), "fp32" (no TF32), "bf16" or "fp16" (GEMM operands; fp32 accumulation)."""
+        dtype = check_dtype(dtype)
+        reasons = self.engine_unavailable()
+        if reasons:
+            raise RuntimeError("the CUDA engine cannot run here: " + "; ".join(reasons))
+        return NativeCudaEngine(cfg, weights, batch, height, width, dtype=dtype, device=device)
+
+    def engine_unavailable(self) -> list[str]:
+        """Why the CUDA engine cannot run (it needs the extension and a GPU, not torch)."""
+        if _C_cuda is None:
+            return [_import_reason()]
+        count, why = _C_cuda.device_count()
+        return [f"no usable CUDA device: {why}"] if count == 0 else []
+
     def describe(self) -> dict:
         from ..info import build_info
         count, _ = _C_cuda.device_count()
@@ -151,6 +169,171 @@ class NativeCudaBackend(Backend):
                            f"{d['multiprocessors']} SMs, {d['memory_bytes'] / 2**30:.0f} GiB)")
         cuda = build_info().get("cuda") or {}
         return {"devices": devices, "cuda_runtime": _C_cuda.runtime_version(), "archs": cuda.get("archs")}
+
+
+DTYPES = ("fp32", "tf32", "bf16", "fp16")
+DEFAULT_DTYPE = "tf32"
+
+
+def check_dtype(dtype) -> str:
+    """dtype as the engine takes it; None = the default (tf32). ValueError for anything else."""
+    if dtype is None:
+        return DEFAULT_DTYPE
+    if not isinstance(dtype, str) or dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {DTYPES} (or None for {DEFAULT_DTYPE!r}), got {dtype!r}")
+    return dtype
+
+
+def _schedule_arrays(sched, eta: float):
+    from ..schedulers import DDIMScheduler
+    opts = {"eta": float(eta)} if isinstance(sched, DDIMScheduler) else {}
+    coef = np.ascontiguousarray(sched.coefficients(**opts), dtype=np.float32)   # [S, 8]
+    ts = np.ascontiguousarray(np.asarray(sched.timesteps), dtype=np.int64)      # [S]
+    return coef, ts
+
+
+class NativeCudaEngine:
+    """The plan of (cfg, batch, height, width) executed by fastddpm._C_cuda.Engine on one GPU.
+
+    ``forward(x, timestep)``: one U-Net forward; NumPy in -> NumPy out, a torch CUDA tensor in ->
+    a torch CUDA tensor out (device pointers, no host copy; on torch's current stream).
+    ``run(sched, shape, *, seed, eta, first_index, keep, callback)``: the whole loop (one captured
+    step graph replayed per step); returns (x0 [N, C, H, W] float32 NumPy, {position: frame}).
+    The callback runs at chunk boundaries (every ``callback_every`` steps, and the last).
+    Weights live on the device from creation; the table upload is skipped when the schedule is the
+    one of the previous run.
+    """
+
+    def __init__(self, cfg, weights, batch: int, height: int, width: int, *, dtype: str | None = None,
+                 device: int = 0, callback_every: int = 50):
+        from ..plan import build_plan
+        from ..unet_config import UNetConfig, weight_shapes
+        from ..weights import check_weights
+        if _C_cuda is None:
+            raise RuntimeError(_import_reason())
+        cfg = cfg if isinstance(cfg, UNetConfig) else UNetConfig.from_dict(cfg)
+        self.config = cfg
+        self.plan = build_plan(cfg, batch, height, width)
+        checked = check_weights(weights, weight_shapes(cfg))
+        arrays = self.plan.arrays()
+        self.batch, self.height, self.width = self.plan.batch, self.plan.height, self.plan.width
+        if isinstance(callback_every, bool) or int(callback_every) < 1:
+            raise ValueError(f"callback_every must be a positive integer, got {callback_every!r}")
+        self.callback_every = int(callback_every)
+        self._schedule = None   # (coef, ts) of the tables on the device
+        self._engine = _C_cuda.Engine(arrays["ints"], arrays["floats"], arrays["slot_sizes"],
+                                      [(n, checked[n]) for n in self.plan.weight_names], self.batch,
+                                      cfg.in_channels, cfg.out_channels, self.height, self.width,
+                                      check_dtype(dtype), int(device))
+
+    @property
+    def dtype(self) -> str:
+        """The precision the GEMMs run in (tf32 becomes fp32 on GPUs older than sm_80)."""
+        return self._engine.dtype
+
+    @property
+    def device(self) -> int:
+        return self._engine.device
+
+    def _timesteps(self, timestep) -> np.ndarray:
+        if isinstance(timestep, (bool, np.bool_)):
+            raise TypeError("timestep must be a number, not a bool")
+        if hasattr(timestep, "detach"):
+            timestep = timestep.detach().cpu().numpy()
+        t = np.asarray(timestep)
+        if t.dtype.kind not in "iuf":
+            raise TypeError(f"timestep must be a real number, got dtype {t.dtype}")
+        if t.ndim > 1 or (t.ndim == 1 and t.shape[0] not in (1, self.batch)):
+            raise ValueError(f"timestep must be a scalar or have shape [1] or [{self.batch}], got shape {t.shape}")
+        t = np.broadcast_to(t.reshape(-1), (self.batch,)).astype(np.float32)
+        if not np.all(np.isfinite(t)):
+            raise ValueError("timestep must be finite")
+        return np.ascontiguousarray(t)
+
+    def forward(self, x, timestep):
+        shape = (self.batch, self.config.in_channels, self.height, self.width)
+        t = self._timesteps(timestep)
+        if hasattr(x, "is_cuda") and x.is_cuda:   # a torch CUDA tensor: stay on the device
+            import torch
+            if tuple(x.shape) != shape or x.dtype != torch.float32:
+                raise ValueError(f"sample must be float32 of shape {shape}, got {x.dtype} {tuple(x.shape)}")
+            if x.device.index != self.device:
+                raise ValueError(f"sample is on {x.device} but this engine runs on cuda:{self.device}")
+            x = x.contiguous()
+            tt = torch.from_numpy(t).to(x.device)
+            out = torch.empty((self.batch, self.config.out_channels, self.height, self.width),
+                              dtype=torch.float32, device=x.device)
+            self._engine.forward_ptr(x.data_ptr(), tt.data_ptr(), out.data_ptr(),
+                                     torch.cuda.current_stream(x.device).cuda_stream)
+            return out
+        if not isinstance(x, np.ndarray) or x.shape != shape:
+            raise ValueError(f"sample must be a NumPy array of shape {shape}, got "
+                             f"{getattr(x, 'shape', type(x).__name__)}")
+        if x.dtype != np.float32:
+            raise TypeError(f"sample must be float32, got {x.dtype}")
+        return self._engine.forward(np.ascontiguousarray(x), t)
+
+    def set_schedule(self, coef: np.ndarray, ts: np.ndarray) -> None:
+        prev = self._schedule
+        if prev is not None and np.array_equal(prev[0], coef) and np.array_equal(prev[1], ts):
+            return
+        self._engine.set_schedule(coef, ts)
+        self._schedule = (coef.copy(), ts.copy())
+
+    def run(self, sched, shape, *, seed, eta=0.0, first_index=0, keep=(), callback=None):
+        shape = tuple(int(s) for s in shape)
+        want = (self.batch, self.config.in_channels, self.height, self.width)
+        if shape != want:
+            raise ValueError(f"this engine samples shape {want}, got {shape}")
+        self.set_schedule(*_schedule_arrays(sched, eta))
+        return self._run(seed, first_index, keep, callback)
+
+    def _run(self, seed, first_index, keep, callback):
+        from ..dispatch import check_first_index, check_seed
+        seed = check_seed(seed)
+        first_index = check_first_index(first_index, self.batch)
+        keep = sorted(set(int(k) for k in keep))
+        x, frames = self._engine.run(int(seed), int(first_index), keep, callback,
+                                     self.callback_every if callback is not None else 0)
+        return x, dict(zip(keep, frames))
+
+
+class Sampler:
+    """A fixed (model, batch, sampler, steps, eta, dtype) with its CUDA graph kept between calls.
+
+    For applications that want the latency of one image: the engine (weights on the device), the
+    schedule tables and the captured step graph are made once; each call only writes the new seed
+    to device memory and replays the graph ``steps`` times.
+
+        s = Sampler(fastddpm.load("digits"), batch=1, sampler="ddim", steps=50)
+        x0 = s(seed=1)            # float32 [1, C, H, W] in the model's range
+    """
+
+    def __init__(self, model, batch: int = 1, *, sampler: str = "ddpm", steps: int | None = None,
+                 eta: float = 0.0, dtype: str | None = None, device: int = 0):
+        from ..pipeline import load
+        pipe = load(model)
+        self.pipeline = pipe
+        self.sched = pipe.scheduler_for(sampler, steps)
+        self.eta = float(eta)
+        if not (np.isfinite(self.eta) and self.eta >= 0):
+            raise ValueError(f"eta must be a finite number >= 0, got {eta!r}")
+        if sampler == "ddpm" and self.eta != 0.0:
+            raise ValueError("eta is a DDIM parameter; use sampler='ddim' (or eta=0)")
+        h, w = pipe.image_size
+        self.engine = CUDA_BACKEND.make_engine(pipe.unet_config, pipe.weights, int(batch), h, w,
+                                               dtype=dtype, device=device)
+        self.engine.set_schedule(*_schedule_arrays(self.sched, self.eta))
+        self.shape = (int(batch), pipe.unet_config.in_channels, h, w)
+
+    @property
+    def steps(self) -> int:
+        return len(self.sched.timesteps)
+
+    def __call__(self, seed: int = 0, *, first_index: int = 0, keep=(), callback=None):
+        """x0 float32 [N, C, H, W] (NumPy); with ``keep``: (x0, {position: frame})."""
+        x, frames = self.engine._run(seed, first_index, keep, callback)
+        return (x, frames) if keep else x
 
 
 CUDA_BACKEND = NativeCudaBackend()

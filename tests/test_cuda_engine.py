@@ -1,0 +1,243 @@
+"""The CUDA U-Net engine (fastddpm._C_cuda.Engine via NativeCudaBackend.make_engine) and Sampler.
+
+Tests marked `cuda` need a GPU (conftest skips them with the reason where native-cuda cannot run):
+- the forward against the reference U-Net on the GPU: fp32 rel. L2 <= 1e-4, tf32 <= 3e-3,
+  bf16 / fp16 <= 2x the error of torch's own forward in that dtype against fp32;
+- whole DDPM / DDIM loops against the C++ CPU engine with the same seed (the drift is printed);
+- the captured graph replayed with new seeds, trajectories, callbacks, out-of-memory handling.
+The rest runs anywhere: the module imports, dtype validation, and a clean refusal without a GPU.
+"""
+import numpy as np
+import pytest
+
+import fastddpm
+from fastddpm.backends import native_cuda
+from fastddpm.backends.native_cuda import CUDA_BACKEND, DTYPES, Sampler, _C_cuda, check_dtype
+from fastddpm.unet_config import PRESETS, UNetConfig, random_weights
+
+cuda = pytest.mark.cuda
+
+
+def rel_err(a, b) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def _model(name="bench-small"):
+    cfg = UNetConfig.from_dict(PRESETS[name])
+    return cfg, random_weights(cfg, seed=0)
+
+
+# ------------------------------------------------------------------ anywhere
+
+def test_module_imports_and_exposes_the_engine():
+    assert hasattr(native_cuda, "NativeCudaEngine") and hasattr(native_cuda, "Sampler")
+    assert callable(CUDA_BACKEND.make_engine)
+    if _C_cuda is not None:
+        assert hasattr(_C_cuda, "Engine")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_check_dtype_accepts_the_four(dtype):
+    assert check_dtype(dtype) == dtype
+    if _C_cuda is not None:
+        assert _C_cuda.check_dtype(dtype) == dtype
+
+
+def test_check_dtype_default_is_tf32():
+    assert check_dtype(None) == "tf32"
+
+
+@pytest.mark.parametrize("bad", ["float32", "FP32", "int8", "", 32, True, b"fp32"])
+def test_check_dtype_refuses(bad):
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        check_dtype(bad)
+    if _C_cuda is not None and isinstance(bad, str):
+        with pytest.raises(ValueError, match="dtype must be one of"):
+            _C_cuda.check_dtype(bad)
+
+
+def test_make_engine_refuses_a_bad_dtype_before_anything_else():
+    cfg, w = _model()
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        CUDA_BACKEND.make_engine(cfg, w, 1, 32, 32, dtype="double")
+
+
+@pytest.mark.skipif(bool(_C_cuda is not None and _C_cuda.device_count()[0] > 0), reason="a GPU is present")
+def test_make_engine_without_a_gpu_says_why():
+    cfg, w = _model()
+    reasons = CUDA_BACKEND.engine_unavailable()
+    assert reasons and all(isinstance(r, str) and r for r in reasons)
+    with pytest.raises(RuntimeError, match="the CUDA engine cannot run here") as info:
+        CUDA_BACKEND.make_engine(cfg, w, 1, 32, 32)
+    assert reasons[0] in str(info.value)
+    with pytest.raises(RuntimeError, match="the CUDA engine cannot run here"):
+        Sampler("bench-small", 1, steps=2)
+
+
+# ------------------------------------------------------------------ GPU
+
+def _reference(cfg, w, device="cuda", dtype=None):
+    import torch
+    from fastddpm.reference import ReferenceUNet
+    ref = ReferenceUNet.from_weights(cfg, w).eval().to(device)
+    return ref if dtype is None else ref.to(dtype)
+
+
+def _inputs(cfg, n, h, w, seed=1):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, cfg.in_channels, h, w)).astype(np.float32)
+    t = rng.integers(0, 1000, size=n).astype(np.float32)
+    return x, t
+
+
+def _torch_forward(ref, x, t, dtype=None):
+    import torch
+    with torch.no_grad():
+        xt = torch.from_numpy(x).cuda()
+        tt = torch.from_numpy(t).cuda()
+        if dtype is not None:
+            xt = xt.to(dtype)
+        return ref(xt, tt).float().cpu().numpy()
+
+
+@cuda
+@pytest.mark.parametrize("name,batch", [("bench-small", 1), ("bench-small", 3), ("ddpm-cifar10", 2)])
+@pytest.mark.parametrize("dtype,tol", [("fp32", 1e-4), ("tf32", 3e-3)])
+def test_forward_matches_the_reference(name, batch, dtype, tol):
+    import torch
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    cfg, w = _model(name)
+    h, wd = cfg.sample_hw or (32, 32)
+    x, t = _inputs(cfg, batch, h, wd)
+    want = _torch_forward(_reference(cfg, w), x, t)
+    eng = CUDA_BACKEND.make_engine(cfg, w, batch, h, wd, dtype=dtype)
+    got = eng.forward(x, t)
+    err = rel_err(got, want)
+    print(f"{name} b{batch} {dtype}: rel L2 {err:.2e}")
+    assert err <= tol
+
+
+@cuda
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+def test_forward_low_precision_within_twice_torch(dtype):
+    import torch
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    cfg, w = _model("bench-small")
+    h, wd = cfg.sample_hw or (32, 32)
+    x, t = _inputs(cfg, 2, h, wd)
+    exact = _torch_forward(_reference(cfg, w), x, t)
+    tdt = torch.bfloat16 if dtype == "bf16" else torch.float16
+    torch_err = rel_err(_torch_forward(_reference(cfg, w, dtype=tdt), x, t, tdt), exact)
+    eng = CUDA_BACKEND.make_engine(cfg, w, 2, h, wd, dtype=dtype)
+    err = rel_err(eng.forward(x, t), exact)
+    print(f"{dtype}: engine rel L2 {err:.2e}, torch {torch_err:.2e}")
+    assert err <= 2 * torch_err
+
+
+@cuda
+def test_forward_on_torch_tensors_matches_numpy():
+    import torch
+    cfg, w = _model()
+    x, t = _inputs(cfg, 2, 32, 32)
+    eng = CUDA_BACKEND.make_engine(cfg, w, 2, 32, 32, dtype="fp32")
+    a = eng.forward(x, t)
+    b = eng.forward(torch.from_numpy(x).cuda(), t)
+    assert b.is_cuda
+    np.testing.assert_array_equal(b.cpu().numpy(), a)
+
+
+@cuda
+@pytest.mark.parametrize("sampler,steps", [("ddpm", 30), ("ddim", 20)])
+def test_whole_run_against_the_cpu_engine(sampler, steps):
+    from fastddpm.backends.native import CPU_BACKEND, _C
+    if _C is None:
+        pytest.skip("fastddpm._C is not built")
+    pipe = fastddpm.load("bench-small")
+    sched = pipe.scheduler_for(sampler, steps)
+    h, w = pipe.image_size
+    shape = (2, pipe.unet_config.in_channels, h, w)
+    cpu = CPU_BACKEND.make_engine(pipe.unet_config, pipe.weights, 2, h, w)
+    gpu = CUDA_BACKEND.make_engine(pipe.unet_config, pipe.weights, 2, h, w, dtype="fp32")
+    xc, _ = cpu.run(sched, shape, seed=7)
+    xg, _ = gpu.run(sched, shape, seed=7)
+    err, mx = rel_err(xg, xc), float(np.abs(xg - xc).max())
+    print(f"{sampler} {steps} steps fp32: GPU vs CPU rel L2 {err:.2e}, max abs {mx:.2e}")
+    assert err < 1e-3
+
+
+@cuda
+def test_sampler_replays_the_graph_with_new_seeds():
+    s = Sampler("bench-small", 2, sampler="ddim", steps=10, dtype="fp32")
+    a1 = s(seed=1)
+    assert s.engine._engine.graph_captured
+    a2 = s(seed=2)
+    a1_again = s(seed=1)
+    assert not np.array_equal(a1, a2)
+    np.testing.assert_array_equal(a1, a1_again)   # replay is deterministic
+    fresh = CUDA_BACKEND.make_engine(s.pipeline.unet_config, s.pipeline.weights, 2, *s.pipeline.image_size,
+                                     dtype="fp32")
+    x, _ = fresh.run(s.sched, s.shape, seed=2)
+    np.testing.assert_array_equal(x, a2)
+    # first_index: sample 1 of first_index=0 is sample 0 of first_index=1
+    b = s(seed=1, first_index=1)
+    np.testing.assert_allclose(b[0], a1[1], rtol=0, atol=1e-5)
+
+
+@cuda
+def test_trajectory_and_callbacks():
+    s = Sampler("bench-small", 1, sampler="ddim", steps=12, dtype="fp32")
+    s.engine.callback_every = 5
+    seen = []
+    x, frames = s(seed=3, keep=[0, 5, 12], callback=seen.append)
+    assert seen == [5, 10, 12]
+    np.testing.assert_array_equal(frames[12], x)
+    x_t = fastddpm.noise(3, s.shape, -1)
+    np.testing.assert_allclose(frames[0], x_t, rtol=0, atol=1e-5)
+
+
+@cuda
+def test_callback_exception_cancels_and_engine_stays_usable():
+    s = Sampler("bench-small", 1, sampler="ddim", steps=10, dtype="fp32")
+    s.engine.callback_every = 2
+
+    def boom(k):
+        raise KeyError("stop")
+    with pytest.raises(KeyError):
+        s(seed=0, callback=boom)
+    a = s(seed=0)
+    b = s(seed=0)
+    np.testing.assert_array_equal(a, b)
+
+
+@cuda
+def test_out_of_memory_is_a_memory_error_and_others_keep_working():
+    cfg, w = _model("ddpm-cifar10")
+    eng = CUDA_BACKEND.make_engine(cfg, w, 1, 32, 32, dtype="fp32")
+    x, t = _inputs(cfg, 1, 32, 32)
+    before = eng.forward(x, t)
+    with pytest.raises(MemoryError, match="CUDA out of memory"):
+        CUDA_BACKEND.make_engine(cfg, w, 60000, 32, 32, dtype="fp32")   # ~ TBs of activations
+    np.testing.assert_array_equal(eng.forward(x, t), before)
+
+
+@cuda
+def test_bad_shapes_are_value_errors():
+    cfg, w = _model()
+    eng = CUDA_BACKEND.make_engine(cfg, w, 2, 32, 32)
+    with pytest.raises(ValueError):
+        eng.forward(np.zeros((1, cfg.in_channels, 32, 32), np.float32), 0)
+    with pytest.raises(ValueError):
+        eng.forward(np.zeros((2, cfg.in_channels, 32, 32), np.float32), [1, 2, 3])
+    with pytest.raises(ValueError):
+        eng.run(fastddpm.load("bench-small").scheduler_for("ddim", 5), (3, cfg.in_channels, 32, 32), seed=0)
+
+
+@cuda
+def test_tf32_falls_back_or_runs():
+    cfg, w = _model()
+    eng = CUDA_BACKEND.make_engine(cfg, w, 1, 32, 32)
+    major = _C_cuda.device_info(0)["capability"][0]
+    assert eng.dtype == ("tf32" if major >= 8 else "fp32")
