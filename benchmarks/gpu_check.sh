@@ -37,7 +37,7 @@ name=$("$PY" -c "import torch; print(torch.cuda.get_device_name(0) if torch.cuda
 out="benchmarks/results/gpu-${name:-unknown}.json"
 mkdir -p benchmarks/results
 echo "== GPU benchmarks -> $out"
-"$PY" -m pytest -q benchmarks/test_bench_step_cuda.py --benchmark-json="$out"
+"$PY" -m pytest -q benchmarks/test_bench_step_cuda.py benchmarks/test_bench_cuda_unet.py --benchmark-json="$out"
 bench_rc=$?
 if [ -f benchmarks/report.py ]; then "$PY" benchmarks/report.py "$out" || true; fi
 
