@@ -34,10 +34,14 @@ def run_plan(plan: Plan, weights: dict, x: np.ndarray, t) -> np.ndarray:
     slots: dict[int, np.ndarray] = {0: np.asarray(x, dtype=np.float64)}
     tt = np.broadcast_to(np.asarray(t, dtype=np.float64).reshape(-1), (N,))
 
+    def get(slot, *shape):
+        """The leading tensor of a slot (a slot may hold more than the op reads)."""
+        return slots[slot][:, :int(np.prod(shape))].reshape(N, *shape)
+
     def cat(op):
-        a = slots[op.in_].reshape(N, op.c_in, op.h, op.w)
+        a = get(op.in_, op.c_in, op.h, op.w)
         if op.in2 >= 0:
-            a = np.concatenate([a, slots[op.in2].reshape(N, op.c_in2, op.h, op.w)], axis=1)
+            a = np.concatenate([a, get(op.in2, op.c_in2, op.h, op.w)], axis=1)
         return a
 
     for op in plan.ops:
@@ -50,7 +54,7 @@ def run_plan(plan: Plan, weights: dict, x: np.ndarray, t) -> np.ndarray:
                 e = np.pad(e, ((0, 0), (0, 1)))
             res = e
         elif op.kind == "LINEAR":
-            v = slots[op.in_].reshape(N, op.c_in)
+            v = get(op.in_, op.c_in)
             res = (_silu(v) if op.silu else v) @ W[op.w_idx].T + W[op.b_idx]
         elif op.kind == "PAD":
             res = np.pad(op.a * cat(op) + op.shift, ((0, 0), (0, 0), (1, 1), (1, 1)))
@@ -67,31 +71,31 @@ def run_plan(plan: Plan, weights: dict, x: np.ndarray, t) -> np.ndarray:
             mode = _MODES[op.mode]
             wt, h, w = W[op.w_idx], op.h, op.w
             if mode == "CONV3":
-                res = _conv2d(slots[op.in_].reshape(N, op.c_in, h + 2, w + 2), wt)
+                res = _conv2d(get(op.in_, op.c_in, h + 2, w + 2), wt)
             elif mode == "CONV1":
-                res = _conv2d(slots[op.in_].reshape(N, op.c_in, h, w), wt)
+                res = _conv2d(get(op.in_, op.c_in, h, w), wt)
             elif mode in ("DOWN0", "DOWN1"):
-                v = slots[op.in_].reshape(N, op.c_in, h, w)
+                v = get(op.in_, op.c_in, h, w)
                 pad = ((0, 1), (0, 1)) if mode == "DOWN0" else ((1, 1), (1, 1))
                 res = _conv2d(np.pad(v, ((0, 0), (0, 0)) + pad), wt, stride=2)
             else:  # UP: the padded low-res input -> interior, nearest x2, pad, conv
-                v = slots[op.in_].reshape(N, op.c_in, h + 2, w + 2)[:, :, 1:-1, 1:-1]
+                v = get(op.in_, op.c_in, h + 2, w + 2)[:, :, 1:-1, 1:-1]
                 v = v.repeat(2, axis=2).repeat(2, axis=3)
                 res = _conv2d(np.pad(v, ((0, 0), (0, 0), (1, 1), (1, 1))), wt)
             res = res + W[op.b_idx][None, :, None, None]
             if op.temb >= 0:
-                res = res + slots[op.temb].reshape(N, op.c_out)[:, :, None, None]
+                res = res + get(op.temb, op.c_out)[:, :, None, None]
             if op.in2 >= 0:
-                s = slots[op.in2].reshape(N, op.c_in2, h + 2, w + 2)[:, :, 1:-1, 1:-1]
+                s = get(op.in2, op.c_in2, h + 2, w + 2)[:, :, 1:-1, 1:-1]
                 res = res + np.einsum("nchw,oc->nohw", s, W[op.w2_idx][:, :, 0, 0]) \
                     + W[op.b2_idx][None, :, None, None]
             if op.residual >= 0:
-                res = res + slots[op.residual].reshape(res.shape)
+                res = res + get(op.residual, *res.shape[1:])
             res = res * op.scale
         elif op.kind == "ATTENTION":
             c, L, heads = op.c_in, op.h * op.w, op.heads
             d = c // heads
-            hn = slots[op.in_].reshape(N, c, L).transpose(0, 2, 1)          # [N, L, C]
+            hn = get(op.in_, c, L).transpose(0, 2, 1)          # [N, L, C]
             wq, bq, wk, bk, wv, bv, wo, bo = W[op.w_idx:op.w_idx + 8]
             split = lambda a: a.reshape(N, L, heads, d).transpose(0, 2, 1, 3)  # noqa: E731
             q, k, v = split(hn @ wq.T + bq), split(hn @ wk.T + bk), split(hn @ wv.T + bv)
@@ -100,7 +104,7 @@ def run_plan(plan: Plan, weights: dict, x: np.ndarray, t) -> np.ndarray:
             p /= p.sum(-1, keepdims=True)
             o = (p @ v).transpose(0, 2, 1, 3).reshape(N, L, c) @ wo.T + bo
             res = (o.transpose(0, 2, 1).reshape(N, c, op.h, op.w)
-                   + slots[op.residual].reshape(N, c, op.h, op.w)) * op.scale
+                   + get(op.residual, c, op.h, op.w)) * op.scale
         else:
             raise AssertionError(op.kind)
         slots[op.out] = np.asarray(res).reshape(N, -1)
