@@ -197,11 +197,17 @@ def test_progress_bar_counts_every_step(tiny, capsys):
     (dict(backend="fast"), ValueError, "unknown backend"),
     (dict(trajectory=[7]), ValueError, "outside"),
     (dict(trajectory="0"), TypeError, "trajectory"),
+    (dict(dtype="bf16", backend="native-cpu"), ValueError, "needs backend='native-cuda'"),
+    (dict(dtype="fp16", backend="torch"), ValueError, "needs backend='native-cuda'"),
 ])
 def test_bad_arguments(tiny, kwargs, exc, match):
     kwargs = {"steps": 3, **kwargs}
     with pytest.raises(exc, match=match):
         tiny(**kwargs)
+
+
+def test_fp32_dtype_is_accepted_on_cpu(tiny):
+    assert np.array_equal(tiny(1, steps=3, seed=0, dtype="fp32"), tiny(1, steps=3, seed=0))
 
 
 def test_unet_checks_its_input(tiny):

@@ -112,16 +112,17 @@ class Pipeline:
                 self._reference = ReferenceUNet.from_weights(self.unet_config, self.weights).eval()
             return self._reference.to(device)
 
-    def _engine(self, be, batch: int, height: int, width: int):
-        """The backend's native loop engine for this shape, or None if it has none."""
+    def _engine(self, be, batch: int, height: int, width: int, dtype: str | None = None):
+        """The backend's native loop engine for this shape (and, on CUDA, precision), or None."""
         make = getattr(be, "make_engine", None)
         if make is None:
             return None
-        key = (be.name, batch, height, width)
+        key = (be.name, batch, height, width, dtype)
         with self._lock:
             engine = self._engines.get(key)
             if engine is None:
-                engine = self._engines[key] = make(self.unet_config, self.weights, batch, height, width)
+                extra = {"dtype": dtype} if "cuda" in be.devices else {}
+                engine = self._engines[key] = make(self.unet_config, self.weights, batch, height, width, **extra)
             return engine
 
     def unet(self, sample, timestep, backend="auto"):
@@ -168,7 +169,7 @@ class Pipeline:
 
     def __call__(self, n: int = 1, *, steps: int | None = None, sampler: str = "ddpm", seed: int | None = 0,
                  backend: str = "auto", eta: float = 0.0, output: str = "uint8", progress: bool = False,
-                 trajectory: Sequence[int] | None = None, first_index: int = 0):
+                 trajectory: Sequence[int] | None = None, first_index: int = 0, dtype: str | None = None):
         if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
             raise ValueError(f"n must be a positive integer, got {n!r}")
         n = int(n)
@@ -186,7 +187,8 @@ class Pipeline:
         keep = _trajectory_positions(trajectory, total)
         if not isinstance(backend, str):
             raise TypeError(f"backend must be a string, got {type(backend).__name__}")
-        be = _backends.select(backend, "cpu")
+        be = _backends.select(backend, _sampling_device(backend))
+        dtype = _check_dtype(dtype, be)
         h, w = self.image_size
         shape = (n, self.unet_config.in_channels, h, w)
 
@@ -196,7 +198,7 @@ class Pipeline:
             if be.name == "torch":
                 x, frames = self._reference_loop(sched, shape, seed, eta, first_index, keep, callback)
             else:
-                engine = self._engine(be, n, h, w)
+                engine = self._engine(be, n, h, w, dtype)
                 if engine is not None:
                     x, frames = engine.run(sched, shape, seed=seed, eta=eta, first_index=first_index,
                                            keep=keep, callback=callback)
@@ -272,6 +274,26 @@ class Pipeline:
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         return path
+
+
+def _sampling_device(backend: str) -> str:
+    """Where a whole sampling loop runs: on the GPU for native-cuda (and for "auto" when it can)."""
+    if backend == "native-cuda" or (backend == "auto" and not _backends.reasons("native-cuda", "cuda")):
+        return "cuda"
+    return "cpu"
+
+
+def _check_dtype(dtype, be) -> str | None:
+    """None or the engine precision; only the CUDA engine has others than fp32."""
+    if dtype is None:
+        return None
+    if "cuda" in be.devices and be.name == "native-cuda":
+        from .backends.native_cuda import check_dtype
+        return check_dtype(dtype)
+    if dtype != "fp32":
+        raise ValueError(f"dtype={dtype!r} needs backend='native-cuda'; {be.name} computes in fp32 "
+                         "(pass dtype=None or 'fp32')")
+    return None
 
 
 def _write_json(path: str, obj: Any) -> None:
@@ -384,9 +406,11 @@ def default_model() -> str:
 
 def sample(model=None, n: int = 1, *, steps: int | None = None, sampler: str = "ddpm", seed: int | None = 0,
            backend: str = "auto", eta: float = 0.0, output: str = "uint8", progress: bool = False,
-           trajectory: Sequence[int] | None = None):
+           trajectory: Sequence[int] | None = None, dtype: str | None = None):
     """Sample ``n`` images. ``model=None``: the bundled model. Returns uint8 [n, H, W, C]
-    (``output="float"``: float32 [n, C, H, W] in [-1, 1]); with ``trajectory`` a SampleResult."""
+    (``output="float"``: float32 [n, C, H, W] in [-1, 1]); with ``trajectory`` a SampleResult.
+    ``dtype`` ("fp32", "tf32", "bf16", "fp16"): the CUDA engine's precision (default tf32; fp32
+    means no TF32); CPU backends compute in fp32."""
     pipe = _cached(default_model() if model is None else model)
     return pipe(n, steps=steps, sampler=sampler, seed=seed, backend=backend, eta=eta, output=output,
-                progress=progress, trajectory=trajectory)
+                progress=progress, trajectory=trajectory, dtype=dtype)

@@ -15,7 +15,7 @@ import weakref
 
 import numpy as np
 
-from .. import noise as _spec
+from ..noise import _check_seed, _check_step  # not `from .. import noise`: fastddpm.noise is the function
 from .base import Backend
 
 try:
@@ -112,7 +112,7 @@ class NativeCudaBackend(Backend):
     def noise(self, seed, shape, step, first_index=0, device="cuda"):
         """float32 CUDA tensor of ``shape`` (N, ...): noise.py's normals, made on the GPU."""
         import torch
-        seed, step = _spec._check_seed(seed), _spec._check_step(step)
+        seed, step = _check_seed(seed), _check_step(step)
         dev = torch.device(device)
         if dev.type != "cuda":
             raise ValueError(f"native-cuda makes noise on CUDA devices, not {dev}")
@@ -131,7 +131,7 @@ class NativeCudaBackend(Backend):
     def philox_uint32(self, seed, batch, per_sample, step, first_index=0, device="cuda"):
         """uint32 [batch, ceil(per_sample/4)*4] made on the GPU, copied back to NumPy."""
         import torch
-        seed, step = _spec._check_seed(seed), _spec._check_step(step)
+        seed, step = _check_seed(seed), _check_step(step)
         dev = torch.device(device)
         if dev.index is None:
             dev = torch.device("cuda", torch.cuda.current_device())
