@@ -424,3 +424,21 @@ class NumbaBackend(Backend):
 
 
 BACKEND = NumbaBackend()
+
+
+# -- the U-Net engine (backends/numba_engine.py): whole sampling loops, and its compile time -------
+def _make_engine(self, cfg, weights, batch, height, width):
+    from .numba_engine import make_engine
+    return make_engine(self, cfg, weights, batch, height, width)
+
+
+def _describe_with_unet(self, _step_describe=NumbaBackend.describe):
+    info = _step_describe(self)
+    if info:
+        from .numba_engine import compile_info
+        info.update(compile_info())
+    return info
+
+
+NumbaBackend.make_engine = _make_engine
+NumbaBackend.describe = _describe_with_unet

@@ -30,6 +30,7 @@ callback run between steps.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import threading
 import time
@@ -59,8 +60,6 @@ _ALIGN = 16   # floats: every slot and packed weight starts on a 64-byte boundar
 # rows folded into each: p=0: a=0 <- {0}, a=1 <- {1, 2}; p=1: a=0 <- {0, 1}, a=1 <- {2}.
 _UP_TAPS = (((0,), (1, 2)), ((0, 1), (2,)))
 
-# Forwards below this many FLOP run on one thread unless the user set a count (NumbaEngine._threads).
-_PARALLEL_FLOPS = 4e9
 _COMPILE = {"seconds": None, "from_cache": None}   # the first forward of the process
 _COMPILE_LOCK = threading.Lock()
 
@@ -493,6 +492,22 @@ def _work_floats(plan) -> int:
     return need
 
 
+_BLAS = []
+
+
+def _blas_controller():
+    """threadpoolctl's controller over the BLAS numba calls (SciPy's), or None without
+    threadpoolctl (then BLAS keeps its own, fixed, thread count)."""
+    if not _BLAS:
+        try:
+            import scipy.linalg.cython_blas  # noqa: F401 - load numba's BLAS before looking for it
+            from threadpoolctl import ThreadpoolController
+            _BLAS.append(ThreadpoolController())
+        except Exception:  # noqa: BLE001 - optional
+            _BLAS.append(None)
+    return _BLAS[0]
+
+
 class _Threads:
     """Sets numba's (per calling thread) and BLAS's thread counts for one engine call, then puts
     the caller's back."""
@@ -550,9 +565,6 @@ class NumbaEngine:
             from .numba_cpu import BACKEND as step_backend
         self._step_backend = step_backend
         self._lock = threading.Lock()
-        self._blas = None
-        from ..unet_config import flops
-        self._flops = flops(cfg, self.batch, self.height, self.width)
 
     # ------------------------------------------------------------------ forward
     def _timesteps(self, timestep) -> np.ndarray:
@@ -572,24 +584,17 @@ class NumbaEngine:
         return t
 
     def _threads(self):
-        """(numba threads, a context limiting BLAS threads) for this engine's calls.
+        """(numba threads, a context setting BLAS threads) for this engine's calls.
 
-        The user's count (FASTDDPM_NUM_THREADS / NumbaBackend.set_num_threads) if set. Otherwise 1
-        below _PARALLEL_FLOPS per forward: the kernels run per op and per sample, so a small
-        forward is ~300 short parallel regions, and on 2 shared cores each fork-join can wait a
-        whole scheduler timeslice for a descheduled worker (measured: 60 ms -> 2.5 s per
-        bench-small forward with 2 threads on a loaded machine; torch eager does the same)."""
-        n = getattr(self._step_backend, "_threads", None)
-        if n is None:
-            n = 1 if self._flops < _PARALLEL_FLOPS else numba.get_num_threads()
-        if self._blas is None:
-            try:
-                from threadpoolctl import ThreadpoolController
-                self._blas = ThreadpoolController()
-            except Exception:  # noqa: BLE001 - optional: without it BLAS keeps its own count
-                self._blas = False
-        import contextlib
-        ctx = self._blas.limit(limits=n, user_api="blas") if self._blas else contextlib.nullcontext()
+        The user's count (FASTDDPM_NUM_THREADS / NumbaBackend.set_num_threads), else 1, and never
+        a function of the batch: OpenBLAS's sgemm rounds differently with different thread counts,
+        so a batch-dependent count would break batch invariance. Why 1 by default: the kernels
+        run per op and per sample, ~300 short parallel regions per bench-small forward, and on 2
+        shared cores each fork-join can wait a whole scheduler timeslice for a descheduled worker
+        (measured on a loaded machine: 45 ms with 1 thread, 2.5 s with 2; torch eager alike)."""
+        n = getattr(self._step_backend, "_threads", None) or 1
+        ctl = _blas_controller()
+        ctx = ctl.limit(limits=n, user_api="blas") if ctl else contextlib.nullcontext()
         return n, ctx
 
     def _run_forward(self) -> None:
