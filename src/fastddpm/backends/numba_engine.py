@@ -64,12 +64,21 @@ _COMPILE = {"seconds": None, "from_cache": None}   # the first forward of the pr
 _COMPILE_LOCK = threading.Lock()
 
 
+def _jit(fn, **opts):
+    # numba refuses cache=True where it finds no writable cache directory (a read-only install):
+    # compile on every run there rather than fail to import (numba_cpu.py sets a temp dir first).
+    try:
+        return numba.njit(cache=True, fastmath=False, **opts)(fn)
+    except RuntimeError:
+        return numba.njit(cache=False, fastmath=False, **opts)(fn)
+
+
 def _njit_parallel(fn):
-    return numba.njit(parallel=True, cache=True, fastmath=False)(fn)
+    return _jit(fn, parallel=True)
 
 
 def _njit(fn):
-    return numba.njit(cache=True, fastmath=False)(fn)
+    return _jit(fn)
 
 
 if numba is not None:
