@@ -79,52 +79,80 @@ struct GemmCall {
 void run_gemm(const GemmCall& g, const EngineKernels& k, int threads) {
   const int64_t NR = k.nr;
   const int64_t Mb = (g.M + MR - 1) / MR, Pb = (g.Pn + NR - 1) / NR;
-  const int64_t tasks = g.nbatch * Pb * Mb;
+  // Task order (batch, m-group, p-block, m-block in group): a group's packed A panels (at most
+  // kPanelBytes) stay in L2 while each B tile is reused across the group's m-blocks.
+  constexpr int64_t kPanelBytes = 160 * 1024;
+  const int64_t G = std::max<int64_t>(1, std::min<int64_t>(Mb, kPanelBytes / (g.K * MR * 4)));
+  const int64_t Mg = (Mb + G - 1) / G;
+  const int64_t tasks = g.nbatch * Mg * Pb * G;
   auto task = [&](int64_t t) {
-    const int64_t mb = t % Mb, r = t / Mb, pb = r % Pb, b = r / Pb;
+    const int64_t gi = t % G, r0 = t / G, pb = r0 % Pb, r1 = r0 / Pb, mg = r1 % Mg, b = r1 / Mg;
+    const int64_t mb = mg * G + gi;
+    if (mb >= Mb) return;
     alignas(64) float tile[MR * 64];
-    int64_t pix[64];
     k.gemm_tile(g.K, g.A + b * g.a_bstride + mb * g.K * MR, g.boff, g.bld,
                 g.B + b * g.b_bstride + pb * NR, tile);
+    // the tile's valid columns as runs of consecutive output pixels (a run breaks at a row end)
     const int64_t p0 = pb * NR, ncols = std::min(NR, g.Pn - p0);
+    int64_t run_j[64], run_pix[64], run_len[64], nruns = 0;
     int64_t y = p0 / g.Wp, x = p0 % g.Wp;
     for (int64_t j = 0; j < ncols; ++j) {
-      pix[j] = x < g.Wv ? y * g.oys + x * g.oxs + g.ooff : -1;
+      if (x < g.Wv) {
+        const int64_t px = y * g.oys + x * g.oxs + g.ooff;
+        if (nruns && run_j[nruns - 1] + run_len[nruns - 1] == j &&
+            run_pix[nruns - 1] + run_len[nruns - 1] * g.oxs == px) {
+          ++run_len[nruns - 1];
+        } else {
+          run_j[nruns] = j; run_pix[nruns] = px; run_len[nruns] = 1; ++nruns;
+        }
+      }
       if (++x == g.Wp) { x = 0; ++y; }
     }
     float* o = g.out + b * g.o_bstride;
     const float* rs = g.res ? g.res + b * g.r_bstride : nullptr;
+    const int64_t os = g.oxs;
     for (int m = 0; m < MR; ++m) {
       const int64_t mm = mb * MR + m;
       if (mm >= g.M) break;
       const float add = (g.bias ? g.bias[mm] : 0.0f) + (g.temb ? g.temb[b * g.t_bstride + mm] : 0.0f);
-      float* orow = o + mm * g.ocs;
-      const float* trow = tile + m * NR;
-      if (rs) {
-        const float* rrow = rs + mm * g.ocs;
-        for (int64_t j = 0; j < ncols; ++j)
-          if (pix[j] >= 0) orow[pix[j]] = ((trow[j] + add) + rrow[pix[j]]) * g.scale;
-      } else {
-        for (int64_t j = 0; j < ncols; ++j)
-          if (pix[j] >= 0) orow[pix[j]] = (trow[j] + add) * g.scale;
+      const float sc = g.scale;
+      for (int64_t r = 0; r < nruns; ++r) {
+        const float* src = tile + m * NR + run_j[r];
+        float* dst = o + mm * g.ocs + run_pix[r];
+        const int64_t len = run_len[r];
+        if (rs) {
+          const float* res = rs + mm * g.ocs + run_pix[r];
+          if (os == 1) {
+            for (int64_t q = 0; q < len; ++q) dst[q] = ((src[q] + add) + res[q]) * sc;
+          } else {
+            for (int64_t q = 0; q < len; ++q) dst[q * os] = ((src[q] + add) + res[q * os]) * sc;
+          }
+        } else if (os == 1) {
+          for (int64_t q = 0; q < len; ++q) dst[q] = (src[q] + add) * sc;
+        } else {
+          for (int64_t q = 0; q < len; ++q) dst[q * os] = (src[q] + add) * sc;
+        }
       }
     }
   };
+  // Dynamic scheduling: a tile's result does not depend on which thread computes it, and on a
+  // busy machine a thread that runs takes the work of one that is descheduled.
   if (threads <= 1 || tasks <= 1) {
     for (int64_t t = 0; t < tasks; ++t) task(t);
     return;
   }
-#pragma omp parallel for schedule(static) num_threads(threads)
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
   for (int64_t t = 0; t < tasks; ++t) task(t);
 }
 
+// Dynamic for the same reason as run_gemm; each index is computed whole by one thread.
 template <typename Fn>
 void parallel_for(int64_t n, int threads, bool worth_it, Fn&& fn) {
   if (threads <= 1 || n <= 1 || !worth_it) {
     for (int64_t i = 0; i < n; ++i) fn(i);
     return;
   }
-#pragma omp parallel for schedule(static) num_threads(threads)
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
   for (int64_t i = 0; i < n; ++i) fn(i);
 }
 
