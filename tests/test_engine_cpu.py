@@ -366,3 +366,27 @@ def test_progress_callback_and_cancel():
     assert np.array_equal(x2, x)
     with pytest.raises(ValueError, match="this engine samples shape"):
         eng.run(sched, (2, 1, 16, 16), seed=3)
+
+
+def test_ctrl_c_stops_the_loop_between_steps():
+    """A SIGINT while the GIL is released: the loop notices it at the next step boundary."""
+    import _thread
+    import time
+    cfg = UNetConfig.from_dict(CONFIGS["gray16-noattn"])
+    eng = CPU_BACKEND.make_engine(cfg, random_weights(cfg, 0), 1, 16, 16)
+    sched = fastddpm.DDPMScheduler()
+    sched.set_timesteps(1000)
+    steps = []
+    timer = threading.Timer(0.05, _thread.interrupt_main)
+
+    def progress(k):
+        steps.append(k)
+        if k == 1:  # the loop is running: interrupt it from another thread
+            timer.start()
+
+    t0 = time.perf_counter()
+    with pytest.raises(KeyboardInterrupt):
+        eng.run(sched, (1, 1, 16, 16), seed=1, callback=progress)
+    timer.join()
+    assert 0 < len(steps) < 1000       # it ran, and it stopped early
+    assert time.perf_counter() - t0 < 60
