@@ -221,7 +221,7 @@ def test_pipeline_uses_the_engine():
     pipe = fastddpm.load("bench-small")
     x = np.random.default_rng(0).standard_normal((2, 1, 32, 32)).astype(np.float32)
     out = pipe.unet(x, 100, backend="native-cpu")
-    eng = pipe._engines[("native-cpu", 2, 32, 32)]
+    eng = pipe._engines[("native-cpu", 2, 32, 32, None)]
     assert np.array_equal(out, eng.forward(x, 100))
     with torch.no_grad():
         ref = pipe.reference_unet()(torch.from_numpy(x), 100).numpy()
