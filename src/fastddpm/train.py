@@ -296,14 +296,19 @@ def write_loss_png(path: str, losses: list, title: str = "training loss") -> Non
 
 
 def _rng_states() -> dict:
+    """Global RNG states in types torch.load(weights_only=True) accepts (no pickled NumPy)."""
     import torch
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"python": random.getstate(), "torch": torch.get_rng_state(),
+            "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                      "has_gauss": int(has_gauss), "cached": float(cached)}}
 
 
 def _set_rng_states(st: dict) -> None:
     import torch
     random.setstate(_as_tuple(st["python"]))
-    np.random.set_state(_as_tuple(st["numpy"]))
+    n = st["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
     torch.set_rng_state(st["torch"])
 
 

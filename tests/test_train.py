@@ -1,0 +1,182 @@
+"""Training: the loss goes down, the output loads in fastddpm and diffusers, resume is exact."""
+import csv
+import os
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import fastddpm
+from fastddpm.data import DatasetError, load_digits, load_image_folder, digit_labels, downscale_to_digits
+from fastddpm.train import TRAIN_PRESETS, TrainConfig, TrainError, train
+
+# a tiny U-Net on 8x8 digits: a handful of steps take about a second
+TINY_UNET = dict(TRAIN_PRESETS["digits"]["unet"], block_out_channels=[8, 16], norm_num_groups=4,
+                 down_block_types=["DownBlock2D", "AttnDownBlock2D"], up_block_types=["AttnUpBlock2D", "UpBlock2D"])
+
+
+def tiny_config(**kw):
+    base = dict(dataset="digits", image_size=8, unet=TINY_UNET, num_train_timesteps=50,
+                beta_schedule="squaredcos_cap_v2", lr=3e-3, warmup_steps=2, batch_size=32, steps=40,
+                ema_decay=0.9, seed=3, threads=1, checkpoint_every=0, log_every=5)
+    base.update(kw)
+    return TrainConfig.from_dict(base)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    out = tmp_path_factory.mktemp("train") / "model"
+    res = train(tiny_config(), out, quiet=True)
+    return out, res
+
+
+def test_loss_goes_down(trained):
+    _, res = trained
+    assert res.steps == 40 and len(res.losses) == 40
+    first, last = np.mean(res.losses[:5]), np.mean(res.losses[-5:])
+    assert last < 0.7 * first, (first, last)
+
+
+def test_writes_diffusers_layout_and_curves(trained):
+    out, res = trained
+    for rel in ("model_index.json", "unet/config.json", "unet/diffusion_pytorch_model.safetensors",
+                "scheduler/scheduler_config.json", "training/checkpoint.pt", "training/loss.csv",
+                "training/loss.png", "training/train_config.json"):
+        assert (out / rel).is_file(), rel
+    rows = list(csv.reader(open(out / "training" / "loss.csv")))
+    assert rows[0] == ["step", "loss", "lr"] and len(rows) == 41
+    assert (out / "training" / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not [f for f in os.listdir(out) if f.startswith(".")], "temporary files left behind"
+
+
+def test_output_loads_in_fastddpm_and_diffusers(trained):
+    out, _ = trained
+    pipe = fastddpm.load(str(out))
+    assert pipe.image_size == (8, 8) and pipe.scheduler.config["beta_schedule"] == "squaredcos_cap_v2"
+    imgs = pipe(2, steps=5, seed=0)
+    assert imgs.shape == (2, 8, 8, 1) and imgs.dtype == np.uint8
+    diffusers = pytest.importorskip("diffusers")
+    dp = diffusers.DDPMPipeline.from_pretrained(str(out))
+    assert dp.scheduler.config.num_train_timesteps == 50
+    x = torch.from_numpy(np.random.default_rng(0).standard_normal((2, 1, 8, 8), dtype=np.float32))
+    with torch.no_grad():
+        ref = dp.unet(x, 7).sample
+    ours = pipe.unet(x.numpy(), 7, backend="torch")
+    np.testing.assert_allclose(ours, ref.numpy(), rtol=1e-4, atol=1e-5)
+    # the EMA weights are what was saved
+    ck = torch.load(out / "training" / "checkpoint.pt", weights_only=True)
+    np.testing.assert_array_equal(pipe.weights["conv_in.weight"], ck["ema"]["conv_in.weight"].numpy())
+
+
+def test_resume_matches_an_uninterrupted_run(tmp_path, trained):
+    """Stop after 17 steps (checkpoint), resume to 40: the same losses, weights, EMA and optimizer
+    state as the uninterrupted run, bit for bit (same torch build, one thread)."""
+    _, full = trained
+    out = tmp_path / "m"
+    part = train(tiny_config(), out, quiet=True, stop_after=17)
+    assert part.steps == 17 and not (out / "unet").exists()   # no model until training ends
+    res = train(tiny_config(), out, quiet=True, resume=True)
+    assert res.resumed_from == 17 and res.steps == 40
+    assert res.losses == full.losses
+    a = torch.load(out / "training" / "checkpoint.pt", weights_only=True)
+    b = torch.load(full.work_dir + "/checkpoint.pt", weights_only=True)
+    for key in ("model", "ema"):
+        for k in a[key]:
+            assert torch.equal(a[key][k], b[key][k]), (key, k)
+    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        assert torch.equal(sa["exp_avg"], sb["exp_avg"]) and torch.equal(sa["exp_avg_sq"], sb["exp_avg_sq"])
+
+
+def test_same_seed_same_run_other_seed_differs(tmp_path, trained):
+    _, full = trained
+    again = train(tiny_config(), tmp_path / "a", quiet=True, stop_after=10)   # same config, 10 steps
+    assert again.losses == full.losses[:10]
+    other = train(tiny_config(seed=4), tmp_path / "b", quiet=True, stop_after=10)
+    assert other.losses != again.losses
+
+
+def test_resume_refusals(tmp_path):
+    with pytest.raises(TrainError, match="no checkpoint"):
+        train(tiny_config(steps=2), tmp_path / "x", quiet=True, resume=True)
+    train(tiny_config(steps=2), tmp_path / "y", quiet=True, stop_after=1)
+    with pytest.raises(TrainError, match="exists: pass resume=True"):
+        train(tiny_config(steps=2), tmp_path / "y", quiet=True)
+    with pytest.raises(TrainError, match="different lr"):
+        train(tiny_config(steps=2, lr=1e-4), tmp_path / "y", quiet=True, resume=True)
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(lr=0), "lr"), (dict(batch_size=0), "batch_size"), (dict(steps=None), "exactly one"),
+    (dict(steps=5, epochs=1.0), "exactly one"), (dict(ema_decay=1.0), "ema_decay"),
+    (dict(prediction_type="noise"), "prediction_type"), (dict(beta_schedule="cubic"), "beta_schedule"),
+    (dict(unet=dict(TINY_UNET, norm_num_groups=3)), "norm_num_groups"), (dict(colour=1), "unknown"),
+])
+def test_bad_knobs_are_named(bad, match):
+    with pytest.raises(ValueError, match=match):
+        tiny_config(**bad)
+
+
+def test_prediction_types_and_epochs(tmp_path):
+    for pt in ("sample", "v_prediction"):
+        res = train(tiny_config(prediction_type=pt, steps=3), tmp_path / pt, quiet=True)
+        assert fastddpm.load(str(tmp_path / pt)).scheduler.config["prediction_type"] == pt
+        assert np.isfinite(res.losses).all()
+    cfg = tiny_config(steps=None, epochs=0.1)
+    assert cfg.total_steps(1797) == 6
+
+
+# ---------------------------------------------------------------------- datasets
+
+def test_digits_dataset():
+    x = load_digits(16)
+    assert x.shape == (1797, 1, 16, 16) and x.dtype == np.float32
+    assert x.min() == -1.0 and x.max() <= 1.0
+    x8 = load_digits(8)
+    assert x8.shape == (1797, 1, 8, 8)
+    # downscaling the upscaled digits gives the originals back, blurred a little by the bilinear
+    # filter (mean error ~1.1 on the 0..16 scale, correlation > 0.95)
+    from sklearn.datasets import load_digits as sk
+    back, orig = downscale_to_digits(x), sk().data
+    assert np.abs(back - orig).mean() < 1.5
+    assert np.corrcoef(back.ravel(), orig.ravel())[0, 1] > 0.95
+    assert digit_labels().shape == (1797,)
+
+
+def test_image_folder(tmp_path):
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (40, 60, 3), dtype=np.uint8)).save(tmp_path / "wide.png")
+    Image.fromarray(rng.integers(0, 255, (50, 30), dtype=np.uint8)).save(tmp_path / "tall.jpg")
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    (tmp_path / "notes.txt").write_text("not an image")
+    with pytest.warns(UserWarning, match="broken.png"):
+        x = load_image_folder(tmp_path, 16, channels=3)
+    assert x.shape == (2, 3, 16, 16) and x.dtype == np.float32 and -1 <= x.min() and x.max() <= 1
+    with pytest.warns(UserWarning):
+        g = load_image_folder(tmp_path, 8, channels=1)
+    assert g.shape == (2, 1, 8, 8)
+
+
+def test_image_folder_errors(tmp_path):
+    with pytest.raises(DatasetError, match="no image files"):
+        load_image_folder(tmp_path, 16)
+    with pytest.raises(DatasetError, match="does not exist"):
+        load_image_folder(tmp_path / "nope", 16)
+    (tmp_path / "bad.png").write_bytes(b"junk")
+    with pytest.warns(UserWarning, match="bad.png"), pytest.raises(DatasetError, match="could be read"):
+        load_image_folder(tmp_path, 16)
+    with pytest.raises(DatasetError, match="channels"):
+        load_image_folder(tmp_path, 16, channels=2)
+
+
+def test_train_on_a_folder(tmp_path):
+    from PIL import Image
+    d = tmp_path / "imgs"
+    d.mkdir()
+    rng = np.random.default_rng(1)
+    for i in range(6):
+        Image.fromarray(rng.integers(0, 255, (12, 12, 3), dtype=np.uint8)).save(d / f"{i}.png")
+    res = train(tiny_config(dataset=str(d), channels=3, steps=2, batch_size=4), tmp_path / "m", quiet=True)
+    pipe = fastddpm.load(str(tmp_path / "m"))
+    assert res.steps == 2 and pipe.unet_config.in_channels == 3
