@@ -265,22 +265,23 @@ def _loops(pipe, sampler, steps, n, keep, seed=5):
 @pytest.mark.slow
 def test_ddpm_1000_steps_matches_reference_sampler():
     """bench-small, DDPM, 1000 steps, the same Philox noise. Measured max |native - reference|
-    on [-1, 1]: 1.5e-5 (AVX2, this machine); the bound leaves a 20x margin for other ISAs and
-    thread counts, far below one uint8 level (7.8e-3)."""
+    on [-1, 1]: 1.55e-6 (AVX2, 2 threads, Zen1); the bound leaves a 20x margin for other ISAs,
+    far below one uint8 level (7.8e-3)."""
     pipe = fastddpm.load("bench-small")
     a, x, frames = _loops(pipe, "ddpm", 1000, 1, [0, 500, 1000])
     diff = float(np.abs(a.images - x).max())
     print(f"DDPM 1000 steps: max abs difference {diff:.3g}")
     assert np.abs(a.trajectory[0] - frames[0]).max() <= 2e-6   # x_T: the spec's noise to float rounding
-    assert diff <= 3e-4
+    assert diff <= 3e-5
 
 
 def test_ddim_50_steps_against_reference_sampler():
     """bench-small, DDIM (eta 0), 50 steps. With random weights this ODE is chaotic: a 1e-6
-    relative perturbation of the reference's own model output moves its final image by ~1.4 (measured,
-    see the report), so the whole-run difference says nothing about the engine. What is checked:
-    the first 10 steps, before the amplification saturates (measured 2.4e-5 at step 5, 3.2e-4 at step
-    10; the same perturbation of the reference gives 3.4e-5 and 4.0e-4), bound with a 5x margin."""
+    relative perturbation of the reference's own model output moves its final image by ~1.4 (a
+    separate experiment: 3.4e-5 at step 5, 4.0e-4 at step 10, 1.43 at step 50), so the whole-run
+    difference says nothing about the engine (measured here: 1.27). What is checked: the first 10
+    steps, before the amplification saturates (measured 2.9e-5 at step 5, 4.7e-4 at step 10), with
+    a 5x margin."""
     pipe = fastddpm.load("bench-small")
     keep = [0, 5, 10, 50]
     a, x, frames = _loops(pipe, "ddim", 50, 1, keep)
@@ -289,7 +290,7 @@ def test_ddim_50_steps_against_reference_sampler():
     d50 = float(np.abs(a.images - x).max())
     print(f"DDIM 50 steps: max abs difference {d5:.3g} at step 5, {d10:.3g} at 10, {d50:.3g} at 50")
     assert np.abs(a.trajectory[0] - frames[0]).max() <= 2e-6   # the spec's noise to float rounding
-    assert d5 <= 1.5e-4 and d10 <= 2e-3
+    assert d5 <= 1.5e-4 and d10 <= 2.5e-3
     assert np.isfinite(a.images).all() and np.abs(a.images).max() <= 1
 
 
