@@ -171,3 +171,34 @@ def evaluate_digits(images, *, seed: int = 0) -> QualityReport:
                          classes_present=int((counts > 0).sum()), class_counts=counts.tolist(),
                          evenness=evenness(counts), fd=fd, fd_real=fd_real, real_confident=clf.test_confident,
                          classifier_accuracy=clf.test_accuracy)
+
+
+def main(argv=None) -> int:
+    """`python -m fastddpm.metrics [--model digits] [-n 100] [--seed 0]`: sample and score."""
+    import argparse
+    import json
+    import time
+    p = argparse.ArgumentParser(prog="python -m fastddpm.metrics", description="Score a digit model's samples.")
+    p.add_argument("--model", default="digits")
+    p.add_argument("-n", type=int, default=100)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--sampler", default="ddpm")
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--json", action="store_true")
+    args = p.parse_args(argv)
+    from .pipeline import sample
+    t0 = time.perf_counter()
+    imgs = sample(args.model, n=args.n, seed=args.seed, sampler=args.sampler, steps=args.steps, progress=True)
+    seconds = time.perf_counter() - t0
+    rep = evaluate_digits(imgs)
+    if args.json:
+        print(json.dumps({**rep.to_dict(), "sample_seconds": seconds, "passes": rep.passes()}, indent=2))
+    else:
+        print(f"sampled in {seconds:.1f} s; {rep.summary()}; bar {QUALITY_BAR}: "
+              f"{'PASS' if rep.passes() else 'FAIL'}")
+    return 0 if rep.passes() else 1
+
+
+if __name__ == "__main__":
+    import sys
+    sys.exit(main())

@@ -1,0 +1,169 @@
+"""The fastddpm command: each subcommand, and its error paths (message, exit code, no files)."""
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import fastddpm
+from fastddpm.cli import main
+from fastddpm.pipeline import Pipeline
+from fastddpm.schedulers import DDPMScheduler
+from fastddpm.unet_config import UNetConfig, random_weights
+
+TINY = dict(sample_size=8, in_channels=1, out_channels=1, block_out_channels=[8, 16], layers_per_block=1,
+            down_block_types=["DownBlock2D", "AttnDownBlock2D"], up_block_types=["AttnUpBlock2D", "UpBlock2D"],
+            norm_num_groups=4)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    cfg = UNetConfig.from_dict(TINY)
+    path = tmp_path_factory.mktemp("cli") / "tiny"
+    Pipeline(cfg, random_weights(cfg, 0), DDPMScheduler(num_train_timesteps=10)).save(path)
+    return str(path)
+
+
+def run(argv, capsys):
+    rc = main(argv)
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def test_sample_grid_and_trajectory(tmp_path, model_dir, capsys):
+    out = tmp_path / "s.png"
+    rc, so, _ = run(["sample", "-m", model_dir, "-n", "4", "-o", str(out), "--trajectory", str(tmp_path / "t.gif"),
+                     "--frames", "6", "--npy", str(tmp_path / "s.npy"), "--scale", "2"], capsys)
+    assert rc == 0
+    assert "4 images" in so and "wrote" in so
+    assert Image.open(out).size == (2 * (2 * 8 + 3),) * 2
+    with Image.open(tmp_path / "t.gif") as im:
+        assert im.n_frames == 6
+    assert Image.open(tmp_path / "t.png").size == (2 * (6 * 8 + 7), 2 * (4 * 8 + 5))
+    a = np.load(tmp_path / "s.npy")
+    np.testing.assert_array_equal(a, fastddpm.load(model_dir)(4, seed=0))
+
+
+def test_sample_quiet_ddim(tmp_path, model_dir, capsys):
+    rc, so, se = run(["sample", "-m", model_dir, "-n", "2", "--sampler", "ddim", "--steps", "3", "--eta", "0.5",
+                      "-o", str(tmp_path / "s.png"), "-q"], capsys)
+    assert rc == 0 and so == "" and (tmp_path / "s.png").is_file()
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["-n", "0"], "positive integer"), (["-n", "x"], "positive integer"), (["--sampler", "plms"], "invalid choice"),
+    (["--eta", "-1"], ">= 0"), (["--seed", "-3"], ">= 0"), (["--steps", "nan"], "positive integer"),
+])
+def test_sample_bad_arguments_exit_2(argv, match, tmp_path, model_dir, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["sample", "-m", model_dir, "-o", str(tmp_path / "s.png")] + argv)
+    assert e.value.code == 2 and match in capsys.readouterr().err
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("extra, match", [
+    (["-m", "/no/such/model"], "no model '/no/such/model'"),
+    (["--eta", "0.3"], "DDIM parameter"),
+    (["--backend", "fastest"], "unknown backend"),
+    (["--steps", "11"], "num_inference_steps|steps"),
+    (["--trajectory", "t.mp4"], "must be .gif or .png"),
+])
+def test_sample_failures_exit_1_and_write_nothing(extra, match, tmp_path, model_dir, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    argv = ["sample", "-o", "s.png", "-q"] + (["-m", model_dir] if "-m" not in extra else []) + extra
+    rc, _, err = run(argv, capsys)
+    assert rc == 1 and "error:" in err
+    import re
+    assert re.search(match, err), err
+    assert os.listdir(tmp_path) == []
+
+
+def test_sample_unwritable_outputs(tmp_path, model_dir, capsys):
+    for out in (str(tmp_path / "nodir" / "s.png"), str(tmp_path / "s.txt")):
+        rc, _, err = run(["sample", "-m", model_dir, "-o", out, "-q"], capsys)
+        assert rc == 1 and "cannot write" in err
+    rc, _, err = run(["sample", "-m", model_dir, "-o", str(tmp_path / "s.png"), "-q",
+                      "--trajectory", str(tmp_path / "nodir" / "t.gif")], capsys)
+    assert rc == 1 and "does not exist" in err
+    assert os.listdir(tmp_path) == []
+
+
+def test_sample_missing_model_files(tmp_path, capsys):
+    (tmp_path / "m" / "unet").mkdir(parents=True)
+    rc, _, err = run(["sample", "-m", str(tmp_path / "m"), "-o", str(tmp_path / "s.png")], capsys)
+    assert rc == 1 and "config.json is missing" in err
+    assert not (tmp_path / "s.png").exists()
+
+
+def test_train_command(tmp_path, capsys):
+    out = tmp_path / "model"
+    argv = ["train", "--dataset", "digits", "--image-size", "8", "--block-out-channels", "8,16", "--norm-groups", "4",
+            "--attention-levels", "1", "--layers-per-block", "1", "--num-train-timesteps", "20",
+            "--beta-schedule", "squaredcos_cap_v2", "--batch-size", "8", "--steps", "3", "--lr", "1e-3",
+            "--warmup-steps", "1", "--threads", "1", "--out", str(out)]
+    rc, so, _ = run(argv, capsys)
+    assert rc == 0 and "done: 3 steps" in so and "model:" in so
+    pipe = fastddpm.load(str(out))
+    assert pipe.unet_config.block_out_channels == (8, 16)
+    assert pipe.unet_config.down_block_types == ("DownBlock2D", "AttnDownBlock2D")
+    assert pipe.scheduler.num_train_timesteps == 20
+    # the checkpoint exists: without --resume that is an error; with it, more steps continue the run
+    rc, _, err = run(argv + ["-q"], capsys)
+    assert rc == 1 and "--resume" in err
+    rc, so, _ = run(argv[:-4] + ["--steps", "5", "--out", str(out), "--resume"], capsys)
+    assert rc == 0 and "resumed at step 3" in so
+
+
+@pytest.mark.parametrize("argv, code, match", [
+    (["train", "--steps", "3"], 1, "--out is required"),
+    (["train", "--preset", "mnist"], 1, "unknown preset"),
+    (["train", "--out", "{tmp}/m", "--resume"], 1, "no checkpoint"),
+    (["train", "--out", "{tmp}/m", "--lr", "0"], 1, "lr must be"),
+    (["train", "--out", "{tmp}/m", "--dataset", "{tmp}/nothing-here", "--channels", "3", "-q", "--steps", "1"],
+     1, "does not exist"),
+    (["train", "--out", "{tmp}/m", "--block-out-channels", "8,x"], 2, "comma-separated"),
+    (["train", "--out", "{tmp}/m", "--steps", "3", "--epochs", "2"], 2, "not allowed with"),
+    (["train", "--out", "{tmp}/m", "--attention-levels", "5"], 1, "levels"),
+])
+def test_train_errors(argv, code, match, tmp_path, capsys):
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    if code == 2:
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        assert e.value.code == 2
+        err = capsys.readouterr().err
+    else:
+        rc, _, err = run(argv, capsys)
+        assert rc == 1
+    assert match in err, err
+    assert not (tmp_path / "m" / "unet").exists()
+
+
+def test_info_and_bench_errors(capsys, tmp_path):
+    rc, so, _ = run(["info"], capsys)
+    assert rc == 0 and "backends:" in so and "native-cpu" in so
+    rc, _, err = run(["bench", "--benchmarks", str(tmp_path / "none")], capsys)
+    assert rc == 1 and "not a directory" in err
+    with pytest.raises(SystemExit) as e:
+        main([])
+    assert e.value.code == 2
+
+
+def test_python_dash_m_entry_point():
+    r = subprocess.run([sys.executable, "-m", "fastddpm", "--help"], capture_output=True, text=True)
+    assert r.returncode == 0 and "sample" in r.stdout and "train" in r.stdout and "bench" in r.stdout
+    r = subprocess.run([sys.executable, "-m", "fastddpm", "sample", "-m", "/no/such"], capture_output=True, text=True)
+    assert r.returncode == 1 and "no model" in r.stderr
+
+
+def test_demo_writes_its_pictures(tmp_path, capsys):
+    from fastddpm.demo import main as demo
+    assert demo(["--out", str(tmp_path), "-n", "2", "--frames", "3", "-q"]) == 0
+    so = capsys.readouterr().out
+    assert "samples.png" in so and "s on " in so
+    assert sorted(os.listdir(tmp_path)) == ["samples.png", "trajectory.gif", "trajectory.png"]
+    with Image.open(tmp_path / "trajectory.gif") as im:
+        assert im.n_frames == 3
+    assert demo(["--out", str(tmp_path / "missing"), "-q"]) == 1
