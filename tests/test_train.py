@@ -88,6 +88,30 @@ def test_resume_matches_an_uninterrupted_run(tmp_path, trained):
         assert torch.equal(sa["exp_avg"], sb["exp_avg"]) and torch.equal(sa["exp_avg_sq"], sb["exp_avg_sq"])
 
 
+def test_ctrl_c_checkpoints_whole_steps_and_resumes(tmp_path, trained, monkeypatch):
+    """SIGINT during step 12: that step finishes, is checkpointed, KeyboardInterrupt propagates;
+    resuming gives the uninterrupted run's losses."""
+    import signal
+    import fastddpm.train as tr
+    _, full = trained
+    orig = tr._lr_at
+
+    def lr_at(cfg, step, total):
+        if step == 12:
+            signal.raise_signal(signal.SIGINT)
+        return orig(cfg, step, total)
+
+    monkeypatch.setattr(tr, "_lr_at", lr_at)
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_config(), tmp_path / "m", quiet=True)
+    monkeypatch.setattr(tr, "_lr_at", orig)
+    ck = torch.load(tmp_path / "m" / "training" / "checkpoint.pt", weights_only=True)
+    assert ck["step"] == 13 and len(ck["losses"]) == 13
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler   # handler restored
+    res = train(tiny_config(), tmp_path / "m", quiet=True, resume=True)
+    assert res.losses == full.losses
+
+
 def test_same_seed_same_run_other_seed_differs(tmp_path, trained):
     _, full = trained
     again = train(tiny_config(), tmp_path / "a", quiet=True, stop_after=10)   # same config, 10 steps

@@ -25,7 +25,9 @@ import json
 import math
 import os
 import random
+import signal
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -415,6 +417,15 @@ def train(cfg: TrainConfig, out_dir, *, work_dir=None, resume: bool = False, qui
     running = None
     t0 = time.perf_counter()
     step = start
+    # Ctrl-C is deferred to the end of the step in flight, so the checkpoint holds whole steps only
+    interrupted = []
+    old_handler = None
+    if threading.current_thread() is threading.main_thread():
+        def on_sigint(*_):
+            if interrupted:   # a second Ctrl-C: stop now, without a checkpoint
+                raise KeyboardInterrupt
+            interrupted.append(True)
+        old_handler = signal.signal(signal.SIGINT, on_sigint)
     try:
         for step in range(start, end):
             lr = _lr_at(cfg, step, total)
@@ -456,11 +467,13 @@ def train(cfg: TrainConfig, out_dir, *, work_dir=None, resume: bool = False, qui
                 bar.set_postfix(loss=f"{running:.4f}", lr=f"{lr:.2e}", refresh=False)
             if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < end:
                 save_checkpoint(done)
+            if interrupted:
+                save_checkpoint(done)   # resume picks up exactly here
+                raise KeyboardInterrupt
         step = end
-    except KeyboardInterrupt:
-        save_checkpoint(len(losses))   # every finished step is kept: resume picks up from here
-        raise
     finally:
+        if old_handler is not None:
+            signal.signal(signal.SIGINT, old_handler)
         if bar is not None:
             bar.close()
     seconds = time.perf_counter() - t0
