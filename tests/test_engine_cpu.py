@@ -391,3 +391,24 @@ def test_ctrl_c_stops_the_loop_between_steps():
     timer.join()
     assert 0 < len(steps) < 1000       # it ran, and it stopped early
     assert time.perf_counter() - t0 < 60
+
+
+def test_diffusers_saved_directory_runs_natively(tmp_path):
+    """UNet2DModel.save_pretrained + DDPMScheduler.save_pretrained -> fastddpm.load -> the native
+    forward equals diffusers' forward (no rename table: the plan reads diffusers' keys)."""
+    diffusers = pytest.importorskip("diffusers")
+    cfg = UNetConfig.from_dict(CONFIGS["four-nonsquare"])
+    w = random_weights(cfg, seed=6)
+    with torch.device("meta"):
+        model = diffusers.UNet2DModel.from_config(cfg.to_dict())
+    model.load_state_dict({k: torch.from_numpy(v) for k, v in w.items()}, strict=True, assign=True)
+    model.eval().save_pretrained(tmp_path / "unet")
+    diffusers.DDPMScheduler(num_train_timesteps=1000).save_pretrained(tmp_path / "scheduler")
+    pipe = fastddpm.load(tmp_path)
+    h, wd = cfg.sample_hw
+    x = np.random.default_rng(6).standard_normal((2, cfg.in_channels, h, wd)).astype(np.float32)
+    out = pipe.unet(x, 321, backend="native-cpu")
+    with torch.no_grad():
+        ref = model(torch.from_numpy(x), 321).sample.numpy()
+    assert any(k[:4] == ("native-cpu", 2, h, wd) for k in pipe._engines)
+    assert rel_err(out, ref) <= REL_TOL
