@@ -160,9 +160,9 @@ def test_python_dash_m_entry_point():
 
 def test_demo_writes_its_pictures(tmp_path, capsys):
     from fastddpm.demo import main as demo
-    assert demo(["--out", str(tmp_path), "-n", "2", "--frames", "3", "-q"]) == 0
+    assert demo(["--out", str(tmp_path), "-n", "2", "--frames", "3", "--steps", "10", "-q"]) == 0
     so = capsys.readouterr().out
-    assert "samples.png" in so and "s on " in so
+    assert "samples.png" in so and "10 steps" in so and "s on " in so
     assert sorted(os.listdir(tmp_path)) == ["samples.png", "trajectory.gif", "trajectory.png"]
     with Image.open(tmp_path / "trajectory.gif") as im:
         assert im.n_frames == 3

@@ -18,6 +18,7 @@ def main(argv=None) -> int:
     p.add_argument("-n", type=int, default=16, help="images (default 16)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--frames", type=int, default=12, help="trajectory frames (default 12)")
+    p.add_argument("--steps", type=int, default=None, help="DDPM steps (default: every training timestep)")
     p.add_argument("--backend", default="auto")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
@@ -49,7 +50,7 @@ def main(argv=None) -> int:
     pipe = _cached(name)
     be = select(args.backend, "cpu")
     # the fallback's 1000 timesteps at 32x32 would take minutes: 50 DDPM steps show the machinery
-    steps = None if name == "digits" else 50
+    steps = args.steps if args.steps is not None else (None if name == "digits" else 50)
     total = len(pipe.scheduler_for("ddpm", steps).timesteps)
     keep = im.trajectory_steps(total, args.frames)
     t0 = time.perf_counter()
