@@ -255,6 +255,7 @@ def _atomic_write(path: str, write: Callable[[str], None]) -> None:
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o644)   # mkstemp makes 0600 files; results should be readable like any other
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
