@@ -94,13 +94,10 @@ def _step_numpy(x, m, table, row, noise_step, noise, seed, first_index, backend,
         noise = _contiguous(_check_numpy("noise", noise, shape))
         if seed is None:
             seed = 0                       # unused: the given noise replaces the kernel's
-    seed = check_seed(seed)
-    if first_index:
+    if type(seed) is not int or not 0 <= seed < 2**64:
+        seed = check_seed(seed)
+    if first_index or type(first_index) is not int or shape[0] >= _MAX_INDEX:
         first_index = check_first_index(first_index, shape[0])
-    elif type(first_index) is not int:
-        first_index = check_first_index(first_index, shape[0])
-    if shape[0] >= _MAX_INDEX:
-        raise ValueError(f"at most 2**32 samples per call, got {shape[0]}")
     be = _backends.select(backend, "cpu")
     xc = x if x.flags.c_contiguous else np.ascontiguousarray(x)
     mc = m if m.flags.c_contiguous else np.ascontiguousarray(m)
@@ -123,12 +120,14 @@ def _step_numpy(x, m, table, row, noise_step, noise, seed, first_index, backend,
     return out
 
 
-def _disjoint(out: np.ndarray, *arrays) -> bool:
-    """True when out shares no memory with any of arrays (None entries ignored)."""
-    arrays = [a for a in arrays if a is not None]
-    if out.base is None and all(a.base is None and a is not out for a in arrays):
-        return True          # distinct arrays that own their memory cannot overlap (the cheap, common case)
-    return not any(np.may_share_memory(out, a) for a in arrays)
+def _disjoint(out: np.ndarray, x: np.ndarray, m: np.ndarray, noise) -> bool:
+    """True when out shares no memory with x, m or noise (None)."""
+    # distinct arrays that own their memory cannot overlap: the cheap, common case (hot path)
+    if out.base is None and x.base is None and m.base is None and out is not m and (
+            noise is None or (noise.base is None and noise is not out)):
+        return True
+    return not (np.may_share_memory(out, x) or np.may_share_memory(out, m)
+                or (noise is not None and np.may_share_memory(out, noise)))
 
 
 def _step_torch(x, m, table, row, noise_step, noise, seed, first_index, backend, out):

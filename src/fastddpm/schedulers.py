@@ -18,6 +18,8 @@ from typing import Any
 
 import numpy as np
 
+from .dispatch import fused_step
+
 __all__ = ["DDPMScheduler", "DDIMScheduler", "COEF_WIDTH", "SchedulerConfigError"]
 
 COEF_WIDTH = 8
@@ -231,6 +233,7 @@ class _Scheduler:
 
     def _set_timestep_array(self, ts: np.ndarray) -> None:
         self.timesteps = ts                                  # [S] int64, descending
+        self._timestep_ints = [int(t) for t in ts]
         self._row_of = np.full(self.num_train_timesteps, -1, dtype=np.int64)
         self._row_of[ts] = np.arange(len(ts))
         self._tables.clear()
@@ -270,10 +273,11 @@ class _Scheduler:
 
     # -- step -----------------------------------------------------------------------------------
     def _step(self, model_output, timestep, sample, noise, seed, first_index, backend, out, **options):
-        from .dispatch import fused_step
         row = self.row_index(timestep)
-        return fused_step(sample, model_output, self.coefficients(**options), row, int(self.timesteps[row]),
-                          noise=noise, seed=seed, first_index=first_index, backend=backend, out=out)
+        # the timestep of the row is the noise step (a plain int: this is the per-step hot path)
+        return fused_step(sample, model_output, self.coefficients(**options), row,
+                          self._timestep_ints[row], noise=noise, seed=seed, first_index=first_index,
+                          backend=backend, out=out)
 
 
 class DDPMScheduler(_Scheduler):
