@@ -603,7 +603,10 @@ class NumbaEngine:
         (measured on a loaded machine: 45 ms with 1 thread, 2.5 s with 2; torch eager alike)."""
         n = getattr(self._step_backend, "_threads", None) or 1
         ctl = _blas_controller()
-        ctx = ctl.limit(limits=n, user_api="blas") if ctl else contextlib.nullcontext()
+        # BLAS always on one thread: the parallelism is numba's; BLAS threads on top of numba's
+        # spinning workers oversubscribed the cores (measured 718 ms vs 39 ms per bench-small
+        # forward with 2 + 2 threads on 2 cores), and one BLAS thread rounds the same for any n.
+        ctx = ctl.limit(limits=1, user_api="blas") if ctl else contextlib.nullcontext()
         return n, ctx
 
     def _run_forward(self) -> None:
