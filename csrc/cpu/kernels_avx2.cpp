@@ -14,7 +14,7 @@ namespace fastddpm {
 namespace cpu {
 namespace avx2 {
 
-constexpr int K = 1;
+constexpr int K = 2;
 constexpr int W = 8;
 typedef uint64_t U64 __attribute__((vector_size(W * 4)));
 typedef float Fv __attribute__((vector_size(W * 4)));
