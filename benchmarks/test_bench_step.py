@@ -9,6 +9,7 @@ import pytest
 
 import fastddpm
 from fastddpm.noise import noise as noise_spec
+from _stepcheck import check_step, expected_step  # benchmarks/ is on sys.path under pytest
 
 SIZES = {"1x1x32x32": (1, 1, 32, 32), "16x3x32x32": (16, 3, 32, 32), "64x3x256x256": (64, 3, 256, 256)}
 # the "torch" backend is the reference step with spec noise (float64 NumPy): far slower than torch-ref
@@ -25,18 +26,6 @@ def _setup(shape):
     return sched, t, x, m
 
 
-def _expected(sched, t, x, m, z):
-    """float64 formula of the fused step (the DDPM row), z given."""
-    row = sched.coefficients_float64()[sched.row_index(t)]
-    x64, m64 = x.astype(np.float64), m.astype(np.float64)
-    x0 = np.clip(row[0] * x64 + row[1] * m64, -row[6], row[6])
-    return row[2] * x0 + row[3] * x64 + row[4] * m64 + row[5] * z
-
-
-def _check(got, want, what):
-    err = float(np.max(np.abs(got.astype(np.float64) - want)))
-    if not err <= 1e-4:
-        pytest.fail(f"FAIL {what}: max abs error {err:.3g} against the float64 formula")
 
 
 def _record(benchmark, shape, impl, baseline="torch-ref"):
@@ -71,7 +60,7 @@ def test_reference_step(benchmark, size):
     gen = torch.Generator().manual_seed(0)
     z = torch.randn(shape, generator=torch.Generator().manual_seed(0))
     got = reference_step_randn(xt, mt, row, torch.Generator().manual_seed(0))
-    _check(got.numpy(), _expected(sched, t, x, m, z.numpy().astype(np.float64)), "torch-ref")
+    check_step(got.numpy(), expected_step(sched, t, x, m, z.numpy().astype(np.float64)), "torch-ref")
     _record(benchmark, shape, "torch-ref")
     benchmark(reference_step_randn, xt, mt, row, gen)
 
@@ -86,9 +75,9 @@ def test_fused_step(benchmark, size, backend):
     # the answer first: given noise against float64, then in-kernel noise against the spec (2 samples)
     z = noise_spec(3, shape[:1] and (min(shape[0], 2),) + shape[1:], t).astype(np.float64)
     sched.step(m, t, x, seed=3, out=out, backend=backend)
-    _check(out[:2], _expected(sched, t, x[:2], m[:2], z), backend + " (in-kernel noise)")
+    check_step(out[:2], expected_step(sched, t, x[:2], m[:2], z), backend + " (in-kernel noise)")
     zg = np.random.default_rng(2).standard_normal(shape, dtype=np.float32)
-    _check(sched.step(m, t, x, noise=zg, backend=backend), _expected(sched, t, x, m, zg.astype(np.float64)),
+    check_step(sched.step(m, t, x, noise=zg, backend=backend), expected_step(sched, t, x, m, zg.astype(np.float64)),
            backend + " (given noise)")
     _record(benchmark, shape, backend)
     benchmark(sched.step, m, t, x, seed=3, out=out, backend=backend)

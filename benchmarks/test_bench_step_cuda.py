@@ -12,6 +12,7 @@ import pytest
 
 import fastddpm
 from fastddpm.noise import noise as noise_spec
+from _stepcheck import check_step, expected_step  # benchmarks/ is on sys.path under pytest
 
 SIZES = {"1x1x32x32": (1, 1, 32, 32), "16x3x32x32": (16, 3, 32, 32), "64x3x256x256": (64, 3, 256, 256)}
 
@@ -41,18 +42,6 @@ def _setup(shape):
     return sched, t, x, m, torch.from_numpy(x).cuda(), torch.from_numpy(m).cuda()
 
 
-def _expected(sched, t, x, m, z):
-    """float64 formula of the fused step (the DDPM row), z given."""
-    row = sched.coefficients_float64()[sched.row_index(t)]
-    x64, m64 = x.astype(np.float64), m.astype(np.float64)
-    x0 = np.clip(row[0] * x64 + row[1] * m64, -row[6], row[6])
-    return row[2] * x0 + row[3] * x64 + row[4] * m64 + row[5] * z
-
-
-def _check(got, want, what):
-    err = float(np.max(np.abs(got.astype(np.float64) - want)))
-    if not err <= 1e-4:
-        pytest.fail(f"FAIL {what}: max abs error {err:.3g} against the float64 formula")
 
 
 def _record(benchmark, shape, kind, impl, bytes_per_element):
@@ -91,7 +80,7 @@ def test_cuda_reference_step(benchmark, size):
     row = sched.coefficients()[sched.row_index(t)]  # 8 float32 coefficients
     z = torch.randn(shape, generator=torch.Generator(device="cuda").manual_seed(0), device="cuda")
     got = reference_step_randn(xt, mt, row, torch.Generator(device="cuda").manual_seed(0))
-    _check(got.cpu().numpy(), _expected(sched, t, x, m, z.cpu().numpy().astype(np.float64)), "torch-ref (cuda)")
+    check_step(got.cpu().numpy(), expected_step(sched, t, x, m, z.cpu().numpy().astype(np.float64)), "torch-ref (cuda)")
     gen = torch.Generator(device="cuda").manual_seed(0)
 
     def run():
@@ -114,10 +103,10 @@ def test_cuda_fused_step(benchmark, size):
     sched.step(mt, t, xt, seed=3, out=out, backend="native-cuda")
     k = min(shape[0], 2)
     z = noise_spec(3, (k,) + shape[1:], t).astype(np.float64)
-    _check(out[:k].cpu().numpy(), _expected(sched, t, x[:k], m[:k], z), "native-cuda (in-kernel noise)")
+    check_step(out[:k].cpu().numpy(), expected_step(sched, t, x[:k], m[:k], z), "native-cuda (in-kernel noise)")
     zg = np.random.default_rng(2).standard_normal(shape, dtype=np.float32)
     given = sched.step(mt, t, xt, noise=torch.from_numpy(zg).cuda(), backend="native-cuda")
-    _check(given.cpu().numpy(), _expected(sched, t, x, m, zg.astype(np.float64)), "native-cuda (given noise)")
+    check_step(given.cpu().numpy(), expected_step(sched, t, x, m, zg.astype(np.float64)), "native-cuda (given noise)")
 
     def run():
         sched.step(mt, t, xt, seed=3, out=out, backend="native-cuda")

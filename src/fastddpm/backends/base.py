@@ -4,6 +4,25 @@ from __future__ import annotations
 import numpy as np
 
 
+def per_sample_timesteps(timestep, batch: int) -> np.ndarray:
+    """An engine's timestep argument (a number, or a 0-d / [1] / [batch] array or torch tensor)
+    -> float32 [batch], checked: real, finite, of a shape that broadcasts to the batch."""
+    if isinstance(timestep, (bool, np.bool_)):
+        raise TypeError("timestep must be a number, not a bool")
+    if hasattr(timestep, "detach"):  # a torch tensor (torch not imported here)
+        timestep = timestep.detach().cpu().numpy()
+    t = np.asarray(timestep)
+    if t.dtype.kind not in "iuf":
+        raise TypeError(f"timestep must be a real number, got dtype {t.dtype}")
+    if t.ndim > 1 or (t.ndim == 1 and t.shape[0] not in (1, batch)):
+        raise ValueError(f"timestep must be a scalar or have shape [1] or [{batch}] "
+                         f"(one per sample), got shape {t.shape}")
+    t = np.broadcast_to(t.reshape(-1), (batch,)).astype(np.float32)   # astype: a contiguous copy
+    if not np.all(np.isfinite(t)):
+        raise ValueError("timestep must be finite")
+    return t
+
+
 class Backend:
     """One executor of the fused step (and, later, of the U-Net plan).
 

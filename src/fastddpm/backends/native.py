@@ -6,7 +6,7 @@ import os
 
 import numpy as np
 
-from .base import Backend
+from .base import Backend, per_sample_timesteps
 
 try:
     from .. import _C
@@ -101,20 +101,7 @@ class NativeCpuEngine:
                                  cfg.in_channels, cfg.out_channels, self.height, self.width)
 
     def _timesteps(self, timestep) -> np.ndarray:
-        if isinstance(timestep, (bool, np.bool_)):
-            raise TypeError("timestep must be a number, not a bool")
-        if hasattr(timestep, "detach"):  # a torch tensor
-            timestep = timestep.detach().cpu().numpy()
-        t = np.asarray(timestep)
-        if t.dtype.kind not in "iuf":
-            raise TypeError(f"timestep must be a real number, got dtype {t.dtype}")
-        if t.ndim > 1 or (t.ndim == 1 and t.shape[0] not in (1, self.batch)):
-            raise ValueError(f"timestep must be a scalar or have shape [1] or [{self.batch}] "
-                             f"(one per sample), got shape {t.shape}")
-        t = np.broadcast_to(t.reshape(-1), (self.batch,)).astype(np.float32)
-        if not np.all(np.isfinite(t)):
-            raise ValueError("timestep must be finite")
-        return np.ascontiguousarray(t)
+        return per_sample_timesteps(timestep, self.batch)   # [batch] float32
 
     def forward(self, x, timestep) -> np.ndarray:
         shape = (self.batch, self.config.in_channels, self.height, self.width)

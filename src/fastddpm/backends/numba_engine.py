@@ -38,6 +38,7 @@ import time
 import numpy as np
 
 from ..plan import CONV_MODES, FLAG_FLIP, FLAG_PADDED_OUT, FLAG_SILU, OP_CODES, PlanError, build_plan
+from .base import per_sample_timesteps
 
 try:
     import numba
@@ -577,20 +578,7 @@ class NumbaEngine:
 
     # ------------------------------------------------------------------ forward
     def _timesteps(self, timestep) -> np.ndarray:
-        if isinstance(timestep, (bool, np.bool_)):
-            raise TypeError("timestep must be a number, not a bool")
-        if hasattr(timestep, "detach"):  # a torch tensor (torch not imported here)
-            timestep = timestep.detach().cpu().numpy()
-        t = np.asarray(timestep)
-        if t.dtype.kind not in "iuf":
-            raise TypeError(f"timestep must be a real number, got dtype {t.dtype}")
-        if t.ndim > 1 or (t.ndim == 1 and t.shape[0] not in (1, self.batch)):
-            raise ValueError(f"timestep must be a scalar or have shape [1] or [{self.batch}] "
-                             f"(one per sample), got shape {t.shape}")
-        t = np.broadcast_to(t.reshape(-1), (self.batch,)).astype(np.float32)
-        if not np.all(np.isfinite(t)):
-            raise ValueError("timestep must be finite")
-        return t
+        return per_sample_timesteps(timestep, self.batch)   # [batch] float32
 
     def _threads(self):
         """(numba threads, a context setting BLAS threads) for this engine's calls.
