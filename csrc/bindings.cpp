@@ -8,6 +8,7 @@
 #include <stdexcept>
 #include <string>
 
+#include "array_args.h"
 #include "cpu/engine.h"
 #include "cpu/isa.h"
 #include "cpu/step_cpu.h"
@@ -21,17 +22,10 @@ namespace py = pybind11;
 using fastddpm::StepArrays;
 using fastddpm::StepParams;
 namespace cpu = fastddpm::cpu;
+using fastddpm::bind::checked;
+using fastddpm::bind::float_data;
 
 namespace {
-
-// A float32, C-contiguous array: a pointer into it, or a TypeError / ValueError naming `what`.
-const float* float_data(const py::array& a, const char* what) {
-  if (!py::isinstance<py::array_t<float>>(a) || a.dtype().kind() != 'f' || a.itemsize() != 4)
-    throw py::type_error(std::string(what) + " must be a float32 array");
-  if (!(a.flags() & py::array::c_style))
-    throw std::invalid_argument(std::string(what) + " must be C-contiguous");
-  return static_cast<const float*>(a.data());
-}
 
 float* writable_float_data(py::array& a, const char* what) {
   float_data(a, what);
@@ -128,32 +122,9 @@ class PyEngine {
   PyEngine(const py::array& ints, const py::array& floats, const py::array& slot_sizes, const py::list& weights,
            int64_t batch, int64_t in_c, int64_t out_c, int64_t height, int64_t width)
       : n_(batch), in_c_(in_c), out_c_(out_c), h_(height), w_(width) {
-    namespace P = fastddpm::plan;
-    const auto ia = checked<int64_t>(ints, "plan ints", 2, P::kIntFields);
-    const auto fa = checked<double>(floats, "plan floats", 2, P::kFloatFields);
-    const auto sa = checked<int64_t>(slot_sizes, "plan slot_sizes", 1, -1);
-    if (ia.shape(0) != fa.shape(0)) throw std::invalid_argument("plan ints and floats differ in length");
-    cpu::PlanView pv;
-    pv.n_ops = ia.shape(0);
-    pv.ints = ia.data();
-    pv.floats = fa.data();
-    pv.n_slots = sa.shape(0);
-    pv.slot_sizes = sa.data();
-    std::vector<cpu::WeightView> ws;
-    std::vector<py::array> keep_alive;
-    for (const py::handle item : weights) {
-      const py::tuple pair = py::reinterpret_borrow<py::object>(item).cast<py::tuple>();
-      if (pair.size() != 2) throw std::invalid_argument("weights must be (name, array) pairs");
-      cpu::WeightView wv;
-      wv.name = pair[0].cast<std::string>();
-      const py::array arr = pair[1].cast<py::array>();
-      wv.data = float_data(arr, ("weight '" + wv.name + "'").c_str());
-      wv.shape.assign(arr.shape(), arr.shape() + arr.ndim());
-      ws.push_back(std::move(wv));
-      keep_alive.push_back(arr);
-    }
+    const fastddpm::bind::PlanArrays plan(ints, floats, slot_sizes, weights);
     py::gil_scoped_release nogil;
-    engine_ = std::make_unique<cpu::Engine>(pv, ws, batch, in_c, out_c, height, width);
+    engine_ = std::make_unique<cpu::Engine>(plan.view(), plan.weights(), batch, in_c, out_c, height, width);
   }
 
   py::array_t<float> forward(const py::array& x, const py::array& t) {
@@ -221,17 +192,6 @@ class PyEngine {
   int64_t arena_bytes() const { return engine_->arena_bytes(); }
 
  private:
-  template <typename T>
-  static py::array_t<T> checked(const py::array& a, const char* what, int ndim, int64_t cols) {
-    if (!py::isinstance<py::array_t<T>>(a) || a.dtype().itemsize() != sizeof(T) ||
-        a.dtype().kind() != py::dtype::of<T>().kind())
-      throw py::type_error(std::string(what) + " has the wrong dtype");
-    if (!(a.flags() & py::array::c_style)) throw std::invalid_argument(std::string(what) + " must be C-contiguous");
-    if (a.ndim() != ndim || (cols >= 0 && a.shape(1) != cols))
-      throw std::invalid_argument(std::string(what) + " has the wrong shape");
-    return py::reinterpret_borrow<py::array_t<T>>(a);
-  }
-
   std::unique_ptr<cpu::Engine> engine_;
   int64_t n_, in_c_, out_c_, h_, w_;
 };

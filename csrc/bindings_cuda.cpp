@@ -20,6 +20,7 @@
 #include <string>
 #include <tuple>
 
+#include "array_args.h"
 #include "cuda/engine_cuda.h"
 #include "cuda/step_cuda.h"
 #include "fastddpm/philox.h"
@@ -29,6 +30,8 @@ namespace py = pybind11;
 using fastddpm::StepArrays;
 using fastddpm::StepParams;
 namespace fcuda = fastddpm::cuda;
+using fastddpm::bind::checked;
+using fastddpm::bind::float_data;
 
 namespace {
 
@@ -275,23 +278,6 @@ void synchronize(int device) {
 
 // ---- the U-Net engine ------------------------------------------------------------------------
 
-const float* float_data(const py::array& a, const char* what) {
-  if (!py::isinstance<py::array_t<float>>(a) || a.dtype().kind() != 'f' || a.itemsize() != 4)
-    throw py::type_error(std::string(what) + " must be a float32 array");
-  if (!(a.flags() & py::array::c_style)) throw py::value_error(std::string(what) + " must be C-contiguous");
-  return static_cast<const float*>(a.data());
-}
-
-template <typename T>
-py::array_t<T> checked(const py::array& a, const char* what, int ndim, int64_t cols) {
-  if (!py::isinstance<py::array_t<T>>(a) || a.dtype().itemsize() != sizeof(T) ||
-      a.dtype().kind() != py::dtype::of<T>().kind())
-    throw py::type_error(std::string(what) + " has the wrong dtype");
-  if (!(a.flags() & py::array::c_style)) throw py::value_error(std::string(what) + " must be C-contiguous");
-  if (a.ndim() != ndim || (cols >= 0 && a.shape(1) != cols)) throw py::value_error(std::string(what) + " has the wrong shape");
-  return py::reinterpret_borrow<py::array_t<T>>(a);
-}
-
 fcuda::Precision precision_of(const std::string& dtype) {
   if (dtype == "fp32") return fcuda::Precision::kF32;
   if (dtype == "tf32") return fcuda::Precision::kTF32;
@@ -316,34 +302,11 @@ class PyCudaEngine {
                int64_t batch, int64_t in_c, int64_t out_c, int64_t height, int64_t width, const std::string& dtype,
                int device)
       : n_(batch), in_c_(in_c), out_c_(out_c), h_(height), w_(width) {
-    namespace P = fastddpm::plan;
     const fcuda::Precision prec = precision_of(dtype);
     if (device < 0) throw py::value_error("device must be a CUDA device index >= 0");
-    const auto ia = checked<int64_t>(ints, "plan ints", 2, P::kIntFields);
-    const auto fa = checked<double>(floats, "plan floats", 2, P::kFloatFields);
-    const auto sa = checked<int64_t>(slot_sizes, "plan slot_sizes", 1, -1);
-    if (ia.shape(0) != fa.shape(0)) throw py::value_error("plan ints and floats differ in length");
-    fcuda::PlanView pv;
-    pv.n_ops = ia.shape(0);
-    pv.ints = ia.data();
-    pv.floats = fa.data();
-    pv.n_slots = sa.shape(0);
-    pv.slot_sizes = sa.data();
-    std::vector<fcuda::WeightView> ws;
-    std::vector<py::array> keep_alive;
-    for (const py::handle item : weights) {
-      const py::tuple pair = py::reinterpret_borrow<py::object>(item).cast<py::tuple>();
-      if (pair.size() != 2) throw py::value_error("weights must be (name, array) pairs");
-      fcuda::WeightView wv;
-      wv.name = pair[0].cast<std::string>();
-      const py::array arr = pair[1].cast<py::array>();
-      wv.data = float_data(arr, ("weight '" + wv.name + "'").c_str());
-      wv.shape.assign(arr.shape(), arr.shape() + arr.ndim());
-      ws.push_back(std::move(wv));
-      keep_alive.push_back(arr);
-    }
+    const fastddpm::bind::PlanArrays plan(ints, floats, slot_sizes, weights);
     py::gil_scoped_release nogil;
-    engine_ = std::make_unique<fcuda::Engine>(pv, ws, batch, in_c, out_c, height, width, prec, device);
+    engine_ = std::make_unique<fcuda::Engine>(plan.view(), plan.weights(), batch, in_c, out_c, height, width, prec, device);
   }
 
   void check_sample(const py::array& x) const {

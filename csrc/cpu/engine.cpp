@@ -163,26 +163,11 @@ struct ConvGemm {
   int64_t K = 0, Pn = 0, Wp = 1, Wv = 1, oys = 0, oxs = 1, ooff = 0;
 };
 
-struct Op {
-  int64_t code = 0, out = -1, in = -1, cin = 0, in2 = -1, cin2 = 0, h = 0, w = 0, cout = 0;
-  int64_t temb = -1, residual = -1, scratch = -1, mode = 0, groups = 0, heads = 0, flags = 0;
-  float eps = 0, scale = 1, a = 1, shift = 0;
+struct Op : P::OpFields {
   std::vector<float> wt, bias, gamma, beta;   // LINEAR weight; biases; norm affine
   std::vector<ConvGemm> gemms;                 // CONV: 1 or 4 (UP); ATTENTION: qkv, out
   std::vector<float> bias2;                    // ATTENTION: out-projection bias
 };
-
-const char* op_name(int64_t code) {
-  switch (code) {
-    case P::kTimeEmb: return "TIME_EMB";
-    case P::kLinear: return "LINEAR";
-    case P::kPad: return "PAD";
-    case P::kGroupNorm: return "GROUPNORM";
-    case P::kConv: return "CONV";
-    case P::kAttention: return "ATTENTION";
-    default: return "?";
-  }
-}
 
 // Pack a [M, K] matrix given by element accessor f(m, k) into [ceil(M/MR)][K][MR], zero-padded.
 template <typename F>
@@ -225,154 +210,66 @@ struct Engine::Impl {
 // ------------------------------------------------------------------------------- construction
 
 void Engine::Impl::build(const PlanView& pv, const std::vector<WeightView>& weights) {
-  if (pv.n_ops < 1 || !pv.ints || !pv.floats) fail("the plan has no ops");
-  if (pv.n_slots < 2 || !pv.slot_sizes) fail("the plan needs at least the input and output slots");
+  const std::vector<P::CheckedOp> checked = P::check_plan(pv, weights, in_c, out_c, H, W, int64_t(1) << 34);
   slot_size.assign(pv.slot_sizes, pv.slot_sizes + pv.n_slots);
-  for (int64_t s = 0; s < pv.n_slots; ++s)
-    if (slot_size[s] < 0 || slot_size[s] > (int64_t(1) << 34)) fail("plan slot " + std::to_string(s) + " has a bad size");
-  if (slot_size[P::kInputSlot] != in_c * H * W)
-    fail("plan input slot holds " + std::to_string(slot_size[0]) + " floats per sample, expected in_channels*H*W = " + std::to_string(in_c * H * W));
-  if (slot_size[P::kOutputSlot] != out_c * H * W)
-    fail("plan output slot holds " + std::to_string(slot_size[1]) + " floats per sample, expected out_channels*H*W = " + std::to_string(out_c * H * W));
-
-  // weight lookups, checked against the shape each op needs
-  auto weight = [&](int64_t idx, std::vector<int64_t> shape, int64_t op_i, const char* role) -> const WeightView& {
-    if (idx < 0 || idx >= int64_t(weights.size()))
-      fail("plan op " + std::to_string(op_i) + ": " + role + " weight index " + std::to_string(idx) + " is out of range");
-    const WeightView& wv = weights[size_t(idx)];
-    if (wv.shape != shape) {
-      std::string want, got;
-      for (auto d : shape) want += (want.empty() ? "" : ", ") + std::to_string(d);
-      for (auto d : wv.shape) got += (got.empty() ? "" : ", ") + std::to_string(d);
-      fail("weight '" + wv.name + "' has shape (" + got + "), expected (" + want + ")");
-    }
-    if (!wv.data) fail("weight '" + wv.name + "' has no data");
-    return wv;
-  };
-  auto vec = [](const WeightView& wv) {
-    int64_t n = 1;
-    for (auto d : wv.shape) n *= d;
-    return std::vector<float>(wv.data, wv.data + n);
-  };
-
-  auto use = [&](int64_t s, int64_t floats, int64_t op_i, const char* what, bool optional = false) {
-    if (s == -1 && optional) return;
-    if (s < 0 || s >= pv.n_slots)
-      fail("plan op " + std::to_string(op_i) + ": " + what + " slot " + std::to_string(s) + " is out of range");
-    if (floats > slot_size[size_t(s)])
-      fail("plan op " + std::to_string(op_i) + ": " + what + " needs " + std::to_string(floats) +
-           " floats per sample but slot " + std::to_string(s) + " holds " + std::to_string(slot_size[size_t(s)]));
-  };
-
   int64_t pack_need = 0;
-  for (int64_t i = 0; i < pv.n_ops; ++i) {
-    const int64_t* r = pv.ints + i * P::kIntFields;
-    const double* f = pv.floats + i * P::kFloatFields;
+  for (const P::CheckedOp& c : checked) {
     Op op;
-    op.code = r[P::kCode]; op.out = r[P::kOut]; op.in = r[P::kIn]; op.cin = r[P::kCIn];
-    op.in2 = r[P::kIn2]; op.cin2 = r[P::kCIn2]; op.h = r[P::kH]; op.w = r[P::kW];
-    op.cout = r[P::kCOut]; op.temb = r[P::kTemb]; op.residual = r[P::kResidual];
-    op.scratch = r[P::kScratch]; op.mode = r[P::kMode]; op.groups = r[P::kGroups];
-    op.heads = r[P::kHeads]; op.flags = r[P::kFlags];
-    op.eps = float(f[P::kEps]); op.scale = float(f[P::kScale]); op.a = float(f[P::kA]);
-    op.shift = float(f[P::kShift]);
-    for (int j = 0; j < P::kFloatFields; ++j)
-      if (!std::isfinite(f[j])) fail("plan op " + std::to_string(i) + " has a non-finite parameter");
-    const std::string where = "plan op " + std::to_string(i) + " (" + op_name(op.code) + ")";
-    auto positive = [&](int64_t v, const char* what) {
-      if (v <= 0 || v > (int64_t(1) << 24)) fail(where + ": " + what + " = " + std::to_string(v) + " must be positive");
-    };
+    static_cast<P::OpFields&>(op) = c;
+    auto wdata = [&](int role) { return c.weights[role]->data; };
+    auto wcopy = [&](int role) { return P::copy_weight(*c.weights[role]); };
     const int64_t hw = op.h * op.w, pplane = (op.h + 2) * (op.w + 2);
     switch (op.code) {
       case P::kTimeEmb:
-        positive(op.cout, "c_out");
-        use(op.out, op.cout, i, "output");
-        break;
-      case P::kLinear: {
-        positive(op.cin, "c_in"); positive(op.cout, "c_out");
-        use(op.in, op.cin, i, "input"); use(op.out, op.cout, i, "output");
-        op.wt = vec(weight(r[P::kWIdx], {op.cout, op.cin}, i, "linear"));
-        op.bias = vec(weight(r[P::kBIdx], {op.cout}, i, "bias"));
-        break;
-      }
       case P::kPad:
-      case P::kGroupNorm: {
-        positive(op.cin, "c_in"); positive(op.h, "h"); positive(op.w, "w");
-        if (op.cin2 < 0) fail(where + ": c_in2 must be >= 0");
-        use(op.in, op.cin * hw, i, "input");
-        if (op.cin2 > 0) use(op.in2, op.cin2 * hw, i, "second input");
-        const int64_t c = op.cin + op.cin2;
-        const bool padded = op.code == P::kPad || (op.flags & P::kFlagPaddedOut);
-        use(op.out, c * (padded ? pplane : hw), i, "output");
-        if (op.code == P::kGroupNorm) {
-          if (op.groups <= 0 || c % op.groups)
-            fail(where + ": " + std::to_string(c) + " channels are not divisible by " + std::to_string(op.groups) + " groups");
-          if (!(op.eps > 0)) fail(where + ": eps must be > 0");
-          op.gamma = vec(weight(r[P::kWIdx], {c}, i, "norm scale"));
-          op.beta = vec(weight(r[P::kBIdx], {c}, i, "norm shift"));
-        }
         break;
-      }
+      case P::kLinear:
+        op.wt = wcopy(P::kWeight);
+        op.bias = wcopy(P::kBias);
+        break;
+      case P::kGroupNorm:
+        op.gamma = wcopy(P::kWeight);
+        op.beta = wcopy(P::kBias);
+        break;
       case P::kConv: {
-        positive(op.cin, "c_in"); positive(op.cout, "c_out"); positive(op.h, "h"); positive(op.w, "w");
-        const int64_t M = op.cout, ci = op.cin;
-        const bool k1 = op.mode == P::kConv1;
-        const WeightView& wv = weight(r[P::kWIdx], {M, ci, k1 ? 1 : 3, k1 ? 1 : 3}, i, "conv");
-        op.bias = vec(weight(r[P::kBIdx], {M}, i, "conv bias"));
-        const float* w = wv.data;   // w: [Cout, Cin, k, k]
-        const float* ws = nullptr;  // the 1x1 shortcut: [Cout, Cin2, 1, 1]
+        const int64_t M = op.cout, ci = op.cin, ho = c.ho, wo = c.wo;
+        const float* w = wdata(P::kWeight);  // w: [Cout, Cin, k, k]
+        const float* ws = nullptr;           // the 1x1 shortcut: [Cout, Cin2, 1, 1]
+        op.bias = wcopy(P::kBias);
         if (op.in2 >= 0) {
-          if (op.mode != P::kConv3) fail(where + ": a shortcut input needs a 3x3 stride-1 conv");
-          positive(op.cin2, "c_in2");
-          use(op.in2, op.cin2 * pplane, i, "shortcut input");
-          ws = weight(r[P::kW2Idx], {M, op.cin2, 1, 1}, i, "shortcut").data;
-          const auto b2 = vec(weight(r[P::kB2Idx], {M}, i, "shortcut bias"));
-          for (int64_t m = 0; m < M; ++m) op.bias[size_t(m)] += b2[size_t(m)];
+          ws = wdata(P::kShortcutWeight);
+          const float* b2 = wdata(P::kShortcutBias);
+          for (int64_t m = 0; m < M; ++m) op.bias[size_t(m)] += b2[m];
         }
-        int64_t ho = op.h, wo = op.w;
-        if (op.mode == P::kDown0 || op.mode == P::kDown1) {
-          if (op.h % 2 || op.w % 2) fail(where + ": a stride-2 conv needs even sizes");
-          ho = op.h / 2; wo = op.w / 2;
-        } else if (op.mode == P::kUp) {
-          ho = op.h * 2; wo = op.w * 2;
-        }
-        use(op.out, M * ho * wo, i, "output");
-        use(op.temb, M, i, "time embedding", true);
-        use(op.residual, M * ho * wo, i, "residual", true);
         const int64_t Wp = op.w + 2;
         if (op.mode == P::kConv3) {
-          use(op.in, ci * pplane, i, "input (padded)");
           ConvGemm g;
           const int64_t Km = ci * 9, Ks = ws ? op.cin2 : 0;
           g.K = Km + Ks;
           g.A = pack_a(M, g.K, [&](int64_t m, int64_t kk) {
             return kk < Km ? w[m * Km + kk] : ws[m * Ks + (kk - Km)];
           });
-          for (int64_t c = 0; c < ci; ++c)
+          for (int64_t ch = 0; ch < ci; ++ch)
             for (int dy = 0; dy < 3; ++dy)
-              for (int dx = 0; dx < 3; ++dx) g.boff.push_back(c * pplane + dy * Wp + dx);
-          for (int64_t c = 0; c < Ks; ++c) g.boff.push_back(c * pplane + Wp + 1);  // centre tap
+              for (int dx = 0; dx < 3; ++dx) g.boff.push_back(ch * pplane + dy * Wp + dx);
+          for (int64_t ch = 0; ch < Ks; ++ch) g.boff.push_back(ch * pplane + Wp + 1);  // centre tap
           g.Pn = op.h * Wp; g.Wp = Wp; g.Wv = op.w; g.oys = op.w; g.oxs = 1;
           op.gemms.push_back(std::move(g));
         } else if (op.mode == P::kConv1) {
-          use(op.in, ci * hw, i, "input");
           ConvGemm g;
           g.K = ci;
           g.A = pack_a(M, ci, [&](int64_t m, int64_t kk) { return w[m * ci + kk]; });
-          for (int64_t c = 0; c < ci; ++c) g.boff.push_back(c * hw);
+          for (int64_t ch = 0; ch < ci; ++ch) g.boff.push_back(ch * hw);
           g.Pn = hw; g.Wp = op.w; g.Wv = op.w; g.oys = op.w; g.oxs = 1;
           op.gemms.push_back(std::move(g));
         } else if (op.mode == P::kDown0 || op.mode == P::kDown1) {
-          use(op.in, ci * hw, i, "input");
-          use(op.scratch, ci * 9 * ho * wo, i, "im2col scratch");
           ConvGemm g;
           g.K = ci * 9;
           g.A = pack_a(M, g.K, [&](int64_t m, int64_t kk) { return w[m * g.K + kk]; });
           for (int64_t kk = 0; kk < g.K; ++kk) g.boff.push_back(kk * ho * wo);  // + scratch offset later
           g.Pn = ho * wo; g.Wp = wo; g.Wv = wo; g.oys = wo; g.oxs = 1;
           op.gemms.push_back(std::move(g));
-        } else if (op.mode == P::kUp) {
-          use(op.in, ci * pplane, i, "input (padded)");
+        } else {  // P::kUp (check_plan refuses other modes)
           // Output phase (py, px) of nearest-x2 + 3x3 is a 2x2 conv on the low-res input: tap a of
           // phase p sums the 3x3 rows dy in kTaps[p][a].
           static const int kTaps[2][2][3] = {{{0, -1, -1}, {1, 2, -1}}, {{0, 1, -1}, {2, -1, -1}}};
@@ -381,53 +278,41 @@ void Engine::Impl::build(const PlanView& pv, const std::vector<WeightView>& weig
               ConvGemm g;
               g.K = ci * 4;
               g.A = pack_a(M, g.K, [&](int64_t m, int64_t kk) {
-                const int64_t c = kk / 4;
+                const int64_t ch = kk / 4;
                 const int a = int(kk % 4) / 2, b = int(kk % 2);
                 float s = 0.0f;
                 for (int u = 0; u < 3 && kTaps[py][a][u] >= 0; ++u)
                   for (int v = 0; v < 3 && kTaps[px][b][v] >= 0; ++v)
-                    s += w[((m * ci + c) * 3 + kTaps[py][a][u]) * 3 + kTaps[px][b][v]];
+                    s += w[((m * ci + ch) * 3 + kTaps[py][a][u]) * 3 + kTaps[px][b][v]];
                 return s;
               });
-              for (int64_t c = 0; c < ci; ++c)
+              for (int64_t ch = 0; ch < ci; ++ch)
                 for (int a = 0; a < 2; ++a)
-                  for (int b = 0; b < 2; ++b) g.boff.push_back(c * pplane + (py + a) * Wp + (px + b));
+                  for (int b = 0; b < 2; ++b) g.boff.push_back(ch * pplane + (py + a) * Wp + (px + b));
               g.Pn = op.h * Wp; g.Wp = Wp; g.Wv = op.w;
               g.oys = 2 * wo; g.oxs = 2; g.ooff = py * wo + px;
               op.gemms.push_back(std::move(g));
             }
-        } else {
-          fail(where + ": unknown conv mode " + std::to_string(op.mode));
         }
         break;
       }
       case P::kAttention: {
-        positive(op.cin, "c_in"); positive(op.h, "h"); positive(op.w, "w"); positive(op.heads, "heads");
-        const int64_t C = op.cin, L = hw;
-        if (C % op.heads) fail(where + ": " + std::to_string(C) + " channels cannot be split into " + std::to_string(op.heads) + " heads");
-        const int64_t d = C / op.heads;
-        use(op.in, C * L, i, "input");
-        use(op.residual, C * L, i, "residual");
-        use(op.out, C * L, i, "output");
-        use(op.scratch, 4 * C * L + op.heads * L * L, i, "scratch");
-        const int64_t w0 = r[P::kWIdx];
-        const float* wq = weight(w0, {C, C}, i, "to_q").data;
-        const auto bq = vec(weight(w0 + 1, {C}, i, "to_q bias"));
-        const float* wk = weight(w0 + 2, {C, C}, i, "to_k").data;
-        const auto bk = vec(weight(w0 + 3, {C}, i, "to_k bias"));
-        const float* wvv = weight(w0 + 4, {C, C}, i, "to_v").data;
-        const auto bv = vec(weight(w0 + 5, {C}, i, "to_v bias"));
-        const float* wo = weight(w0 + 6, {C, C}, i, "to_out.0").data;
-        op.bias2 = vec(weight(w0 + 7, {C}, i, "to_out.0 bias"));
+        const int64_t C = op.cin, L = hw, d = C / op.heads;
+        const float* wq = wdata(P::kToQ);
+        const float* wk = wdata(P::kToK);
+        const float* wvv = wdata(P::kToV);
+        const float* wo = wdata(P::kToOut);
+        op.bias2 = wcopy(P::kToOutBias);
         ConvGemm qkv;  // [3C, C]: q, k, v stacked
         qkv.K = C;
         qkv.A = pack_a(3 * C, C, [&](int64_t m, int64_t kk) {
           const float* src = m < C ? wq : (m < 2 * C ? wk : wvv);
           return src[(m % C) * C + kk];
         });
-        op.bias.insert(op.bias.end(), bq.begin(), bq.end());
-        op.bias.insert(op.bias.end(), bk.begin(), bk.end());
-        op.bias.insert(op.bias.end(), bv.begin(), bv.end());
+        for (int role : {P::kToQBias, P::kToKBias, P::kToVBias}) {  // [3C]
+          const auto b = wcopy(role);
+          op.bias.insert(op.bias.end(), b.begin(), b.end());
+        }
         ConvGemm proj;
         proj.K = C;
         proj.A = pack_a(C, C, [&](int64_t m, int64_t kk) { return wo[m * C + kk]; });
@@ -437,8 +322,6 @@ void Engine::Impl::build(const PlanView& pv, const std::vector<WeightView>& weig
         pack_need = std::max(pack_need, op.heads * (round_up(L, MR) * d + round_up(d, MR) * L));
         break;
       }
-      default:
-        fail("plan op " + std::to_string(i) + " has unknown op code " + std::to_string(op.code));
     }
     ops.push_back(std::move(op));
   }

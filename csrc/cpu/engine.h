@@ -9,24 +9,13 @@
 #include <string>
 #include <vector>
 
+#include "fastddpm/plan_check.h"
+
 namespace fastddpm {
 namespace cpu {
 
-// The plan as plain arrays: ints [n_ops, plan::kIntFields], floats [n_ops, plan::kFloatFields].
-struct PlanView {
-  int64_t n_ops = 0;
-  const int64_t* ints = nullptr;
-  const double* floats = nullptr;
-  int64_t n_slots = 0;
-  const int64_t* slot_sizes = nullptr;  // per-sample floats
-};
-
-// One weight: diffusers' key (for messages), its float32 data and shape. Copied at creation.
-struct WeightView {
-  std::string name;
-  const float* data = nullptr;
-  std::vector<int64_t> shape;
-};
+using PlanView = plan::PlanView;      // fastddpm/plan_check.h
+using WeightView = plan::WeightView;  // copied at creation
 
 // A whole sampling loop: steps rows of the scheduler's coefficient table and its timesteps.
 struct LoopArgs {

@@ -177,25 +177,10 @@ struct GGemm {
   std::vector<int64_t> rel_slot;
 };
 
-struct GOp {
-  int64_t code = 0, out = -1, in = -1, cin = 0, in2 = -1, cin2 = 0, h = 0, w = 0, cout = 0;
-  int64_t temb = -1, residual = -1, scratch = -1, mode = 0, groups = 0, heads = 0, flags = 0;
-  float eps = 0, scale = 1, a = 1, shift = 0;
+struct GOp : P::OpFields {
   DevBuf wt, bias, gamma, beta, bias2;
   std::vector<GGemm> gemms;
 };
-
-const char* op_name(int64_t code) {
-  switch (code) {
-    case P::kTimeEmb: return "TIME_EMB";
-    case P::kLinear: return "LINEAR";
-    case P::kPad: return "PAD";
-    case P::kGroupNorm: return "GROUPNORM";
-    case P::kConv: return "CONV";
-    case P::kAttention: return "ATTENTION";
-    default: return "?";
-  }
-}
 
 }  // namespace
 
@@ -282,18 +267,8 @@ GGemm Engine::Impl::pack(int64_t M, int64_t K, const std::function<float(int64_t
 }
 
 void Engine::Impl::build(const PlanView& pv, const std::vector<WeightView>& weights) {
-  if (pv.n_ops < 1 || !pv.ints || !pv.floats) fail("the plan has no ops");
-  if (pv.n_slots < 2 || !pv.slot_sizes) fail("the plan needs at least the input and output slots");
+  const std::vector<P::CheckedOp> checked = P::check_plan(pv, weights, in_c, out_c, H, W, int64_t(1) << 30);
   slot_size.assign(pv.slot_sizes, pv.slot_sizes + pv.n_slots);
-  for (int64_t s = 0; s < pv.n_slots; ++s)
-    if (slot_size[size_t(s)] < 0 || slot_size[size_t(s)] > (int64_t(1) << 30))
-      fail("plan slot " + std::to_string(s) + " has a bad size");
-  if (slot_size[P::kInputSlot] != in_c * H * W)
-    fail("plan input slot holds " + std::to_string(slot_size[0]) + " floats per sample, expected in_channels*H*W = " +
-         std::to_string(in_c * H * W));
-  if (slot_size[P::kOutputSlot] != out_c * H * W)
-    fail("plan output slot holds " + std::to_string(slot_size[1]) + " floats per sample, expected out_channels*H*W = " +
-         std::to_string(out_c * H * W));
 
   // the arena's per-sample layout first: boff needs the slot offsets
   slot_off.assign(slot_size.size(), 0);
@@ -305,146 +280,71 @@ void Engine::Impl::build(const PlanView& pv, const std::vector<WeightView>& weig
   T = std::max<int64_t>(off, kAlign);
   if (T > (int64_t(1) << 31) - 1) fail("the activations of one sample are too large for 32-bit offsets");
 
-  auto weight = [&](int64_t idx, std::vector<int64_t> shape, int64_t op_i, const char* role) -> const WeightView& {
-    if (idx < 0 || idx >= int64_t(weights.size()))
-      fail("plan op " + std::to_string(op_i) + ": " + role + " weight index " + std::to_string(idx) + " is out of range");
-    const WeightView& wv = weights[size_t(idx)];
-    if (wv.shape != shape) {
-      std::string want, got;
-      for (auto d : shape) want += (want.empty() ? "" : ", ") + std::to_string(d);
-      for (auto d : wv.shape) got += (got.empty() ? "" : ", ") + std::to_string(d);
-      fail("weight '" + wv.name + "' has shape (" + got + "), expected (" + want + ")");
-    }
-    if (!wv.data) fail("weight '" + wv.name + "' has no data");
-    return wv;
-  };
-  auto vec = [](const WeightView& wv) {
-    int64_t n = 1;
-    for (auto d : wv.shape) n *= d;
-    return std::vector<float>(wv.data, wv.data + n);
-  };
-  auto use = [&](int64_t s, int64_t floats, int64_t op_i, const char* what, bool optional = false) {
-    if (s == -1 && optional) return;
-    if (s < 0 || s >= pv.n_slots)
-      fail("plan op " + std::to_string(op_i) + ": " + what + " slot " + std::to_string(s) + " is out of range");
-    if (floats > slot_size[size_t(s)])
-      fail("plan op " + std::to_string(op_i) + ": " + what + " needs " + std::to_string(floats) +
-           " floats per sample but slot " + std::to_string(s) + " holds " + std::to_string(slot_size[size_t(s)]));
-  };
-  auto arena_slot = [&](int64_t s, int64_t op_i, const char* what) {  // GEMM sources are gathered from the arena
-    if (s < 2) fail("plan op " + std::to_string(op_i) + ": the CUDA engine reads a GEMM " + what +
-                    " from the arena, not from the input/output slot " + std::to_string(s));
-  };
   auto boffs = [&](GGemm& g, const std::vector<int64_t>& rel) {
     std::vector<int32_t> b(rel.begin(), rel.end());
     g.boff = upload(b.data(), b.size() * 4, "GEMM offsets");
   };
 
-  for (int64_t i = 0; i < pv.n_ops; ++i) {
-    const int64_t* r = pv.ints + i * P::kIntFields;
-    const double* f = pv.floats + i * P::kFloatFields;
+  for (size_t i = 0; i < checked.size(); ++i) {
+    const P::CheckedOp& c = checked[i];
     GOp op;
-    op.code = r[P::kCode]; op.out = r[P::kOut]; op.in = r[P::kIn]; op.cin = r[P::kCIn];
-    op.in2 = r[P::kIn2]; op.cin2 = r[P::kCIn2]; op.h = r[P::kH]; op.w = r[P::kW];
-    op.cout = r[P::kCOut]; op.temb = r[P::kTemb]; op.residual = r[P::kResidual];
-    op.scratch = r[P::kScratch]; op.mode = r[P::kMode]; op.groups = r[P::kGroups];
-    op.heads = r[P::kHeads]; op.flags = r[P::kFlags];
-    op.eps = float(f[P::kEps]); op.scale = float(f[P::kScale]); op.a = float(f[P::kA]);
-    op.shift = float(f[P::kShift]);
-    for (int j = 0; j < P::kFloatFields; ++j)
-      if (!std::isfinite(f[j])) fail("plan op " + std::to_string(i) + " has a non-finite parameter");
-    const std::string where = "plan op " + std::to_string(i) + " (" + op_name(op.code) + ")";
-    auto positive = [&](int64_t v, const char* what) {
-      if (v <= 0 || v > (int64_t(1) << 24)) fail(where + ": " + what + " = " + std::to_string(v) + " must be positive");
+    static_cast<P::OpFields&>(op) = c;
+    const std::string where = "plan op " + std::to_string(i) + " (" + P::op_name(op.code) + ")";
+    auto arena_slot = [&](int64_t s, const char* what) {  // GEMM sources are gathered from the arena
+      if (s < 2) fail(where + ": the CUDA engine reads a GEMM " + what + " from the arena, not from the input/output slot " +
+                      std::to_string(s));
     };
+    auto wdata = [&](int role) { return c.weights[role]->data; };
+    auto wcopy = [&](int role) { return P::copy_weight(*c.weights[role]); };
     const int64_t hw = op.h * op.w, pplane = (op.h + 2) * (op.w + 2);
     switch (op.code) {
       case P::kTimeEmb:
-        positive(op.cout, "c_out");
-        use(op.out, op.cout, i, "output");
+      case P::kPad:
         break;
       case P::kLinear:
-        positive(op.cin, "c_in"); positive(op.cout, "c_out");
-        use(op.in, op.cin, i, "input"); use(op.out, op.cout, i, "output");
-        op.wt = upload_floats(vec(weight(r[P::kWIdx], {op.cout, op.cin}, i, "linear")), "linear weight");
-        op.bias = upload_floats(vec(weight(r[P::kBIdx], {op.cout}, i, "bias")), "linear bias");
+        op.wt = upload_floats(wcopy(P::kWeight), "linear weight");
+        op.bias = upload_floats(wcopy(P::kBias), "linear bias");
         break;
-      case P::kPad:
-      case P::kGroupNorm: {
-        positive(op.cin, "c_in"); positive(op.h, "h"); positive(op.w, "w");
-        if (op.cin2 < 0) fail(where + ": c_in2 must be >= 0");
-        use(op.in, op.cin * hw, i, "input");
-        if (op.cin2 > 0) use(op.in2, op.cin2 * hw, i, "second input");
-        const int64_t c = op.cin + op.cin2;
-        const bool padded = op.code == P::kPad || (op.flags & P::kFlagPaddedOut);
-        use(op.out, c * (padded ? pplane : hw), i, "output");
-        if (op.code == P::kGroupNorm) {
-          if (op.groups <= 0 || c % op.groups)
-            fail(where + ": " + std::to_string(c) + " channels are not divisible by " + std::to_string(op.groups) + " groups");
-          if (!(op.eps > 0)) fail(where + ": eps must be > 0");
-          op.gamma = upload_floats(vec(weight(r[P::kWIdx], {c}, i, "norm scale")), "norm scale");
-          op.beta = upload_floats(vec(weight(r[P::kBIdx], {c}, i, "norm shift")), "norm shift");
-        }
+      case P::kGroupNorm:
+        op.gamma = upload_floats(wcopy(P::kWeight), "norm scale");
+        op.beta = upload_floats(wcopy(P::kBias), "norm shift");
         break;
-      }
       case P::kConv: {
-        positive(op.cin, "c_in"); positive(op.cout, "c_out"); positive(op.h, "h"); positive(op.w, "w");
-        const int64_t M = op.cout, ci = op.cin;
-        const bool k1 = op.mode == P::kConv1;
-        const WeightView& wv = weight(r[P::kWIdx], {M, ci, k1 ? 1 : 3, k1 ? 1 : 3}, i, "conv");
-        std::vector<float> bias = vec(weight(r[P::kBIdx], {M}, i, "conv bias"));
-        const float* w = wv.data;   // w: [Cout, Cin, k, k]
-        const float* ws = nullptr;  // the 1x1 shortcut: [Cout, Cin2, 1, 1]
+        const int64_t M = op.cout, ci = op.cin, ho = c.ho, wo = c.wo;
+        const float* w = wdata(P::kWeight);  // w: [Cout, Cin, k, k]
+        const float* ws = nullptr;           // the 1x1 shortcut: [Cout, Cin2, 1, 1]
+        std::vector<float> bias = wcopy(P::kBias);
         if (op.in2 >= 0) {
-          if (op.mode != P::kConv3) fail(where + ": a shortcut input needs a 3x3 stride-1 conv");
-          positive(op.cin2, "c_in2");
-          use(op.in2, op.cin2 * pplane, i, "shortcut input");
-          arena_slot(op.in2, i, "shortcut input");
-          ws = weight(r[P::kW2Idx], {M, op.cin2, 1, 1}, i, "shortcut").data;
-          const auto b2 = vec(weight(r[P::kB2Idx], {M}, i, "shortcut bias"));
-          for (int64_t mm = 0; mm < M; ++mm) bias[size_t(mm)] += b2[size_t(mm)];
+          arena_slot(op.in2, "shortcut input");
+          ws = wdata(P::kShortcutWeight);
+          const float* b2 = wdata(P::kShortcutBias);
+          for (int64_t mm = 0; mm < M; ++mm) bias[size_t(mm)] += b2[mm];
         }
         op.bias = upload_floats(bias, "conv bias");
-        int64_t ho = op.h, wo = op.w;
-        if (op.mode == P::kDown0 || op.mode == P::kDown1) {
-          if (op.h % 2 || op.w % 2) fail(where + ": a stride-2 conv needs even sizes");
-          ho = op.h / 2; wo = op.w / 2;
-        } else if (op.mode == P::kUp) {
-          ho = op.h * 2; wo = op.w * 2;
-        }
-        use(op.out, M * ho * wo, i, "output");
-        use(op.temb, M, i, "time embedding", true);
-        use(op.residual, M * ho * wo, i, "residual", true);
         const int64_t Wp = op.w + 2;
+        arena_slot(op.in, "input");
         if (op.mode == P::kConv3) {
-          use(op.in, ci * pplane, i, "input (padded)");
-          arena_slot(op.in, i, "input");
           const int64_t Km = ci * 9, Ks = ws ? op.cin2 : 0;
           GGemm g = pack(M, Km + Ks, [&](int64_t mm, int64_t kk) {
             return kk < Km ? w[mm * Km + kk] : ws[mm * Ks + (kk - Km)];
           }, "conv weights");
           std::vector<int64_t> rel;
-          for (int64_t c = 0; c < ci; ++c)
+          for (int64_t ch = 0; ch < ci; ++ch)
             for (int dy = 0; dy < 3; ++dy)
-              for (int dx = 0; dx < 3; ++dx) rel.push_back(slot_off[size_t(op.in)] + c * pplane + dy * Wp + dx);
-          for (int64_t c = 0; c < Ks; ++c) rel.push_back(slot_off[size_t(op.in2)] + c * pplane + Wp + 1);  // centre tap
+              for (int dx = 0; dx < 3; ++dx) rel.push_back(slot_off[size_t(op.in)] + ch * pplane + dy * Wp + dx);
+          for (int64_t ch = 0; ch < Ks; ++ch) rel.push_back(slot_off[size_t(op.in2)] + ch * pplane + Wp + 1);  // centre tap
           boffs(g, rel);
           g.Pn = int(op.h * Wp); g.Wp = int(Wp); g.Wv = int(op.w); g.oys = int(op.w); g.oxs = 1;
           op.gemms.push_back(std::move(g));
         } else if (op.mode == P::kConv1) {
-          use(op.in, ci * hw, i, "input");
-          arena_slot(op.in, i, "input");
           GGemm g = pack(M, ci, [&](int64_t mm, int64_t kk) { return w[mm * ci + kk]; }, "conv weights");
           std::vector<int64_t> rel;
-          for (int64_t c = 0; c < ci; ++c) rel.push_back(slot_off[size_t(op.in)] + c * hw);
+          for (int64_t ch = 0; ch < ci; ++ch) rel.push_back(slot_off[size_t(op.in)] + ch * hw);
           boffs(g, rel);
           g.Pn = int(hw); g.Wp = int(op.w); g.Wv = int(op.w); g.oys = int(op.w); g.oxs = 1;
           op.gemms.push_back(std::move(g));
         } else if (op.mode == P::kDown0 || op.mode == P::kDown1) {
-          use(op.in, ci * hw, i, "input");
-          use(op.scratch, ci * 9 * ho * wo, i, "im2col scratch");
-          arena_slot(op.in, i, "input");
-          arena_slot(op.scratch, i, "im2col scratch");
+          arena_slot(op.scratch, "im2col scratch");
           const int64_t K = ci * 9;
           GGemm g = pack(M, K, [&](int64_t mm, int64_t kk) { return w[mm * K + kk]; }, "conv weights");
           std::vector<int64_t> rel;
@@ -452,81 +352,66 @@ void Engine::Impl::build(const PlanView& pv, const std::vector<WeightView>& weig
           boffs(g, rel);
           g.Pn = int(ho * wo); g.Wp = int(wo); g.Wv = int(wo); g.oys = int(wo); g.oxs = 1;
           op.gemms.push_back(std::move(g));
-        } else if (op.mode == P::kUp) {
-          use(op.in, ci * pplane, i, "input (padded)");
-          arena_slot(op.in, i, "input");
+        } else {  // P::kUp (check_plan refuses other modes)
           // phase (py, px) of nearest-x2 + 3x3 = a 2x2 conv on the low-res input (csrc/cpu/engine.cpp)
           static const int kTaps[2][2][3] = {{{0, -1, -1}, {1, 2, -1}}, {{0, 1, -1}, {2, -1, -1}}};
           for (int py = 0; py < 2; ++py)
             for (int px = 0; px < 2; ++px) {
               GGemm g = pack(M, ci * 4, [&](int64_t mm, int64_t kk) {
-                const int64_t c = kk / 4;
+                const int64_t ch = kk / 4;
                 const int a = int(kk % 4) / 2, b = int(kk % 2);
                 float s = 0.0f;
                 for (int u = 0; u < 3 && kTaps[py][a][u] >= 0; ++u)
                   for (int v = 0; v < 3 && kTaps[px][b][v] >= 0; ++v)
-                    s += w[((mm * ci + c) * 3 + kTaps[py][a][u]) * 3 + kTaps[px][b][v]];
+                    s += w[((mm * ci + ch) * 3 + kTaps[py][a][u]) * 3 + kTaps[px][b][v]];
                 return s;
               }, "upsample conv weights");
               std::vector<int64_t> rel;
-              for (int64_t c = 0; c < ci; ++c)
+              for (int64_t ch = 0; ch < ci; ++ch)
                 for (int a = 0; a < 2; ++a)
                   for (int b = 0; b < 2; ++b)
-                    rel.push_back(slot_off[size_t(op.in)] + c * pplane + (py + a) * Wp + (px + b));
+                    rel.push_back(slot_off[size_t(op.in)] + ch * pplane + (py + a) * Wp + (px + b));
               boffs(g, rel);
               g.Pn = int(op.h * Wp); g.Wp = int(Wp); g.Wv = int(op.w);
               g.oys = int(2 * wo); g.oxs = 2; g.ooff = int(py * wo + px);
               op.gemms.push_back(std::move(g));
             }
-        } else {
-          fail(where + ": unknown conv mode " + std::to_string(op.mode));
         }
         break;
       }
       case P::kAttention: {
-        positive(op.cin, "c_in"); positive(op.h, "h"); positive(op.w, "w"); positive(op.heads, "heads");
         const int64_t C = op.cin, L = hw;
-        if (C % op.heads)
-          fail(where + ": " + std::to_string(C) + " channels cannot be split into " + std::to_string(op.heads) + " heads");
-        use(op.in, C * L, i, "input");
-        use(op.residual, C * L, i, "residual");
-        use(op.out, C * L, i, "output");
-        use(op.scratch, 4 * C * L + op.heads * L * L, i, "scratch");
-        arena_slot(op.in, i, "input");
-        arena_slot(op.scratch, i, "scratch");
+        arena_slot(op.in, "input");
+        arena_slot(op.scratch, "scratch");
         if (N * op.heads > 65535) fail(where + ": batch * heads must be <= 65535 on the CUDA engine");
-        const int64_t w0 = r[P::kWIdx];
-        const float* wq = weight(w0, {C, C}, i, "to_q").data;
-        const auto bq = vec(weight(w0 + 1, {C}, i, "to_q bias"));
-        const float* wk = weight(w0 + 2, {C, C}, i, "to_k").data;
-        const auto bk = vec(weight(w0 + 3, {C}, i, "to_k bias"));
-        const float* wvv = weight(w0 + 4, {C, C}, i, "to_v").data;
-        const auto bv = vec(weight(w0 + 5, {C}, i, "to_v bias"));
-        const float* wo = weight(w0 + 6, {C, C}, i, "to_out.0").data;
-        op.bias2 = upload_floats(vec(weight(w0 + 7, {C}, i, "to_out.0 bias")), "attention bias");
-        std::vector<float> bqkv(bq);  // [3C]: q, k, v stacked
-        bqkv.insert(bqkv.end(), bk.begin(), bk.end());
-        bqkv.insert(bqkv.end(), bv.begin(), bv.end());
+        const float* wq = wdata(P::kToQ);
+        const float* wk = wdata(P::kToK);
+        const float* wvv = wdata(P::kToV);
+        const float* wo = wdata(P::kToOut);
+        op.bias2 = upload_floats(wcopy(P::kToOutBias), "attention bias");
+        std::vector<float> bqkv;  // [3C]: q, k, v stacked
+        for (int role : {P::kToQBias, P::kToKBias, P::kToVBias}) {
+          const auto b = wcopy(role);
+          bqkv.insert(bqkv.end(), b.begin(), b.end());
+        }
         op.bias = upload_floats(bqkv, "attention bias");
         GGemm qkv = pack(3 * C, C, [&](int64_t mm, int64_t kk) {
           const float* s = mm < C ? wq : (mm < 2 * C ? wk : wvv);
           return s[(mm % C) * C + kk];
         }, "attention weights");
         std::vector<int64_t> rel;
-        for (int64_t c = 0; c < C; ++c) rel.push_back(slot_off[size_t(op.in)] + c * L);
+        for (int64_t ch = 0; ch < C; ++ch) rel.push_back(slot_off[size_t(op.in)] + ch * L);
         boffs(qkv, rel);
         qkv.Pn = int(L); qkv.Wp = int(L); qkv.Wv = int(L); qkv.oys = 0; qkv.oxs = 1;
         GGemm proj = pack(C, C, [&](int64_t mm, int64_t kk) { return wo[mm * C + kk]; }, "attention weights");
         rel.clear();
-        for (int64_t c = 0; c < C; ++c) rel.push_back(slot_off[size_t(op.scratch)] + 3 * C * L + c * L);
+        for (int64_t ch = 0; ch < C; ++ch) rel.push_back(slot_off[size_t(op.scratch)] + 3 * C * L + ch * L);
         boffs(proj, rel);
         proj.Pn = int(L); proj.Wp = int(L); proj.Wv = int(L); proj.oys = 0; proj.oxs = 1;
         op.gemms.push_back(std::move(qkv));
         op.gemms.push_back(std::move(proj));
         break;
       }
-      default:
-        fail("plan op " + std::to_string(i) + " has unknown op code " + std::to_string(op.code));
     }
     ops.push_back(std::move(op));
   }

@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "engine_kernels.cuh"
+#include "fastddpm/plan_check.h"
 
 namespace fastddpm {
 namespace cuda {
@@ -27,21 +28,8 @@ class CudaError : public std::runtime_error {
   using std::runtime_error::runtime_error;
 };
 
-// The plan as plain arrays: ints [n_ops, plan::kIntFields], floats [n_ops, plan::kFloatFields].
-struct PlanView {
-  int64_t n_ops = 0;
-  const int64_t* ints = nullptr;
-  const double* floats = nullptr;
-  int64_t n_slots = 0;
-  const int64_t* slot_sizes = nullptr;  // per-sample floats
-};
-
-// One weight (host float32, copied to the device at creation).
-struct WeightView {
-  std::string name;
-  const float* data = nullptr;
-  std::vector<int64_t> shape;
-};
+using PlanView = plan::PlanView;      // fastddpm/plan_check.h
+using WeightView = plan::WeightView;  // host float32, copied to the device at creation
 
 // One run of the loop over the schedule last given to set_schedule. Host arrays.
 struct RunArgs {
