@@ -53,6 +53,9 @@ def test_save_then_load_round_trip(tmp_path, tiny):
     path = tiny.save(tmp_path / "m")
     assert sorted(os.listdir(path)) == ["model_index.json", "scheduler", "unet"]
     assert not [f for f in os.listdir(tmp_path) if f.startswith(".")], "temporary directory left behind"
+    for rel in ("model_index.json", "unet/config.json", "unet/diffusion_pytorch_model.safetensors"):
+        mode = os.stat(os.path.join(path, rel)).st_mode & 0o777
+        assert mode & 0o044 == 0o044, f"{rel} is {oct(mode)}: a saved model should be readable like any file"
     back = fastddpm.load(path)
     assert back.unet_config == tiny.unet_config
     assert all(np.array_equal(back.weights[k], tiny.weights[k]) for k in tiny.weights)

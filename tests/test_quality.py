@@ -62,9 +62,6 @@ def test_bundled_model_covers_every_class_and_matches_real_digits(bundled_report
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=False, reason="known miss, issue 4 left open: the bundled model (2,400 training "
-                   "steps) measured 89.0% confident on these 100 samples (89.6% on 500) against the 90% "
-                   "bar; it needs a longer training run (see docs/digits.md)")
 def test_bundled_model_is_confident_enough(bundled_report):
     """Issue 4's third bar: >= 90% of 100 samples classified with confidence >= 0.9."""
     assert bundled_report.confident >= QUALITY_BAR["confident"], bundled_report.summary()

@@ -199,7 +199,7 @@ TRAIN_PRESETS: dict[str, dict[str, Any]] = {
         # drowned in noise too early (Nichol & Dhariwal 2021).
         num_train_timesteps=200, beta_schedule="squaredcos_cap_v2", prediction_type="epsilon",
         lr=2e-3, warmup_steps=100, lr_schedule="cosine", lr_min_ratio=0.05, grad_clip=1.0,
-        batch_size=64, steps=2400, ema_decay=0.995, seed=0, threads=1, checkpoint_every=200),
+        batch_size=64, steps=4000, ema_decay=0.998, seed=0, threads=2, checkpoint_every=200),
 }
 
 

@@ -217,10 +217,10 @@ def save_safetensors(weights: Mapping[str, Any], path) -> None:
 
     path = os.fspath(path)
     directory, base = os.path.split(os.path.abspath(path))
-    # not mkstemp: its 0600 mode would survive the rename; save_file creates with the umask
     tmp = os.path.join(directory, f".{base}.{os.getpid()}.{secrets.token_hex(6)}.tmp")
     try:
         save_file(arrays, tmp, metadata={"format": "pt"})  # "pt": what diffusers writes
+        os.chmod(tmp, 0o644)   # save_file creates 0600 files; saved weights should be readable like any other
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
