@@ -73,7 +73,7 @@ def _contiguous(a: np.ndarray) -> np.ndarray:
     return a if a.flags.c_contiguous else np.ascontiguousarray(a)
 
 
-def fused_step(sample, model_output, table: np.ndarray, row: int, noise_step: int, *, noise=None,
+def fused_step(sample, model_output, table: np.ndarray, row: int, noise_step: int, noise=None,
                seed=None, first_index=0, backend="auto", out=None):
     """One sampler step over every element; see fastddpm.schedulers for the maths."""
     if type(sample) is np.ndarray:
@@ -106,11 +106,12 @@ def _step_numpy(x, m, table, row, noise_step, noise, seed, first_index, backend,
         be.step(xc, mc, result, table, row, seed, noise_step, first_index, noise)
         return result
     _check_numpy("out", out, shape)
-    if not out.flags.writeable:
+    out_flags = out.flags
+    if not out_flags.writeable:
         raise ValueError("out is read-only")
     # in place (out is sample) is the common case and safe: each element is read before it is
     # written. Any other overlap, or a strided out, goes through a temporary.
-    direct = out is xc or (out.flags.c_contiguous and _disjoint(out, xc, mc, noise))
+    direct = out is xc or (out_flags.c_contiguous and _disjoint(out, xc, mc, noise))
     if direct:
         be.step(xc, mc, out, table, row, seed, noise_step, first_index, noise)
     else:

@@ -234,8 +234,9 @@ class _Scheduler:
     def _set_timestep_array(self, ts: np.ndarray) -> None:
         self.timesteps = ts                                  # [S] int64, descending
         self._timestep_ints = [int(t) for t in ts]
-        self._row_of = np.full(self.num_train_timesteps, -1, dtype=np.int64)
-        self._row_of[ts] = np.arange(len(ts))
+        row_of = np.full(self.num_train_timesteps, -1, dtype=np.int64)
+        row_of[ts] = np.arange(len(ts))
+        self._row_of = row_of.tolist()   # a list: indexed once per step, faster than an array
         self._tables.clear()
 
     def previous_timestep(self, timestep: int) -> int:
@@ -245,10 +246,11 @@ class _Scheduler:
     def row_index(self, timestep) -> int:
         """The row of the coefficient table for timestep (an int or a 0-d array); ValueError if none."""
         t = _integer_timestep(timestep)
-        if not 0 <= t < self.num_train_timesteps or self._row_of[t] < 0:
+        row = self._row_of[t] if 0 <= t < len(self._row_of) else -1
+        if row < 0:
             raise ValueError(f"timestep {timestep!r} is not one of this scheduler's timesteps "
                              f"({len(self.timesteps)} in [0, {self.num_train_timesteps}))")
-        return int(self._row_of[t])
+        return row
 
     # -- the coefficient table ------------------------------------------------------------------
     def coefficients(self, **step_options) -> np.ndarray:
@@ -274,10 +276,12 @@ class _Scheduler:
     # -- step -----------------------------------------------------------------------------------
     def _step(self, model_output, timestep, sample, noise, seed, first_index, backend, out, **options):
         row = self.row_index(timestep)
+        table = self._tables.get(()) if not options else None   # the common case without a call
+        if table is None:
+            table = self.coefficients(**options)
         # the timestep of the row is the noise step (a plain int: this is the per-step hot path)
-        return fused_step(sample, model_output, self.coefficients(**options), row,
-                          self._timestep_ints[row], noise=noise, seed=seed, first_index=first_index,
-                          backend=backend, out=out)
+        return fused_step(sample, model_output, table, row, self._timestep_ints[row], noise, seed, first_index,
+                          backend, out)
 
 
 class DDPMScheduler(_Scheduler):
