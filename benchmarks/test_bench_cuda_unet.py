@@ -13,24 +13,14 @@ import numpy as np
 import pytest
 
 import fastddpm
+from _gpu import gpu_reason  # benchmarks/ is on sys.path under pytest
 
 CASES = [("bench-small", 1), ("bench-small", 64), ("ddpm-cifar10", 1), ("ddpm-cifar10", 256)]
 STEPS = 1000
 TOL = {"fp32": 1e-4, "tf32": 3e-3, "bf16": 3e-2}
 
 
-def _gpu_reason():
-    try:
-        import torch
-    except ImportError:
-        return "torch is not installed"
-    if not torch.cuda.is_available():
-        return "torch.cuda.is_available() is False"
-    why = fastddpm.backends()["native-cuda"]["reasons"]
-    return "; ".join(why) if why else None
-
-
-_NO_GPU = _gpu_reason()
+_NO_GPU = gpu_reason("native-cuda")
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(_NO_GPU is not None, reason=f"no usable GPU: {_NO_GPU}")]
 
 

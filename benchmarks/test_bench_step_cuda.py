@@ -12,22 +12,13 @@ import pytest
 
 import fastddpm
 from fastddpm.noise import noise as noise_spec
-from _stepcheck import check_step, expected_step  # benchmarks/ is on sys.path under pytest
+from _gpu import gpu_reason  # benchmarks/ is on sys.path under pytest
+from _stepcheck import check_step, expected_step
 
 SIZES = {"1x1x32x32": (1, 1, 32, 32), "16x3x32x32": (16, 3, 32, 32), "64x3x256x256": (64, 3, 256, 256)}
 
 
-def _gpu_reason():
-    try:
-        import torch
-    except ImportError:
-        return "torch is not installed"
-    if not torch.cuda.is_available():
-        return "torch.cuda.is_available() is False"
-    return None
-
-
-_NO_GPU = _gpu_reason()
+_NO_GPU = gpu_reason()
 _NO_NATIVE = "; ".join(fastddpm.backends()["native-cuda"]["reasons"]) or None
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(_NO_GPU is not None, reason=f"no usable GPU: {_NO_GPU}")]
 

@@ -85,18 +85,7 @@ def _njit(fn):
 if numba is not None:
     _F0, _F1 = np.float32(0.0), np.float32(1.0)
 
-    from llvmlite import ir as _ir
-    from numba.extending import intrinsic as _intrinsic
-
-    @_intrinsic
-    def _f32_from_bits(typingctx, b):
-        """An int32's bits as a float32 (a bitcast; numba has no scalar view)."""
-        if b != numba.types.int32:
-            return None
-
-        def codegen(context, builder, sig, args):
-            return builder.bitcast(args[0], _ir.FloatType())
-        return numba.types.float32(numba.types.int32), codegen
+    from .numba_cpu import _f32_from_bits   # an int32's bits as a float32 (numba intrinsic)
 
     # exp as a polynomial (Cephes expf, about 1 ulp) rather than a libm call: LLVM vectorises it,
     # and exp is most of the cost of group norm + SiLU and of softmax.
