@@ -9,6 +9,7 @@
 #include <string>
 
 #include "array_args.h"
+#include "py_loop.h"
 #include "cpu/engine.h"
 #include "cpu/isa.h"
 #include "cpu/step_cpu.h"
@@ -165,27 +166,9 @@ class PyEngine {
       frames.append(f);
     }
     a.x_out = x.mutable_data();
-    std::optional<py::error_already_set> err;
-    // Runs with the GIL released between steps; takes it back once per step to honour Ctrl-C
-    // (PyErr_CheckSignals) and, every `every` steps and at the end, to call the callback.
-    auto on_step = [&](int64_t k) -> bool {
-      py::gil_scoped_acquire gil;
-      try {
-        if (PyErr_CheckSignals() != 0) throw py::error_already_set();
-        if (!callback.is_none() && (k % every == 0 || k == steps)) callback(k);
-      } catch (py::error_already_set& e) {
-        err.emplace(std::move(e));
-        return false;
-      }
-      return true;
-    };
-    bool done;
-    {
-      py::gil_scoped_release nogil;
-      done = engine_->run(a, on_step);
-    }
-    if (err) throw std::move(*err);
-    if (!done) throw std::runtime_error("sampling was cancelled");
+    // Takes the GIL back once per step (Ctrl-C) and every `every` steps and at the end (callback).
+    fastddpm::bind::run_loop([&](const std::function<bool(int64_t)>& on_step) { return engine_->run(a, on_step); },
+                             callback, [&](int64_t k) { return k % every == 0 || k == steps; });
     return py::make_tuple(x, frames);
   }
 

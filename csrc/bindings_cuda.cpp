@@ -21,6 +21,7 @@
 #include <tuple>
 
 #include "array_args.h"
+#include "py_loop.h"
 #include "cuda/engine_cuda.h"
 #include "cuda/step_cuda.h"
 #include "fastddpm/philox.h"
@@ -362,26 +363,9 @@ class PyCudaEngine {
     }
     a.x_out = x.mutable_data();
     a.every = every;
-    std::optional<py::error_already_set> err;
     // At chunk boundaries only (the GPU keeps the next chunk queued): Ctrl-C and the callback.
-    auto on_chunk = [&](int64_t k) -> bool {
-      py::gil_scoped_acquire gil;
-      try {
-        if (PyErr_CheckSignals() != 0) throw py::error_already_set();
-        if (!callback.is_none()) callback(k);
-      } catch (py::error_already_set& e) {
-        err.emplace(std::move(e));
-        return false;
-      }
-      return true;
-    };
-    bool done;
-    {
-      py::gil_scoped_release nogil;
-      done = engine_->run(a, on_chunk);
-    }
-    if (err) throw std::move(*err);
-    if (!done) throw std::runtime_error("sampling was cancelled");
+    fastddpm::bind::run_loop([&](const std::function<bool(int64_t)>& on_chunk) { return engine_->run(a, on_chunk); },
+                             callback, [](int64_t) { return true; });
     return py::make_tuple(x, frames);
   }
 
