@@ -3,6 +3,16 @@ import os
 import pytest
 
 
+@pytest.fixture
+def sigint_handled():
+    """SIGINT raises KeyboardInterrupt during the test, as in an interactive Python, even when the
+    run inherited SIGINT ignored (a background job of a non-interactive shell: `make test &`)."""
+    import signal
+    old = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, old)
+
+
 def pytest_configure(config):
     # The tests check answers, not speed. torch's intra-op threads spin at every barrier: on a
     # 2-core machine with any other load a 2-thread reference forward was measured 17x slower than

@@ -369,7 +369,7 @@ def test_progress_callback_and_cancel():
         eng.run(sched, (2, 1, 16, 16), seed=3)
 
 
-def test_ctrl_c_stops_the_loop_between_steps():
+def test_ctrl_c_stops_the_loop_between_steps(sigint_handled):
     """A SIGINT while the GIL is released: the loop notices it at the next step boundary."""
     import _thread
     import time

@@ -88,7 +88,7 @@ def test_resume_matches_an_uninterrupted_run(tmp_path, trained):
         assert torch.equal(sa["exp_avg"], sb["exp_avg"]) and torch.equal(sa["exp_avg_sq"], sb["exp_avg_sq"])
 
 
-def test_ctrl_c_checkpoints_whole_steps_and_resumes(tmp_path, trained, monkeypatch):
+def test_ctrl_c_checkpoints_whole_steps_and_resumes(tmp_path, trained, monkeypatch, sigint_handled):
     """SIGINT during step 12: that step finishes, is checkpointed, KeyboardInterrupt propagates;
     resuming gives the uninterrupted run's losses."""
     import signal
@@ -110,6 +110,27 @@ def test_ctrl_c_checkpoints_whole_steps_and_resumes(tmp_path, trained, monkeypat
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler   # handler restored
     res = train(tiny_config(), tmp_path / "m", quiet=True, resume=True)
     assert res.losses == full.losses
+
+
+def test_training_leaves_an_ignored_sigint_ignored(tmp_path, monkeypatch):
+    """A run started with SIGINT ignored (nohup, a background job) is not made interruptible."""
+    import signal
+    import fastddpm.train as tr
+    orig = tr._lr_at
+
+    def lr_at(cfg, step, total):
+        if step == 2:
+            signal.raise_signal(signal.SIGINT)
+        return orig(cfg, step, total)
+
+    monkeypatch.setattr(tr, "_lr_at", lr_at)
+    old = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        res = train(tiny_config(steps=5), tmp_path / "m", quiet=True)
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, old)
+    assert res.steps == 5 and len(res.losses) == 5
 
 
 def test_same_seed_same_run_other_seed_differs(tmp_path, trained):

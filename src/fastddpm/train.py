@@ -421,7 +421,9 @@ def train(cfg: TrainConfig, out_dir, *, work_dir=None, resume: bool = False, qui
     # Ctrl-C is deferred to the end of the step in flight, so the checkpoint holds whole steps only
     interrupted = []
     old_handler = None
-    if threading.current_thread() is threading.main_thread():
+    # (not where SIGINT is ignored, e.g. under nohup: that run was asked not to stop on it)
+    if (threading.current_thread() is threading.main_thread()
+            and signal.getsignal(signal.SIGINT) is not signal.SIG_IGN):
         def on_sigint(*_):
             if interrupted:   # a second Ctrl-C: stop now, without a checkpoint
                 raise KeyboardInterrupt
