@@ -88,23 +88,30 @@ def test_resume_matches_an_uninterrupted_run(tmp_path, trained):
         assert torch.equal(sa["exp_avg"], sb["exp_avg"]) and torch.equal(sa["exp_avg_sq"], sb["exp_avg_sq"])
 
 
-def test_ctrl_c_checkpoints_whole_steps_and_resumes(tmp_path, trained, monkeypatch, sigint_handled):
-    """SIGINT during step 12: that step finishes, is checkpointed, KeyboardInterrupt propagates;
-    resuming gives the uninterrupted run's losses."""
+def _sigint_at_step(monkeypatch, at: int):
+    """Make training raise SIGINT at the start of step ``at``; returns a function that undoes it."""
     import signal
     import fastddpm.train as tr
-    _, full = trained
     orig = tr._lr_at
 
     def lr_at(cfg, step, total):
-        if step == 12:
+        if step == at:
             signal.raise_signal(signal.SIGINT)
         return orig(cfg, step, total)
 
     monkeypatch.setattr(tr, "_lr_at", lr_at)
+    return lambda: monkeypatch.setattr(tr, "_lr_at", orig)
+
+
+def test_ctrl_c_checkpoints_whole_steps_and_resumes(tmp_path, trained, monkeypatch, sigint_handled):
+    """SIGINT during step 12: that step finishes, is checkpointed, KeyboardInterrupt propagates;
+    resuming gives the uninterrupted run's losses."""
+    import signal
+    _, full = trained
+    undo = _sigint_at_step(monkeypatch, 12)
     with pytest.raises(KeyboardInterrupt):
         train(tiny_config(), tmp_path / "m", quiet=True)
-    monkeypatch.setattr(tr, "_lr_at", orig)
+    undo()
     ck = torch.load(tmp_path / "m" / "training" / "checkpoint.pt", weights_only=True)
     assert ck["step"] == 13 and len(ck["losses"]) == 13
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler   # handler restored
@@ -115,15 +122,7 @@ def test_ctrl_c_checkpoints_whole_steps_and_resumes(tmp_path, trained, monkeypat
 def test_training_leaves_an_ignored_sigint_ignored(tmp_path, monkeypatch):
     """A run started with SIGINT ignored (nohup, a background job) is not made interruptible."""
     import signal
-    import fastddpm.train as tr
-    orig = tr._lr_at
-
-    def lr_at(cfg, step, total):
-        if step == 2:
-            signal.raise_signal(signal.SIGINT)
-        return orig(cfg, step, total)
-
-    monkeypatch.setattr(tr, "_lr_at", lr_at)
+    _sigint_at_step(monkeypatch, 2)
     old = signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         res = train(tiny_config(steps=5), tmp_path / "m", quiet=True)
