@@ -129,13 +129,21 @@ class BuildExt(build_ext):
         objdir = os.path.join(self.build_temp, "cuda")
         os.makedirs(objdir, exist_ok=True)
         objects = []
-        for src in sorted(glob.glob("csrc/cuda/*.cu")):
+        sources = sorted(glob.glob("csrc/cuda/*.cu"))
+        stamp = os.path.join(objdir, "archs.txt")   # a change of archs must rebuild every object
+        archs_changed = not os.path.exists(stamp) or open(stamp).read() != " ".join(gencode)
+        for src in sources:
             obj = os.path.join(objdir, os.path.basename(src) + ".o")
-            cmd = [self.nvcc, "-c", src, "-o", obj, "-O3", "-std=c++17", "-I", INCLUDE,
-                   "-Xcompiler", "-fPIC,-Wall", "-lineinfo", *gencode]
-            print(" ".join(cmd))
-            subprocess.check_call(cmd)
+            stale = (archs_changed or self.force or not os.path.exists(obj)
+                     or max(os.path.getmtime(f) for f in [src, *HEADERS]) > os.path.getmtime(obj))
+            if stale:
+                cmd = [self.nvcc, "-c", src, "-o", obj, "-O3", "-std=c++17", "-I", INCLUDE,
+                       "-Xcompiler", "-fPIC,-Wall", "-lineinfo", *gencode]
+                print(" ".join(cmd))
+                subprocess.check_call(cmd)
             objects.append(obj)
+        with open(stamp, "w") as f:
+            f.write(" ".join(gencode))
         libdir = next((d for d in (os.path.join(cuda_home, "lib64"), os.path.join(cuda_home, "lib"),
                                    os.path.join(cuda_home, "targets", "x86_64-linux", "lib"))
                        if os.path.exists(os.path.join(d, "libcudart_static.a"))), None)
@@ -144,6 +152,8 @@ class BuildExt(build_ext):
         ext.include_dirs.append(os.path.join(cuda_home, "include"))
         ext.extra_objects = objects + [os.path.join(libdir, "libcudart_static.a")]
         ext.extra_link_args = ["-lrt", "-lpthread", "-ldl"]
+        # relink when a CUDA object or a header changed, not only when bindings_cuda.cpp did
+        ext.depends = HEADERS + sources + objects
         super().build_extension(ext)
         version = subprocess.run([self.nvcc, "--version"], capture_output=True, text=True).stdout
         release = next((ln.split("release")[1].split(",")[0].strip() for ln in version.splitlines()

@@ -11,7 +11,6 @@
 #include <utility>
 #include <vector>
 
-#include "fastddpm/plan.h"
 #include "fastddpm/plan_check.h"
 
 namespace fastddpm {

@@ -176,6 +176,12 @@ def test_bad_plans_raise_value_errors():
     with pytest.raises(ValueError, match="unknown conv mode 9"):
         _engine_for([ops[0], Op("CONV", out=1, in_=2, c_in=2, h=4, w=4, c_out=3, mode=9, w_idx=0, b_idx=1)],
                     sizes, good, 1)
+    # sizes whose products would overflow int64 are refused by name, before any product is formed
+    with pytest.raises(ValueError, match=r"h = 131072 must be in \[1, 65536\]"):
+        _engine_for([Op("PAD", out=2, in_=0, c_in=2, h=2**17, w=2**17), ops[1]], sizes, good, 1)
+    with pytest.raises(ValueError, match=r"c_in = 1099511627776 must be in \[1, 16777216\]"):
+        _engine_for([ops[0], Op("CONV", out=1, in_=2, c_in=2**40, h=4, w=4, c_out=3, mode=0, w_idx=0, b_idx=1)],
+                    sizes, good, 1)
     bad = Op("PAD", out=2, in_=0, c_in=2, h=4, w=4)
     bad.kind = "TIME_EMB"
     ints = np.array([op.int_row() for op in ops], dtype=np.int64)

@@ -216,8 +216,12 @@ void Engine::Impl::build(const PlanView& pv, const std::vector<WeightView>& weig
   for (const P::CheckedOp& c : checked) {
     Op op;
     static_cast<P::OpFields&>(op) = c;
-    auto wdata = [&](int role) { return c.weights[role]->data; };
-    auto wcopy = [&](int role) { return P::copy_weight(*c.weights[role]); };
+    auto checked_weight = [&](int role) -> const WeightView& {  // check_plan recorded it for this op
+      if (!c.weights[role]) throw std::logic_error("plan_check.h and the engine disagree on a weight");
+      return *c.weights[role];
+    };
+    auto wdata = [&](int role) { return checked_weight(role).data; };
+    auto wcopy = [&](int role) { return P::copy_weight(checked_weight(role)); };
     const int64_t hw = op.h * op.w, pplane = (op.h + 2) * (op.w + 2);
     switch (op.code) {
       case P::kTimeEmb:
@@ -322,6 +326,8 @@ void Engine::Impl::build(const PlanView& pv, const std::vector<WeightView>& weig
         pack_need = std::max(pack_need, op.heads * (round_up(L, MR) * d + round_up(d, MR) * L));
         break;
       }
+      default:  // check_plan refuses unknown codes
+        throw std::logic_error("plan_check.h and the engine disagree on op code " + std::to_string(op.code));
     }
     ops.push_back(std::move(op));
   }

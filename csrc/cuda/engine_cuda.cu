@@ -294,8 +294,12 @@ void Engine::Impl::build(const PlanView& pv, const std::vector<WeightView>& weig
       if (s < 2) fail(where + ": the CUDA engine reads a GEMM " + what + " from the arena, not from the input/output slot " +
                       std::to_string(s));
     };
-    auto wdata = [&](int role) { return c.weights[role]->data; };
-    auto wcopy = [&](int role) { return P::copy_weight(*c.weights[role]); };
+    auto checked_weight = [&](int role) -> const WeightView& {  // check_plan recorded it for this op
+      if (!c.weights[role]) throw std::logic_error("plan_check.h and the engine disagree on a weight");
+      return *c.weights[role];
+    };
+    auto wdata = [&](int role) { return checked_weight(role).data; };
+    auto wcopy = [&](int role) { return P::copy_weight(checked_weight(role)); };
     const int64_t hw = op.h * op.w, pplane = (op.h + 2) * (op.w + 2);
     switch (op.code) {
       case P::kTimeEmb:
@@ -412,6 +416,8 @@ void Engine::Impl::build(const PlanView& pv, const std::vector<WeightView>& weig
         op.gemms.push_back(std::move(proj));
         break;
       }
+      default:  // check_plan refuses unknown codes
+        throw std::logic_error("plan_check.h and the engine disagree on op code " + std::to_string(op.code));
     }
     ops.push_back(std::move(op));
   }

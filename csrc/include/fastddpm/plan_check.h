@@ -101,9 +101,13 @@ inline std::vector<CheckedOp> check_plan(const PlanView& pv, const std::vector<W
       if (!std::isfinite(f[j])) fail("plan op " + std::to_string(i) + " has a non-finite parameter");
     const std::string where = "plan op " + std::to_string(i) + " (" + op_name(op.code) + ")";
 
-    auto positive = [&](int64_t v, const char* what) {
-      if (v <= 0 || v > (int64_t(1) << 24)) fail(where + ": " + what + " = " + std::to_string(v) + " must be positive");
+    // Bounds that keep every size product below in int64 (channels <= 2^24, sides <= 2^16,
+    // attention positions <= 2^16); far beyond any slot an engine could allocate anyway.
+    auto positive = [&](int64_t v, const char* what, int64_t max = int64_t(1) << 24) {
+      if (v <= 0 || v > max)
+        fail(where + ": " + what + " = " + std::to_string(v) + " must be in [1, " + std::to_string(max) + "]");
     };
+    auto side = [&](int64_t v, const char* what) { positive(v, what, int64_t(1) << 16); };
     // slot s must exist and hold `floats` per sample (s == -1 allowed when optional)
     auto use = [&](int64_t s, int64_t floats, const char* what, bool optional = false) {
       if (s == -1 && optional) return;
@@ -128,7 +132,9 @@ inline std::vector<CheckedOp> check_plan(const PlanView& pv, const std::vector<W
       op.weights[role] = &wv;
     };
 
-    const int64_t hw = op.h * op.w, pplane = (op.h + 2) * (op.w + 2);
+    // unsigned: defined for unchecked sides; each case checks the sides before it uses these
+    const int64_t hw = int64_t(uint64_t(op.h) * uint64_t(op.w));
+    const int64_t pplane = int64_t((uint64_t(op.h) + 2) * (uint64_t(op.w) + 2));
     switch (op.code) {
       case kTimeEmb:
         positive(op.cout, "c_out");
@@ -142,7 +148,7 @@ inline std::vector<CheckedOp> check_plan(const PlanView& pv, const std::vector<W
         break;
       case kPad:
       case kGroupNorm: {
-        positive(op.cin, "c_in"); positive(op.h, "h"); positive(op.w, "w");
+        positive(op.cin, "c_in"); side(op.h, "h"); side(op.w, "w");
         if (op.cin2 < 0) fail(where + ": c_in2 must be >= 0");
         use(op.in, op.cin * hw, "input");
         if (op.cin2 > 0) use(op.in2, op.cin2 * hw, "second input");
@@ -159,7 +165,7 @@ inline std::vector<CheckedOp> check_plan(const PlanView& pv, const std::vector<W
         break;
       }
       case kConv: {
-        positive(op.cin, "c_in"); positive(op.cout, "c_out"); positive(op.h, "h"); positive(op.w, "w");
+        positive(op.cin, "c_in"); positive(op.cout, "c_out"); side(op.h, "h"); side(op.w, "w");
         const int64_t M = op.cout, ci = op.cin;
         const int64_t k = op.mode == kConv1 ? 1 : 3;
         weight(kWeight, r[kWIdx], {M, ci, k, k}, "conv");
@@ -192,7 +198,8 @@ inline std::vector<CheckedOp> check_plan(const PlanView& pv, const std::vector<W
         break;
       }
       case kAttention: {
-        positive(op.cin, "c_in"); positive(op.h, "h"); positive(op.w, "w"); positive(op.heads, "heads");
+        positive(op.cin, "c_in"); side(op.h, "h"); side(op.w, "w"); positive(op.heads, "heads");
+        positive(hw, "positions h*w", int64_t(1) << 16);
         const int64_t C = op.cin, L = hw;
         if (C % op.heads)
           fail(where + ": " + std::to_string(C) + " channels cannot be split into " + std::to_string(op.heads) + " heads");
