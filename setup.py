@@ -131,7 +131,10 @@ class BuildExt(build_ext):
         objects = []
         sources = sorted(glob.glob("csrc/cuda/*.cu"))
         stamp = os.path.join(objdir, "archs.txt")   # a change of archs must rebuild every object
-        archs_changed = not os.path.exists(stamp) or open(stamp).read() != " ".join(gencode)
+        archs_changed = True
+        if os.path.exists(stamp):
+            with open(stamp) as f:
+                archs_changed = f.read() != " ".join(gencode)
         for src in sources:
             obj = os.path.join(objdir, os.path.basename(src) + ".o")
             stale = (archs_changed or self.force or not os.path.exists(obj)

@@ -16,10 +16,11 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from typing import Sequence
 
 import numpy as np
+
+from ._atomic import atomic_write
 
 __all__ = ["to_pil", "to_uint8_images", "save_grid", "save_trajectory", "grid", "trajectory_steps",
            "GRID_SUFFIXES", "TRAJECTORY_SUFFIXES"]
@@ -139,20 +140,11 @@ def _check_writable(path: str) -> str:
 def _atomic_save(path: str, save) -> str:
     """save(file object) into a temporary file beside ``path``, then rename it into place."""
     path = _check_writable(path)
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp",
-                                   dir=os.path.dirname(path))
-    except OSError as exc:
-        raise PermissionError(f"cannot write {path}: {exc.strerror or exc}") from None
-    try:
-        with os.fdopen(fd, "wb") as f:
+
+    def write(tmp):
+        with open(tmp, "wb") as f:
             save(f)
-        os.chmod(tmp, 0o644)        # mkstemp makes 0600 files; a picture should be readable
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write(path, write)
     return path
 
 

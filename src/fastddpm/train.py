@@ -26,7 +26,6 @@ import math
 import os
 import random
 import signal
-import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -34,6 +33,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from ._atomic import atomic_write
 from .schedulers import DDPMScheduler
 from .unet_config import UNetConfig
 
@@ -248,19 +248,9 @@ def _lr_at(cfg: TrainConfig, step: int, total: int) -> float:
 
 
 def _atomic_write(path: str, write: Callable[[str], None]) -> None:
-    """write(tmp_path), then rename over ``path``: readers never see a half-written file."""
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", dir=d)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o644)   # mkstemp makes 0600 files; results should be readable like any other
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """write(tmp_path), then rename over ``path`` (creating its directory): no half-written file."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    atomic_write(path, write)
 
 
 def write_loss_csv(path: str, losses: list, lrs: list) -> None:

@@ -9,12 +9,13 @@ from __future__ import annotations
 import json
 import math
 import os
-import secrets
 import stat
 import struct
 from typing import Any, Mapping
 
 import numpy as np
+
+from ._atomic import atomic_write
 
 __all__ = ["WeightsError", "load_safetensors", "check_weights", "save_safetensors",
            "read_header"]
@@ -215,18 +216,5 @@ def save_safetensors(weights: Mapping[str, Any], path) -> None:
         arrays[k] = a
     from safetensors.numpy import save_file
 
-    path = os.fspath(path)
-    directory, base = os.path.split(os.path.abspath(path))
-    tmp = os.path.join(directory, f".{base}.{os.getpid()}.{secrets.token_hex(6)}.tmp")
-    try:
-        save_file(arrays, tmp, metadata={"format": "pt"})  # "pt": what diffusers writes
-        os.chmod(tmp, 0o644)   # save_file creates 0600 files; saved weights should be readable like any other
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    # "pt": what diffusers writes; fsync: weights are what a training run exists to produce
+    atomic_write(os.fspath(path), lambda tmp: save_file(arrays, tmp, metadata={"format": "pt"}), fsync=True)
