@@ -173,6 +173,7 @@ class PyEngine {
   }
 
   int64_t arena_bytes() const { return engine_->arena_bytes(); }
+  int64_t winograd_convs() const { return engine_->winograd_convs(); }
 
  private:
   std::unique_ptr<cpu::Engine> engine_;
@@ -211,7 +212,9 @@ PYBIND11_MODULE(_C, mod) {
       .def("run", &PyEngine::run, py::arg("coef"), py::arg("timesteps"), py::arg("seed"), py::arg("first_index"),
            py::arg("keep"), py::arg("callback"), py::arg("every") = 1,
            "the whole sampling loop; returns (x0, [frames for keep])")
-      .def_property_readonly("arena_bytes", &PyEngine::arena_bytes);
+      .def_property_readonly("arena_bytes", &PyEngine::arena_bytes)
+      .def_property_readonly("winograd_convs", &PyEngine::winograd_convs,
+                             "convs on the Winograd F(2x2,3x3) path with the active ISA");
   mod.def("num_threads", &cpu::num_threads);
   mod.def("set_num_threads", &cpu::set_num_threads, py::arg("n"));
 }

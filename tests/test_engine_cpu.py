@@ -144,6 +144,64 @@ def test_op_groupnorm_concat_shortcut_residual(isa):
     assert _check_ops(ops, sizes, [_w(rng, c, c, 3, 3), _w(rng, c)]) <= REL_TOL
 
 
+@pytest.fixture
+def threads(request):
+    """Run the test body with this many engine threads, then restore the count."""
+    before = _C.num_threads()
+    _C.set_num_threads(request.param)
+    yield request.param
+    _C.set_num_threads(before)
+
+
+@pytest.mark.parametrize("isa", ISAS, indirect=True)
+@pytest.mark.parametrize("batch,threads", [(1, 2), (2, 2), (3, 2), (2, 1)], indirect=["threads"])
+def test_op_conv3_winograd(isa, batch, threads, monkeypatch):
+    """Stride-1 3x3 convs wide enough for the Winograd path (>= 8 input channels, even sides):
+    with the time embedding, with the 1x1 shortcut + scale, with a residual + scale; 9 output
+    channels (not a micro-tile multiple), 35 tiles (not a micro-tile width multiple). Batches 2
+    with 2 threads run whole samples per thread, the others one sample at a time. Checked against
+    the NumPy interpreter, with the Winograd path on and off (FASTDDPM_WINOGRAD=0)."""
+    rng = np.random.default_rng(batch)
+    c, co, h, w = 12, 9, 10, 14
+    plane, pp = h * w, (h + 2) * (w + 2)
+    sizes = [c * plane, co * plane, c * pp, 16, co, co * plane, co * pp, co * plane, co * pp]
+    ops = [Op("TIME_EMB", out=3, c_out=16),
+           Op("LINEAR", out=4, in_=3, c_in=16, c_out=co, w_idx=2, b_idx=3, silu=True),
+           Op("PAD", out=2, in_=0, c_in=c, h=h, w=w),
+           Op("CONV", out=5, in_=2, c_in=c, h=h, w=w, c_out=co, mode=CONV_MODES["CONV3"], w_idx=0,
+              b_idx=1, temb=4),
+           Op("PAD", out=6, in_=5, c_in=co, h=h, w=w),
+           Op("CONV", out=7, in_=6, c_in=co, h=h, w=w, c_out=co, mode=CONV_MODES["CONV3"], w_idx=4,
+              b_idx=5, in2=2, c_in2=c, w2_idx=6, b2_idx=7, scale=0.7),
+           Op("PAD", out=8, in_=7, c_in=co, h=h, w=w),
+           Op("CONV", out=1, in_=8, c_in=co, h=h, w=w, c_out=co, mode=CONV_MODES["CONV3"], w_idx=8,
+              b_idx=9, residual=7, scale=0.5)]
+    weights = [_w(rng, co, c, 3, 3), _w(rng, co), _w(rng, co, 16), _w(rng, co), _w(rng, co, co, 3, 3),
+               _w(rng, co), _w(rng, co, c, 1, 1), _w(rng, co), _w(rng, co, co, 3, 3), _w(rng, co)]
+    t = (3.0, 811.0, 40.0)[:batch]
+    x = rng.standard_normal((batch, c * plane, 1, 1)).astype(np.float32)
+    outs = {}
+    for flag, convs in (("1", 3), ("0", 0)):
+        monkeypatch.setenv("FASTDDPM_WINOGRAD", flag)
+        eng, plan, wd = _engine_for(ops, sizes, weights, batch)
+        assert eng.winograd_convs == convs
+        outs[flag] = eng.forward(x, np.array(t, np.float32)).reshape(batch, -1)
+    ref = run_plan(plan, wd, x.reshape(batch, -1), np.array(t)).reshape(batch, -1)
+    assert rel_err(outs["1"], ref) <= REL_TOL
+    assert rel_err(outs["0"], ref) <= REL_TOL
+    # each sample is computed alone, the same way whatever the batch and thread count
+    monkeypatch.setenv("FASTDDPM_WINOGRAD", "1")
+    one = _engine_for(ops, sizes, weights, 1)[0].forward(x[:1], np.array(t[:1], np.float32))
+    assert np.array_equal(one.reshape(1, -1), outs["1"][:1])
+
+
+def test_winograd_switch_must_be_0_or_1(monkeypatch):
+    monkeypatch.setenv("FASTDDPM_WINOGRAD", "yes")
+    ops = [Op("CONV", out=1, in_=0, c_in=1, h=1, w=1, c_out=1, mode=CONV_MODES["CONV1"], w_idx=0, b_idx=1)]
+    with pytest.raises(ValueError, match="FASTDDPM_WINOGRAD must be 0 or 1"):
+        _engine_for(ops, [1, 1], [np.ones((1, 1, 1, 1), np.float32), np.zeros(1, np.float32)], 1)
+
+
 @pytest.mark.parametrize("isa", ISAS, indirect=True)
 @pytest.mark.parametrize("heads,c,h,w", [(1, 8, 4, 5), (3, 12, 6, 6), (4, 16, 16, 16)])
 def test_op_attention(isa, heads, c, h, w):
@@ -205,10 +263,22 @@ FORWARD_CASES = [("bench-small", 1), ("bench-small", 3), ("ddpm-cifar10", 1), ("
 @pytest.mark.parametrize("isa", ISAS, indirect=True)
 @pytest.mark.parametrize("name,batch", FORWARD_CASES, ids=[f"{n}-n{b}" for n, b in FORWARD_CASES])
 def test_forward_matches_reference(isa, name, batch):
+    _check_forward(name, batch)
+
+
+@pytest.mark.parametrize("name,batch", [("bench-small", 3), ("rgb64-heads", 1)])
+def test_forward_without_winograd_matches_reference(name, batch, monkeypatch):
+    """The direct conv path (FASTDDPM_WINOGRAD=0) on whole networks, best ISA."""
+    monkeypatch.setenv("FASTDDPM_WINOGRAD", "0")
+    _check_forward(name, batch, winograd=False)
+
+
+def _check_forward(name, batch, winograd=True):
     cfg = UNetConfig.from_dict(CONFIGS[name])
     w = random_weights(cfg, seed=4)
     h, wd = cfg.sample_hw
     eng = CPU_BACKEND.make_engine(cfg, w, batch, h, wd)
+    assert (eng._engine.winograd_convs > 0) == winograd  # every config has a conv that qualifies
     rng = np.random.default_rng(batch)
     x = rng.standard_normal((batch, cfg.in_channels, h, wd)).astype(np.float32)
     t = rng.integers(0, 1000, size=batch)

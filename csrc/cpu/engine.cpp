@@ -23,37 +23,24 @@
 #include <string>
 
 #include "engine_kernels.h"
+#include "engine_util.h"
 #include "fastddpm/plan.h"
 #include "fastddpm/step.h"
 #include "step_cpu.h"
+#include "winograd.h"
 
 namespace fastddpm {
 namespace cpu {
 
 namespace P = fastddpm::plan;
+using namespace engine_util;  // Buffer, alloc_floats, pack_a, parallel_for, round_up, MR
 
 namespace {
 
 constexpr int64_t kSlack = 128;   // floats after each slot: >= the widest micro-tile (48)
 constexpr int64_t kAlign = 16;    // slot offsets in floats (64 bytes)
-constexpr int MR = kGemmMR;
-
-int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
 
 [[noreturn]] void fail(const std::string& msg) { throw std::invalid_argument(msg); }
-
-struct AlignedFree {
-  void operator()(float* p) const { std::free(p); }
-};
-using Buffer = std::unique_ptr<float[], AlignedFree>;
-
-Buffer alloc_floats(int64_t n) {
-  const size_t bytes = size_t(round_up(std::max<int64_t>(n, 1) * 4, 64));
-  float* p = static_cast<float*>(std::aligned_alloc(64, bytes));
-  if (!p) throw std::bad_alloc();
-  std::memset(p, 0, bytes);
-  return Buffer(p);
-}
 
 // One GEMM with its epilogue, over nbatch independent batch entries (samples).
 struct GemmCall {
@@ -145,17 +132,6 @@ void run_gemm(const GemmCall& g, const EngineKernels& k, int threads) {
   for (int64_t t = 0; t < tasks; ++t) task(t);
 }
 
-// Dynamic for the same reason as run_gemm; each index is computed whole by one thread.
-template <typename Fn>
-void parallel_for(int64_t n, int threads, bool worth_it, Fn&& fn) {
-  if (threads <= 1 || n <= 1 || !worth_it) {
-    for (int64_t i = 0; i < n; ++i) fn(i);
-    return;
-  }
-#pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
-  for (int64_t i = 0; i < n; ++i) fn(i);
-}
-
 // A conv as a GEMM over one sample; UP convs have four (one per output phase).
 struct ConvGemm {
   Buffer A;                    // packed [ceil(M/MR)][K][MR]
@@ -166,22 +142,10 @@ struct ConvGemm {
 struct Op : P::OpFields {
   std::vector<float> wt, bias, gamma, beta;   // LINEAR weight; biases; norm affine
   std::vector<ConvGemm> gemms;                 // CONV: 1 or 4 (UP); ATTENTION: qkv, out
+  Buffer wino_u;                               // CONV3: Winograd weights (winograd.h), or null
+  std::vector<ConvGemm> wino_shortcut;         // CONV3 + in2 on the Winograd path: the 1x1 alone
   std::vector<float> bias2;                    // ATTENTION: out-projection bias
 };
-
-// Pack a [M, K] matrix given by element accessor f(m, k) into [ceil(M/MR)][K][MR], zero-padded.
-template <typename F>
-Buffer pack_a(int64_t M, int64_t K, F&& f) {
-  const int64_t Mb = (M + MR - 1) / MR;
-  Buffer A = alloc_floats(Mb * K * MR);
-  for (int64_t mb = 0; mb < Mb; ++mb)
-    for (int64_t kk = 0; kk < K; ++kk)
-      for (int m = 0; m < MR; ++m) {
-        const int64_t mm = mb * MR + m;
-        A[(mb * K + kk) * MR + m] = mm < M ? f(mm, kk) : 0.0f;
-      }
-  return A;
-}
 
 }  // namespace
 
@@ -190,6 +154,10 @@ struct Engine::Impl {
   std::vector<int64_t> slot_off, slot_size;
   int64_t T = 0;          // per-sample arena floats
   int64_t pack_off = 0;   // engine-owned region for the attention operands
+  int64_t wino_need = 0;  // floats of one sample's Winograd V operand (winograd.h)
+  Buffer wino_v;          // one such block per thread of the last call
+  int wino_threads = 0;
+  bool winograd = true;   // FASTDDPM_WINOGRAD=0 turns the Winograd path off (comparisons)
   Buffer arena;
   std::vector<Op> ops;
   std::vector<float> tvals;  // [N] timesteps of the current forward
@@ -204,6 +172,7 @@ struct Engine::Impl {
   void op_pad(const Op& op, const EngineKernels& k, int threads);
   void op_groupnorm(const Op& op, const EngineKernels& k, int threads);
   void op_conv(const Op& op, const EngineKernels& k, int threads);
+  void op_conv_winograd(const Op& op, const EngineKernels& k, int threads);
   void op_attention(const Op& op, const EngineKernels& k, int threads);
 };
 
@@ -259,6 +228,24 @@ void Engine::Impl::build(const PlanView& pv, const std::vector<WeightView>& weig
           for (int64_t ch = 0; ch < Ks; ++ch) g.boff.push_back(ch * pplane + Wp + 1);  // centre tap
           g.Pn = op.h * Wp; g.Wp = Wp; g.Wv = op.w; g.oys = op.w; g.oxs = 1;
           op.gemms.push_back(std::move(g));
+          // Winograd wherever some micro-tile width may choose it (decided per call); a conv with
+          // both a shortcut and a residual (the plan never emits one) stays direct.
+          bool maybe = false;
+          for (const EngineKernels* t : {&kGenericEngineKernels, &kAvx2EngineKernels, &kAvx512EngineKernels})
+            maybe = maybe || winograd_pays(ci, op.h, op.w, t->nr);
+          maybe = maybe && winograd && !(op.in2 >= 0 && op.residual >= 0);
+          if (maybe) {
+            op.wino_u = winograd_weights(w, M, ci);
+            wino_need = std::max(wino_need, winograd_scratch_floats(ci, op.h, op.w));
+            if (ws) {  // the shortcut as its own GEMM, accumulated onto the Winograd result
+              ConvGemm s;
+              s.K = Ks;
+              s.A = pack_a(M, Ks, [&](int64_t m, int64_t kk) { return ws[m * Ks + kk]; });
+              for (int64_t ch = 0; ch < Ks; ++ch) s.boff.push_back(ch * pplane + Wp + 1);
+              s.Pn = op.h * Wp; s.Wp = Wp; s.Wv = op.w; s.oys = op.w; s.oxs = 1;
+              op.wino_shortcut.push_back(std::move(s));
+            }
+          }
         } else if (op.mode == P::kConv1) {
           ConvGemm g;
           g.K = ci;
@@ -349,6 +336,8 @@ void Engine::Impl::build(const PlanView& pv, const std::vector<WeightView>& weig
     for (ConvGemm& g : op.gemms)
       for (size_t kk = 0; kk < g.boff.size(); ++kk)
         g.boff[kk] += slot_off[size_t(int64_t(kk) < main_k || op.mode != P::kConv3 ? src : op.in2)];
+    for (ConvGemm& g : op.wino_shortcut)
+      for (int64_t& b : g.boff) b += slot_off[size_t(op.in2)];
   }
   if (N > 0 && T > (int64_t(1) << 36) / N) fail("the activations of this plan and batch are too large");
   arena = alloc_floats(N * T);
@@ -467,6 +456,9 @@ void Engine::Impl::op_conv(const Op& op, const EngineKernels& k, int threads) {
     });
   } else if (op.mode == P::kUp) {
     ho = op.h * 2; wo = op.w * 2;
+  } else if (op.wino_u && winograd_pays(op.cin, op.h, op.w, k.nr)) {
+    op_conv_winograd(op, k, threads);
+    return;
   }
   for (const ConvGemm& cg : op.gemms) {
     GemmCall g;
@@ -486,6 +478,40 @@ void Engine::Impl::op_conv(const Op& op, const EngineKernels& k, int threads) {
     g.nbatch = N;
     run_gemm(g, k, threads);
   }
+}
+
+void Engine::Impl::op_conv_winograd(const Op& op, const EngineKernels& k, int threads) {
+  float* base = arena.get();
+  const bool shortcut = !op.wino_shortcut.empty();
+  WinogradCall c;
+  c.N = N; c.cin = op.cin; c.cout = op.cout; c.h = op.h; c.w = op.w;
+  c.U = op.wino_u.get();
+  c.in = base + slot_off[size_t(op.in)]; c.in_bs = T;
+  if (wino_threads < threads) {  // grown here, under the engine's lock, never in a parallel region
+    wino_v = alloc_floats((wino_need + kSlack) * threads);
+    wino_threads = threads;
+  }
+  c.V = wino_v.get(); c.v_floats = wino_need + kSlack;
+  c.out = base + slot_off[size_t(op.out)]; c.o_bs = T;
+  c.bias = op.bias.data();
+  if (op.temb >= 0) { c.temb = base + slot_off[size_t(op.temb)]; c.t_bs = T; }
+  if (op.residual >= 0) { c.res = base + slot_off[size_t(op.residual)]; c.r_bs = T; }
+  c.scale = shortcut ? 1.0f : op.scale;  // with a shortcut, the scale comes after its GEMM
+  winograd_conv(c, k, threads);
+  if (!shortcut) return;
+  // out = scale * (shortcut(in2) + out): the Winograd result is the residual of the 1x1 GEMM
+  const ConvGemm& cg = op.wino_shortcut[0];
+  GemmCall g;
+  g.M = op.cout; g.K = cg.K; g.Pn = cg.Pn;
+  g.A = cg.A.get();
+  g.boff = cg.boff.data();
+  g.B = base; g.b_bstride = T;
+  g.out = c.out; g.o_bstride = T; g.ocs = op.h * op.w;
+  g.Wp = cg.Wp; g.Wv = cg.Wv; g.oys = cg.oys; g.oxs = cg.oxs;
+  g.res = c.out; g.r_bstride = T;
+  g.scale = op.scale;
+  g.nbatch = N;
+  run_gemm(g, k, threads);
 }
 
 void Engine::Impl::op_attention(const Op& op, const EngineKernels& k, int threads) {
@@ -593,12 +619,24 @@ Engine::Engine(const PlanView& plan, const std::vector<WeightView>& weights, int
   if (batch < 1 || in_c < 1 || out_c < 1 || height < 1 || width < 1)
     fail("batch, channels, height and width must be positive");
   impl_->N = batch; impl_->in_c = in_c; impl_->out_c = out_c; impl_->H = height; impl_->W = width;
+  if (const char* v = std::getenv("FASTDDPM_WINOGRAD")) {
+    const std::string s(v);
+    if (s != "0" && s != "1") fail("FASTDDPM_WINOGRAD must be 0 or 1, got '" + s + "'");
+    impl_->winograd = s == "1";
+  }
   impl_->build(plan, weights);
 }
 
 Engine::~Engine() = default;
 
 int64_t Engine::arena_bytes() const { return impl_->N * impl_->T * 4; }
+
+int64_t Engine::winograd_convs() const {
+  const int nr = engine_kernels(active_isa()).nr;
+  int64_t n = 0;
+  for (const Op& op : impl_->ops) n += op.wino_u && winograd_pays(op.cin, op.h, op.w, nr);
+  return n;
+}
 
 void Engine::forward(const float* x, const float* t, float* out) {
   if (!x || !t || !out) fail("null array pointer");

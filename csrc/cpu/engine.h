@@ -47,6 +47,8 @@ class Engine {
 
   int64_t batch() const { return batch_; }
   int64_t arena_bytes() const;
+  // Convs that run on the Winograd path (winograd.h) with the active ISA's micro-kernel.
+  int64_t winograd_convs() const;
 
   struct Impl;
 

@@ -31,6 +31,12 @@ struct EngineKernels {
   void (*softmax_cols)(float* S, int64_t rows, int64_t ld, int64_t i0, int64_t i1, float scale);
   // sum_i a[i] * b[i] (float accumulation in vector lanes).
   float (*dot)(const float* a, const float* b, int64_t n);
+  // Winograd F(2x2, 3x3) (winograd.h). Input: one padded channel plane [h+2, w+2] (h, w even) ->
+  // v[xi * vs + t] = (B^T d_t B)[xi / 4][xi % 4], d_t the 4x4 window of tile t = ty * (w/2) + tx.
+  void (*winograd_input)(const float* in, int64_t h, int64_t w, float* v, int64_t vs);
+  // Output: the 16 micro-tiles m[xi][kGemmMR * nr] of one task -> y[p][kGemmMR * nr], p = 2a + b
+  // the pixel (2ty + a, 2tx + b) of each tile column.
+  void (*winograd_output)(const float* m, float* y);
 };
 
 extern const EngineKernels kGenericEngineKernels;
