@@ -83,17 +83,18 @@ void run_gemm(const GemmCall& g, const EngineKernels& k, int threads) {
     const int64_t p0 = pb * NR, ncols = std::min(NR, g.Pn - p0);
     int64_t run_j[64], run_pix[64], run_len[64], nruns = 0;
     int64_t y = p0 / g.Wp, x = p0 % g.Wp;
-    for (int64_t j = 0; j < ncols; ++j) {
-      if (x < g.Wv) {
+    for (int64_t j = 0; j < ncols; x = 0, ++y) {  // one grid row segment at a time
+      const int64_t seg = std::min(g.Wp - x, ncols - j), valid = std::min(g.Wv - x, seg);
+      if (valid > 0) {
         const int64_t px = y * g.oys + x * g.oxs + g.ooff;
         if (nruns && run_j[nruns - 1] + run_len[nruns - 1] == j &&
             run_pix[nruns - 1] + run_len[nruns - 1] * g.oxs == px) {
-          ++run_len[nruns - 1];
+          run_len[nruns - 1] += valid;
         } else {
-          run_j[nruns] = j; run_pix[nruns] = px; run_len[nruns] = 1; ++nruns;
+          run_j[nruns] = j; run_pix[nruns] = px; run_len[nruns] = valid; ++nruns;
         }
       }
-      if (++x == g.Wp) { x = 0; ++y; }
+      j += seg;
     }
     float* o = g.out + b * g.o_bstride;
     const float* rs = g.res ? g.res + b * g.r_bstride : nullptr;
@@ -104,12 +105,14 @@ void run_gemm(const GemmCall& g, const EngineKernels& k, int threads) {
       const float add = (g.bias ? g.bias[mm] : 0.0f) + (g.temb ? g.temb[b * g.t_bstride + mm] : 0.0f);
       const float sc = g.scale;
       for (int64_t r = 0; r < nruns; ++r) {
-        const float* src = tile + m * NR + run_j[r];
+        const float* __restrict src = tile + m * NR + run_j[r];  // the tile aliases nothing
         float* dst = o + mm * g.ocs + run_pix[r];
         const int64_t len = run_len[r];
         if (rs) {
           const float* res = rs + mm * g.ocs + run_pix[r];
-          if (os == 1) {
+          if (os == 1 && res == dst) {  // accumulate in place (the Winograd path's shortcut)
+            for (int64_t q = 0; q < len; ++q) dst[q] = ((src[q] + add) + dst[q]) * sc;
+          } else if (os == 1) {
             for (int64_t q = 0; q < len; ++q) dst[q] = ((src[q] + add) + res[q]) * sc;
           } else {
             for (int64_t q = 0; q < len; ++q) dst[q * os] = ((src[q] + add) + res[q * os]) * sc;
