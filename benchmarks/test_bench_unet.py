@@ -1,8 +1,8 @@
 """The U-Net forward and the whole sampling loop: native C++ engine next to its baselines.
 
 Forward rows (bench-small batch 1 and 16, ddpm-cifar10 batch 1): native (fastddpm._C engine),
-torch-eager (the reference U-Net), torch-compile (torch.compile of the reference) and diffusers'
-UNet2DModel, all with the same weights. Sample rows: one bench-small image, 1000 DDPM steps,
+native-direct (the same with the Winograd conv path off), torch-eager (the reference U-Net),
+torch-compile (torch.compile of the reference) and diffusers' UNet2DModel, all with the same weights. Sample rows: one bench-small image, 1000 DDPM steps,
 native vs the reference sampler (backend="torch"). The ceiling row is sgemm (torch.mm 1024^3)
 measured in the same run. Every implementation's answer is checked before it is timed.
 """
@@ -17,7 +17,8 @@ torch = pytest.importorskip("torch")
 torch.set_num_threads(2)
 
 FORWARD = [("bench-small", 1), ("bench-small", 16), ("ddpm-cifar10", 1)]
-IMPLS = ["native", "torch-eager", "torch-compile", "diffusers"]
+# native-direct: the C++ engine with the Winograd path off (FASTDDPM_WINOGRAD=0), what it pays
+IMPLS = ["native", "native-direct", "torch-eager", "torch-compile", "diffusers"]
 REL_TOL = 1e-4
 _cache: dict = {}
 
@@ -60,13 +61,14 @@ def test_sgemm_ceiling(benchmark):
 
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("model,batch", FORWARD, ids=[f"{m}-b{b}" for m, b in FORWARD])
-def test_forward(benchmark, model, batch, impl):
+def test_forward(benchmark, model, batch, impl, monkeypatch):
     cfg, w, x, ref, expected = _setup(model, batch)
     h, wd = cfg.sample_hw
     xt = torch.from_numpy(x)
-    if impl == "native":
+    if impl in ("native", "native-direct"):
         if _C is None:
             pytest.skip("fastddpm._C is not built")
+        monkeypatch.setenv("FASTDDPM_WINOGRAD", "0" if impl == "native-direct" else "1")
         eng = CPU_BACKEND.make_engine(cfg, w, batch, h, wd)
         fn = lambda: eng.forward(x, 500)  # noqa: E731
     elif impl == "torch-eager":
