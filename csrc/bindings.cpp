@@ -173,7 +173,7 @@ class PyEngine {
   }
 
   int64_t arena_bytes() const { return engine_->arena_bytes(); }
-  int64_t winograd_convs() const { return engine_->winograd_convs(); }
+  std::vector<int> conv_paths() const { return engine_->conv_paths(); }
 
  private:
   std::unique_ptr<cpu::Engine> engine_;
@@ -213,8 +213,8 @@ PYBIND11_MODULE(_C, mod) {
            py::arg("keep"), py::arg("callback"), py::arg("every") = 1,
            "the whole sampling loop; returns (x0, [frames for keep])")
       .def_property_readonly("arena_bytes", &PyEngine::arena_bytes)
-      .def_property_readonly("winograd_convs", &PyEngine::winograd_convs,
-                             "convs on the Winograd F(2x2,3x3) path with the active ISA");
+      .def_property_readonly("conv_paths", &PyEngine::conv_paths,
+                             "per conv op: 0 = direct GEMM, 2 / 4 = Winograd F(2x2) / F(4x4), active ISA");
   mod.def("num_threads", &cpu::num_threads);
   mod.def("set_num_threads", &cpu::set_num_threads, py::arg("n"));
 }

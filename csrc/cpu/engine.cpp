@@ -145,7 +145,7 @@ struct ConvGemm {
 struct Op : P::OpFields {
   std::vector<float> wt, bias, gamma, beta;   // LINEAR weight; biases; norm affine
   std::vector<ConvGemm> gemms;                 // CONV: 1 or 4 (UP); ATTENTION: qkv, out
-  Buffer wino_u;                               // CONV3: Winograd weights (winograd.h), or null
+  Buffer wino_u2, wino_u4;                     // CONV3: Winograd weights, F(2x2) and F(4x4), or null
   std::vector<ConvGemm> wino_shortcut;         // CONV3 + in2 on the Winograd path: the 1x1 alone
   std::vector<float> bias2;                    // ATTENTION: out-projection bias
 };
@@ -157,10 +157,10 @@ struct Engine::Impl {
   std::vector<int64_t> slot_off, slot_size;
   int64_t T = 0;          // per-sample arena floats
   int64_t pack_off = 0;   // engine-owned region for the attention operands
-  int64_t wino_need = 0;  // floats of one sample's Winograd V operand (winograd.h)
+  int64_t wino_need = 0;  // floats of one sample's Winograd V operand, largest of any conv
   Buffer wino_v;          // one such block per thread of the last call
   int wino_threads = 0;
-  bool winograd = true;   // FASTDDPM_WINOGRAD=0 turns the Winograd path off (comparisons)
+  int wino_max_m = 4;     // largest Winograd tile: FASTDDPM_WINOGRAD=0 (off), 2 (F(2x2) only), 1 (4)
   Buffer arena;
   std::vector<Op> ops;
   std::vector<float> tvals;  // [N] timesteps of the current forward
@@ -175,7 +175,9 @@ struct Engine::Impl {
   void op_pad(const Op& op, const EngineKernels& k, int threads);
   void op_groupnorm(const Op& op, const EngineKernels& k, int threads);
   void op_conv(const Op& op, const EngineKernels& k, int threads);
-  void op_conv_winograd(const Op& op, const EngineKernels& k, int threads);
+  // 0 for the direct GEMM, else the Winograd tile size this conv runs with under kernels k
+  int conv_path(const Op& op, const EngineKernels& k) const;
+  void op_conv_winograd(const Op& op, int m, const EngineKernels& k, int threads);
   void op_attention(const Op& op, const EngineKernels& k, int threads);
 };
 
@@ -231,23 +233,24 @@ void Engine::Impl::build(const PlanView& pv, const std::vector<WeightView>& weig
           for (int64_t ch = 0; ch < Ks; ++ch) g.boff.push_back(ch * pplane + Wp + 1);  // centre tap
           g.Pn = op.h * Wp; g.Wp = Wp; g.Wv = op.w; g.oys = op.w; g.oxs = 1;
           op.gemms.push_back(std::move(g));
-          // Winograd wherever some micro-tile width may choose it (decided per call); a conv with
-          // both a shortcut and a residual (the plan never emits one) stays direct.
-          bool maybe = false;
-          for (const EngineKernels* t : {&kGenericEngineKernels, &kAvx2EngineKernels, &kAvx512EngineKernels})
-            maybe = maybe || winograd_pays(ci, op.h, op.w, t->nr);
-          maybe = maybe && winograd && !(op.in2 >= 0 && op.residual >= 0);
-          if (maybe) {
-            op.wino_u = winograd_weights(w, M, ci);
-            wino_need = std::max(wino_need, winograd_scratch_floats(ci, op.h, op.w));
-            if (ws) {  // the shortcut as its own GEMM, accumulated onto the Winograd result
-              ConvGemm s;
-              s.K = Ks;
-              s.A = pack_a(M, Ks, [&](int64_t m, int64_t kk) { return ws[m * Ks + kk]; });
-              for (int64_t ch = 0; ch < Ks; ++ch) s.boff.push_back(ch * pplane + Wp + 1);
-              s.Pn = op.h * Wp; s.Wp = Wp; s.Wv = op.w; s.oys = op.w; s.oxs = 1;
-              op.wino_shortcut.push_back(std::move(s));
-            }
+          // Winograd weights for each tile size some ISA's micro-tile width chooses (the choice is
+          // made per call); a conv with both a shortcut and a residual (the plan never emits one)
+          // stays direct.
+          const bool eligible = !(op.in2 >= 0 && op.residual >= 0);
+          for (const EngineKernels* t : {&kGenericEngineKernels, &kAvx2EngineKernels, &kAvx512EngineKernels}) {
+            const int m = eligible ? winograd_choice(ci, op.h, op.w, t->nr, wino_max_m) : 0;
+            Buffer& u = m == 2 ? op.wino_u2 : op.wino_u4;
+            if (!m || u) continue;
+            u = winograd_weights(m, w, M, ci);
+            wino_need = std::max(wino_need, winograd_scratch_floats(m, ci, op.h, op.w));
+          }
+          if (ws && (op.wino_u2 || op.wino_u4)) {  // the shortcut as its own GEMM, added after
+            ConvGemm s;
+            s.K = Ks;
+            s.A = pack_a(M, Ks, [&](int64_t m, int64_t kk) { return ws[m * Ks + kk]; });
+            for (int64_t ch = 0; ch < Ks; ++ch) s.boff.push_back(ch * pplane + Wp + 1);
+            s.Pn = op.h * Wp; s.Wp = Wp; s.Wv = op.w; s.oys = op.w; s.oxs = 1;
+            op.wino_shortcut.push_back(std::move(s));
           }
         } else if (op.mode == P::kConv1) {
           ConvGemm g;
@@ -459,8 +462,8 @@ void Engine::Impl::op_conv(const Op& op, const EngineKernels& k, int threads) {
     });
   } else if (op.mode == P::kUp) {
     ho = op.h * 2; wo = op.w * 2;
-  } else if (op.wino_u && winograd_pays(op.cin, op.h, op.w, k.nr)) {
-    op_conv_winograd(op, k, threads);
+  } else if (const int m = conv_path(op, k)) {
+    op_conv_winograd(op, m, k, threads);
     return;
   }
   for (const ConvGemm& cg : op.gemms) {
@@ -483,12 +486,19 @@ void Engine::Impl::op_conv(const Op& op, const EngineKernels& k, int threads) {
   }
 }
 
-void Engine::Impl::op_conv_winograd(const Op& op, const EngineKernels& k, int threads) {
+int Engine::Impl::conv_path(const Op& op, const EngineKernels& k) const {
+  if (op.code != P::kConv || op.mode != P::kConv3) return 0;
+  const int m = winograd_choice(op.cin, op.h, op.w, k.nr, wino_max_m);
+  return (m == 2 && op.wino_u2) || (m == 4 && op.wino_u4) ? m : 0;
+}
+
+void Engine::Impl::op_conv_winograd(const Op& op, int m, const EngineKernels& k, int threads) {
   float* base = arena.get();
   const bool shortcut = !op.wino_shortcut.empty();
   WinogradCall c;
+  c.m = m;
   c.N = N; c.cin = op.cin; c.cout = op.cout; c.h = op.h; c.w = op.w;
-  c.U = op.wino_u.get();
+  c.U = (m == 2 ? op.wino_u2 : op.wino_u4).get();
   c.in = base + slot_off[size_t(op.in)]; c.in_bs = T;
   if (wino_threads < threads) {  // grown here, under the engine's lock, never in a parallel region
     wino_v = alloc_floats((wino_need + kSlack) * threads);
@@ -624,8 +634,8 @@ Engine::Engine(const PlanView& plan, const std::vector<WeightView>& weights, int
   impl_->N = batch; impl_->in_c = in_c; impl_->out_c = out_c; impl_->H = height; impl_->W = width;
   if (const char* v = std::getenv("FASTDDPM_WINOGRAD")) {
     const std::string s(v);
-    if (s != "0" && s != "1") fail("FASTDDPM_WINOGRAD must be 0 or 1, got '" + s + "'");
-    impl_->winograd = s == "1";
+    if (s != "0" && s != "1" && s != "2") fail("FASTDDPM_WINOGRAD must be 0, 1 or 2, got '" + s + "'");
+    impl_->wino_max_m = s == "0" ? 0 : (s == "2" ? 2 : 4);
   }
   impl_->build(plan, weights);
 }
@@ -634,11 +644,12 @@ Engine::~Engine() = default;
 
 int64_t Engine::arena_bytes() const { return impl_->N * impl_->T * 4; }
 
-int64_t Engine::winograd_convs() const {
-  const int nr = engine_kernels(active_isa()).nr;
-  int64_t n = 0;
-  for (const Op& op : impl_->ops) n += op.wino_u && winograd_pays(op.cin, op.h, op.w, nr);
-  return n;
+std::vector<int> Engine::conv_paths() const {
+  const EngineKernels& k = engine_kernels(active_isa());
+  std::vector<int> paths;
+  for (const Op& op : impl_->ops)
+    if (op.code == P::kConv) paths.push_back(impl_->conv_path(op, k));
+  return paths;
 }
 
 void Engine::forward(const float* x, const float* t, float* out) {

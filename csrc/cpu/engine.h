@@ -47,8 +47,9 @@ class Engine {
 
   int64_t batch() const { return batch_; }
   int64_t arena_bytes() const;
-  // Convs that run on the Winograd path (winograd.h) with the active ISA's micro-kernel.
-  int64_t winograd_convs() const;
+  // Per CONV op in plan order, with the active ISA's micro-kernel: 0 for the direct GEMM, else
+  // the Winograd output tile size (2 or 4, winograd.h) it runs with.
+  std::vector<int> conv_paths() const;
 
   struct Impl;
 

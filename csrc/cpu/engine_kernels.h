@@ -37,6 +37,10 @@ struct EngineKernels {
   // Output: the 16 micro-tiles m[xi][kGemmMR * nr] of one task -> y[p][kGemmMR * nr], p = 2a + b
   // the pixel (2ty + a, 2tx + b) of each tile column.
   void (*winograd_output)(const float* m, float* y);
+  // The same for F(4x4, 3x3): 6x6 windows at (4ty, 4tx) -> 36 rows (h, w multiples of 4); 36
+  // micro-tiles -> y[p], p = 4a + b the pixel (4ty + a, 4tx + b).
+  void (*winograd4_input)(const float* in, int64_t h, int64_t w, float* v, int64_t vs);
+  void (*winograd4_output)(const float* m, float* y);
 };
 
 extern const EngineKernels kGenericEngineKernels;

@@ -1,4 +1,5 @@
-// Winograd F(2x2, 3x3) convs: the weight transform, the task loop and the epilogue (winograd.h).
+// Winograd F(2x2, 3x3) and F(4x4, 3x3) convs: weight transforms, the task loop and the epilogue
+// (winograd.h).
 #include "winograd.h"
 
 namespace fastddpm {
@@ -7,85 +8,119 @@ namespace cpu {
 using namespace engine_util;
 
 namespace {
-constexpr int kPoints = 16;     // 4x4 transformed tile
+
 constexpr int kMaxNr = 64;      // widest micro-tile of any ISA table (48 today)
+constexpr int kMaxPoints = 36;  // (4 + 2)^2
+
+int points(int m) { return (m + 2) * (m + 2); }
+
+// G of F(2x2, 3x3) and of F(4x4, 3x3) (rows: transformed points along one axis).
+const double kG2[4][3] = {{1, 0, 0}, {0.5, 0.5, 0.5}, {0.5, -0.5, 0.5}, {0, 0, 1}};
+const double kG4[6][3] = {{1.0 / 4, 0, 0},           {-1.0 / 6, -1.0 / 6, -1.0 / 6},
+                          {-1.0 / 6, 1.0 / 6, -1.0 / 6}, {1.0 / 24, 1.0 / 12, 1.0 / 6},
+                          {1.0 / 24, -1.0 / 12, 1.0 / 6}, {0, 0, 1}};
+
+// The conv epilogue of one task: y[p][MR * NR] (p = M a + b, pixel (M ty + a, M tx + b) of each
+// tile column) -> out, with bias, time embedding, residual and scale.
+template <int M>
+void winograd_epilogue(const WinogradCall& c, const float* y, int64_t NR, int64_t n, int64_t pb, int64_t mb) {
+  const int64_t S = MR * NR, tw = c.w / M, tiles = (c.h / M) * tw, hw = c.h * c.w, w = c.w;
+  const int64_t ncols = std::min(NR, tiles - pb * NR);
+  const float sc = c.scale;
+  for (int mm = 0; mm < MR; ++mm) {
+    const int64_t co = mb * MR + mm;
+    if (co >= c.cout) break;
+    const float add = c.bias[co] + (c.temb ? c.temb[n * c.t_bs + co] : 0.0f);
+    float* oc = c.out + n * c.o_bs + co * hw;
+    const float* rc = c.res ? c.res + n * c.r_bs + co * hw : nullptr;
+    const float* yc = y + mm * NR;
+    int64_t ty = pb * NR / tw, tx = pb * NR % tw;
+    for (int64_t j = 0; j < ncols; ++j) {
+      const int64_t base = M * ty * w + M * tx;
+      if (rc) {
+        for (int a = 0; a < M; ++a)
+          for (int b = 0; b < M; ++b)
+            oc[base + a * w + b] = ((yc[(M * a + b) * S + j] + add) + rc[base + a * w + b]) * sc;
+      } else {
+        for (int a = 0; a < M; ++a)
+          for (int b = 0; b < M; ++b) oc[base + a * w + b] = (yc[(M * a + b) * S + j] + add) * sc;
+      }
+      if (++tx == tw) { tx = 0; ++ty; }
+    }
+  }
+}
+
+// The GEMMs, output transform and epilogue of task (column block pb, m-block mb) of sample n,
+// reading V (the sample's transformed input).
+void winograd_task(const WinogradCall& c, const EngineKernels& k, const float* V, int64_t n,
+                   int64_t pb, int64_t mb) {
+  const int P = points(c.m);
+  const int64_t NR = k.nr, S = MR * NR;
+  const int64_t ld = winograd_ld(c.m, c.h, c.w), vs = c.cin * ld, one = round_up(c.cout, MR) * c.cin;
+  alignas(64) float mt[kMaxPoints * MR * kMaxNr];  // mt[xi][MR * NR]
+  alignas(64) float y[16 * MR * kMaxNr];           // y[p][MR * NR], p < m * m
+  for (int xi = 0; xi < P; ++xi)
+    k.gemm_tile(c.cin, c.U + xi * one + mb * c.cin * MR, nullptr, ld, V + xi * vs + pb * NR, mt + xi * S);
+  if (c.m == 2) {
+    k.winograd_output(mt, y);
+    winograd_epilogue<2>(c, y, NR, n, pb, mb);
+  } else {
+    k.winograd4_output(mt, y);
+    winograd_epilogue<4>(c, y, NR, n, pb, mb);
+  }
+}
+
 }  // namespace
 
-Buffer winograd_weights(const float* w, int64_t cout, int64_t cin) {
-  // G = [[1, 0, 0], [1/2, 1/2, 1/2], [1/2, -1/2, 1/2], [0, 0, 1]]
-  static const double G[4][3] = {{1, 0, 0}, {0.5, 0.5, 0.5}, {0.5, -0.5, 0.5}, {0, 0, 1}};
+int winograd_choice(int64_t cin, int64_t h, int64_t w, int nr, int max_m) {
+  if (cin < 8 || nr > kMaxNr) return 0;
+  // multiply-adds per output channel, padded to whole micro-tiles; the transforms' share measured
+  // about 10% (m = 2) and 15% (m = 4) of the GEMMs
+  double best = 9.0 * double(round_up(h * (w + 2), nr));
+  int choice = 0;
+  for (int m : {2, 4}) {
+    if (m > max_m || h % m || w % m) continue;
+    const double cost = points(m) * double(round_up((h / m) * (w / m), nr)) * (m == 2 ? 1.1 : 1.15);
+    if (cost < best) { best = cost; choice = m; }
+  }
+  return choice;
+}
+
+Buffer winograd_weights(int m, const float* w, int64_t cout, int64_t cin) {
+  const int a = m + 2, P = points(m);
   const int64_t one = round_up(cout, MR) * cin;  // floats of one packed matrix
-  Buffer U = alloc_floats(kPoints * one);
-  for (int xi = 0; xi < kPoints; ++xi) {
-    const int i = xi / 4, j = xi % 4;
-    pack_a_into(U.get() + xi * one, cout, cin, [&](int64_t m, int64_t ci) {
-      const float* g = w + (m * cin + ci) * 9;  // g: [3, 3]
+  Buffer U = alloc_floats(P * one);
+  for (int xi = 0; xi < P; ++xi) {
+    const double* gi = m == 2 ? kG2[xi / a] : kG4[xi / a];
+    const double* gj = m == 2 ? kG2[xi % a] : kG4[xi % a];
+    pack_a_into(U.get() + xi * one, cout, cin, [&](int64_t co, int64_t ci) {
+      const float* g = w + (co * cin + ci) * 9;  // g: [3, 3]
       double s = 0;
       for (int r = 0; r < 3; ++r)
-        for (int q = 0; q < 3; ++q) s += G[i][r] * double(g[r * 3 + q]) * G[j][q];
+        for (int q = 0; q < 3; ++q) s += gi[r] * double(g[r * 3 + q]) * gj[q];
       return float(s);
     });
   }
   return U;
 }
 
-int64_t winograd_ld(int64_t h, int64_t w) { return round_up((h / 2) * (w / 2), 16) + kMaxNr; }
+int64_t winograd_ld(int m, int64_t h, int64_t w) { return round_up((h / m) * (w / m), 16) + kMaxNr; }
 
-int64_t winograd_scratch_floats(int64_t cin, int64_t h, int64_t w) {
-  return kPoints * cin * winograd_ld(h, w);
+int64_t winograd_scratch_floats(int m, int64_t cin, int64_t h, int64_t w) {
+  return points(m) * cin * winograd_ld(m, h, w);
 }
-
-bool winograd_pays(int64_t cin, int64_t h, int64_t w, int nr) {
-  if (h % 2 || w % 2 || cin < 8 || nr > kMaxNr) return false;
-  // multiply-adds per output channel, padded to whole micro-tiles; the transforms cost ~10% more
-  const double direct = 9.0 * double(round_up(h * (w + 2), nr));
-  const double wino = 16.0 * double(round_up((h / 2) * (w / 2), nr)) * 1.1;
-  return wino < direct;
-}
-
-namespace {
-
-// The GEMMs, output transform and epilogue of task (column block pb, m-block mb) of sample n,
-// reading V (the sample's transformed input).
-void winograd_task(const WinogradCall& c, const EngineKernels& k, const float* V, int64_t n,
-                   int64_t pb, int64_t mb) {
-  const int64_t NR = k.nr, S = MR * NR, tw = c.w / 2, tiles = (c.h / 2) * tw, hw = c.h * c.w;
-  const int64_t ld = winograd_ld(c.h, c.w), vs = c.cin * ld, one = round_up(c.cout, MR) * c.cin;
-  alignas(64) float m[kPoints * MR * kMaxNr];  // m[xi][MR * NR]
-  alignas(64) float y[4 * MR * kMaxNr];        // y[p][MR * NR]
-  for (int xi = 0; xi < kPoints; ++xi)
-    k.gemm_tile(c.cin, c.U + xi * one + mb * c.cin * MR, nullptr, ld, V + xi * vs + pb * NR, m + xi * S);
-  k.winograd_output(m, y);
-  const int64_t ncols = std::min(NR, tiles - pb * NR);
-  float* o = c.out + n * c.o_bs;
-  const float* rs = c.res ? c.res + n * c.r_bs : nullptr;
-  for (int mm = 0; mm < MR; ++mm) {
-    const int64_t co = mb * MR + mm;
-    if (co >= c.cout) break;
-    const float add = c.bias[co] + (c.temb ? c.temb[n * c.t_bs + co] : 0.0f);
-    for (int64_t j = 0; j < ncols; ++j) {
-      const int64_t tile = pb * NR + j, ty = tile / tw, tx = tile % tw;
-      for (int p = 0; p < 4; ++p) {
-        const int64_t px = co * hw + (2 * ty + p / 2) * c.w + 2 * tx + p % 2;
-        const float v = y[p * S + mm * NR + j] + add;
-        o[px] = (rs ? v + rs[px] : v) * c.scale;
-      }
-    }
-  }
-}
-
-}  // namespace
 
 void winograd_conv(const WinogradCall& c, const EngineKernels& k, int threads) {
-  const int64_t tiles = (c.h / 2) * (c.w / 2), ld = winograd_ld(c.h, c.w);
+  const int64_t tiles = (c.h / c.m) * (c.w / c.m), ld = winograd_ld(c.m, c.h, c.w);
   const int64_t plane = (c.h + 2) * (c.w + 2), vs = c.cin * ld;
   const int64_t Mb = round_up(c.cout, MR) / MR, Pb = (tiles + k.nr - 1) / k.nr;
   auto transform = [&](int64_t n, int64_t ci, float* V) {  // V[xi][ci][t]
-    k.winograd_input(c.in + n * c.in_bs + ci * plane, c.h, c.w, V + ci * ld, vs);
+    (c.m == 2 ? k.winograd_input : k.winograd4_input)(c.in + n * c.in_bs + ci * plane, c.h, c.w,
+                                                      V + ci * ld, vs);
   };
   if (threads > 1 && (c.N % threads == 0 || c.N >= 4 * threads)) {
     // Whole samples per thread, each with its own V: a V written by one core and read by the
-    // other costs more than the conv saves (measured: no 2-thread gain when shared).
+    // other cost more than the conv saved (measured: batch 16 got no 2-thread gain when shared).
     parallel_for(c.N, threads, true, [&](int64_t n) {
       float* V = c.V + int64_t(omp_get_thread_num()) * c.v_floats;
       for (int64_t ci = 0; ci < c.cin; ++ci) transform(n, ci, V);
@@ -94,7 +129,7 @@ void winograd_conv(const WinogradCall& c, const EngineKernels& k, int threads) {
     });
     return;
   }
-  // Otherwise one sample at a time, its V shared by the threads.
+  // Otherwise one sample at a time, its V transformed by all threads, then shared.
   for (int64_t n = 0; n < c.N; ++n) {
     parallel_for(c.cin, threads, true, [&](int64_t ci) { transform(n, ci, c.V); });
     // task order (column block, m-block): consecutive tasks share the V panel

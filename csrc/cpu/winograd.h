@@ -1,11 +1,12 @@
-// Winograd F(2x2, 3x3) for the engine's stride-1 3x3 convs (Lavin & Gray 2016): each 2x2 output
-// tile is A^T [(G g G^T) . (B^T d B)] A, so the conv becomes 16 GEMMs (one per point xi of the 4x4
-// transformed tile), out_xi[Cout, tiles] = U_xi[Cout, Cin] * V_xi[Cin, tiles], with 16 products
-// per 4 outputs instead of 36: 2.25x fewer multiply-adds than the direct implicit GEMM.
+// Winograd F(mxm, 3x3), m = 2 or 4, for the engine's stride-1 3x3 convs (Lavin & Gray 2016): each
+// m x m output tile is A^T [(G g G^T) . (B^T d B)] A over its (m+2)x(m+2) input window, so the
+// conv becomes P = (m+2)^2 GEMMs (one per point xi of the transformed window),
+// out_xi[Cout, tiles] = U_xi[Cout, Cin] * V_xi[Cin, tiles]: P / m^2 products per output instead of
+// 9, 2.25x (m = 2) or 4x (m = 4) fewer multiply-adds than the direct implicit GEMM.
 //
-// Layout: U = 16 packed A operands [ceil(Cout/MR)][Cin][MR] (once, at engine creation); V, one
-// sample at a time, [16][Cin][ld] with tile t = ty * (w/2) + tx in column t. A task (m-block,
-// column block) runs its 16 micro-tiles back to back, transforms them to pixels and applies the
+// Layout: U = P packed A operands [ceil(Cout/MR)][Cin][MR] (once, at engine creation); V, one
+// sample at a time, [P][Cin][ld] with tile t = ty * (w/m) + tx in column t. A task (m-block,
+// column block) runs its P micro-tiles back to back, transforms them to pixels and applies the
 // conv epilogue (bias, time embedding, residual, scale) while they are in L1.
 #pragma once
 #include <cstdint>
@@ -16,21 +17,24 @@
 namespace fastddpm {
 namespace cpu {
 
-// U: w [Cout, Cin, 3, 3] transformed in double and packed, 16 consecutive packed matrices.
-engine_util::Buffer winograd_weights(const float* w, int64_t cout, int64_t cin);
+// The tile size m (2 or 4) that makes a conv of this shape cheapest with micro-tile width nr, or
+// 0 for the direct GEMM: sides divisible by m, m <= max_m, enough input channels to amortise the
+// transforms, and the fewest multiply-adds counted over whole micro-tiles (with the transforms'
+// overhead).
+int winograd_choice(int64_t cin, int64_t h, int64_t w, int nr, int max_m = 4);
+
+// U: w [Cout, Cin, 3, 3] transformed in double and packed, P consecutive packed matrices.
+engine_util::Buffer winograd_weights(int m, const float* w, int64_t cout, int64_t cin);
 
 // Columns of one V row (tiles padded so a micro-tile may read past the last one), and the V
 // floats of one sample (winograd_conv needs one such block per thread).
-int64_t winograd_ld(int64_t h, int64_t w);
-int64_t winograd_scratch_floats(int64_t cin, int64_t h, int64_t w);
-
-// Whether a conv of this shape runs on the Winograd path with micro-tile width nr: even sides,
-// enough input channels to amortise the transforms, and fewer padded multiply-adds than direct.
-bool winograd_pays(int64_t cin, int64_t h, int64_t w, int nr);
+int64_t winograd_ld(int m, int64_t h, int64_t w);
+int64_t winograd_scratch_floats(int m, int64_t cin, int64_t h, int64_t w);
 
 struct WinogradCall {
+  int m = 2;                                      // output tile side
   int64_t N = 0, cin = 0, cout = 0, h = 0, w = 0;
-  const float* U = nullptr;                      // winograd_weights
+  const float* U = nullptr;                       // winograd_weights(m, ...)
   const float* in = nullptr;  int64_t in_bs = 0;  // padded [Cin, h+2, w+2] per sample
   float* V = nullptr;  int64_t v_floats = 0;      // scratch: `threads` blocks of v_floats
   float* out = nullptr;       int64_t o_bs = 0;   // [Cout, h, w]
