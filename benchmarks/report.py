@@ -51,7 +51,8 @@ def rows(data: dict) -> dict[str, list[dict]]:
     sgemm = _sgemm_ceiling(benches)
     groups: dict[str, list[dict]] = {}
     for b in benches:
-        groups.setdefault(b.get("group") or b["name"], []).append(b)
+        if b.get("extra_info", {}).get("kind") != "paired":  # those: paired_markdown
+            groups.setdefault(b.get("group") or b["name"], []).append(b)
     out = {}
     for group, items in groups.items():
         by_impl = {b.get("extra_info", {}).get("impl", b["name"]): b for b in items}
@@ -82,6 +83,24 @@ def rows(data: dict) -> dict[str, list[dict]]:
     return out
 
 
+def paired_markdown(data: dict) -> list[str]:
+    """Interleaved runs (extra_info kind "paired"): each implementation's median, and native's
+    speed-up over each baseline as the median of the per-round ratios."""
+    lines = []
+    for b in data.get("benchmarks", []):
+        e = b.get("extra_info", {})
+        if e.get("kind") != "paired":
+            continue
+        lines += [f"### {b.get('group') or b['name']} ({e['rounds']} interleaved rounds)", "",
+                  "| impl | median_ms | GFLOP/s | native's paired speed-up over it |", "|---|---|---|---|"]
+        for impl, ms in e["medians_ms"].items():
+            ratio = e["paired"].get(impl)
+            lines.append(f"| {impl} | {ms:.3g} | {e['gflop'] / ms * 1e3:.3g} | "
+                         f"{'' if ratio is None else f'{ratio:.2f}x'} |")
+        lines.append("")
+    return lines
+
+
 def markdown(data: dict) -> str:
     lines = [f"Machine: {_machine_line(data)}", ""]
     cols = ["impl", "median_ms", "GB/s", "of copy", "GFLOP/s", "of sgemm", "speed-up", "vs"]
@@ -97,7 +116,7 @@ def markdown(data: dict) -> str:
                 cells.append(str(v))
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
-    return "\n".join(lines)
+    return "\n".join(lines + paired_markdown(data))
 
 
 def plot(data: dict, path: str) -> None:

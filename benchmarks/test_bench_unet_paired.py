@@ -1,0 +1,113 @@
+"""The U-Net forward, interleaved: native and its baselines timed round by round.
+
+This VM switches between two speeds under sustained load, for seconds at a time (the same forward:
+17 ms, then 23 ms, then back), so rows timed one after the other (test_bench_unet.py) can land in
+different modes and their ratio is off by up to 1.5x. Here each round times one call of every
+implementation, in an order that rotates from round to round, and a speed-up is the median of the
+per-round ratios: both sides of each ratio ran within a second of each other. Answers are checked
+before anything is timed. The pytest-benchmark statistics of these tests are of a whole round
+(all implementations); the per-implementation medians and the paired ratios are in extra_info,
+and benchmarks/report.py renders them.
+"""
+import time
+
+import numpy as np
+import pytest
+
+from fastddpm.backends.native import CPU_BACKEND, _C
+from fastddpm.unet_config import flops
+
+from test_bench_unet import FORWARD, REL_TOL, _rel, _setup
+
+torch = pytest.importorskip("torch")
+torch.set_num_threads(2)
+
+IMPLS = ["native", "native-direct", "torch-eager", "torch-compile"]
+BASELINES = ["native-direct", "torch-eager", "torch-compile"]
+
+
+def _impls(cfg, w, x, ref, batch, monkeypatch):
+    h, wd = cfg.sample_hw
+    xt = torch.from_numpy(x)
+    fns = {}
+    for name, flag in (("native", "1"), ("native-direct", "0")):
+        monkeypatch.setenv("FASTDDPM_WINOGRAD", flag)
+        eng = CPU_BACKEND.make_engine(cfg, w, batch, h, wd)
+        fns[name] = (lambda e: lambda: e.forward(x, 500))(eng)
+    compiled = torch.compile(ref)
+
+    def eager():
+        with torch.no_grad():
+            return ref(xt, 500).numpy()
+
+    def compiled_fn():
+        with torch.no_grad():
+            return compiled(xt, 500).numpy()
+
+    fns["torch-eager"], fns["torch-compile"] = eager, compiled_fn
+    return fns
+
+
+@pytest.mark.parametrize("model,batch", FORWARD, ids=[f"{m}-b{b}" for m, b in FORWARD])
+def test_forward_paired(benchmark, model, batch, monkeypatch):
+    if _C is None:
+        pytest.skip("fastddpm._C is not built")
+    cfg, w, x, ref, expected = _setup(model, batch)
+    fns = _impls(cfg, w, x, ref, batch, monkeypatch)
+    for name, fn in fns.items():
+        err = _rel(fn(), expected)
+        if not err <= REL_TOL:
+            pytest.fail(f"FAIL {name}: relative L2 error {err:.3g} against the reference U-Net")
+    times = {name: [] for name in fns}
+    order = list(fns)
+    warm = []  # empty during pytest-benchmark's warm-up round
+
+    def one_round():
+        for name in order:
+            t0 = time.perf_counter()
+            fns[name]()
+            if warm:
+                times[name].append(time.perf_counter() - t0)
+        warm.append(True)
+        order.append(order.pop(0))  # rotate, so no implementation always follows the same one
+
+    rounds = 20 if model == "bench-small" and batch == 1 else 6
+    benchmark.group = f"paired forward {model} b{batch}"
+    benchmark.pedantic(one_round, rounds=rounds, iterations=1, warmup_rounds=1)
+    t = {name: np.array(v) for name, v in times.items()}
+    benchmark.extra_info.update(
+        kind="paired", model=model, batch=batch, gflop=flops(cfg, batch) / 1e9, rounds=rounds,
+        medians_ms={name: float(np.median(v) * 1e3) for name, v in t.items()},
+        paired={b: float(np.median(t[b] / t["native"])) for b in BASELINES})
+
+
+def test_sample_1000_steps_paired(benchmark):
+    """fastddpm.sample of one bench-small image, 1000 DDPM steps: native-cpu and the reference
+    sampler (backend="torch") alternately, two rounds."""
+    import fastddpm
+    if _C is None:
+        pytest.skip("fastddpm._C is not built")
+    pipe = fastddpm.load("bench-small")
+    a = pipe(1, steps=20, seed=0, backend="native-cpu", output="float")
+    b = pipe(1, steps=20, seed=0, backend="torch", output="float")
+    diff = float(np.abs(a - b).max())
+    if not diff <= 1e-3:
+        pytest.fail(f"FAIL: 20-step samples of native-cpu and torch differ by {diff:.3g}")
+    times = {"native": [], "reference": []}
+    order = ["native", "reference"]
+
+    def one_round():
+        for name in order:
+            t0 = time.perf_counter()
+            pipe(1, steps=1000, seed=0, backend="native-cpu" if name == "native" else "torch")
+            times[name].append(time.perf_counter() - t0)
+        order.reverse()
+
+    benchmark.group = "paired sample bench-small 1 image 1000 steps"
+    benchmark.pedantic(one_round, rounds=2, iterations=1)
+    t = {name: np.array(v) for name, v in times.items()}
+    benchmark.extra_info.update(
+        kind="paired", model="bench-small", batch=1, rounds=2,
+        gflop=1000 * flops(pipe.unet_config, 1) / 1e9,
+        medians_ms={name: float(np.median(v) * 1e3) for name, v in t.items()},
+        paired={"reference": float(np.median(t["reference"] / t["native"]))})

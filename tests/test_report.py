@@ -1,0 +1,48 @@
+"""benchmarks/report.py: the tables it renders from a pytest-benchmark JSON file."""
+import importlib.util
+import json
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _report():
+    spec = importlib.util.spec_from_file_location("report", ROOT / "benchmarks" / "report.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _bench(group, impl, median, **extra):
+    return {"name": f"{group}-{impl}", "group": group, "stats": {"median": median},
+            "extra_info": {"impl": impl, **extra}}
+
+
+DATA = {"machine_info": {"cpu_model": "cpu", "cpu_count": 2}, "datetime": "now", "benchmarks": [
+    _bench("sgemm", "torch.mm", 0.01, kind="sgemm", gflop=1.0),
+    _bench("fwd", "native", 0.02, kind="forward", gflop=0.5),
+    _bench("fwd", "torch-eager", 0.05, kind="forward", gflop=0.5),
+    {"name": "paired", "group": "paired fwd", "stats": {"median": 0.3},
+     "extra_info": {"kind": "paired", "rounds": 4, "gflop": 0.5,
+                    "medians_ms": {"native": 20.0, "torch-eager": 50.0},
+                    "paired": {"torch-eager": 2.4}}},
+]}
+
+
+def test_sequential_rows_have_ratios_and_ceiling_fractions():
+    rows = _report().rows(DATA)
+    native = next(r for r in rows["fwd"] if r["impl"] == "native")
+    assert abs(native["speed-up"] - 2.5) < 1e-12 and native["vs"] == "torch-eager"
+    assert abs(native["GFLOP/s"] - 25.0) < 1e-9 and abs(native["of sgemm"] - 0.25) < 1e-12
+    assert "paired fwd" not in rows  # a paired round's total is not a row
+
+
+def test_paired_table_quotes_the_median_of_per_round_ratios(tmp_path):
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps(DATA))
+    out = tmp_path / "table.md"
+    assert _report().main([str(path), "--out", str(out)]) == 0
+    text = out.read_text()
+    assert "### paired fwd (4 interleaved rounds)" in text
+    assert "| torch-eager | 50 | 10 | 2.40x |" in text    # 2.4x, not 50 / 20 = 2.5x
+    assert "| native | 20 | 25 |  |" in text
