@@ -104,7 +104,10 @@ Buffer winograd_weights(int m, const float* w, int64_t cout, int64_t cin) {
   return U;
 }
 
-int64_t winograd_ld(int m, int64_t h, int64_t w) { return round_up((h / m) * (w / m), 16) + kMaxNr; }
+int64_t winograd_ld(int m, int64_t h, int64_t w) {
+  const int64_t ld = round_up((h / m) * (w / m), 16) + kMaxNr;
+  return ld % 64 ? ld : ld + 16;  // a stride of 256 bytes or a multiple maps the B rows of a micro-tile onto few L1 sets
+}
 
 int64_t winograd_scratch_floats(int m, int64_t cin, int64_t h, int64_t w) {
   return points(m) * cin * winograd_ld(m, h, w);
