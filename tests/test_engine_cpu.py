@@ -197,7 +197,25 @@ def test_op_conv3_winograd(isa, batch, threads, h, w, tile, monkeypatch):
     assert np.array_equal(one.reshape(1, -1), outs["1"][:1])
 
 
-def test_winograd_switch_must_be_0_or_1(monkeypatch):
+def test_winograd_scratch_is_bounded():
+    """A conv whose transformed input would exceed 128 MiB per thread (here 1024x1024, 16 input
+    channels: 144 MiB for F(4x4), 256 MiB for F(2x2)) runs direct instead."""
+    c, co, h, w = 16, 8, 1024, 1024
+    ops = [Op("PAD", out=2, in_=0, c_in=c, h=h, w=w),
+           Op("CONV", out=1, in_=2, c_in=c, h=h, w=w, c_out=co, mode=CONV_MODES["CONV3"], w_idx=0,
+              b_idx=1)]
+    rng = np.random.default_rng(0)
+    eng = _engine_for(ops, [c * h * w, co * h * w, c * (h + 2) * (w + 2)],
+                      [_w(rng, co, c, 3, 3), _w(rng, co)], 1)[0]
+    assert eng.conv_paths == [0]
+    small = _engine_for([Op("PAD", out=2, in_=0, c_in=c, h=64, w=64),
+                         Op("CONV", out=1, in_=2, c_in=c, h=64, w=64, c_out=co, mode=CONV_MODES["CONV3"],
+                            w_idx=0, b_idx=1)],
+                        [c * 64 * 64, co * 64 * 64, c * 66 * 66], [_w(rng, co, c, 3, 3), _w(rng, co)], 1)[0]
+    assert small.conv_paths == [4]
+
+
+def test_winograd_switch_must_be_0_1_or_2(monkeypatch):
     monkeypatch.setenv("FASTDDPM_WINOGRAD", "yes")
     ops = [Op("CONV", out=1, in_=0, c_in=1, h=1, w=1, c_out=1, mode=CONV_MODES["CONV1"], w_idx=0, b_idx=1)]
     with pytest.raises(ValueError, match="FASTDDPM_WINOGRAD must be 0, 1 or 2"):

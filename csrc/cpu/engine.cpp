@@ -39,6 +39,7 @@ namespace {
 
 constexpr int64_t kSlack = 128;   // floats after each slot: >= the widest micro-tile (48)
 constexpr int64_t kAlign = 16;    // slot offsets in floats (64 bytes)
+constexpr int64_t kMaxWinogradScratch = int64_t(1) << 25;  // floats (128 MiB) per thread
 
 [[noreturn]] void fail(const std::string& msg) { throw std::invalid_argument(msg); }
 
@@ -234,13 +235,14 @@ void Engine::Impl::build(const PlanView& pv, const std::vector<WeightView>& weig
           g.Pn = op.h * Wp; g.Wp = Wp; g.Wv = op.w; g.oys = op.w; g.oxs = 1;
           op.gemms.push_back(std::move(g));
           // Winograd weights for each tile size some ISA's micro-tile width chooses (the choice is
-          // made per call); a conv with both a shortcut and a residual (the plan never emits one)
-          // stays direct.
+          // made per call; without its weights a conv runs direct). Direct stay: a conv with both
+          // a shortcut and a residual (the plan never emits one), and one whose transformed input
+          // would exceed kMaxWinogradScratch floats per thread (large images).
           const bool eligible = !(op.in2 >= 0 && op.residual >= 0);
           for (const EngineKernels* t : {&kGenericEngineKernels, &kAvx2EngineKernels, &kAvx512EngineKernels}) {
             const int m = eligible ? winograd_choice(ci, op.h, op.w, t->nr, wino_max_m) : 0;
             Buffer& u = m == 2 ? op.wino_u2 : op.wino_u4;
-            if (!m || u) continue;
+            if (!m || u || winograd_scratch_floats(m, ci, op.h, op.w) > kMaxWinogradScratch) continue;
             u = winograd_weights(m, w, M, ci);
             wino_need = std::max(wino_need, winograd_scratch_floats(m, ci, op.h, op.w));
           }
