@@ -59,10 +59,8 @@ def test_sgemm_ceiling(benchmark):
     benchmark(torch.mm, a, b)
 
 
-@pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("model,batch", FORWARD, ids=[f"{m}-b{b}" for m, b in FORWARD])
-def test_forward(benchmark, model, batch, impl, monkeypatch):
-    cfg, w, x, ref, expected = _setup(model, batch)
+def forward_fn(impl, cfg, w, x, ref, batch, monkeypatch):
+    """A no-argument callable running one forward of `impl` on x (timestep 500), returning NumPy."""
     h, wd = cfg.sample_hw
     xt = torch.from_numpy(x)
     if impl in ("native", "native-direct"):
@@ -70,36 +68,50 @@ def test_forward(benchmark, model, batch, impl, monkeypatch):
             pytest.skip("fastddpm._C is not built")
         monkeypatch.setenv("FASTDDPM_WINOGRAD", "0" if impl == "native-direct" else "1")
         eng = CPU_BACKEND.make_engine(cfg, w, batch, h, wd)
-        fn = lambda: eng.forward(x, 500)  # noqa: E731
-    elif impl == "torch-eager":
-        def fn():
-            with torch.no_grad():
-                return ref(xt, 500)
+        return lambda: eng.forward(x, 500)
+    if impl == "torch-eager":
+        module = ref
     elif impl == "torch-compile":
-        compiled = torch.compile(ref)
-
-        def fn():
-            with torch.no_grad():
-                return compiled(xt, 500)
+        module = torch.compile(ref)
     else:
         diffusers = pytest.importorskip("diffusers")
         with torch.device("meta"):
             model_d = diffusers.UNet2DModel.from_config(cfg.to_dict())
         model_d.load_state_dict({k: torch.from_numpy(v) for k, v in w.items()}, strict=True, assign=True)
         model_d.eval()
+        module = lambda xx, t: model_d(xx, t).sample  # noqa: E731
 
-        def fn():
-            with torch.no_grad():
-                return model_d(xt, 500).sample
-    got = fn()
-    got = got.numpy() if hasattr(got, "numpy") else got
+    def fn():
+        with torch.no_grad():
+            return module(xt, 500).numpy()
+    return fn
+
+
+def check_answer(impl, got, expected):
     err = _rel(got, expected)
     if not err <= REL_TOL:
         pytest.fail(f"FAIL {impl}: relative L2 error {err:.3g} against the reference U-Net")
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("model,batch", FORWARD, ids=[f"{m}-b{b}" for m, b in FORWARD])
+def test_forward(benchmark, model, batch, impl, monkeypatch):
+    cfg, w, x, ref, expected = _setup(model, batch)
+    fn = forward_fn(impl, cfg, w, x, ref, batch, monkeypatch)
+    check_answer(impl, fn(), expected)
     _record(benchmark, f"unet forward {model} b{batch}", "forward", impl, model, batch,
             flops(cfg, batch) / 1e9)
     benchmark.pedantic(fn, rounds=20 if model == "bench-small" and batch == 1 else 5, iterations=1,
                        warmup_rounds=1)
+
+
+def check_sample_paths_agree(pipe):
+    """native-cpu and the reference sampler agree on a short run with the same noise."""
+    a = pipe(1, steps=20, seed=0, backend="native-cpu", output="float")
+    b = pipe(1, steps=20, seed=0, backend="torch", output="float")
+    diff = float(np.abs(a - b).max())
+    if not diff <= 1e-3:
+        pytest.fail(f"FAIL: 20-step samples of native-cpu and torch differ by {diff:.3g}")
 
 
 @pytest.mark.parametrize("impl", ["native", "reference"])
@@ -109,12 +121,7 @@ def test_sample_1000_steps(benchmark, impl):
     backend = "native-cpu" if impl == "native" else "torch"
     if impl == "native" and _C is None:
         pytest.skip("fastddpm._C is not built")
-    # check: the two paths agree on a short run with the same noise
-    a = pipe(1, steps=20, seed=0, backend=backend, output="float")
-    b = pipe(1, steps=20, seed=0, backend="torch" if impl == "native" else "native-cpu", output="float")
-    diff = float(np.abs(a - b).max())
-    if not diff <= 1e-3:
-        pytest.fail(f"FAIL {impl}: 20-step sample differs from the other path by {diff:.3g}")
+    check_sample_paths_agree(pipe)
     cfg = pipe.unet_config
     _record(benchmark, "sample bench-small 1 image 1000 steps", "sample", impl, "bench-small", 1,
             1000 * flops(cfg, 1) / 1e9, baseline="reference")

@@ -14,10 +14,10 @@ import time
 import numpy as np
 import pytest
 
-from fastddpm.backends.native import CPU_BACKEND, _C
+from fastddpm.backends.native import _C
 from fastddpm.unet_config import flops
 
-from test_bench_unet import FORWARD, REL_TOL, _rel, _setup
+from test_bench_unet import FORWARD, _setup, check_answer, check_sample_paths_agree, forward_fn
 
 torch = pytest.importorskip("torch")
 torch.set_num_threads(2)
@@ -26,38 +26,15 @@ IMPLS = ["native", "native-direct", "torch-eager", "torch-compile"]
 BASELINES = ["native-direct", "torch-eager", "torch-compile"]
 
 
-def _impls(cfg, w, x, ref, batch, monkeypatch):
-    h, wd = cfg.sample_hw
-    xt = torch.from_numpy(x)
-    fns = {}
-    for name, flag in (("native", "1"), ("native-direct", "0")):
-        monkeypatch.setenv("FASTDDPM_WINOGRAD", flag)
-        eng = CPU_BACKEND.make_engine(cfg, w, batch, h, wd)
-        fns[name] = (lambda e: lambda: e.forward(x, 500))(eng)
-    compiled = torch.compile(ref)
-
-    def eager():
-        with torch.no_grad():
-            return ref(xt, 500).numpy()
-
-    def compiled_fn():
-        with torch.no_grad():
-            return compiled(xt, 500).numpy()
-
-    fns["torch-eager"], fns["torch-compile"] = eager, compiled_fn
-    return fns
-
-
 @pytest.mark.parametrize("model,batch", FORWARD, ids=[f"{m}-b{b}" for m, b in FORWARD])
 def test_forward_paired(benchmark, model, batch, monkeypatch):
     if _C is None:
         pytest.skip("fastddpm._C is not built")
     cfg, w, x, ref, expected = _setup(model, batch)
-    fns = _impls(cfg, w, x, ref, batch, monkeypatch)
-    for name, fn in fns.items():
-        err = _rel(fn(), expected)
-        if not err <= REL_TOL:
-            pytest.fail(f"FAIL {name}: relative L2 error {err:.3g} against the reference U-Net")
+    fns = {}
+    for name in IMPLS:  # forward_fn reads FASTDDPM_WINOGRAD when it builds a native engine
+        fns[name] = forward_fn(name, cfg, w, x, ref, batch, monkeypatch)
+        check_answer(name, fns[name](), expected)
     times = {name: [] for name in fns}
     order = list(fns)
     warm = []  # empty during pytest-benchmark's warm-up round
@@ -88,11 +65,7 @@ def test_sample_1000_steps_paired(benchmark):
     if _C is None:
         pytest.skip("fastddpm._C is not built")
     pipe = fastddpm.load("bench-small")
-    a = pipe(1, steps=20, seed=0, backend="native-cpu", output="float")
-    b = pipe(1, steps=20, seed=0, backend="torch", output="float")
-    diff = float(np.abs(a - b).max())
-    if not diff <= 1e-3:
-        pytest.fail(f"FAIL: 20-step samples of native-cpu and torch differ by {diff:.3g}")
+    check_sample_paths_agree(pipe)
     times = {"native": [], "reference": []}
     order = ["native", "reference"]
 

@@ -179,6 +179,8 @@ struct Engine::Impl {
   // 0 for the direct GEMM, else the Winograd tile size this conv runs with under kernels k
   int conv_path(const Op& op, const EngineKernels& k) const;
   void op_conv_winograd(const Op& op, int m, const EngineKernels& k, int threads);
+  // The GEMM of a conv's ConvGemm with the op's epilogue (bias, time embedding, residual, scale).
+  GemmCall conv_gemm_call(const Op& op, const ConvGemm& cg, int64_t ocs);
   void op_attention(const Op& op, const EngineKernels& k, int threads);
 };
 
@@ -468,24 +470,26 @@ void Engine::Impl::op_conv(const Op& op, const EngineKernels& k, int threads) {
     op_conv_winograd(op, m, k, threads);
     return;
   }
-  for (const ConvGemm& cg : op.gemms) {
-    GemmCall g;
-    g.M = op.cout; g.K = cg.K; g.Pn = cg.Pn;
-    g.A = cg.A.get();
-    g.boff = cg.boff.data();
-    g.B = arena.get();  // boff is relative to the sample base (main input and shortcut rows)
-    g.b_bstride = T;
-    g.out = arena.get() + slot_off[size_t(op.out)];
-    g.o_bstride = T;
-    g.ocs = ho * wo;
-    g.Wp = cg.Wp; g.Wv = cg.Wv; g.oys = cg.oys; g.oxs = cg.oxs; g.ooff = cg.ooff;
-    g.bias = op.bias.data();
-    if (op.temb >= 0) { g.temb = arena.get() + slot_off[size_t(op.temb)]; g.t_bstride = T; }
-    if (op.residual >= 0) { g.res = arena.get() + slot_off[size_t(op.residual)]; g.r_bstride = T; }
-    g.scale = op.scale;
-    g.nbatch = N;
-    run_gemm(g, k, threads);
-  }
+  for (const ConvGemm& cg : op.gemms) run_gemm(conv_gemm_call(op, cg, ho * wo), k, threads);
+}
+
+GemmCall Engine::Impl::conv_gemm_call(const Op& op, const ConvGemm& cg, int64_t ocs) {
+  GemmCall g;
+  g.M = op.cout; g.K = cg.K; g.Pn = cg.Pn;
+  g.A = cg.A.get();
+  g.boff = cg.boff.data();
+  g.B = arena.get();  // boff is relative to the sample base (main input and shortcut rows)
+  g.b_bstride = T;
+  g.out = arena.get() + slot_off[size_t(op.out)];
+  g.o_bstride = T;
+  g.ocs = ocs;
+  g.Wp = cg.Wp; g.Wv = cg.Wv; g.oys = cg.oys; g.oxs = cg.oxs; g.ooff = cg.ooff;
+  g.bias = op.bias.data();
+  if (op.temb >= 0) { g.temb = arena.get() + slot_off[size_t(op.temb)]; g.t_bstride = T; }
+  if (op.residual >= 0) { g.res = arena.get() + slot_off[size_t(op.residual)]; g.r_bstride = T; }
+  g.scale = op.scale;
+  g.nbatch = N;
+  return g;
 }
 
 int Engine::Impl::conv_path(const Op& op, const EngineKernels& k) const {
@@ -514,18 +518,12 @@ void Engine::Impl::op_conv_winograd(const Op& op, int m, const EngineKernels& k,
   c.scale = shortcut ? 1.0f : op.scale;  // with a shortcut, the scale comes after its GEMM
   winograd_conv(c, k, threads);
   if (!shortcut) return;
-  // out = scale * (shortcut(in2) + out): the Winograd result is the residual of the 1x1 GEMM
-  const ConvGemm& cg = op.wino_shortcut[0];
-  GemmCall g;
-  g.M = op.cout; g.K = cg.K; g.Pn = cg.Pn;
-  g.A = cg.A.get();
-  g.boff = cg.boff.data();
-  g.B = base; g.b_bstride = T;
-  g.out = c.out; g.o_bstride = T; g.ocs = op.h * op.w;
-  g.Wp = cg.Wp; g.Wv = cg.Wv; g.oys = cg.oys; g.oxs = cg.oxs;
-  g.res = c.out; g.r_bstride = T;
-  g.scale = op.scale;
-  g.nbatch = N;
+  // out = scale * (shortcut(in2) + out): bias and time embedding are in already, and the Winograd
+  // result is the residual of the 1x1 GEMM (the plan gives such a conv no residual of its own)
+  GemmCall g = conv_gemm_call(op, op.wino_shortcut[0], op.h * op.w);
+  g.bias = nullptr;
+  g.temb = nullptr;
+  g.res = g.out; g.r_bstride = T;
   run_gemm(g, k, threads);
 }
 

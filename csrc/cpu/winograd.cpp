@@ -14,6 +14,14 @@ constexpr int kMaxPoints = 36;  // (4 + 2)^2
 
 int points(int m) { return (m + 2) * (m + 2); }
 
+// The sizes of one conv call, derived once from the call and the micro-tile width.
+struct Geometry {
+  int64_t nr, tw, tiles, ld, vs, one, Mb, Pb;  // vs: floats per point; one: floats per packed U
+  Geometry(const WinogradCall& c, int nr_)
+      : nr(nr_), tw(c.w / c.m), tiles((c.h / c.m) * tw), ld(winograd_ld(c.m, c.h, c.w)), vs(c.cin * ld),
+        one(round_up(c.cout, MR) * c.cin), Mb(round_up(c.cout, MR) / MR), Pb((tiles + nr - 1) / nr) {}
+};
+
 // G of F(2x2, 3x3) and of F(4x4, 3x3) (rows: transformed points along one axis).
 const double kG2[4][3] = {{1, 0, 0}, {0.5, 0.5, 0.5}, {0.5, -0.5, 0.5}, {0, 0, 1}};
 const double kG4[6][3] = {{1.0 / 4, 0, 0},           {-1.0 / 6, -1.0 / 6, -1.0 / 6},
@@ -23,9 +31,10 @@ const double kG4[6][3] = {{1.0 / 4, 0, 0},           {-1.0 / 6, -1.0 / 6, -1.0 /
 // The conv epilogue of one task: y[p][MR * NR] (p = M a + b, pixel (M ty + a, M tx + b) of each
 // tile column) -> out, with bias, time embedding, residual and scale.
 template <int M>
-void winograd_epilogue(const WinogradCall& c, const float* y, int64_t NR, int64_t n, int64_t pb, int64_t mb) {
-  const int64_t S = MR * NR, tw = c.w / M, tiles = (c.h / M) * tw, hw = c.h * c.w, w = c.w;
-  const int64_t ncols = std::min(NR, tiles - pb * NR);
+void winograd_epilogue(const WinogradCall& c, const Geometry& g, const float* y, int64_t n, int64_t pb,
+                       int64_t mb) {
+  const int64_t NR = g.nr, S = MR * NR, tw = g.tw, hw = c.h * c.w, w = c.w;
+  const int64_t ncols = std::min(NR, g.tiles - pb * NR);
   const float sc = c.scale;
   for (int mm = 0; mm < MR; ++mm) {
     const int64_t co = mb * MR + mm;
@@ -52,21 +61,20 @@ void winograd_epilogue(const WinogradCall& c, const float* y, int64_t NR, int64_
 
 // The GEMMs, output transform and epilogue of task (column block pb, m-block mb) of sample n,
 // reading V (the sample's transformed input).
-void winograd_task(const WinogradCall& c, const EngineKernels& k, const float* V, int64_t n,
-                   int64_t pb, int64_t mb) {
-  const int P = points(c.m);
-  const int64_t NR = k.nr, S = MR * NR;
-  const int64_t ld = winograd_ld(c.m, c.h, c.w), vs = c.cin * ld, one = round_up(c.cout, MR) * c.cin;
+void winograd_task(const WinogradCall& c, const Geometry& g, const EngineKernels& k, const float* V,
+                   int64_t n, int64_t pb, int64_t mb) {
+  const int64_t S = MR * g.nr;
   alignas(64) float mt[kMaxPoints * MR * kMaxNr];  // mt[xi][MR * NR]
   alignas(64) float y[16 * MR * kMaxNr];           // y[p][MR * NR], p < m * m
-  for (int xi = 0; xi < P; ++xi)
-    k.gemm_tile(c.cin, c.U + xi * one + mb * c.cin * MR, nullptr, ld, V + xi * vs + pb * NR, mt + xi * S);
+  for (int xi = 0; xi < points(c.m); ++xi)
+    k.gemm_tile(c.cin, c.U + xi * g.one + mb * c.cin * MR, nullptr, g.ld, V + xi * g.vs + pb * g.nr,
+                mt + xi * S);
   if (c.m == 2) {
     k.winograd_output(mt, y);
-    winograd_epilogue<2>(c, y, NR, n, pb, mb);
+    winograd_epilogue<2>(c, g, y, n, pb, mb);
   } else {
     k.winograd4_output(mt, y);
-    winograd_epilogue<4>(c, y, NR, n, pb, mb);
+    winograd_epilogue<4>(c, g, y, n, pb, mb);
   }
 }
 
@@ -114,12 +122,11 @@ int64_t winograd_scratch_floats(int m, int64_t cin, int64_t h, int64_t w) {
 }
 
 void winograd_conv(const WinogradCall& c, const EngineKernels& k, int threads) {
-  const int64_t tiles = (c.h / c.m) * (c.w / c.m), ld = winograd_ld(c.m, c.h, c.w);
-  const int64_t plane = (c.h + 2) * (c.w + 2), vs = c.cin * ld;
-  const int64_t Mb = round_up(c.cout, MR) / MR, Pb = (tiles + k.nr - 1) / k.nr;
+  const Geometry g(c, k.nr);
+  const int64_t plane = (c.h + 2) * (c.w + 2), Mb = g.Mb, Pb = g.Pb;
   auto transform = [&](int64_t n, int64_t ci, float* V) {  // V[xi][ci][t]
     (c.m == 2 ? k.winograd_input : k.winograd4_input)(c.in + n * c.in_bs + ci * plane, c.h, c.w,
-                                                      V + ci * ld, vs);
+                                                      V + ci * g.ld, g.vs);
   };
   if (threads > 1 && (c.N % threads == 0 || c.N >= 4 * threads)) {
     // Whole samples per thread, each with its own V: a V written by one core and read by the
@@ -128,7 +135,7 @@ void winograd_conv(const WinogradCall& c, const EngineKernels& k, int threads) {
       float* V = c.V + int64_t(omp_get_thread_num()) * c.v_floats;
       for (int64_t ci = 0; ci < c.cin; ++ci) transform(n, ci, V);
       for (int64_t pb = 0; pb < Pb; ++pb)
-        for (int64_t mb = 0; mb < Mb; ++mb) winograd_task(c, k, V, n, pb, mb);
+        for (int64_t mb = 0; mb < Mb; ++mb) winograd_task(c, g, k, V, n, pb, mb);
     });
     return;
   }
@@ -136,7 +143,7 @@ void winograd_conv(const WinogradCall& c, const EngineKernels& k, int threads) {
   for (int64_t n = 0; n < c.N; ++n) {
     parallel_for(c.cin, threads, true, [&](int64_t ci) { transform(n, ci, c.V); });
     // task order (column block, m-block): consecutive tasks share the V panel
-    parallel_for(Pb * Mb, threads, true, [&](int64_t t) { winograd_task(c, k, c.V, n, t / Mb, t % Mb); });
+    parallel_for(Pb * Mb, threads, true, [&](int64_t t) { winograd_task(c, g, k, c.V, n, t / Mb, t % Mb); });
   }
 }
 
