@@ -37,7 +37,7 @@ using namespace engine_util;  // Buffer, alloc_floats, pack_a, parallel_for, rou
 
 namespace {
 
-constexpr int64_t kSlack = 128;   // floats after each slot: >= the widest micro-tile (48)
+constexpr int64_t kSlack = 128;   // floats after each slot: >= the widest micro-tile (32)
 constexpr int64_t kAlign = 16;    // slot offsets in floats (64 bytes)
 constexpr int64_t kMaxWinogradScratch = int64_t(1) << 25;  // floats (128 MiB) per thread
 
@@ -77,7 +77,7 @@ void run_gemm(const GemmCall& g, const EngineKernels& k, int threads) {
     const int64_t gi = t % G, r0 = t / G, pb = r0 % Pb, r1 = r0 / Pb, mg = r1 % Mg, b = r1 / Mg;
     const int64_t mb = mg * G + gi;
     if (mb >= Mb) return;
-    alignas(64) float tile[MR * 64];
+    alignas(64) float tile[MR * 64];  // MR x nr, nr <= 64
     k.gemm_tile(g.K, g.A + b * g.a_bstride + mb * g.K * MR, g.boff, g.bld,
                 g.B + b * g.b_bstride + pb * NR, tile);
     // the tile's valid columns as runs of consecutive output pixels (a run breaks at a row end)
@@ -126,14 +126,7 @@ void run_gemm(const GemmCall& g, const EngineKernels& k, int threads) {
       }
     }
   };
-  // Dynamic scheduling: a tile's result does not depend on which thread computes it, and on a
-  // busy machine a thread that runs takes the work of one that is descheduled.
-  if (threads <= 1 || tasks <= 1) {
-    for (int64_t t = 0; t < tasks; ++t) task(t);
-    return;
-  }
-#pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
-  for (int64_t t = 0; t < tasks; ++t) task(t);
+  parallel_for(tasks, threads, true, task);
 }
 
 // A conv as a GEMM over one sample; UP convs have four (one per output phase).

@@ -1,4 +1,4 @@
-// The AVX2 + FMA engine path: 8 lanes, a 4 x 24 micro-tile (12 ymm accumulators).
+// The AVX2 + FMA engine path: 8 lanes, a 6 x 16 micro-tile (12 ymm accumulators).
 #include <cstdint>
 
 #include "engine_kernels.h"
@@ -13,7 +13,7 @@ namespace cpu {
 namespace engine_avx2 {
 
 constexpr int W = 8;
-constexpr int NV = 3;
+constexpr int NV = 2;
 typedef float Fv __attribute__((vector_size(W * 4)));
 inline Fv vfma(Fv a, Fv b, Fv c) { return (Fv)_mm256_fmadd_ps((__m256)a, (__m256)b, (__m256)c); }
 inline Fv splat(float v) { return (Fv)_mm256_set1_ps(v); }

@@ -1,4 +1,4 @@
-// The AVX-512F engine path: 16 lanes, a 4 x 48 micro-tile (12 zmm accumulators).
+// The AVX-512F engine path: 16 lanes, a 6 x 32 micro-tile (12 zmm accumulators).
 #include <cstdint>
 
 #include "engine_kernels.h"
@@ -13,7 +13,7 @@ namespace cpu {
 namespace engine_avx512 {
 
 constexpr int W = 16;
-constexpr int NV = 3;
+constexpr int NV = 2;
 typedef float Fv __attribute__((vector_size(W * 4)));
 inline Fv vfma(Fv a, Fv b, Fv c) { return (Fv)_mm512_fmadd_ps((__m512)a, (__m512)b, (__m512)c); }
 inline Fv splat(float v) { return (Fv)_mm512_set1_ps(v); }

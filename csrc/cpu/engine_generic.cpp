@@ -8,7 +8,7 @@ namespace cpu {
 namespace engine_generic {
 
 constexpr int W = 4;
-constexpr int NV = 3;  // 4 x 12 micro-tile: 12 accumulators of the 16 SSE registers
+constexpr int NV = 2;  // 6 x 8 micro-tile: 12 accumulators of the 16 SSE registers
 typedef float Fv __attribute__((vector_size(W * 4)));
 inline Fv vfma(Fv a, Fv b, Fv c) { return a * b + c; }
 inline Fv splat(float v) { return Fv{v, v, v, v}; }

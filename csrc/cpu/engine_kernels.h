@@ -12,7 +12,7 @@ namespace cpu {
 
 // Rows of the packed A operand: A is packed as [ceil(M / kGemmMR)][K][kGemmMR] on every ISA, so
 // weights are packed once whatever path runs later.
-constexpr int kGemmMR = 4;
+constexpr int kGemmMR = 6;
 
 struct EngineKernels {
   const char* name;

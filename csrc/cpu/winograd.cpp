@@ -9,7 +9,7 @@ using namespace engine_util;
 
 namespace {
 
-constexpr int kMaxNr = 64;      // widest micro-tile of any ISA table (48 today)
+constexpr int kMaxNr = 64;      // widest micro-tile of any ISA table (32 today)
 constexpr int kMaxPoints = 36;  // (4 + 2)^2
 
 int points(int m) { return (m + 2) * (m + 2); }
