@@ -39,6 +39,7 @@ namespace {
 
 constexpr int64_t kSlack = 128;   // floats after each slot: >= the widest micro-tile (32)
 constexpr int64_t kAlign = 16;    // slot offsets in floats (64 bytes)
+constexpr int64_t kMaxTileCols = 64;  // micro-tile columns (nr) of any ISA table: 32 today
 constexpr int64_t kMaxWinogradScratch = int64_t(1) << 25;  // floats (128 MiB) per thread
 
 [[noreturn]] void fail(const std::string& msg) { throw std::invalid_argument(msg); }
@@ -77,7 +78,7 @@ void run_gemm(const GemmCall& g, const EngineKernels& k, int threads) {
     const int64_t gi = t % G, r0 = t / G, pb = r0 % Pb, r1 = r0 / Pb, mg = r1 % Mg, b = r1 / Mg;
     const int64_t mb = mg * G + gi;
     if (mb >= Mb) return;
-    alignas(64) float tile[MR * 64];  // MR x nr, nr <= 64
+    alignas(64) float tile[MR * kMaxTileCols];
     k.gemm_tile(g.K, g.A + b * g.a_bstride + mb * g.K * MR, g.boff, g.bld,
                 g.B + b * g.b_bstride + pb * NR, tile);
     // the tile's valid columns as runs of consecutive output pixels (a run breaks at a row end)
@@ -151,9 +152,10 @@ struct Engine::Impl {
   std::vector<int64_t> slot_off, slot_size;
   int64_t T = 0;          // per-sample arena floats
   int64_t pack_off = 0;   // engine-owned region for the attention operands
-  int64_t wino_need = 0;  // floats of one sample's Winograd V operand, largest of any conv
-  Buffer wino_v;          // one such block per thread of the last call
-  int wino_threads = 0;
+  int64_t scratch_need = 0;    // per-thread floats: a Winograd V operand, attention's St + Q block
+  int64_t scratch_stride = 0;  // floats between two threads' blocks
+  Buffer scratch;              // one block per thread of the largest call so far
+  int scratch_threads = 0;
   int wino_max_m = 4;     // largest Winograd tile: FASTDDPM_WINOGRAD=0 (off), 2 (F(2x2) only), 1 (4)
   Buffer arena;
   std::vector<Op> ops;
@@ -161,6 +163,15 @@ struct Engine::Impl {
 
   float* sample_base(int64_t n) { return arena.get() + n * T; }
   float* slot(int64_t n, int64_t s) { return arena.get() + n * T + slot_off[s]; }
+  // `threads` blocks of scratch_stride floats, grown here under the engine's lock (never inside a
+  // parallel region).
+  float* thread_scratch(int threads) {
+    if (scratch_threads < threads) {
+      scratch = alloc_floats(scratch_stride * threads);
+      scratch_threads = threads;
+    }
+    return scratch.get();
+  }
 
   void build(const PlanView& pv, const std::vector<WeightView>& weights);
   void forward_arena(const EngineKernels& k, int threads);
@@ -239,7 +250,7 @@ void Engine::Impl::build(const PlanView& pv, const std::vector<WeightView>& weig
             Buffer& u = m == 2 ? op.wino_u2 : op.wino_u4;
             if (!m || u || winograd_scratch_floats(m, ci, op.h, op.w) > kMaxWinogradScratch) continue;
             u = winograd_weights(m, w, M, ci);
-            wino_need = std::max(wino_need, winograd_scratch_floats(m, ci, op.h, op.w));
+            scratch_need = std::max(scratch_need, winograd_scratch_floats(m, ci, op.h, op.w));
           }
           if (ws && (op.wino_u2 || op.wino_u4)) {  // the shortcut as its own GEMM, added after
             ConvGemm s;
@@ -314,6 +325,8 @@ void Engine::Impl::build(const PlanView& pv, const std::vector<WeightView>& weig
         op.gemms.push_back(std::move(proj));
         // packed K^T [ceil(L/MR)][d][MR] and V [ceil(d/MR)][L][MR] of every head
         pack_need = std::max(pack_need, op.heads * (round_up(L, MR) * d + round_up(d, MR) * L));
+        // a thread's St [round_up(L, MR), nr] and Q block [d, nr], nr <= kMaxTileCols
+        scratch_need = std::max(scratch_need, (round_up(L, MR) + d) * kMaxTileCols);
         break;
       }
       default:  // check_plan refuses unknown codes
@@ -329,6 +342,7 @@ void Engine::Impl::build(const PlanView& pv, const std::vector<WeightView>& weig
     off += round_up(slot_size[s] + kSlack, kAlign);
   }
   pack_off = off;
+  scratch_stride = round_up(scratch_need + kSlack, kAlign);
   off += round_up(pack_need + kSlack, kAlign);
   T = off;
   // B offsets were built relative to their slot: make them relative to the sample base
@@ -499,11 +513,7 @@ void Engine::Impl::op_conv_winograd(const Op& op, int m, const EngineKernels& k,
   c.N = N; c.cin = op.cin; c.cout = op.cout; c.h = op.h; c.w = op.w;
   c.U = (m == 2 ? op.wino_u2 : op.wino_u4).get();
   c.in = base + slot_off[size_t(op.in)]; c.in_bs = T;
-  if (wino_threads < threads) {  // grown here, under the engine's lock, never in a parallel region
-    wino_v = alloc_floats((wino_need + kSlack) * threads);
-    wino_threads = threads;
-  }
-  c.V = wino_v.get(); c.v_floats = wino_need + kSlack;
+  c.V = thread_scratch(threads); c.v_floats = scratch_stride;
   c.out = base + slot_off[size_t(op.out)]; c.o_bs = T;
   c.bias = op.bias.data();
   if (op.temb >= 0) { c.temb = base + slot_off[size_t(op.temb)]; c.t_bs = T; }
@@ -522,7 +532,7 @@ void Engine::Impl::op_conv_winograd(const Op& op, int m, const EngineKernels& k,
 
 void Engine::Impl::op_attention(const Op& op, const EngineKernels& k, int threads) {
   const int64_t C = op.cin, L = op.h * op.w, heads = op.heads, d = C / heads;
-  const int64_t q_off = slot_off[size_t(op.scratch)], o_off = q_off + 3 * C * L, s_off = o_off + C * L;
+  const int64_t q_off = slot_off[size_t(op.scratch)], o_off = q_off + 3 * C * L;
   float* base = arena.get();
   // q, k, v: [3C, L] = Wqkv [3C, C] * x_normed [C, L] + b
   {
@@ -557,36 +567,34 @@ void Engine::Impl::op_attention(const Op& op, const EngineKernels& k, int thread
           vp[(cb * L + j) * MR + m] = c < d ? vv[c * L + j] : 0.0f;
         }
   });
-  for (int64_t hd = 0; hd < heads; ++hd) {
-    // St [L keys, L queries] = K_h^T Q_h
-    GemmCall g;
-    g.M = L; g.K = d; g.Pn = L;
-    g.A = base + pack_off + hd * (kt_size + v_size); g.a_bstride = T;
-    g.bld = L; g.B = base + q_off + hd * d * L; g.b_bstride = T;
-    g.out = base + s_off + hd * L * L; g.o_bstride = T; g.ocs = L;
-    g.Wp = L; g.Wv = L;
-    g.nbatch = N;
-    run_gemm(g, k, threads);
-  }
-  // softmax over the keys (down each column), softmax scale 1/sqrt(d)
+  // Per (sample, head, block of nr queries), in this thread's scratch: St [L keys, nr] = K_h^T Q_blk,
+  // softmax down each column, O_blk [d, nr] = V_h P: S never leaves L1/L2 and P is read as a
+  // contiguous B operand.
+  const int64_t nr = k.nr, qblocks = (L + nr - 1) / nr;
+  float* scratch = thread_scratch(threads);
   const float sm_scale = float(1.0 / std::sqrt(double(d)));
-  const int64_t cols = 64, cblocks = (L + cols - 1) / cols;
-  parallel_for(N * heads * cblocks, threads, true, [&](int64_t t) {
-    const int64_t cb = t % cblocks, r = t / cblocks, hd = r % heads, n = r / heads;
-    float* S = base + n * T + s_off + hd * L * L;
-    k.softmax_cols(S, L, L, cb * cols, std::min(L, (cb + 1) * cols), sm_scale);
+  parallel_for(N * heads * qblocks, threads, true, [&](int64_t t) {
+    const int64_t qb = t % qblocks, r = t / qblocks, hd = r % heads, n = r / heads;
+    const int64_t j0 = qb * nr, ncols = std::min(nr, L - j0);
+    float* St = scratch + int64_t(omp_get_thread_num()) * scratch_stride;  // [round_up(L, MR)][nr]
+    float* Qb = St + round_up(L, MR) * nr;                                   // [d][nr]
+    const float* q = base + n * T + q_off + hd * d * L + j0;                 // Q_h: [d, L]
+    for (int64_t c = 0; c < d; ++c) {
+      std::memcpy(Qb + c * nr, q + c * L, size_t(ncols) * 4);
+      std::fill(Qb + c * nr + ncols, Qb + (c + 1) * nr, 0.0f);
+    }
+    const float* kt = base + n * T + pack_off + hd * (kt_size + v_size);
+    for (int64_t mb = 0; mb < round_up(L, MR) / MR; ++mb)
+      k.gemm_tile(d, kt + mb * d * MR, nullptr, nr, Qb, St + mb * MR * nr);
+    k.softmax_cols(St, L, nr, 0, ncols, sm_scale);
+    float* o = base + n * T + o_off + hd * d * L + j0;  // O_h: [d, L]
+    alignas(64) float tile[MR * kMaxTileCols];
+    for (int64_t cb = 0; cb < round_up(d, MR) / MR; ++cb) {
+      k.gemm_tile(L, kt + kt_size + cb * L * MR, nullptr, nr, St, tile);
+      for (int m = 0; m < MR && cb * MR + m < d; ++m)
+        std::memcpy(o + (cb * MR + m) * L, tile + m * nr, size_t(ncols) * 4);
+    }
   });
-  for (int64_t hd = 0; hd < heads; ++hd) {
-    // O_h [d, L queries] = V_h [d, L keys] * P [L keys, L queries]
-    GemmCall g;
-    g.M = d; g.K = L; g.Pn = L;
-    g.A = base + pack_off + hd * (kt_size + v_size) + kt_size; g.a_bstride = T;
-    g.bld = L; g.B = base + s_off + hd * L * L; g.b_bstride = T;
-    g.out = base + o_off + hd * d * L; g.o_bstride = T; g.ocs = L;
-    g.Wp = L; g.Wv = L;
-    g.nbatch = N;
-    run_gemm(g, k, threads);
-  }
   {
     // out = scale * (Wo O + bo + x)
     GemmCall g;
