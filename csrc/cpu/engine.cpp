@@ -130,6 +130,16 @@ void run_gemm(const GemmCall& g, const EngineKernels& k, int threads) {
   parallel_for(tasks, threads, true, task);
 }
 
+// dst [h+2, w+2] = zero border around act(a * src + b), src [h, w].
+void affine_act_padded(const EngineKernels& k, const float* src, float* dst, int64_t h, int64_t w, float a,
+                       float b, bool silu) {
+  const int64_t Wp = w + 2;
+  std::memset(dst, 0, size_t(Wp) * 4);
+  std::memset(dst + (h + 1) * Wp, 0, size_t(Wp) * 4);
+  for (int64_t y = 1; y <= h; ++y) dst[y * Wp] = dst[y * Wp + w + 1] = 0.0f;
+  k.affine_act(src, w, dst + Wp + 1, Wp, h, w, a, b, silu);
+}
+
 // A conv as a GEMM over one sample; UP convs have four (one per output phase).
 struct ConvGemm {
   Buffer A;                    // packed [ceil(M/MR)][K][MR]
@@ -387,7 +397,7 @@ void Engine::Impl::op_linear(const Op& op, const EngineKernels& k, int threads) 
   std::vector<float> act(size_t(N * ci));  // act: [N, Cin] the (SiLU'd) input
   for (int64_t n = 0; n < N; ++n) {
     const float* x = slot(n, op.in);
-    if (op.flags & P::kFlagSilu) k.affine_act(x, act.data() + n * ci, ci, 1.0f, 0.0f, true);
+    if (op.flags & P::kFlagSilu) k.affine_act(x, ci, act.data() + n * ci, ci, 1, ci, 1.0f, 0.0f, true);
     else std::memcpy(act.data() + n * ci, x, size_t(ci) * 4);
   }
   parallel_for(N * co, threads, N * co * ci >= (1 << 16), [&](int64_t t) {
@@ -401,15 +411,7 @@ void Engine::Impl::op_pad(const Op& op, const EngineKernels& k, int threads) {
   parallel_for(N * C, threads, N * C * plane >= (1 << 14), [&](int64_t t) {
     const int64_t n = t / C, c = t % C;
     const float* src = c < op.cin ? slot(n, op.in) + c * h * w : slot(n, op.in2) + (c - op.cin) * h * w;
-    float* dst = slot(n, op.out) + c * plane;  // dst: [H+2, W+2]
-    std::memset(dst, 0, size_t(Wp) * 4);
-    std::memset(dst + (h + 1) * Wp, 0, size_t(Wp) * 4);
-    for (int64_t y = 0; y < h; ++y) {
-      float* row = dst + (y + 1) * Wp;
-      row[0] = 0.0f;
-      row[w + 1] = 0.0f;
-      k.affine_act(src + y * w, row + 1, w, op.a, op.shift, false);
-    }
+    affine_act_padded(k, src, slot(n, op.out) + c * plane, h, w, op.a, op.shift, false);
   });
 }
 
@@ -432,19 +434,8 @@ void Engine::Impl::op_groupnorm(const Op& op, const EngineKernels& k, int thread
     for (int64_t c = g * cpg; c < (g + 1) * cpg; ++c) {
       const float a = rstd * op.gamma[size_t(c)], b = op.beta[size_t(c)] - mean * a;
       const float* src = chan(c);
-      if (!padded) {
-        k.affine_act(src, slot(n, op.out) + c * hw, hw, a, b, silu);
-        continue;
-      }
-      float* dst = slot(n, op.out) + c * plane;  // dst: [H+2, W+2], zero border
-      std::memset(dst, 0, size_t(Wp) * 4);
-      std::memset(dst + (h + 1) * Wp, 0, size_t(Wp) * 4);
-      for (int64_t y = 0; y < h; ++y) {
-        float* row = dst + (y + 1) * Wp;
-        row[0] = 0.0f;
-        row[w + 1] = 0.0f;
-        k.affine_act(src + y * w, row + 1, w, a, b, silu);
-      }
+      if (padded) affine_act_padded(k, src, slot(n, op.out) + c * plane, h, w, a, b, silu);
+      else k.affine_act(src, hw, slot(n, op.out) + c * hw, hw, 1, hw, a, b, silu);
     }
   });
 }

@@ -21,8 +21,10 @@ struct EngineKernels {
   // off(k) = boff ? boff[k] : k * bld. Reads nr floats at each B row (past the valid columns).
   void (*gemm_tile)(int64_t K, const float* A, const int64_t* boff, int64_t bld, const float* B,
                     float* tile);
-  // y[i] = a * x[i] + b, then SiLU (y / (1 + exp(-y))) when silu; x and y may alias.
-  void (*affine_act)(const float* x, float* y, int64_t n, float a, float b, bool silu);
+  // y[r * y_ld + i] = a * x[r * x_ld + i] + b for r < rows, i < n, then SiLU (y / (1 + exp(-y)))
+  // when silu; x and y may alias.
+  void (*affine_act)(const float* x, int64_t x_ld, float* y, int64_t y_ld, int64_t rows, int64_t n, float a,
+                     float b, bool silu);
   // sum of x[i] (first) and sum of (x[i] - mean)^2 (second) in double, for the norm statistics.
   double (*sum)(const float* x, int64_t n);
   double (*sum_sq_dev)(const float* x, int64_t n, float mean);
