@@ -80,7 +80,7 @@ void run_gemm(const GemmCall& g, const EngineKernels& k, int threads) {
     if (mb >= Mb) return;
     alignas(64) float tile[MR * kMaxTileCols];
     k.gemm_tile(g.K, g.A + b * g.a_bstride + mb * g.K * MR, g.boff, g.bld,
-                g.B + b * g.b_bstride + pb * NR, tile);
+                g.B + b * g.b_bstride + pb * NR, tile, int(std::min<int64_t>(MR, g.M - mb * MR)));
     // the tile's valid columns as runs of consecutive output pixels (a run breaks at a row end)
     const int64_t p0 = pb * NR, ncols = std::min(NR, g.Pn - p0);
     int64_t run_j[64], run_pix[64], run_len[64], nruns = 0;
@@ -576,12 +576,12 @@ void Engine::Impl::op_attention(const Op& op, const EngineKernels& k, int thread
     }
     const float* kt = base + n * T + pack_off + hd * (kt_size + v_size);
     for (int64_t mb = 0; mb < round_up(L, MR) / MR; ++mb)
-      k.gemm_tile(d, kt + mb * d * MR, nullptr, nr, Qb, St + mb * MR * nr);
+      k.gemm_tile(d, kt + mb * d * MR, nullptr, nr, Qb, St + mb * MR * nr, int(std::min<int64_t>(MR, L - mb * MR)));
     k.softmax_cols(St, L, nr, 0, ncols, sm_scale);
     float* o = base + n * T + o_off + hd * d * L + j0;  // O_h: [d, L]
     alignas(64) float tile[MR * kMaxTileCols];
     for (int64_t cb = 0; cb < round_up(d, MR) / MR; ++cb) {
-      k.gemm_tile(L, kt + kt_size + cb * L * MR, nullptr, nr, St, tile);
+      k.gemm_tile(L, kt + kt_size + cb * L * MR, nullptr, nr, St, tile, int(std::min<int64_t>(MR, d - cb * MR)));
       for (int m = 0; m < MR && cb * MR + m < d; ++m)
         std::memcpy(o + (cb * MR + m) * L, tile + m * nr, size_t(ncols) * 4);
     }

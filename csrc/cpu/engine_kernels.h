@@ -19,8 +19,10 @@ struct EngineKernels {
   int nr;  // pixels (columns) per micro-tile: a multiple of the vector width
   // tile[m * nr + j] = sum_k A[k * kGemmMR + m] * B[off(k) + j], m < kGemmMR, j < nr,
   // off(k) = boff ? boff[k] : k * bld. Reads nr floats at each B row (past the valid columns).
+  // Only the first `rows` rows are needed (the last m-block of a matrix): the kernel may store
+  // zeros in the rows past them instead of computing them.
   void (*gemm_tile)(int64_t K, const float* A, const int64_t* boff, int64_t bld, const float* B,
-                    float* tile);
+                    float* tile, int rows);
   // y[r * y_ld + i] = a * x[r * x_ld + i] + b for r < rows, i < n, then SiLU (y / (1 + exp(-y)))
   // when silu; x and y may alias.
   void (*affine_act)(const float* x, int64_t x_ld, float* y, int64_t y_ld, int64_t rows, int64_t n, float a,

@@ -66,9 +66,10 @@ void winograd_task(const WinogradCall& c, const Geometry& g, const EngineKernels
   const int64_t S = MR * g.nr;
   alignas(64) float mt[kMaxPoints * MR * kMaxNr];  // mt[xi][MR * NR]
   alignas(64) float y[16 * MR * kMaxNr];           // y[p][MR * NR], p < m * m
+  const int rows = int(std::min<int64_t>(MR, c.cout - mb * MR));
   for (int xi = 0; xi < points(c.m); ++xi)
     k.gemm_tile(c.cin, c.U + xi * g.one + mb * c.cin * MR, nullptr, g.ld, V + xi * g.vs + pb * g.nr,
-                mt + xi * S);
+                mt + xi * S, rows);
   if (c.m == 2) {
     k.winograd_output(mt, y);
     winograd_epilogue<2>(c, g, y, n, pb, mb);
