@@ -153,6 +153,7 @@ struct Op : P::OpFields {
   Buffer wino_u2, wino_u4;                     // CONV3: Winograd weights, F(2x2) and F(4x4), or null
   std::vector<ConvGemm> wino_shortcut;         // CONV3 + in2 on the Winograd path: the 1x1 alone
   std::vector<float> bias2;                    // ATTENTION: out-projection bias
+  bool folded = false;                         // ATTENTION: one head, projections folded (build)
 };
 
 }  // namespace
@@ -318,20 +319,52 @@ void Engine::Impl::build(const PlanView& pv, const std::vector<WeightView>& weig
         const float* wvv = wdata(P::kToV);
         const float* wo = wdata(P::kToOut);
         op.bias2 = wcopy(P::kToOutBias);
-        ConvGemm qkv;  // [3C, C]: q, k, v stacked
-        qkv.K = C;
-        qkv.A = pack_a(3 * C, C, [&](int64_t m, int64_t kk) {
-          const float* src = m < C ? wq : (m < 2 * C ? wk : wvv);
-          return src[(m % C) * C + kk];
-        });
-        for (int role : {P::kToQBias, P::kToKBias, P::kToVBias}) {  // [3C]
-          const auto b = wcopy(role);
-          op.bias.insert(op.bias.end(), b.begin(), b.end());
+        ConvGemm in_proj, proj;
+        in_proj.K = proj.K = C;
+        if (op.heads == 1) {
+          // One head: fold the projections into the weights (in double). With x the normed input,
+          // q = Wq x + bq, k = Wk x + bk, v = Wv x + bv:
+          //   k_i . q_j = x_i . (Wk^T Wq x_j + Wk^T bq) + (terms constant over the keys i, which the
+          //   softmax over i cancels), so the engine computes T = Wkq x + u (Wkq = Wk^T Wq,
+          //   u = Wk^T bq) and scores x^T T: one C x C projection instead of two;
+          //   Wo (V P) + bo = (Wo Wv)(x P) + (Wo bv + bo), P's columns summing to 1: one more.
+          op.folded = true;
+          const std::vector<float> bq = wcopy(P::kToQBias), bv = wcopy(P::kToVBias);
+          std::vector<double> wkq(size_t(C * C)), wov(size_t(C * C));
+          op.bias.assign(size_t(C), 0.0f);
+          for (int64_t a = 0; a < C; ++a) {
+            double u = 0, bo = op.bias2[size_t(a)];
+            for (int64_t e = 0; e < C; ++e) {
+              u += double(wk[e * C + a]) * bq[size_t(e)];
+              bo += double(wo[a * C + e]) * bv[size_t(e)];
+            }
+            op.bias[size_t(a)] = float(u);
+            op.bias2[size_t(a)] = float(bo);
+            for (int64_t b = 0; b < C; ++b) {
+              double s = 0, t = 0;
+              for (int64_t e = 0; e < C; ++e) {
+                s += double(wk[e * C + a]) * wq[e * C + b];
+                t += double(wo[a * C + e]) * wvv[e * C + b];
+              }
+              wkq[size_t(a * C + b)] = s;
+              wov[size_t(a * C + b)] = t;
+            }
+          }
+          in_proj.A = pack_a(C, C, [&](int64_t m, int64_t kk) { return float(wkq[size_t(m * C + kk)]); });
+          proj.A = pack_a(C, C, [&](int64_t m, int64_t kk) { return float(wov[size_t(m * C + kk)]); });
+        } else {
+          // [3C, C]: q, k, v stacked
+          in_proj.A = pack_a(3 * C, C, [&](int64_t m, int64_t kk) {
+            const float* src = m < C ? wq : (m < 2 * C ? wk : wvv);
+            return src[(m % C) * C + kk];
+          });
+          for (int role : {P::kToQBias, P::kToKBias, P::kToVBias}) {  // [3C]
+            const auto b = wcopy(role);
+            op.bias.insert(op.bias.end(), b.begin(), b.end());
+          }
+          proj.A = pack_a(C, C, [&](int64_t m, int64_t kk) { return wo[m * C + kk]; });
         }
-        ConvGemm proj;
-        proj.K = C;
-        proj.A = pack_a(C, C, [&](int64_t m, int64_t kk) { return wo[m * C + kk]; });
-        op.gemms.push_back(std::move(qkv));
+        op.gemms.push_back(std::move(in_proj));
         op.gemms.push_back(std::move(proj));
         // packed K^T [ceil(L/MR)][d][MR] and V [ceil(d/MR)][L][MR] of every head
         pack_need = std::max(pack_need, op.heads * (round_up(L, MR) * d + round_up(d, MR) * L));
@@ -525,10 +558,11 @@ void Engine::Impl::op_attention(const Op& op, const EngineKernels& k, int thread
   const int64_t C = op.cin, L = op.h * op.w, heads = op.heads, d = C / heads;
   const int64_t q_off = slot_off[size_t(op.scratch)], o_off = q_off + 3 * C * L;
   float* base = arena.get();
-  // q, k, v: [3C, L] = Wqkv [3C, C] * x_normed [C, L] + b
+  // q, k, v: [3C, L] = Wqkv [3C, C] * x_normed [C, L] + b; folded (one head): T [C, L] = Wkq x + u
+  // in q's place, and x itself serves as keys and values
   {
     GemmCall g;
-    g.M = 3 * C; g.K = C; g.Pn = L;
+    g.M = op.folded ? C : 3 * C; g.K = C; g.Pn = L;
     g.A = op.gemms[0].A.get();
     g.bld = L; g.B = base + slot_off[size_t(op.in)]; g.b_bstride = T;
     g.out = base + q_off; g.o_bstride = T; g.ocs = L;
@@ -541,8 +575,9 @@ void Engine::Impl::op_attention(const Op& op, const EngineKernels& k, int thread
   const int64_t kt_size = round_up(L, MR) * d, v_size = round_up(d, MR) * L;
   parallel_for(N * heads, threads, N * C * L >= (1 << 14), [&](int64_t t) {
     const int64_t n = t / heads, hd = t % heads;
-    const float* kk = base + n * T + q_off + (C + hd * d) * L;      // K_h: [d, L]
-    const float* vv = base + n * T + q_off + (2 * C + hd * d) * L;  // V_h: [d, L]
+    const float* x = base + n * T + slot_off[size_t(op.in)];
+    const float* kk = op.folded ? x : base + n * T + q_off + (C + hd * d) * L;      // K_h: [d, L]
+    const float* vv = op.folded ? x : base + n * T + q_off + (2 * C + hd * d) * L;  // V_h: [d, L]
     float* kt = base + n * T + pack_off + hd * (kt_size + v_size);
     float* vp = kt + kt_size;
     for (int64_t jb = 0; jb < round_up(L, MR) / MR; ++jb)
