@@ -361,9 +361,9 @@ def _loops(pipe, sampler, steps, n, keep, seed=5):
 @pytest.mark.slow
 def test_ddpm_1000_steps_matches_reference_sampler():
     """bench-small, DDPM, 1000 steps, the same Philox noise. Measured max |native - reference|
-    on [-1, 1]: 1.55e-6 with direct convs, 2.23e-6 with Winograd F(2x2) + F(4x4) (AVX2, 2
-    threads, Zen1); the bound leaves a 13x margin for other ISAs, far below one uint8 level
-    (7.8e-3)."""
+    on [-1, 1]: 1.55e-6 with direct convs, 2.23e-6 with Winograd F(2x2) + F(4x4), 2.15e-6 with
+    the folded one-head attention and the degree-5 exp (AVX2, 2 threads, Zen1); the bound leaves
+    a 13x margin for other ISAs, far below one uint8 level (7.8e-3)."""
     pipe = fastddpm.load("bench-small")
     a, x, frames = _loops(pipe, "ddpm", 1000, 1, [0, 500, 1000])
     diff = float(np.abs(a.images - x).max())
@@ -378,7 +378,8 @@ def test_ddim_50_steps_against_reference_sampler():
     separate experiment: 3.4e-5 at step 5, 4.0e-4 at step 10, 1.43 at step 50), so the whole-run
     difference says nothing about the engine (measured here: 1.27-1.41). What is checked: the first
     10 steps, before the amplification saturates (measured with direct convs 2.9e-5 at step 5,
-    4.7e-4 at step 10; with Winograd 4.0e-5 and 7.6e-4), with a 3x margin or more."""
+    4.7e-4 at step 10; with Winograd 4.0e-5 and 7.6e-4; with the folded attention and the
+    degree-5 exp 3.1e-5 and 7.7e-4), with a 3x margin or more."""
     pipe = fastddpm.load("bench-small")
     keep = [0, 5, 10, 50]
     a, x, frames = _loops(pipe, "ddim", 50, 1, keep)

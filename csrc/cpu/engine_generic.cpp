@@ -12,6 +12,8 @@ constexpr int NV = 2;  // 6 x 8 micro-tile: 12 accumulators of the 16 SSE regist
 typedef float Fv __attribute__((vector_size(W * 4)));
 inline Fv vfma(Fv a, Fv b, Fv c) { return a * b + c; }
 inline Fv splat(float v) { return Fv{v, v, v, v}; }
+inline Fv vmin(Fv a, Fv b) { return a < b ? a : b; }
+inline Fv vmax(Fv a, Fv b) { return a > b ? a : b; }
 
 #include "engine_simd.inc"
 
