@@ -83,49 +83,35 @@ void run_gemm(const GemmCall& g, const EngineKernels& k, int threads) {
                 g.B + b * g.b_bstride + pb * NR, tile, int(std::min<int64_t>(MR, g.M - mb * MR)));
     // the tile's valid columns as runs of consecutive output pixels (a run breaks at a row end)
     const int64_t p0 = pb * NR, ncols = std::min(NR, g.Pn - p0);
-    int64_t run_j[64], run_pix[64], run_len[64], nruns = 0;
+    TileRuns runs;
     int64_t y = p0 / g.Wp, x = p0 % g.Wp;
     for (int64_t j = 0; j < ncols; x = 0, ++y) {  // one grid row segment at a time
       const int64_t seg = std::min(g.Wp - x, ncols - j), valid = std::min(g.Wv - x, seg);
       if (valid > 0) {
         const int64_t px = y * g.oys + x * g.oxs + g.ooff;
-        if (nruns && run_j[nruns - 1] + run_len[nruns - 1] == j &&
-            run_pix[nruns - 1] + run_len[nruns - 1] * g.oxs == px) {
-          run_len[nruns - 1] += valid;
+        const int l = runs.n - 1;
+        if (runs.n && runs.j[l] + runs.len[l] == j && runs.pix[l] + runs.len[l] * g.oxs == px) {
+          runs.len[l] += valid;
         } else {
-          run_j[nruns] = j; run_pix[nruns] = px; run_len[nruns] = valid; ++nruns;
+          runs.j[runs.n] = j; runs.pix[runs.n] = px; runs.len[runs.n] = valid; ++runs.n;
         }
       }
       j += seg;
     }
-    float* o = g.out + b * g.o_bstride;
-    const float* rs = g.res ? g.res + b * g.r_bstride : nullptr;
-    const int64_t os = g.oxs;
-    for (int m = 0; m < MR; ++m) {
+    const int rows = int(std::min<int64_t>(MR, g.M - mb * MR));
+    float add[MR];
+    for (int m = 0; m < rows; ++m) {
       const int64_t mm = mb * MR + m;
-      if (mm >= g.M) break;
-      const float add = (g.bias ? g.bias[mm] : 0.0f) + (g.temb ? g.temb[b * g.t_bstride + mm] : 0.0f);
-      const float sc = g.scale;
-      for (int64_t r = 0; r < nruns; ++r) {
-        const float* __restrict src = tile + m * NR + run_j[r];  // the tile aliases nothing
-        float* dst = o + mm * g.ocs + run_pix[r];
-        const int64_t len = run_len[r];
-        if (rs) {
-          const float* res = rs + mm * g.ocs + run_pix[r];
-          if (os == 1 && res == dst) {  // accumulate in place (the Winograd path's shortcut)
-            for (int64_t q = 0; q < len; ++q) dst[q] = ((src[q] + add) + dst[q]) * sc;
-          } else if (os == 1) {
-            for (int64_t q = 0; q < len; ++q) dst[q] = ((src[q] + add) + res[q]) * sc;
-          } else {
-            for (int64_t q = 0; q < len; ++q) dst[q * os] = ((src[q] + add) + res[q * os]) * sc;
-          }
-        } else if (os == 1) {
-          for (int64_t q = 0; q < len; ++q) dst[q] = (src[q] + add) * sc;
-        } else {
-          for (int64_t q = 0; q < len; ++q) dst[q * os] = (src[q] + add) * sc;
-        }
-      }
+      add[m] = (g.bias ? g.bias[mm] : 0.0f) + (g.temb ? g.temb[b * g.t_bstride + mm] : 0.0f);
     }
+    TileEpilogue e;
+    e.add = add;
+    e.scale = g.scale;
+    e.out = g.out + b * g.o_bstride + mb * MR * g.ocs;
+    e.res = g.res ? g.res + b * g.r_bstride + mb * MR * g.ocs : nullptr;
+    e.ocs = g.ocs;
+    e.os = g.oxs;
+    k.gemm_epilogue(tile, rows, runs, e);
   };
   parallel_for(tasks, threads, true, task);
 }

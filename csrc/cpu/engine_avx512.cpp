@@ -17,8 +17,10 @@ constexpr int NV = 2;
 typedef float Fv __attribute__((vector_size(W * 4)));
 inline Fv vfma(Fv a, Fv b, Fv c) { return (Fv)_mm512_fmadd_ps((__m512)a, (__m512)b, (__m512)c); }
 inline Fv splat(float v) { return (Fv)_mm512_set1_ps(v); }
-inline Fv vmin(Fv a, Fv b) { return (Fv)_mm512_min_ps((__m512)a, (__m512)b); }  // a < b ? a : b
-inline Fv vmax(Fv a, Fv b) { return (Fv)_mm512_max_ps((__m512)a, (__m512)b); }  // a > b ? a : b
+// (_mm512_min_ps / _mm512_max_ps would do, but GCC 12's headers then warn about an uninitialised
+// pass-through operand)
+inline Fv vmin(Fv a, Fv b) { return a < b ? a : b; }
+inline Fv vmax(Fv a, Fv b) { return a > b ? a : b; }
 
 #include "engine_simd.inc"
 

@@ -14,6 +14,24 @@ namespace cpu {
 // weights are packed once whatever path runs later.
 constexpr int kGemmMR = 6;
 
+// A micro-tile's valid columns as runs of consecutive output pixels: run r is tile columns
+// [j[r], j[r] + len[r]) -> output offsets pix[r] + q * os. At most one run per column.
+struct TileRuns {
+  int n = 0;
+  int64_t j[64], pix[64], len[64];
+};
+
+// The conv/GEMM epilogue of one micro-tile (run_gemm): rows m < rows of tile [kGemmMR][nr] ->
+// out[m * ocs + pix + q * os] = ((tile + add[m]) + res[m * ocs + pix + q * os]) * scale, res null
+// for none (it may alias out: accumulate in place).
+struct TileEpilogue {
+  const float* add;  // [rows]: bias + time embedding per row
+  float scale;
+  float* out;        // row 0 of the m-block
+  const float* res;  // row 0 of the m-block, or null
+  int64_t ocs, os;
+};
+
 struct EngineKernels {
   const char* name;
   int nr;  // pixels (columns) per micro-tile: a multiple of the vector width
@@ -23,6 +41,7 @@ struct EngineKernels {
   // zeros in the rows past them instead of computing them.
   void (*gemm_tile)(int64_t K, const float* A, const int64_t* boff, int64_t bld, const float* B,
                     float* tile, int rows);
+  void (*gemm_epilogue)(const float* tile, int rows, const TileRuns& runs, const TileEpilogue& e);
   // y[r * y_ld + i] = a * x[r * x_ld + i] + b for r < rows, i < n, then SiLU (y / (1 + exp(-y)))
   // when silu; x and y may alias.
   void (*affine_act)(const float* x, int64_t x_ld, float* y, int64_t y_ld, int64_t rows, int64_t n, float a,
