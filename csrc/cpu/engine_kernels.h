@@ -32,6 +32,18 @@ struct TileEpilogue {
   int64_t ocs, os;
 };
 
+// The Winograd conv epilogue of one task (winograd.cpp): y [m*m][kGemmMR * nr], pixel p = m a + b
+// of tile column j of row mm at y[p * kGemmMR * nr + mm * nr + j]; column j is tile t0 + j at
+// (t / tw, t % tw). Rows mm < rows -> out[mm * hw + (m ty + a) * w + m tx + b] =
+// ((y + add[mm]) + res[same]) * scale (res null for none).
+struct WinogradStore {
+  const float* add;  // [rows]
+  float scale;
+  float* out;        // channel mm at out + mm * hw
+  const float* res;
+  int64_t hw, w, tw;
+};
+
 struct EngineKernels {
   const char* name;
   int nr;  // pixels (columns) per micro-tile: a multiple of the vector width
@@ -64,6 +76,7 @@ struct EngineKernels {
   // micro-tiles -> y[p], p = 4a + b the pixel (4ty + a, 4tx + b).
   void (*winograd4_input)(const float* in, int64_t h, int64_t w, float* v, int64_t vs);
   void (*winograd4_output)(const float* m, float* y);
+  void (*winograd_store)(int m, const float* y, int rows, int64_t t0, int64_t ncols, const WinogradStore& s);
 };
 
 extern const EngineKernels kGenericEngineKernels;

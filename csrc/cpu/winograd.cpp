@@ -28,37 +28,6 @@ const double kG4[6][3] = {{1.0 / 4, 0, 0},           {-1.0 / 6, -1.0 / 6, -1.0 /
                           {-1.0 / 6, 1.0 / 6, -1.0 / 6}, {1.0 / 24, 1.0 / 12, 1.0 / 6},
                           {1.0 / 24, -1.0 / 12, 1.0 / 6}, {0, 0, 1}};
 
-// The conv epilogue of one task: y[p][MR * NR] (p = M a + b, pixel (M ty + a, M tx + b) of each
-// tile column) -> out, with bias, time embedding, residual and scale.
-template <int M>
-void winograd_epilogue(const WinogradCall& c, const Geometry& g, const float* y, int64_t n, int64_t pb,
-                       int64_t mb) {
-  const int64_t NR = g.nr, S = MR * NR, tw = g.tw, hw = c.h * c.w, w = c.w;
-  const int64_t ncols = std::min(NR, g.tiles - pb * NR);
-  const float sc = c.scale;
-  for (int mm = 0; mm < MR; ++mm) {
-    const int64_t co = mb * MR + mm;
-    if (co >= c.cout) break;
-    const float add = c.bias[co] + (c.temb ? c.temb[n * c.t_bs + co] : 0.0f);
-    float* oc = c.out + n * c.o_bs + co * hw;
-    const float* rc = c.res ? c.res + n * c.r_bs + co * hw : nullptr;
-    const float* yc = y + mm * NR;
-    int64_t ty = pb * NR / tw, tx = pb * NR % tw;
-    for (int64_t j = 0; j < ncols; ++j) {
-      const int64_t base = M * ty * w + M * tx;
-      if (rc) {
-        for (int a = 0; a < M; ++a)
-          for (int b = 0; b < M; ++b)
-            oc[base + a * w + b] = ((yc[(M * a + b) * S + j] + add) + rc[base + a * w + b]) * sc;
-      } else {
-        for (int a = 0; a < M; ++a)
-          for (int b = 0; b < M; ++b) oc[base + a * w + b] = (yc[(M * a + b) * S + j] + add) * sc;
-      }
-      if (++tx == tw) { tx = 0; ++ty; }
-    }
-  }
-}
-
 // The GEMMs, output transform and epilogue of task (column block pb, m-block mb) of sample n,
 // reading V (the sample's transformed input).
 void winograd_task(const WinogradCall& c, const Geometry& g, const EngineKernels& k, const float* V,
@@ -70,13 +39,22 @@ void winograd_task(const WinogradCall& c, const Geometry& g, const EngineKernels
   for (int xi = 0; xi < points(c.m); ++xi)
     k.gemm_tile(c.cin, c.U + xi * g.one + mb * c.cin * MR, nullptr, g.ld, V + xi * g.vs + pb * g.nr,
                 mt + xi * S, rows);
-  if (c.m == 2) {
-    k.winograd_output(mt, y);
-    winograd_epilogue<2>(c, g, y, n, pb, mb);
-  } else {
-    k.winograd4_output(mt, y);
-    winograd_epilogue<4>(c, g, y, n, pb, mb);
+  if (c.m == 2) k.winograd_output(mt, y);
+  else k.winograd4_output(mt, y);
+  // the conv epilogue: bias, time embedding, residual, scale
+  float add[MR];
+  for (int mm = 0; mm < rows; ++mm) {
+    const int64_t co = mb * MR + mm;
+    add[mm] = c.bias[co] + (c.temb ? c.temb[n * c.t_bs + co] : 0.0f);
   }
+  const int64_t hw = c.h * c.w;
+  WinogradStore s;
+  s.add = add;
+  s.scale = c.scale;
+  s.out = c.out + n * c.o_bs + mb * MR * hw;
+  s.res = c.res ? c.res + n * c.r_bs + mb * MR * hw : nullptr;
+  s.hw = hw; s.w = c.w; s.tw = g.tw;
+  k.winograd_store(c.m, y, rows, pb * g.nr, std::min(g.nr, g.tiles - pb * g.nr), s);
 }
 
 }  // namespace
