@@ -197,6 +197,40 @@ def test_op_conv3_winograd(isa, batch, threads, h, w, tile, monkeypatch):
     assert np.array_equal(one.reshape(1, -1), outs["1"][:1])
 
 
+@pytest.mark.parametrize("isa", ISAS, indirect=True)
+@pytest.mark.parametrize("batch,threads", [(1, 2), (2, 2), (3, 1)], indirect=["threads"])
+@pytest.mark.parametrize("h,w", [(16, 16), (16, 24)])
+def test_op_upsample_conv_winograd(isa, batch, threads, h, w, monkeypatch):
+    """A folded nearest-x2 upsample + 3x3 conv on the Winograd path: its four output phases as
+    one F(4x4) conv at the input's resolution with 4 x 7 rows (the 6-row blocks straddle phases),
+    stored with stride 2; with the time embedding, and with a residual + scale. Against the NumPy
+    interpreter, Winograd on and off."""
+    rng = np.random.default_rng(batch + h + w)
+    c, co = 12, 7
+    plane, pp, up = h * w, (h + 2) * (w + 2), 4 * h * w
+    sizes = [c * plane, co * up, c * pp, 16, co, co * up]
+    ops = [Op("TIME_EMB", out=3, c_out=16),
+           Op("LINEAR", out=4, in_=3, c_in=16, c_out=co, w_idx=2, b_idx=3, silu=True),
+           Op("PAD", out=2, in_=0, c_in=c, h=h, w=w),
+           Op("CONV", out=5, in_=2, c_in=c, h=h, w=w, c_out=co, mode=CONV_MODES["UP"], w_idx=0,
+              b_idx=1, temb=4),
+           Op("CONV", out=1, in_=2, c_in=c, h=h, w=w, c_out=co, mode=CONV_MODES["UP"], w_idx=4,
+              b_idx=5, residual=5, scale=0.5)]
+    weights = [_w(rng, co, c, 3, 3), _w(rng, co), _w(rng, co, 16), _w(rng, co), _w(rng, co, c, 3, 3),
+               _w(rng, co)]
+    t = np.array((3.0, 811.0, 40.0)[:batch], np.float32)
+    x = rng.standard_normal((batch, c * plane, 1, 1)).astype(np.float32)
+    outs = {}
+    for flag, paths in (("1", [4, 4]), ("0", [0, 0])):
+        monkeypatch.setenv("FASTDDPM_WINOGRAD", flag)
+        eng, plan, wd = _engine_for(ops, sizes, weights, batch)
+        assert eng.conv_paths == paths
+        outs[flag] = eng.forward(x, t).reshape(batch, -1)
+    ref = run_plan(plan, wd, x.reshape(batch, -1), t.astype(np.float64)).reshape(batch, -1)
+    assert rel_err(outs["1"], ref) <= REL_TOL
+    assert rel_err(outs["0"], ref) <= REL_TOL
+
+
 def test_winograd_scratch_is_bounded():
     """A conv whose transformed input would exceed 128 MiB per thread (here 1024x1024, 16 input
     channels: 144 MiB for F(4x4), 256 MiB for F(2x2)) runs direct instead."""

@@ -272,9 +272,9 @@ void Engine::Impl::build(const PlanView& pv, const std::vector<WeightView>& weig
           g.Pn = ho * wo; g.Wp = wo; g.Wv = wo; g.oys = wo; g.oxs = 1;
           op.gemms.push_back(std::move(g));
         } else {  // P::kUp (check_plan refuses other modes)
-          // Output phase (py, px) of nearest-x2 + 3x3 is a 2x2 conv on the low-res input: tap a of
-          // phase p sums the 3x3 rows dy in kTaps[p][a].
-          static const int kTaps[2][2][3] = {{{0, -1, -1}, {1, 2, -1}}, {{0, 1, -1}, {2, -1, -1}}};
+          // Output phase (py, px) of nearest-x2 + 3x3 is a 2x2 conv on the low-res input, embedded
+          // at rows py.., columns px.. of a 3x3 window (upsample_phase_weights): w3 [4 Cout, Cin, 3, 3]
+          const std::vector<float> w3 = upsample_phase_weights(w, M, ci);
           for (int py = 0; py < 2; ++py)
             for (int px = 0; px < 2; ++px) {
               ConvGemm g;
@@ -282,11 +282,7 @@ void Engine::Impl::build(const PlanView& pv, const std::vector<WeightView>& weig
               g.A = pack_a(M, g.K, [&](int64_t m, int64_t kk) {
                 const int64_t ch = kk / 4;
                 const int a = int(kk % 4) / 2, b = int(kk % 2);
-                float s = 0.0f;
-                for (int u = 0; u < 3 && kTaps[py][a][u] >= 0; ++u)
-                  for (int v = 0; v < 3 && kTaps[px][b][v] >= 0; ++v)
-                    s += w[((m * ci + ch) * 3 + kTaps[py][a][u]) * 3 + kTaps[px][b][v]];
-                return s;
+                return w3[size_t(((((2 * py + px) * M + m) * ci + ch) * 3 + py + a) * 3 + px + b)];
               });
               for (int64_t ch = 0; ch < ci; ++ch)
                 for (int a = 0; a < 2; ++a)
@@ -295,6 +291,14 @@ void Engine::Impl::build(const PlanView& pv, const std::vector<WeightView>& weig
               g.oys = 2 * wo; g.oxs = 2; g.ooff = py * wo + px;
               op.gemms.push_back(std::move(g));
             }
+          // or all four phases as one Winograd conv at the input's resolution with 4 Cout rows
+          for (const EngineKernels* t : {&kGenericEngineKernels, &kAvx2EngineKernels, &kAvx512EngineKernels}) {
+            const int m = winograd_choice(ci, op.h, op.w, t->nr, wino_max_m, 4);
+            Buffer& u = m == 2 ? op.wino_u2 : op.wino_u4;
+            if (!m || u || winograd_scratch_floats(m, ci, op.h, op.w) > kMaxWinogradScratch) continue;
+            u = winograd_weights(m, w3.data(), 4 * M, ci);
+            scratch_need = std::max(scratch_need, winograd_scratch_floats(m, ci, op.h, op.w));
+          }
         }
         break;
       }
@@ -481,11 +485,11 @@ void Engine::Impl::op_conv(const Op& op, const EngineKernels& k, int threads) {
           }
         }
     });
-  } else if (op.mode == P::kUp) {
-    ho = op.h * 2; wo = op.w * 2;
-  } else if (const int m = conv_path(op, k)) {
+  } else if (const int m = conv_path(op, k)) {  // CONV3 or UP on the Winograd path
     op_conv_winograd(op, m, k, threads);
     return;
+  } else if (op.mode == P::kUp) {
+    ho = op.h * 2; wo = op.w * 2;
   }
   for (const ConvGemm& cg : op.gemms) run_gemm(conv_gemm_call(op, cg, ho * wo), k, threads);
 }
@@ -510,8 +514,8 @@ GemmCall Engine::Impl::conv_gemm_call(const Op& op, const ConvGemm& cg, int64_t 
 }
 
 int Engine::Impl::conv_path(const Op& op, const EngineKernels& k) const {
-  if (op.code != P::kConv || op.mode != P::kConv3) return 0;
-  const int m = winograd_choice(op.cin, op.h, op.w, k.nr, wino_max_m);
+  if (op.code != P::kConv || (op.mode != P::kConv3 && op.mode != P::kUp)) return 0;
+  const int m = winograd_choice(op.cin, op.h, op.w, k.nr, wino_max_m, op.mode == P::kUp ? 4 : 9);
   return (m == 2 && op.wino_u2) || (m == 4 && op.wino_u4) ? m : 0;
 }
 
@@ -520,7 +524,8 @@ void Engine::Impl::op_conv_winograd(const Op& op, int m, const EngineKernels& k,
   const bool shortcut = !op.wino_shortcut.empty();
   WinogradCall c;
   c.m = m;
-  c.N = N; c.cin = op.cin; c.cout = op.cout; c.h = op.h; c.w = op.w;
+  c.up = op.mode == P::kUp;
+  c.N = N; c.cin = op.cin; c.cout = (c.up ? 4 : 1) * op.cout; c.cout_out = op.cout; c.h = op.h; c.w = op.w;
   c.U = (m == 2 ? op.wino_u2 : op.wino_u4).get();
   c.in = base + slot_off[size_t(op.in)]; c.in_bs = T;
   c.V = thread_scratch(threads); c.v_floats = scratch_stride;

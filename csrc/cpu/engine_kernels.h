@@ -34,14 +34,14 @@ struct TileEpilogue {
 
 // The Winograd conv epilogue of one task (winograd.cpp): y [m*m][kGemmMR * nr], pixel p = m a + b
 // of tile column j of row mm at y[p * kGemmMR * nr + mm * nr + j]; column j is tile t0 + j at
-// (t / tw, t % tw). Rows mm < rows -> out[mm * hw + (m ty + a) * w + m tx + b] =
-// ((y + add[mm]) + res[same]) * scale (res null for none).
+// (t / tw, t % tw). Rows mm < rows -> out[mm][(m ty + a) * oys + (m tx + b) * oxs] =
+// ((y + add[mm]) + res[mm][same]) * scale (res null for none).
 struct WinogradStore {
-  const float* add;  // [rows]
+  const float* add;              // [rows]
   float scale;
-  float* out;        // channel mm at out + mm * hw
-  const float* res;
-  int64_t hw, w, tw;
+  float* out[kGemmMR];           // each row's output plane (and phase offset)
+  const float* res[kGemmMR];     // likewise, or null
+  int64_t oys, oxs, tw;          // pixel strides of the output; tiles per tile row
 };
 
 struct EngineKernels {

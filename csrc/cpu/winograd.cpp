@@ -41,36 +41,65 @@ void winograd_task(const WinogradCall& c, const Geometry& g, const EngineKernels
                 mt + xi * S, rows);
   if (c.m == 2) k.winograd_output(mt, y);
   else k.winograd4_output(mt, y);
-  // the conv epilogue: bias, time embedding, residual, scale
+  // the conv epilogue: bias, time embedding, residual, scale; row r is channel r (or, up, phase
+  // r / cout_out of channel r % cout_out)
   float add[MR];
-  for (int mm = 0; mm < rows; ++mm) {
-    const int64_t co = mb * MR + mm;
-    add[mm] = c.bias[co] + (c.temb ? c.temb[n * c.t_bs + co] : 0.0f);
-  }
-  const int64_t hw = c.h * c.w;
   WinogradStore s;
+  const int64_t wo = c.up ? 2 * c.w : c.w, plane = (c.up ? 4 : 1) * c.h * c.w;
+  for (int mm = 0; mm < rows; ++mm) {
+    const int64_t r = mb * MR + mm, co = r % c.cout_out, ph = r / c.cout_out;
+    add[mm] = c.bias[co] + (c.temb ? c.temb[n * c.t_bs + co] : 0.0f);
+    const int64_t off = co * plane + (ph / 2) * wo + ph % 2;
+    s.out[mm] = c.out + n * c.o_bs + off;
+    s.res[mm] = c.res ? c.res + n * c.r_bs + off : nullptr;
+  }
+  for (int mm = rows; mm < MR; ++mm) s.res[mm] = nullptr;
   s.add = add;
   s.scale = c.scale;
-  s.out = c.out + n * c.o_bs + mb * MR * hw;
-  s.res = c.res ? c.res + n * c.r_bs + mb * MR * hw : nullptr;
-  s.hw = hw; s.w = c.w; s.tw = g.tw;
+  s.oys = c.up ? 2 * wo : wo;
+  s.oxs = c.up ? 2 : 1;
+  s.tw = g.tw;
   k.winograd_store(c.m, y, rows, pb * g.nr, std::min(g.nr, g.tiles - pb * g.nr), s);
 }
 
 }  // namespace
 
-int winograd_choice(int64_t cin, int64_t h, int64_t w, int nr, int max_m) {
+int winograd_choice(int64_t cin, int64_t h, int64_t w, int nr, int max_m, int direct_taps) {
   if (cin < 8 || nr > kMaxNr) return 0;
   // multiply-adds per output channel, padded to whole micro-tiles; the transforms' share measured
-  // about 10% (m = 2) and 15% (m = 4) of the GEMMs
-  double best = 9.0 * double(round_up(h * (w + 2), nr));
+  // about 10% (m = 2) and 15% (m = 4) of the GEMMs, and a folded upsample's strided scalar store
+  // about 20% more (F(2x2) at 8x8 predicted 12% faster without it, measured 6% slower)
+  const double store = direct_taps == 4 ? 1.2 : 1.0;
+  double best = double(direct_taps) * double(round_up(h * (w + 2), nr));
   int choice = 0;
   for (int m : {2, 4}) {
     if (m > max_m || h % m || w % m) continue;
-    const double cost = points(m) * double(round_up((h / m) * (w / m), nr)) * (m == 2 ? 1.1 : 1.15);
+    const double cost = points(m) * double(round_up((h / m) * (w / m), nr)) * (m == 2 ? 1.1 : 1.15) * store;
     if (cost < best) { best = cost; choice = m; }
   }
   return choice;
+}
+
+std::vector<float> upsample_phase_weights(const float* w, int64_t cout, int64_t cin) {
+  // phase p's tap a (input row y - 1 + p + a, a < 2) sums the 3x3 rows kTaps[p][a] (as the direct
+  // path's phase GEMMs); in the 3x3 window it sits at row p + a
+  static const int kTaps[2][2][3] = {{{0, -1, -1}, {1, 2, -1}}, {{0, 1, -1}, {2, -1, -1}}};
+  std::vector<float> out(size_t(4 * cout * cin * 9), 0.0f);
+  for (int py = 0; py < 2; ++py)
+    for (int px = 0; px < 2; ++px)
+      for (int64_t co = 0; co < cout; ++co)
+        for (int64_t ci = 0; ci < cin; ++ci) {
+          float* dst = out.data() + (((2 * py + px) * cout + co) * cin + ci) * 9;
+          const float* src = w + (co * cin + ci) * 9;
+          for (int a = 0; a < 2; ++a)
+            for (int b = 0; b < 2; ++b) {
+              float s = 0.0f;
+              for (int u = 0; u < 3 && kTaps[py][a][u] >= 0; ++u)
+                for (int v = 0; v < 3 && kTaps[px][b][v] >= 0; ++v) s += src[kTaps[py][a][u] * 3 + kTaps[px][b][v]];
+              dst[(py + a) * 3 + (px + b)] = s;
+            }
+        }
+  return out;
 }
 
 Buffer winograd_weights(int m, const float* w, int64_t cout, int64_t cin) {

@@ -10,6 +10,7 @@
 // conv epilogue (bias, time embedding, residual, scale) while they are in L1.
 #pragma once
 #include <cstdint>
+#include <vector>
 
 #include "engine_kernels.h"
 #include "engine_util.h"
@@ -20,8 +21,14 @@ namespace cpu {
 // The tile size m (2 or 4) that makes a conv of this shape cheapest with micro-tile width nr, or
 // 0 for the direct GEMM: sides divisible by m, m <= max_m, enough input channels to amortise the
 // transforms, and the fewest multiply-adds counted over whole micro-tiles (with the transforms'
-// overhead).
-int winograd_choice(int64_t cin, int64_t h, int64_t w, int nr, int max_m = 4);
+// overhead). direct_taps: the direct GEMM's taps per output (9; 4 for a phase of a folded
+// upsample, which the Winograd path runs as a 3x3 kernel with zeros).
+int winograd_choice(int64_t cin, int64_t h, int64_t w, int nr, int max_m = 4, int direct_taps = 9);
+
+// A folded nearest-x2 upsample + 3x3 conv [Cout, Cin, 3, 3] as a 3x3 conv at the input's
+// resolution with 4 Cout outputs: row (2 py + px) Cout + co is output phase (py, px) of channel co,
+// out[co][2y + py][2x + px], a 2x2 kernel embedded in the 3x3 window. [4 Cout, Cin, 3, 3].
+std::vector<float> upsample_phase_weights(const float* w, int64_t cout, int64_t cin);
 
 // U: w [Cout, Cin, 3, 3] transformed in double and packed, P consecutive packed matrices.
 engine_util::Buffer winograd_weights(int m, const float* w, int64_t cout, int64_t cin);
@@ -33,11 +40,13 @@ int64_t winograd_scratch_floats(int m, int64_t cin, int64_t h, int64_t w);
 
 struct WinogradCall {
   int m = 2;                                      // output tile side
-  int64_t N = 0, cin = 0, cout = 0, h = 0, w = 0;
+  int64_t N = 0, cin = 0, cout = 0, h = 0, w = 0;  // cout: the GEMM rows (4 x cout_out when up)
+  int64_t cout_out = 0;                           // output channels
+  bool up = false;                                // a folded upsample: out [cout_out, 2h, 2w]
   const float* U = nullptr;                       // winograd_weights(m, ...)
   const float* in = nullptr;  int64_t in_bs = 0;  // padded [Cin, h+2, w+2] per sample
   float* V = nullptr;  int64_t v_floats = 0;      // scratch: `threads` blocks of v_floats
-  float* out = nullptr;       int64_t o_bs = 0;   // [Cout, h, w]
+  float* out = nullptr;       int64_t o_bs = 0;   // [Cout, h, w] ([cout_out, 2h, 2w] when up)
   const float* bias = nullptr;                    // [Cout]
   const float* temb = nullptr; int64_t t_bs = 0;  // [Cout] per sample, or null
   const float* res = nullptr;  int64_t r_bs = 0;  // [Cout, h, w] per sample, or null
