@@ -126,6 +126,42 @@ void affine_act_padded(const EngineKernels& k, const float* src, float* dst, int
   k.affine_act(src, w, dst + Wp + 1, Wp, h, w, a, b, silu);
 }
 
+// One head's projections folded (see the ATTENTION build): Wkq = Wk^T Wq, u = Wk^T bq,
+// Wov = Wo Wv, bov = Wo bv + bo, all [C, C] / [C] with weights [out, in], summed in double.
+struct FoldedAttention {
+  std::vector<double> wkq, wov;
+  std::vector<float> u, bov;
+};
+
+FoldedAttention fold_attention(const float* wq, const float* wk, const float* wv, const float* wo,
+                               const std::vector<float>& bq, const std::vector<float>& bv,
+                               const std::vector<float>& bo, int64_t C) {
+  FoldedAttention f;
+  f.wkq.assign(size_t(C * C), 0.0);
+  f.wov.assign(size_t(C * C), 0.0);
+  f.u.assign(size_t(C), 0.0f);
+  f.bov.assign(size_t(C), 0.0f);
+  for (int64_t a = 0; a < C; ++a) {
+    double u = 0, b0 = bo[size_t(a)];
+    for (int64_t e = 0; e < C; ++e) {
+      u += double(wk[e * C + a]) * bq[size_t(e)];
+      b0 += double(wo[a * C + e]) * bv[size_t(e)];
+    }
+    f.u[size_t(a)] = float(u);
+    f.bov[size_t(a)] = float(b0);
+    for (int64_t b = 0; b < C; ++b) {
+      double s = 0, t = 0;
+      for (int64_t e = 0; e < C; ++e) {
+        s += double(wk[e * C + a]) * wq[e * C + b];
+        t += double(wo[a * C + e]) * wv[e * C + b];
+      }
+      f.wkq[size_t(a * C + b)] = s;
+      f.wov[size_t(a * C + b)] = t;
+    }
+  }
+  return f;
+}
+
 // A conv as a GEMM over one sample; UP convs have four (one per output phase).
 struct ConvGemm {
   Buffer A;                    // packed [ceil(M/MR)][K][MR]
@@ -171,6 +207,10 @@ struct Engine::Impl {
   }
 
   void build(const PlanView& pv, const std::vector<WeightView>& weights);
+  // Winograd weights of a CONV3 or UP op (w [rows, Cin, 3, 3]) for each tile size some ISA's
+  // micro-tile width chooses (the choice is made per call; without its weights a conv runs
+  // direct), unless the transformed input would exceed kMaxWinogradScratch floats per thread.
+  void add_winograd_weights(Op& op, const float* w, int64_t rows, int direct_taps);
   void forward_arena(const EngineKernels& k, int threads);
   void op_time_emb(const Op& op);
   void op_linear(const Op& op, const EngineKernels& k, int threads);
@@ -237,18 +277,9 @@ void Engine::Impl::build(const PlanView& pv, const std::vector<WeightView>& weig
           for (int64_t ch = 0; ch < Ks; ++ch) g.boff.push_back(ch * pplane + Wp + 1);  // centre tap
           g.Pn = op.h * Wp; g.Wp = Wp; g.Wv = op.w; g.oys = op.w; g.oxs = 1;
           op.gemms.push_back(std::move(g));
-          // Winograd weights for each tile size some ISA's micro-tile width chooses (the choice is
-          // made per call; without its weights a conv runs direct). Direct stay: a conv with both
-          // a shortcut and a residual (the plan never emits one), and one whose transformed input
-          // would exceed kMaxWinogradScratch floats per thread (large images).
-          const bool eligible = !(op.in2 >= 0 && op.residual >= 0);
-          for (const EngineKernels* t : {&kGenericEngineKernels, &kAvx2EngineKernels, &kAvx512EngineKernels}) {
-            const int m = eligible ? winograd_choice(ci, op.h, op.w, t->nr, wino_max_m) : 0;
-            Buffer& u = m == 2 ? op.wino_u2 : op.wino_u4;
-            if (!m || u || winograd_scratch_floats(m, ci, op.h, op.w) > kMaxWinogradScratch) continue;
-            u = winograd_weights(m, w, M, ci);
-            scratch_need = std::max(scratch_need, winograd_scratch_floats(m, ci, op.h, op.w));
-          }
+          // Winograd weights; direct stays a conv with both a shortcut and a residual (the plan
+          // never emits one)
+          if (!(op.in2 >= 0 && op.residual >= 0)) add_winograd_weights(op, w, M, 9);
           if (ws && (op.wino_u2 || op.wino_u4)) {  // the shortcut as its own GEMM, added after
             ConvGemm s;
             s.K = Ks;
@@ -292,13 +323,7 @@ void Engine::Impl::build(const PlanView& pv, const std::vector<WeightView>& weig
               op.gemms.push_back(std::move(g));
             }
           // or all four phases as one Winograd conv at the input's resolution with 4 Cout rows
-          for (const EngineKernels* t : {&kGenericEngineKernels, &kAvx2EngineKernels, &kAvx512EngineKernels}) {
-            const int m = winograd_choice(ci, op.h, op.w, t->nr, wino_max_m, 4);
-            Buffer& u = m == 2 ? op.wino_u2 : op.wino_u4;
-            if (!m || u || winograd_scratch_floats(m, ci, op.h, op.w) > kMaxWinogradScratch) continue;
-            u = winograd_weights(m, w3.data(), 4 * M, ci);
-            scratch_need = std::max(scratch_need, winograd_scratch_floats(m, ci, op.h, op.w));
-          }
+          add_winograd_weights(op, w3.data(), 4 * M, 4);
         }
         break;
       }
@@ -319,29 +344,12 @@ void Engine::Impl::build(const PlanView& pv, const std::vector<WeightView>& weig
           //   u = Wk^T bq) and scores x^T T: one C x C projection instead of two;
           //   Wo (V P) + bo = (Wo Wv)(x P) + (Wo bv + bo), P's columns summing to 1: one more.
           op.folded = true;
-          const std::vector<float> bq = wcopy(P::kToQBias), bv = wcopy(P::kToVBias);
-          std::vector<double> wkq(size_t(C * C)), wov(size_t(C * C));
-          op.bias.assign(size_t(C), 0.0f);
-          for (int64_t a = 0; a < C; ++a) {
-            double u = 0, bo = op.bias2[size_t(a)];
-            for (int64_t e = 0; e < C; ++e) {
-              u += double(wk[e * C + a]) * bq[size_t(e)];
-              bo += double(wo[a * C + e]) * bv[size_t(e)];
-            }
-            op.bias[size_t(a)] = float(u);
-            op.bias2[size_t(a)] = float(bo);
-            for (int64_t b = 0; b < C; ++b) {
-              double s = 0, t = 0;
-              for (int64_t e = 0; e < C; ++e) {
-                s += double(wk[e * C + a]) * wq[e * C + b];
-                t += double(wo[a * C + e]) * wvv[e * C + b];
-              }
-              wkq[size_t(a * C + b)] = s;
-              wov[size_t(a * C + b)] = t;
-            }
-          }
-          in_proj.A = pack_a(C, C, [&](int64_t m, int64_t kk) { return float(wkq[size_t(m * C + kk)]); });
-          proj.A = pack_a(C, C, [&](int64_t m, int64_t kk) { return float(wov[size_t(m * C + kk)]); });
+          const FoldedAttention f = fold_attention(wq, wk, wvv, wo, wcopy(P::kToQBias), wcopy(P::kToVBias),
+                                                   op.bias2, C);
+          op.bias = f.u;
+          op.bias2 = f.bov;
+          in_proj.A = pack_a(C, C, [&](int64_t m, int64_t kk) { return float(f.wkq[size_t(m * C + kk)]); });
+          proj.A = pack_a(C, C, [&](int64_t m, int64_t kk) { return float(f.wov[size_t(m * C + kk)]); });
         } else {
           // [3C, C]: q, k, v stacked
           in_proj.A = pack_a(3 * C, C, [&](int64_t m, int64_t kk) {
@@ -392,6 +400,17 @@ void Engine::Impl::build(const PlanView& pv, const std::vector<WeightView>& weig
   if (N > 0 && T > (int64_t(1) << 36) / N) fail("the activations of this plan and batch are too large");
   arena = alloc_floats(N * T);
   tvals.assign(size_t(N), 0.0f);
+}
+
+void Engine::Impl::add_winograd_weights(Op& op, const float* w, int64_t rows, int direct_taps) {
+  const int64_t ci = op.cin;
+  for (const EngineKernels* t : {&kGenericEngineKernels, &kAvx2EngineKernels, &kAvx512EngineKernels}) {
+    const int m = winograd_choice(ci, op.h, op.w, t->nr, wino_max_m, direct_taps);
+    Buffer& u = m == 2 ? op.wino_u2 : op.wino_u4;
+    if (!m || u || winograd_scratch_floats(m, ci, op.h, op.w) > kMaxWinogradScratch) continue;
+    u = winograd_weights(m, w, rows, ci);
+    scratch_need = std::max(scratch_need, winograd_scratch_floats(m, ci, op.h, op.w));
+  }
 }
 
 // ------------------------------------------------------------------------------- ops
@@ -613,7 +632,7 @@ void Engine::Impl::op_attention(const Op& op, const EngineKernels& k, int thread
     }
   });
   {
-    // out = scale * (Wo O + bo + x)
+    // out = scale * (Wo O + bo + x); folded: O holds x P, and Wo, bo are Wo Wv, Wo bv + bo
     GemmCall g;
     g.M = C; g.K = C; g.Pn = L;
     g.A = op.gemms[1].A.get();

@@ -53,6 +53,7 @@ struct EngineKernels {
   // zeros in the rows past them instead of computing them.
   void (*gemm_tile)(int64_t K, const float* A, const int64_t* boff, int64_t bld, const float* B,
                     float* tile, int rows);
+  // the epilogue of one micro-tile of run_gemm (TileEpilogue)
   void (*gemm_epilogue)(const float* tile, int rows, const TileRuns& runs, const TileEpilogue& e);
   // y[r * y_ld + i] = a * x[r * x_ld + i] + b for r < rows, i < n, then SiLU (y / (1 + exp(-y)))
   // when silu; x and y may alias.
@@ -76,6 +77,7 @@ struct EngineKernels {
   // micro-tiles -> y[p], p = 4a + b the pixel (4ty + a, 4tx + b).
   void (*winograd4_input)(const float* in, int64_t h, int64_t w, float* v, int64_t vs);
   void (*winograd4_output)(const float* m, float* y);
+  // the epilogue of one Winograd task, m = 2 or 4 (WinogradStore)
   void (*winograd_store)(int m, const float* y, int rows, int64_t t0, int64_t ncols, const WinogradStore& s);
 };
 

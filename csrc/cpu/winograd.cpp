@@ -81,8 +81,8 @@ int winograd_choice(int64_t cin, int64_t h, int64_t w, int nr, int max_m, int di
 }
 
 std::vector<float> upsample_phase_weights(const float* w, int64_t cout, int64_t cin) {
-  // phase p's tap a (input row y - 1 + p + a, a < 2) sums the 3x3 rows kTaps[p][a] (as the direct
-  // path's phase GEMMs); in the 3x3 window it sits at row p + a
+  // phase p's tap a (input row y - 1 + p + a, a < 2) sums the 3x3 rows kTaps[p][a]; in the 3x3
+  // window over the input it sits at row p + a (columns likewise)
   static const int kTaps[2][2][3] = {{{0, -1, -1}, {1, 2, -1}}, {{0, 1, -1}, {2, -1, -1}}};
   std::vector<float> out(size_t(4 * cout * cin * 9), 0.0f);
   for (int py = 0; py < 2; ++py)
