@@ -2,8 +2,9 @@
 
 Forward rows (bench-small batch 1 and 16, ddpm-cifar10 batch 1): native (fastddpm._C engine),
 native-direct (the same with the Winograd conv path off), torch-eager (the reference U-Net),
-torch-compile (torch.compile of the reference) and diffusers' UNet2DModel, all with the same weights. Sample rows: one bench-small image, 1000 DDPM steps,
-native vs the reference sampler (backend="torch"). The ceiling row is sgemm (torch.mm 1024^3)
+torch-compile (torch.compile of the reference) and diffusers' UNet2DModel, all with the same
+weights. Sample rows: one bench-small image, 1000 DDPM steps, native vs the reference sampler
+(backend="torch"). The ceiling row is sgemm (torch.mm 1024^3)
 measured in the same run. Every implementation's answer is checked before it is timed.
 """
 import numpy as np

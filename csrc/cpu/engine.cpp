@@ -194,7 +194,6 @@ struct Engine::Impl {
   std::vector<Op> ops;
   std::vector<float> tvals;  // [N] timesteps of the current forward
 
-  float* sample_base(int64_t n) { return arena.get() + n * T; }
   float* slot(int64_t n, int64_t s) { return arena.get() + n * T + slot_off[s]; }
   // `threads` blocks of scratch_stride floats, grown here under the engine's lock (never inside a
   // parallel region).
@@ -207,10 +206,11 @@ struct Engine::Impl {
   }
 
   void build(const PlanView& pv, const std::vector<WeightView>& weights);
-  // Winograd weights of a CONV3 or UP op (w [rows, Cin, 3, 3]) for each tile size some ISA's
-  // micro-tile width chooses (the choice is made per call; without its weights a conv runs
-  // direct), unless the transformed input would exceed kMaxWinogradScratch floats per thread.
-  void add_winograd_weights(Op& op, const float* w, int64_t rows, int direct_taps);
+  // Winograd weights of a CONV3 op (w [Cout, Cin, 3, 3]) or an UP op (w [4 Cout, Cin, 3, 3],
+  // upsample_phase_weights) for each tile size some ISA's micro-tile width chooses (the choice is
+  // made per call; without its weights a conv runs direct), unless the transformed input would
+  // exceed kMaxWinogradScratch floats per thread.
+  void add_winograd_weights(Op& op, const float* w);
   void forward_arena(const EngineKernels& k, int threads);
   void op_time_emb(const Op& op);
   void op_linear(const Op& op, const EngineKernels& k, int threads);
@@ -279,7 +279,7 @@ void Engine::Impl::build(const PlanView& pv, const std::vector<WeightView>& weig
           op.gemms.push_back(std::move(g));
           // Winograd weights; direct stays a conv with both a shortcut and a residual (the plan
           // never emits one)
-          if (!(op.in2 >= 0 && op.residual >= 0)) add_winograd_weights(op, w, M, 9);
+          if (!(op.in2 >= 0 && op.residual >= 0)) add_winograd_weights(op, w);
           if (ws && (op.wino_u2 || op.wino_u4)) {  // the shortcut as its own GEMM, added after
             ConvGemm s;
             s.K = Ks;
@@ -323,7 +323,7 @@ void Engine::Impl::build(const PlanView& pv, const std::vector<WeightView>& weig
               op.gemms.push_back(std::move(g));
             }
           // or all four phases as one Winograd conv at the input's resolution with 4 Cout rows
-          add_winograd_weights(op, w3.data(), 4 * M, 4);
+          add_winograd_weights(op, w3.data());
         }
         break;
       }
@@ -402,10 +402,12 @@ void Engine::Impl::build(const PlanView& pv, const std::vector<WeightView>& weig
   tvals.assign(size_t(N), 0.0f);
 }
 
-void Engine::Impl::add_winograd_weights(Op& op, const float* w, int64_t rows, int direct_taps) {
+void Engine::Impl::add_winograd_weights(Op& op, const float* w) {
   const int64_t ci = op.cin;
+  const bool up = op.mode == P::kUp;
+  const int64_t rows = (up ? 4 : 1) * op.cout;
   for (const EngineKernels* t : {&kGenericEngineKernels, &kAvx2EngineKernels, &kAvx512EngineKernels}) {
-    const int m = winograd_choice(ci, op.h, op.w, t->nr, wino_max_m, direct_taps);
+    const int m = winograd_choice(ci, op.h, op.w, t->nr, wino_max_m, up);
     Buffer& u = m == 2 ? op.wino_u2 : op.wino_u4;
     if (!m || u || winograd_scratch_floats(m, ci, op.h, op.w) > kMaxWinogradScratch) continue;
     u = winograd_weights(m, w, rows, ci);
@@ -534,7 +536,7 @@ GemmCall Engine::Impl::conv_gemm_call(const Op& op, const ConvGemm& cg, int64_t 
 
 int Engine::Impl::conv_path(const Op& op, const EngineKernels& k) const {
   if (op.code != P::kConv || (op.mode != P::kConv3 && op.mode != P::kUp)) return 0;
-  const int m = winograd_choice(op.cin, op.h, op.w, k.nr, wino_max_m, op.mode == P::kUp ? 4 : 9);
+  const int m = winograd_choice(op.cin, op.h, op.w, k.nr, wino_max_m, op.mode == P::kUp);
   return (m == 2 && op.wino_u2) || (m == 4 && op.wino_u4) ? m : 0;
 }
 

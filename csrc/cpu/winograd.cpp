@@ -64,13 +64,13 @@ void winograd_task(const WinogradCall& c, const Geometry& g, const EngineKernels
 
 }  // namespace
 
-int winograd_choice(int64_t cin, int64_t h, int64_t w, int nr, int max_m, int direct_taps) {
+int winograd_choice(int64_t cin, int64_t h, int64_t w, int nr, int max_m, bool upsample) {
   if (cin < 8 || nr > kMaxNr) return 0;
   // multiply-adds per output channel, padded to whole micro-tiles; the transforms' share measured
   // about 10% (m = 2) and 15% (m = 4) of the GEMMs, and a folded upsample's strided scalar store
   // about 20% more (F(2x2) at 8x8 predicted 12% faster without it, measured 6% slower)
-  const double store = direct_taps == 4 ? 1.2 : 1.0;
-  double best = double(direct_taps) * double(round_up(h * (w + 2), nr));
+  const double store = upsample ? 1.2 : 1.0;
+  double best = (upsample ? 4.0 : 9.0) * double(round_up(h * (w + 2), nr));
   int choice = 0;
   for (int m : {2, 4}) {
     if (m > max_m || h % m || w % m) continue;

@@ -21,9 +21,9 @@ namespace cpu {
 // The tile size m (2 or 4) that makes a conv of this shape cheapest with micro-tile width nr, or
 // 0 for the direct GEMM: sides divisible by m, m <= max_m, enough input channels to amortise the
 // transforms, and the fewest multiply-adds counted over whole micro-tiles (with the transforms'
-// overhead). direct_taps: the direct GEMM's taps per output (9; 4 for a phase of a folded
-// upsample, which the Winograd path runs as a 3x3 kernel with zeros).
-int winograd_choice(int64_t cin, int64_t h, int64_t w, int nr, int max_m = 4, int direct_taps = 9);
+// overhead). upsample: a folded upsample conv, whose direct phases take 4 taps per output (the
+// Winograd path runs them as 3x3 kernels with zeros, 4 x Cout rows, and stores with stride 2).
+int winograd_choice(int64_t cin, int64_t h, int64_t w, int nr, int max_m = 4, bool upsample = false);
 
 // A folded nearest-x2 upsample + 3x3 conv [Cout, Cin, 3, 3] as a 3x3 conv at the input's
 // resolution with 4 Cout outputs: row (2 py + px) Cout + co is output phase (py, px) of channel co,
@@ -47,9 +47,9 @@ struct WinogradCall {
   const float* in = nullptr;  int64_t in_bs = 0;  // padded [Cin, h+2, w+2] per sample
   float* V = nullptr;  int64_t v_floats = 0;      // scratch: `threads` blocks of v_floats
   float* out = nullptr;       int64_t o_bs = 0;   // [Cout, h, w] ([cout_out, 2h, 2w] when up)
-  const float* bias = nullptr;                    // [Cout]
-  const float* temb = nullptr; int64_t t_bs = 0;  // [Cout] per sample, or null
-  const float* res = nullptr;  int64_t r_bs = 0;  // [Cout, h, w] per sample, or null
+  const float* bias = nullptr;                    // [cout_out]
+  const float* temb = nullptr; int64_t t_bs = 0;  // [cout_out] per sample, or null
+  const float* res = nullptr;  int64_t r_bs = 0;  // shaped like out, per sample, or null
   float scale = 1.0f;
 };
 
