@@ -174,6 +174,14 @@ class PyEngine {
 
   int64_t arena_bytes() const { return engine_->arena_bytes(); }
   std::vector<int> conv_paths() const { return engine_->conv_paths(); }
+  void set_profiling(bool on) {
+    py::gil_scoped_release nogil;  // waits for a call in flight
+    engine_->set_profiling(on);
+  }
+  std::vector<double> op_seconds() const {
+    py::gil_scoped_release nogil;
+    return engine_->op_seconds();
+  }
 
  private:
   std::unique_ptr<cpu::Engine> engine_;
@@ -214,7 +222,11 @@ PYBIND11_MODULE(_C, mod) {
            "the whole sampling loop; returns (x0, [frames for keep])")
       .def_property_readonly("arena_bytes", &PyEngine::arena_bytes)
       .def_property_readonly("conv_paths", &PyEngine::conv_paths,
-                             "per conv op: 0 = direct GEMM, 2 / 4 = Winograd F(2x2) / F(4x4), active ISA");
+                             "per conv op: 0 = direct GEMM, 2 / 4 = Winograd F(2x2) / F(4x4), active ISA")
+      .def("set_profiling", &PyEngine::set_profiling, py::arg("on"),
+           "time every plan op of each forward (on also zeroes the totals)")
+      .def_property_readonly("op_seconds", &PyEngine::op_seconds,
+                             "per plan op: seconds accumulated while profiling");
   mod.def("num_threads", &cpu::num_threads);
   mod.def("set_num_threads", &cpu::set_num_threads, py::arg("n"));
 }

@@ -435,6 +435,31 @@ def test_large_shape_parallel_multichunk(backend):
     np.testing.assert_array_equal(one, s.step(m, t, x, seed=77, first_index=9, backend=backend)[1:])
 
 
+def test_large_output_streaming_stores(backend):
+    """An output of >= 16 MiB is written with non-temporal stores (native-cpu); it must hold what
+    the in-place step (plain stores) writes, bit for bit, with out 16-byte aligned (NumPy's large
+    arrays) and misaligned by one float (plain stores again), and match the float64 formula."""
+    shape = (2, 3, 768, 1000)            # 4.6M elements, 18.4 MB of output; 2.3M per sample
+    x, m, _ = random_inputs((1,) + shape[1:], seed=8)
+    x, m = np.concatenate([x, -x]), np.concatenate([m, 0.5 * m])
+    s = DDPMScheduler(clip_sample=True)
+    s.set_timesteps(10)
+    t = int(s.timesteps[4])
+    out = np.empty_like(x)
+    s.step(m, t, x, seed=5, out=out, backend=backend)
+    inplace = x.copy()
+    s.step(m, t, inplace, seed=5, out=inplace, backend=backend)
+    np.testing.assert_array_equal(out, inplace)
+    buf = np.empty(x.size + 1, np.float32)
+    shifted = buf[1:].reshape(shape)      # 4 bytes past an aligned start
+    s.step(m, t, x, seed=5, out=shifted, backend=backend)
+    np.testing.assert_array_equal(shifted, inplace)
+    # every element against the formula (a missed store would leave np.empty's garbage)
+    zs = spec_noise(5, shape, t, 0, dtype=np.float64)
+    ref, scale, sigma = ddpm_reference(s, t, x, m, zs)
+    assert_step_close(out, ref, scale, f"{backend} streamed", **_seeded_bound(scale, sigma))
+
+
 def _thread_backends():
     out = []
     for p in CPU_BACKENDS:

@@ -16,6 +16,7 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
@@ -193,6 +194,8 @@ struct Engine::Impl {
   Buffer arena;
   std::vector<Op> ops;
   std::vector<float> tvals;  // [N] timesteps of the current forward
+  bool profiling = false;
+  std::vector<double> op_seconds;  // [ops] accumulated while profiling
 
   float* slot(int64_t n, int64_t s) { return arena.get() + n * T + slot_off[s]; }
   // `threads` blocks of scratch_stride floats, grown here under the engine's lock (never inside a
@@ -650,7 +653,9 @@ void Engine::Impl::op_attention(const Op& op, const EngineKernels& k, int thread
 }
 
 void Engine::Impl::forward_arena(const EngineKernels& k, int threads) {
-  for (const Op& op : ops) {
+  for (size_t i = 0; i < ops.size(); ++i) {
+    const Op& op = ops[i];
+    const auto t0 = profiling ? std::chrono::steady_clock::now() : std::chrono::steady_clock::time_point{};
     switch (op.code) {
       case P::kTimeEmb: op_time_emb(op); break;
       case P::kLinear: op_linear(op, k, threads); break;
@@ -660,6 +665,7 @@ void Engine::Impl::forward_arena(const EngineKernels& k, int threads) {
       case P::kAttention: op_attention(op, k, threads); break;
       default: break;  // rejected at build
     }
+    if (profiling) op_seconds[i] += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   }
 }
 
@@ -689,6 +695,17 @@ std::vector<int> Engine::conv_paths() const {
   for (const Op& op : impl_->ops)
     if (op.code == P::kConv) paths.push_back(impl_->conv_path(op, k));
   return paths;
+}
+
+void Engine::set_profiling(bool on) {
+  std::lock_guard<std::mutex> lock(mu_);
+  impl_->profiling = on;
+  if (on) impl_->op_seconds.assign(impl_->ops.size(), 0.0);
+}
+
+std::vector<double> Engine::op_seconds() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return impl_->op_seconds.empty() ? std::vector<double>(impl_->ops.size(), 0.0) : impl_->op_seconds;
 }
 
 void Engine::forward(const float* x, const float* t, float* out) {

@@ -50,13 +50,17 @@ class Engine {
   // Per CONV op in plan order, with the active ISA's micro-kernel: 0 for the direct GEMM, else
   // the Winograd output tile size (2 or 4, winograd.h) it runs with.
   std::vector<int> conv_paths() const;
+  // Per-op wall time: with profiling on, every forward (alone or inside run) adds each plan op's
+  // seconds to op_seconds (one entry per plan op); set_profiling(true) also zeroes them.
+  void set_profiling(bool on);
+  std::vector<double> op_seconds() const;
 
   struct Impl;
 
  private:
   std::unique_ptr<Impl> impl_;
   int64_t batch_;
-  std::mutex mu_;  // one call at a time: calls share the activation arena
+  mutable std::mutex mu_;  // one call at a time: calls share the activation arena
 };
 
 }  // namespace cpu

@@ -21,6 +21,13 @@ typedef float Fv __attribute__((vector_size(W * 4)));
 
 inline U64 mul_even(U64 a, U64 b) { return (U64)_mm256_mul_epu32((__m256i)a, (__m256i)b); }
 inline Fv vsqrt(Fv x) { return (Fv)_mm256_sqrt_ps((__m256)x); }
+// non-temporal store of 8 floats at a 16-byte aligned p (numpy's large arrays are 16 mod 64)
+inline void stream_store(float* p, Fv v) {
+  const __m256 x = (__m256)v;
+  _mm_stream_ps(p, _mm256_castps256_ps128(x));
+  _mm_stream_ps(p + 4, _mm256_extractf128_ps(x, 1));
+}
+inline void stream_fence() { _mm_sfence(); }
 
 #include "simd_kernels.inc"
 

@@ -24,6 +24,15 @@ typedef float Fv __attribute__((vector_size(W * 4)));
 
 inline U64 mul_even(U64 a, U64 b) { return (U64)_mm512_mul_epu32((__m512i)a, (__m512i)b); }
 inline Fv vsqrt(Fv x) { return (Fv)_mm512_sqrt_ps((__m512)x); }
+// non-temporal store of 16 floats at a 16-byte aligned p (numpy's large arrays are 16 mod 64)
+inline void stream_store(float* p, Fv v) {
+  const __m512 x = (__m512)v;
+  _mm_stream_ps(p, _mm512_castps512_ps128(x));
+  _mm_stream_ps(p + 4, _mm512_extractf32x4_ps(x, 1));
+  _mm_stream_ps(p + 8, _mm512_extractf32x4_ps(x, 2));
+  _mm_stream_ps(p + 12, _mm512_extractf32x4_ps(x, 3));
+}
+inline void stream_fence() { _mm_sfence(); }
 
 #include "simd_kernels.inc"
 

@@ -5,6 +5,9 @@
 
 #include "fastddpm/philox.h"
 #include "isa.h"
+#if defined(__SSE__)
+#include <xmmintrin.h>
+#endif
 
 namespace fastddpm {
 namespace cpu {
@@ -19,6 +22,19 @@ inline U64 mul_even(U64 a, U64 b) { return (a & 0xFFFFFFFFull) * (b & 0xFFFFFFFF
 inline Fv vsqrt(Fv x) {
   for (int i = 0; i < W; ++i) x[i] = std::sqrt(x[i]);
   return x;
+}
+// non-temporal store of 4 floats at a 16-byte aligned p (SSE is the x86-64 baseline)
+inline void stream_store(float* p, Fv v) {
+#if defined(__SSE__)
+  _mm_stream_ps(p, (__m128)v);
+#else
+  __builtin_memcpy(p, &v, sizeof v);
+#endif
+}
+inline void stream_fence() {
+#if defined(__SSE__)
+  _mm_sfence();
+#endif
 }
 
 #include "simd_kernels.inc"
