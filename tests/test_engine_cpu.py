@@ -157,8 +157,8 @@ def threads(request):
 @pytest.mark.parametrize("batch,threads", [(1, 2), (2, 2), (3, 2), (2, 1)], indirect=["threads"])
 @pytest.mark.parametrize("h,w,tile", [(10, 14, 2), (16, 32, 4)])
 def test_op_conv3_winograd(isa, batch, threads, h, w, tile, monkeypatch):
-    """Stride-1 3x3 convs wide enough for the Winograd path (>= 8 input channels): 10x14 takes
-    F(2x2, 3x3) (35 tiles), 16x32 F(4x4, 3x3) (32 tiles) on every ISA's micro-tile width; with
+    """Stride-1 3x3 convs on the Winograd path (FASTDDPM_WINOGRAD=force, whatever each ISA's cost
+    model would pick): 10x14 takes F(2x2, 3x3) (35 tiles), 16x32 F(4x4, 3x3) (32 tiles); with
     the time embedding, with the 1x1 shortcut + scale, with a residual + scale; 9 output channels
     (not a micro-tile multiple). Batches 2 with 2 threads run whole samples per thread, the others
     one sample at a time. Checked against the NumPy interpreter, with the Winograd path on and
@@ -183,25 +183,25 @@ def test_op_conv3_winograd(isa, batch, threads, h, w, tile, monkeypatch):
     t = (3.0, 811.0, 40.0)[:batch]
     x = rng.standard_normal((batch, c * plane, 1, 1)).astype(np.float32)
     outs = {}
-    for flag, paths in (("1", [tile] * 3), ("0", [0] * 3)):
+    for flag, paths in (("force", [tile] * 3), ("0", [0] * 3)):
         monkeypatch.setenv("FASTDDPM_WINOGRAD", flag)
         eng, plan, wd = _engine_for(ops, sizes, weights, batch)
         assert eng.conv_paths == paths
         outs[flag] = eng.forward(x, np.array(t, np.float32)).reshape(batch, -1)
     ref = run_plan(plan, wd, x.reshape(batch, -1), np.array(t)).reshape(batch, -1)
-    assert rel_err(outs["1"], ref) <= REL_TOL
+    assert rel_err(outs["force"], ref) <= REL_TOL
     assert rel_err(outs["0"], ref) <= REL_TOL
     # each sample is computed alone, the same way whatever the batch and thread count
-    monkeypatch.setenv("FASTDDPM_WINOGRAD", "1")
+    monkeypatch.setenv("FASTDDPM_WINOGRAD", "force")
     one = _engine_for(ops, sizes, weights, 1)[0].forward(x[:1], np.array(t[:1], np.float32))
-    assert np.array_equal(one.reshape(1, -1), outs["1"][:1])
+    assert np.array_equal(one.reshape(1, -1), outs["force"][:1])
 
 
 @pytest.mark.parametrize("isa", ISAS, indirect=True)
 @pytest.mark.parametrize("batch,threads", [(1, 2), (2, 2), (3, 1)], indirect=["threads"])
-@pytest.mark.parametrize("h,w", [(32, 16), (16, 24)])  # sizes where every ISA's cost model takes F(4x4)
+@pytest.mark.parametrize("h,w", [(16, 16), (16, 24)])
 def test_op_upsample_conv_winograd(isa, batch, threads, h, w, monkeypatch):
-    """A folded nearest-x2 upsample + 3x3 conv on the Winograd path: its four output phases as
+    """A folded nearest-x2 upsample + 3x3 conv on the Winograd path (forced): its four output phases as
     one F(4x4) conv at the input's resolution with 4 x 7 rows (the 6-row blocks straddle phases),
     stored with stride 2; with the time embedding, and with a residual + scale. Against the NumPy
     interpreter, Winograd on and off."""
@@ -221,19 +221,20 @@ def test_op_upsample_conv_winograd(isa, batch, threads, h, w, monkeypatch):
     t = np.array((3.0, 811.0, 40.0)[:batch], np.float32)
     x = rng.standard_normal((batch, c * plane, 1, 1)).astype(np.float32)
     outs = {}
-    for flag, paths in (("1", [4, 4]), ("0", [0, 0])):
+    for flag, paths in (("force", [4, 4]), ("0", [0, 0])):
         monkeypatch.setenv("FASTDDPM_WINOGRAD", flag)
         eng, plan, wd = _engine_for(ops, sizes, weights, batch)
         assert eng.conv_paths == paths
         outs[flag] = eng.forward(x, t).reshape(batch, -1)
     ref = run_plan(plan, wd, x.reshape(batch, -1), t.astype(np.float64)).reshape(batch, -1)
-    assert rel_err(outs["1"], ref) <= REL_TOL
+    assert rel_err(outs["force"], ref) <= REL_TOL
     assert rel_err(outs["0"], ref) <= REL_TOL
 
 
-def test_winograd_scratch_is_bounded():
+def test_winograd_scratch_is_bounded(monkeypatch):
     """A conv whose transformed input would exceed 128 MiB per thread (here 1024x1024, 16 input
-    channels: 144 MiB for F(4x4), 256 MiB for F(2x2)) runs direct instead."""
+    channels: 144 MiB for F(4x4), 256 MiB for F(2x2)) runs direct instead, even when forced."""
+    monkeypatch.setenv("FASTDDPM_WINOGRAD", "force")
     c, co, h, w = 16, 8, 1024, 1024
     ops = [Op("PAD", out=2, in_=0, c_in=c, h=h, w=w),
            Op("CONV", out=1, in_=2, c_in=c, h=h, w=w, c_out=co, mode=CONV_MODES["CONV3"], w_idx=0,
@@ -252,7 +253,7 @@ def test_winograd_scratch_is_bounded():
 def test_winograd_switch_must_be_0_1_or_2(monkeypatch):
     monkeypatch.setenv("FASTDDPM_WINOGRAD", "yes")
     ops = [Op("CONV", out=1, in_=0, c_in=1, h=1, w=1, c_out=1, mode=CONV_MODES["CONV1"], w_idx=0, b_idx=1)]
-    with pytest.raises(ValueError, match="FASTDDPM_WINOGRAD must be 0, 1 or 2"):
+    with pytest.raises(ValueError, match="FASTDDPM_WINOGRAD must be 0, 1, 2 or force"):
         _engine_for(ops, [1, 1], [np.ones((1, 1, 1, 1), np.float32), np.zeros(1, np.float32)], 1)
 
 
@@ -316,8 +317,49 @@ FORWARD_CASES = [("bench-small", 1), ("bench-small", 3), ("ddpm-cifar10", 1), ("
 
 @pytest.mark.parametrize("isa", ISAS, indirect=True)
 @pytest.mark.parametrize("name,batch", FORWARD_CASES, ids=[f"{n}-n{b}" for n, b in FORWARD_CASES])
-def test_forward_matches_reference(isa, name, batch):
+def test_forward_matches_reference(isa, name, batch, monkeypatch):
+    """The whole network with every conv that can on the Winograd path (forced), each ISA."""
+    monkeypatch.setenv("FASTDDPM_WINOGRAD", "force")
     _check_forward(name, batch)
+
+
+@pytest.mark.parametrize("name,batch", FORWARD_CASES, ids=[f"{n}-n{b}" for n, b in FORWARD_CASES])
+def test_forward_with_the_cost_models_paths_matches_reference(name, batch, monkeypatch):
+    """What users get: each conv's path from the best ISA's cost model (FASTDDPM_WINOGRAD unset)."""
+    monkeypatch.delenv("FASTDDPM_WINOGRAD", raising=False)
+    _check_forward(name, batch, winograd=None)
+
+
+@pytest.mark.parametrize("winograd", ["0", "force"])
+def test_sample_parallel_schedule_is_bit_identical(winograd, monkeypatch):
+    """Batch 5 on 2 threads: samples 0-3 run one per thread (each op single-threaded), sample 4
+    with the threads sharing each op; with the schedule off every sample runs op-parallel. The
+    outputs are the same to the bit, and sample 4 is what a batch of one gives."""
+    cfg = UNetConfig.from_dict(CONFIGS["bench-small"])
+    w = random_weights(cfg, seed=2)
+    h, wd = cfg.sample_hw
+    x = np.random.default_rng(5).standard_normal((5, cfg.in_channels, h, wd)).astype(np.float32)
+    t = np.array([3, 999, 500, 1, 77])
+    monkeypatch.setenv("FASTDDPM_WINOGRAD", winograd)
+    restore = _C.num_threads()
+    outs = {}
+    try:
+        _C.set_num_threads(2)
+        for flag in ("1", "0"):
+            monkeypatch.setenv("FASTDDPM_SAMPLE_PARALLEL", flag)
+            outs[flag] = CPU_BACKEND.make_engine(cfg, w, 5, h, wd).forward(x, t)
+        one = CPU_BACKEND.make_engine(cfg, w, 1, h, wd).forward(x[4:], t[4:])
+    finally:
+        _C.set_num_threads(restore)
+    assert np.array_equal(outs["1"], outs["0"])
+    assert np.array_equal(outs["1"][4:], one)
+
+
+def test_sample_parallel_switch_must_be_0_or_1(monkeypatch):
+    monkeypatch.setenv("FASTDDPM_SAMPLE_PARALLEL", "2")
+    ops = [Op("CONV", out=1, in_=0, c_in=1, h=1, w=1, c_out=1, mode=CONV_MODES["CONV1"], w_idx=0, b_idx=1)]
+    with pytest.raises(ValueError, match="FASTDDPM_SAMPLE_PARALLEL must be 0 or 1"):
+        _engine_for(ops, [1, 1], [np.ones((1, 1, 1, 1), np.float32), np.zeros(1, np.float32)], 1)
 
 
 @pytest.mark.parametrize("name,batch", [("bench-small", 3), ("rgb64-heads", 1)])
@@ -328,11 +370,14 @@ def test_forward_without_winograd_matches_reference(name, batch, monkeypatch):
 
 
 def _check_forward(name, batch, winograd=True):
+    """winograd: whether some conv must take the Winograd path (every config has one that can),
+    or None for whatever the cost model chose."""
     cfg = UNetConfig.from_dict(CONFIGS[name])
     w = random_weights(cfg, seed=4)
     h, wd = cfg.sample_hw
     eng = CPU_BACKEND.make_engine(cfg, w, batch, h, wd)
-    assert any(eng._engine.conv_paths) == winograd  # every config has a conv that qualifies
+    if winograd is not None:
+        assert any(eng._engine.conv_paths) == winograd
     rng = np.random.default_rng(batch)
     x = rng.standard_normal((batch, cfg.in_channels, h, wd)).astype(np.float32)
     t = rng.integers(0, 1000, size=batch)

@@ -20,6 +20,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <exception>
 #include <stdexcept>
 #include <string>
 
@@ -191,22 +192,31 @@ struct Engine::Impl {
   Buffer scratch;              // one block per thread of the largest call so far
   int scratch_threads = 0;
   int wino_max_m = 4;     // largest Winograd tile: FASTDDPM_WINOGRAD=0 (off), 2 (F(2x2) only), 1 (4)
+  bool wino_force = false;  // FASTDDPM_WINOGRAD=force: every conv that can, whatever the cost model says
   Buffer arena;
   std::vector<Op> ops;
   std::vector<float> tvals;  // [N] timesteps of the current forward
   bool profiling = false;
+  bool sample_parallel = true;  // FASTDDPM_SAMPLE_PARALLEL=0 turns the sample-parallel schedule off
   std::vector<double> op_seconds;  // [ops] accumulated while profiling
 
+  // Samples [n0, n0 + n) of the arena: what one op call works on (all of them, or the one sample a
+  // thread runs alone in the sample-parallel schedule).
+  struct Samples {
+    float* base;  // sample n0's arena
+    int64_t n0, n;
+  };
   float* slot(int64_t n, int64_t s) { return arena.get() + n * T + slot_off[s]; }
-  // `threads` blocks of scratch_stride floats, grown here under the engine's lock (never inside a
-  // parallel region).
-  float* thread_scratch(int threads) {
+  float* slot(const Samples& b, int64_t n, int64_t s) { return b.base + n * T + slot_off[s]; }
+  // `threads` blocks of scratch_stride floats, grown by forward_arena under the engine's lock
+  // (never inside a parallel region); ops use block omp_get_thread_num().
+  void grow_scratch(int threads) {
     if (scratch_threads < threads) {
       scratch = alloc_floats(scratch_stride * threads);
       scratch_threads = threads;
     }
-    return scratch.get();
   }
+  float* this_thread_scratch() { return scratch.get() + int64_t(omp_get_thread_num()) * scratch_stride; }
 
   void build(const PlanView& pv, const std::vector<WeightView>& weights);
   // Winograd weights of a CONV3 op (w [Cout, Cin, 3, 3]) or an UP op (w [4 Cout, Cin, 3, 3],
@@ -214,18 +224,22 @@ struct Engine::Impl {
   // made per call; without its weights a conv runs direct), unless the transformed input would
   // exceed kMaxWinogradScratch floats per thread.
   void add_winograd_weights(Op& op, const float* w);
+  // The whole network over every sample: samples in whole multiples of the thread count run one
+  // per thread, each op single-threaded (no data crosses cores and no op waits for another
+  // thread); the rest run op by op with the threads sharing each op.
   void forward_arena(const EngineKernels& k, int threads);
-  void op_time_emb(const Op& op);
-  void op_linear(const Op& op, const EngineKernels& k, int threads);
-  void op_pad(const Op& op, const EngineKernels& k, int threads);
-  void op_groupnorm(const Op& op, const EngineKernels& k, int threads);
-  void op_conv(const Op& op, const EngineKernels& k, int threads);
+  void forward_samples(const Samples& b, const EngineKernels& k, int threads);
+  void op_time_emb(const Op& op, const Samples& b);
+  void op_linear(const Op& op, const Samples& b, const EngineKernels& k, int threads);
+  void op_pad(const Op& op, const Samples& b, const EngineKernels& k, int threads);
+  void op_groupnorm(const Op& op, const Samples& b, const EngineKernels& k, int threads);
+  void op_conv(const Op& op, const Samples& b, const EngineKernels& k, int threads);
   // 0 for the direct GEMM, else the Winograd tile size this conv runs with under kernels k
   int conv_path(const Op& op, const EngineKernels& k) const;
-  void op_conv_winograd(const Op& op, int m, const EngineKernels& k, int threads);
+  void op_conv_winograd(const Op& op, const Samples& b, int m, const EngineKernels& k, int threads);
   // The GEMM of a conv's ConvGemm with the op's epilogue (bias, time embedding, residual, scale).
-  GemmCall conv_gemm_call(const Op& op, const ConvGemm& cg, int64_t ocs);
-  void op_attention(const Op& op, const EngineKernels& k, int threads);
+  GemmCall conv_gemm_call(const Op& op, const Samples& b, const ConvGemm& cg, int64_t ocs);
+  void op_attention(const Op& op, const Samples& b, const EngineKernels& k, int threads);
 };
 
 // ------------------------------------------------------------------------------- construction
@@ -410,7 +424,7 @@ void Engine::Impl::add_winograd_weights(Op& op, const float* w) {
   const bool up = op.mode == P::kUp;
   const int64_t rows = (up ? 4 : 1) * op.cout;
   for (const EngineKernels* t : {&kGenericEngineKernels, &kAvx2EngineKernels, &kAvx512EngineKernels}) {
-    const int m = winograd_choice(ci, op.h, op.w, t->nr, wino_max_m, up);
+    const int m = winograd_choice(ci, rows, op.h, op.w, t->nr, wino_max_m, up, wino_force);
     Buffer& u = m == 2 ? op.wino_u2 : op.wino_u4;
     if (!m || u || winograd_scratch_floats(m, ci, op.h, op.w) > kMaxWinogradScratch) continue;
     u = winograd_weights(m, w, rows, ci);
@@ -420,17 +434,17 @@ void Engine::Impl::add_winograd_weights(Op& op, const float* w) {
 
 // ------------------------------------------------------------------------------- ops
 
-void Engine::Impl::op_time_emb(const Op& op) {
+void Engine::Impl::op_time_emb(const Op& op, const Samples& b) {
   // as torch computes it in float32: freqs = exp(-ln(1e4) * k / (half - shift)); arg = t * freqs
   const int64_t dim = op.cout, half = dim / 2;
   const float lnmax = -float(std::log(10000.0));
   const float div = float(half) - op.shift;
-  for (int64_t n = 0; n < N; ++n) {
-    float* e = slot(n, op.out);  // e: [dim]
+  for (int64_t n = 0; n < b.n; ++n) {
+    float* e = slot(b, n, op.out);  // e: [dim]
     for (int64_t k = 0; k < half; ++k) {
       const float ex = (lnmax * float(k)) / div;
       const float freq = float(std::exp(double(ex)));
-      const float arg = tvals[size_t(n)] * freq;
+      const float arg = tvals[size_t(b.n0 + n)] * freq;
       const float s = float(std::sin(double(arg))), c = float(std::cos(double(arg)));
       e[k] = (op.flags & P::kFlagFlip) ? c : s;
       e[half + k] = (op.flags & P::kFlagFlip) ? s : c;
@@ -439,37 +453,37 @@ void Engine::Impl::op_time_emb(const Op& op) {
   }
 }
 
-void Engine::Impl::op_linear(const Op& op, const EngineKernels& k, int threads) {
+void Engine::Impl::op_linear(const Op& op, const Samples& b, const EngineKernels& k, int threads) {
   const int64_t ci = op.cin, co = op.cout;
-  std::vector<float> act(size_t(N * ci));  // act: [N, Cin] the (SiLU'd) input
-  for (int64_t n = 0; n < N; ++n) {
-    const float* x = slot(n, op.in);
+  std::vector<float> act(size_t(b.n * ci));  // act: [b.n, Cin] the (SiLU'd) input
+  for (int64_t n = 0; n < b.n; ++n) {
+    const float* x = slot(b, n, op.in);
     if (op.flags & P::kFlagSilu) k.affine_act(x, ci, act.data() + n * ci, ci, 1, ci, 1.0f, 0.0f, true);
     else std::memcpy(act.data() + n * ci, x, size_t(ci) * 4);
   }
-  parallel_for(N * co, threads, N * co * ci >= (1 << 16), [&](int64_t t) {
+  parallel_for(b.n * co, threads, b.n * co * ci >= (1 << 16), [&](int64_t t) {
     const int64_t n = t / co, o = t % co;
-    slot(n, op.out)[o] = k.dot(op.wt.data() + o * ci, act.data() + n * ci, ci) + op.bias[size_t(o)];
+    slot(b, n, op.out)[o] = k.dot(op.wt.data() + o * ci, act.data() + n * ci, ci) + op.bias[size_t(o)];
   });
 }
 
-void Engine::Impl::op_pad(const Op& op, const EngineKernels& k, int threads) {
+void Engine::Impl::op_pad(const Op& op, const Samples& b, const EngineKernels& k, int threads) {
   const int64_t C = op.cin + op.cin2, h = op.h, w = op.w, Wp = w + 2, plane = (h + 2) * Wp;
-  parallel_for(N * C, threads, N * C * plane >= (1 << 14), [&](int64_t t) {
+  parallel_for(b.n * C, threads, b.n * C * plane >= (1 << 14), [&](int64_t t) {
     const int64_t n = t / C, c = t % C;
-    const float* src = c < op.cin ? slot(n, op.in) + c * h * w : slot(n, op.in2) + (c - op.cin) * h * w;
-    affine_act_padded(k, src, slot(n, op.out) + c * plane, h, w, op.a, op.shift, false);
+    const float* src = c < op.cin ? slot(b, n, op.in) + c * h * w : slot(b, n, op.in2) + (c - op.cin) * h * w;
+    affine_act_padded(k, src, slot(b, n, op.out) + c * plane, h, w, op.a, op.shift, false);
   });
 }
 
-void Engine::Impl::op_groupnorm(const Op& op, const EngineKernels& k, int threads) {
+void Engine::Impl::op_groupnorm(const Op& op, const Samples& b, const EngineKernels& k, int threads) {
   const int64_t C = op.cin + op.cin2, G = op.groups, cpg = C / G, h = op.h, w = op.w, hw = h * w;
   const bool padded = op.flags & P::kFlagPaddedOut, silu = op.flags & P::kFlagSilu;
   const int64_t Wp = w + 2, plane = (h + 2) * Wp;
-  parallel_for(N * G, threads, N * C * hw >= (1 << 13), [&](int64_t t) {
+  parallel_for(b.n * G, threads, b.n * C * hw >= (1 << 13), [&](int64_t t) {
     const int64_t n = t / G, g = t % G;
     auto chan = [&](int64_t c) {
-      return c < op.cin ? slot(n, op.in) + c * hw : slot(n, op.in2) + (c - op.cin) * hw;
+      return c < op.cin ? slot(b, n, op.in) + c * hw : slot(b, n, op.in2) + (c - op.cin) * hw;
     };
     const double count = double(cpg * hw);
     double s = 0;
@@ -479,24 +493,24 @@ void Engine::Impl::op_groupnorm(const Op& op, const EngineKernels& k, int thread
     for (int64_t c = g * cpg; c < (g + 1) * cpg; ++c) v += k.sum_sq_dev(chan(c), hw, mean);
     const float rstd = float(1.0 / std::sqrt(v / count + double(op.eps)));
     for (int64_t c = g * cpg; c < (g + 1) * cpg; ++c) {
-      const float a = rstd * op.gamma[size_t(c)], b = op.beta[size_t(c)] - mean * a;
+      const float a = rstd * op.gamma[size_t(c)], sh = op.beta[size_t(c)] - mean * a;
       const float* src = chan(c);
-      if (padded) affine_act_padded(k, src, slot(n, op.out) + c * plane, h, w, a, b, silu);
-      else k.affine_act(src, hw, slot(n, op.out) + c * hw, hw, 1, hw, a, b, silu);
+      if (padded) affine_act_padded(k, src, slot(b, n, op.out) + c * plane, h, w, a, sh, silu);
+      else k.affine_act(src, hw, slot(b, n, op.out) + c * hw, hw, 1, hw, a, sh, silu);
     }
   });
 }
 
-void Engine::Impl::op_conv(const Op& op, const EngineKernels& k, int threads) {
+void Engine::Impl::op_conv(const Op& op, const Samples& b, const EngineKernels& k, int threads) {
   int64_t ho = op.h, wo = op.w;
   if (op.mode == P::kDown0 || op.mode == P::kDown1) {
     ho = op.h / 2; wo = op.w / 2;
     // im2col: col[(c*3 + dy)*3 + dx][yo, xo] = in[c][2yo + dy - pad][2xo + dx - pad] (0 outside)
     const int64_t pad = op.mode == P::kDown1 ? 1 : 0, h = op.h, w = op.w, C = op.cin;
-    parallel_for(N * C, threads, N * C * 9 * ho * wo >= (1 << 14), [&](int64_t t) {
+    parallel_for(b.n * C, threads, b.n * C * 9 * ho * wo >= (1 << 14), [&](int64_t t) {
       const int64_t n = t / C, c = t % C;
-      const float* src = slot(n, op.in) + c * h * w;
-      float* col = slot(n, op.scratch) + c * 9 * ho * wo;
+      const float* src = slot(b, n, op.in) + c * h * w;
+      float* col = slot(b, n, op.scratch) + c * 9 * ho * wo;
       for (int dy = 0; dy < 3; ++dy)
         for (int dx = 0; dx < 3; ++dx) {
           float* row = col + (dy * 3 + dx) * ho * wo;
@@ -510,49 +524,50 @@ void Engine::Impl::op_conv(const Op& op, const EngineKernels& k, int threads) {
         }
     });
   } else if (const int m = conv_path(op, k)) {  // CONV3 or UP on the Winograd path
-    op_conv_winograd(op, m, k, threads);
+    op_conv_winograd(op, b, m, k, threads);
     return;
   } else if (op.mode == P::kUp) {
     ho = op.h * 2; wo = op.w * 2;
   }
-  for (const ConvGemm& cg : op.gemms) run_gemm(conv_gemm_call(op, cg, ho * wo), k, threads);
+  for (const ConvGemm& cg : op.gemms) run_gemm(conv_gemm_call(op, b, cg, ho * wo), k, threads);
 }
 
-GemmCall Engine::Impl::conv_gemm_call(const Op& op, const ConvGemm& cg, int64_t ocs) {
+GemmCall Engine::Impl::conv_gemm_call(const Op& op, const Samples& b, const ConvGemm& cg, int64_t ocs) {
   GemmCall g;
   g.M = op.cout; g.K = cg.K; g.Pn = cg.Pn;
   g.A = cg.A.get();
   g.boff = cg.boff.data();
-  g.B = arena.get();  // boff is relative to the sample base (main input and shortcut rows)
+  g.B = b.base;  // boff is relative to the sample base (main input and shortcut rows)
   g.b_bstride = T;
-  g.out = arena.get() + slot_off[size_t(op.out)];
+  g.out = b.base + slot_off[size_t(op.out)];
   g.o_bstride = T;
   g.ocs = ocs;
   g.Wp = cg.Wp; g.Wv = cg.Wv; g.oys = cg.oys; g.oxs = cg.oxs; g.ooff = cg.ooff;
   g.bias = op.bias.data();
-  if (op.temb >= 0) { g.temb = arena.get() + slot_off[size_t(op.temb)]; g.t_bstride = T; }
-  if (op.residual >= 0) { g.res = arena.get() + slot_off[size_t(op.residual)]; g.r_bstride = T; }
+  if (op.temb >= 0) { g.temb = b.base + slot_off[size_t(op.temb)]; g.t_bstride = T; }
+  if (op.residual >= 0) { g.res = b.base + slot_off[size_t(op.residual)]; g.r_bstride = T; }
   g.scale = op.scale;
-  g.nbatch = N;
+  g.nbatch = b.n;
   return g;
 }
 
 int Engine::Impl::conv_path(const Op& op, const EngineKernels& k) const {
   if (op.code != P::kConv || (op.mode != P::kConv3 && op.mode != P::kUp)) return 0;
-  const int m = winograd_choice(op.cin, op.h, op.w, k.nr, wino_max_m, op.mode == P::kUp);
+  const bool up = op.mode == P::kUp;
+  const int m = winograd_choice(op.cin, (up ? 4 : 1) * op.cout, op.h, op.w, k.nr, wino_max_m, up, wino_force);
   return (m == 2 && op.wino_u2) || (m == 4 && op.wino_u4) ? m : 0;
 }
 
-void Engine::Impl::op_conv_winograd(const Op& op, int m, const EngineKernels& k, int threads) {
-  float* base = arena.get();
+void Engine::Impl::op_conv_winograd(const Op& op, const Samples& b, int m, const EngineKernels& k, int threads) {
+  float* base = b.base;
   const bool shortcut = !op.wino_shortcut.empty();
   WinogradCall c;
   c.m = m;
   c.up = op.mode == P::kUp;
-  c.N = N; c.cin = op.cin; c.cout = (c.up ? 4 : 1) * op.cout; c.cout_out = op.cout; c.h = op.h; c.w = op.w;
+  c.N = b.n; c.cin = op.cin; c.cout = (c.up ? 4 : 1) * op.cout; c.cout_out = op.cout; c.h = op.h; c.w = op.w;
   c.U = (m == 2 ? op.wino_u2 : op.wino_u4).get();
   c.in = base + slot_off[size_t(op.in)]; c.in_bs = T;
-  c.V = thread_scratch(threads); c.v_floats = scratch_stride;
+  c.V = this_thread_scratch(); c.v_floats = scratch_stride;
   c.out = base + slot_off[size_t(op.out)]; c.o_bs = T;
   c.bias = op.bias.data();
   if (op.temb >= 0) { c.temb = base + slot_off[size_t(op.temb)]; c.t_bs = T; }
@@ -562,17 +577,17 @@ void Engine::Impl::op_conv_winograd(const Op& op, int m, const EngineKernels& k,
   if (!shortcut) return;
   // out = scale * (shortcut(in2) + out): bias and time embedding are in already, and the Winograd
   // result is the residual of the 1x1 GEMM (the plan gives such a conv no residual of its own)
-  GemmCall g = conv_gemm_call(op, op.wino_shortcut[0], op.h * op.w);
+  GemmCall g = conv_gemm_call(op, b, op.wino_shortcut[0], op.h * op.w);
   g.bias = nullptr;
   g.temb = nullptr;
   g.res = g.out; g.r_bstride = T;
   run_gemm(g, k, threads);
 }
 
-void Engine::Impl::op_attention(const Op& op, const EngineKernels& k, int threads) {
+void Engine::Impl::op_attention(const Op& op, const Samples& b, const EngineKernels& k, int threads) {
   const int64_t C = op.cin, L = op.h * op.w, heads = op.heads, d = C / heads;
   const int64_t q_off = slot_off[size_t(op.scratch)], o_off = q_off + 3 * C * L;
-  float* base = arena.get();
+  float* base = b.base;
   // q, k, v: [3C, L] = Wqkv [3C, C] * x_normed [C, L] + b; folded (one head): T [C, L] = Wkq x + u
   // in q's place, and x itself serves as keys and values
   {
@@ -583,12 +598,12 @@ void Engine::Impl::op_attention(const Op& op, const EngineKernels& k, int thread
     g.out = base + q_off; g.o_bstride = T; g.ocs = L;
     g.Wp = L; g.Wv = L;
     g.bias = op.bias.data();
-    g.nbatch = N;
+    g.nbatch = b.n;
     run_gemm(g, k, threads);
   }
   // pack per head: Kt [ceil(L/MR)][d][MR] (rows = keys) and V [ceil(d/MR)][L][MR]
   const int64_t kt_size = round_up(L, MR) * d, v_size = round_up(d, MR) * L;
-  parallel_for(N * heads, threads, N * C * L >= (1 << 14), [&](int64_t t) {
+  parallel_for(b.n * heads, threads, b.n * C * L >= (1 << 14), [&](int64_t t) {
     const int64_t n = t / heads, hd = t % heads;
     const float* x = base + n * T + slot_off[size_t(op.in)];
     const float* kk = op.folded ? x : base + n * T + q_off + (C + hd * d) * L;      // K_h: [d, L]
@@ -612,12 +627,11 @@ void Engine::Impl::op_attention(const Op& op, const EngineKernels& k, int thread
   // softmax down each column, O_blk [d, nr] = V_h P: S never leaves L1/L2 and P is read as a
   // contiguous B operand.
   const int64_t nr = k.nr, qblocks = (L + nr - 1) / nr;
-  float* scratch = thread_scratch(threads);
   const float sm_scale = float(1.0 / std::sqrt(double(d)));
-  parallel_for(N * heads * qblocks, threads, true, [&](int64_t t) {
+  parallel_for(b.n * heads * qblocks, threads, true, [&](int64_t t) {
     const int64_t qb = t % qblocks, r = t / qblocks, hd = r % heads, n = r / heads;
     const int64_t j0 = qb * nr, ncols = std::min(nr, L - j0);
-    float* St = scratch + int64_t(omp_get_thread_num()) * scratch_stride;  // [round_up(L, MR)][nr]
+    float* St = this_thread_scratch();                                      // [round_up(L, MR)][nr]
     float* Qb = St + round_up(L, MR) * nr;                                   // [d][nr]
     const float* q = base + n * T + q_off + hd * d * L + j0;                 // Q_h: [d, L]
     for (int64_t c = 0; c < d; ++c) {
@@ -647,26 +661,50 @@ void Engine::Impl::op_attention(const Op& op, const EngineKernels& k, int thread
     g.bias = op.bias2.data();
     g.res = base + slot_off[size_t(op.residual)]; g.r_bstride = T;
     g.scale = op.scale;
-    g.nbatch = N;
+    g.nbatch = b.n;
     run_gemm(g, k, threads);
   }
 }
 
-void Engine::Impl::forward_arena(const EngineKernels& k, int threads) {
+void Engine::Impl::forward_samples(const Samples& b, const EngineKernels& k, int threads) {
+  // per-op times only where one call covers the batch (the sample-parallel schedule's threads
+  // would add up their overlapping times)
+  const bool timed = profiling && b.n == N;
   for (size_t i = 0; i < ops.size(); ++i) {
     const Op& op = ops[i];
-    const auto t0 = profiling ? std::chrono::steady_clock::now() : std::chrono::steady_clock::time_point{};
+    const auto t0 = timed ? std::chrono::steady_clock::now() : std::chrono::steady_clock::time_point{};
     switch (op.code) {
-      case P::kTimeEmb: op_time_emb(op); break;
-      case P::kLinear: op_linear(op, k, threads); break;
-      case P::kPad: op_pad(op, k, threads); break;
-      case P::kGroupNorm: op_groupnorm(op, k, threads); break;
-      case P::kConv: op_conv(op, k, threads); break;
-      case P::kAttention: op_attention(op, k, threads); break;
+      case P::kTimeEmb: op_time_emb(op, b); break;
+      case P::kLinear: op_linear(op, b, k, threads); break;
+      case P::kPad: op_pad(op, b, k, threads); break;
+      case P::kGroupNorm: op_groupnorm(op, b, k, threads); break;
+      case P::kConv: op_conv(op, b, k, threads); break;
+      case P::kAttention: op_attention(op, b, k, threads); break;
       default: break;  // rejected at build
     }
-    if (profiling) op_seconds[i] += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    if (timed) op_seconds[i] += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   }
+}
+
+void Engine::Impl::forward_arena(const EngineKernels& k, int threads) {
+  grow_scratch(threads);
+  // Every sample's arithmetic is the same whichever schedule runs it (no reduction spans samples
+  // or depends on the thread count), so results stay bit-identical across batch sizes.
+  const int64_t whole = (threads > 1 && sample_parallel) ? N / threads * threads : 0;
+  if (whole > 0) {
+    std::exception_ptr error;
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
+    for (int64_t n = 0; n < whole; ++n) {
+      try {
+        forward_samples(Samples{arena.get() + n * T, n, 1}, k, 1);
+      } catch (...) {
+#pragma omp critical(fastddpm_engine_error)
+        if (!error) error = std::current_exception();
+      }
+    }
+    if (error) std::rethrow_exception(error);
+  }
+  if (whole < N) forward_samples(Samples{arena.get() + whole * T, whole, N - whole}, k, threads);
 }
 
 // ------------------------------------------------------------------------------- Engine
@@ -679,8 +717,15 @@ Engine::Engine(const PlanView& plan, const std::vector<WeightView>& weights, int
   impl_->N = batch; impl_->in_c = in_c; impl_->out_c = out_c; impl_->H = height; impl_->W = width;
   if (const char* v = std::getenv("FASTDDPM_WINOGRAD")) {
     const std::string s(v);
-    if (s != "0" && s != "1" && s != "2") fail("FASTDDPM_WINOGRAD must be 0, 1 or 2, got '" + s + "'");
+    if (s != "0" && s != "1" && s != "2" && s != "force")
+      fail("FASTDDPM_WINOGRAD must be 0, 1, 2 or force, got '" + s + "'");
     impl_->wino_max_m = s == "0" ? 0 : (s == "2" ? 2 : 4);
+    impl_->wino_force = s == "force";
+  }
+  if (const char* v = std::getenv("FASTDDPM_SAMPLE_PARALLEL")) {
+    const std::string s(v);
+    if (s != "0" && s != "1") fail("FASTDDPM_SAMPLE_PARALLEL must be 0 or 1, got '" + s + "'");
+    impl_->sample_parallel = s == "1";
   }
   impl_->build(plan, weights);
 }

@@ -64,8 +64,23 @@ void winograd_task(const WinogradCall& c, const Geometry& g, const EngineKernels
 
 }  // namespace
 
-int winograd_choice(int64_t cin, int64_t h, int64_t w, int nr, int max_m, bool upsample) {
-  if (cin < 8 || nr > kMaxNr) return 0;
+int winograd_choice(int64_t cin, int64_t rows, int64_t h, int64_t w, int nr, int max_m, bool upsample,
+                    bool force) {
+  if (nr > kMaxNr) return 0;
+  if (force) {
+    for (int m : {4, 2})
+      if (m <= max_m && h % m == 0 && w % m == 0) return m;
+    return 0;
+  }
+  if (cin < 8) return 0;
+  // The 32-wide AVX-512 tile runs the direct GEMM at about twice the AVX2 rate while the
+  // transforms and the V round trip through L2 gain far less. Measured in the networks on a
+  // 2-core Zen 5 (batch 1, per conv, Winograd / direct): F(2x2) 0.94-1.10 at 16x16 and 1.3-1.7
+  // at 8x8; F(4x4) 0.77-0.85 at 32x32 with 128 output channels, but 0.8-1.3 with 32 (and worse
+  // with two threads sharing V) and 2.5-7 for conv_out's 1-3. So on that tile only F(4x4) with
+  // >= 64 GEMM rows.
+  const bool wide = nr >= 32;
+  if (wide && (rows < 64 || upsample)) return 0;
   // multiply-adds per output channel, padded to whole micro-tiles; the transforms' share measured
   // about 10% (m = 2) and 15% (m = 4) of the GEMMs, and a folded upsample's strided scalar store
   // about 20% more (F(2x2) at 8x8 predicted 12% faster without it, measured 6% slower)
@@ -73,7 +88,7 @@ int winograd_choice(int64_t cin, int64_t h, int64_t w, int nr, int max_m, bool u
   double best = (upsample ? 4.0 : 9.0) * double(round_up(h * (w + 2), nr));
   int choice = 0;
   for (int m : {2, 4}) {
-    if (m > max_m || h % m || w % m) continue;
+    if (m > max_m || h % m || w % m || (wide && m == 2)) continue;
     const double cost = points(m) * double(round_up((h / m) * (w / m), nr)) * (m == 2 ? 1.1 : 1.15) * store;
     if (cost < best) { best = cost; choice = m; }
   }
