@@ -19,6 +19,12 @@ inline Fv vfma(Fv a, Fv b, Fv c) { return (Fv)_mm256_fmadd_ps((__m256)a, (__m256
 inline Fv splat(float v) { return (Fv)_mm256_set1_ps(v); }
 inline Fv vmin(Fv a, Fv b) { return (Fv)_mm256_min_ps((__m256)a, (__m256)b); }  // a < b ? a : b
 inline Fv vmax(Fv a, Fv b) { return (Fv)_mm256_max_ps((__m256)a, (__m256)b); }  // a > b ? a : b
+// the first n < W lanes (masked: nothing past them is read or written); the rest zero
+inline __m256i lanes_below(int n) {
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+inline Fv load_n(const float* p, int n) { return (Fv)_mm256_maskload_ps(p, lanes_below(n)); }
+inline void store_n(float* p, Fv v, int n) { _mm256_maskstore_ps(p, lanes_below(n), (__m256)v); }
 
 #include "engine_simd.inc"
 

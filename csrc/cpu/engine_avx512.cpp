@@ -21,6 +21,9 @@ inline Fv splat(float v) { return (Fv)_mm512_set1_ps(v); }
 // pass-through operand)
 inline Fv vmin(Fv a, Fv b) { return a < b ? a : b; }
 inline Fv vmax(Fv a, Fv b) { return a > b ? a : b; }
+// the first n < W lanes (masked: nothing past them is read or written); the rest zero
+inline Fv load_n(const float* p, int n) { return (Fv)_mm512_maskz_loadu_ps(__mmask16((1u << n) - 1), p); }
+inline void store_n(float* p, Fv v, int n) { _mm512_mask_storeu_ps(p, __mmask16((1u << n) - 1), (__m512)v); }
 
 #include "engine_simd.inc"
 

@@ -14,6 +14,15 @@ inline Fv vfma(Fv a, Fv b, Fv c) { return a * b + c; }
 inline Fv splat(float v) { return Fv{v, v, v, v}; }
 inline Fv vmin(Fv a, Fv b) { return a < b ? a : b; }
 inline Fv vmax(Fv a, Fv b) { return a > b ? a : b; }
+// the first n < W lanes; the rest zero
+inline Fv load_n(const float* p, int n) {
+  Fv v = Fv{};
+  for (int i = 0; i < n; ++i) v[i] = p[i];
+  return v;
+}
+inline void store_n(float* p, Fv v, int n) {
+  for (int i = 0; i < n; ++i) p[i] = v[i];
+}
 
 #include "engine_simd.inc"
 
