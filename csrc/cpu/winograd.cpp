@@ -77,10 +77,10 @@ int winograd_choice(int64_t cin, int64_t rows, int64_t h, int64_t w, int nr, int
   // transforms and the V round trip through L2 gain far less. Measured in the networks on a
   // 2-core Zen 5 (batch 1, per conv, Winograd / direct): F(2x2) 0.94-1.10 at 16x16 and 1.3-1.7
   // at 8x8; F(4x4) 0.77-0.85 at 32x32 with 128 output channels, but 0.8-1.3 with 32 (and worse
-  // with two threads sharing V) and 2.5-7 for conv_out's 1-3. So on that tile only F(4x4) with
-  // >= 64 GEMM rows.
+  // with two threads sharing V) and 2.5-7 for conv_out's 1-3. So on that tile only F(4x4), with
+  // >= 128 GEMM rows and >= two micro-tiles of tiles (32x32 and larger images).
   const bool wide = nr >= 32;
-  if (wide && (rows < 64 || upsample)) return 0;
+  if (wide && (rows < 128 || upsample || (h / 4) * (w / 4) < 2 * nr)) return 0;
   // multiply-adds per output channel, padded to whole micro-tiles; the transforms' share measured
   // about 10% (m = 2) and 15% (m = 4) of the GEMMs, and a folded upsample's strided scalar store
   // about 20% more (F(2x2) at 8x8 predicted 12% faster without it, measured 6% slower)
