@@ -231,6 +231,52 @@ def test_op_upsample_conv_winograd(isa, batch, threads, h, w, monkeypatch):
     assert rel_err(outs["0"], ref) <= REL_TOL
 
 
+@pytest.mark.parametrize("isa", ISAS, indirect=True)
+@pytest.mark.parametrize("batch,threads", [(1, 2), (3, 2)], indirect=["threads"])
+@pytest.mark.parametrize("h,w", [(6, 16), (5, 32), (4, 8)])
+def test_compact_grid_columns(isa, batch, threads, h, w, monkeypatch):
+    """Direct 3x3 and folded-upsample convs whose image width is a multiple of the ISA's lanes
+    compute only the image's own pixels (each vector of a tile row read from its own row of the
+    padded plane), not the padded grid's pad columns: the same dot products in the same order, so
+    the output is bit-identical to the padded-grid run (FASTDDPM_COMPACT_GRID=0), and matches the
+    NumPy interpreter. With the time embedding, the 1x1 shortcut + scale, a residual + scale."""
+    rng = np.random.default_rng(w + batch)
+    c, co = 12, 9
+    plane, pp, up = h * w, (h + 2) * (w + 2), 4 * h * w
+    sizes = [c * plane, co * up, c * pp, 16, co, co * plane, co * pp, co * plane]
+    ops = [Op("TIME_EMB", out=3, c_out=16),
+           Op("LINEAR", out=4, in_=3, c_in=16, c_out=co, w_idx=2, b_idx=3, silu=True),
+           Op("PAD", out=2, in_=0, c_in=c, h=h, w=w),
+           Op("CONV", out=5, in_=2, c_in=c, h=h, w=w, c_out=co, mode=CONV_MODES["CONV3"], w_idx=0,
+              b_idx=1, temb=4),
+           Op("PAD", out=6, in_=5, c_in=co, h=h, w=w),
+           Op("CONV", out=7, in_=6, c_in=co, h=h, w=w, c_out=co, mode=CONV_MODES["CONV3"], w_idx=4,
+              b_idx=5, in2=2, c_in2=c, w2_idx=6, b2_idx=7, scale=0.7, residual=5),
+           Op("PAD", out=6, in_=7, c_in=co, h=h, w=w),
+           Op("CONV", out=1, in_=6, c_in=co, h=h, w=w, c_out=co, mode=CONV_MODES["UP"], w_idx=8,
+              b_idx=9)]
+    weights = [_w(rng, co, c, 3, 3), _w(rng, co), _w(rng, co, 16), _w(rng, co), _w(rng, co, co, 3, 3),
+               _w(rng, co), _w(rng, co, c, 1, 1), _w(rng, co), _w(rng, co, co, 3, 3), _w(rng, co)]
+    t = np.array((3.0, 811.0, 40.0)[:batch], np.float32)
+    x = rng.standard_normal((batch, c * plane, 1, 1)).astype(np.float32)
+    monkeypatch.setenv("FASTDDPM_WINOGRAD", "0")
+    outs = {}
+    for flag in ("1", "0"):
+        monkeypatch.setenv("FASTDDPM_COMPACT_GRID", flag)
+        eng, plan, wd = _engine_for(ops, sizes, weights, batch)
+        outs[flag] = eng.forward(x, t).reshape(batch, -1)
+    assert np.array_equal(outs["1"], outs["0"])
+    ref = run_plan(plan, wd, x.reshape(batch, -1), t.astype(np.float64)).reshape(batch, -1)
+    assert rel_err(outs["1"], ref) <= REL_TOL
+
+
+def test_compact_grid_switch_must_be_0_or_1(monkeypatch):
+    monkeypatch.setenv("FASTDDPM_COMPACT_GRID", "yes")
+    ops = [Op("CONV", out=1, in_=0, c_in=1, h=1, w=1, c_out=1, mode=CONV_MODES["CONV1"], w_idx=0, b_idx=1)]
+    with pytest.raises(ValueError, match="FASTDDPM_COMPACT_GRID must be 0 or 1"):
+        _engine_for(ops, [1, 1], [np.ones((1, 1, 1, 1), np.float32), np.zeros(1, np.float32)], 1)
+
+
 def test_winograd_scratch_is_bounded(monkeypatch):
     """A conv whose transformed input would exceed 128 MiB per thread (here 1024x1024, 16 input
     channels: 144 MiB for F(4x4), 256 MiB for F(2x2)) runs direct instead, even when forced."""

@@ -58,6 +58,9 @@ struct GemmCall {
   float* out = nullptr;
   int64_t o_bstride = 0, ocs = 0;            // per batch entry; per output row (channel)
   int64_t Wp = 1, Wv = 1, oys = 0, oxs = 1, ooff = 0;  // column p -> (p / Wp, p % Wp) -> pixel
+  // B offset of column p: (p / Wp) * bwp + p % Wp when bwp > 0 (compact columns over a padded
+  // plane: each vector of a tile is read from its own image row), else p
+  int64_t bwp = 0;
   const float* bias = nullptr;               // [M]
   const float* temb = nullptr;               // [M] per batch entry
   int64_t t_bstride = 0;
@@ -81,8 +84,18 @@ void run_gemm(const GemmCall& g, const EngineKernels& k, int threads) {
     const int64_t mb = mg * G + gi;
     if (mb >= Mb) return;
     alignas(64) float tile[MR * kMaxTileCols];
-    k.gemm_tile(g.K, g.A + b * g.a_bstride + mb * g.K * MR, g.boff, g.bld,
-                g.B + b * g.b_bstride + pb * NR, tile, int(std::min<int64_t>(MR, g.M - mb * MR)));
+    const float* A = g.A + b * g.a_bstride + mb * g.K * MR;
+    const int rows_mb = int(std::min<int64_t>(MR, g.M - mb * MR));
+    if (g.bwp > 0) {  // compact columns: Wp is a multiple of the lanes, so no vector straddles rows
+      int64_t voff[kMaxTileCols / 4];
+      for (int64_t v = 0; v * k.lanes < NR; ++v) {
+        const int64_t p = pb * NR + v * k.lanes;
+        voff[v] = (p / g.Wp) * g.bwp + p % g.Wp;
+      }
+      k.gemm_tile(g.K, A, g.boff, g.bld, g.B + b * g.b_bstride, tile, rows_mb, voff);
+    } else {
+      k.gemm_tile(g.K, A, g.boff, g.bld, g.B + b * g.b_bstride + pb * NR, tile, rows_mb, nullptr);
+    }
     // the tile's valid columns as runs of consecutive output pixels (a run breaks at a row end)
     const int64_t p0 = pb * NR, ncols = std::min(NR, g.Pn - p0);
     TileRuns runs;
@@ -169,6 +182,9 @@ struct ConvGemm {
   Buffer A;                    // packed [ceil(M/MR)][K][MR]
   std::vector<int64_t> boff;   // relative to the sample's arena base
   int64_t K = 0, Pn = 0, Wp = 1, Wv = 1, oys = 0, oxs = 1, ooff = 0;
+  // columns over a padded plane [h + 2, Wp = Wv + 2] (CONV3, UP, the Winograd path's shortcut):
+  // the two pad columns of each row are computed and dropped, unless the call runs compact
+  bool grid = false;
 };
 
 struct Op : P::OpFields {
@@ -198,6 +214,7 @@ struct Engine::Impl {
   std::vector<float> tvals;  // [N] timesteps of the current forward
   bool profiling = false;
   bool sample_parallel = true;  // FASTDDPM_SAMPLE_PARALLEL=0 turns the sample-parallel schedule off
+  bool compact_grid = true;     // FASTDDPM_COMPACT_GRID=0: grid columns always over the padded plane
   std::vector<double> op_seconds;  // [ops] accumulated while profiling
 
   // Samples [n0, n0 + n) of the arena: what one op call works on (all of them, or the one sample a
@@ -238,7 +255,10 @@ struct Engine::Impl {
   int conv_path(const Op& op, const EngineKernels& k) const;
   void op_conv_winograd(const Op& op, const Samples& b, int m, const EngineKernels& k, int threads);
   // The GEMM of a conv's ConvGemm with the op's epilogue (bias, time embedding, residual, scale).
-  GemmCall conv_gemm_call(const Op& op, const Samples& b, const ConvGemm& cg, int64_t ocs);
+  // Grid columns run compact (only the image's own pixels) where the image width is a multiple
+  // of the kernels' lanes: the pad columns cost 1/8 of a 16x16 layer's multiply-adds, and whole
+  // vectors of an 8x8 layer on AVX-512.
+  GemmCall conv_gemm_call(const Op& op, const Samples& b, const ConvGemm& cg, int64_t ocs, const EngineKernels& k);
   void op_attention(const Op& op, const Samples& b, const EngineKernels& k, int threads);
 };
 
@@ -292,7 +312,7 @@ void Engine::Impl::build(const PlanView& pv, const std::vector<WeightView>& weig
             for (int dy = 0; dy < 3; ++dy)
               for (int dx = 0; dx < 3; ++dx) g.boff.push_back(ch * pplane + dy * Wp + dx);
           for (int64_t ch = 0; ch < Ks; ++ch) g.boff.push_back(ch * pplane + Wp + 1);  // centre tap
-          g.Pn = op.h * Wp; g.Wp = Wp; g.Wv = op.w; g.oys = op.w; g.oxs = 1;
+          g.Pn = op.h * Wp; g.Wp = Wp; g.Wv = op.w; g.oys = op.w; g.oxs = 1; g.grid = true;
           op.gemms.push_back(std::move(g));
           // Winograd weights; direct stays a conv with both a shortcut and a residual (the plan
           // never emits one)
@@ -302,7 +322,7 @@ void Engine::Impl::build(const PlanView& pv, const std::vector<WeightView>& weig
             s.K = Ks;
             s.A = pack_a(M, Ks, [&](int64_t m, int64_t kk) { return ws[m * Ks + kk]; });
             for (int64_t ch = 0; ch < Ks; ++ch) s.boff.push_back(ch * pplane + Wp + 1);
-            s.Pn = op.h * Wp; s.Wp = Wp; s.Wv = op.w; s.oys = op.w; s.oxs = 1;
+            s.Pn = op.h * Wp; s.Wp = Wp; s.Wv = op.w; s.oys = op.w; s.oxs = 1; s.grid = true;
             op.wino_shortcut.push_back(std::move(s));
           }
         } else if (op.mode == P::kConv1) {
@@ -336,7 +356,7 @@ void Engine::Impl::build(const PlanView& pv, const std::vector<WeightView>& weig
                 for (int a = 0; a < 2; ++a)
                   for (int b = 0; b < 2; ++b) g.boff.push_back(ch * pplane + (py + a) * Wp + (px + b));
               g.Pn = op.h * Wp; g.Wp = Wp; g.Wv = op.w;
-              g.oys = 2 * wo; g.oxs = 2; g.ooff = py * wo + px;
+              g.oys = 2 * wo; g.oxs = 2; g.ooff = py * wo + px; g.grid = true;
               op.gemms.push_back(std::move(g));
             }
           // or all four phases as one Winograd conv at the input's resolution with 4 Cout rows
@@ -529,10 +549,11 @@ void Engine::Impl::op_conv(const Op& op, const Samples& b, const EngineKernels& 
   } else if (op.mode == P::kUp) {
     ho = op.h * 2; wo = op.w * 2;
   }
-  for (const ConvGemm& cg : op.gemms) run_gemm(conv_gemm_call(op, b, cg, ho * wo), k, threads);
+  for (const ConvGemm& cg : op.gemms) run_gemm(conv_gemm_call(op, b, cg, ho * wo, k), k, threads);
 }
 
-GemmCall Engine::Impl::conv_gemm_call(const Op& op, const Samples& b, const ConvGemm& cg, int64_t ocs) {
+GemmCall Engine::Impl::conv_gemm_call(const Op& op, const Samples& b, const ConvGemm& cg, int64_t ocs,
+                                      const EngineKernels& k) {
   GemmCall g;
   g.M = op.cout; g.K = cg.K; g.Pn = cg.Pn;
   g.A = cg.A.get();
@@ -543,6 +564,11 @@ GemmCall Engine::Impl::conv_gemm_call(const Op& op, const Samples& b, const Conv
   g.o_bstride = T;
   g.ocs = ocs;
   g.Wp = cg.Wp; g.Wv = cg.Wv; g.oys = cg.oys; g.oxs = cg.oxs; g.ooff = cg.ooff;
+  if (cg.grid && cg.Wv % k.lanes == 0 && compact_grid) {
+    g.Pn = cg.Pn / cg.Wp * cg.Wv;
+    g.Wp = cg.Wv;
+    g.bwp = cg.Wp;
+  }
   g.bias = op.bias.data();
   if (op.temb >= 0) { g.temb = b.base + slot_off[size_t(op.temb)]; g.t_bstride = T; }
   if (op.residual >= 0) { g.res = b.base + slot_off[size_t(op.residual)]; g.r_bstride = T; }
@@ -577,7 +603,7 @@ void Engine::Impl::op_conv_winograd(const Op& op, const Samples& b, int m, const
   if (!shortcut) return;
   // out = scale * (shortcut(in2) + out): bias and time embedding are in already, and the Winograd
   // result is the residual of the 1x1 GEMM (the plan gives such a conv no residual of its own)
-  GemmCall g = conv_gemm_call(op, b, op.wino_shortcut[0], op.h * op.w);
+  GemmCall g = conv_gemm_call(op, b, op.wino_shortcut[0], op.h * op.w, k);
   g.bias = nullptr;
   g.temb = nullptr;
   g.res = g.out; g.r_bstride = T;
@@ -640,12 +666,14 @@ void Engine::Impl::op_attention(const Op& op, const Samples& b, const EngineKern
     }
     const float* kt = base + n * T + pack_off + hd * (kt_size + v_size);
     for (int64_t mb = 0; mb < round_up(L, MR) / MR; ++mb)
-      k.gemm_tile(d, kt + mb * d * MR, nullptr, nr, Qb, St + mb * MR * nr, int(std::min<int64_t>(MR, L - mb * MR)));
+      k.gemm_tile(d, kt + mb * d * MR, nullptr, nr, Qb, St + mb * MR * nr, int(std::min<int64_t>(MR, L - mb * MR)),
+                  nullptr);
     k.softmax_cols(St, L, nr, 0, ncols, sm_scale);
     float* o = base + n * T + o_off + hd * d * L + j0;  // O_h: [d, L]
     alignas(64) float tile[MR * kMaxTileCols];
     for (int64_t cb = 0; cb < round_up(d, MR) / MR; ++cb) {
-      k.gemm_tile(L, kt + kt_size + cb * L * MR, nullptr, nr, St, tile, int(std::min<int64_t>(MR, d - cb * MR)));
+      k.gemm_tile(L, kt + kt_size + cb * L * MR, nullptr, nr, St, tile, int(std::min<int64_t>(MR, d - cb * MR)),
+                  nullptr);
       for (int m = 0; m < MR && cb * MR + m < d; ++m)
         std::memcpy(o + (cb * MR + m) * L, tile + m * nr, size_t(ncols) * 4);
     }
@@ -721,6 +749,11 @@ Engine::Engine(const PlanView& plan, const std::vector<WeightView>& weights, int
       fail("FASTDDPM_WINOGRAD must be 0, 1, 2 or force, got '" + s + "'");
     impl_->wino_max_m = s == "0" ? 0 : (s == "2" ? 2 : 4);
     impl_->wino_force = s == "force";
+  }
+  if (const char* v = std::getenv("FASTDDPM_COMPACT_GRID")) {
+    const std::string s(v);
+    if (s != "0" && s != "1") fail("FASTDDPM_COMPACT_GRID must be 0 or 1, got '" + s + "'");
+    impl_->compact_grid = s == "1";
   }
   if (const char* v = std::getenv("FASTDDPM_SAMPLE_PARALLEL")) {
     const std::string s(v);

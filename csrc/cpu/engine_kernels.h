@@ -46,13 +46,16 @@ struct WinogradStore {
 
 struct EngineKernels {
   const char* name;
-  int nr;  // pixels (columns) per micro-tile: a multiple of the vector width
-  // tile[m * nr + j] = sum_k A[k * kGemmMR + m] * B[off(k) + j], m < kGemmMR, j < nr,
-  // off(k) = boff ? boff[k] : k * bld. Reads nr floats at each B row (past the valid columns).
-  // Only the first `rows` rows are needed (the last m-block of a matrix): the kernel may store
-  // zeros in the rows past them instead of computing them.
+  int nr;     // pixels (columns) per micro-tile: a multiple of the vector width
+  int lanes;  // float32 lanes per vector (nr / lanes vectors per micro-tile row)
+  // tile[m * nr + j] = sum_k A[k * kGemmMR + m] * B[off(k) + col(j)], m < kGemmMR, j < nr,
+  // off(k) = boff ? boff[k] : k * bld, col(j) = j, or with voff (boff only) voff[j / lanes] +
+  // j % lanes: each vector of the tile row from its own place (the pixels of one image row in a
+  // padded plane). Reads nr floats at each B row (past the valid columns). Only the first `rows`
+  // rows are needed (the last m-block of a matrix): the kernel may store zeros in the rows past
+  // them instead of computing them.
   void (*gemm_tile)(int64_t K, const float* A, const int64_t* boff, int64_t bld, const float* B,
-                    float* tile, int rows);
+                    float* tile, int rows, const int64_t* voff);
   // the epilogue of one micro-tile of run_gemm (TileEpilogue)
   void (*gemm_epilogue)(const float* tile, int rows, const TileRuns& runs, const TileEpilogue& e);
   // y[r * y_ld + i] = a * x[r * x_ld + i] + b for r < rows, i < n, then SiLU (y / (1 + exp(-y)))
