@@ -233,7 +233,7 @@ def test_op_upsample_conv_winograd(isa, batch, threads, h, w, monkeypatch):
 
 @pytest.mark.parametrize("isa", ISAS, indirect=True)
 @pytest.mark.parametrize("batch,threads", [(1, 2), (3, 2)], indirect=["threads"])
-@pytest.mark.parametrize("h,w", [(6, 16), (5, 32), (4, 8)])
+@pytest.mark.parametrize("h,w", [(6, 16), (5, 32), (4, 8), (3, 4)])  # whole vectors or halves per ISA
 def test_compact_grid_columns(isa, batch, threads, h, w, monkeypatch):
     """Direct 3x3 and folded-upsample convs whose image width is a multiple of the ISA's lanes
     compute only the image's own pixels (each vector of a tile row read from its own row of the

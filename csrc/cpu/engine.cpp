@@ -61,6 +61,7 @@ struct GemmCall {
   // B offset of column p: (p / Wp) * bwp + p % Wp when bwp > 0 (compact columns over a padded
   // plane: each vector of a tile is read from its own image row), else p
   int64_t bwp = 0;
+  bool halves = false;  // compact columns in half-vectors (image rows of half the lanes)
   const float* bias = nullptr;               // [M]
   const float* temb = nullptr;               // [M] per batch entry
   int64_t t_bstride = 0;
@@ -86,15 +87,16 @@ void run_gemm(const GemmCall& g, const EngineKernels& k, int threads) {
     alignas(64) float tile[MR * kMaxTileCols];
     const float* A = g.A + b * g.a_bstride + mb * g.K * MR;
     const int rows_mb = int(std::min<int64_t>(MR, g.M - mb * MR));
-    if (g.bwp > 0) {  // compact columns: Wp is a multiple of the lanes, so no vector straddles rows
-      int64_t voff[kMaxTileCols / 4];
-      for (int64_t v = 0; v * k.lanes < NR; ++v) {
-        const int64_t p = pb * NR + v * k.lanes;
+    if (g.bwp > 0) {  // compact columns: Wp is a multiple of the (half-)vector, none straddles rows
+      const int64_t seg = g.halves ? k.lanes / 2 : k.lanes;
+      int64_t voff[kMaxTileCols / 2];
+      for (int64_t v = 0; v * seg < NR; ++v) {
+        const int64_t p = pb * NR + v * seg;
         voff[v] = (p / g.Wp) * g.bwp + p % g.Wp;
       }
-      k.gemm_tile(g.K, A, g.boff, g.bld, g.B + b * g.b_bstride, tile, rows_mb, voff);
+      k.gemm_tile(g.K, A, g.boff, g.bld, g.B + b * g.b_bstride, tile, rows_mb, voff, g.halves);
     } else {
-      k.gemm_tile(g.K, A, g.boff, g.bld, g.B + b * g.b_bstride + pb * NR, tile, rows_mb, nullptr);
+      k.gemm_tile(g.K, A, g.boff, g.bld, g.B + b * g.b_bstride + pb * NR, tile, rows_mb, nullptr, false);
     }
     // the tile's valid columns as runs of consecutive output pixels (a run breaks at a row end)
     const int64_t p0 = pb * NR, ncols = std::min(NR, g.Pn - p0);
@@ -256,8 +258,8 @@ struct Engine::Impl {
   void op_conv_winograd(const Op& op, const Samples& b, int m, const EngineKernels& k, int threads);
   // The GEMM of a conv's ConvGemm with the op's epilogue (bias, time embedding, residual, scale).
   // Grid columns run compact (only the image's own pixels) where the image width is a multiple
-  // of the kernels' lanes: the pad columns cost 1/8 of a 16x16 layer's multiply-adds, and whole
-  // vectors of an 8x8 layer on AVX-512.
+  // of the kernels' lanes, or of half of them (each vector then from two image rows): the pad
+  // columns cost 1/9 of a 16x16 layer's multiply-adds, and a third of an 8x8 layer's on AVX-512.
   GemmCall conv_gemm_call(const Op& op, const Samples& b, const ConvGemm& cg, int64_t ocs, const EngineKernels& k);
   void op_attention(const Op& op, const Samples& b, const EngineKernels& k, int threads);
 };
@@ -564,10 +566,12 @@ GemmCall Engine::Impl::conv_gemm_call(const Op& op, const Samples& b, const Conv
   g.o_bstride = T;
   g.ocs = ocs;
   g.Wp = cg.Wp; g.Wv = cg.Wv; g.oys = cg.oys; g.oxs = cg.oxs; g.ooff = cg.ooff;
-  if (cg.grid && cg.Wv % k.lanes == 0 && compact_grid) {
+  const bool whole = cg.Wv % k.lanes == 0, halves = k.lanes >= 8 && cg.Wv % (k.lanes / 2) == 0;
+  if (cg.grid && compact_grid && (whole || halves)) {
     g.Pn = cg.Pn / cg.Wp * cg.Wv;
     g.Wp = cg.Wv;
     g.bwp = cg.Wp;
+    g.halves = !whole;
   }
   g.bias = op.bias.data();
   if (op.temb >= 0) { g.temb = b.base + slot_off[size_t(op.temb)]; g.t_bstride = T; }
@@ -667,13 +671,13 @@ void Engine::Impl::op_attention(const Op& op, const Samples& b, const EngineKern
     const float* kt = base + n * T + pack_off + hd * (kt_size + v_size);
     for (int64_t mb = 0; mb < round_up(L, MR) / MR; ++mb)
       k.gemm_tile(d, kt + mb * d * MR, nullptr, nr, Qb, St + mb * MR * nr, int(std::min<int64_t>(MR, L - mb * MR)),
-                  nullptr);
+                  nullptr, false);
     k.softmax_cols(St, L, nr, 0, ncols, sm_scale);
     float* o = base + n * T + o_off + hd * d * L + j0;  // O_h: [d, L]
     alignas(64) float tile[MR * kMaxTileCols];
     for (int64_t cb = 0; cb < round_up(d, MR) / MR; ++cb) {
       k.gemm_tile(L, kt + kt_size + cb * L * MR, nullptr, nr, St, tile, int(std::min<int64_t>(MR, d - cb * MR)),
-                  nullptr);
+                  nullptr, false);
       for (int m = 0; m < MR && cb * MR + m < d; ++m)
         std::memcpy(o + (cb * MR + m) * L, tile + m * nr, size_t(ncols) * 4);
     }

@@ -25,6 +25,9 @@ inline __m256i lanes_below(int n) {
 }
 inline Fv load_n(const float* p, int n) { return (Fv)_mm256_maskload_ps(p, lanes_below(n)); }
 inline void store_n(float* p, Fv v, int n) { _mm256_maskstore_ps(p, lanes_below(n), (__m256)v); }
+inline Fv load_halves(const float* p, const float* q) {
+  return (Fv)_mm256_insertf128_ps(_mm256_castps128_ps256(_mm_loadu_ps(p)), _mm_loadu_ps(q), 1);
+}
 
 #include "engine_simd.inc"
 

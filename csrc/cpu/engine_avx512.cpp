@@ -7,6 +7,9 @@
 #include <immintrin.h>
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx2,fma")
+// GCC 12's _mm512_insertf64x4 reads an intentionally undefined register: a false -Wmaybe-uninitialized.
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 
 namespace fastddpm {
 namespace cpu {
@@ -24,6 +27,11 @@ inline Fv vmax(Fv a, Fv b) { return a > b ? a : b; }
 // the first n < W lanes (masked: nothing past them is read or written); the rest zero
 inline Fv load_n(const float* p, int n) { return (Fv)_mm512_maskz_loadu_ps(__mmask16((1u << n) - 1), p); }
 inline void store_n(float* p, Fv v, int n) { _mm512_mask_storeu_ps(p, __mmask16((1u << n) - 1), (__m512)v); }
+// two 256-bit loads joined by vinsertf64x4 (AVX-512F; the bits are floats either way)
+inline Fv load_halves(const float* p, const float* q) {
+  const __m512d lo = _mm512_castpd256_pd512(_mm256_loadu_pd(reinterpret_cast<const double*>(p)));
+  return (Fv)_mm512_insertf64x4(lo, _mm256_loadu_pd(reinterpret_cast<const double*>(q)), 1);
+}
 
 #include "engine_simd.inc"
 

@@ -23,6 +23,7 @@ inline Fv load_n(const float* p, int n) {
 inline void store_n(float* p, Fv v, int n) {
   for (int i = 0; i < n; ++i) p[i] = v[i];
 }
+inline Fv load_halves(const float* p, const float* q) { return Fv{p[0], p[1], q[0], q[1]}; }
 
 #include "engine_simd.inc"
 

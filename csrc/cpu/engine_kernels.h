@@ -51,11 +51,12 @@ struct EngineKernels {
   // tile[m * nr + j] = sum_k A[k * kGemmMR + m] * B[off(k) + col(j)], m < kGemmMR, j < nr,
   // off(k) = boff ? boff[k] : k * bld, col(j) = j, or with voff (boff only) voff[j / lanes] +
   // j % lanes: each vector of the tile row from its own place (the pixels of one image row in a
-  // padded plane). Reads nr floats at each B row (past the valid columns). Only the first `rows`
-  // rows are needed (the last m-block of a matrix): the kernel may store zeros in the rows past
-  // them instead of computing them.
+  // padded plane); with halves, each half-vector: voff[j / (lanes / 2)] + j % (lanes / 2) (image
+  // rows of half the lanes). Reads nr floats at each B row (past the valid columns). Only the
+  // first `rows` rows are needed (the last m-block of a matrix): the kernel may store zeros in the
+  // rows past them instead of computing them.
   void (*gemm_tile)(int64_t K, const float* A, const int64_t* boff, int64_t bld, const float* B,
-                    float* tile, int rows, const int64_t* voff);
+                    float* tile, int rows, const int64_t* voff, bool halves);
   // the epilogue of one micro-tile of run_gemm (TileEpilogue)
   void (*gemm_epilogue)(const float* tile, int rows, const TileRuns& runs, const TileEpilogue& e);
   // y[r * y_ld + i] = a * x[r * x_ld + i] + b for r < rows, i < n, then SiLU (y / (1 + exp(-y)))

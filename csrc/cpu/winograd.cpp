@@ -38,7 +38,7 @@ void winograd_task(const WinogradCall& c, const Geometry& g, const EngineKernels
   const int rows = int(std::min<int64_t>(MR, c.cout - mb * MR));
   for (int xi = 0; xi < points(c.m); ++xi)
     k.gemm_tile(c.cin, c.U + xi * g.one + mb * c.cin * MR, nullptr, g.ld, V + xi * g.vs + pb * g.nr,
-                mt + xi * S, rows, nullptr);
+                mt + xi * S, rows, nullptr, false);
   if (c.m == 2) k.winograd_output(mt, y);
   else k.winograd4_output(mt, y);
   // the conv epilogue: bias, time embedding, residual, scale; row r is channel r (or, up, phase
