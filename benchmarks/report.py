@@ -4,7 +4,8 @@
 
 Rows are grouped by benchmark group (one workload each). Per row: the median, what the work needs
 (bytes or GFLOP, from extra_info), what was reached (GB/s or GFLOP/s), the fraction of the
-machine's ceiling measured in the same run (copy GB/s for the step, sgemm GFLOP/s for the U-Net)
+machine's ceiling measured in the same run (copy GB/s for the step; sgemm and the FMA peak,
+fastddpm._C.fma_peak_gflops, for the U-Net)
 and the speed-up over the row's baseline (extra_info["baseline"], else the group's reference row).
 """
 from __future__ import annotations
@@ -15,7 +16,7 @@ import sys
 
 # Implementations that are baselines, not results (the ratio column is relative to them).
 BASELINES = ("torch-ref", "torch-eager", "reference")
-CEILINGS = ("copy", "copy-d2d", "sgemm")
+CEILINGS = ("copy", "copy-d2d", "sgemm", "fma-peak")
 
 
 def _median(b: dict) -> float:
@@ -45,10 +46,20 @@ def _sgemm_ceiling(benches: list[dict]) -> float | None:
     return None
 
 
+def _fma_peak(benches: list[dict]) -> float | None:
+    """GFLOP/s of the FMA-peak row (it times itself: extra_info["gflops"])."""
+    for b in benches:
+        e = b.get("extra_info", {})
+        if e.get("kind") == "fma-peak":
+            return float(e["gflops"])
+    return None
+
+
 def rows(data: dict) -> dict[str, list[dict]]:
     """group -> rows with the derived columns filled in."""
     benches = data.get("benchmarks", [])
     sgemm = _sgemm_ceiling(benches)
+    peak = _fma_peak(benches)
     groups: dict[str, list[dict]] = {}
     for b in benches:
         if b.get("extra_info", {}).get("kind") != "paired":  # those: paired_markdown
@@ -67,10 +78,14 @@ def rows(data: dict) -> dict[str, list[dict]]:
                 row["GB/s"] = e["bytes"] / med / 1e9
                 if copy_gbs and e.get("kind") not in CEILINGS:
                     row["of copy"] = row["GB/s"] / copy_gbs
+            if e.get("kind") == "fma-peak":
+                row["GFLOP/s"] = float(e["gflops"])
             if "gflop" in e:
                 row["GFLOP/s"] = e["gflop"] / med
                 if sgemm and e.get("kind") != "sgemm":
                     row["of sgemm"] = row["GFLOP/s"] / sgemm
+                if peak:
+                    row["of peak"] = row["GFLOP/s"] / peak
             base_name = e.get("baseline")
             base = by_impl.get(base_name) if base_name else None
             if base is None:
@@ -103,7 +118,7 @@ def paired_markdown(data: dict) -> list[str]:
 
 def markdown(data: dict) -> str:
     lines = [f"Machine: {_machine_line(data)}", ""]
-    cols = ["impl", "median_ms", "GB/s", "of copy", "GFLOP/s", "of sgemm", "speed-up", "vs"]
+    cols = ["impl", "median_ms", "GB/s", "of copy", "GFLOP/s", "of sgemm", "of peak", "speed-up", "vs"]
     for group, table in rows(data).items():
         present = [c for c in cols if any(c in r for r in table)]
         lines += [f"### {group}", "", "| " + " | ".join(present) + " |", "|" + "---|" * len(present)]

@@ -12,6 +12,8 @@
 #include "py_loop.h"
 #include "cpu/engine.h"
 #include "cpu/isa.h"
+#include "cpu/peak.h"
+#include "cpu/peak.h"
 #include "cpu/step_cpu.h"
 #include "fastddpm/plan.h"
 
@@ -227,6 +229,12 @@ PYBIND11_MODULE(_C, mod) {
            "time every plan op of each forward (on also zeroes the totals)")
       .def_property_readonly("op_seconds", &PyEngine::op_seconds,
                              "per plan op: seconds accumulated while profiling");
+  mod.def("fma_peak_gflops", [](const std::string& isa, int threads, double seconds) {
+    const cpu::Isa i = isa_of(isa);
+    py::gil_scoped_release nogil;
+    return cpu::fma_peak_gflops(i, threads, seconds);
+  }, py::arg("isa"), py::arg("threads"), py::arg("seconds") = 0.2,
+          "float32 FMA GFLOP/s of `threads` threads on an ISA path: the machine's FLOP ceiling");
   mod.def("num_threads", &cpu::num_threads);
   mod.def("set_num_threads", &cpu::set_num_threads, py::arg("n"));
 }

@@ -635,3 +635,16 @@ def test_diffusers_saved_directory_runs_natively(tmp_path):
         ref = model(torch.from_numpy(x), 321).sample.numpy()
     assert any(k[:4] == ("native-cpu", 2, h, wd) for k in pipe._engines)
     assert rel_err(out, ref) <= REL_TOL
+
+
+def test_fma_peak_is_measured_and_checks_its_arguments():
+    """The benchmarks' FLOP ceiling: a positive rate on every ISA this CPU runs, and clear errors
+    for bad arguments."""
+    for isa in _C.supported_isas():
+        assert _C.fma_peak_gflops(isa, 1, 0.01) > 0
+    with pytest.raises(ValueError, match="unknown ISA path 'sse9'"):
+        _C.fma_peak_gflops("sse9", 1)
+    with pytest.raises(ValueError, match="threads must be >= 1"):
+        _C.fma_peak_gflops("generic", 0)
+    with pytest.raises(ValueError, match=r"seconds must be in \(0, 10\]"):
+        _C.fma_peak_gflops("generic", 1, 0.0)

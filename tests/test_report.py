@@ -20,6 +20,7 @@ def _bench(group, impl, median, **extra):
 
 DATA = {"machine_info": {"cpu_model": "cpu", "cpu_count": 2}, "datetime": "now", "benchmarks": [
     _bench("sgemm", "torch.mm", 0.01, kind="sgemm", gflop=1.0),
+    _bench("fma peak", "fma avx512 x2", 0.05, kind="fma-peak", gflops=200.0),
     _bench("fwd", "native", 0.02, kind="forward", gflop=0.5),
     _bench("fwd", "torch-eager", 0.05, kind="forward", gflop=0.5),
     {"name": "paired", "group": "paired fwd", "stats": {"median": 0.3},
@@ -34,6 +35,9 @@ def test_sequential_rows_have_ratios_and_ceiling_fractions():
     native = next(r for r in rows["fwd"] if r["impl"] == "native")
     assert abs(native["speed-up"] - 2.5) < 1e-12 and native["vs"] == "torch-eager"
     assert abs(native["GFLOP/s"] - 25.0) < 1e-9 and abs(native["of sgemm"] - 0.25) < 1e-12
+    assert abs(native["of peak"] - 0.125) < 1e-12          # 25 of the FMA row's own 200 GFLOP/s
+    peak = rows["fma peak"][0]
+    assert peak["GFLOP/s"] == 200.0 and "speed-up" not in peak and "of peak" not in peak
     assert "paired fwd" not in rows  # a paired round's total is not a row
 
 
