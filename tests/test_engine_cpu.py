@@ -153,6 +153,26 @@ def threads(request):
     _C.set_num_threads(before)
 
 
+def _resnet_convs(c, co, h, w, residual=-1):
+    """A resnet's two convs over slots 0 (input [c, h, w]) .. 7 (conv2's output [co, h, w]):
+    conv1 with the time embedding, conv2 with the 1x1 shortcut of the input + scale 0.7 (and a
+    residual if given); slots 2 and 6 are padded."""
+    return [Op("TIME_EMB", out=3, c_out=16),
+            Op("LINEAR", out=4, in_=3, c_in=16, c_out=co, w_idx=2, b_idx=3, silu=True),
+            Op("PAD", out=2, in_=0, c_in=c, h=h, w=w),
+            Op("CONV", out=5, in_=2, c_in=c, h=h, w=w, c_out=co, mode=CONV_MODES["CONV3"], w_idx=0,
+               b_idx=1, temb=4),
+            Op("PAD", out=6, in_=5, c_in=co, h=h, w=w),
+            Op("CONV", out=7, in_=6, c_in=co, h=h, w=w, c_out=co, mode=CONV_MODES["CONV3"], w_idx=4,
+               b_idx=5, in2=2, c_in2=c, w2_idx=6, b2_idx=7, scale=0.7, residual=residual)]
+
+
+def _resnet_conv_weights(rng, c, co):
+    """Weights 0-7 of _resnet_convs, then 8-9 for a last 3x3 conv co -> co."""
+    return [_w(rng, co, c, 3, 3), _w(rng, co), _w(rng, co, 16), _w(rng, co), _w(rng, co, co, 3, 3),
+            _w(rng, co), _w(rng, co, c, 1, 1), _w(rng, co), _w(rng, co, co, 3, 3), _w(rng, co)]
+
+
 @pytest.mark.parametrize("isa", ISAS, indirect=True)
 @pytest.mark.parametrize("batch,threads", [(1, 2), (2, 2), (3, 2), (2, 1)], indirect=["threads"])
 @pytest.mark.parametrize("h,w,tile", [(10, 14, 2), (16, 32, 4)])
@@ -167,19 +187,11 @@ def test_op_conv3_winograd(isa, batch, threads, h, w, tile, monkeypatch):
     c, co = 12, 9
     plane, pp = h * w, (h + 2) * (w + 2)
     sizes = [c * plane, co * plane, c * pp, 16, co, co * plane, co * pp, co * plane, co * pp]
-    ops = [Op("TIME_EMB", out=3, c_out=16),
-           Op("LINEAR", out=4, in_=3, c_in=16, c_out=co, w_idx=2, b_idx=3, silu=True),
-           Op("PAD", out=2, in_=0, c_in=c, h=h, w=w),
-           Op("CONV", out=5, in_=2, c_in=c, h=h, w=w, c_out=co, mode=CONV_MODES["CONV3"], w_idx=0,
-              b_idx=1, temb=4),
-           Op("PAD", out=6, in_=5, c_in=co, h=h, w=w),
-           Op("CONV", out=7, in_=6, c_in=co, h=h, w=w, c_out=co, mode=CONV_MODES["CONV3"], w_idx=4,
-              b_idx=5, in2=2, c_in2=c, w2_idx=6, b2_idx=7, scale=0.7),
-           Op("PAD", out=8, in_=7, c_in=co, h=h, w=w),
-           Op("CONV", out=1, in_=8, c_in=co, h=h, w=w, c_out=co, mode=CONV_MODES["CONV3"], w_idx=8,
-              b_idx=9, residual=7, scale=0.5)]
-    weights = [_w(rng, co, c, 3, 3), _w(rng, co), _w(rng, co, 16), _w(rng, co), _w(rng, co, co, 3, 3),
-               _w(rng, co), _w(rng, co, c, 1, 1), _w(rng, co), _w(rng, co, co, 3, 3), _w(rng, co)]
+    ops = _resnet_convs(c, co, h, w) + [
+        Op("PAD", out=8, in_=7, c_in=co, h=h, w=w),
+        Op("CONV", out=1, in_=8, c_in=co, h=h, w=w, c_out=co, mode=CONV_MODES["CONV3"], w_idx=8,
+           b_idx=9, residual=7, scale=0.5)]
+    weights = _resnet_conv_weights(rng, c, co)
     t = (3.0, 811.0, 40.0)[:batch]
     x = rng.standard_normal((batch, c * plane, 1, 1)).astype(np.float32)
     outs = {}
@@ -244,19 +256,10 @@ def test_compact_grid_columns(isa, batch, threads, h, w, monkeypatch):
     c, co = 12, 9
     plane, pp, up = h * w, (h + 2) * (w + 2), 4 * h * w
     sizes = [c * plane, co * up, c * pp, 16, co, co * plane, co * pp, co * plane]
-    ops = [Op("TIME_EMB", out=3, c_out=16),
-           Op("LINEAR", out=4, in_=3, c_in=16, c_out=co, w_idx=2, b_idx=3, silu=True),
-           Op("PAD", out=2, in_=0, c_in=c, h=h, w=w),
-           Op("CONV", out=5, in_=2, c_in=c, h=h, w=w, c_out=co, mode=CONV_MODES["CONV3"], w_idx=0,
-              b_idx=1, temb=4),
-           Op("PAD", out=6, in_=5, c_in=co, h=h, w=w),
-           Op("CONV", out=7, in_=6, c_in=co, h=h, w=w, c_out=co, mode=CONV_MODES["CONV3"], w_idx=4,
-              b_idx=5, in2=2, c_in2=c, w2_idx=6, b2_idx=7, scale=0.7, residual=5),
-           Op("PAD", out=6, in_=7, c_in=co, h=h, w=w),
-           Op("CONV", out=1, in_=6, c_in=co, h=h, w=w, c_out=co, mode=CONV_MODES["UP"], w_idx=8,
-              b_idx=9)]
-    weights = [_w(rng, co, c, 3, 3), _w(rng, co), _w(rng, co, 16), _w(rng, co), _w(rng, co, co, 3, 3),
-               _w(rng, co), _w(rng, co, c, 1, 1), _w(rng, co), _w(rng, co, co, 3, 3), _w(rng, co)]
+    ops = _resnet_convs(c, co, h, w, residual=5) + [
+        Op("PAD", out=6, in_=7, c_in=co, h=h, w=w),
+        Op("CONV", out=1, in_=6, c_in=co, h=h, w=w, c_out=co, mode=CONV_MODES["UP"], w_idx=8, b_idx=9)]
+    weights = _resnet_conv_weights(rng, c, co)
     t = np.array((3.0, 811.0, 40.0)[:batch], np.float32)
     x = rng.standard_normal((batch, c * plane, 1, 1)).astype(np.float32)
     monkeypatch.setenv("FASTDDPM_WINOGRAD", "0")
