@@ -631,27 +631,31 @@ void Engine::Impl::op_attention(const Op& op, const Samples& b, const EngineKern
     g.nbatch = b.n;
     run_gemm(g, k, threads);
   }
-  // pack per head: Kt [ceil(L/MR)][d][MR] (rows = keys) and V [ceil(d/MR)][L][MR]
+  // pack per head: Kt [ceil(L/MR)][d][MR] (rows = keys) and V [ceil(d/MR)][L][MR], one task per
+  // MR-row block of either (batch 1 has one head: a task per head left the other threads idle)
   const int64_t kt_size = round_up(L, MR) * d, v_size = round_up(d, MR) * L;
-  parallel_for(b.n * heads, threads, b.n * C * L >= (1 << 14), [&](int64_t t) {
-    const int64_t n = t / heads, hd = t % heads;
+  const int64_t kblocks = round_up(L, MR) / MR, vblocks = round_up(d, MR) / MR;
+  parallel_for(b.n * heads * (kblocks + vblocks), threads, b.n * C * L >= (1 << 14), [&](int64_t t) {
+    const int64_t blk = t % (kblocks + vblocks), r = t / (kblocks + vblocks), hd = r % heads, n = r / heads;
     const float* x = base + n * T + slot_off[size_t(op.in)];
-    const float* kk = op.folded ? x : base + n * T + q_off + (C + hd * d) * L;      // K_h: [d, L]
-    const float* vv = op.folded ? x : base + n * T + q_off + (2 * C + hd * d) * L;  // V_h: [d, L]
     float* kt = base + n * T + pack_off + hd * (kt_size + v_size);
-    float* vp = kt + kt_size;
-    for (int64_t jb = 0; jb < round_up(L, MR) / MR; ++jb)
+    if (blk < kblocks) {
+      const float* kk = op.folded ? x : base + n * T + q_off + (C + hd * d) * L;  // K_h: [d, L]
       for (int64_t c = 0; c < d; ++c)
         for (int m = 0; m < MR; ++m) {
-          const int64_t j = jb * MR + m;
-          kt[(jb * d + c) * MR + m] = j < L ? kk[c * L + j] : 0.0f;
+          const int64_t j = blk * MR + m;
+          kt[(blk * d + c) * MR + m] = j < L ? kk[c * L + j] : 0.0f;
         }
-    for (int64_t cb = 0; cb < round_up(d, MR) / MR; ++cb)
+    } else {
+      const int64_t cb = blk - kblocks;
+      const float* vv = op.folded ? x : base + n * T + q_off + (2 * C + hd * d) * L;  // V_h: [d, L]
+      float* vp = kt + kt_size;
       for (int64_t j = 0; j < L; ++j)
         for (int m = 0; m < MR; ++m) {
           const int64_t c = cb * MR + m;
           vp[(cb * L + j) * MR + m] = c < d ? vv[c * L + j] : 0.0f;
         }
+    }
   });
   // Per (sample, head, block of nr queries), in this thread's scratch: St [L keys, nr] = K_h^T Q_blk,
   // softmax down each column, O_blk [d, nr] = V_h P: S never leaves L1/L2 and P is read as a
