@@ -1,7 +1,8 @@
 """The fused step on each backend next to the reference step (plain torch ops + torch.randn).
 
 Bytes per element: 3 x 4 (read x and the model output, write the result). The machine's copy
-bandwidth is measured in the same run (np.copyto, 2 x 4 bytes per element) as the ceiling.
+bandwidth is measured in the same run (2 x 4 bytes per element) as the ceiling: np.copyto on one
+thread and torch's copy_ on the step's threads; report.py takes the faster.
 Every implementation's answer is checked before it is timed; a wrong answer fails the row.
 """
 import numpy as np
@@ -36,7 +37,7 @@ def _record(benchmark, shape, impl, baseline="torch-ref"):
 
 @pytest.mark.parametrize("size", SIZES)
 def test_copy_ceiling(benchmark, size):
-    """np.copyto of one array: this machine's copy bandwidth, the ceiling for a streaming kernel."""
+    """np.copyto of one array (one thread): a copy-bandwidth ceiling for a streaming kernel."""
     shape = SIZES[size]
     src = np.random.default_rng(1).standard_normal(shape, dtype=np.float32)
     dst = np.empty_like(src)
@@ -44,8 +45,31 @@ def test_copy_ceiling(benchmark, size):
     assert np.array_equal(dst, src)
     n = int(np.prod(shape))
     benchmark.group = "step " + "x".join(map(str, shape))
-    benchmark.extra_info.update(kind="copy", impl="copy", elements=n, bytes=8 * n)
+    benchmark.extra_info.update(kind="copy", impl="copy (np.copyto, 1 thread)", elements=n, bytes=8 * n)
     benchmark(np.copyto, dst, src)
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_copy_ceiling_threads(benchmark, size):
+    """torch's Tensor.copy_ on the step's thread count: it splits a large copy over the threads,
+    as the step does, so it is the higher ceiling there (report.py takes the fastest copy row)."""
+    torch = pytest.importorskip("torch")
+    from fastddpm import _C
+    prev = torch.get_num_threads()
+    torch.set_num_threads(_C.num_threads())
+    try:
+        shape = SIZES[size]
+        src = torch.from_numpy(np.random.default_rng(1).standard_normal(shape, dtype=np.float32))
+        dst = torch.empty_like(src)
+        dst.copy_(src)
+        assert torch.equal(dst, src)
+        n = int(np.prod(shape))
+        benchmark.group = "step " + "x".join(map(str, shape))
+        benchmark.extra_info.update(kind="copy", impl=f"copy (torch copy_, {_C.num_threads()} threads)",
+                                    elements=n, bytes=8 * n)
+        benchmark(dst.copy_, src)
+    finally:
+        torch.set_num_threads(prev)
 
 
 @pytest.mark.parametrize("size", SIZES)

@@ -50,3 +50,14 @@ def test_paired_table_quotes_the_median_of_per_round_ratios(tmp_path):
     assert "### paired fwd (4 interleaved rounds)" in text
     assert "| torch-eager | 50 | 10 | 2.40x |" in text    # 2.4x, not 50 / 20 = 2.5x
     assert "| native | 20 | 25 |  |" in text
+
+
+def test_the_fastest_copy_row_is_the_ceiling():
+    data = {"benchmarks": [
+        _bench("step", "copy (1 thread)", 0.004, kind="copy", bytes=8e6),   # 2 GB/s
+        _bench("step", "copy (2 threads)", 0.002, kind="copy", bytes=8e6),  # 4 GB/s
+        _bench("step", "native-cpu", 0.005, kind="step", bytes=12e6, baseline="torch-ref"),
+        _bench("step", "torch-ref", 0.05, kind="step", bytes=12e6)]}
+    native = next(r for r in _report().rows(data)["step"] if r["impl"] == "native-cpu")
+    assert abs(native["GB/s"] - 2.4) < 1e-9 and abs(native["of copy"] - 0.6) < 1e-12
+    assert abs(native["speed-up"] - 10.0) < 1e-9
