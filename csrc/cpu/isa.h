@@ -17,7 +17,9 @@ struct Chunk {
   int64_t sample = 0;
   int64_t e0 = 0;
   int64_t e1 = 0;
-  // write out with non-temporal stores (set for outputs far larger than the caches, so the write
+  // arrays far larger than the caches: prefetch the inputs ahead in software
+  bool large = false;
+  // write out with non-temporal stores (set for large outputs not written in place, so the write
   // does not first read each line; the kernels still fall back to plain stores if out is not 16-byte aligned)
   bool stream = false;
 };

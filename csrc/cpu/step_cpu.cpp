@@ -17,9 +17,10 @@ constexpr int64_t kChunk = 16384;
 // Below this many elements a parallel region costs more than it saves.
 constexpr int64_t kParallelMin = 1 << 15;  // ~130 us of work with noise vs ~5-10 us to wake a team
 constexpr int64_t kMaxIndex = int64_t(1) << 32;
-// Outputs of at least this many bytes are written with non-temporal stores: x, m and out together
-// then pass any L3 of the machines we target, so a plain store would only add a read of each
-// output line (16 instead of 12 bytes per element) and evict x and m of the next chunk.
+// Outputs of at least this many bytes are written with non-temporal stores and their inputs
+// prefetched in software: x, m and out together then pass any L3 of the machines we target, so a
+// plain store would only add a read of each output line (16 instead of 12 bytes per element) and
+// evict x and m of the next chunk.
 constexpr int64_t kStreamMinBytes = int64_t(16) << 20;
 
 std::atomic<int> g_isa{-1};
@@ -37,7 +38,7 @@ void check_params(const StepParams& p) {
 }
 
 template <typename Fn>
-void for_each_chunk(const StepParams& p, Fn&& fn, bool stream = false) {
+void for_each_chunk(const StepParams& p, Fn&& fn, bool large = false, bool stream = false) {
   const int64_t per = (p.per_sample + kChunk - 1) / kChunk;
   const int64_t tasks = p.batch * per;
   auto run = [&](int64_t t) {
@@ -45,6 +46,7 @@ void for_each_chunk(const StepParams& p, Fn&& fn, bool stream = false) {
     c.sample = t / per;
     c.e0 = (t % per) * kChunk;
     c.e1 = c.e0 + kChunk < p.per_sample ? c.e0 + kChunk : p.per_sample;
+    c.large = large;
     c.stream = stream;
     fn(c);
   };
@@ -92,10 +94,10 @@ void fused_step(const StepParams& p, const StepArrays& a) {
     if (!std::isfinite(a.coef[j])) throw std::invalid_argument("coefficient row has a non-finite value");
   if (a.coef[kClip] < 0.0f) throw std::invalid_argument("clip range must be >= 0 (0 = no clipping)");
   const IsaKernels& k = kernels(active_isa());
+  const bool large = p.batch * p.per_sample * int64_t(sizeof(float)) >= kStreamMinBytes;
   // in place (out == x or m) the line was just read: streaming it would only evict it
-  const bool stream = p.batch * p.per_sample * int64_t(sizeof(float)) >= kStreamMinBytes && a.out != a.x &&
-                      a.out != a.m;
-  for_each_chunk(p, [&](const Chunk& c) { k.step_chunk(p, a, c); }, stream);
+  const bool stream = large && a.out != a.x && a.out != a.m;
+  for_each_chunk(p, [&](const Chunk& c) { k.step_chunk(p, a, c); }, large, stream);
 }
 
 void normals(const StepParams& p, float* out) {
