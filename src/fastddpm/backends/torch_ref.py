@@ -6,6 +6,8 @@ rounded to float32), moved to the arrays' device, so it matches every other back
 """
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 
 import importlib as _importlib
@@ -56,10 +58,10 @@ class TorchBackend(Backend):
 
     def step(self, x, m, out, table, row, seed, noise_step, first_index, noise) -> None:
         is_numpy = isinstance(x, np.ndarray)
-        xt, mt = (torch.from_numpy(x), torch.from_numpy(m)) if is_numpy else (x, m)
+        xt, mt = (_read_only_view(x), _read_only_view(m)) if is_numpy else (x, m)
         coef = table[row]
         if noise is not None:
-            z = torch.from_numpy(noise) if is_numpy else noise
+            z = _read_only_view(noise) if is_numpy else noise
         elif coef[5] != 0:
             z = torch.from_numpy(noise_spec.noise(seed, tuple(xt.shape), noise_step, first_index)).to(xt.device)
         else:
@@ -77,6 +79,16 @@ class TorchBackend(Backend):
 
     def describe(self) -> dict:
         return {"torch": torch.__version__, "threads": torch.get_num_threads()}
+
+
+def _read_only_view(a: np.ndarray):
+    """torch.from_numpy of an input the step only reads: a read-only array is fine (torch would
+    warn that writing through the tensor is undefined; nothing writes)."""
+    if a.flags.writeable:
+        return torch.from_numpy(a)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(a)
 
 
 BACKEND = TorchBackend()
