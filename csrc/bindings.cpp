@@ -228,7 +228,7 @@ PYBIND11_MODULE(_C, mod) {
       .def("set_profiling", &PyEngine::set_profiling, py::arg("on"),
            "time every plan op of each forward (on also zeroes the totals)")
       .def_property_readonly("op_seconds", &PyEngine::op_seconds,
-                             "per plan op: seconds accumulated while profiling");
+                             "per plan op: seconds accumulated while profiling (op-parallel samples only)");
   mod.def("fma_peak_gflops", [](const std::string& isa, int threads, double seconds) {
     const cpu::Isa i = isa_of(isa);
     py::gil_scoped_release nogil;

@@ -651,3 +651,25 @@ def test_fma_peak_is_measured_and_checks_its_arguments():
         _C.fma_peak_gflops("generic", 0)
     with pytest.raises(ValueError, match=r"seconds must be in \(0, 10\]"):
         _C.fma_peak_gflops("generic", 1, 0.0)
+
+
+def test_per_op_profiling(monkeypatch):
+    """Engine.set_profiling / op_seconds: one entry per plan op, filled by forwards while on (batch
+    1 runs op-parallel, so every op is timed), zeroed when switched on again, frozen when off."""
+    monkeypatch.delenv("FASTDDPM_SAMPLE_PARALLEL", raising=False)
+    pipe = fastddpm.load("bench-small")
+    eng = CPU_BACKEND.make_engine(pipe.unet_config, pipe.weights, 1, 32, 32)
+    x = np.zeros((1, 1, 32, 32), np.float32)
+    assert eng._engine.op_seconds == [0.0] * len(eng.plan.ops)
+    eng._engine.set_profiling(True)
+    eng.forward(x, 5)
+    first = np.array(eng._engine.op_seconds)
+    assert first.shape == (len(eng.plan.ops),) and (first >= 0).all() and first.sum() > 0
+    eng.forward(x, 5)
+    assert (np.array(eng._engine.op_seconds) >= first).all()
+    eng._engine.set_profiling(False)
+    frozen = eng._engine.op_seconds
+    eng.forward(x, 5)
+    assert eng._engine.op_seconds == frozen
+    eng._engine.set_profiling(True)
+    assert eng._engine.op_seconds == [0.0] * len(eng.plan.ops)

@@ -51,7 +51,8 @@ class Engine {
   // the Winograd output tile size (2 or 4, winograd.h) it runs with.
   std::vector<int> conv_paths() const;
   // Per-op wall time: with profiling on, every forward (alone or inside run) adds each plan op's
-  // seconds to op_seconds (one entry per plan op); set_profiling(true) also zeroes them.
+  // seconds to op_seconds (one entry per plan op); set_profiling(true) also zeroes them. Samples
+  // run by the sample-parallel schedule are not timed (their threads' times would overlap).
   void set_profiling(bool on);
   std::vector<double> op_seconds() const;
 
