@@ -236,6 +236,13 @@ struct Engine::Impl {
     }
   }
   float* this_thread_scratch() { return scratch.get() + int64_t(omp_get_thread_num()) * scratch_stride; }
+  // How a grid conv over an image w wide runs its columns under kernels k: 0 over the padded grid,
+  // 1 compact in whole vectors (w a multiple of the lanes), 2 compact in half-vectors.
+  int compact_mode(int64_t w, const EngineKernels& k) const {
+    if (!compact_grid) return 0;
+    if (w % k.lanes == 0) return 1;
+    return k.lanes >= 8 && w % (k.lanes / 2) == 0 ? 2 : 0;
+  }
 
   void build(const PlanView& pv, const std::vector<WeightView>& weights);
   // Winograd weights of a CONV3 op (w [Cout, Cin, 3, 3]) or an UP op (w [4 Cout, Cin, 3, 3],
@@ -446,7 +453,8 @@ void Engine::Impl::add_winograd_weights(Op& op, const float* w) {
   const bool up = op.mode == P::kUp;
   const int64_t rows = (up ? 4 : 1) * op.cout;
   for (const EngineKernels* t : {&kGenericEngineKernels, &kAvx2EngineKernels, &kAvx512EngineKernels}) {
-    const int m = winograd_choice(ci, rows, op.h, op.w, t->nr, wino_max_m, up, wino_force);
+    const int m = winograd_choice(ci, rows, op.h, op.w, t->nr, wino_max_m, up, compact_mode(op.w, *t) != 0,
+                                  wino_force);
     Buffer& u = m == 2 ? op.wino_u2 : op.wino_u4;
     if (!m || u || winograd_scratch_floats(m, ci, op.h, op.w) > kMaxWinogradScratch) continue;
     u = winograd_weights(m, w, rows, ci);
@@ -566,12 +574,12 @@ GemmCall Engine::Impl::conv_gemm_call(const Op& op, const Samples& b, const Conv
   g.o_bstride = T;
   g.ocs = ocs;
   g.Wp = cg.Wp; g.Wv = cg.Wv; g.oys = cg.oys; g.oxs = cg.oxs; g.ooff = cg.ooff;
-  const bool whole = cg.Wv % k.lanes == 0, halves = k.lanes >= 8 && cg.Wv % (k.lanes / 2) == 0;
-  if (cg.grid && compact_grid && (whole || halves)) {
+  const int compact = cg.grid ? compact_mode(cg.Wv, k) : 0;
+  if (compact) {
     g.Pn = cg.Pn / cg.Wp * cg.Wv;
     g.Wp = cg.Wv;
     g.bwp = cg.Wp;
-    g.halves = !whole;
+    g.halves = compact == 2;
   }
   g.bias = op.bias.data();
   if (op.temb >= 0) { g.temb = b.base + slot_off[size_t(op.temb)]; g.t_bstride = T; }
@@ -584,7 +592,8 @@ GemmCall Engine::Impl::conv_gemm_call(const Op& op, const Samples& b, const Conv
 int Engine::Impl::conv_path(const Op& op, const EngineKernels& k) const {
   if (op.code != P::kConv || (op.mode != P::kConv3 && op.mode != P::kUp)) return 0;
   const bool up = op.mode == P::kUp;
-  const int m = winograd_choice(op.cin, (up ? 4 : 1) * op.cout, op.h, op.w, k.nr, wino_max_m, up, wino_force);
+  const int m = winograd_choice(op.cin, (up ? 4 : 1) * op.cout, op.h, op.w, k.nr, wino_max_m, up,
+                                compact_mode(op.w, k) != 0, wino_force);
   return (m == 2 && op.wino_u2) || (m == 4 && op.wino_u4) ? m : 0;
 }
 

@@ -65,7 +65,7 @@ void winograd_task(const WinogradCall& c, const Geometry& g, const EngineKernels
 }  // namespace
 
 int winograd_choice(int64_t cin, int64_t rows, int64_t h, int64_t w, int nr, int max_m, bool upsample,
-                    bool force) {
+                    bool compact, bool force) {
   if (nr > kMaxNr) return 0;
   if (force) {
     for (int m : {4, 2})
@@ -85,7 +85,7 @@ int winograd_choice(int64_t cin, int64_t rows, int64_t h, int64_t w, int nr, int
   // about 10% (m = 2) and 15% (m = 4) of the GEMMs, and a folded upsample's strided scalar store
   // about 20% more (F(2x2) at 8x8 predicted 12% faster without it, measured 6% slower)
   const double store = upsample ? 1.2 : 1.0;
-  double best = (upsample ? 4.0 : 9.0) * double(round_up(h * (w + 2), nr));
+  double best = (upsample ? 4.0 : 9.0) * double(round_up(h * (compact ? w : w + 2), nr));
   int choice = 0;
   for (int m : {2, 4}) {
     if (m > max_m || h % m || w % m || (wide && m == 2)) continue;

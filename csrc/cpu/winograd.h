@@ -23,11 +23,12 @@ namespace cpu {
 // transforms, and the fewest multiply-adds counted over whole micro-tiles (with the transforms'
 // overhead). upsample: a folded upsample conv, whose direct phases take 4 taps per output (the
 // Winograd path runs them as 3x3 kernels with zeros, 4 x Cout rows, and stores with stride 2).
-// rows: the GEMM rows (Cout, or 4 Cout for an upsample). force: skip the cost model and take the
-// largest m <= max_m that divides both sides (FASTDDPM_WINOGRAD=force, so tests reach every
-// ISA's Winograd kernels).
+// rows: the GEMM rows (Cout, or 4 Cout for an upsample). compact: the direct path computes only
+// the image's h * w columns (compact columns), not the padded grid's h * (w + 2). force: skip the
+// cost model and take the largest m <= max_m that divides both sides (FASTDDPM_WINOGRAD=force, so
+// tests reach every ISA's Winograd kernels).
 int winograd_choice(int64_t cin, int64_t rows, int64_t h, int64_t w, int nr, int max_m = 4, bool upsample = false,
-                    bool force = false);
+                    bool compact = false, bool force = false);
 
 // A folded nearest-x2 upsample + 3x3 conv [Cout, Cin, 3, 3] as a 3x3 conv at the input's
 // resolution with 4 Cout outputs: row (2 py + px) Cout + co is output phase (py, px) of channel co,
