@@ -21,13 +21,6 @@ typedef float Fv __attribute__((vector_size(W * 4)));
 
 inline U64 mul_even(U64 a, U64 b) { return (U64)_mm256_mul_epu32((__m256i)a, (__m256i)b); }
 inline Fv vsqrt(Fv x) { return (Fv)_mm256_sqrt_ps((__m256)x); }
-// x = m * 2^e, m in [0.5, 1): the exponent and mantissa bits of a normal positive float
-inline void frexp_half(Fv x, Fv& m, Fv& e) {
-  typedef int32_t Iv32 __attribute__((vector_size(W * 4)));
-  const Iv32 bits = (Iv32)x;
-  m = (Fv)((bits & 0x007fffff) | 0x3f000000);
-  e = __builtin_convertvector(((bits >> 23) & 0xff) - 126, Fv);
-}
 // non-temporal store of 8 floats at a 16-byte aligned p (numpy's large arrays are 16 mod 64)
 inline void stream_store(float* p, Fv v) {
   const __m256 x = (__m256)v;

@@ -23,13 +23,6 @@ inline Fv vsqrt(Fv x) {
   for (int i = 0; i < W; ++i) x[i] = std::sqrt(x[i]);
   return x;
 }
-// x = m * 2^e, m in [0.5, 1): the exponent and mantissa bits of a normal positive float
-inline void frexp_half(Fv x, Fv& m, Fv& e) {
-  typedef int32_t Iv32 __attribute__((vector_size(W * 4)));
-  const Iv32 bits = (Iv32)x;
-  m = (Fv)((bits & 0x007fffff) | 0x3f000000);
-  e = __builtin_convertvector(((bits >> 23) & 0xff) - 126, Fv);
-}
 // non-temporal store of 4 floats at a 16-byte aligned p (SSE is the x86-64 baseline)
 inline void stream_store(float* p, Fv v) {
 #if defined(__SSE__)
