@@ -180,8 +180,8 @@ def test_op_conv3_winograd(isa, batch, threads, h, w, tile, monkeypatch):
     """Stride-1 3x3 convs on the Winograd path (FASTDDPM_WINOGRAD=force, whatever each ISA's cost
     model would pick): 10x14 takes F(2x2, 3x3) (35 tiles), 16x32 F(4x4, 3x3) (32 tiles); with
     the time embedding, with the 1x1 shortcut + scale, with a residual + scale; 9 output channels
-    (not a micro-tile multiple). Batches 2 with 2 threads run whole samples per thread, the others
-    one sample at a time. Checked against the NumPy interpreter, with the Winograd path on and
+    (not a micro-tile multiple). With 2 threads, whole pairs of samples run one per thread (the
+    sample-parallel schedule), a remaining sample with the threads sharing the conv. Checked against the NumPy interpreter, with the Winograd path on and
     off (FASTDDPM_WINOGRAD=0)."""
     rng = np.random.default_rng(batch)
     c, co = 12, 9

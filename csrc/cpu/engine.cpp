@@ -606,7 +606,7 @@ void Engine::Impl::op_conv_winograd(const Op& op, const Samples& b, int m, const
   c.N = b.n; c.cin = op.cin; c.cout = (c.up ? 4 : 1) * op.cout; c.cout_out = op.cout; c.h = op.h; c.w = op.w;
   c.U = (m == 2 ? op.wino_u2 : op.wino_u4).get();
   c.in = base + slot_off[size_t(op.in)]; c.in_bs = T;
-  c.V = this_thread_scratch(); c.v_floats = scratch_stride;
+  c.V = this_thread_scratch();
   c.out = base + slot_off[size_t(op.out)]; c.o_bs = T;
   c.bias = op.bias.data();
   if (op.temb >= 0) { c.temb = base + slot_off[size_t(op.temb)]; c.t_bs = T; }

@@ -151,18 +151,9 @@ void winograd_conv(const WinogradCall& c, const EngineKernels& k, int threads) {
     (c.m == 2 ? k.winograd_input : k.winograd4_input)(c.in + n * c.in_bs + ci * plane, c.h, c.w,
                                                       V + ci * g.ld, g.vs);
   };
-  if (threads > 1 && (c.N % threads == 0 || c.N >= 4 * threads)) {
-    // Whole samples per thread, each with its own V: a V written by one core and read by the
-    // other cost more than the conv saved (measured: batch 16 got no 2-thread gain when shared).
-    parallel_for(c.N, threads, true, [&](int64_t n) {
-      float* V = c.V + int64_t(omp_get_thread_num()) * c.v_floats;
-      for (int64_t ci = 0; ci < c.cin; ++ci) transform(n, ci, V);
-      for (int64_t pb = 0; pb < Pb; ++pb)
-        for (int64_t mb = 0; mb < Mb; ++mb) winograd_task(c, g, k, V, n, pb, mb);
-    });
-    return;
-  }
-  // Otherwise one sample at a time, its V transformed by all threads, then shared.
+  // One sample at a time, its V transformed by all threads, then shared. (Whole samples per
+  // thread, each with its own V, is the engine's sample-parallel schedule: it calls this with one
+  // thread per sample.)
   for (int64_t n = 0; n < c.N; ++n) {
     parallel_for(c.cin, threads, true, [&](int64_t ci) { transform(n, ci, c.V); });
     // task order (column block, m-block): consecutive tasks share the V panel

@@ -39,7 +39,7 @@ std::vector<float> upsample_phase_weights(const float* w, int64_t cout, int64_t 
 engine_util::Buffer winograd_weights(int m, const float* w, int64_t cout, int64_t cin);
 
 // Columns of one V row (tiles padded so a micro-tile may read past the last one), and the V
-// floats of one sample (winograd_conv needs one such block per thread).
+// floats of one sample (one such block per thread: the engine gives each thread its own).
 int64_t winograd_ld(int m, int64_t h, int64_t w);
 int64_t winograd_scratch_floats(int m, int64_t cin, int64_t h, int64_t w);
 
@@ -50,7 +50,7 @@ struct WinogradCall {
   bool up = false;                                // a folded upsample: out [cout_out, 2h, 2w]
   const float* U = nullptr;                       // winograd_weights(m, ...)
   const float* in = nullptr;  int64_t in_bs = 0;  // padded [Cin, h+2, w+2] per sample
-  float* V = nullptr;  int64_t v_floats = 0;      // scratch: `threads` blocks of v_floats
+  float* V = nullptr;                             // scratch of winograd_scratch_floats (the caller's thread's)
   float* out = nullptr;       int64_t o_bs = 0;   // [Cout, h, w] ([cout_out, 2h, 2w] when up)
   const float* bias = nullptr;                    // [cout_out]
   const float* temb = nullptr; int64_t t_bs = 0;  // [cout_out] per sample, or null
