@@ -8,7 +8,6 @@
 """
 import gc
 import threading
-import types
 
 import numpy as np
 import pytest
@@ -19,6 +18,10 @@ from fastddpm.plan import CONV_MODES, Op, build_plan
 from fastddpm.unet_config import PRESETS, UNetConfig, random_weights
 from fastddpm.weights import WeightsError
 
+from _plan_cases import (ATTENTION_SHAPES, attention_case, check_ops, conv_mode_case,
+                         groupnorm_concat_shortcut_residual_cases, plan_arrays, rel_err,
+                         time_emb_linear_cases)
+from _plan_cases import rand_w as _w
 from plan_numpy import run_plan
 
 pytestmark = pytest.mark.skipif(_C is None, reason="fastddpm._C is not built")
@@ -31,11 +34,6 @@ from test_unet_config import CONFIGS  # noqa: E402
 
 ISAS = CPU_BACKEND.supported_isas() if _C is not None else []
 REL_TOL = 1e-4
-
-
-def rel_err(a, b) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
 @pytest.fixture
@@ -51,42 +49,18 @@ def isa(request):
 def _engine_for(ops, slot_sizes, weights, batch):
     """A compiled engine for a hand-built op list (slot 0 = input, slot 1 = output), and a
     plan-like object for the NumPy interpreter."""
-    names = [f"w{i}" for i in range(len(weights))]
-    plan = types.SimpleNamespace(ops=ops, batch=batch, weight_names=names,
-                                 output_shape=(batch, slot_sizes[1]))
-    ints = np.array([op.int_row() for op in ops], dtype=np.int64)
-    floats = np.array([op.float_row() for op in ops], dtype=np.float64)
-    eng = _C.Engine(ints, floats, np.array(slot_sizes, dtype=np.int64),
-                    [(n, np.ascontiguousarray(w, np.float32)) for n, w in zip(names, weights)],
-                    batch, slot_sizes[0], slot_sizes[1], 1, 1)
-    return eng, plan, dict(zip(names, weights))
+    args, plan, wd = plan_arrays(ops, slot_sizes, weights, batch)
+    return _make_engine(*args, batch, slot_sizes[0], slot_sizes[1]), plan, wd
 
 
-def _check_ops(ops, slot_sizes, weights, batch=2, t=(3.0, 811.0)):
-    rng = np.random.default_rng(len(ops))
-    eng, plan, wd = _engine_for(ops, slot_sizes, weights, batch)
-    x = rng.standard_normal((batch, slot_sizes[0], 1, 1)).astype(np.float32)
-    tt = np.array(t[:batch], dtype=np.float32)
-    out = eng.forward(x, tt).reshape(batch, -1)
-    ref = run_plan(plan, wd, x.reshape(batch, -1), tt).reshape(batch, -1)
-    return rel_err(out, ref)
-
-
-def _w(rng, *shape, scale=None):
-    fan = int(np.prod(shape[1:])) if len(shape) > 1 else 1
-    s = scale if scale is not None else 1 / np.sqrt(fan)
-    return (rng.standard_normal(shape) * s).astype(np.float32)
+def _make_engine(ints, floats, slot_sizes, weights, batch, in_c, out_c):
+    return _C.Engine(ints, floats, slot_sizes, weights, batch, in_c, out_c, 1, 1)
 
 
 @pytest.mark.parametrize("isa", ISAS, indirect=True)
 def test_op_time_embedding_and_linear(isa):
-    rng = np.random.default_rng(0)
-    for dim, flip, shift in ((32, True, 0.0), (33, False, 1.0)):
-        ops = [Op("TIME_EMB", out=2, c_out=dim, flip=flip, shift=shift),
-               Op("LINEAR", out=3, in_=2, c_in=dim, c_out=40, w_idx=0, b_idx=1),
-               Op("LINEAR", out=1, in_=3, c_in=40, c_out=24, w_idx=2, b_idx=3, silu=True)]
-        w = [_w(rng, 40, dim), _w(rng, 40), _w(rng, 24, 40), _w(rng, 24)]
-        assert _check_ops(ops, [1, 24, dim, 40], w) <= REL_TOL
+    for case in time_emb_linear_cases():
+        assert check_ops(_make_engine, *case) <= REL_TOL
 
 
 @pytest.mark.parametrize("isa", ISAS, indirect=True)
@@ -94,54 +68,15 @@ def test_op_time_embedding_and_linear(isa):
 def test_op_conv_modes(isa, mode):
     """Conv with bias + time-embedding add, on sizes that are not tile multiples (7 output
     channels, 10x6 images, 5 input channels)."""
-    rng = np.random.default_rng(1)
-    c, h, w, co = 5, 10, 6, 7
-    k = 1 if mode == "CONV1" else 3
-    ho, wo = {"CONV3": (h, w), "CONV1": (h, w), "DOWN1": (h // 2, w // 2), "DOWN0": (h // 2, w // 2),
-              "UP": (2 * h, 2 * w)}[mode]
-    padded_in = mode in ("CONV3", "UP")
-    sizes = [c * h * w, co * ho * wo, c * (h + 2) * (w + 2), 9, co, c * 9 * ho * wo]
-    ops = [Op("TIME_EMB", out=3, c_out=9),
-           Op("LINEAR", out=4, in_=3, c_in=9, c_out=co, w_idx=2, b_idx=3, silu=True)]
-    src = 0
-    if padded_in:
-        ops.append(Op("PAD", out=2, in_=0, c_in=c, h=h, w=w, a=1.5, shift=-0.25))
-        src = 2
-    ops.append(Op("CONV", out=1, in_=src, c_in=c, h=h, w=w, c_out=co, mode=CONV_MODES[mode],
-                  w_idx=0, b_idx=1, temb=4, scratch=5 if mode.startswith("DOWN") else -1))
-    weights = [_w(rng, co, c, k, k), _w(rng, co), _w(rng, co, 9), _w(rng, co)]
-    assert _check_ops(ops, sizes, weights) <= REL_TOL
+    assert check_ops(_make_engine, *conv_mode_case(mode)) <= REL_TOL
 
 
 @pytest.mark.parametrize("isa", ISAS, indirect=True)
 def test_op_groupnorm_concat_shortcut_residual(isa):
     """Group norm (+SiLU, padded, two concatenated sources whose groups straddle the seam), then
     conv + 1x1 shortcut + scale; and a conv with a residual add."""
-    rng = np.random.default_rng(2)
-    c1, c2, h, w, co, g = 6, 3, 8, 5, 4, 3
-    plane, pp = h * w, (h + 2) * (w + 2)
-    sizes = [(c1 + c2) * plane, co * plane, (c1 + c2) * pp, (c1 + c2) * pp, c2 * plane, co * plane]
-    ops = [
-        # split the input in two tensors so that the norm reads a concat
-        Op("CONV", out=4, in_=0, c_in=c1 + c2, h=h, w=w, c_out=c2, mode=CONV_MODES["CONV1"], w_idx=6, b_idx=7),
-        Op("GROUPNORM", out=2, in_=0, c_in=c1, in2=4, c_in2=c2, h=h, w=w, groups=g, silu=True,
-           padded_out=True, eps=1e-5, w_idx=0, b_idx=1),
-        Op("PAD", out=3, in_=0, c_in=c1, in2=4, c_in2=c2, h=h, w=w),
-        Op("CONV", out=5, in_=2, c_in=c1 + c2, h=h, w=w, c_out=co, mode=CONV_MODES["CONV3"], w_idx=2,
-           b_idx=3, in2=3, c_in2=c1 + c2, w2_idx=4, b2_idx=5, scale=0.7),
-        Op("GROUPNORM", out=1, in_=5, c_in=co, h=h, w=w, groups=2, eps=1e-6, w_idx=8, b_idx=9),
-    ]
-    ct = c1 + c2
-    weights = [1 + 0.2 * _w(rng, ct, scale=1), 0.3 * _w(rng, ct, scale=1), _w(rng, co, ct, 3, 3), _w(rng, co),
-               _w(rng, co, ct, 1, 1), _w(rng, co), _w(rng, c2, ct, 1, 1), _w(rng, c2) + 3.0,
-               1 + 0.2 * _w(rng, co, scale=1), _w(rng, co)]
-    assert _check_ops(ops, sizes, weights, batch=3, t=(1.0, 2.0, 3.0)) <= REL_TOL
-    # residual add: conv(x) + x
-    c, sizes = 4, [4 * plane, 4 * plane, 4 * pp]
-    ops = [Op("PAD", out=2, in_=0, c_in=c, h=h, w=w),
-           Op("CONV", out=1, in_=2, c_in=c, h=h, w=w, c_out=c, mode=CONV_MODES["CONV3"], w_idx=0,
-              b_idx=1, residual=0, scale=0.5)]
-    assert _check_ops(ops, sizes, [_w(rng, c, c, 3, 3), _w(rng, c)]) <= REL_TOL
+    for case in groupnorm_concat_shortcut_residual_cases():
+        assert check_ops(_make_engine, *case) <= REL_TOL
 
 
 @pytest.fixture
@@ -307,18 +242,9 @@ def test_winograd_switch_must_be_0_1_or_2(monkeypatch):
 
 
 @pytest.mark.parametrize("isa", ISAS, indirect=True)
-@pytest.mark.parametrize("heads,c,h,w", [(1, 8, 4, 5), (3, 12, 6, 6), (4, 16, 16, 16)])
+@pytest.mark.parametrize("heads,c,h,w", ATTENTION_SHAPES)
 def test_op_attention(isa, heads, c, h, w):
-    rng = np.random.default_rng(heads)
-    L = h * w
-    sizes = [c * L, c * L, c * L, 4 * c * L + heads * L * L]
-    ops = [Op("GROUPNORM", out=2, in_=0, c_in=c, h=h, w=w, groups=2, eps=1e-5, w_idx=0, b_idx=1),
-           Op("ATTENTION", out=1, in_=2, c_in=c, h=h, w=w, c_out=c, heads=heads, residual=0,
-              scratch=3, w_idx=2, scale=1 / 1.3)]
-    weights = [np.ones(c, np.float32), np.zeros(c, np.float32)]
-    for _ in range(4):
-        weights += [_w(rng, c, c, scale=1.5 / np.sqrt(c)), _w(rng, c)]
-    assert _check_ops(ops, sizes, weights) <= REL_TOL
+    assert check_ops(_make_engine, *attention_case(heads, c, h, w)) <= REL_TOL
 
 
 def test_bad_plans_raise_value_errors():
