@@ -1,45 +1,107 @@
 #!/usr/bin/env bash
-# One command on a bare GPU machine (no network needed): build fastddpm with CUDA, print what was
-# built and which backends run, run the GPU tests, then time the GPU benchmarks into
-# benchmarks/results/gpu-<device-name>.json. Exits non-zero if the build, the tests or the
-# benchmarks failed (the benchmarks still run after failed tests, to show how far off things are).
+# One command on a bare GPU machine (no network needed): print the driver, runtime and device;
+# build fastddpm with CUDA; run every `cuda` test (a skipped one fails: FASTDDPM_REQUIRE_GPU=1);
+# run every kernel under compute-sanitizer (memcheck, initcheck, racecheck); time the GPU
+# benchmarks into benchmarks/results/gpu-<device>.json. Exits non-zero if no GPU was found, or
+# any stage failed; each stage runs whatever the earlier ones did, to show how far off things are.
 #
 #   bash benchmarks/gpu_check.sh            (or: make gpu-check)
 # Environment: PYTHON (default .venv/bin/python if present, else python3); FASTDDPM_CUDA_ARCHS
-# (default: the compute capability of GPU 0, from nvidia-smi, so the build compiles one arch).
+# (default: the compute capability of GPU 0, from nvidia-smi, so the build compiles one arch);
+# GPU_STAGES (default "env build tests sanitize bench"); GPU_LOGS (default $OUT or
+# benchmarks/results/gpu-logs): where the logs go; BENCH_K: a pytest -k filter for the benchmarks.
 set -uo pipefail
 cd "$(dirname "$0")/.."
+export PYTHONUNBUFFERED=1
 
 PY="${PYTHON:-}"
 if [ -z "$PY" ]; then
   if [ -x .venv/bin/python ]; then PY=.venv/bin/python; else PY=python3; fi
+fi
+STAGES=" ${GPU_STAGES:-env build tests sanitize bench} "
+LOGS="${GPU_LOGS:-${OUT:-benchmarks/results/gpu-logs}}"
+mkdir -p "$LOGS"
+failed=()
+want() { [[ "$STAGES" == *" $1 "* ]]; }
+stage() { echo; echo "== $1 ($(date +%T))"; }
+
+if want env; then
+  stage "environment"
+  if ! command -v nvidia-smi >/dev/null 2>&1 || ! nvidia-smi --query-gpu=name,driver_version,compute_cap,memory.total \
+      --format=csv,noheader; then
+    echo "gpu-check: no NVIDIA driver or GPU found (nvidia-smi)" >&2
+    exit 2
+  fi
+  command -v nvcc >/dev/null 2>&1 && nvcc --version | tail -n 2
+  "$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'available', torch.cuda.is_available())" \
+    2>&1 || true
 fi
 
 if [ -z "${FASTDDPM_CUDA_ARCHS:-}" ] && command -v nvidia-smi >/dev/null 2>&1; then
   cap=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -n1 | tr -d ' .')
   if [[ "$cap" =~ ^[0-9]+$ ]]; then export FASTDDPM_CUDA_ARCHS="$cap"; fi
 fi
-echo "== build (FASTDDPM_CUDA=1, archs ${FASTDDPM_CUDA_ARCHS:-setup.py default})"
-FASTDDPM_CUDA=1 "$PY" -m pip install --disable-pip-version-check -q --no-build-isolation --no-deps -e . || {
-  echo "gpu-check: the CUDA build failed" >&2
-  exit 1
-}
 
-echo "== python -m fastddpm.info"
+if want build; then
+  stage "build (FASTDDPM_CUDA=1, archs ${FASTDDPM_CUDA_ARCHS:-setup.py default})"
+  if ! FASTDDPM_CUDA=1 "$PY" -m pip install --disable-pip-version-check -q --no-build-isolation --no-deps -e . \
+      >"$LOGS/build.log" 2>&1; then
+    tail -n 40 "$LOGS/build.log"
+    echo "gpu-check: the CUDA build failed" >&2
+    exit 1
+  fi
+  grep -i "warning" "$LOGS/build.log" | grep -v "^WARNING: Location\|DEPRECATION" | head -n 20
+fi
+
+stage "python -m fastddpm.info"
 "$PY" -m fastddpm.info || exit 1
+"$PY" - <<'EOF' || exit 2
+import sys
+from fastddpm.backends.native_cuda import CUDA_BACKEND, _C_cuda
+why = CUDA_BACKEND.engine_unavailable()
+if why:
+    sys.exit("gpu-check: the CUDA engine cannot run: " + "; ".join(why))
+print("runtime", _C_cuda.runtime_version(), "device", _C_cuda.device_info(0))
+EOF
 
-echo "== pytest -m cuda tests"
-"$PY" -m pytest -q -m cuda tests
-tests_rc=$?
+if want tests; then
+  stage "pytest -m cuda tests (FASTDDPM_REQUIRE_GPU=1: a skip is a failure)"
+  FASTDDPM_REQUIRE_GPU=1 timeout "${TESTS_TIMEOUT:-600}" "$PY" -m pytest -q -m cuda -p no:cacheprovider -rfEs \
+    --durations=8 tests -o console_output_style=classic 2>&1 \
+    | tee "$LOGS/cuda-tests.log" | grep -v "^tests/.* PASSED" | tail -n 60
+  [ "${PIPESTATUS[0]}" -eq 0 ] || failed+=(tests)
+fi
 
-name=$("$PY" -c "import torch; print(torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'none')" \
-  2>/dev/null | tr -cs 'A-Za-z0-9._-' '-' | sed 's/^-*//; s/-*$//')
-out="benchmarks/results/gpu-${name:-unknown}.json"
-mkdir -p benchmarks/results
-echo "== GPU benchmarks -> $out"
-"$PY" -m pytest -q benchmarks/test_bench_step_cuda.py benchmarks/test_bench_cuda_unet.py --benchmark-json="$out"
-bench_rc=$?
-if [ -f benchmarks/report.py ]; then "$PY" benchmarks/report.py "$out" || true; fi
+if want sanitize; then
+  if command -v compute-sanitizer >/dev/null 2>&1; then
+    for tool in memcheck initcheck racecheck; do
+      stage "compute-sanitizer --tool $tool benchmarks/gpu_sanitize.py"
+      quick=""; [ "$tool" = racecheck ] && quick="--quick"
+      timeout "${SANITIZE_TIMEOUT:-240}" compute-sanitizer --tool "$tool" --error-exitcode 99 \
+        "$PY" benchmarks/gpu_sanitize.py $quick >"$LOGS/sanitize-$tool.log" 2>&1
+      rc=$?
+      grep -v "^ok " "$LOGS/sanitize-$tool.log" | tail -n 25
+      echo "$tool rc=$rc"
+      [ "$rc" -eq 0 ] || failed+=("$tool")
+    done
+  else
+    echo "compute-sanitizer not found"; failed+=(sanitize)
+  fi
+fi
 
-echo "== gpu-check: tests rc=$tests_rc, benchmarks rc=$bench_rc"
-[ "$tests_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ]
+if want bench; then
+  name=$("$PY" -c "from fastddpm import _C_cuda; print(_C_cuda.device_name(0))" 2>/dev/null \
+    | tr -cs 'A-Za-z0-9._-' '-' | sed 's/^-*//; s/-*$//')
+  out="benchmarks/results/gpu-${name:-unknown}.json"
+  stage "GPU benchmarks -> $out"
+  timeout "${BENCH_TIMEOUT:-600}" "$PY" -m pytest -q -p no:cacheprovider -rfEs benchmarks/test_bench_step_cuda.py \
+    benchmarks/test_bench_cuda_unet.py ${BENCH_K:+-k "$BENCH_K"} --benchmark-json="$out" \
+    --benchmark-columns=median,iqr,rounds 2>&1 | tee "$LOGS/bench.log" | tail -n 80
+  [ "${PIPESTATUS[0]}" -eq 0 ] || failed+=(bench)
+  cp "$out" "$LOGS/" 2>/dev/null
+  if [ -f "$out" ]; then "$PY" benchmarks/report.py "$out" 2>&1 | tail -n 60 || true; fi
+fi
+
+echo
+echo "== gpu-check: ${#failed[@]} stage(s) failed${failed[*]:+: ${failed[*]}}"
+[ "${#failed[@]}" -eq 0 ]

@@ -8,7 +8,13 @@ captured step graph; the torch rows run reference_sample (spec noise made in tor
 kind (forward / sample), impl, dtype, model, batch, steps, gflop (forward multiply-adds x 2, from
 the plan). Every forward is checked against the fp32 reference before it is timed.
 All rows are `cuda`-marked: skipped without a GPU.
+
+To fit a GPU lease: the sampling rows run the batch-1 cases only, and torch.compile (a minute of
+compilation per shape) runs on bench-small batch 1 only, unless FASTDDPM_BENCH_COMPILE=all.
+FASTDDPM_BENCH_STEPS sets the sampling rows' steps (default 1000).
 """
+import os
+
 import numpy as np
 import pytest
 
@@ -16,7 +22,10 @@ import fastddpm
 from _gpu import gpu_reason  # benchmarks/ is on sys.path under pytest
 
 CASES = [("bench-small", 1), ("bench-small", 64), ("ddpm-cifar10", 1), ("ddpm-cifar10", 256)]
-STEPS = 1000
+SAMPLE_CASES = [c for c in CASES if c[1] == 1]
+STEPS = int(os.environ.get("FASTDDPM_BENCH_STEPS", "1000"))
+COMPILE_ALL = os.environ.get("FASTDDPM_BENCH_COMPILE", "") == "all"
+IMPLS = ["native-cuda:tf32", "native-cuda:fp32", "native-cuda:bf16", "torch-eager", "torch-compile"]
 TOL = {"fp32": 1e-4, "tf32": 3e-3, "bf16": 3e-2}
 
 
@@ -62,16 +71,21 @@ def _record(benchmark, kind, impl, dtype, name, batch, gflop, steps=1):
                                 device=torch.cuda.get_device_name(0))
 
 
+def _skip_compile(impl, name, batch):
+    if impl == "torch-compile" and not COMPILE_ALL and (name, batch) != ("bench-small", 1):
+        pytest.skip("torch.compile runs on bench-small batch 1 only (FASTDDPM_BENCH_COMPILE=all for every case)")
+
+
 def _rel(a, b):
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
 @pytest.mark.parametrize("name,batch", CASES)
-@pytest.mark.parametrize("impl", ["native-cuda:tf32", "native-cuda:fp32", "native-cuda:bf16", "torch-eager",
-                                  "torch-compile"])
+@pytest.mark.parametrize("impl", IMPLS)
 def test_forward(benchmark, name, batch, impl):
     import torch
+    _skip_compile(impl, name, batch)
     from fastddpm.backends.native_cuda import CUDA_BACKEND
     pipe, x, t, gflop = _setup(name, batch)
     ref = pipe.reference_unet("cuda")
@@ -106,11 +120,11 @@ def test_forward(benchmark, name, batch, impl):
     benchmark.pedantic(run, rounds=20, warmup_rounds=2)
 
 
-@pytest.mark.parametrize("name,batch", CASES)
-@pytest.mark.parametrize("impl", ["native-cuda:tf32", "native-cuda:fp32", "native-cuda:bf16", "torch-eager",
-                                  "torch-compile"])
+@pytest.mark.parametrize("name,batch", SAMPLE_CASES)
+@pytest.mark.parametrize("impl", IMPLS)
 def test_sample_1000_steps(benchmark, name, batch, impl):
     import torch
+    _skip_compile(impl, name, batch)
     from fastddpm.backends.native_cuda import Sampler
     from fastddpm.reference import reference_sample
     pipe, x, t, gflop = _setup(name, batch)

@@ -331,6 +331,7 @@ class PyCudaEngine {
   // Device pointers (e.g. torch CUDA tensors' data_ptr()): x [N, in_c, H, W], t float32 [N],
   // out [N, out_c, H, W], all on the engine's device; asynchronous on `stream`.
   void forward_ptr(uintptr_t x, uintptr_t t, uintptr_t out, uintptr_t stream) {
+    RelaxedCapture relaxed;  // pointer queries inside a caller's (global-mode) capture
     check_device_pointer(x, engine_->device(), "x");
     check_device_pointer(t, engine_->device(), "t");
     check_device_pointer(out, engine_->device(), "out");
@@ -362,10 +363,14 @@ class PyCudaEngine {
       frames.append(f);
     }
     a.x_out = x.mutable_data();
-    a.every = every;
-    // At chunk boundaries only (the GPU keeps the next chunk queued): Ctrl-C and the callback.
+    // Reports at chunk boundaries only (the GPU keeps the next chunk queued): Ctrl-C at every one,
+    // the callback at multiples of `every` and the last step. Without a callback the chunk is
+    // kSignalChunk steps, so Ctrl-C still stops a long loop early.
+    constexpr int64_t kSignalChunk = 16;
+    const int64_t steps = engine_->steps();
+    a.every = every > 0 ? every : kSignalChunk;
     fastddpm::bind::run_loop([&](const std::function<bool(int64_t)>& on_chunk) { return engine_->run(a, on_chunk); },
-                             callback, [](int64_t) { return true; });
+                             callback, [=](int64_t k) { return k == steps || (every > 0 && k % every == 0); });
     return py::make_tuple(x, frames);
   }
 
@@ -419,6 +424,13 @@ PYBIND11_MODULE(_C_cuda, mod) {
           "copy nbytes from a device pointer back to host bytes (synchronous)");
   mod.def("free", &free_ptr, py::arg("ptr"), py::arg("device") = -1, "cudaFree a pointer from upload()");
   mod.def("synchronize", &synchronize, py::arg("device") = -1, "cudaDeviceSynchronize");
+  mod.def("gemm_compiled_arch", [](const std::string& dtype, int device) {
+    DeviceGuard guard(device);
+    int arch = 0;
+    check_cuda(fcuda::gemm_compiled_arch(precision_of(dtype), &arch), "cudaFuncGetAttributes");
+    return arch;
+  }, py::arg("dtype"), py::arg("device") = -1,
+          "the virtual architecture (e.g. 90) the conv GEMM of dtype was compiled from, as loaded on device");
   mod.def("check_dtype", [](const std::string& d) { return std::string(precision_name(precision_of(d))); },
           py::arg("dtype"), "the dtype if the engine accepts it; ValueError otherwise (needs no GPU)");
   py::class_<PyCudaEngine>(mod, "Engine", "The CUDA U-Net engine for one plan (batch, height, width) on one device")

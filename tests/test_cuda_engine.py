@@ -16,6 +16,7 @@ from fastddpm.backends.native_cuda import CUDA_BACKEND, DTYPES, Sampler, _C_cuda
 from fastddpm.unet_config import PRESETS, UNetConfig, random_weights
 
 cuda = pytest.mark.cuda
+torch_cuda = pytest.mark.torch_cuda  # also needs a CUDA build of torch (conftest gates the rest on the engine alone)
 
 
 def rel_err(a, b) -> float:
@@ -77,7 +78,7 @@ def test_make_engine_without_a_gpu_says_why():
 
 # ------------------------------------------------------------------ GPU
 
-def _reference(cfg, w, device="cuda", dtype=None):
+def _reference(cfg, w, device="cpu", dtype=None):
     import torch
     from fastddpm.reference import ReferenceUNet
     ref = ReferenceUNet.from_weights(cfg, w).eval().to(device)
@@ -93,9 +94,10 @@ def _inputs(cfg, n, h, w, seed=1):
 
 def _torch_forward(ref, x, t, dtype=None):
     import torch
+    device = next(ref.parameters()).device
     with torch.no_grad():
-        xt = torch.from_numpy(x).cuda()
-        tt = torch.from_numpy(t).cuda()
+        xt = torch.from_numpy(x).to(device)
+        tt = torch.from_numpy(t).to(device)
         if dtype is not None:
             xt = xt.to(dtype)
         return ref(xt, tt).float().cpu().numpy()
@@ -105,9 +107,7 @@ def _torch_forward(ref, x, t, dtype=None):
 @pytest.mark.parametrize("name,batch", [("bench-small", 1), ("bench-small", 3), ("ddpm-cifar10", 2)])
 @pytest.mark.parametrize("dtype,tol", [("fp32", 1e-4), ("tf32", 3e-3)])
 def test_forward_matches_the_reference(name, batch, dtype, tol):
-    import torch
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
+    """Against the torch reference in fp32 on the CPU (no CUDA torch needed)."""
     cfg, w = _model(name)
     h, wd = cfg.sample_hw or (32, 32)
     x, t = _inputs(cfg, batch, h, wd)
@@ -120,6 +120,7 @@ def test_forward_matches_the_reference(name, batch, dtype, tol):
 
 
 @cuda
+@torch_cuda
 @pytest.mark.parametrize("dtype", ["bf16", "fp16"])
 def test_forward_low_precision_within_twice_torch(dtype):
     import torch
@@ -130,7 +131,7 @@ def test_forward_low_precision_within_twice_torch(dtype):
     x, t = _inputs(cfg, 2, h, wd)
     exact = _torch_forward(_reference(cfg, w), x, t)
     tdt = torch.bfloat16 if dtype == "bf16" else torch.float16
-    torch_err = rel_err(_torch_forward(_reference(cfg, w, dtype=tdt), x, t, tdt), exact)
+    torch_err = rel_err(_torch_forward(_reference(cfg, w, device="cuda", dtype=tdt), x, t, tdt), exact)
     eng = CUDA_BACKEND.make_engine(cfg, w, 2, h, wd, dtype=dtype)
     err = rel_err(eng.forward(x, t), exact)
     print(f"{dtype}: engine rel L2 {err:.2e}, torch {torch_err:.2e}")
@@ -138,6 +139,7 @@ def test_forward_low_precision_within_twice_torch(dtype):
 
 
 @cuda
+@torch_cuda
 def test_forward_on_torch_tensors_matches_numpy():
     import torch
     cfg, w = _model()
@@ -241,3 +243,123 @@ def test_tf32_falls_back_or_runs():
     eng = CUDA_BACKEND.make_engine(cfg, w, 1, 32, 32)
     major = _C_cuda.device_info(0)["capability"][0]
     assert eng.dtype == ("tf32" if major >= 8 else "fp32")
+
+
+@cuda
+@pytest.mark.parametrize("name", ["bench-small", "ddpm-cifar10"])
+def test_forward_is_batch_invariant_and_repeatable(name):
+    """Sample i of a batch-3 forward is bit for bit the batch-1 forward of that sample; two
+    successive forwards of a large-batch engine are identical."""
+    cfg, w = _model(name)
+    x, t = _inputs(cfg, 3, 32, 32)
+    eng3 = CUDA_BACKEND.make_engine(cfg, w, 3, 32, 32, dtype="fp32")
+    eng1 = CUDA_BACKEND.make_engine(cfg, w, 1, 32, 32, dtype="fp32")
+    full = eng3.forward(x, t)
+    for i in range(3):
+        np.testing.assert_array_equal(eng1.forward(x[i:i + 1], t[i:i + 1]), full[i:i + 1])
+    big = 64
+    xb, tb = _inputs(cfg, big, 32, 32, seed=5)
+    engb = CUDA_BACKEND.make_engine(cfg, w, big, 32, 32, dtype="tf32")
+    np.testing.assert_array_equal(engb.forward(xb, tb), engb.forward(xb, tb))
+
+
+@cuda
+@torch_cuda
+def test_forward_on_two_streams_is_ordered():
+    """Two caller streams share one engine's buffers: each call waits for the last use, so both
+    results are right although neither stream waits for the other."""
+    import torch
+    cfg, w = _model()
+    eng = CUDA_BACKEND.make_engine(cfg, w, 2, 32, 32, dtype="fp32")
+    xa, ta = _inputs(cfg, 2, 32, 32, seed=1)
+    xb, tb = _inputs(cfg, 2, 32, 32, seed=2)
+    want_a, want_b = eng.forward(xa, ta), eng.forward(xb, tb)
+    sa, sb = torch.cuda.Stream(), torch.cuda.Stream()
+    ga, gb = torch.from_numpy(xa).cuda(), torch.from_numpy(xb).cuda()
+    torch.cuda.synchronize()
+    for _ in range(5):
+        with torch.cuda.stream(sa):
+            oa = eng.forward(ga, ta)
+        with torch.cuda.stream(sb):
+            ob = eng.forward(gb, tb)
+        torch.cuda.synchronize()
+        np.testing.assert_array_equal(oa.cpu().numpy(), want_a)
+        np.testing.assert_array_equal(ob.cpu().numpy(), want_b)
+
+
+@cuda
+@torch_cuda
+def test_forward_captured_in_a_torch_cuda_graph():
+    """forward on torch tensors inside torch.cuda.graph: the capture ends cleanly (the engine's own
+    stream is not pulled into it) and replays give the forward of the input buffer's new contents."""
+    import torch
+    cfg, w = _model()
+    eng = CUDA_BACKEND.make_engine(cfg, w, 1, 32, 32, dtype="fp32")
+    x1, t = _inputs(cfg, 1, 32, 32, seed=1)
+    x2, _ = _inputs(cfg, 1, 32, 32, seed=2)
+    static_x = torch.from_numpy(x1).cuda()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        eng.forward(static_x, t)  # warm-up off the default stream, as torch asks
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = eng.forward(static_x, t)
+    for x in (x2, x1):
+        static_x.copy_(torch.from_numpy(x))
+        graph.replay()
+        torch.cuda.synchronize()
+        np.testing.assert_array_equal(static_out.cpu().numpy(), eng.forward(x, t))
+
+
+@cuda
+def test_callback_calling_its_engine_is_an_error_not_a_deadlock():
+    s = Sampler("bench-small", 1, sampler="ddim", steps=6, dtype="fp32")
+    s.engine.callback_every = 2
+    x, t = _inputs(s.pipeline.unet_config, 1, 32, 32)
+
+    def reenter(k):
+        s.engine.forward(x, t)
+    with pytest.raises(RuntimeError, match="must not call back into the engine"):
+        s(seed=0, callback=reenter)
+    np.testing.assert_array_equal(s(seed=0), s(seed=0))  # still usable
+
+
+@cuda
+def test_ctrl_c_without_a_callback_stops_the_loop_early(sigint_handled):
+    """No callback: the loop still reports at chunk boundaries, so a SIGINT stops it long before
+    its end (the interrupt comes at a tenth of the measured full run)."""
+    import _thread
+    import threading
+    import time
+    s = Sampler("ddpm-cifar10", 4, sampler="ddpm", steps=1000, dtype="fp32")
+    t0 = time.perf_counter()
+    s(seed=0)
+    full = time.perf_counter() - t0
+    timer = threading.Timer(full / 10, _thread.interrupt_main)
+    t0 = time.perf_counter()
+    timer.start()
+    with pytest.raises(KeyboardInterrupt):
+        s(seed=1)
+    stopped = time.perf_counter() - t0
+    timer.join()
+    print(f"full run {full:.3f} s, interrupted after {stopped:.3f} s")
+    assert stopped < full / 2
+    np.testing.assert_array_equal(s(seed=0), s(seed=0))
+
+
+@cuda
+def test_build_has_tensor_core_code_for_this_gpu():
+    """The precision check reads what was compiled: with this GPU among the build's archs, the
+    GEMM was compiled for its compute capability and tf32 / bf16 engines run as asked."""
+    cfg, w = _model()
+    major, minor = _C_cuda.device_info(0)["capability"]
+    arch = _C_cuda.gemm_compiled_arch("bf16", 0)
+    print(f"device sm_{major}{minor}, bf16 GEMM compiled from compute_{arch}")
+    assert arch >= 70
+    if major >= 8 and arch >= 80:
+        assert CUDA_BACKEND.make_engine(cfg, w, 1, 32, 32, dtype="bf16").dtype == "bf16"
+    elif major >= 8:
+        with pytest.raises(ValueError, match="needs sm_80"):
+            CUDA_BACKEND.make_engine(cfg, w, 1, 32, 32, dtype="bf16")

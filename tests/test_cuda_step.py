@@ -113,6 +113,7 @@ def _offset_copy(torch, a: np.ndarray, offset=1):
 # -- noise ------------------------------------------------------------------------------------------
 
 @pytest.mark.cuda
+@pytest.mark.torch_cuda
 @pytest.mark.parametrize("batch,per_sample,step,first_index,seed", [
     (1, 1, 0, 0, 0), (3, 5, 17, 0, 1), (2, 35, 999, 7, 2**64 - 1), (4, 4096, INITIAL_STEP, 0, 12345),
     (3, 867, 500, 2**32 - 3, 2**40 + 3), (1, 50_001, 1, 0, 7)])
@@ -124,6 +125,7 @@ def test_philox_stream_matches_spec_exactly(be, batch, per_sample, step, first_i
 
 
 @pytest.mark.cuda
+@pytest.mark.torch_cuda
 @pytest.mark.parametrize("shape,step,first_index,seed", [
     ((1, 1, 5, 7), 3, 0, 0), ((3, 3, 17, 17), 999, 2, 99), ((2, 4, 16, 16), -1, 0, 2**63 + 5),
     ((5, 1), 0, 11, 1), ((2, 3, 128, 128), 123, 0, 42)])
@@ -135,6 +137,7 @@ def test_normals_match_spec(torch, be, shape, step, first_index, seed):
 
 
 @pytest.mark.cuda
+@pytest.mark.torch_cuda
 def test_normals_tails_are_accurate(be):
     """Over 4M normals the extreme uniforms (u near 0 and 1) occur: accurate logf keeps them within 2e-5."""
     shape = (4, 1 << 20)
@@ -145,6 +148,7 @@ def test_normals_tails_are_accurate(be):
 
 
 @pytest.mark.cuda
+@pytest.mark.torch_cuda
 def test_normals_match_cpu_backend(be):
     shape = (3, 3, 17, 17)
     np.testing.assert_allclose(be.noise(8, shape, 40).cpu().numpy(), fastddpm.noise(8, shape, 40), atol=2 * NORMALS_ATOL, rtol=0)
@@ -153,6 +157,7 @@ def test_normals_match_cpu_backend(be):
 # -- the step ---------------------------------------------------------------------------------------
 
 @pytest.mark.cuda
+@pytest.mark.torch_cuda
 @pytest.mark.parametrize("name,sched,opts", SCHEDULERS, ids=[s[0] for s in SCHEDULERS])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_step_in_kernel_noise_matches_float64(torch, name, sched, opts, shape):
@@ -166,6 +171,7 @@ def test_step_in_kernel_noise_matches_float64(torch, name, sched, opts, shape):
 
 
 @pytest.mark.cuda
+@pytest.mark.torch_cuda
 @pytest.mark.parametrize("name,sched,opts", SCHEDULERS, ids=[s[0] for s in SCHEDULERS])
 @pytest.mark.parametrize("shape", [(1, 1, 5, 7), (3, 3, 17, 17), (2, 3, 4, 4)], ids=lambda s: "x".join(map(str, s)))
 def test_step_given_noise_matches_float64(torch, name, sched, opts, shape):
@@ -178,6 +184,7 @@ def test_step_given_noise_matches_float64(torch, name, sched, opts, shape):
 
 
 @pytest.mark.cuda
+@pytest.mark.torch_cuda
 @pytest.mark.parametrize("shape", [(3, 3, 17, 17), (2, 3, 8, 8)], ids=lambda s: "x".join(map(str, s)))
 def test_step_matches_native_cpu(torch, shape):
     """Both compiled backends against each other: same spec, float32 each, so within twice the bound."""
@@ -191,6 +198,7 @@ def test_step_matches_native_cpu(torch, shape):
 
 
 @pytest.mark.cuda
+@pytest.mark.torch_cuda
 @pytest.mark.parametrize("shape", [(2, 3, 4, 4), (3, 3, 17, 17), (1, 1, 5, 7)], ids=lambda s: "x".join(map(str, s)))
 def test_misaligned_storage_offset_gives_the_same_answer(torch, shape):
     """storage_offset 1: x, m, out and noise start 4 bytes past a 16-byte boundary -> the scalar path,
@@ -212,6 +220,7 @@ def test_misaligned_storage_offset_gives_the_same_answer(torch, shape):
 
 
 @pytest.mark.cuda
+@pytest.mark.torch_cuda
 def test_step_in_place_and_into_out(torch):
     _, sched, opts = SCHEDULERS[0]
     shape = (3, 3, 17, 17)
@@ -230,6 +239,7 @@ def test_step_in_place_and_into_out(torch):
 
 
 @pytest.mark.cuda
+@pytest.mark.torch_cuda
 def test_batch_split_gives_the_same_samples(torch):
     """Sample i's noise depends on (seed, first_index + i, t) only: two halves equal the whole."""
     _, sched, opts = SCHEDULERS[0]
@@ -243,6 +253,7 @@ def test_batch_split_gives_the_same_samples(torch):
 
 
 @pytest.mark.cuda
+@pytest.mark.torch_cuda
 def test_nan_propagates_through_clip(torch):
     _, sched, opts = SCHEDULERS[0]
     assert sched.config["clip_sample"]
@@ -256,6 +267,7 @@ def test_nan_propagates_through_clip(torch):
 
 
 @pytest.mark.cuda
+@pytest.mark.torch_cuda
 def test_empty_batch(torch):
     _, sched, opts = SCHEDULERS[0]
     xt = torch.empty((0, 3, 8, 8), device="cuda")
@@ -264,6 +276,7 @@ def test_empty_batch(torch):
 
 
 @pytest.mark.cuda
+@pytest.mark.torch_cuda
 def test_cuda_graph_replay(torch):
     """The step captured once into a CUDA graph (out= given) replays on new contents of x and m."""
     _, sched, opts = SCHEDULERS[0]
@@ -292,6 +305,7 @@ def test_cuda_graph_replay(torch):
 
 
 @pytest.mark.cuda
+@pytest.mark.torch_cuda
 def test_cuda_graph_reads_the_coefficient_row_at_replay(torch):
     """_C_cuda level: the captured kernel reads its row from device memory when it runs, so new row
     contents take effect without re-capturing."""
@@ -321,6 +335,7 @@ def test_cuda_graph_reads_the_coefficient_row_at_replay(torch):
 
 
 @pytest.mark.cuda
+@pytest.mark.torch_cuda
 def test_bindings_refuse_bad_arguments(torch):
     """The C++ side checks again: bad pointers and sizes are Python errors, never a dead CUDA context."""
     from fastddpm import _C_cuda
@@ -346,6 +361,7 @@ def test_bindings_refuse_bad_arguments(torch):
 
 
 @pytest.mark.cuda
+@pytest.mark.torch_cuda
 def test_upload_download_free_round_trip():
     from fastddpm import _C_cuda
     table = np.arange(24, dtype=np.float32).reshape(3, 8)  # [S, 8]
@@ -360,6 +376,7 @@ def test_upload_download_free_round_trip():
 
 
 @pytest.mark.cuda
+@pytest.mark.torch_cuda
 def test_describe_names_the_gpu(torch, be):
     info = be.describe()
     assert len(info["devices"]) == torch.cuda.device_count()

@@ -521,6 +521,23 @@ def test_progress_callback_and_cancel():
         eng.run(sched, (2, 1, 16, 16), seed=3)
 
 
+def test_callback_calling_its_engine_is_an_error_not_a_deadlock():
+    """A progress callback that calls back into the engine running it: a clear RuntimeError (the
+    engine holds its arena for the loop), the engine stays usable; other engines may be called."""
+    cfg = UNetConfig.from_dict(CONFIGS["gray16-noattn"])
+    eng = CPU_BACKEND.make_engine(cfg, random_weights(cfg, 0), 1, 16, 16)
+    other = CPU_BACKEND.make_engine(cfg, random_weights(cfg, 0), 1, 16, 16)
+    sched = fastddpm.DDPMScheduler()
+    sched.set_timesteps(4)
+    x = np.zeros((1, 1, 16, 16), np.float32)
+    with pytest.raises(RuntimeError, match="must not call back into the engine"):
+        eng.run(sched, (1, 1, 16, 16), seed=3, callback=lambda k: eng.forward(x, 10))
+    seen = []
+    a, _ = eng.run(sched, (1, 1, 16, 16), seed=3, callback=lambda k: seen.append(other.forward(x, 10)))
+    assert len(seen) == 4
+    np.testing.assert_array_equal(a, eng.run(sched, (1, 1, 16, 16), seed=3)[0])
+
+
 def test_ctrl_c_stops_the_loop_between_steps(sigint_handled):
     """A SIGINT while the GIL is released: the loop notices it at the next step boundary."""
     import _thread

@@ -27,6 +27,7 @@
 #include "engine_kernels.h"
 #include "engine_util.h"
 #include "fastddpm/plan.h"
+#include "fastddpm/philox.h"
 #include "fastddpm/step.h"
 #include "step_cpu.h"
 #include "winograd.h"
@@ -793,19 +794,19 @@ std::vector<int> Engine::conv_paths() const {
 }
 
 void Engine::set_profiling(bool on) {
-  std::lock_guard<std::mutex> lock(mu_);
+  CallLock lock(mu_, "CPU engine");
   impl_->profiling = on;
   if (on) impl_->op_seconds.assign(impl_->ops.size(), 0.0);
 }
 
 std::vector<double> Engine::op_seconds() const {
-  std::lock_guard<std::mutex> lock(mu_);
+  CallLock lock(mu_, "CPU engine");
   return impl_->op_seconds.empty() ? std::vector<double>(impl_->ops.size(), 0.0) : impl_->op_seconds;
 }
 
 void Engine::forward(const float* x, const float* t, float* out) {
   if (!x || !t || !out) fail("null array pointer");
-  std::lock_guard<std::mutex> lock(mu_);
+  CallLock lock(mu_, "CPU engine");
   Impl& e = *impl_;
   const int64_t in_n = e.in_c * e.H * e.W, out_n = e.out_c * e.H * e.W;
   for (int64_t n = 0; n < e.N; ++n) {
@@ -824,7 +825,7 @@ bool Engine::run(const LoopArgs& a, const std::function<bool(int64_t)>& on_step)
   if (a.first_index < 0 || a.first_index + batch_ > (int64_t(1) << 32))
     fail("sample indices first_index + i must lie in [0, 2**32)");
   for (int64_t s = 0; s < a.steps; ++s) {
-    if (a.timesteps[s] < 0 || a.timesteps[s] >= int64_t(0xFFFFFFFF))
+    if (a.timesteps[s] < 0 || a.timesteps[s] >= int64_t(kInitialNoiseStep))
       fail("timestep " + std::to_string(a.timesteps[s]) + " is out of range");
     for (int j = 0; j < kCoefWidth; ++j)
       if (!std::isfinite(a.coef[s * kCoefWidth + j])) fail("coefficient table has a non-finite value");
@@ -833,7 +834,7 @@ bool Engine::run(const LoopArgs& a, const std::function<bool(int64_t)>& on_step)
   for (size_t i = 0; i < a.keep.size(); ++i)
     if (a.keep[i] < 0 || a.keep[i] > a.steps || !a.keep_out[i]) fail("bad trajectory position");
 
-  std::lock_guard<std::mutex> lock(mu_);
+  CallLock lock(mu_, "CPU engine");
   Impl& e = *impl_;
   const int64_t per = e.in_c * e.H * e.W;
   if (e.out_c != e.in_c) fail("sampling needs out_channels == in_channels");
@@ -853,7 +854,7 @@ bool Engine::run(const LoopArgs& a, const std::function<bool(int64_t)>& on_step)
           std::memcpy(a.keep_out[i] + n * per, e.slot(n, P::kInputSlot), size_t(per) * 4);
   };
   // x_T: the spec's normals at the initial noise step, into the input slot (the loop state)
-  for (int64_t n = 0; n < e.N; ++n) normals(params(n, 0xFFFFFFFFu), e.slot(n, P::kInputSlot));
+  for (int64_t n = 0; n < e.N; ++n) normals(params(n, kInitialNoiseStep), e.slot(n, P::kInputSlot));
   keep_copy(0);
   for (int64_t s = 0; s < a.steps; ++s) {
     const EngineKernels& k = engine_kernels(active_isa());

@@ -5,10 +5,10 @@
 #include <cstdint>
 #include <functional>
 #include <memory>
-#include <mutex>
 #include <string>
 #include <vector>
 
+#include "fastddpm/call_lock.h"
 #include "fastddpm/plan_check.h"
 
 namespace fastddpm {
@@ -61,7 +61,7 @@ class Engine {
  private:
   std::unique_ptr<Impl> impl_;
   int64_t batch_;
-  mutable std::mutex mu_;  // one call at a time: calls share the activation arena
+  mutable CallMutex mu_;  // one call at a time: calls share the activation arena (re-entry: ReentrantCall)
 };
 
 }  // namespace cpu

@@ -101,12 +101,17 @@ class DevBuf {
   size_t bytes_ = 0;
 };
 
-DevBuf upload(const void* host, size_t bytes, const char* what) {
+// Set-up copies go on the engine's stream (non-blocking: the legacy stream would not order them
+// with it); a pageable source is staged before cudaMemcpyAsync returns, so `host` may die after.
+// build() and set_schedule() wait for the stream before they return.
+DevBuf upload(const void* host, size_t bytes, const char* what, cudaStream_t st) {
   DevBuf b(bytes, what);
-  check(cudaMemcpy(b.as<void>(), host, bytes, cudaMemcpyHostToDevice), "weight upload");
+  check(cudaMemcpyAsync(b.as<void>(), host, bytes, cudaMemcpyHostToDevice, st), "weight upload");
   return b;
 }
-DevBuf upload_floats(const std::vector<float>& v, const char* what) { return upload(v.data(), v.size() * 4, what); }
+DevBuf upload_floats(const std::vector<float>& v, const char* what, cudaStream_t st) {
+  return upload(v.data(), v.size() * 4, what, st);
+}
 
 // Pinned host staging (async copies); freed when dropped.
 class HostBuf {
@@ -140,6 +145,24 @@ class HostBuf {
   void* p_ = nullptr;
 };
 
+// Pinned host memory kept between runs, grown when a run needs more (cudaMallocHost is slow).
+class PinnedPool {
+ public:
+  float* get(size_t bytes) {
+    if (bytes > bytes_) {
+      buf_ = HostBuf();  // free first: the new one may need the room
+      bytes_ = 0;
+      buf_ = HostBuf(bytes);
+      bytes_ = bytes;
+    }
+    return buf_.f();
+  }
+
+ private:
+  HostBuf buf_;
+  size_t bytes_ = 0;
+};
+
 class DeviceGuard {
  public:
   explicit DeviceGuard(int device) {
@@ -171,7 +194,8 @@ float tf32_round(float v) {
 // One GEMM of a conv (CONV: 1, UP: 4) or attention (qkv, out projection).
 struct GGemm {
   DevBuf A;      // [ceil(M/64)*64, Kpad] in the operand type
-  DevBuf boff;   // int32 [K], relative to the arena's sample base
+  DevBuf boff;   // int32 [K], relative to the sample base of the source: the arena, or slot src_slot
+  int src_slot = -1;  // -1: B is gathered from the arena; 0 / 1: from that slot's own buffer
   int M = 0, K = 0, Kpad = 0, Pn = 0, Wp = 1, Wv = 1, oys = 0, oxs = 1, ooff = 0;
   std::vector<int64_t> rel;  // boff before the slot offsets are known: (slot, offset in slot)
   std::vector<int64_t> rel_slot;
@@ -195,18 +219,29 @@ struct Engine::Impl {
   DevBuf coef_tab, ts_tab;  // float [cap, 8], uint32 [cap]
   int64_t cap = 0, steps = 0;
   cudaStream_t stream = nullptr;
-  cudaEvent_t ev[2] = {nullptr, nullptr};
+  cudaEvent_t ev[2] = {nullptr, nullptr};  // chunk boundaries of the loop (blocking sync: no spinning core)
+  cudaEvent_t done = nullptr;              // the end of a synchronous call (blocking sync)
+  cudaEvent_t last_use = nullptr;          // the last work enqueued on the buffers, on whatever stream
   cudaGraph_t graph = nullptr;
   cudaGraphExec_t exec = nullptr;
   size_t graph_nodes = 0;
   HostBuf state_host;
+  PinnedPool frames_host, x_host;  // a run's trajectory frames and final sample, copied out asynchronously
 
   ~Impl() {
     drop_graph();
-    for (auto& e : ev)
+    for (cudaEvent_t e : {ev[0], ev[1], done, last_use})
       if (e) cudaEventDestroy(e);
     if (stream) cudaStreamDestroy(stream);
   }
+  // Blocks (without spinning) until everything enqueued on the engine's stream so far is done.
+  void wait_stream(const char* what) {
+    check(cudaEventRecord(done, stream), "cudaEventRecord");
+    check(cudaEventSynchronize(done), what);
+  }
+  // The engine's stream runs after the last use of the buffers; call before enqueueing on it.
+  void after_last_use() { check(cudaStreamWaitEvent(stream, last_use, 0), "cudaStreamWaitEvent"); }
+  void mark_last_use() { check(cudaEventRecord(last_use, stream), "cudaEventRecord"); }
   void drop_graph() {
     if (exec) cudaGraphExecDestroy(exec);
     if (graph) cudaGraphDestroy(graph);
@@ -247,7 +282,7 @@ GGemm Engine::Impl::pack(int64_t M, int64_t K, const std::function<float(int64_t
         const float v = f(r, k);
         a[size_t(r * g.Kpad + k)] = prec == Precision::kTF32 ? tf32_round(v) : v;
       }
-    g.A = upload(a.data(), n * 4, what);
+    g.A = upload(a.data(), n * 4, what, stream);
   } else {
     std::vector<uint16_t> a(n, 0);  // bf16 / fp16 bits: [Mp, Kpad]
     for (int64_t r = 0; r < M; ++r)
@@ -261,13 +296,17 @@ GGemm Engine::Impl::pack(int64_t M, int64_t K, const std::function<float(int64_t
           std::memcpy(&a[size_t(r * g.Kpad + k)], &h, 2);
         }
       }
-    g.A = upload(a.data(), n * 2, what);
+    g.A = upload(a.data(), n * 2, what, stream);
   }
   return g;
 }
 
 void Engine::Impl::build(const PlanView& pv, const std::vector<WeightView>& weights) {
   const std::vector<P::CheckedOp> checked = P::check_plan(pv, weights, in_c, out_c, H, W, int64_t(1) << 30);
+  check(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), "cudaStreamCreate");
+  for (auto& e : ev) check(cudaEventCreateWithFlags(&e, cudaEventDisableTiming | cudaEventBlockingSync), "cudaEventCreate");
+  check(cudaEventCreateWithFlags(&done, cudaEventDisableTiming | cudaEventBlockingSync), "cudaEventCreate");
+  check(cudaEventCreateWithFlags(&last_use, cudaEventDisableTiming), "cudaEventCreate");
   slot_size.assign(pv.slot_sizes, pv.slot_sizes + pv.n_slots);
 
   // the arena's per-sample layout first: boff needs the slot offsets
@@ -282,7 +321,13 @@ void Engine::Impl::build(const PlanView& pv, const std::vector<WeightView>& weig
 
   auto boffs = [&](GGemm& g, const std::vector<int64_t>& rel) {
     std::vector<int32_t> b(rel.begin(), rel.end());
-    g.boff = upload(b.data(), b.size() * 4, "GEMM offsets");
+    g.boff = upload(b.data(), b.size() * 4, "GEMM offsets", stream);
+  };
+  // Where a one-source GEMM gathers from: the arena (offsets include the slot's), or slot 0 / 1's
+  // own buffer (offsets from its start; those buffers carry the same slack as arena slots).
+  auto source = [&](GGemm& g, int64_t s) -> int64_t {
+    g.src_slot = s < 2 ? int(s) : -1;
+    return s < 2 ? 0 : slot_off[size_t(s)];
   };
 
   for (size_t i = 0; i < checked.size(); ++i) {
@@ -306,36 +351,37 @@ void Engine::Impl::build(const PlanView& pv, const std::vector<WeightView>& weig
       case P::kPad:
         break;
       case P::kLinear:
-        op.wt = upload_floats(wcopy(P::kWeight), "linear weight");
-        op.bias = upload_floats(wcopy(P::kBias), "linear bias");
+        op.wt = upload_floats(wcopy(P::kWeight), "linear weight", stream);
+        op.bias = upload_floats(wcopy(P::kBias), "linear bias", stream);
         break;
       case P::kGroupNorm:
-        op.gamma = upload_floats(wcopy(P::kWeight), "norm scale");
-        op.beta = upload_floats(wcopy(P::kBias), "norm shift");
+        op.gamma = upload_floats(wcopy(P::kWeight), "norm scale", stream);
+        op.beta = upload_floats(wcopy(P::kBias), "norm shift", stream);
         break;
       case P::kConv: {
         const int64_t M = op.cout, ci = op.cin, ho = c.ho, wo = c.wo;
         const float* w = wdata(P::kWeight);  // w: [Cout, Cin, k, k]
         const float* ws = nullptr;           // the 1x1 shortcut: [Cout, Cin2, 1, 1]
         std::vector<float> bias = wcopy(P::kBias);
-        if (op.in2 >= 0) {
+        if (op.in2 >= 0) {  // two sources: both gathered from the arena
+          arena_slot(op.in, "input beside a shortcut");
           arena_slot(op.in2, "shortcut input");
           ws = wdata(P::kShortcutWeight);
           const float* b2 = wdata(P::kShortcutBias);
           for (int64_t mm = 0; mm < M; ++mm) bias[size_t(mm)] += b2[mm];
         }
-        op.bias = upload_floats(bias, "conv bias");
+        op.bias = upload_floats(bias, "conv bias", stream);
         const int64_t Wp = op.w + 2;
-        arena_slot(op.in, "input");
         if (op.mode == P::kConv3) {
           const int64_t Km = ci * 9, Ks = ws ? op.cin2 : 0;
           GGemm g = pack(M, Km + Ks, [&](int64_t mm, int64_t kk) {
             return kk < Km ? w[mm * Km + kk] : ws[mm * Ks + (kk - Km)];
           }, "conv weights");
           std::vector<int64_t> rel;
+          const int64_t base_in = source(g, op.in);
           for (int64_t ch = 0; ch < ci; ++ch)
             for (int dy = 0; dy < 3; ++dy)
-              for (int dx = 0; dx < 3; ++dx) rel.push_back(slot_off[size_t(op.in)] + ch * pplane + dy * Wp + dx);
+              for (int dx = 0; dx < 3; ++dx) rel.push_back(base_in + ch * pplane + dy * Wp + dx);
           for (int64_t ch = 0; ch < Ks; ++ch) rel.push_back(slot_off[size_t(op.in2)] + ch * pplane + Wp + 1);  // centre tap
           boffs(g, rel);
           g.Pn = int(op.h * Wp); g.Wp = int(Wp); g.Wv = int(op.w); g.oys = int(op.w); g.oxs = 1;
@@ -343,7 +389,8 @@ void Engine::Impl::build(const PlanView& pv, const std::vector<WeightView>& weig
         } else if (op.mode == P::kConv1) {
           GGemm g = pack(M, ci, [&](int64_t mm, int64_t kk) { return w[mm * ci + kk]; }, "conv weights");
           std::vector<int64_t> rel;
-          for (int64_t ch = 0; ch < ci; ++ch) rel.push_back(slot_off[size_t(op.in)] + ch * hw);
+          const int64_t base_in = source(g, op.in);
+          for (int64_t ch = 0; ch < ci; ++ch) rel.push_back(base_in + ch * hw);
           boffs(g, rel);
           g.Pn = int(hw); g.Wp = int(op.w); g.Wv = int(op.w); g.oys = int(op.w); g.oxs = 1;
           op.gemms.push_back(std::move(g));
@@ -371,10 +418,11 @@ void Engine::Impl::build(const PlanView& pv, const std::vector<WeightView>& weig
                 return s;
               }, "upsample conv weights");
               std::vector<int64_t> rel;
+              const int64_t base_in = source(g, op.in);
               for (int64_t ch = 0; ch < ci; ++ch)
                 for (int a = 0; a < 2; ++a)
                   for (int b = 0; b < 2; ++b)
-                    rel.push_back(slot_off[size_t(op.in)] + ch * pplane + (py + a) * Wp + (px + b));
+                    rel.push_back(base_in + ch * pplane + (py + a) * Wp + (px + b));
               boffs(g, rel);
               g.Pn = int(op.h * Wp); g.Wp = int(Wp); g.Wv = int(op.w);
               g.oys = int(2 * wo); g.oxs = 2; g.ooff = int(py * wo + px);
@@ -385,26 +433,26 @@ void Engine::Impl::build(const PlanView& pv, const std::vector<WeightView>& weig
       }
       case P::kAttention: {
         const int64_t C = op.cin, L = hw;
-        arena_slot(op.in, "input");
         arena_slot(op.scratch, "scratch");
         if (N * op.heads > 65535) fail(where + ": batch * heads must be <= 65535 on the CUDA engine");
         const float* wq = wdata(P::kToQ);
         const float* wk = wdata(P::kToK);
         const float* wvv = wdata(P::kToV);
         const float* wo = wdata(P::kToOut);
-        op.bias2 = upload_floats(wcopy(P::kToOutBias), "attention bias");
+        op.bias2 = upload_floats(wcopy(P::kToOutBias), "attention bias", stream);
         std::vector<float> bqkv;  // [3C]: q, k, v stacked
         for (int role : {P::kToQBias, P::kToKBias, P::kToVBias}) {
           const auto b = wcopy(role);
           bqkv.insert(bqkv.end(), b.begin(), b.end());
         }
-        op.bias = upload_floats(bqkv, "attention bias");
+        op.bias = upload_floats(bqkv, "attention bias", stream);
         GGemm qkv = pack(3 * C, C, [&](int64_t mm, int64_t kk) {
           const float* s = mm < C ? wq : (mm < 2 * C ? wk : wvv);
           return s[(mm % C) * C + kk];
         }, "attention weights");
         std::vector<int64_t> rel;
-        for (int64_t ch = 0; ch < C; ++ch) rel.push_back(slot_off[size_t(op.in)] + ch * L);
+        const int64_t base_in = source(qkv, op.in);
+        for (int64_t ch = 0; ch < C; ++ch) rel.push_back(base_in + ch * L);
         boffs(qkv, rel);
         qkv.Pn = int(L); qkv.Wp = int(L); qkv.Wv = int(L); qkv.oys = 0; qkv.oxs = 1;
         GGemm proj = pack(C, C, [&](int64_t mm, int64_t kk) { return wo[mm * C + kk]; }, "attention weights");
@@ -424,14 +472,17 @@ void Engine::Impl::build(const PlanView& pv, const std::vector<WeightView>& weig
   if (N > 65535) fail("batch must be <= 65535 on the CUDA engine");
   if (N > 0 && T > (int64_t(1) << 40) / N) fail("the activations of this plan and batch are too large");
   arena = DevBuf(size_t(N * T + kSlack) * 4, "the activation arena");
-  check(cudaMemset(arena.as<void>(), 0, arena.bytes()), "cudaMemset");
-  x = DevBuf(size_t(N * in_c * H * W) * 4, "the sample buffer");
-  m = DevBuf(size_t(N * out_c * H * W) * 4, "the model output buffer");
+  check(cudaMemsetAsync(arena.as<void>(), 0, arena.bytes(), stream), "cudaMemset");
+  // slots 0 and 1 with slack too: a GEMM may gather from them (reads up to 2 floats past a padded plane)
+  x = DevBuf(size_t(N * in_c * H * W + kSlack) * 4, "the sample buffer");
+  m = DevBuf(size_t(N * out_c * H * W + kSlack) * 4, "the model output buffer");
+  check(cudaMemsetAsync(x.as<void>(), 0, x.bytes(), stream), "cudaMemset");
+  check(cudaMemsetAsync(m.as<void>(), 0, m.bytes(), stream), "cudaMemset");
   tvals = DevBuf(size_t(N) * 4, "the timesteps");
   state = DevBuf(sizeof(LoopState), "the loop state");
   state_host = HostBuf(sizeof(LoopState));
-  check(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), "cudaStreamCreate");
-  for (auto& e : ev) check(cudaEventCreateWithFlags(&e, cudaEventDisableTiming), "cudaEventCreate");
+  mark_last_use();
+  wait_stream("engine set-up");  // every upload has landed before the engine is used from any stream
 }
 
 // ------------------------------------------------------------------------------- the forward
@@ -450,7 +501,8 @@ void Engine::Impl::forward_ops(cudaStream_t st) {
     GemmDev g;
     g.M = cg.M; g.K = cg.K; g.Kpad = cg.Kpad; g.Pn = cg.Pn;
     g.A = cg.A.as<void>(); g.boff = cg.boff.as<int>();
-    g.src = base; g.s_bstride = T;
+    g.src = cg.src_slot < 0 ? base : slot(cg.src_slot);
+    g.s_bstride = cg.src_slot < 0 ? T : bstride(cg.src_slot);
     g.Wp = cg.Wp; g.Wv = cg.Wv; g.oys = cg.oys; g.oxs = cg.oxs; g.ooff = cg.ooff;
     g.nbatch = n;
     return g;
@@ -565,6 +617,9 @@ void Engine::Impl::capture() {
   if (inst != cudaSuccess) {
     exec = nullptr;
     drop_graph();
+    cudaGetLastError();
+    if (inst == cudaErrorMemoryAllocation)
+      throw OutOfMemory("CUDA out of memory while instantiating the sampling graph (" + cuda_text(inst) + ")");
     check(inst, "cudaGraphInstantiate");
   }
   graph_nodes = 0;
@@ -585,11 +640,21 @@ Engine::Engine(const PlanView& plan, const std::vector<WeightView>& weights, int
   DeviceGuard guard(device);
   int major = 0;
   check(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device), "cudaDeviceGetAttribute");
-  if (major < 8) {  // no tf32 / bf16 tensor cores before Ampere
-    if (requested == Precision::kBF16) fail("dtype bf16 needs a GPU of compute capability 8.0 or newer");
-    if (requested == Precision::kTF32) precision_ = Precision::kF32;
+  // What the device can do and what this build compiled for it: a build without sm_80+ code runs
+  // on an Ampere / Hopper GPU from older PTX, whose tensor-core branches are empty (they trap).
+  int arch = 0;
+  check(gemm_compiled_arch(requested, &arch), "cudaFuncGetAttributes (is this GPU among the build's archs?)");
+  const std::string built = " (this build's GEMM for the device was compiled from compute_" + std::to_string(arch) +
+                            "; rebuild with FASTDDPM_CUDA_ARCHS naming the device's architecture)";
+  if (requested == Precision::kBF16) {
+    if (major < 8) fail("dtype bf16 needs a GPU of compute capability 8.0 or newer");
+    if (arch < 80) fail("dtype bf16 needs sm_80+ code" + built);
   }
-  if (major < 7 && requested == Precision::kF16) fail("dtype fp16 needs a GPU of compute capability 7.0 or newer");
+  if (requested == Precision::kF16) {
+    if (major < 7) fail("dtype fp16 needs a GPU of compute capability 7.0 or newer");
+    if (arch < 70) fail("dtype fp16 needs sm_70+ code" + built);
+  }
+  if (requested == Precision::kTF32 && (major < 8 || arch < 80)) precision_ = Precision::kF32;  // no tf32 cores
   Impl& e = *impl_;
   e.N = batch; e.in_c = in_c; e.out_c = out_c; e.H = height; e.W = width; e.prec = precision_;
   e.build(plan, weights);
@@ -600,6 +665,8 @@ Engine::~Engine() {
   int prev = 0;
   const bool ok = cudaGetDevice(&prev) == cudaSuccess;
   if (ok && prev != device_) cudaSetDevice(device_);
+  // other streams may still use the buffers (forward_device): wait for the last use, then the stream
+  if (impl_->last_use) cudaEventSynchronize(impl_->last_use);
   if (impl_->stream) cudaStreamSynchronize(impl_->stream);
   impl_.reset();
   if (ok && prev != device_) cudaSetDevice(prev);
@@ -622,31 +689,37 @@ void Engine::forward_host(const float* x, const float* t, float* out) {
   if (!x || !t || !out) fail("null array pointer");
   for (int64_t n = 0; n < batch_; ++n)
     if (!std::isfinite(t[n])) fail("timestep must be finite");
-  std::lock_guard<std::mutex> lock(mu_);
+  CallLock lock(mu_, "CUDA engine");
   DeviceGuard guard(device_);
   Impl& e = *impl_;
   const size_t in_b = size_t(e.N * e.in_c * e.H * e.W) * 4, out_b = size_t(e.N * e.out_c * e.H * e.W) * 4;
+  e.after_last_use();
   check(cudaMemcpyAsync(e.x.as<float>(), x, in_b, cudaMemcpyHostToDevice, e.stream), "copy of the sample");
   check(cudaMemcpyAsync(e.tvals.as<float>(), t, size_t(e.N) * 4, cudaMemcpyHostToDevice, e.stream), "copy of t");
   e.forward_ops(e.stream);
   check(cudaMemcpyAsync(out, e.m.as<float>(), out_b, cudaMemcpyDeviceToHost, e.stream), "copy of the output");
-  check(cudaStreamSynchronize(e.stream), "U-Net forward");
+  e.mark_last_use();
+  e.wait_stream("U-Net forward");
 }
 
 void Engine::forward_device(const float* x, const float* t, float* out, cudaStream_t stream) {
   if (!x || !t || !out) fail("null device pointer");
-  std::lock_guard<std::mutex> lock(mu_);
+  CallLock lock(mu_, "CUDA engine");
   DeviceGuard guard(device_);
   Impl& e = *impl_;
   const size_t in_b = size_t(e.N * e.in_c * e.H * e.W) * 4, out_b = size_t(e.N * e.out_c * e.H * e.W) * 4;
-  // On the caller's stream: the engine's buffers are only touched in stream order.
+  cudaStreamCaptureStatus capturing = cudaStreamCaptureStatusNone;
+  check(cudaStreamIsCapturing(stream, &capturing), "cudaStreamIsCapturing");
+  if (capturing == cudaStreamCaptureStatusInvalidated) fail("the caller's stream capture has been invalidated");
+  const bool captured = capturing == cudaStreamCaptureStatusActive;
+  // The caller's stream runs after whatever used the buffers last (another stream, the loop); in a
+  // capture, as an external wait node, so the replay waits for the last use at its own time.
+  check(cudaStreamWaitEvent(stream, e.last_use, captured ? cudaEventWaitExternal : 0), "cudaStreamWaitEvent");
   check(cudaMemcpyAsync(e.x.as<float>(), x, in_b, cudaMemcpyDeviceToDevice, stream), "copy of the sample");
   check(cudaMemcpyAsync(e.tvals.as<float>(), t, size_t(e.N) * 4, cudaMemcpyDeviceToDevice, stream), "copy of t");
   e.forward_ops(stream);
   check(cudaMemcpyAsync(out, e.m.as<float>(), out_b, cudaMemcpyDeviceToDevice, stream), "copy of the output");
-  // the engine's own stream must not run the loop over these buffers before this call is done
-  check(cudaEventRecord(e.ev[0], stream), "cudaEventRecord");
-  check(cudaStreamWaitEvent(e.stream, e.ev[0], 0), "cudaStreamWaitEvent");
+  check(cudaEventRecordWithFlags(e.last_use, stream, captured ? cudaEventRecordExternal : 0), "cudaEventRecord");
 }
 
 void Engine::set_schedule(const float* coef, const int64_t* timesteps, int64_t steps) {
@@ -662,10 +735,11 @@ void Engine::set_schedule(const float* coef, const int64_t* timesteps, int64_t s
       if (!std::isfinite(coef[s * kCoefWidth + j])) fail("coefficient table has a non-finite value");
     if (coef[s * kCoefWidth + kClip] < 0.0f) fail("clip range must be >= 0");
   }
-  std::lock_guard<std::mutex> lock(mu_);
+  CallLock lock(mu_, "CUDA engine");
   DeviceGuard guard(device_);
   Impl& e = *impl_;
-  check(cudaStreamSynchronize(e.stream), "cudaStreamSynchronize");  // a running loop may read the tables
+  e.after_last_use();  // the tables are only read by the loop, but keep every writer in one order
+  e.wait_stream("cudaEventSynchronize");
   if (steps > e.cap) {  // new tables: new pointers, so the captured step is stale
     const int64_t cap = std::max<int64_t>(steps, 1024);
     DevBuf c(size_t(cap * kCoefWidth) * 4, "the coefficient table");
@@ -675,9 +749,11 @@ void Engine::set_schedule(const float* coef, const int64_t* timesteps, int64_t s
     e.ts_tab = std::move(t);
     e.cap = cap;
   }
-  check(cudaMemcpy(e.coef_tab.as<float>(), coef, size_t(steps * kCoefWidth) * 4, cudaMemcpyHostToDevice),
-        "coefficient upload");
-  check(cudaMemcpy(e.ts_tab.as<uint32_t>(), ts.data(), size_t(steps) * 4, cudaMemcpyHostToDevice), "timestep upload");
+  check(cudaMemcpyAsync(e.coef_tab.as<float>(), coef, size_t(steps * kCoefWidth) * 4, cudaMemcpyHostToDevice,
+                        e.stream), "coefficient upload");
+  check(cudaMemcpyAsync(e.ts_tab.as<uint32_t>(), ts.data(), size_t(steps) * 4, cudaMemcpyHostToDevice, e.stream),
+        "timestep upload");
+  e.wait_stream("schedule upload");
   e.steps = steps;
 }
 
@@ -689,7 +765,7 @@ bool Engine::run(const RunArgs& a, const std::function<bool(int64_t)>& on_chunk)
     fail("sample indices first_index + i must lie in [0, 2**32)");
   if (a.every < 0) fail("callback chunk must be >= 0");
   if (e.out_c != e.in_c) fail("sampling needs out_channels == in_channels");
-  std::lock_guard<std::mutex> lock(mu_);
+  CallLock lock(mu_, "CUDA engine");
   if (e.steps < 1) fail("no schedule: call set_schedule first");
   const int64_t S = e.steps;
   for (size_t i = 0; i < a.keep.size(); ++i)
@@ -697,9 +773,11 @@ bool Engine::run(const RunArgs& a, const std::function<bool(int64_t)>& on_chunk)
   DeviceGuard guard(device_);
   const int64_t per = e.in_c * e.H * e.W;
   const size_t frame_b = size_t(e.N * per) * 4;
-  HostBuf frames(frame_b * a.keep.size());  // pinned: the D2H copies stay asynchronous
-  HostBuf xh(frame_b);
-  check(cudaStreamSynchronize(e.stream), "cudaStreamSynchronize");  // the pinned state may be reused now
+  // pinned (the D2H copies stay asynchronous) and kept between runs; no copy from an earlier run
+  // is pending: every run ends on a wait for its stream
+  float* frames = e.frames_host.get(frame_b * a.keep.size());
+  float* xh = e.x_host.get(frame_b);
+  e.after_last_use();
   LoopState* st = reinterpret_cast<LoopState*>(e.state_host.f());
   st->seed = a.seed;
   st->first_index = uint32_t(a.first_index);
@@ -715,10 +793,12 @@ bool Engine::run(const RunArgs& a, const std::function<bool(int64_t)>& on_chunk)
   auto keep_copy = [&](int64_t pos) {
     for (size_t i = 0; i < a.keep.size(); ++i)
       if (a.keep[i] == pos)
-        check(cudaMemcpyAsync(frames.f() + i * size_t(e.N * per), e.x.as<float>(), frame_b, cudaMemcpyDeviceToHost,
+        check(cudaMemcpyAsync(frames + i * size_t(e.N * per), e.x.as<float>(), frame_b, cudaMemcpyDeviceToHost,
                               e.stream), "trajectory copy");
   };
   keep_copy(0);
+  // on_chunk at every `every` steps and the last; 0 = only the last (the caller then gets no
+  // chance to cancel early: bindings pass a chunk so that Ctrl-C is honoured between chunks)
   const int64_t every = (a.every <= 0 || !on_chunk) ? S : a.every;
   int64_t pending = -1;  // the chunk boundary (step) whose event is recorded but not yet waited on
   int pending_ev = 0, next_ev = 0;
@@ -743,13 +823,15 @@ bool Engine::run(const RunArgs& a, const std::function<bool(int64_t)>& on_chunk)
     if (on_chunk && !on_chunk(pending)) cancelled = true;
   }
   if (cancelled) {
-    check(cudaStreamSynchronize(e.stream), "cudaStreamSynchronize");
+    e.mark_last_use();
+    e.wait_stream("sampling loop");
     return false;
   }
-  check(cudaMemcpyAsync(xh.f(), e.x.as<float>(), frame_b, cudaMemcpyDeviceToHost, e.stream), "copy of the sample");
-  check(cudaStreamSynchronize(e.stream), "sampling loop");
-  std::memcpy(a.x_out, xh.f(), frame_b);
-  for (size_t i = 0; i < a.keep.size(); ++i) std::memcpy(a.keep_out[i], frames.f() + i * size_t(e.N * per), frame_b);
+  check(cudaMemcpyAsync(xh, e.x.as<float>(), frame_b, cudaMemcpyDeviceToHost, e.stream), "copy of the sample");
+  e.mark_last_use();
+  e.wait_stream("sampling loop");
+  std::memcpy(a.x_out, xh, frame_b);
+  for (size_t i = 0; i < a.keep.size(); ++i) std::memcpy(a.keep_out[i], frames + i * size_t(e.N * per), frame_b);
   return true;
 }
 

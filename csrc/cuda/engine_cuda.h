@@ -8,12 +8,12 @@
 #include <cstdint>
 #include <functional>
 #include <memory>
-#include <mutex>
 #include <stdexcept>
 #include <string>
 #include <vector>
 
 #include "engine_kernels.cuh"
+#include "fastddpm/call_lock.h"
 #include "fastddpm/plan_check.h"
 
 namespace fastddpm {
@@ -53,12 +53,16 @@ class Engine {
 
   // out = U-Net(x, t): host arrays x [N, in_c, H, W], t [N], out [N, out_c, H, W] (synchronous).
   void forward_host(const float* x, const float* t, float* out);
-  // The same on device pointers of this engine's device, enqueued on `stream` (asynchronous).
+  // The same on device pointers of this engine's device, enqueued on `stream` (asynchronous). The
+  // caller's stream first waits for the last use of the engine's buffers (any stream, or the
+  // loop), and this call becomes the last use; inside a stream capture the wait and the record
+  // are captured as external event nodes, so the replayed graph keeps that ordering.
   void forward_device(const float* x, const float* t, float* out, cudaStream_t stream);
 
   // The scheduler's table: coef [steps, kCoefWidth] float32, timesteps [steps] (host; checked, uploaded).
   void set_schedule(const float* coef, const int64_t* timesteps, int64_t steps);
   // The whole loop; on_chunk(k) after step k at chunk boundaries, false = cancel. Returns false if cancelled.
+  // on_chunk must not call back into this engine (fastddpm::ReentrantCall).
   bool run(const RunArgs& args, const std::function<bool(int64_t)>& on_chunk);
 
   Precision precision() const { return precision_; }
@@ -76,7 +80,7 @@ class Engine {
   Precision precision_;
   int device_;
   int64_t batch_;
-  std::mutex mu_;  // one call at a time: calls share the activation arena and the graph
+  CallMutex mu_;  // one call at a time: calls share the activation arena and the graph (re-entry: ReentrantCall)
 };
 
 }  // namespace cuda

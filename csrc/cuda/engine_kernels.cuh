@@ -48,6 +48,12 @@ struct GemmDev {
 constexpr int kGemmTileM = 64, kGemmTileP = 64, kGemmTileK = 16;
 cudaError_t launch_gemm(const GemmDev& g, Precision prec, cudaStream_t st);
 
+// The virtual architecture (e.g. 90) the conv GEMM of `prec` was compiled for, as the module loaded
+// on the current device reports it (cudaFuncAttributes::ptxVersion, 10 * major + minor): a build
+// without sm_80+ code, JIT-compiled by the driver from older PTX, has no tf32 / bf16 tensor-core
+// path whatever the device could do (those instantiations trap there). 0 with an error on failure.
+cudaError_t gemm_compiled_arch(Precision prec, int* arch);
+
 // fp32 batched GEMM with arbitrary strides (attention scores and P.V), batch b = outer * inner + i:
 //   C_b[m * scm + n] = alpha * sum_k A_b[m * sam + k * sak] * B_b[k * sbk + n * sbn]
 //   X_b = X + (b / inner) * x_outer + (b % inner) * x_inner  for X in A, B, C

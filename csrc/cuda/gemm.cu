@@ -192,15 +192,18 @@ __global__ void __launch_bounds__(kThreads) conv_gemm_kernel(const GemmDev g) {
   // accumulators -> Cs (the staging tiles are dead: the loop ended on a barrier)
   if constexpr (kTensor) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 700
-    if constexpr (P == Precision::kTF32 || P == Precision::kBF16 || P == Precision::kF16) {
-      if (tc_supported<P>())
+    if constexpr (tc_supported<P>()) {
 #pragma unroll
-        for (int i = 0; i < 2; ++i)
+      for (int i = 0; i < 2; ++i)
 #pragma unroll
-          for (int j = 0; j < 2; ++j)
-            wmma::store_matrix_sync(Cs + (wm * 32 + i * 16) * LDC + wp * 32 + j * 16, acc_tc[i * 2 + j], LDC,
-                                    wmma::mem_row_major);
+        for (int j = 0; j < 2; ++j)
+          wmma::store_matrix_sync(Cs + (wm * 32 + i * 16) * LDC + wp * 32 + j * 16, acc_tc[i * 2 + j], LDC,
+                                  wmma::mem_row_major);
+    } else {
+      __trap();  // no tensor-core path compiled for this arch: the host refuses it (gemm_compiled_arch)
     }
+#else
+    __trap();
 #endif
   } else {
 #pragma unroll
@@ -285,6 +288,20 @@ cudaError_t launch_gemm(const GemmDev& g, Precision prec, cudaStream_t st) {
     default: return cudaErrorInvalidValue;
   }
   return cudaGetLastError();
+}
+
+cudaError_t gemm_compiled_arch(Precision prec, int* arch) {
+  *arch = 0;
+  cudaFuncAttributes at;
+  cudaError_t e = cudaErrorInvalidValue;
+  switch (prec) {
+    case Precision::kF32: e = cudaFuncGetAttributes(&at, conv_gemm_kernel<Precision::kF32>); break;
+    case Precision::kTF32: e = cudaFuncGetAttributes(&at, conv_gemm_kernel<Precision::kTF32>); break;
+    case Precision::kBF16: e = cudaFuncGetAttributes(&at, conv_gemm_kernel<Precision::kBF16>); break;
+    case Precision::kF16: e = cudaFuncGetAttributes(&at, conv_gemm_kernel<Precision::kF16>); break;
+  }
+  if (e == cudaSuccess) *arch = at.ptxVersion;
+  return e;
 }
 
 cudaError_t launch_strided_gemm(const StridedGemm& g, cudaStream_t st) {
