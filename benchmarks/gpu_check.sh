@@ -8,8 +8,9 @@
 #   bash benchmarks/gpu_check.sh            (or: make gpu-check)
 # Environment: PYTHON (default .venv/bin/python if present, else python3); FASTDDPM_CUDA_ARCHS
 # (default: the compute capability of GPU 0, from nvidia-smi, so the build compiles one arch);
-# GPU_STAGES (default "env build tests sanitize bench"); GPU_LOGS (default $OUT or
-# benchmarks/results/gpu-logs): where the logs go; BENCH_K: a pytest -k filter for the benchmarks.
+# GPU_STAGES (default "env build tests sanitize profile bench"); SANITIZE_TOOLS (default "memcheck
+# initcheck racecheck"); GPU_LOGS (default $OUT or benchmarks/results/gpu-logs): where the logs go;
+# BENCH_K: a pytest -k filter for the benchmarks; *_TIMEOUT: seconds per stage.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
@@ -18,7 +19,7 @@ PY="${PYTHON:-}"
 if [ -z "$PY" ]; then
   if [ -x .venv/bin/python ]; then PY=.venv/bin/python; else PY=python3; fi
 fi
-STAGES=" ${GPU_STAGES:-env build tests sanitize bench} "
+STAGES=" ${GPU_STAGES:-env build tests sanitize profile bench} "
 LOGS="${GPU_LOGS:-${OUT:-benchmarks/results/gpu-logs}}"
 mkdir -p "$LOGS"
 failed=()
@@ -66,18 +67,19 @@ EOF
 
 if want tests; then
   stage "pytest -m cuda tests (FASTDDPM_REQUIRE_GPU=1: a skip is a failure)"
-  FASTDDPM_REQUIRE_GPU=1 timeout "${TESTS_TIMEOUT:-600}" "$PY" -m pytest -q -m cuda -p no:cacheprovider -rfEs \
-    --durations=8 tests -o console_output_style=classic 2>&1 \
-    | tee "$LOGS/cuda-tests.log" | grep -v "^tests/.* PASSED" | tail -n 60
+  FASTDDPM_REQUIRE_GPU=1 timeout "${TESTS_TIMEOUT:-600}" "$PY" -m pytest -q -m cuda -p no:cacheprovider -rfEsP \
+    --durations=8 --continue-on-collection-errors tests 2>&1 \
+    | tee "$LOGS/cuda-tests.log" | grep -E "^(FAILED|ERROR|SKIPPED)|passed|failed|^E  " | tail -n 40
   [ "${PIPESTATUS[0]}" -eq 0 ] || failed+=(tests)
 fi
 
 if want sanitize; then
   if command -v compute-sanitizer >/dev/null 2>&1; then
-    for tool in memcheck initcheck racecheck; do
+    for tool in ${SANITIZE_TOOLS:-memcheck initcheck racecheck}; do
       stage "compute-sanitizer --tool $tool benchmarks/gpu_sanitize.py"
-      quick=""; [ "$tool" = racecheck ] && quick="--quick"
-      timeout "${SANITIZE_TIMEOUT:-240}" compute-sanitizer --tool "$tool" --error-exitcode 99 \
+      quick=""; limit="${SANITIZE_TIMEOUT:-240}"
+      if [ "$tool" = racecheck ]; then quick="--quick"; limit="${RACECHECK_TIMEOUT:-$limit}"; fi
+      timeout "$limit" compute-sanitizer --tool "$tool" --error-exitcode 99 \
         "$PY" benchmarks/gpu_sanitize.py $quick >"$LOGS/sanitize-$tool.log" 2>&1
       rc=$?
       grep -v "^ok " "$LOGS/sanitize-$tool.log" | tail -n 25
@@ -87,6 +89,11 @@ if want sanitize; then
   else
     echo "compute-sanitizer not found"; failed+=(sanitize)
   fi
+fi
+
+if want profile; then
+  stage "per-op GPU time (benchmarks/gpu_profile.py)"
+  timeout "${PROFILE_TIMEOUT:-120}" "$PY" benchmarks/gpu_profile.py ${PROFILE_SPECS:-} 2>&1 || failed+=(profile)
 fi
 
 if want bench; then

@@ -120,8 +120,7 @@ def plan_ops():
 
 def forwards():
     from fastddpm.backends.native import CPU_BACKEND
-    runs = [("bench-small", 1), ("bench-small", 3)] if QUICK else [("bench-small", 1), ("bench-small", 3),
-                                                                   ("ddpm-cifar10", 1)]
+    runs = [("bench-small", 1)] if QUICK else [("bench-small", 1), ("bench-small", 3), ("ddpm-cifar10", 1)]
     for name, batch in runs:
         cfg = UNetConfig.from_dict(PRESETS[name])
         w = random_weights(cfg, seed=0)
@@ -129,7 +128,7 @@ def forwards():
         x = rng.standard_normal((batch, cfg.in_channels, 32, 32)).astype(np.float32)
         t = rng.integers(0, 1000, size=batch).astype(np.float32)
         want = CPU_BACKEND.make_engine(cfg, w, batch, 32, 32).forward(x, t)
-        for dtype in (["fp32", "bf16"] if QUICK else ["fp32", "tf32", "bf16", "fp16"]):
+        for dtype in (["fp32"] if QUICK else ["fp32", "tf32", "bf16", "fp16"]):
             got = CUDA_BACKEND.make_engine(cfg, w, batch, 32, 32, dtype=dtype).forward(x, t)
             err = rel(got, want)
             check(err <= TOL[dtype], f"forward {name} b{batch} {dtype} vs the CPU engine: rel L2 {err:.2e}")

@@ -374,6 +374,15 @@ class PyCudaEngine {
     return py::make_tuple(x, frames);
   }
 
+  void set_profiling(bool on) {
+    py::gil_scoped_release nogil;  // waits for a call in flight
+    engine_->set_profiling(on);
+  }
+  std::vector<double> op_seconds() {
+    py::gil_scoped_release nogil;
+    return engine_->op_seconds();
+  }
+
   fcuda::Engine& engine() { return *engine_; }
 
  private:
@@ -447,6 +456,9 @@ PYBIND11_MODULE(_C_cuda, mod) {
            "upload the scheduler's float32 [S, 8] table and int64 [S] timesteps")
       .def("run", &PyCudaEngine::run, py::arg("seed"), py::arg("first_index"), py::arg("keep"), py::arg("callback"),
            py::arg("every") = 0, "the whole sampling loop over the last schedule; returns (x0, [frames for keep])")
+      .def("set_profiling", &PyCudaEngine::set_profiling, py::arg("on"),
+           "time every plan op of each host forward and run step with CUDA events (on also zeroes the totals)")
+      .def_property_readonly("op_seconds", &PyCudaEngine::op_seconds, "per plan op: GPU seconds accumulated while profiling")
       .def_property_readonly("dtype", [](PyCudaEngine& e) { return std::string(precision_name(e.engine().precision())); })
       .def_property_readonly("device", [](PyCudaEngine& e) { return e.engine().device(); })
       .def_property_readonly("device_bytes", [](PyCudaEngine& e) { return e.engine().device_bytes(); })

@@ -146,9 +146,15 @@ def test_forward_on_torch_tensors_matches_numpy():
     x, t = _inputs(cfg, 2, 32, 32)
     eng = CUDA_BACKEND.make_engine(cfg, w, 2, 32, 32, dtype="fp32")
     a = eng.forward(x, t)
-    b = eng.forward(torch.from_numpy(x).cuda(), t)
+    xt = torch.from_numpy(x).cuda()
+    b = eng.forward(xt, t)
     assert b.is_cuda
     np.testing.assert_array_equal(b.cpu().numpy(), a)
+    np.testing.assert_array_equal(eng.forward(xt, torch.from_numpy(t).cuda()).cpu().numpy(), a)  # t on the device
+    np.testing.assert_array_equal(eng.forward(xt, torch.tensor(5, device="cuda")).cpu().numpy(),  # a scalar, int
+                                  eng.forward(x, 5.0))
+    with pytest.raises(ValueError, match="shape"):
+        eng.forward(xt, torch.zeros(3, device="cuda"))
 
 
 @cuda
@@ -298,19 +304,23 @@ def test_forward_captured_in_a_torch_cuda_graph():
     x1, t = _inputs(cfg, 1, 32, 32, seed=1)
     x2, _ = _inputs(cfg, 1, 32, 32, seed=2)
     static_x = torch.from_numpy(x1).cuda()
+    static_t = torch.from_numpy(t).cuda()   # the timestep as a device tensor: a host one cannot be captured
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
-        eng.forward(static_x, t)  # warm-up off the default stream, as torch asks
+        eng.forward(static_x, static_t)  # warm-up off the default stream, as torch asks
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        static_out = eng.forward(static_x, t)
-    for x in (x2, x1):
+        static_out = eng.forward(static_x, static_t)
+        with pytest.raises(ValueError, match="pass the timestep as a CUDA tensor"):
+            eng.forward(static_x, t)
+    for x, tv in ((x2, 17.0), (x1, float(t[0]))):
         static_x.copy_(torch.from_numpy(x))
+        static_t.fill_(tv)
         graph.replay()
         torch.cuda.synchronize()
-        np.testing.assert_array_equal(static_out.cpu().numpy(), eng.forward(x, t))
+        np.testing.assert_array_equal(static_out.cpu().numpy(), eng.forward(x, np.float32(tv)))
 
 
 @cuda
@@ -333,7 +343,7 @@ def test_ctrl_c_without_a_callback_stops_the_loop_early(sigint_handled):
     import _thread
     import threading
     import time
-    s = Sampler("ddpm-cifar10", 4, sampler="ddpm", steps=1000, dtype="fp32")
+    s = Sampler("bench-small", 1, sampler="ddpm", steps=1000, dtype="fp32")
     t0 = time.perf_counter()
     s(seed=0)
     full = time.perf_counter() - t0
@@ -363,3 +373,46 @@ def test_build_has_tensor_core_code_for_this_gpu():
     elif major >= 8:
         with pytest.raises(ValueError, match="needs sm_80"):
             CUDA_BACKEND.make_engine(cfg, w, 1, 32, 32, dtype="bf16")
+
+
+@cuda
+def test_split_k_off_agrees_and_is_batch_invariant(monkeypatch):
+    """FASTDDPM_CUDA_SPLITK=0 (one pass per GEMM, no workspace) gives the same forward to fp32
+    rounding, and is batch invariant bit for bit too; a bad value is refused."""
+    cfg, w = _model()
+    x, t = _inputs(cfg, 3, 32, 32)
+    split = CUDA_BACKEND.make_engine(cfg, w, 3, 32, 32, dtype="fp32")
+    monkeypatch.setenv("FASTDDPM_CUDA_SPLITK", "0")
+    whole = CUDA_BACKEND.make_engine(cfg, w, 3, 32, 32, dtype="fp32")
+    one = CUDA_BACKEND.make_engine(cfg, w, 1, 32, 32, dtype="fp32")
+    a, b = split.forward(x, t), whole.forward(x, t)
+    err = rel_err(a, b)
+    print(f"split K vs one pass: rel L2 {err:.2e}; workspace {split._engine.device_bytes() - whole._engine.device_bytes()} bytes")
+    assert err < 1e-5
+    np.testing.assert_array_equal(one.forward(x[1:2], t[1:2]), b[1:2])
+    monkeypatch.setenv("FASTDDPM_CUDA_SPLITK", "yes")
+    with pytest.raises(ValueError, match="FASTDDPM_CUDA_SPLITK must be 0 or 1"):
+        CUDA_BACKEND.make_engine(cfg, w, 1, 32, 32)
+
+
+@cuda
+def test_per_op_profiling():
+    """set_profiling: each host forward and each step of run adds every op's GPU time; off stops it."""
+    cfg, w = _model()
+    eng = CUDA_BACKEND.make_engine(cfg, w, 1, 32, 32, dtype="fp32")
+    x, t = _inputs(cfg, 1, 32, 32)
+    want = eng.forward(x, t)
+    n_ops = len(eng.plan.ops)
+    assert eng._engine.op_seconds == [0.0] * n_ops
+    eng._engine.set_profiling(True)
+    np.testing.assert_array_equal(eng.forward(x, t), want)   # profiling changes no result
+    one = np.array(eng._engine.op_seconds)
+    assert one.shape == (n_ops,) and (one >= 0).all() and one.sum() > 0
+    sched = fastddpm.load("bench-small").scheduler_for("ddim", 3)
+    x_prof, _ = eng.run(sched, (1, cfg.in_channels, 32, 32), seed=4)   # steps run op by op
+    after_run = np.array(eng._engine.op_seconds)
+    assert (after_run >= one).all() and after_run.sum() > one.sum()
+    eng._engine.set_profiling(False)
+    x_graph, _ = eng.run(sched, (1, cfg.in_channels, 32, 32), seed=4)  # the graph again
+    np.testing.assert_array_equal(x_graph, x_prof)
+    np.testing.assert_array_equal(np.array(eng._engine.op_seconds), after_run)

@@ -25,6 +25,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <string>
 
@@ -197,9 +198,34 @@ struct GGemm {
   DevBuf boff;   // int32 [K], relative to the sample base of the source: the arena, or slot src_slot
   int src_slot = -1;  // -1: B is gathered from the arena; 0 / 1: from that slot's own buffer
   int M = 0, K = 0, Kpad = 0, Pn = 0, Wp = 1, Wv = 1, oys = 0, oxs = 1, ooff = 0;
+  int splits = 1, split_k = 0;  // split K (choose_split)
   std::vector<int64_t> rel;  // boff before the slot offsets are known: (slot, offset in slot)
   std::vector<int64_t> rel_slot;
 };
+
+constexpr int kMinSplitChunks = 4;  // K chunks (of 16) per split at least: a split must amortise its partial tile
+
+// FASTDDPM_CUDA_SPLITK: unset / "1" splits K where a sample's GEMM has fewer tiles than the GPU
+// has multiprocessors (the batch-1 latency case); "0" never splits (no workspace: for memory, or
+// for large batches, where the grid fills the GPU anyway; results then differ in rounding).
+bool split_k_enabled() {
+  const char* v = std::getenv("FASTDDPM_CUDA_SPLITK");
+  if (!v || !*v || std::strcmp(v, "1") == 0) return true;
+  if (std::strcmp(v, "0") == 0) return false;
+  fail(std::string("FASTDDPM_CUDA_SPLITK must be 0 or 1, got '") + v + "'");
+}
+
+// About one block per multiprocessor for ONE sample's GEMM, each split at least kMinSplitChunks
+// chunks. Chosen from the layer alone, never from the batch: the summation order, and so every
+// bit of the result, is the same at any batch size.
+void choose_split(GGemm& g, int sms, bool enabled) {
+  const int chunks = g.Kpad / kGemmTileK;
+  const int tiles = ((g.Pn + kGemmTileP - 1) / kGemmTileP) * ((g.M + kGemmTileM - 1) / kGemmTileM);
+  const int want = enabled ? std::min((sms + tiles - 1) / tiles, chunks / kMinSplitChunks) : 1;
+  const int per = (chunks + std::max(want, 1) - 1) / std::max(want, 1);  // chunks per split
+  g.splits = (chunks + per - 1) / per;
+  g.split_k = per * kGemmTileK;
+}
 
 struct GOp : P::OpFields {
   DevBuf wt, bias, gamma, beta, bias2;
@@ -214,6 +240,8 @@ struct Engine::Impl {
   std::vector<int64_t> slot_off, slot_size;
   int64_t T = 0;  // per-sample arena floats
   DevBuf arena, x, m, tvals, state;
+  DevBuf ws;              // split-K partial tiles: [N][ws_per_sample] floats
+  int64_t ws_per_sample = 0;
   std::vector<GOp> ops;
   // the loop
   DevBuf coef_tab, ts_tab;  // float [cap, 8], uint32 [cap]
@@ -232,6 +260,7 @@ struct Engine::Impl {
     drop_graph();
     for (cudaEvent_t e : {ev[0], ev[1], done, last_use})
       if (e) cudaEventDestroy(e);
+    for (cudaEvent_t e : prof_ev) cudaEventDestroy(e);
     if (stream) cudaStreamDestroy(stream);
   }
   // Blocks (without spinning) until everything enqueued on the engine's stream so far is done.
@@ -262,8 +291,14 @@ struct Engine::Impl {
 
   void build(const PlanView& pv, const std::vector<WeightView>& weights);
   GGemm pack(int64_t M, int64_t K, const std::function<float(int64_t, int64_t)>& f, const char* what);
-  void forward_ops(cudaStream_t st);
+  void forward_ops(cudaStream_t st, bool timed = false);
+  // profiling (set_profiling): events around each op of a timed forward, and the totals
+  bool profiling = false;
+  std::vector<cudaEvent_t> prof_ev;  // [ops + 1], timing events
+  std::vector<double> op_seconds;
+  void add_op_times();  // after the stream has passed the last event
   void capture();
+  void run_step_ops(bool timed);
 };
 
 // ------------------------------------------------------------------------------- construction
@@ -470,6 +505,17 @@ void Engine::Impl::build(const PlanView& pv, const std::vector<WeightView>& weig
     ops.push_back(std::move(op));
   }
   if (N > 65535) fail("batch must be <= 65535 on the CUDA engine");
+  int sms = 1, dev = 0;
+  check(cudaGetDevice(&dev), "cudaGetDevice");  // the engine's device (its constructor's guard)
+  check(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev), "cudaDeviceGetAttribute");
+  const bool split = split_k_enabled();
+  for (GOp& op : ops)
+    for (GGemm& g : op.gemms) {
+      choose_split(g, sms, split);
+      if (g.splits > 1) ws_per_sample = std::max<int64_t>(ws_per_sample, int64_t(g.splits) * g.M * g.Pn);
+      if (N * g.splits > 65535) fail("batch * K splits must be <= 65535 on the CUDA engine (FASTDDPM_CUDA_SPLITK=0)");
+    }
+  if (ws_per_sample > 0) ws = DevBuf(size_t(N * ws_per_sample) * 4, "the split-K workspace");
   if (N > 0 && T > (int64_t(1) << 40) / N) fail("the activations of this plan and batch are too large");
   arena = DevBuf(size_t(N * T + kSlack) * 4, "the activation arena");
   check(cudaMemsetAsync(arena.as<void>(), 0, arena.bytes(), stream), "cudaMemset");
@@ -487,7 +533,15 @@ void Engine::Impl::build(const PlanView& pv, const std::vector<WeightView>& weig
 
 // ------------------------------------------------------------------------------- the forward
 
-void Engine::Impl::forward_ops(cudaStream_t st) {
+void Engine::Impl::add_op_times() {
+  for (size_t i = 0; i < ops.size(); ++i) {
+    float ms = 0.0f;
+    check(cudaEventElapsedTime(&ms, prof_ev[i], prof_ev[i + 1]), "cudaEventElapsedTime");
+    op_seconds[i] += double(ms) * 1e-3;
+  }
+}
+
+void Engine::Impl::forward_ops(cudaStream_t st, bool timed) {
   const int n = int(N);
   float* base = arena.as<float>();
   auto concat = [&](const GOp& op) {
@@ -505,9 +559,12 @@ void Engine::Impl::forward_ops(cudaStream_t st) {
     g.s_bstride = cg.src_slot < 0 ? T : bstride(cg.src_slot);
     g.Wp = cg.Wp; g.Wv = cg.Wv; g.oys = cg.oys; g.oxs = cg.oxs; g.ooff = cg.ooff;
     g.nbatch = n;
+    g.splits = cg.splits; g.split_k = cg.split_k; g.ws = ws.as<float>();
     return g;
   };
+  size_t index = 0;
   for (const GOp& op : ops) {
+    if (timed) check(cudaEventRecord(prof_ev[index++], st), "cudaEventRecord");
     switch (op.code) {
       case P::kTimeEmb:
         check(launch_time_emb(tvals.as<float>(), slot(op.out), bstride(op.out), n, int(op.cout), op.shift,
@@ -583,24 +640,30 @@ void Engine::Impl::forward_ops(cudaStream_t st) {
       default: break;  // rejected at build
     }
   }
+  if (timed) check(cudaEventRecord(prof_ev[index], st), "cudaEventRecord");
 }
 
-// One step of the loop, captured: t from the table, the U-Net, the fused step (x in place), step += 1.
+// One step of the loop on the engine's stream: t from the table, the U-Net, the fused step (x in
+// place), step += 1. Captured once as the step graph; run directly when profiling.
+void Engine::Impl::run_step_ops(bool timed) {
+  check(launch_loop_begin(state.as<LoopState>(), ts_tab.as<uint32_t>(), tvals.as<float>(), int(N), stream),
+        "loop begin");
+  forward_ops(stream, timed);
+  StepParams p;
+  p.batch = N;
+  p.per_sample = in_c * H * W;
+  check_status(loop_step(p, x.as<float>(), m.as<float>(), x.as<float>(), coef_tab.as<float>(),
+                         ts_tab.as<uint32_t>(), state.as<LoopState>(), stream), "loop step");
+  check(launch_loop_advance(state.as<LoopState>(), stream), "loop advance");
+}
+
 void Engine::Impl::capture() {
   drop_graph();
   check(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal), "cudaStreamBeginCapture");
   cudaError_t err = cudaSuccess;
   std::string what;
   try {
-    check(launch_loop_begin(state.as<LoopState>(), ts_tab.as<uint32_t>(), tvals.as<float>(), int(N), stream),
-          "loop begin");
-    forward_ops(stream);
-    StepParams p;
-    p.batch = N;
-    p.per_sample = in_c * H * W;
-    check_status(loop_step(p, x.as<float>(), m.as<float>(), x.as<float>(), coef_tab.as<float>(),
-                           ts_tab.as<uint32_t>(), state.as<LoopState>(), stream), "loop step");
-    check(launch_loop_advance(state.as<LoopState>(), stream), "loop advance");
+    run_step_ops(false);
   } catch (const std::exception& e) {
     err = cudaErrorUnknown;
     what = e.what();
@@ -677,7 +740,8 @@ bool Engine::graph_captured() const { return impl_->exec != nullptr; }
 int64_t Engine::graph_nodes() const { return int64_t(impl_->graph_nodes); }
 int64_t Engine::device_bytes() const {
   const Impl& e = *impl_;
-  int64_t b = int64_t(e.arena.bytes() + e.x.bytes() + e.m.bytes() + e.coef_tab.bytes() + e.ts_tab.bytes());
+  int64_t b = int64_t(e.arena.bytes() + e.x.bytes() + e.m.bytes() + e.ws.bytes() + e.coef_tab.bytes() +
+                      e.ts_tab.bytes());
   for (const GOp& op : e.ops) {
     b += int64_t(op.wt.bytes() + op.bias.bytes() + op.gamma.bytes() + op.beta.bytes() + op.bias2.bytes());
     for (const GGemm& g : op.gemms) b += int64_t(g.A.bytes() + g.boff.bytes());
@@ -696,10 +760,29 @@ void Engine::forward_host(const float* x, const float* t, float* out) {
   e.after_last_use();
   check(cudaMemcpyAsync(e.x.as<float>(), x, in_b, cudaMemcpyHostToDevice, e.stream), "copy of the sample");
   check(cudaMemcpyAsync(e.tvals.as<float>(), t, size_t(e.N) * 4, cudaMemcpyHostToDevice, e.stream), "copy of t");
-  e.forward_ops(e.stream);
+  e.forward_ops(e.stream, e.profiling);
   check(cudaMemcpyAsync(out, e.m.as<float>(), out_b, cudaMemcpyDeviceToHost, e.stream), "copy of the output");
   e.mark_last_use();
   e.wait_stream("U-Net forward");
+  if (e.profiling) e.add_op_times();
+}
+
+void Engine::set_profiling(bool on) {
+  CallLock lock(mu_, "CUDA engine");
+  DeviceGuard guard(device_);
+  Impl& e = *impl_;
+  if (on && e.prof_ev.empty()) {
+    e.prof_ev.assign(e.ops.size() + 1, nullptr);
+    for (cudaEvent_t& ev : e.prof_ev) check(cudaEventCreate(&ev), "cudaEventCreate");
+  }
+  e.profiling = on;
+  if (on) e.op_seconds.assign(e.ops.size(), 0.0);
+}
+
+std::vector<double> Engine::op_seconds() {
+  CallLock lock(mu_, "CUDA engine");
+  const Impl& e = *impl_;
+  return e.op_seconds.empty() ? std::vector<double>(e.ops.size(), 0.0) : e.op_seconds;
 }
 
 void Engine::forward_device(const float* x, const float* t, float* out, cudaStream_t stream) {
@@ -804,7 +887,13 @@ bool Engine::run(const RunArgs& a, const std::function<bool(int64_t)>& on_chunk)
   int pending_ev = 0, next_ev = 0;
   bool cancelled = false;
   for (int64_t k = 1; k <= S; ++k) {
-    check(cudaGraphLaunch(e.exec, e.stream), "cudaGraphLaunch");
+    if (e.profiling) {  // the captured step's work, op by op between timing events
+      e.run_step_ops(true);
+      check(cudaEventSynchronize(e.prof_ev.back()), "sampling loop");
+      e.add_op_times();
+    } else {
+      check(cudaGraphLaunch(e.exec, e.stream), "cudaGraphLaunch");
+    }
     keep_copy(k);
     if (k % every == 0 || k == S) {
       check(cudaEventRecord(e.ev[next_ev], e.stream), "cudaEventRecord");

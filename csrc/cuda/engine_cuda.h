@@ -65,6 +65,12 @@ class Engine {
   // on_chunk must not call back into this engine (fastddpm::ReentrantCall).
   bool run(const RunArgs& args, const std::function<bool(int64_t)>& on_chunk);
 
+  // Per-op GPU time, as the CPU engine's: with profiling on, every forward_host (and every step of
+  // run, which then replays the ops one by one instead of the graph) adds each plan op's seconds,
+  // between CUDA events around it, to op_seconds; set_profiling(true) also zeroes them.
+  void set_profiling(bool on);
+  std::vector<double> op_seconds();
+
   Precision precision() const { return precision_; }
   int device() const { return device_; }
   int64_t batch() const { return batch_; }

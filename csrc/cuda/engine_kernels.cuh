@@ -27,7 +27,7 @@ inline int precision_bytes(Precision p) { return (p == Precision::kBF16 || p == 
 //   out[b * o_bstride + m * ocs + pix] = scale * (acc + bias[m] + temb[b * t_bstride + m]
 //                                                 + res[b * r_bstride + m * ocs + pix])
 // A: [ceil(M/64)*64, Kpad] row-major in the precision's element type, Kpad = ceil(K/16)*16, zero
-// padded. Reads of src may run up to boff[k] + Pn - 1 (the caller's slots hold that, plus slack).
+// padded. split_k: a multiple of 16 with splits * split_k >= Kpad. Reads of src may run up to boff[k] + Pn - 1 (the caller's slots hold that, plus slack).
 struct GemmDev {
   int M = 0, K = 0, Kpad = 0, Pn = 0;
   const void* A = nullptr;
@@ -44,6 +44,11 @@ struct GemmDev {
   int64_t r_bstride = 0;
   float scale = 1.0f;
   int nbatch = 1;
+  // split K: block z = (sample, split) multiplies K chunks [split * split_k, (split + 1) * split_k)
+  // into ws [nbatch][splits][M][Pn] (fp32), and a second kernel sums the splits in order and applies
+  // the epilogue. splits = 1, split_k = Kpad: one pass, no workspace.
+  int splits = 1, split_k = 0;
+  float* ws = nullptr;
 };
 constexpr int kGemmTileM = 64, kGemmTileP = 64, kGemmTileK = 16;
 cudaError_t launch_gemm(const GemmDev& g, Precision prec, cudaStream_t st);

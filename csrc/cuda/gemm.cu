@@ -3,13 +3,18 @@
 //
 // launch_gemm: block tile 64 (output channels) x 64 (pixels), K chunks of 16, 128 threads.
 // Each chunk stages A (weights, already in the operand type) and B (gathered from the input at
-// boff[k] + p, converted to the operand type) in shared memory; then
+// boff[k] + p, converted to the operand type) in shared memory; the next chunk's loads are issued
+// into registers before this chunk's multiply, so their latency overlaps it; then
 //   kTF32: 4 warps x (2x2 fragments of m16n16k8 tf32), two k8 sub-steps;
 //   kBF16 / kF16: 4 warps x (2x2 fragments of m16n16k16), fp32 accumulators;
 //   kF32: every thread an 8x4 register tile of fp32 FMAs (exact fp32, no TF32).
 // The accumulators go through shared memory to the epilogue, which maps columns to pixels (drops
 // the pad columns of the padded grid, scatters the phases of the folded upsample) and adds bias,
 // time embedding and residual, then scales.
+// Split K (g.splits > 1, for grids too small to fill the GPU at small batches): block z = (sample,
+// split) multiplies its own range of K chunks and writes the raw tile to the workspace; a second
+// kernel sums the splits in a fixed order and applies the epilogue, so results stay deterministic
+// and, the split count being fixed per layer, independent of the batch.
 // TF32 and BF16 WMMA need sm_80+; on older archs those instantiations compile to no-ops and the
 // engine never launches them (it resolves the precision against the device at creation).
 #include <cuda_bf16.h>
@@ -17,6 +22,7 @@
 #include <cuda_runtime.h>
 #include <mma.h>
 
+#include <algorithm>
 #include <cstdint>
 
 #include "engine_kernels.cuh"
@@ -120,6 +126,19 @@ __device__ __forceinline__ void warp_mma(const typename Operand<P>::T* As, const
 #endif
 }
 
+// out[...] of column p of output channel m of sample b, from the finished sum acc (the epilogue).
+__device__ __forceinline__ void store_output(const GemmDev& g, int b, int m, int p, float acc) {
+  const int y = p / g.Wp, x = p - y * g.Wp;
+  if (x >= g.Wv) return;  // a pad column of the padded grid
+  const int64_t o = int64_t(m) * g.ocs + int64_t(y) * g.oys + int64_t(x) * g.oxs + g.ooff;
+  float add = 0.0f;
+  if (g.bias) add += g.bias[m];
+  if (g.temb) add += g.temb[int64_t(b) * g.t_bstride + m];
+  float v = acc + add;
+  if (g.res) v += g.res[int64_t(b) * g.r_bstride + o];
+  g.out[int64_t(b) * g.o_bstride + o] = v * g.scale;
+}
+
 template <Precision P>
 __global__ void __launch_bounds__(kThreads) conv_gemm_kernel(const GemmDev g) {
   using T = typename Operand<P>::T;
@@ -128,8 +147,9 @@ __global__ void __launch_bounds__(kThreads) conv_gemm_kernel(const GemmDev g) {
   T* Bs = As + TM * LDA;                 // [TK][LDB]: B[k0 + kk][p0 + pp]
   float* Cs = reinterpret_cast<float*>(smem);  // [TM][LDC]: the finished tile (after the K loop)
 
-  const int tid = threadIdx.x, b = blockIdx.z;
+  const int tid = threadIdx.x, b = blockIdx.z / g.splits, split = blockIdx.z % g.splits;
   const int m0 = blockIdx.y * TM, p0 = blockIdx.x * TP;
+  const int k_begin = split * g.split_k, k_end = min(g.Kpad, k_begin + g.split_k);  // this block's K range
   const float* src = g.src + int64_t(b) * g.s_bstride;
   const T* A = static_cast<const T*>(g.A);
   constexpr bool kTensor = P != Precision::kF32;
@@ -157,20 +177,38 @@ __global__ void __launch_bounds__(kThreads) conv_gemm_kernel(const GemmDev g) {
   const int warp = tid / 32, wm = warp / 2, wp = warp % 2;  // warp tile: rows wm*32, cols wp*32
   const int ty = tid / 16, tx = tid % 16;                   // SIMT tile: rows ty + 8r, cols tx + 16c
 
-  for (int k0 = 0; k0 < g.Kpad; k0 += TK) {
+  // the chunk's loads: A rows m0.. (padded to 64 rows and Kpad columns), B gathered with
+  // consecutive threads on consecutive pixels; held in registers until the smem tiles are free
+  constexpr int kAPer = TM * TK / kThreads, kBPer = TK * TP / kThreads;
+  T a_reg[kAPer];
+  float b_reg[kBPer];
+  auto load_chunk = [&](int k0) {
 #pragma unroll
-    for (int i = 0; i < TM * TK / kThreads; ++i) {  // A: rows m0.., padded to 64 rows and Kpad columns
+    for (int i = 0; i < kAPer; ++i) {
       const int e = tid + i * kThreads, r = e / TK, kk = e % TK;
-      As[r * LDA + kk] = A[int64_t(m0 + r) * g.Kpad + k0 + kk];
+      a_reg[i] = A[int64_t(m0 + r) * g.Kpad + k0 + kk];
     }
 #pragma unroll
-    for (int i = 0; i < TK * TP / kThreads; ++i) {  // B: gathered, consecutive threads on consecutive pixels
+    for (int i = 0; i < kBPer; ++i) {
       const int e = tid + i * kThreads, kk = e / TP, pp = e % TP;
       const int k = k0 + kk, p = p0 + pp;
-      const float v = (k < g.K && p < g.Pn) ? __ldg(src + g.boff[k] + p) : 0.0f;
-      Bs[kk * LDB + pp] = to_operand<P>(v);
+      b_reg[i] = (k < g.K && p < g.Pn) ? __ldg(src + __ldg(g.boff + k) + p) : 0.0f;
+    }
+  };
+  if (k_begin < k_end) load_chunk(k_begin);
+  for (int k0 = k_begin; k0 < k_end; k0 += TK) {
+#pragma unroll
+    for (int i = 0; i < kAPer; ++i) {
+      const int e = tid + i * kThreads;
+      As[(e / TK) * LDA + e % TK] = a_reg[i];
+    }
+#pragma unroll
+    for (int i = 0; i < kBPer; ++i) {
+      const int e = tid + i * kThreads;
+      Bs[(e / TP) * LDB + e % TP] = to_operand<P>(b_reg[i]);
     }
     __syncthreads();
+    if (k0 + TK < k_end) load_chunk(k0 + TK);  // in flight during this chunk's multiply
     if constexpr (kTensor) {
       warp_mma<P>(As, Bs, wm, wp, acc_tc);
     } else {
@@ -212,19 +250,32 @@ __global__ void __launch_bounds__(kThreads) conv_gemm_kernel(const GemmDev g) {
       for (int c = 0; c < 4; ++c) Cs[(ty + 8 * r) * LDC + tx + 16 * c] = acc[r][c];
   }
   __syncthreads();
+  if (g.splits > 1) {  // the raw partial tile -> workspace [b][split][M][Pn]; the reduction applies the epilogue
+    float* w = g.ws + (int64_t(b) * g.splits + split) * int64_t(g.M) * g.Pn;
+    for (int e = tid; e < TM * TP; e += kThreads) {
+      const int r = e / TP, pp = e % TP, m = m0 + r, p = p0 + pp;
+      if (m < g.M && p < g.Pn) w[int64_t(m) * g.Pn + p] = Cs[r * LDC + pp];
+    }
+    return;
+  }
   // epilogue: consecutive threads on consecutive pixels of one output channel
   for (int e = tid; e < TM * TP; e += kThreads) {
     const int r = e / TP, pp = e % TP, m = m0 + r, p = p0 + pp;
-    if (m >= g.M || p >= g.Pn) continue;
-    const int y = p / g.Wp, x = p - y * g.Wp;
-    if (x >= g.Wv) continue;  // a pad column of the padded grid
-    const int64_t o = int64_t(m) * g.ocs + int64_t(y) * g.oys + int64_t(x) * g.oxs + g.ooff;
-    float add = 0.0f;
-    if (g.bias) add += g.bias[m];
-    if (g.temb) add += g.temb[int64_t(b) * g.t_bstride + m];
-    float v = Cs[r * LDC + pp] + add;
-    if (g.res) v += g.res[int64_t(b) * g.r_bstride + o];
-    g.out[int64_t(b) * g.o_bstride + o] = v * g.scale;
+    if (m < g.M && p < g.Pn) store_output(g, b, m, p, Cs[r * LDC + pp]);
+  }
+}
+
+// The splits of a split-K GEMM summed in order 0, 1, ..., then the epilogue; one thread per (b, m, p).
+__global__ void __launch_bounds__(256) splitk_reduce_kernel(const GemmDev g) {
+  const int64_t plane = int64_t(g.M) * g.Pn, total = int64_t(g.nbatch) * plane;
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
+    const int b = int(i / plane);
+    const int64_t r = i - int64_t(b) * plane;
+    const int m = int(r / g.Pn), p = int(r - int64_t(m) * g.Pn);
+    const float* w = g.ws + int64_t(b) * g.splits * plane + r;
+    float acc = 0.0f;
+    for (int s = 0; s < g.splits; ++s) acc += w[int64_t(s) * plane];
+    store_output(g, b, m, p, acc);
   }
 }
 
@@ -278,14 +329,22 @@ __global__ void __launch_bounds__(kSThreads) strided_gemm_kernel(const StridedGe
 
 cudaError_t launch_gemm(const GemmDev& g, Precision prec, cudaStream_t st) {
   if (g.M <= 0 || g.Pn <= 0 || g.nbatch <= 0) return cudaSuccess;
-  if (g.nbatch > 65535 || g.Kpad % TK || g.Kpad < g.K) return cudaErrorInvalidValue;
-  const dim3 grid((g.Pn + TP - 1) / TP, (g.M + TM - 1) / TM, g.nbatch);
+  if (g.Kpad % TK || g.Kpad < g.K || g.splits < 1 || int64_t(g.nbatch) * g.splits > 65535) return cudaErrorInvalidValue;
+  if (g.split_k % TK || int64_t(g.split_k) * g.splits < g.Kpad || (g.splits > 1 && !g.ws)) return cudaErrorInvalidValue;
+  const dim3 grid((g.Pn + TP - 1) / TP, (g.M + TM - 1) / TM, unsigned(g.nbatch * g.splits));
   switch (prec) {
     case Precision::kF32: conv_gemm_kernel<Precision::kF32><<<grid, kThreads, 0, st>>>(g); break;
     case Precision::kTF32: conv_gemm_kernel<Precision::kTF32><<<grid, kThreads, 0, st>>>(g); break;
     case Precision::kBF16: conv_gemm_kernel<Precision::kBF16><<<grid, kThreads, 0, st>>>(g); break;
     case Precision::kF16: conv_gemm_kernel<Precision::kF16><<<grid, kThreads, 0, st>>>(g); break;
     default: return cudaErrorInvalidValue;
+  }
+  if (g.splits > 1) {
+    const cudaError_t e = cudaGetLastError();
+    if (e != cudaSuccess) return e;
+    const int64_t total = int64_t(g.nbatch) * g.M * g.Pn;
+    const int64_t blocks = std::min<int64_t>((total + 255) / 256, 65536 * 8);
+    splitk_reduce_kernel<<<unsigned(blocks), 256, 0, st>>>(g);
   }
   return cudaGetLastError();
 }

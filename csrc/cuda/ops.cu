@@ -200,7 +200,11 @@ cudaError_t launch_pad(const Concat& c, float* out, int64_t o_bstride, int n, fl
 
 cudaError_t launch_groupnorm(const Concat& c, float* out, int64_t o_bstride, int n, int groups, float eps,
                              const float* gamma, const float* beta, bool act, bool padded, cudaStream_t st) {
-  groupnorm_kernel<<<unsigned(n * groups), 256, 0, st>>>(c, out, o_bstride, groups, eps, gamma, beta, act, padded);
+  // threads from the per-sample size only (the reduction order, so the bits, must not depend on
+  // the batch): a block per (sample, group) is few blocks at batch 1, so each gets more threads
+  const int64_t count = int64_t(c.cin + c.cin2) / groups * c.h * c.w;
+  const int threads = count >= 16384 ? 1024 : count >= 4096 ? 512 : 256;
+  groupnorm_kernel<<<unsigned(n * groups), threads, 0, st>>>(c, out, o_bstride, groups, eps, gamma, beta, act, padded);
   return cudaGetLastError();
 }
 

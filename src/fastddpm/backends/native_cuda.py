@@ -250,28 +250,51 @@ class NativeCudaEngine:
             raise ValueError("timestep must be finite")
         return np.ascontiguousarray(t)
 
+    def _device_timesteps(self, timestep, device):
+        """float32 [N] timesteps on ``device`` for the device-pointer forward. A CUDA tensor stays on
+        the device (broadcast there, so the call can be captured in a CUDA graph); host values are
+        copied, which a graph capture forbids (torch refuses pageable copies while capturing)."""
+        import torch
+        if isinstance(timestep, torch.Tensor) and timestep.is_cuda:
+            if timestep.device != device:
+                raise ValueError(f"timestep is on {timestep.device} but the sample is on {device}")
+            if timestep.dtype.is_complex or timestep.dtype == torch.bool:
+                raise TypeError(f"timestep must be a real number, got dtype {timestep.dtype}")
+            if timestep.dim() > 1 or (timestep.dim() == 1 and timestep.shape[0] not in (1, self.batch)):
+                raise ValueError(f"timestep must be a scalar or have shape [1] or [{self.batch}], "
+                                 f"got shape {tuple(timestep.shape)}")
+            return timestep.reshape(-1).to(torch.float32).expand(self.batch).contiguous()  # [N]
+        if torch.cuda.is_current_stream_capturing():
+            raise ValueError("inside a CUDA graph capture, pass the timestep as a CUDA tensor (a host value "
+                             "would need a host-to-device copy, which the capture cannot record)")
+        return torch.from_numpy(self._timesteps(timestep)).to(device)
+
     def forward(self, x, timestep):
         shape = (self.batch, self.config.in_channels, self.height, self.width)
+        if hasattr(x, "is_cuda") and x.is_cuda:
+            return self._forward_device(x, timestep, shape)
         t = self._timesteps(timestep)
-        if hasattr(x, "is_cuda") and x.is_cuda:   # a torch CUDA tensor: stay on the device
-            import torch
-            if tuple(x.shape) != shape or x.dtype != torch.float32:
-                raise ValueError(f"sample must be float32 of shape {shape}, got {x.dtype} {tuple(x.shape)}")
-            if x.device.index != self.device:
-                raise ValueError(f"sample is on {x.device} but this engine runs on cuda:{self.device}")
-            x = x.contiguous()
-            tt = torch.from_numpy(t).to(x.device)
-            out = torch.empty((self.batch, self.config.out_channels, self.height, self.width),
-                              dtype=torch.float32, device=x.device)
-            self._engine.forward_ptr(x.data_ptr(), tt.data_ptr(), out.data_ptr(),
-                                     torch.cuda.current_stream(x.device).cuda_stream)
-            return out
         if not isinstance(x, np.ndarray) or x.shape != shape:
             raise ValueError(f"sample must be a NumPy array of shape {shape}, got "
                              f"{getattr(x, 'shape', type(x).__name__)}")
         if x.dtype != np.float32:
             raise TypeError(f"sample must be float32, got {x.dtype}")
         return self._engine.forward(np.ascontiguousarray(x), t)
+
+    def _forward_device(self, x, timestep, shape):
+        """A torch CUDA tensor in: stays on the device, on torch's current stream (capturable)."""
+        import torch
+        if tuple(x.shape) != shape or x.dtype != torch.float32:
+            raise ValueError(f"sample must be float32 of shape {shape}, got {x.dtype} {tuple(x.shape)}")
+        if x.device.index != self.device:
+            raise ValueError(f"sample is on {x.device} but this engine runs on cuda:{self.device}")
+        x = x.contiguous()
+        tt = self._device_timesteps(timestep, x.device)  # [N] float32 on the device
+        out = torch.empty((self.batch, self.config.out_channels, self.height, self.width),
+                          dtype=torch.float32, device=x.device)
+        self._engine.forward_ptr(x.data_ptr(), tt.data_ptr(), out.data_ptr(),
+                                 torch.cuda.current_stream(x.device).cuda_stream)
+        return out
 
     def set_schedule(self, coef: np.ndarray, ts: np.ndarray) -> None:
         prev = self._schedule
