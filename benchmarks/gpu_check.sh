@@ -45,13 +45,15 @@ fi
 
 if want build; then
   stage "build (FASTDDPM_CUDA=1, archs ${FASTDDPM_CUDA_ARCHS:-setup.py default})"
+  build_log=$(mktemp)
   if ! FASTDDPM_CUDA=1 "$PY" -m pip install --disable-pip-version-check -q --no-build-isolation --no-deps -e . \
-      >"$LOGS/build.log" 2>&1; then
-    tail -n 40 "$LOGS/build.log"
+      >"$build_log" 2>&1; then
+    cp "$build_log" "$LOGS/build.log"
+    tail -n 40 "$build_log"
     echo "gpu-check: the CUDA build failed" >&2
     exit 1
   fi
-  grep -i "warning" "$LOGS/build.log" | grep -v "^WARNING: Location\|DEPRECATION" | head -n 20
+  grep -i "warning" "$build_log" | grep -v "^WARNING: Location\|DEPRECATION" | head -n 20
 fi
 
 stage "python -m fastddpm.info"
@@ -101,12 +103,23 @@ if want bench; then
     | tr -cs 'A-Za-z0-9._-' '-' | sed 's/^-*//; s/-*$//')
   out="benchmarks/results/gpu-${name:-unknown}.json"
   stage "GPU benchmarks -> $out"
+  # torch.compile rows in a run of their own (minutes of compilation): a stage cut by its timeout
+  # loses only its own results file
   timeout "${BENCH_TIMEOUT:-600}" "$PY" -m pytest -q -p no:cacheprovider -rfEs benchmarks/test_bench_step_cuda.py \
-    benchmarks/test_bench_cuda_unet.py ${BENCH_K:+-k "$BENCH_K"} --benchmark-json="$out" \
+    benchmarks/test_bench_cuda_unet.py -k "not compile${BENCH_K:+ and ($BENCH_K)}" --benchmark-json="$out" \
     --benchmark-columns=median,iqr,rounds 2>&1 | tee "$LOGS/bench.log" | tail -n 80
   [ "${PIPESTATUS[0]}" -eq 0 ] || failed+=(bench)
   cp "$out" "$LOGS/" 2>/dev/null
   if [ -f "$out" ]; then "$PY" benchmarks/report.py "$out" 2>&1 | tail -n 60 || true; fi
+  if [ -z "${SKIP_COMPILE:-}" ]; then
+    out_c="${out%.json}-compile.json"
+    stage "GPU benchmarks, torch.compile rows -> $out_c"
+    timeout "${COMPILE_TIMEOUT:-300}" "$PY" -m pytest -q -p no:cacheprovider -rfEs benchmarks/test_bench_cuda_unet.py \
+      -k "compile${BENCH_K:+ and ($BENCH_K)}" --benchmark-json="$out_c" --benchmark-columns=median,iqr,rounds 2>&1 \
+      | tee -a "$LOGS/bench.log" | tail -n 30
+    [ "${PIPESTATUS[0]}" -eq 0 ] || failed+=(compile)
+    cp "$out_c" "$LOGS/" 2>/dev/null
+  fi
 fi
 
 echo

@@ -387,7 +387,7 @@ def test_split_k_off_agrees_and_is_batch_invariant(monkeypatch):
     one = CUDA_BACKEND.make_engine(cfg, w, 1, 32, 32, dtype="fp32")
     a, b = split.forward(x, t), whole.forward(x, t)
     err = rel_err(a, b)
-    print(f"split K vs one pass: rel L2 {err:.2e}; workspace {split._engine.device_bytes() - whole._engine.device_bytes()} bytes")
+    print(f"split K vs one pass: rel L2 {err:.2e}; workspace {split._engine.device_bytes - whole._engine.device_bytes} bytes")
     assert err < 1e-5
     np.testing.assert_array_equal(one.forward(x[1:2], t[1:2]), b[1:2])
     monkeypatch.setenv("FASTDDPM_CUDA_SPLITK", "yes")

@@ -513,7 +513,6 @@ void Engine::Impl::build(const PlanView& pv, const std::vector<WeightView>& weig
     for (GGemm& g : op.gemms) {
       choose_split(g, sms, split);
       if (g.splits > 1) ws_per_sample = std::max<int64_t>(ws_per_sample, int64_t(g.splits) * g.M * g.Pn);
-      if (N * g.splits > 65535) fail("batch * K splits must be <= 65535 on the CUDA engine (FASTDDPM_CUDA_SPLITK=0)");
     }
   if (ws_per_sample > 0) ws = DevBuf(size_t(N * ws_per_sample) * 4, "the split-K workspace");
   if (N > 0 && T > (int64_t(1) << 40) / N) fail("the activations of this plan and batch are too large");

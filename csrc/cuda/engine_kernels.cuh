@@ -44,7 +44,7 @@ struct GemmDev {
   int64_t r_bstride = 0;
   float scale = 1.0f;
   int nbatch = 1;
-  // split K: block z = (sample, split) multiplies K chunks [split * split_k, (split + 1) * split_k)
+  // split K: block x = (pixel tile, split) multiplies K chunks [split * split_k, (split + 1) * split_k)
   // into ws [nbatch][splits][M][Pn] (fp32), and a second kernel sums the splits in order and applies
   // the epilogue. splits = 1, split_k = Kpad: one pass, no workspace.
   int splits = 1, split_k = 0;

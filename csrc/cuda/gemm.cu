@@ -11,8 +11,8 @@
 // The accumulators go through shared memory to the epilogue, which maps columns to pixels (drops
 // the pad columns of the padded grid, scatters the phases of the folded upsample) and adds bias,
 // time embedding and residual, then scales.
-// Split K (g.splits > 1, for grids too small to fill the GPU at small batches): block z = (sample,
-// split) multiplies its own range of K chunks and writes the raw tile to the workspace; a second
+// Split K (g.splits > 1, for grids too small to fill the GPU at small batches): block x = (pixel
+// tile, split) multiplies its own range of K chunks and writes the raw tile to the workspace; a second
 // kernel sums the splits in a fixed order and applies the epilogue, so results stay deterministic
 // and, the split count being fixed per layer, independent of the batch.
 // TF32 and BF16 WMMA need sm_80+; on older archs those instantiations compile to no-ops and the
@@ -147,8 +147,8 @@ __global__ void __launch_bounds__(kThreads) conv_gemm_kernel(const GemmDev g) {
   T* Bs = As + TM * LDA;                 // [TK][LDB]: B[k0 + kk][p0 + pp]
   float* Cs = reinterpret_cast<float*>(smem);  // [TM][LDC]: the finished tile (after the K loop)
 
-  const int tid = threadIdx.x, b = blockIdx.z / g.splits, split = blockIdx.z % g.splits;
-  const int m0 = blockIdx.y * TM, p0 = blockIdx.x * TP;
+  const int tid = threadIdx.x, b = blockIdx.z, split = blockIdx.x % g.splits;
+  const int m0 = blockIdx.y * TM, p0 = (blockIdx.x / g.splits) * TP;
   const int k_begin = split * g.split_k, k_end = min(g.Kpad, k_begin + g.split_k);  // this block's K range
   const float* src = g.src + int64_t(b) * g.s_bstride;
   const T* A = static_cast<const T*>(g.A);
@@ -329,9 +329,9 @@ __global__ void __launch_bounds__(kSThreads) strided_gemm_kernel(const StridedGe
 
 cudaError_t launch_gemm(const GemmDev& g, Precision prec, cudaStream_t st) {
   if (g.M <= 0 || g.Pn <= 0 || g.nbatch <= 0) return cudaSuccess;
-  if (g.Kpad % TK || g.Kpad < g.K || g.splits < 1 || int64_t(g.nbatch) * g.splits > 65535) return cudaErrorInvalidValue;
+  if (g.Kpad % TK || g.Kpad < g.K || g.splits < 1 || g.nbatch > 65535) return cudaErrorInvalidValue;
   if (g.split_k % TK || int64_t(g.split_k) * g.splits < g.Kpad || (g.splits > 1 && !g.ws)) return cudaErrorInvalidValue;
-  const dim3 grid((g.Pn + TP - 1) / TP, (g.M + TM - 1) / TM, unsigned(g.nbatch * g.splits));
+  const dim3 grid(unsigned((g.Pn + TP - 1) / TP * g.splits), (g.M + TM - 1) / TM, unsigned(g.nbatch));
   switch (prec) {
     case Precision::kF32: conv_gemm_kernel<Precision::kF32><<<grid, kThreads, 0, st>>>(g); break;
     case Precision::kTF32: conv_gemm_kernel<Precision::kTF32><<<grid, kThreads, 0, st>>>(g); break;
