@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip --disable-pip-version-check
 SOURCES := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh' -o -name '*.inc' 2>/dev/null) setup.py pyproject.toml
 
-.PHONY: all venv build demo test test-fast bench gpu-check clean
+.PHONY: all venv build demo test test-fast bench gpu-check wheel clean
 
 all: build
 
@@ -40,5 +40,13 @@ bench: build
 gpu-check:
 	bash benchmarks/gpu_check.sh
 
+# sdist, then a wheel built from it (so the sdist is proven complete), the C++ core only (the CUDA
+# extension stays a source build), repaired to a manylinux tag with the OpenMP runtime vendored.
+wheel: $(VENV)/.deps
+	rm -rf dist wheelhouse
+	FASTDDPM_CUDA=0 FASTDDPM_REQUIRE_NATIVE=1 FASTDDPM_DIST=wheel $(PY) -m build --no-isolation --outdir dist .
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m auditwheel repair --wheel-dir wheelhouse dist/*.whl
+	ls -l dist wheelhouse
+
 clean:
-	rm -rf build $(VENV) src/*.egg-info src/fastddpm/*.so src/fastddpm/_build_info.json
+	rm -rf build dist wheelhouse $(VENV) src/*.egg-info src/fastddpm/*.so src/fastddpm/_build_info.json

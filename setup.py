@@ -1,12 +1,14 @@
 """Build fastddpm's compiled core.
 
-fastddpm._C       the C++ CPU core (always built): OpenMP, runtime dispatch AVX-512 / AVX2 / scalar
-                  (each ISA file selects its own target with #pragma GCC target, so no -march=native).
+fastddpm._C       the C++ CPU core: OpenMP, runtime dispatch AVX-512 / AVX2 / scalar (each ISA file
+                  selects its own target with #pragma GCC target, so no -march=native). Optional: a
+                  machine without a working C++17 compiler with OpenMP still installs, with one
+                  warning, and runs on numba (FASTDDPM_REQUIRE_NATIVE=1 makes that an error).
 fastddpm._C_cuda  the CUDA core, built when nvcc is found (FASTDDPM_CUDA=auto|0|1), even without a GPU.
                   The CUDA runtime is linked statically and finds the driver at run time, and the module
                   is separate from _C, so a broken or absent CUDA stack never stops the CPU core importing.
 FASTDDPM_CUDA_ARCHS  semicolon list of SM numbers (default 75;80;86;89;90; PTX for the last).
-The build writes what it built into fastddpm/_build_info.json.
+The build writes what it built, and why anything was not, into fastddpm/_build_info.json.
 """
 import glob
 import json
@@ -20,6 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pybind11.setup_helpers import ParallelCompile, Pybind11Extension
 from setuptools import setup
 from setuptools.command.build_ext import build_ext
+from setuptools.errors import CCompilerError, CompileError, ExecError, LinkError
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 INCLUDE = os.path.join(ROOT, "csrc", "include")
@@ -60,6 +63,23 @@ def cuda_wanted():
     if mode == "1" and nvcc is None:
         raise SystemExit("FASTDDPM_CUDA=1 but nvcc was not found (set CUDA_HOME or PATH)")
     return (nvcc if mode != "0" else None), mode
+
+
+# What a missing or broken toolchain raises while building an extension.
+BUILD_ERRORS = (CCompilerError, CompileError, LinkError, ExecError, OSError, subprocess.CalledProcessError)
+
+
+def native_required():
+    """FASTDDPM_REQUIRE_NATIVE=1: a C++ core that fails to build fails the install."""
+    value = os.environ.get("FASTDDPM_REQUIRE_NATIVE", "0")
+    if value not in ("0", "1"):
+        raise SystemExit(f"FASTDDPM_REQUIRE_NATIVE must be 0 or 1, got {value!r}")
+    return value == "1"
+
+
+def one_line(exc) -> str:
+    text = " ".join(str(exc).split())
+    return text if len(text) <= 300 else text[:297] + "..."
 
 
 def cuda_archs():
@@ -110,7 +130,9 @@ class BuildExt(build_ext):
 
     def run(self):
         self.nvcc, self.cuda_mode = cuda_wanted()
+        self.require_native = native_required()
         self.cuda_info = {"built": False}
+        self.cpu_info = {"built": False, "reason": "not built"}
         if self.nvcc is None:
             self.cuda_info["reason"] = ("FASTDDPM_CUDA=0" if self.cuda_mode == "0"
                                         else "nvcc not found at build time")
@@ -122,13 +144,31 @@ class BuildExt(build_ext):
         if ext.name == "fastddpm._C_cuda":
             try:
                 self.build_cuda(ext)
-            except (subprocess.CalledProcessError, OSError) as exc:
+            except BUILD_ERRORS as exc:
                 if self.cuda_mode == "1":
                     raise
-                self.cuda_info = {"built": False, "reason": f"CUDA build failed: {exc}"}
-                print(f"warning: fastddpm._C_cuda not built: {exc}", file=sys.stderr)
+                self.cuda_info = {"built": False, "reason": f"CUDA build failed: {one_line(exc)}"}
+                self.drop_stale(ext)
+                print(f"warning: fastddpm._C_cuda not built: {one_line(exc)}", file=sys.stderr)
             return
-        super().build_extension(ext)
+        try:
+            super().build_extension(ext)
+            self.cpu_info = {"built": True}
+        except BUILD_ERRORS as exc:
+            if self.require_native:
+                raise
+            self.cpu_info = {"built": False, "reason": f"the C++ build failed: {one_line(exc)}"}
+            self.drop_stale(ext)
+            print(f"warning: fastddpm._C (the C++ CPU core) was not built: {one_line(exc)}. fastddpm "
+                  "installs and runs on its numba backend; for the native core, install the binary wheel "
+                  "or build with a C++17 compiler with OpenMP (FASTDDPM_REQUIRE_NATIVE=1 makes this an "
+                  "error)", file=sys.stderr)
+
+    def drop_stale(self, ext):
+        """An extension left by an earlier build would contradict _build_info.json: remove it."""
+        path = self.get_ext_fullpath(ext.name)
+        if os.path.exists(path):
+            os.remove(path)
 
     def build_cuda(self, ext):
         archs = cuda_archs()
@@ -181,10 +221,12 @@ class BuildExt(build_ext):
 
     def write_build_info(self):
         info = {
-            "cpu": {"isa_paths": ["avx512", "avx2", "scalar"], "openmp": True, "march_native": False,
+            "cpu": {**self.cpu_info, "isa_paths": ["avx512", "avx2", "scalar"], "openmp": True, "march_native": False,
                     "compiler": self.compiler.compiler_so[0] if hasattr(self.compiler, "compiler_so") else "?"},
             "cuda": self.cuda_info,
             "python": sys.version.split()[0],
+            # `make wheel` sets FASTDDPM_DIST=wheel: a binary wheel (manylinux); else a build from source
+            "distribution": "binary wheel" if os.environ.get("FASTDDPM_DIST") == "wheel" else "source build",
         }
         targets = [os.path.join(ROOT, "src", "fastddpm")] if self.inplace else []
         targets.append(os.path.join(self.build_lib, "fastddpm"))

@@ -34,7 +34,9 @@ def format_report(info: dict) -> str:
     build = info["build"]
     if isinstance(build, dict):
         cpu, cuda = build.get("cpu", {}), build.get("cuda", {})
-        lines.append(f"build: cpu ISA paths {', '.join(cpu.get('isa_paths', []))}; "
+        native = (f"cpu ISA paths {', '.join(cpu.get('isa_paths', []))}" if cpu.get("built", True)
+                  else f"cpu core not built ({cpu.get('reason', '?')})")
+        lines.append(f"build ({build.get('distribution', 'source build')}): {native}; "
                      + (f"cuda {cuda.get('cuda_version')} archs {','.join(cuda.get('archs', []))}"
                         if cuda.get("built") else f"cuda not built ({cuda.get('reason', '?')})"))
     else:

@@ -8,11 +8,21 @@ import numpy as np
 
 from .base import Backend, per_sample_timesteps
 
+def _missing_reason(exc: ImportError) -> str:
+    """Why fastddpm._C cannot run: the build's own record if it was not built, else the import error."""
+    from ..info import build_info
+    cpu = build_info().get("cpu") or {}
+    if cpu.get("built") is False:
+        return (f"fastddpm._C (the C++ core) was not built: {cpu.get('reason', 'no reason recorded')}; "
+                "the numba backend runs instead (install the binary wheel, or rebuild with a C++17 compiler)")
+    return f"fastddpm._C is not importable ({exc}); build it with `make build`"
+
+
 try:
     from .. import _C
     _C_ERROR = None
-except ImportError as exc:  # not built, or built for another Python
-    _C, _C_ERROR = None, f"fastddpm._C is not importable ({exc}); build it with `make build`"
+except ImportError as exc:  # not built (no compiler at install time), or built for another Python
+    _C, _C_ERROR = None, _missing_reason(exc)
 
 
 def _threads_from_env() -> None:
