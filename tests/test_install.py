@@ -6,9 +6,10 @@
 (b) The sdist + manylinux wheel of `make wheel`'s recipe, installed with no compiler reachable:
     native-cpu runs, the same sample bit for bit; auditwheel names a manylinux policy.
 
-Each fresh venv sees the main venv's site-packages through a .pth file (numpy, numba, ... without a
-download) and installs with --no-index, so pip's dependency resolution still has to find every
-declared dependency there: a missing declaration fails the install.
+Each fresh venv sees installed packages through a .pth file (numpy, numba, ... without a download)
+and installs with --no-index, so pip's dependency resolution still has to find every declared
+dependency there: a missing declaration fails the install. The wheel's venv sees only the runtime
+dependencies and pip (no setuptools, pybind11 or compiler); the source installs see the main venv.
 """
 from __future__ import annotations
 
@@ -44,13 +45,29 @@ def copy_checkout(dst: Path, *also_ignore: str) -> Path:
     return dst
 
 
-def fresh_venv(path: Path) -> Path:
-    """A new venv whose python also sees this venv's site-packages (appended, so its own come first)."""
+RUNTIME = ("numpy", "numba", "llvmlite", "scipy", "safetensors", "tqdm", "threadpoolctl", "pip")
+
+
+def runtime_site(path: Path) -> Path:
+    """A folder of links to the runtime dependencies (and pip) of this venv, nothing else."""
+    path.mkdir()
+    for sp in site.getsitepackages():
+        for entry in Path(sp).iterdir():
+            name = entry.name.lower()
+            if any(name == r or name.startswith((r + "-", r + ".", r + "_")) for r in RUNTIME):
+                (path / entry.name).symlink_to(entry)
+    return path
+
+
+def fresh_venv(path: Path, runtime_only: bool = False) -> Path:
+    """A new venv whose python also sees this venv's site-packages (appended, so its own come first),
+    or with runtime_only only the runtime dependencies and pip."""
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(path)], check=True)
     py = path / "bin" / "python"
     purelib = subprocess.run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
                              check=True, capture_output=True, text=True).stdout.strip()
-    Path(purelib, "main_venv.pth").write_text("\n".join(site.getsitepackages()) + "\n")
+    dirs = [str(runtime_site(path.parent / (path.name + "-deps")))] if runtime_only else site.getsitepackages()
+    Path(purelib, "deps.pth").write_text("\n".join(dirs) + "\n")
     return py
 
 
@@ -124,8 +141,11 @@ def test_wheel_installs_and_runs_natively_without_a_compiler(tmp_path, native_im
     assert "manylinux" in show
     print(f"sdist {sdist.stat().st_size / 2**20:.2f} MiB, wheel {wheel.stat().st_size / 2**20:.2f} MiB ({wheel.name})")
 
-    py = fresh_venv(tmp_path / "venv")
+    py = fresh_venv(tmp_path / "venv", runtime_only=True)
     env = no_compiler_env(tmp_path, py)
+    for tool in ("setuptools", "pybind11", "build", "auditwheel"):  # none of the build tools is there
+        probe = subprocess.run([str(py), "-c", f"import {tool}"], capture_output=True, env=env, cwd=tmp_path)
+        assert probe.returncode != 0, f"{tool} is importable in the wheel's venv"
     t0 = time.perf_counter()
     run(py, "-m", "pip", "install", "--no-index", str(wheel), env=env)
     print(f"install from the wheel: {time.perf_counter() - t0:.1f} s")
@@ -134,4 +154,21 @@ def test_wheel_installs_and_runs_natively_without_a_compiler(tmp_path, native_im
     assert report["build"]["distribution"] == "binary wheel" and report["build"]["cuda"]["built"] is False
     images, secs = timed_sample(py, tmp_path / "w.npy", env)
     print(f"native sample(n=2, steps=5) from the wheel: {secs:.1f} s (a fresh process)")
+    np.testing.assert_array_equal(images, native_images)
+
+
+def test_sdist_alone_installs_and_builds_the_native_core(tmp_path, native_images):
+    """The sdist is complete: a fresh venv builds the C++ core from it (a compiler present) and
+    samples the same images."""
+    dist = tmp_path / "dist"
+    src = copy_checkout(tmp_path / "src")
+    run(Path(sys.executable), "-m", "build", "--no-isolation", "--sdist", "--outdir", str(dist), str(src))
+    sdist = next(dist.glob("*.tar.gz"))
+    py = fresh_venv(tmp_path / "venv")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FASTDDPM_")}
+    env.update(FASTDDPM_CUDA="0", FASTDDPM_REQUIRE_NATIVE="1", NUMBA_CACHE_DIR=str(tmp_path / "numba-cache"))
+    run(py, "-m", "pip", "install", "--no-index", "--no-build-isolation", str(sdist), env=env, cwd=tmp_path)
+    report = json.loads(run(py, "-c", REPORT, env=env, cwd=tmp_path).stdout)
+    assert report["native"]["available"] is True and report["build"]["cpu"]["built"] is True
+    images, _ = timed_sample(py, tmp_path / "s.npy", env)
     np.testing.assert_array_equal(images, native_images)
