@@ -146,3 +146,18 @@ def test_compile_time_is_reported():
     assert isinstance(info["unet_compile_seconds"], float) and info["unet_compile_seconds"] > 0
     assert info["unet_compile_source"] in ("compiled", "disk cache")
     assert fastddpm.backends()["numba"]["unet_compile_seconds"] == info["unet_compile_seconds"]
+
+
+def test_callback_calling_its_engine_is_an_error_not_a_deadlock():
+    """As the C++ engines: a progress callback that calls back into the numba engine running it
+    gets a clear RuntimeError; the engine stays usable."""
+    pipe = fastddpm.load("digits")
+    from fastddpm.backends import get as get_backend
+    eng = pipe._engine(get_backend("numba"), 1, 16, 16)
+    sched = pipe.scheduler_for("ddim", 3)
+    x = np.zeros((1, 1, 16, 16), np.float32)
+    with pytest.raises(RuntimeError, match="must not call back into the engine"):
+        eng.run(sched, (1, 1, 16, 16), seed=0, callback=lambda k: eng.forward(x, 10))
+    a, _ = eng.run(sched, (1, 1, 16, 16), seed=0)
+    b, _ = eng.run(sched, (1, 1, 16, 16), seed=0)
+    np.testing.assert_array_equal(a, b)

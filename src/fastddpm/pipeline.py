@@ -20,6 +20,7 @@ import shutil
 import tempfile
 import threading
 import warnings
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -29,6 +30,7 @@ import importlib as _importlib
 
 _backends = _importlib.import_module("fastddpm.backends")  # the subpackage, not fastddpm.backends()
 from .dispatch import check_first_index, check_seed
+from .limits import check_request, engine_cache_size
 from .noise import INITIAL_STEP
 from .schedulers import DDIMScheduler, DDPMScheduler, SchedulerConfigError
 from .unet_config import PRESETS, UNetConfig, random_weights, weight_shapes
@@ -81,7 +83,8 @@ class Pipeline:
         self.scheduler = scheduler
         self.name = name
         self._reference = None            # the torch ReferenceUNet, built on first use
-        self._engines: dict = {}          # (backend, batch, h, w) -> engine
+        self._engines: OrderedDict = OrderedDict()   # (backend, batch, h, w, dtype) -> engine, LRU order
+        self._per_sample_floats: dict = {}          # (h, w) -> the plan's activation floats per sample
         self._lock = threading.Lock()
 
     def __repr__(self):
@@ -122,8 +125,24 @@ class Pipeline:
             engine = self._engines.get(key)
             if engine is None:
                 extra = {"dtype": dtype} if "cuda" in be.devices else {}
-                engine = self._engines[key] = make(self.unet_config, self.weights, batch, height, width, **extra)
+                engine = make(self.unet_config, self.weights, batch, height, width, **extra)
+                self._engines[key] = engine
+                while len(self._engines) > engine_cache_size():   # bounded: drop the least recently used
+                    self._engines.popitem(last=False)
+            self._engines.move_to_end(key)
             return engine
+
+    def _check_request(self, n: int, height: int, width: int, frames: int, what: str) -> None:
+        """Refuse, before any allocation, a request whose buffers would exceed the limit
+        (limits.py): the plan's activations of n samples plus n images per kept frame."""
+        with self._lock:
+            per = self._per_sample_floats.get((height, width))
+            if per is None:
+                from .plan import build_plan
+                per = self._per_sample_floats[(height, width)] = sum(build_plan(self.unet_config, 1, height, width)
+                                                                     .slot_sizes)
+        image = self.unet_config.in_channels * height * width
+        check_request(what, 4 * n * (per + image * (2 + frames)))
 
     def unet(self, sample, timestep, backend="auto"):
         """One U-Net forward: the model output for ``sample`` [N, C, H, W] at ``timestep`` (an int,
@@ -136,6 +155,8 @@ class Pipeline:
                 raise TypeError(f"sample must be float32, got {sample.dtype}")
             self.unet_config.check_image_size(sample.shape[2], sample.shape[3])
             be = _backends.select(backend, "cpu")
+            self._check_request(sample.shape[0], sample.shape[2], sample.shape[3], 0,
+                                f"a U-Net forward of batch {sample.shape[0]}")
             engine = self._engine(be, *sample.shape[:1], *sample.shape[2:])
             if engine is not None:
                 return engine.forward(np.ascontiguousarray(sample), timestep)
@@ -191,6 +212,7 @@ class Pipeline:
         dtype = _check_dtype(dtype, be)
         h, w = self.image_size
         shape = (n, self.unet_config.in_channels, h, w)
+        self._check_request(n, h, w, len(keep), f"sampling n={n} images of {h}x{w}")
 
         bar = _progress_bar(total, progress, f"{sampler} {total} steps on {be.name}")
         try:

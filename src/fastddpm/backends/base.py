@@ -1,7 +1,32 @@
 """The interface every backend implements. Arrays reaching a backend are already validated."""
 from __future__ import annotations
 
+import threading
+
 import numpy as np
+
+
+class EngineLock:
+    """One call at a time on an engine (its buffers are shared); a call from the thread already
+    inside one (a progress callback calling back into its engine) raises instead of deadlocking,
+    as the C++ engines do (fastddpm/call_lock.h)."""
+
+    def __init__(self, engine: str):
+        self._lock = threading.Lock()
+        self._owner: int | None = None
+        self._engine = engine
+
+    def __enter__(self):
+        if self._owner == threading.get_ident():
+            raise RuntimeError(f"this {self._engine} is already running a call on this thread: a progress "
+                               "callback must not call back into the engine that reports to it")
+        self._lock.acquire()
+        self._owner = threading.get_ident()
+        return self
+
+    def __exit__(self, *exc):
+        self._owner = None
+        self._lock.release()
 
 
 def per_sample_timesteps(timestep, batch: int) -> np.ndarray:

@@ -23,6 +23,7 @@ import time
 import numpy as np
 
 from .base import Backend
+from .numba_threads import parallel_region
 
 try:
     import numba
@@ -348,17 +349,19 @@ class NumbaBackend(Backend):
         if want is not None and want != prev:
             numba.set_num_threads(want)
         try:
-            # The kernels release the GIL; the lock keeps two Python threads from launching them at
-            # once (numba's workqueue threading layer aborts the process on concurrent launches).
-            with self._lock:
-                if name in self._first_call:
+            # The kernels release the GIL: parallel_region() keeps launches from different threads
+            # apart where numba's threading layer is not thread-safe (workqueue aborts the process).
+            if name in self._first_call:
+                with parallel_region():
                     kernel(*args)
-                    return
+                return
+            with self._lock, parallel_region():   # the first call compiles (or loads the disk cache): time it
                 hits = sum(kernel.stats.cache_hits.values())
                 t0 = time.perf_counter()
                 kernel(*args)
-                self._first_call[name] = time.perf_counter() - t0
-                self._from_cache[name] = sum(kernel.stats.cache_hits.values()) > hits
+                if name not in self._first_call:
+                    self._first_call[name] = time.perf_counter() - t0
+                    self._from_cache[name] = sum(kernel.stats.cache_hits.values()) > hits
         finally:
             if want is not None and want != prev:
                 numba.set_num_threads(prev)

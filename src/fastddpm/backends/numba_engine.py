@@ -38,7 +38,8 @@ import time
 import numpy as np
 
 from ..plan import CONV_MODES, FLAG_FLIP, FLAG_PADDED_OUT, FLAG_SILU, OP_CODES, PlanError, build_plan
-from .base import per_sample_timesteps
+from .base import EngineLock, per_sample_timesteps
+from .numba_threads import parallel_region
 
 try:
     import numba
@@ -563,7 +564,7 @@ class NumbaEngine:
         if step_backend is None:
             from .numba_cpu import BACKEND as step_backend
         self._step_backend = step_backend
-        self._lock = threading.Lock()
+        self._lock = EngineLock("numba engine")
 
     # ------------------------------------------------------------------ forward
     def _timesteps(self, timestep) -> np.ndarray:
@@ -591,9 +592,10 @@ class NumbaEngine:
         args = (self._ints, self._floats, self._woff, self._wflat, self._arena, self._soff,
                 self._ssize, self._work, self._t, self.batch)
         if _COMPILE["seconds"] is not None:
-            _forward(*args)
+            with parallel_region():
+                _forward(*args)
             return
-        with _COMPILE_LOCK:   # the first call compiles (or loads numba's disk cache): time it
+        with _COMPILE_LOCK, parallel_region():   # the first call compiles (or loads the disk cache): time it
             hits = sum(_forward.stats.cache_hits.values())
             t0 = time.perf_counter()
             _forward(*args)
