@@ -36,7 +36,7 @@ def format_report(info: dict) -> str:
         cpu, cuda = build.get("cpu", {}), build.get("cuda", {})
         native = (f"cpu ISA paths {', '.join(cpu.get('isa_paths', []))}" if cpu.get("built", True)
                   else f"cpu core not built ({cpu.get('reason', '?')})")
-        lines.append(f"build ({build.get('distribution', 'source build')}): {native}; "
+        lines.append(f"build: {build.get('distribution', 'source build')}; {native}; "
                      + (f"cuda {cuda.get('cuda_version')} archs {','.join(cuda.get('archs', []))}"
                         if cuda.get("built") else f"cuda not built ({cuda.get('reason', '?')})"))
     else:
