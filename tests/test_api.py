@@ -143,3 +143,19 @@ def test_info_runs_and_names_every_backend():
     for name in NAMES:
         assert name in out.stdout
     assert "build:" in out.stdout
+
+
+@pytest.mark.parametrize("bad", [1.7, 2.0, True, "3", None])
+def test_every_entry_point_validates_a_seed_alike(bad):
+    """One seed validator: noise() refuses what sample() refuses (a float is never truncated);
+    None means a fresh seed where a sampler takes one, and is refused by noise()."""
+    import fastddpm
+    with pytest.raises(TypeError, match="seed must be an int"):
+        fastddpm.noise(bad, (1, 2), 0)
+    if bad is None:
+        fastddpm.sample(n=1, steps=1, seed=None)
+    else:
+        with pytest.raises(TypeError, match="seed must be an int"):
+            fastddpm.sample(n=1, steps=1, seed=bad)
+    with pytest.raises(TypeError, match="noise step must be an int"):
+        fastddpm.noise(1, (1, 2), 1.5)

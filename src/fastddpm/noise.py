@@ -56,15 +56,23 @@ def philox4x32_10(counter: np.ndarray, key: tuple[int, int]) -> np.ndarray:
     return np.stack([x.astype(np.uint32) for x in c], axis=-1)
 
 
+def _integer(value, what: str) -> int:
+    """An int (Python or NumPy, not bool): a float such as 1.7 is refused, never truncated."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{what} must be an int, got {type(value).__name__} {value!r}")
+    return int(value)
+
+
 def _check_seed(seed) -> int:
-    seed = int(seed)
+    """The one seed validator (dispatch.check_seed adds None = a fresh seed)."""
+    seed = _integer(seed, "seed")
     if not 0 <= seed < 2**64:
         raise ValueError(f"seed must be in [0, 2**64), got {seed}")
     return seed
 
 
 def _check_step(step) -> int:
-    step = int(step)
+    step = _integer(step, "noise step")
     if step == -1:
         return INITIAL_STEP
     if not 0 <= step <= INITIAL_STEP:
