@@ -29,12 +29,13 @@ import numpy as np
 import importlib as _importlib
 
 _backends = _importlib.import_module("fastddpm.backends")  # the subpackage, not fastddpm.backends()
+from ._files import check_inside, errors_name, read_json_object
 from .dispatch import check_first_index, check_seed
 from .limits import check_request, engine_cache_size
 from .noise import INITIAL_STEP
 from .schedulers import DDIMScheduler, DDPMScheduler, SchedulerConfigError
-from .unet_config import PRESETS, UNetConfig, random_weights, weight_shapes
-from .weights import check_weights, load_safetensors, save_safetensors
+from .unet_config import PRESETS, UNetConfig, UNetConfigError, random_weights, weight_shapes
+from .weights import WeightsError, check_weights, load_safetensors, save_safetensors
 
 __all__ = ["Pipeline", "SampleResult", "load", "sample", "BUNDLED_MODELS", "PRESET_MODELS"]
 
@@ -351,30 +352,44 @@ def _progress_bar(total: int, progress: bool, desc: str):
 
 # ---------------------------------------------------------------------- loading
 
+_MODEL_FILES = ("unet/config.json", "unet/diffusion_pytorch_model.safetensors",
+                "scheduler/scheduler_config.json")
+
+
+def _model_file(directory: str, rel: str) -> str:
+    """``directory/rel``, once it is known to exist and to lie inside ``directory`` (a symlink out
+    of the model directory, to /etc/passwd or anywhere else, is refused before anything is read)."""
+    path = os.path.join(directory, *rel.split("/"))
+    if not os.path.lexists(path):
+        raise FileNotFoundError(f"{path} is missing: a fastddpm/diffusers model directory needs "
+                                f"{', '.join(_MODEL_FILES)}")
+    check_inside(directory, path)
+    return path
+
+
 def _read_json(path: str) -> dict:
     try:
-        with open(path, encoding="utf-8") as f:
-            obj = json.load(f)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path} is missing: a fastddpm/diffusers model directory needs "
-                                "unet/config.json, unet/diffusion_pytorch_model.safetensors and "
-                                "scheduler/scheduler_config.json") from None
-    except ValueError as exc:
-        raise ValueError(f"{path} is not valid JSON: {exc}") from None
-    if not isinstance(obj, dict):
-        raise ValueError(f"{path} must hold a JSON object")
-    return obj
+        return read_json_object(path)
+    except FileNotFoundError:  # a dangling symlink inside the directory
+        raise FileNotFoundError(f"{path} is missing or a broken symlink") from None
 
 
 def _load_directory(path: str, name: str | None = None) -> Pipeline:
-    cfg = UNetConfig.from_dict(_read_json(os.path.join(path, "unet", "config.json")))
-    weights = load_safetensors(os.path.join(path, "unet", "diffusion_pytorch_model.safetensors"))
-    sched_cfg = _read_json(os.path.join(path, "scheduler", "scheduler_config.json"))
+    """A diffusers-layout directory, read as possibly hostile: each problem is a ValueError,
+    TypeError or OSError subclass whose message names the file (and the field)."""
+    unet_path, weights_path, sched_path = (_model_file(path, rel) for rel in _MODEL_FILES)
+    with errors_name(unet_path, UNetConfigError):
+        cfg = UNetConfig.from_dict(_read_json(unet_path))  # bounded before anything is built
+    weights = load_safetensors(weights_path)
+    sched_cfg = _read_json(sched_path)
     cls_name = sched_cfg.get("_class_name", "DDPMScheduler")
-    if cls_name not in _SCHEDULERS:
-        raise SchedulerConfigError(f"{path}: scheduler class {cls_name!r} is not one of {sorted(_SCHEDULERS)}")
-    scheduler = _SCHEDULERS[cls_name].from_config(sched_cfg)
-    return Pipeline(cfg, weights, scheduler, name=name or os.path.basename(os.path.normpath(path)))
+    if not isinstance(cls_name, str) or cls_name not in _SCHEDULERS:
+        raise SchedulerConfigError(f"{sched_path}: _class_name = {cls_name!r:.100} is not one of "
+                                   f"{sorted(_SCHEDULERS)}")
+    with errors_name(sched_path, SchedulerConfigError):
+        scheduler = _SCHEDULERS[cls_name].from_config(sched_cfg)
+    with errors_name(f"{weights_path} (against {unet_path})", WeightsError):
+        return Pipeline(cfg, weights, scheduler, name=name or os.path.basename(os.path.normpath(path)))
 
 
 _cache: dict[str, Pipeline] = {}

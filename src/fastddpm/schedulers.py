@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from ._files import ModelFileError, errors_name, read_json_object
 from .dispatch import fused_step
 
 __all__ = ["DDPMScheduler", "DDIMScheduler", "COEF_WIDTH", "SchedulerConfigError"]
@@ -33,6 +34,11 @@ TIMESTEP_SPACINGS = ("leading", "linspace", "trailing")
 
 class SchedulerConfigError(ValueError):
     """A scheduler config key or value that fastddpm does not know or cannot honour."""
+
+
+# Far beyond any trained model (diffusers' default is 1000): the tables are O(num_train_timesteps)
+# and are built when the scheduler is, so an absurd value must be refused before that.
+MAX_TRAIN_TIMESTEPS = 1_000_000
 
 
 # Keys diffusers writes that fastddpm accepts only at the value that changes nothing.
@@ -72,6 +78,14 @@ def _rescale_zero_terminal_snr(betas: np.ndarray) -> np.ndarray:
     abar = abar_sqrt**2
     alphas = np.concatenate([abar[:1], abar[1:] / abar[:-1]])
     return 1.0 - alphas
+
+
+def _finite(v) -> bool:
+    """math.isfinite, and False for an int beyond float range (JSON allows 4300 digits)."""
+    try:
+        return math.isfinite(v)
+    except OverflowError:
+        return False
 
 
 def _x0_eps_coefficients(prediction_type: str, abar: float) -> tuple[float, float, float, float]:
@@ -152,9 +166,14 @@ class _Scheduler:
                 raise SchedulerConfigError(f"{key} must be true or false, got {cfg[key]!r}")
         n = cfg["num_train_timesteps"]
         if cfg["trained_betas"] is not None:
+            given = cfg["trained_betas"]
+            if hasattr(given, "__len__") and not isinstance(given, (str, bytes)) \
+                    and len(given) > MAX_TRAIN_TIMESTEPS:
+                raise SchedulerConfigError(f"trained_betas has {len(given)} entries, over the "
+                                           f"limit of {MAX_TRAIN_TIMESTEPS}")
             try:
-                trained = np.asarray(cfg["trained_betas"], dtype=np.float64)
-            except (TypeError, ValueError):
+                trained = np.asarray(given, dtype=np.float64)
+            except (TypeError, ValueError, OverflowError):
                 trained = None
             if trained is None or trained.ndim != 1 or trained.size == 0:
                 raise SchedulerConfigError("trained_betas must be a non-empty 1-D list of floats")
@@ -166,35 +185,48 @@ class _Scheduler:
                 v = cfg[key]
                 if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)):
                     raise SchedulerConfigError(f"{key} must be a number, got {v!r}")
+                if not (_finite(v) and 0 <= v < 1):
+                    raise SchedulerConfigError(f"{key} must be a finite number in [0, 1), got {v!r}")
+            if cfg["beta_start"] > cfg["beta_end"]:
+                raise SchedulerConfigError(f"beta_start = {cfg['beta_start']!r} is greater than "
+                                           f"beta_end = {cfg['beta_end']!r}")
         if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
             raise SchedulerConfigError(f"num_train_timesteps must be a positive integer, got {n!r}")
+        if n > MAX_TRAIN_TIMESTEPS:
+            raise SchedulerConfigError(f"num_train_timesteps = {n} is over the limit of "
+                                       f"{MAX_TRAIN_TIMESTEPS}")
+        if cfg["rescale_betas_zero_snr"] and n < 2:
+            raise SchedulerConfigError("rescale_betas_zero_snr needs num_train_timesteps >= 2")
         betas = _betas(cfg)
         if not (np.all(np.isfinite(betas)) and np.all(betas > 0) and np.all(betas < 1)):
             raise SchedulerConfigError(f"every beta must be finite and in (0, 1): check {source} "
                                        f"(beta_schedule={cfg['beta_schedule']!r})")
         r = cfg["clip_sample_range"]
-        if not (isinstance(r, (int, float)) and math.isfinite(r) and r > 0):
+        if isinstance(r, bool) or not (isinstance(r, (int, float)) and _finite(r) and r > 0):
             raise SchedulerConfigError(f"clip_sample_range must be a positive finite number, got {r!r}")
         off = cfg["steps_offset"]
-        if isinstance(off, bool) or not isinstance(off, (int, np.integer)) or off < 0:
-            raise SchedulerConfigError(f"steps_offset must be a non-negative integer, got {off!r}")
+        if isinstance(off, bool) or not isinstance(off, (int, np.integer)) or not 0 <= off < n:
+            raise SchedulerConfigError(f"steps_offset must be an integer in [0, num_train_timesteps = "
+                                       f"{n}), got {off!r}")
 
     @classmethod
     def from_config(cls, config: dict | str | os.PathLike, **overrides):
         """Build from a dict, a scheduler_config.json, or a directory holding one (or scheduler/ in it)."""
-        if not isinstance(config, dict):
-            path = os.fspath(config)
-            for candidate in (path, os.path.join(path, "scheduler_config.json"),
-                              os.path.join(path, "scheduler", "scheduler_config.json")):
-                if os.path.isfile(candidate):
-                    with open(candidate, encoding="utf-8") as f:
-                        config = json.load(f)
-                    break
-            else:
-                raise FileNotFoundError(f"no scheduler_config.json at {path!r}")
-            if not isinstance(config, dict):
-                raise SchedulerConfigError(f"{path}: a scheduler config must be a JSON object")
-        return cls(**{**config, **overrides})
+        if isinstance(config, dict):
+            return cls(**{**config, **overrides})
+        path = os.fspath(config)
+        for candidate in (path, os.path.join(path, "scheduler_config.json"),
+                          os.path.join(path, "scheduler", "scheduler_config.json")):
+            if os.path.isfile(candidate):
+                break
+        else:
+            raise FileNotFoundError(f"no scheduler_config.json at {path!r}")
+        try:
+            config = read_json_object(candidate)
+        except ModelFileError as e:   # not a regular file, too large, not a JSON object
+            raise SchedulerConfigError(str(e)) from None
+        with errors_name(candidate, SchedulerConfigError):
+            return cls(**{**config, **overrides})
 
     def save_config(self, directory: str | os.PathLike) -> str:
         """Write scheduler_config.json (diffusers' format) into directory; returns its path."""

@@ -43,12 +43,21 @@ from typing import Any, Iterator, Mapping
 import numpy as np
 
 __all__ = ["UNetConfigError", "UNetConfig", "weight_shapes", "parameter_count", "flops",
-           "random_weights", "PRESETS", "DOWN_BLOCK_TYPES", "UP_BLOCK_TYPES"]
+           "random_weights", "PRESETS", "DOWN_BLOCK_TYPES", "UP_BLOCK_TYPES", "MAX_DIMENSION",
+           "MAX_RESNET_BLOCKS", "MAX_PARAMETERS", "MAX_SAMPLE_FLOATS"]
 
 
 class UNetConfigError(ValueError):
     """A U-Net config that fastddpm cannot run; the message names the offending field."""
 
+
+# Bounds that keep an absurd config (a hostile config.json) from taking the machine down before
+# anything checks it against the weights: each is far beyond any real UNet2DModel (ddpm-cifar10:
+# 36M parameters, 8 resnet blocks; a 256x256 model's largest activation ~17M floats).
+MAX_DIMENSION = 2**31 - 1          # any one size or count (channels, sample_size, ...)
+MAX_RESNET_BLOCKS = 4096           # len(block_out_channels) x (2 layers_per_block + 1) + 2
+MAX_PARAMETERS = 2**32             # 16 GiB of float32 weights
+MAX_SAMPLE_FLOATS = 2**30          # the largest activation of one sample at sample_size: 4 GiB
 
 DOWN_BLOCK_TYPES = ("DownBlock2D", "AttnDownBlock2D")
 UP_BLOCK_TYPES = ("UpBlock2D", "AttnUpBlock2D")
@@ -208,6 +217,8 @@ def _same(v, choice) -> bool:
 def _pos_int(name: str, v) -> int:
     if not _is_int(v) or v <= 0:
         raise UNetConfigError(f"{name} must be a positive integer, got {v!r}")
+    if v > MAX_DIMENSION:
+        raise UNetConfigError(f"{name} = {v} is over the limit of {MAX_DIMENSION}")
     return int(v)
 
 
@@ -216,7 +227,11 @@ def _opt_pos_int(name: str, v) -> int | None:
 
 
 def _finite(name: str, v) -> float:
-    if not _is_real(v) or not math.isfinite(float(v)):
+    try:
+        ok = _is_real(v) and math.isfinite(float(v))
+    except OverflowError:  # an int beyond float range (JSON allows 4300 digits)
+        ok = False
+    if not ok:
         raise UNetConfigError(f"{name} must be a finite number, got {v!r}")
     return v if _is_int(v) else float(v)  # keep ints as ints so to_dict round-trips
 
@@ -323,6 +338,46 @@ def _check_structure(cfg: UNetConfig) -> None:
                 raise UNetConfigError(
                     f"sample_size = {cfg.sample_size!r} must be a multiple of "
                     f"{cfg.size_multiple} (2**(len(block_out_channels)-1))")
+    _check_size(cfg)
+
+
+def _check_size(cfg: UNetConfig) -> None:
+    """The bounds above, each checked before anything proportional to it is built."""
+    blocks = cfg.num_blocks * (2 * cfg.layers_per_block + 1) + 2
+    if blocks > MAX_RESNET_BLOCKS:
+        raise UNetConfigError(
+            f"layers_per_block = {cfg.layers_per_block} with {cfg.num_blocks} entries in "
+            f"block_out_channels gives {blocks} resnet blocks, over the limit of "
+            f"{MAX_RESNET_BLOCKS}")
+    params = parameter_count(cfg)
+    if params > MAX_PARAMETERS:
+        raise UNetConfigError(
+            f"block_out_channels = {list(cfg.block_out_channels)!r:.200}, time_embedding_dim = "
+            f"{cfg.time_embedding_dim!r} give {params:.3g} parameters ({4 * params / 2**30:.3g} "
+            f"GiB as float32), over the limit of {MAX_PARAMETERS:.3g}")
+    hw = cfg.sample_hw
+    if hw is not None:
+        floats, where = _largest_activation(cfg, *hw)
+        if floats > MAX_SAMPLE_FLOATS:
+            raise UNetConfigError(
+                f"sample_size = {cfg.sample_size!r} with block_out_channels = "
+                f"{list(cfg.block_out_channels)!r:.200} needs {floats:.3g} floats "
+                f"({4 * floats / 2**30:.3g} GiB) for one sample's activation in {where}, over "
+                f"the limit of {MAX_SAMPLE_FLOATS:.3g}")
+
+
+def _largest_activation(cfg: UNetConfig, height: int, width: int) -> tuple[int, str]:
+    """(floats, module) of the largest single buffer of a one-sample forward: a module's input or
+    output, or an attention's scores (heads x pixels^2) and projections."""
+    best = (0, "")
+    for ly in _layers(cfg):
+        px = (height >> ly.level) * (width >> ly.level)
+        out_px = px // 4 if ly.kind == "down" else px * 4 if ly.kind == "up" else px
+        floats = max(ly.c_in * px, ly.c_out * out_px)
+        if ly.kind == "attn":
+            floats = max(floats, cfg.heads(ly.c_in) * px * px + 4 * ly.c_in * px)
+        best = max(best, (floats, ly.name))
+    return best
 
 
 def _attention_channels(cfg: UNetConfig) -> Iterator[tuple[int, str]]:

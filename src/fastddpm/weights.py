@@ -2,12 +2,12 @@
 
 NumPy + safetensors only (no torch). Weights load from safetensors only; nothing is unpickled.
 A malformed or hostile file gives a ``WeightsError`` naming the path and the problem, never a
-crash or a huge allocation: the header is parsed and checked here before safetensors reads it.
+crash or a huge allocation: the header is parsed and checked here, and the tensors are then read
+here with plain reads (no mmap, which a file truncated during the load would turn into SIGBUS),
+each no larger than the file holds.
 """
 from __future__ import annotations
 
-import json
-import math
 import os
 import stat
 import struct
@@ -16,6 +16,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from ._atomic import atomic_write
+from ._files import parse_json
 
 __all__ = ["WeightsError", "load_safetensors", "check_weights", "save_safetensors",
            "read_header"]
@@ -30,8 +31,12 @@ _ITEMSIZE = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "F8_E8M0":
              "I16": 2, "U16": 2, "F16": 2, "BF16": 2, "I32": 4, "U32": 4, "F32": 4,
              "I64": 8, "U64": 8, "F64": 8, "C64": 8}
 _FLOAT_DTYPES = ("F32", "F16", "BF16", "F64")
+_NUMPY_DTYPES = {"F32": "<f4", "F16": "<f2", "F64": "<f8"}  # BF16: widened by hand
 _SAVE_DTYPES = {np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64)}
-_MAX_HEADER = 100_000_000  # safetensors' own limit on the JSON header
+# The JSON header: ~110 bytes a tensor, so 16 MiB holds ~150,000 tensors, more than the U-Net
+# bounds of unet_config allow (safetensors itself allows 100 MB; parsing that much JSON can take
+# gigabytes)
+_MAX_HEADER = 16 << 20
 _MAX_PROBLEMS = 20         # problems listed in one error before "... and N more"
 
 
@@ -43,9 +48,10 @@ def read_header(path) -> tuple[dict[str, dict[str, Any]], int]:
     """Parse and check the safetensors header of ``path``.
 
     Returns ({name: {"dtype", "shape", "data_offsets"}}, byte offset of the data section).
-    Checks: the 8-byte little-endian length fits in the file, the header is a JSON object, each
-    tensor has a known dtype, a shape of non-negative ints and data offsets inside the file that
-    match shape x itemsize, and no two tensors overlap."""
+    Checks: the 8-byte little-endian length fits in the file, the header is a JSON object without
+    duplicate names, each tensor has a known dtype, a shape of non-negative ints and data offsets
+    inside the file that match shape x itemsize, and the tensors tile the data section exactly
+    (no overlap, no gap, no trailing bytes: what safetensors itself requires)."""
     try:
         # a FIFO or device would block or never end: only regular files are opened
         if not stat.S_ISREG(os.stat(path).st_mode):
@@ -74,8 +80,8 @@ def read_header(path) -> tuple[dict[str, dict[str, Any]], int]:
     if len(raw) != n:
         raise _fail(path, "file changed while reading its header")
     try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as e:
+        header = parse_json(raw)
+    except ValueError as e:
         raise _fail(path, f"header is not valid JSON ({e})") from None
     if not isinstance(header, dict):
         raise _fail(path, f"header is a JSON {type(header).__name__}, not an object")
@@ -91,7 +97,7 @@ def read_header(path) -> tuple[dict[str, dict[str, Any]], int]:
             raise _fail(path, f"tensor {name!r}: entry must have exactly dtype, shape and "
                               f"data_offsets, got {info!r:.200}")
         dtype, shape, offs = info["dtype"], info["shape"], info["data_offsets"]
-        if dtype not in _ITEMSIZE:
+        if not isinstance(dtype, str) or dtype not in _ITEMSIZE:
             raise _fail(path, f"tensor {name!r}: unknown dtype {dtype!r}")
         if not isinstance(shape, list) or not all(
                 isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape):
@@ -102,31 +108,58 @@ def read_header(path) -> tuple[dict[str, dict[str, Any]], int]:
             raise _fail(path, f"tensor {name!r}: data_offsets must be [begin, end], "
                               f"got {offs!r:.200}")
         begin, end = offs
-        if not 0 <= begin <= end <= data_size:
+        if begin < 0 or begin > end:
+            raise _fail(path, f"tensor {name!r}: data_offsets [{begin}, {end}] are "
+                              f"{'negative' if begin < 0 else 'reversed (begin > end)'}")
+        if end > data_size:
             raise _fail(path, f"tensor {name!r}: data_offsets [{begin}, {end}] lie outside the "
                               f"{data_size}-byte data section (truncated file?)")
-        nbytes = math.prod(shape) * _ITEMSIZE[dtype]
+        nbytes = _nbytes(shape, _ITEMSIZE[dtype], data_size)
         if end - begin != nbytes:
+            needs = "more than the whole file" if nbytes > data_size else nbytes
             raise _fail(path, f"tensor {name!r}: data_offsets span {end - begin} bytes but "
-                              f"{dtype} {shape} needs {nbytes}")
+                              f"{dtype} {shape!r:.200} needs {needs}")
         spans.append((begin, end, name))
     spans.sort()
     for (_, e0, a), (b1, _, b) in zip(spans, spans[1:]):
         if b1 < e0:
             raise _fail(path, f"tensors {a!r} and {b!r} overlap in the data section")
+        if b1 > e0:
+            raise _fail(path, f"bytes [{e0}, {b1}) of the data section, between tensors {a!r} "
+                              f"and {b!r}, belong to no tensor")
+    first, covered = (spans[0][0], spans[-1][1]) if spans else (0, 0)
+    if first:
+        raise _fail(path, f"bytes [0, {first}) of the data section belong to no tensor")
+    if covered != data_size:
+        raise _fail(path, f"{data_size - covered} bytes after the last tensor belong to no tensor")
     return header, data_start
 
 
-def _read_bf16(path, data_start: int, info: dict) -> np.ndarray:
-    # NumPy has no bfloat16 (safetensors.numpy cannot load it): widen the raw bits ourselves
+def _nbytes(shape: list[int], itemsize: int, cap: int) -> int:
+    """shape x itemsize, or cap + 1 as soon as it exceeds cap (a shape of thousand-digit dims
+    would otherwise take a long multiplication)."""
+    if 0 in shape:
+        return 0
+    n = itemsize
+    for s in shape:
+        n *= s
+        if n > cap:
+            return cap + 1
+    return n
+
+
+def _read_tensor(f, path, data_start: int, info: dict) -> np.ndarray:
+    """One tensor (offsets already checked against the file size) as float32."""
     begin, end = info["data_offsets"]
-    with open(path, "rb") as f:
-        f.seek(data_start + begin)
-        raw = f.read(end - begin)
+    f.seek(data_start + begin)
+    raw = f.read(end - begin)
     if len(raw) != end - begin:
-        raise OSError("short read")
-    bits = np.frombuffer(raw, dtype="<u2").astype(np.uint32) << 16
-    return bits.view(np.float32).reshape(info["shape"])
+        raise _fail(path, "file changed (shorter) while reading its tensors")
+    if info["dtype"] == "BF16":  # NumPy has no bfloat16: widen the raw bits to float32
+        a = (np.frombuffer(raw, dtype="<u2").astype(np.uint32) << 16).view(np.float32)
+    else:
+        a = np.frombuffer(raw, dtype=_NUMPY_DTYPES[info["dtype"]])
+    return np.ascontiguousarray(a.reshape(info["shape"]), dtype=np.float32)
 
 
 def load_safetensors(path) -> dict[str, np.ndarray]:
@@ -138,23 +171,11 @@ def load_safetensors(path) -> dict[str, np.ndarray]:
         more = f" and {len(bad) - _MAX_PROBLEMS} more" if len(bad) > _MAX_PROBLEMS else ""
         raise _fail(path, f"unsupported tensor dtype (only {', '.join(_FLOAT_DTYPES)} load): "
                           f"{', '.join(bad[:_MAX_PROBLEMS])}{more}")
-    from safetensors import safe_open  # a plain import: safetensors is a run-time requirement
-
-    out: dict[str, np.ndarray] = {}
     try:
-        with safe_open(os.fspath(path), framework="np") as f:
-            for name in f.keys():
-                info = header[name]
-                if info["dtype"] == "BF16":
-                    a = _read_bf16(path, data_start, info)
-                else:
-                    a = f.get_tensor(name)
-                out[name] = np.ascontiguousarray(a, dtype=np.float32)
-    except WeightsError:
-        raise
-    except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
-        raise _fail(path, f"cannot load: {type(e).__name__}: {e}") from None
-    return out
+        with open(path, "rb") as f:
+            return {name: _read_tensor(f, path, data_start, info) for name, info in header.items()}
+    except OSError as e:
+        raise _fail(path, f"cannot read: {e.strerror or e}") from None
 
 
 def check_weights(weights: Mapping[str, Any],
