@@ -560,6 +560,10 @@ def test_ctrl_c_stops_the_loop_between_steps(sigint_handled):
     timer.join()
     assert 0 < len(steps) < 1000       # it ran, and it stopped early
     assert time.perf_counter() - t0 < 60
+    sched.set_timesteps(5)             # and the engine is usable afterwards, with the same answers
+    x, _ = eng.run(sched, (1, 1, 16, 16), seed=1)
+    fresh = CPU_BACKEND.make_engine(cfg, random_weights(cfg, 0), 1, 16, 16)
+    np.testing.assert_array_equal(x, fresh.run(sched, (1, 1, 16, 16), seed=1)[0])
 
 
 def test_diffusers_saved_directory_runs_natively(tmp_path):
