@@ -11,7 +11,7 @@ from .schedulers import DDIMScheduler, DDPMScheduler, SchedulerConfigError
 __version__ = "0.1.0"
 __all__ = ["sample", "load", "noise", "backends", "DDPMScheduler", "DDIMScheduler", "Pipeline",
            "BackendUnavailableError", "SchedulerConfigError", "__version__",
-           "save_grid", "save_trajectory", "to_pil"]
+           "save_grid", "save_trajectory", "to_pil", "sample_to_disk"]
 
 
 def noise(seed: int, shape, step: int, first_index: int = 0) -> _np.ndarray:
@@ -34,4 +34,7 @@ def __getattr__(name):  # the pipeline pulls in more; import it on first use
     if name in ("save_grid", "save_trajectory", "to_pil"):   # pictures: Pillow, imported on first use
         from . import images
         return getattr(images, name)
+    if name == "sample_to_disk":
+        from . import shards
+        return shards.sample_to_disk
     raise AttributeError(f"module 'fastddpm' has no attribute {name!r}")

@@ -113,6 +113,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--frames", type=_positive_int, default=12, help="trajectory frames (default 12)")
     s.add_argument("--npy", default=None, metavar="PATH", help="also save the uint8 array as .npy")
     s.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
+    s.add_argument("--out", default=None, metavar="DIR",
+                   help="sample a data set into DIR instead: one .npz (uint8 [k, H, W, C]) per shard and a "
+                        "manifest; rerunning the same command resumes (see --shard-size, --ray, --png)")
+    s.add_argument("--shard-size", type=_positive_int, default=1000, help="images per shard (default 1000)")
+    s.add_argument("--ray", nargs="?", const="ray", default=None, metavar="ADDRESS",
+                   help="with --out: one Ray task per shard, on a local Ray instance or the cluster at ADDRESS")
+    s.add_argument("--threads", type=_positive_int, default=None, help="with --ray: threads per shard task")
+    s.add_argument("--png", action="store_true", help="with --out: also one PNG per image in DIR/png")
     s.set_defaults(func=cmd_sample)
 
     t = sub.add_parser("train", help="train a DDPM (PyTorch) and save it in diffusers' layout",
@@ -209,9 +217,29 @@ def _precheck_output(path: str, allowed, what: str) -> str:
         raise CliError(str(exc)) from None
 
 
+def cmd_sample_to_disk(args) -> int:
+    from .pipeline import default_model
+    from .shards import sample_to_disk
+    if args.sampler == "ddpm" and args.eta != 0:
+        raise CliError("--eta is a DDIM parameter: add --sampler ddim")
+    t0 = time.perf_counter()
+    data = sample_to_disk(default_model() if args.model is None else args.model, args.n, args.out,
+                          seed=args.seed, shard_size=args.shard_size, sampler=args.sampler, steps=args.steps,
+                          eta=args.eta, backend=args.backend, cluster=args.ray, threads=args.threads,
+                          png=args.png, progress=not args.quiet)
+    if not args.quiet:
+        print(f"{args.n} images in {len(data['shards'])} shards in {os.path.abspath(args.out)} "
+              f"({time.perf_counter() - t0:.1f} s)")
+    return 0
+
+
 def cmd_sample(args) -> int:
     import numpy as np
     from . import images as im
+    if args.out is not None:
+        return cmd_sample_to_disk(args)
+    if args.ray is not None or args.png or args.threads is not None:
+        raise CliError("--ray, --threads and --png need --out DIR")
     from .pipeline import _cached, default_model
     from .backends import select
 

@@ -1,0 +1,172 @@
+"""sample_to_disk: shards whose union is one sample(n, seed) call bit for bit, in-process and on a
+local Ray cluster started here (loopback only); resumable after a killed driver, a killed worker
+or a corrupted shard; a directory of another request is refused."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+import fastddpm
+from fastddpm.shards import ManifestMismatchError, read_shards, sample_to_disk, shard_name
+
+N, OPTS = 23, dict(seed=3, sampler="ddim", steps=5)
+
+
+@pytest.fixture(scope="module")
+def want():
+    return fastddpm.sample(n=N, **OPTS)   # uint8 [23, 16, 16, 1]
+
+
+def _shard_files(d):
+    return sorted(f for f in os.listdir(d) if f.startswith("shard-"))
+
+
+@pytest.mark.parametrize("shard_size", [1, 7, N])
+def test_local_shards_are_the_single_call(tmp_path, want, shard_size):
+    data = sample_to_disk("digits", N, tmp_path, shard_size=shard_size, **OPTS)
+    np.testing.assert_array_equal(read_shards(tmp_path), want)
+    count = -(-N // shard_size)
+    assert len(data["shards"]) == count and len(_shard_files(tmp_path)) == count
+    with np.load(tmp_path / shard_name(0)) as z:
+        assert z["images"].dtype == np.uint8 and z["images"].shape == (min(shard_size, N), 16, 16, 1)
+
+
+def test_rerun_skips_finished_shards_and_redoes_a_corrupt_one(tmp_path, want):
+    sample_to_disk("digits", N, tmp_path, shard_size=7, **OPTS)
+    before = {f: os.stat(tmp_path / f).st_mtime_ns for f in _shard_files(tmp_path)}
+    bad = tmp_path / shard_name(2)
+    raw = bytearray(bad.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    bad.write_bytes(bytes(raw))
+    with pytest.raises(ValueError, match="does not match its checksum"):
+        read_shards(tmp_path)
+    time.sleep(0.01)
+    sample_to_disk("digits", N, tmp_path, shard_size=7, **OPTS)
+    after = {f: os.stat(tmp_path / f).st_mtime_ns for f in _shard_files(tmp_path)}
+    assert [f for f in after if after[f] != before[f]] == [shard_name(2)]   # only the corrupt one redone
+    np.testing.assert_array_equal(read_shards(tmp_path), want)
+
+
+def test_another_request_in_the_same_directory_is_an_error(tmp_path):
+    sample_to_disk("digits", 4, tmp_path, shard_size=2, **OPTS)
+    for change in ({"seed": 4}, {"steps": 6}, {"sampler": "ddpm", "steps": 5}):
+        with pytest.raises(ManifestMismatchError, match="holds shards of another request"):
+            sample_to_disk("digits", 4, tmp_path, shard_size=2, **{**OPTS, **change})
+    with pytest.raises(ManifestMismatchError, match="model_hash"):
+        sample_to_disk("bench-small", 4, tmp_path, shard_size=2, **OPTS)
+    with pytest.raises(ManifestMismatchError, match="shard_size"):
+        sample_to_disk("digits", 4, tmp_path, shard_size=1, **OPTS)
+
+
+def test_bad_arguments(tmp_path):
+    with pytest.raises(ValueError, match="n must be a positive integer"):
+        sample_to_disk("digits", 0, tmp_path)
+    with pytest.raises(ValueError, match="shard_size must be a positive integer"):
+        sample_to_disk("digits", 2, tmp_path, shard_size=0)
+    with pytest.raises(TypeError, match="seed must be an int"):
+        sample_to_disk("digits", 2, tmp_path, seed=None)
+    with pytest.raises(TypeError, match="seed must be an int"):
+        sample_to_disk("digits", 2, tmp_path, seed=1.5)
+
+
+def test_png_folder_and_a_pipeline_object(tmp_path, want):
+    pipe = fastddpm.load("digits")
+    sample_to_disk(pipe, N, tmp_path, shard_size=10, png=True, **OPTS)
+    pngs = sorted(os.listdir(tmp_path / "png"))
+    assert pngs == [f"{i:09d}.png" for i in range(N)]
+    from PIL import Image
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "png" / pngs[5])), want[5, :, :, 0])
+    np.testing.assert_array_equal(read_shards(tmp_path), want)
+
+
+def _cli(out, *extra):
+    return [sys.executable, "-m", "fastddpm.cli", "sample", "--out", str(out), "--n", "40", "--shard-size", "4",
+            "--sampler", "ddim", "--steps", "40", "--seed", "3", "-q", *extra]
+
+
+def _kill_after_shards(cmd, manifest, shards=2, timeout=120):
+    """Start cmd, SIGKILL it once the manifest records `shards` finished shards."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    t0 = time.time()
+    try:
+        while time.time() - t0 < timeout:
+            if proc.poll() is not None:
+                break
+            try:
+                done = len(json.loads(manifest.read_text())["shards"])
+            except (OSError, ValueError, KeyError):
+                done = 0
+            if done >= shards:
+                break
+            time.sleep(0.02)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    return json.loads(manifest.read_text())["shards"]
+
+
+@pytest.mark.slow
+def test_a_killed_driver_resumes_to_every_image_once(tmp_path):
+    out = tmp_path / "run"
+    partial = _kill_after_shards(_cli(out), out / "manifest.json")
+    assert 2 <= len(partial) < 10
+    subprocess.run(_cli(out), check=True, capture_output=True, timeout=300)
+    files = _shard_files(out)
+    assert files == [shard_name(i) for i in range(10)]   # every shard once, nothing else
+    assert not [f for f in os.listdir(out) if f.endswith(".tmp")]
+    np.testing.assert_array_equal(read_shards(out), fastddpm.sample(n=40, seed=3, sampler="ddim", steps=40))
+
+
+# ------------------------------------------------------------------ Ray
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    ray = pytest.importorskip("ray", reason="Ray is the optional extra fastddpm[ray]")
+    ray.init(num_cpus=2, _node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("shard_size", [1, 7, N])
+def test_ray_shards_are_the_single_call(tmp_path, want, ray_cluster, shard_size):
+    sample_to_disk("digits", N, tmp_path, shard_size=shard_size, cluster="ray", **OPTS)
+    np.testing.assert_array_equal(read_shards(tmp_path), want)
+    assert len(_shard_files(tmp_path)) == -(-N // shard_size)
+
+
+@pytest.mark.slow
+def test_ray_worker_killed_mid_task_is_retried(tmp_path, want, ray_cluster, monkeypatch):
+    faults = tmp_path / "faults"
+    faults.mkdir()
+    monkeypatch.setenv("FASTDDPM_SHARD_FAULT_DIR", str(faults))
+    monkeypatch.setenv("FASTDDPM_SHARD_FAULT_SHARDS", "1,2")
+    out = tmp_path / "run"
+    sample_to_disk("digits", N, out, shard_size=7, cluster="ray", **OPTS)
+    assert sorted(os.listdir(faults)) == ["fault-1", "fault-2"]   # two workers died mid-task ...
+    assert _shard_files(out) == [shard_name(i) for i in range(4)]   # ... and every shard is there once
+    np.testing.assert_array_equal(read_shards(out), want)
+
+
+@pytest.mark.slow
+def test_ray_driver_killed_and_restarted(tmp_path, ray_cluster):
+    address = ray_cluster.get_runtime_context().gcs_address   # the cluster outlives the driver
+    out = tmp_path / "run"
+    partial = _kill_after_shards(_cli(out, "--ray", address), out / "manifest.json")
+    assert 2 <= len(partial) < 10
+    subprocess.run(_cli(out, "--ray", address), check=True, capture_output=True, timeout=300)
+    assert _shard_files(out) == [shard_name(i) for i in range(10)]
+    np.testing.assert_array_equal(read_shards(out), fastddpm.sample(n=40, seed=3, sampler="ddim", steps=40))
+
+
+def test_cli_refuses_cluster_options_without_out(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "fastddpm.cli", "sample", "--n", "2", "--ray"],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert proc.returncode != 0 and "--ray, --threads and --png need --out DIR" in proc.stderr
