@@ -9,6 +9,7 @@
 #include <string>
 
 #include "array_args.h"
+#include "layout_dict.h"
 #include "py_loop.h"
 #include "cpu/engine.h"
 #include "cpu/isa.h"
@@ -193,6 +194,8 @@ class PyEngine {
 }  // namespace
 
 PYBIND11_MODULE(_C, mod) {
+  mod.def("layout", &fastddpm::bind::layout_dict,
+          "the shared layouts (op codes, plan columns, flags, coefficient columns, noise constants)");
   mod.doc() = "fastddpm's C++ CPU core: the fused sampler step and Philox noise";
   mod.def("fused_step", &fused_step, py::arg("x"), py::arg("m"), py::arg("out"), py::arg("coef"),
           py::arg("seed"), py::arg("noise_step"), py::arg("first_index"), py::arg("noise"), py::arg("row") = -1,

@@ -21,6 +21,7 @@
 #include <tuple>
 
 #include "array_args.h"
+#include "layout_dict.h"
 #include "py_loop.h"
 #include "cuda/engine_cuda.h"
 #include "cuda/step_cuda.h"
@@ -393,6 +394,8 @@ class PyCudaEngine {
 }  // namespace
 
 PYBIND11_MODULE(_C_cuda, mod) {
+  mod.def("layout", &fastddpm::bind::layout_dict,
+          "the shared layouts (op codes, plan columns, flags, coefficient columns, noise constants)");
   // CUDA out of memory -> MemoryError (the message says how much was asked and how much is free)
   py::register_exception_translator([](std::exception_ptr p) {
     try {

@@ -77,12 +77,14 @@ class PlanError(ValueError):
     """A config / size the plan cannot run; the message names the field."""
 
 
-# Op codes and conv modes: mirrored in csrc/include/fastddpm/plan.h.
+# Op codes, conv modes, columns and flags: the same in csrc/include/fastddpm/plan.h, which the
+# extensions export (layout()); tests/test_layout.py asserts the two agree.
 OP_CODES = {"TIME_EMB": 1, "LINEAR": 2, "PAD": 3, "GROUPNORM": 4, "CONV": 5, "ATTENTION": 6}
 CONV_MODES = {"CONV3": 0, "CONV1": 1, "DOWN1": 2, "DOWN0": 3, "UP": 4}
-# Column order of Plan.arrays()["ints"] and ["floats"]: mirrored in plan.h.
-INT_FIELDS = ("code", "out", "in_", "c_in", "in2", "c_in2", "h", "w", "c_out", "w", "b", "w2", "b2",
-              "temb", "residual", "scratch", "mode", "groups", "heads", "flags")
+# Column order of Plan.arrays()["ints"] and ["floats"]: Op attribute names ("code" and "flags"
+# are derived from Op.kind and the boolean flags).
+INT_FIELDS = ("code", "out", "in_", "c_in", "in2", "c_in2", "h", "w", "c_out", "w_idx", "b_idx", "w2_idx",
+              "b2_idx", "temb", "residual", "scratch", "mode", "groups", "heads", "flags")
 FLOAT_FIELDS = ("eps", "scale", "a", "shift")
 FLAG_SILU, FLAG_PADDED_OUT, FLAG_FLIP = 1, 2, 4
 INPUT_SLOT, OUTPUT_SLOT = 0, 1
@@ -127,12 +129,11 @@ class Op:
     def int_row(self) -> list[int]:
         flags = (FLAG_SILU if self.silu else 0) | (FLAG_PADDED_OUT if self.padded_out else 0) \
             | (FLAG_FLIP if self.flip else 0)
-        return [OP_CODES[self.kind], self.out, self.in_, self.c_in, self.in2, self.c_in2, self.h,
-                self.w, self.c_out, self.w_idx, self.b_idx, self.w2_idx, self.b2_idx, self.temb,
-                self.residual, self.scratch, self.mode, self.groups, self.heads, flags]
+        derived = {"code": OP_CODES[self.kind], "flags": flags}
+        return [derived[f] if f in derived else getattr(self, f) for f in INT_FIELDS]
 
     def float_row(self) -> list[float]:
-        return [self.eps, self.scale, self.a, self.shift]
+        return [getattr(self, f) for f in FLOAT_FIELDS]
 
 
 @dataclass

@@ -23,7 +23,10 @@ from .dispatch import fused_step
 
 __all__ = ["DDPMScheduler", "DDIMScheduler", "COEF_WIDTH", "SchedulerConfigError"]
 
-COEF_WIDTH = 8
+# The columns of a coefficient row, as csrc/include/fastddpm/step.h numbers them (the extensions
+# export them: layout()["coef_columns"]; tests/test_layout.py asserts the two agree).
+COEF_COLUMNS = ("ax", "am", "cx0", "dx", "dm", "sigma", "clip", "pad")
+COEF_WIDTH = len(COEF_COLUMNS)
 A_X, A_M, C_X0, D_X, D_M, SIGMA, CLIP, _PAD = range(COEF_WIDTH)
 
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid")

@@ -1,4 +1,6 @@
-// The plan's array layout (src/fastddpm/plan.py is the definition; keep the two in step).
+// The plan's array layout. The names below are exported by both extensions (layout(), see
+// csrc/layout_dict.h) and tests/test_layout.py asserts that plan.py and the numba engine use the
+// same codes, columns and flags.
 // A plan is ints [n_ops, kIntFields] (int64), floats [n_ops, kFloatFields] (float64) and
 // slot_sizes [n_slots] (per-sample floats). Slot 0 = the U-Net input, slot 1 = the model output.
 #pragma once
@@ -19,6 +21,21 @@ enum IntField : int {
 enum FloatField : int { kEps = 0, kScale, kA, kShift, kFloatFields };
 
 enum Flags : int64_t { kFlagSilu = 1, kFlagPaddedOut = 2, kFlagFlip = 4 };
+
+// Names as plan.py spells them (the Op attribute of each int column; "code" and "flags" are derived).
+constexpr const char* kIntFieldNames[kIntFields] = {
+    "code", "out", "in_", "c_in", "in2", "c_in2", "h", "w", "c_out", "w_idx", "b_idx", "w2_idx", "b2_idx",
+    "temb", "residual", "scratch", "mode", "groups", "heads", "flags"};
+constexpr const char* kFloatFieldNames[kFloatFields] = {"eps", "scale", "a", "shift"};
+struct NamedCode {
+  const char* name;
+  int64_t value;
+};
+constexpr NamedCode kOpCodeNames[] = {{"TIME_EMB", kTimeEmb}, {"LINEAR", kLinear}, {"PAD", kPad},
+                                      {"GROUPNORM", kGroupNorm}, {"CONV", kConv}, {"ATTENTION", kAttention}};
+constexpr NamedCode kConvModeNames[] = {{"CONV3", kConv3}, {"CONV1", kConv1}, {"DOWN1", kDown1},
+                                        {"DOWN0", kDown0}, {"UP", kUp}};
+constexpr NamedCode kFlagNames[] = {{"silu", kFlagSilu}, {"padded_out", kFlagPaddedOut}, {"flip", kFlagFlip}};
 
 constexpr int64_t kInputSlot = 0;
 constexpr int64_t kOutputSlot = 1;

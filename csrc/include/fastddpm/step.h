@@ -12,6 +12,8 @@
 namespace fastddpm {
 
 enum CoefIndex : int { kAx = 0, kAm = 1, kCx0 = 2, kDx = 3, kDm = 4, kSigma = 5, kClip = 6, kCoefWidth = 8 };
+// The columns as schedulers.py names them (COEF_COLUMNS; the last one is padding to 32 bytes).
+constexpr const char* kCoefNames[kCoefWidth] = {"ax", "am", "cx0", "dx", "dm", "sigma", "clip", "pad"};
 
 struct StepParams {
   int64_t batch = 0;        // N samples

@@ -24,7 +24,9 @@ try:
 except ImportError as exc:  # not built (no nvcc, FASTDDPM_CUDA=0), or built for another Python
     _C_cuda, _IMPORT_ERROR = None, exc
 
-_COEF_WIDTH = 8
+from ..schedulers import CLIP as _CLIP
+from ..schedulers import COEF_WIDTH as _COEF_WIDTH
+
 _ROW_BYTES = _COEF_WIDTH * 4
 
 
@@ -78,7 +80,7 @@ class NativeCudaBackend(Backend):
         if entry is None or entry[0]() is not table:
             if table.ndim != 2 or table.shape[1] != _COEF_WIDTH or table.dtype != np.float32:
                 raise ValueError(f"coefficient table must be float32 [S, {_COEF_WIDTH}], got {table.dtype} {table.shape}")
-            if not (np.isfinite(table).all() and (table[:, 6] >= 0).all()):
+            if not (np.isfinite(table).all() and (table[:, _CLIP] >= 0).all()):
                 raise ValueError("coefficient table must be finite with clip range >= 0")
 
             def forget(ref, key=key, tables=self._tables):

@@ -22,6 +22,7 @@ import time
 
 import numpy as np
 
+from ..schedulers import A_M, A_X, C_X0, CLIP, COEF_WIDTH, D_M, D_X, SIGMA
 from .base import Backend
 from .numba_threads import parallel_region
 
@@ -208,7 +209,7 @@ if numba is not None:
     def _fused(xs, ms, zs, os, coef, with_noise):
         """os = the fused step of xs, ms (and zs if with_noise); all [n] float32. os must not
         overlap xs, ms or zs, or the loop runs scalar (the caller copies x for in-place steps)."""
-        ax, am, cx0, dx, dm, sigma, r = coef[0], coef[1], coef[2], coef[3], coef[4], coef[5], coef[6]
+        ax, am, cx0, dx, dm, sigma, r = coef[A_X], coef[A_M], coef[C_X0], coef[D_X], coef[D_M], coef[SIGMA], coef[CLIP]
         clip = r > np.float32(0)
         nr = -r
         for j in range(os.shape[0]):   # loop-invariant branches: LLVM unswitches them
@@ -374,12 +375,12 @@ class NumbaBackend(Backend):
         n = x.shape[0]
         shape = (n, x.size // n)
         step = _check_indices(n, shape[1], noise_step, first_index)
-        coef = _in(np.asarray(table[row], dtype=np.float32), (8,))      # [8]
+        coef = _in(np.asarray(table[row], dtype=np.float32), (COEF_WIDTH,))      # [8]
         x2, m2 = _in(x, shape), _in(m, shape)
         if noise is not None:
             mode, n2 = _GIVEN, _in(noise, shape)
         else:  # sigma == 0 (the last DDPM step, DDIM with eta 0): no noise to make
-            mode, n2 = (_PHILOX if coef[5] != 0 else _NO_NOISE), x2
+            mode, n2 = (_PHILOX if coef[SIGMA] != 0 else _NO_NOISE), x2
         k0, k1 = _key(seed)
         aside = not out.flags.aligned   # an unaligned out: compute into an aligned array, copy in
         o2 = np.empty(shape, dtype=np.float32) if aside else out.reshape(shape)

@@ -37,7 +37,8 @@ import time
 
 import numpy as np
 
-from ..plan import CONV_MODES, FLAG_FLIP, FLAG_PADDED_OUT, FLAG_SILU, OP_CODES, PlanError, build_plan
+from ..plan import (CONV_MODES, FLAG_FLIP, FLAG_PADDED_OUT, FLAG_SILU, FLOAT_FIELDS, INT_FIELDS, OP_CODES,
+                    PlanError, build_plan)
 from .base import EngineLock, per_sample_timesteps
 from .numba_threads import parallel_region
 
@@ -51,8 +52,10 @@ except Exception as exc:  # noqa: BLE001 - numba missing or refusing this NumPy
 
 # Columns of Plan.arrays()["ints"] (plan.INT_FIELDS) and ["floats"] (plan.FLOAT_FIELDS).
 (I_CODE, I_OUT, I_IN, I_CIN, I_IN2, I_CIN2, I_H, I_W, I_COUT, I_WI, I_BI, I_W2, I_B2, I_TEMB, I_RES,
- I_SCR, I_MODE, I_GROUPS, I_HEADS, I_FLAGS) = range(20)
-F_EPS, F_SCALE, F_A, F_SHIFT = range(4)
+ I_SCR, I_MODE, I_GROUPS, I_HEADS, I_FLAGS) = (INT_FIELDS.index(f) for f in (
+    "code", "out", "in_", "c_in", "in2", "c_in2", "h", "w", "c_out", "w_idx", "b_idx", "w2_idx", "b2_idx",
+    "temb", "residual", "scratch", "mode", "groups", "heads", "flags"))
+F_EPS, F_SCALE, F_A, F_SHIFT = (FLOAT_FIELDS.index(f) for f in ("eps", "scale", "a", "shift"))
 OP_TIME_EMB, OP_LINEAR, OP_PAD, OP_GROUPNORM, OP_CONV, OP_ATTENTION = (
     OP_CODES[k] for k in ("TIME_EMB", "LINEAR", "PAD", "GROUPNORM", "CONV", "ATTENTION"))
 M_CONV3, M_CONV1, M_DOWN1, M_DOWN0, M_UP = (CONV_MODES[k] for k in ("CONV3", "CONV1", "DOWN1", "DOWN0", "UP"))
