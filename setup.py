@@ -231,9 +231,11 @@ class BuildExt(build_ext):
         targets = [os.path.join(ROOT, "src", "fastddpm")] if self.inplace else []
         targets.append(os.path.join(self.build_lib, "fastddpm"))
         for d in targets:
-            if os.path.isdir(d):
-                with open(os.path.join(d, "_build_info.json"), "w") as f:
+            if os.path.isdir(d):   # written whole, then renamed: a reader never sees half a record
+                path = os.path.join(d, "_build_info.json")
+                with open(path + ".tmp", "w") as f:
                     json.dump(info, f, indent=2)
+                os.replace(path + ".tmp", path)
 
 
 setup(ext_modules=[cpu_ext, cuda_ext], cmdclass={"build_ext": BuildExt})

@@ -40,16 +40,15 @@ def test_local_shards_are_the_single_call(tmp_path, want, shard_size):
 
 def test_rerun_skips_finished_shards_and_redoes_a_corrupt_one(tmp_path, want):
     sample_to_disk("digits", N, tmp_path, shard_size=7, **OPTS)
-    before = {f: os.stat(tmp_path / f).st_mtime_ns for f in _shard_files(tmp_path)}
+    before = {f: os.stat(tmp_path / f).st_ino for f in _shard_files(tmp_path)}   # a rewrite is a new inode
     bad = tmp_path / shard_name(2)
     raw = bytearray(bad.read_bytes())
     raw[len(raw) // 2] ^= 0xFF
     bad.write_bytes(bytes(raw))
     with pytest.raises(ValueError, match="does not match its checksum"):
         read_shards(tmp_path)
-    time.sleep(0.01)
     sample_to_disk("digits", N, tmp_path, shard_size=7, **OPTS)
-    after = {f: os.stat(tmp_path / f).st_mtime_ns for f in _shard_files(tmp_path)}
+    after = {f: os.stat(tmp_path / f).st_ino for f in _shard_files(tmp_path)}
     assert [f for f in after if after[f] != before[f]] == [shard_name(2)]   # only the corrupt one redone
     np.testing.assert_array_equal(read_shards(tmp_path), want)
 
@@ -63,6 +62,35 @@ def test_another_request_in_the_same_directory_is_an_error(tmp_path):
         sample_to_disk("bench-small", 4, tmp_path, shard_size=2, **OPTS)
     with pytest.raises(ManifestMismatchError, match="shard_size"):
         sample_to_disk("digits", 4, tmp_path, shard_size=1, **OPTS)
+    with pytest.raises(ManifestMismatchError, match="backend: 'native-cpu' there, 'numba' asked"):
+        sample_to_disk("digits", 4, tmp_path, shard_size=2, backend="numba", **OPTS)
+
+
+def test_one_driver_per_directory(tmp_path):
+    from fastddpm.shards import _DirectoryLock
+    with _DirectoryLock(str(tmp_path)):
+        with pytest.raises(RuntimeError, match="another sample_to_disk is writing to"):
+            sample_to_disk("digits", 2, tmp_path, shard_size=1, **OPTS)
+    sample_to_disk("digits", 2, tmp_path, shard_size=1, **OPTS)   # released
+
+
+def test_png_on_a_rerun_fills_in_the_finished_shards(tmp_path, want):
+    sample_to_disk("digits", N, tmp_path, shard_size=10, **OPTS)
+    assert not (tmp_path / "png").exists()
+    sample_to_disk("digits", N, tmp_path, shard_size=10, png=True, **OPTS)
+    assert len(os.listdir(tmp_path / "png")) == N
+
+
+def test_a_malformed_manifest_entry_is_redone_and_never_followed(tmp_path, want):
+    sample_to_disk("digits", N, tmp_path, shard_size=10, **OPTS)
+    m = json.loads((tmp_path / "manifest.json").read_text())
+    m["shards"]["1"]["file"] = "../../etc/passwd"
+    m["shards"]["2"] = "nonsense"
+    (tmp_path / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(ValueError, match="shard 1 of 3 is not finished"):
+        read_shards(tmp_path)
+    sample_to_disk("digits", N, tmp_path, shard_size=10, **OPTS)
+    np.testing.assert_array_equal(read_shards(tmp_path), want)
 
 
 def test_bad_arguments(tmp_path):

@@ -215,13 +215,15 @@ bool split_k_enabled() {
   fail(std::string("FASTDDPM_CUDA_SPLITK must be 0 or 1, got '") + v + "'");
 }
 
-// About one block per multiprocessor for ONE sample's GEMM, each split at least kMinSplitChunks
-// chunks. Chosen from the layer alone, never from the batch: the summation order, and so every
-// bit of the result, is the same at any batch size.
-void choose_split(GGemm& g, int sms, bool enabled) {
+// About kSplitTargetBlocks blocks for ONE sample's GEMM (an H100 / H200 has 132 multiprocessors),
+// each split at least kMinSplitChunks chunks. Chosen from the layer alone, never from the batch or
+// the device: the summation order, and so every bit of the result, is the same at any batch size
+// and on any GPU model.
+constexpr int kSplitTargetBlocks = 128;
+void choose_split(GGemm& g, bool enabled) {
   const int chunks = g.Kpad / kGemmTileK;
   const int tiles = ((g.Pn + kGemmTileP - 1) / kGemmTileP) * ((g.M + kGemmTileM - 1) / kGemmTileM);
-  const int want = enabled ? std::min((sms + tiles - 1) / tiles, chunks / kMinSplitChunks) : 1;
+  const int want = enabled ? std::min((kSplitTargetBlocks + tiles - 1) / tiles, chunks / kMinSplitChunks) : 1;
   const int per = (chunks + std::max(want, 1) - 1) / std::max(want, 1);  // chunks per split
   g.splits = (chunks + per - 1) / per;
   g.split_k = per * kGemmTileK;
@@ -505,13 +507,10 @@ void Engine::Impl::build(const PlanView& pv, const std::vector<WeightView>& weig
     ops.push_back(std::move(op));
   }
   if (N > 65535) fail("batch must be <= 65535 on the CUDA engine");
-  int sms = 1, dev = 0;
-  check(cudaGetDevice(&dev), "cudaGetDevice");  // the engine's device (its constructor's guard)
-  check(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev), "cudaDeviceGetAttribute");
   const bool split = split_k_enabled();
   for (GOp& op : ops)
     for (GGemm& g : op.gemms) {
-      choose_split(g, sms, split);
+      choose_split(g, split);
       if (g.splits > 1) ws_per_sample = std::max<int64_t>(ws_per_sample, int64_t(g.splits) * g.M * g.Pn);
     }
   if (ws_per_sample > 0) ws = DevBuf(size_t(N * ws_per_sample) * 4, "the split-K workspace");
@@ -860,6 +859,18 @@ bool Engine::run(const RunArgs& a, const std::function<bool(int64_t)>& on_chunk)
   float* frames = e.frames_host.get(frame_b * a.keep.size());
   float* xh = e.x_host.get(frame_b);
   e.after_last_use();
+  // If anything below throws, work may still be queued on the stream: make it the last use and
+  // wait for it, so no other stream overlaps it and no pinned buffer is freed under a copy.
+  struct DrainOnError {
+    Impl& e;
+    bool armed = true;
+    ~DrainOnError() {
+      if (!armed) return;
+      cudaEventRecord(e.last_use, e.stream);
+      cudaStreamSynchronize(e.stream);
+      cudaGetLastError();
+    }
+  } drain{e};
   LoopState* st = reinterpret_cast<LoopState*>(e.state_host.f());
   st->seed = a.seed;
   st->first_index = uint32_t(a.first_index);
@@ -912,11 +923,13 @@ bool Engine::run(const RunArgs& a, const std::function<bool(int64_t)>& on_chunk)
   }
   if (cancelled) {
     e.mark_last_use();
+    drain.armed = false;
     e.wait_stream("sampling loop");
     return false;
   }
   check(cudaMemcpyAsync(xh, e.x.as<float>(), frame_b, cudaMemcpyDeviceToHost, e.stream), "copy of the sample");
   e.mark_last_use();
+  drain.armed = false;
   e.wait_stream("sampling loop");
   std::memcpy(a.x_out, xh, frame_b);
   for (size_t i = 0; i < a.keep.size(); ++i) std::memcpy(a.keep_out[i], frames + i * size_t(e.N * per), frame_b);

@@ -31,7 +31,8 @@ from .dispatch import check_seed
 
 FORMAT = 1
 MANIFEST = "manifest.json"
-_REQUEST_KEYS = ("format", "model_hash", "sampler", "steps", "eta", "seed", "n", "shard_size", "image_shape")
+_REQUEST_KEYS = ("format", "model_hash", "sampler", "steps", "eta", "seed", "n", "shard_size", "image_shape",
+                 "backend")
 
 
 class ManifestMismatchError(ValueError):
@@ -78,6 +79,15 @@ def _positive(name: str, v) -> int:
     return int(v)
 
 
+def _entry(shards: dict, index: int) -> dict | None:
+    """The manifest's record of shard ``index`` if it is well formed (its own file name, a digest)."""
+    entry = shards.get(str(index))
+    if not isinstance(entry, dict) or entry.get("file") != shard_name(index) \
+            or not isinstance(entry.get("sha256"), str):
+        return None
+    return entry
+
+
 class _Manifest:
     """manifest.json: the request and the finished shards; every change rewritten atomically."""
 
@@ -113,8 +123,9 @@ class _Manifest:
         atomic_write(self.path, write, fsync=True)
 
     def verified(self, out_dir: str, index: int) -> bool:
-        entry = self.data["shards"].get(str(index))
-        return bool(entry) and _file_sha256(os.path.join(out_dir, entry["file"])) == entry["sha256"]
+        """The shard's file exists and matches its recorded checksum (a malformed entry: redo it)."""
+        entry = _entry(self.data["shards"], index)
+        return entry is not None and _file_sha256(os.path.join(out_dir, entry["file"])) == entry["sha256"]
 
     def record(self, index: int, first: int, count: int, file: str, digest: str) -> None:
         with self.lock:
@@ -132,31 +143,47 @@ def _write_shard(out_dir: str, index: int, first: int, images: np.ndarray, png: 
             f.write(payload)
     atomic_write(os.path.join(out_dir, name), write, fsync=True)
     if png:
-        from .images import to_pil
-        os.makedirs(os.path.join(out_dir, "png"), exist_ok=True)
-        for i, pic in enumerate(to_pil(images)):
-            atomic_write(os.path.join(out_dir, "png", f"{first + i:09d}.png"),
-                         lambda tmp, pic=pic: pic.save(tmp, format="PNG"))
+        _write_pngs(out_dir, first, images)
     return name, hashlib.sha256(payload).hexdigest()
+
+
+def _png_path(out_dir: str, i: int) -> str:
+    return os.path.join(out_dir, "png", f"{i:09d}.png")
+
+
+def _write_pngs(out_dir: str, first: int, images: np.ndarray) -> None:
+    from .images import to_pil
+    os.makedirs(os.path.join(out_dir, "png"), exist_ok=True)
+    for i, pic in enumerate(to_pil(images)):
+        atomic_write(_png_path(out_dir, first + i), lambda tmp, pic=pic: pic.save(tmp, format="PNG"))
 
 
 # ------------------------------------------------------------------ the work of one shard
 
-_WORKER_PIPES: dict[str, Any] = {}     # model spec -> Pipeline, once per process (a Ray worker too)
+_WORKER_PIPES: dict[tuple[str, str], Any] = {}   # (model spec, hash) -> Pipeline, per process (a Ray worker too)
+_WORKER_CACHE = 2                                 # models kept per process (each holds its engines)
 _WORKER_LOCK = threading.Lock()
+
+
+def _remember(key: tuple[str, str], pipe) -> None:
+    _WORKER_PIPES.pop(key, None)
+    _WORKER_PIPES[key] = pipe                        # the newest last
+    while len(_WORKER_PIPES) > _WORKER_CACHE:
+        _WORKER_PIPES.pop(next(iter(_WORKER_PIPES)))
 
 
 def _worker_pipeline(spec: str, expect_hash: str):
     from .pipeline import load
+    key = (spec, expect_hash)
     with _WORKER_LOCK:
-        pipe = _WORKER_PIPES.get(spec)
+        pipe = _WORKER_PIPES.get(key)
         if pipe is None:
             pipe = load(spec)
             got = model_hash(pipe)
             if got != expect_hash:
                 raise ManifestMismatchError(f"the model {spec!r} on this worker hashes to {got[:12]}, "
                                             f"the run's to {expect_hash[:12]}: the workers must see the same files")
-            pipe = _WORKER_PIPES[spec] = pipe
+            _remember(key, pipe)
         return pipe
 
 
@@ -192,7 +219,7 @@ def sample_to_disk(model, n: int, out_dir, *, seed: int = 0, shard_size: int = 1
     threads: on a cluster, the native engine's threads per shard task (the task asks for that many
     CPUs; default 1); in-process runs use the process's own thread setting.
     Returns the manifest (request and shards)."""
-    from .pipeline import Pipeline, load
+    from .pipeline import load
     n = _positive("n", n)
     shard_size = _positive("shard_size", shard_size)
     if seed is None or isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
@@ -202,10 +229,40 @@ def sample_to_disk(model, n: int, out_dir, *, seed: int = 0, shard_size: int = 1
         threads = _positive("threads", threads)
     out_dir = os.path.abspath(os.fspath(out_dir))
     os.makedirs(out_dir, exist_ok=True)
-    for stale in os.listdir(out_dir):   # temporary files of a killed run (one driver per directory)
+    with _DirectoryLock(out_dir):
+        return _sample_to_disk(load(model), model, n, out_dir, seed, shard_size, sampler, steps, eta, backend,
+                               cluster, threads, png, progress)
+
+
+class _DirectoryLock:
+    """One driver per output directory (an flock on out_dir/.lock, released if the process dies)."""
+
+    def __init__(self, out_dir: str):
+        self.path = os.path.join(out_dir, ".lock")
+        self.fd = None
+
+    def __enter__(self):
+        import fcntl
+        self.fd = os.open(self.path, os.O_CREAT | os.O_RDWR, 0o644)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self.fd)
+            raise RuntimeError(f"another sample_to_disk is writing to {os.path.dirname(self.path)}") from None
+        return self
+
+    def __exit__(self, *exc):
+        os.close(self.fd)   # closing releases the lock
+
+
+def _sample_to_disk(pipe, model, n, out_dir, seed, shard_size, sampler, steps, eta, backend, cluster, threads,
+                    png, progress) -> dict:
+    import importlib
+    _backends = importlib.import_module("fastddpm.backends")   # the subpackage, not fastddpm.backends()
+    from .pipeline import Pipeline, _sampling_device
+    for stale in os.listdir(out_dir):   # temporary files of a killed run (this driver holds the lock)
         if stale.startswith((".shard-", f".{MANIFEST}.")) and stale.endswith(".tmp"):
             os.unlink(os.path.join(out_dir, stale))
-    pipe = load(model)
     if isinstance(model, Pipeline):
         spec = os.path.join(out_dir, "model")
         if not os.path.isdir(spec):
@@ -216,14 +273,25 @@ def sample_to_disk(model, n: int, out_dir, *, seed: int = 0, shard_size: int = 1
             spec = os.path.abspath(spec)
     sched = pipe.scheduler_for(sampler, steps)   # validates sampler and steps
     h, w = pipe.image_size
+    if not isinstance(backend, str):
+        raise TypeError(f"backend must be a string, got {type(backend).__name__}")
+    # the backend by name, decided here: another backend rounds differently, so a run never mixes them
+    # (a worker without it fails loudly instead of falling back)
+    backend = _backends.select(backend, _sampling_device(backend)).name
     request = {"format": FORMAT, "model_hash": model_hash(pipe), "sampler": sampler,
                "steps": len(sched.timesteps), "eta": float(eta), "seed": seed, "n": n,
-               "shard_size": shard_size, "image_shape": [h, w, pipe.unet_config.in_channels]}
+               "shard_size": shard_size, "image_shape": [h, w, pipe.unet_config.in_channels], "backend": backend}
     manifest = _Manifest(out_dir, request)
     opts = {"seed": seed, "sampler": sampler, "steps": len(sched.timesteps), "eta": float(eta), "backend": backend}
     shards = [(j, j * shard_size, min(shard_size, n - j * shard_size)) for j in range(-(-n // shard_size))]
     todo = [s for s in shards if not manifest.verified(out_dir, s[0])]
-    _WORKER_PIPES.setdefault(spec, pipe)
+    if png:   # verified shards of an earlier run without PNGs get theirs from the shard files
+        for index, first, count in shards:
+            if (index, first, count) not in todo and not all(
+                    os.path.exists(_png_path(out_dir, first + i)) for i in range(count)):
+                with np.load(os.path.join(out_dir, shard_name(index))) as z:
+                    _write_pngs(out_dir, first, z["images"])
+    _remember((spec, request["model_hash"]), pipe)
 
     bar = None
     if progress:
@@ -268,11 +336,15 @@ def _run_on_ray(cluster, spec, expect_hash, todo, opts, threads, finish) -> None
                                           runtime_env={"env_vars": env})
     pending = {task.remote(spec, expect_hash, index, first, count, opts): (index, first, count)
                for index, first, count in todo}
-    while pending:
-        done, _ = ray.wait(list(pending), num_returns=1)
-        for ref in done:
-            index, first, count = pending.pop(ref)
-            finish(index, first, count, ray.get(ref))
+    try:
+        while pending:
+            done, _ = ray.wait(list(pending), num_returns=1)
+            for ref in done:
+                index, first, count = pending.pop(ref)
+                finish(index, first, count, ray.get(ref))
+    finally:   # a shard that failed after its retries (or Ctrl-C): stop the others, keep what is written
+        for ref in pending:
+            ray.cancel(ref)
 
 
 def read_shards(out_dir) -> np.ndarray:
@@ -284,7 +356,7 @@ def read_shards(out_dir) -> np.ndarray:
     count = -(-req["n"] // req["shard_size"])
     parts = []
     for j in range(count):
-        entry = shards.get(str(j))
+        entry = _entry(shards, j)
         if entry is None:
             raise ValueError(f"{out_dir}: shard {j} of {count} is not finished; rerun the same request")
         path = os.path.join(out_dir, entry["file"])

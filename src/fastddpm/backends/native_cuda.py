@@ -16,7 +16,7 @@ import weakref
 import numpy as np
 
 from ..noise import _check_seed, _check_step  # not `from .. import noise`: fastddpm.noise is the function
-from .base import Backend
+from .base import Backend, EngineLock
 
 try:
     from .. import _C_cuda
@@ -223,6 +223,9 @@ class NativeCudaEngine:
             raise ValueError(f"callback_every must be a positive integer, got {callback_every!r}")
         self.callback_every = int(callback_every)
         self._schedule = None   # (coef, ts) of the tables on the device
+        # a run is (tables, loop): one lock over both, so that two threads sampling with different
+        # schedules on this engine never run one another's tables (a callback re-entering: RuntimeError)
+        self._run_lock = EngineLock("CUDA engine")
         self._engine = _C_cuda.Engine(arrays["ints"], arrays["floats"], arrays["slot_sizes"],
                                       [(n, checked[n]) for n in self.plan.weight_names], self.batch,
                                       cfg.in_channels, cfg.out_channels, self.height, self.width,
@@ -265,7 +268,10 @@ class NativeCudaEngine:
             if timestep.dim() > 1 or (timestep.dim() == 1 and timestep.shape[0] not in (1, self.batch)):
                 raise ValueError(f"timestep must be a scalar or have shape [1] or [{self.batch}], "
                                  f"got shape {tuple(timestep.shape)}")
-            return timestep.reshape(-1).to(torch.float32).expand(self.batch).contiguous()  # [N]
+            t = timestep.reshape(-1).to(torch.float32).expand(self.batch).contiguous()  # [N]
+            if not torch.cuda.is_current_stream_capturing() and not bool(torch.isfinite(t).all()):
+                raise ValueError("timestep must be finite")   # (a sync; inside a capture nothing can be read)
+            return t
         if torch.cuda.is_current_stream_capturing():
             raise ValueError("inside a CUDA graph capture, pass the timestep as a CUDA tensor (a host value "
                              "would need a host-to-device copy, which the capture cannot record)")
@@ -299,6 +305,10 @@ class NativeCudaEngine:
         return out
 
     def set_schedule(self, coef: np.ndarray, ts: np.ndarray) -> None:
+        with self._run_lock:
+            self._set_schedule(coef, ts)
+
+    def _set_schedule(self, coef: np.ndarray, ts: np.ndarray) -> None:
         prev = self._schedule
         if prev is not None and np.array_equal(prev[0], coef) and np.array_equal(prev[1], ts):
             return
@@ -310,10 +320,17 @@ class NativeCudaEngine:
         want = (self.batch, self.config.in_channels, self.height, self.width)
         if shape != want:
             raise ValueError(f"this engine samples shape {want}, got {shape}")
-        self.set_schedule(*_schedule_arrays(sched, eta))
-        return self._run(seed, first_index, keep, callback)
+        coef, ts = _schedule_arrays(sched, eta)
+        with self._run_lock:
+            self._set_schedule(coef, ts)
+            return self._run_locked(seed, first_index, keep, callback)
 
     def _run(self, seed, first_index, keep, callback):
+        """The loop over the tables already on the device (Sampler: set once at creation)."""
+        with self._run_lock:
+            return self._run_locked(seed, first_index, keep, callback)
+
+    def _run_locked(self, seed, first_index, keep, callback):
         from ..dispatch import check_first_index, check_seed
         seed = check_seed(seed)
         first_index = check_first_index(first_index, self.batch)
