@@ -32,6 +32,13 @@ def check_seed(seed) -> int:
     return _check_seed(seed)
 
 
+def check_positive_int(name: str, value) -> int:
+    """A count (n, shard_size, ...): an int >= 1 (not a bool, never a truncated float)."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
 def check_first_index(first_index, batch: int) -> int:
     if isinstance(first_index, bool) or not isinstance(first_index, (int, np.integer)):
         raise TypeError(f"first_index must be an int, got {type(first_index).__name__}")

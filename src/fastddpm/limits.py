@@ -7,6 +7,7 @@ engines (default 4, least recently used dropped first), whatever batch sizes it 
 """
 from __future__ import annotations
 
+import functools
 import os
 
 
@@ -27,6 +28,7 @@ def _positive_int_env(name: str, default: int) -> int:
     return n
 
 
+@functools.lru_cache(maxsize=None)   # asked on every sampling call; it does not change
 def physical_memory_bytes() -> int:
     try:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")

@@ -30,7 +30,7 @@ import importlib as _importlib
 
 _backends = _importlib.import_module("fastddpm.backends")  # the subpackage, not fastddpm.backends()
 from ._files import check_inside, errors_name, read_json_object
-from .dispatch import check_first_index, check_seed
+from .dispatch import check_first_index, check_positive_int, check_seed
 from .limits import check_request, engine_cache_size
 from .noise import INITIAL_STEP
 from .schedulers import DDIMScheduler, DDPMScheduler, SchedulerConfigError
@@ -192,9 +192,7 @@ class Pipeline:
     def __call__(self, n: int = 1, *, steps: int | None = None, sampler: str = "ddpm", seed: int | None = 0,
                  backend: str = "auto", eta: float = 0.0, output: str = "uint8", progress: bool = False,
                  trajectory: Sequence[int] | None = None, first_index: int = 0, dtype: str | None = None):
-        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
-            raise ValueError(f"n must be a positive integer, got {n!r}")
-        n = int(n)
+        n = check_positive_int("n", n)
         if output not in _OUTPUTS:
             raise ValueError(f"output must be one of {_OUTPUTS}, got {output!r}")
         eta = float(eta)

@@ -27,12 +27,11 @@ from typing import Any
 import numpy as np
 
 from ._atomic import atomic_write
-from .dispatch import check_seed
+from .dispatch import check_positive_int
+from .noise import _check_seed
 
 FORMAT = 1
 MANIFEST = "manifest.json"
-_REQUEST_KEYS = ("format", "model_hash", "sampler", "steps", "eta", "seed", "n", "shard_size", "image_shape",
-                 "backend")
 
 
 class ManifestMismatchError(ValueError):
@@ -73,12 +72,6 @@ def _npz_bytes(images: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def _positive(name: str, v) -> int:
-    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
-        raise ValueError(f"{name} must be a positive integer, got {v!r}")
-    return int(v)
-
-
 def _entry(shards: dict, index: int) -> dict | None:
     """The manifest's record of shard ``index`` if it is well formed (its own file name, a digest)."""
     entry = shards.get(str(index))
@@ -104,8 +97,7 @@ class _Manifest:
                     or not isinstance(data.get("shards"), dict):
                 raise ManifestMismatchError(f"{self.path} is not a fastddpm shard manifest")
             old = data["request"]
-            differ = [f"{k}: {old.get(k)!r} there, {request[k]!r} asked"
-                      for k in _REQUEST_KEYS if old.get(k) != request[k]]
+            differ = [f"{k}: {old.get(k)!r} there, {v!r} asked" for k, v in request.items() if old.get(k) != v]
             if differ:
                 raise ManifestMismatchError(f"{out_dir} holds shards of another request ({'; '.join(differ)}); "
                                             "use another directory")
@@ -220,13 +212,11 @@ def sample_to_disk(model, n: int, out_dir, *, seed: int = 0, shard_size: int = 1
     CPUs; default 1); in-process runs use the process's own thread setting.
     Returns the manifest (request and shards)."""
     from .pipeline import load
-    n = _positive("n", n)
-    shard_size = _positive("shard_size", shard_size)
-    if seed is None or isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
-        raise TypeError(f"seed must be an int (every shard of a run shares it), got {seed!r}")
-    seed = check_seed(seed)
+    n = check_positive_int("n", n)
+    shard_size = check_positive_int("shard_size", shard_size)
+    seed = _check_seed(seed)   # an int: every shard of a run shares it (None, a fresh seed, is refused)
     if threads is not None:
-        threads = _positive("threads", threads)
+        threads = check_positive_int("threads", threads)
     out_dir = os.path.abspath(os.fspath(out_dir))
     os.makedirs(out_dir, exist_ok=True)
     with _DirectoryLock(out_dir):

@@ -16,7 +16,7 @@ import weakref
 import numpy as np
 
 from ..noise import _check_seed, _check_step  # not `from .. import noise`: fastddpm.noise is the function
-from .base import Backend, EngineLock
+from .base import Backend, EngineLock, per_sample_timesteps
 
 try:
     from .. import _C_cuda
@@ -241,19 +241,7 @@ class NativeCudaEngine:
         return self._engine.device
 
     def _timesteps(self, timestep) -> np.ndarray:
-        if isinstance(timestep, (bool, np.bool_)):
-            raise TypeError("timestep must be a number, not a bool")
-        if hasattr(timestep, "detach"):
-            timestep = timestep.detach().cpu().numpy()
-        t = np.asarray(timestep)
-        if t.dtype.kind not in "iuf":
-            raise TypeError(f"timestep must be a real number, got dtype {t.dtype}")
-        if t.ndim > 1 or (t.ndim == 1 and t.shape[0] not in (1, self.batch)):
-            raise ValueError(f"timestep must be a scalar or have shape [1] or [{self.batch}], got shape {t.shape}")
-        t = np.broadcast_to(t.reshape(-1), (self.batch,)).astype(np.float32)
-        if not np.all(np.isfinite(t)):
-            raise ValueError("timestep must be finite")
-        return np.ascontiguousarray(t)
+        return np.ascontiguousarray(per_sample_timesteps(timestep, self.batch))   # float32 [N]
 
     def _device_timesteps(self, timestep, device):
         """float32 [N] timesteps on ``device`` for the device-pointer forward. A CUDA tensor stays on

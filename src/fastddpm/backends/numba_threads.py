@@ -4,11 +4,10 @@ numba's `workqueue` threading layer (the one it falls back to without TBB or a u
 when NUMBA_THREADING_LAYER=workqueue) aborts the whole process when two Python threads launch
 parallel regions at once. `tbb` and `omp` are thread-safe. So every launch goes through
 `parallel_region()`: it serialises launches process-wide until numba has picked its layer, and
-for good once that layer turns out to be `workqueue`; on a thread-safe layer it costs nothing.
+for good once that layer turns out to be `workqueue`; on a thread-safe layer it costs one check.
 """
 from __future__ import annotations
 
-import contextlib
 import threading
 
 _LOCK = threading.RLock()   # re-entrant: an engine's loop may launch the step kernel inside its own region
@@ -26,20 +25,27 @@ def _learn_layer() -> None:
     _THREAD_SAFE = layer in _SAFE_LAYERS
 
 
-@contextlib.contextmanager
-def parallel_region():
+class _ParallelRegion:
+    """The context manager (a class, not a generator: it wraps every kernel launch)."""
+
+    __slots__ = ("_held",)
+
+    def __enter__(self):
+        self._held = not _THREAD_SAFE
+        if self._held:
+            _LOCK.acquire()
+        return self
+
+    def __exit__(self, *exc):
+        if self._held:
+            try:
+                if _THREAD_SAFE is None:
+                    _learn_layer()
+            finally:
+                _LOCK.release()
+        return False
+
+
+def parallel_region() -> _ParallelRegion:
     """Wrap every call of a numba parallel=True function (the GIL may be released inside)."""
-    if _THREAD_SAFE:
-        yield
-        return
-    with _LOCK:
-        try:
-            yield
-        finally:
-            if _THREAD_SAFE is None:
-                _learn_layer()
-
-
-def layer_is_thread_safe() -> bool | None:
-    """True / False once numba has chosen its threading layer (None before the first launch)."""
-    return _THREAD_SAFE
+    return _ParallelRegion()
