@@ -60,7 +60,7 @@ stage "python -m fastddpm.info"
 "$PY" -m fastddpm.info || exit 1
 "$PY" - <<'EOF' || exit 2
 import sys
-from fastddpm.backends.native_cuda import CUDA_BACKEND, _C_cuda
+from fastddpm.executors.native_cuda import CUDA_BACKEND, _C_cuda
 why = CUDA_BACKEND.engine_unavailable()
 if why:
     sys.exit("gpu-check: the CUDA engine cannot run: " + "; ".join(why))

@@ -13,7 +13,7 @@ from collections import defaultdict
 import numpy as np
 
 import fastddpm
-from fastddpm.backends.native_cuda import CUDA_BACKEND
+from fastddpm.executors.native_cuda import CUDA_BACKEND
 from fastddpm.plan import build_plan
 
 REPEATS = 10

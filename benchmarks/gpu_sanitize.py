@@ -17,10 +17,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 
 import fastddpm  # noqa: E402
-from fastddpm.backends.native_cuda import CUDA_BACKEND, _C_cuda  # noqa: E402
-from fastddpm.noise import INITIAL_STEP  # noqa: E402
-from fastddpm.noise import noise as noise_spec  # noqa: E402
-from fastddpm.noise import philox_uint32 as philox_spec  # noqa: E402
+from fastddpm.executors.native_cuda import CUDA_BACKEND, _C_cuda  # noqa: E402
+from fastddpm.philox import INITIAL_STEP  # noqa: E402
+from fastddpm.philox import noise as noise_spec  # noqa: E402
+from fastddpm.philox import philox_uint32 as philox_spec  # noqa: E402
 from fastddpm.unet_config import PRESETS, UNetConfig, random_weights  # noqa: E402
 
 QUICK = "--quick" in sys.argv
@@ -119,7 +119,7 @@ def plan_ops():
 
 
 def forwards():
-    from fastddpm.backends.native import CPU_BACKEND
+    from fastddpm.executors.native import CPU_BACKEND
     runs = [("bench-small", 1)] if QUICK else [("bench-small", 1), ("bench-small", 3), ("ddpm-cifar10", 1)]
     for name, batch in runs:
         cfg = UNetConfig.from_dict(PRESETS[name])
@@ -138,7 +138,7 @@ def loop():
     pipe = fastddpm.load("bench-small")
     sched = pipe.scheduler_for("ddim", 4)
     shape = (2, pipe.unet_config.in_channels, *pipe.image_size)
-    from fastddpm.backends.native import CPU_BACKEND
+    from fastddpm.executors.native import CPU_BACKEND
     cpu = CPU_BACKEND.make_engine(pipe.unet_config, pipe.weights, 2, *pipe.image_size)
     gpu = CUDA_BACKEND.make_engine(pipe.unet_config, pipe.weights, 2, *pipe.image_size, dtype="fp32")
     seen = []

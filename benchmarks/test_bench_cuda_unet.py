@@ -86,7 +86,7 @@ def _rel(a, b):
 def test_forward(benchmark, name, batch, impl):
     import torch
     _skip_compile(impl, name, batch)
-    from fastddpm.backends.native_cuda import CUDA_BACKEND
+    from fastddpm.executors.native_cuda import CUDA_BACKEND
     pipe, x, t, gflop = _setup(name, batch)
     ref = pipe.reference_unet("cuda")
     xt, tt = torch.from_numpy(x).cuda(), torch.from_numpy(t).cuda()
@@ -125,7 +125,7 @@ def test_forward(benchmark, name, batch, impl):
 def test_sample_1000_steps(benchmark, name, batch, impl):
     import torch
     _skip_compile(impl, name, batch)
-    from fastddpm.backends.native_cuda import Sampler
+    from fastddpm.executors.native_cuda import Sampler
     from fastddpm.reference import reference_sample
     pipe, x, t, gflop = _setup(name, batch)
     if impl.startswith("native-cuda"):

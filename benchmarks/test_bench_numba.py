@@ -10,8 +10,8 @@ pytest.importorskip("numba")
 pytest.importorskip("scipy")
 torch = pytest.importorskip("torch")
 
-from fastddpm.backends.numba_cpu import BACKEND as NUMBA  # noqa: E402
-from fastddpm.backends.numba_engine import NumbaEngine, compile_info  # noqa: E402
+from fastddpm.executors.numba_cpu import BACKEND as NUMBA  # noqa: E402
+from fastddpm.executors.numba_engine import NumbaEngine, compile_info  # noqa: E402
 from fastddpm.reference import ReferenceUNet  # noqa: E402
 from fastddpm.unet_config import PRESETS, UNetConfig, flops, random_weights  # noqa: E402
 

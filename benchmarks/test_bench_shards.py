@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 import fastddpm
-from fastddpm.backends.native import _C
+from fastddpm.executors.native import _C
 from fastddpm.shards import read_shards, sample_to_disk
 
 N, SHARD = 2000, 250
@@ -76,7 +76,7 @@ def test_shards_ray_vs_one_process(benchmark):
 def test_projected_hours_ddpm_cifar10(benchmark):
     if _C is None:
         pytest.skip("fastddpm._C is not built")
-    from fastddpm.backends.native import CPU_BACKEND
+    from fastddpm.executors.native import CPU_BACKEND
     pipe = fastddpm.load("ddpm-cifar10")
     batch, steps = 8, 3
     threads = _C.num_threads()

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import fastddpm
-from fastddpm.noise import noise as noise_spec
+from fastddpm.philox import noise as noise_spec
 from _stepcheck import check_step, expected_step  # benchmarks/ is on sys.path under pytest
 
 SIZES = {"1x1x32x32": (1, 1, 32, 32), "16x3x32x32": (16, 3, 32, 32), "64x3x256x256": (64, 3, 256, 256)}
@@ -76,7 +76,7 @@ def test_copy_ceiling_threads(benchmark, size):
 def test_reference_step(benchmark, size):
     """The baseline: the same maths in plain torch ops, noise from torch.randn."""
     torch = pytest.importorskip("torch")
-    from fastddpm.backends.torch_ref import reference_step_randn
+    from fastddpm.executors.torch_ref import reference_step_randn
     shape = SIZES[size]
     sched, t, x, m = _setup(shape)
     row = sched.coefficients()[sched.row_index(t)]

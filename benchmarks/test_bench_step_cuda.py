@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import fastddpm
-from fastddpm.noise import noise as noise_spec
+from fastddpm.philox import noise as noise_spec
 from _gpu import gpu_reason  # benchmarks/ is on sys.path under pytest
 from _stepcheck import check_step, expected_step
 
@@ -67,7 +67,7 @@ def test_cuda_copy_ceiling(benchmark, size):
 def test_cuda_reference_step(benchmark, size):
     """The baseline: the same maths in plain torch ops on the GPU, noise from torch.randn."""
     import torch
-    from fastddpm.backends.torch_ref import reference_step_randn
+    from fastddpm.executors.torch_ref import reference_step_randn
     shape = SIZES[size]
     sched, t, x, m, xt, mt = _setup(shape)
     row = sched.coefficients()[sched.row_index(t)]  # 8 float32 coefficients

@@ -14,7 +14,7 @@ import time
 import numpy as np
 import pytest
 
-from fastddpm.backends.native import _C
+from fastddpm.executors.native import _C
 from fastddpm.unet_config import flops
 
 from test_bench_unet import FORWARD, _setup, check_answer, check_sample_paths_agree, forward_fn

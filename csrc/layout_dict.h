@@ -1,6 +1,6 @@
 // layout(): every layout the languages share, as one Python dict, exported by both extensions
 // (fastddpm._C and fastddpm._C_cuda compile the same headers) so that tests/test_layout.py can
-// assert that plan.py, schedulers.py, noise.py and the numba engine agree with the C++ / CUDA side.
+// assert that plan.py, schedulers.py, philox.py and the numba engine agree with the C++ / CUDA side.
 #pragma once
 #include <pybind11/pybind11.h>
 

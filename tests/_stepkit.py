@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 
 import fastddpm
-from fastddpm.backends import get as get_backend
+from fastddpm.executors import get as get_backend
 
 EPS32 = 2.0**-24          # float32 unit roundoff
 STEP_ULPS = 16            # see the module docstring

@@ -31,8 +31,8 @@ def _cuda_reasons():
     CUDA build of torch (the pinned dev torch is a CPU build, so those skip on a machine that has
     a GPU but that torch)."""
     try:
-        from fastddpm.backends import reasons
-        from fastddpm.backends.native_cuda import CUDA_BACKEND
+        from fastddpm.executors import reasons
+        from fastddpm.executors.native_cuda import CUDA_BACKEND
     except Exception as exc:  # noqa: BLE001
         why = f"fastddpm does not import: {exc}"
         return why, why

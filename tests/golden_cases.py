@@ -47,7 +47,7 @@ def digest(*arrays) -> str:
 
 
 def _native():
-    return importlib.import_module("fastddpm.backends").get("native-cpu")
+    return importlib.import_module("fastddpm.executors").get("native-cpu")
 
 
 def _with_isa(isa, fn):

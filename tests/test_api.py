@@ -7,8 +7,8 @@ import pytest
 
 import fastddpm
 from fastddpm import noise as noise_spec_module  # noqa: F401  (the attribute is the function)
-from fastddpm.backends import BackendUnavailableError, NAMES
-from fastddpm.noise import noise as noise_spec
+from fastddpm.executors import BackendUnavailableError, NAMES
+from fastddpm.philox import noise as noise_spec
 
 AVAILABLE = [n for n, e in fastddpm.backends().items() if e["available"] and "cpu" in e.get("devices", [])]
 

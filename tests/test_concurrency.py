@@ -15,7 +15,7 @@ import sys
 
 import pytest
 
-from fastddpm.backends import reasons
+from fastddpm.executors import reasons
 
 CHILD = r"""
 import json, sys, threading, time

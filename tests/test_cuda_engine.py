@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 import fastddpm
-from fastddpm.backends import native_cuda
-from fastddpm.backends.native_cuda import CUDA_BACKEND, DTYPES, Sampler, _C_cuda, check_dtype
+from fastddpm.executors import native_cuda
+from fastddpm.executors.native_cuda import CUDA_BACKEND, DTYPES, Sampler, _C_cuda, check_dtype
 from fastddpm.unet_config import PRESETS, UNetConfig, random_weights
 
 cuda = pytest.mark.cuda
@@ -160,7 +160,7 @@ def test_forward_on_torch_tensors_matches_numpy():
 @cuda
 @pytest.mark.parametrize("sampler,steps", [("ddpm", 30), ("ddim", 20)])
 def test_whole_run_against_the_cpu_engine(sampler, steps):
-    from fastddpm.backends.native import CPU_BACKEND, _C
+    from fastddpm.executors.native import CPU_BACKEND, _C
     if _C is None:
         pytest.skip("fastddpm._C is not built")
     pipe = fastddpm.load("bench-small")

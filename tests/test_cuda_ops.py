@@ -6,7 +6,7 @@ batch invariance. Every test is marked `cuda`: conftest skips them where no GPU 
 import numpy as np
 import pytest
 
-from fastddpm.backends.native_cuda import _C_cuda
+from fastddpm.executors.native_cuda import _C_cuda
 
 from _plan_cases import (ATTENTION_SHAPES, attention_case, check_ops, conv_mode_case,
                          groupnorm_concat_shortcut_residual_cases, plan_arrays,

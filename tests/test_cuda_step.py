@@ -1,4 +1,4 @@
-"""The CUDA fused step and noise (native-cuda) against the spec: noise.py's uint32 stream bit for bit,
+"""The CUDA fused step and noise (native-cuda) against the spec: philox.py's uint32 stream bit for bit,
 its normals to float32 rounding, and the step against the float64 formula of the scheduler's row.
 
 Every test but the first needs a GPU and is marked `cuda` (conftest skips them, with the reason,
@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 import fastddpm
-from fastddpm.noise import INITIAL_STEP, philox_uint32 as philox_spec
-from fastddpm.noise import noise as noise_spec
+from fastddpm.philox import INITIAL_STEP, philox_uint32 as philox_spec
+from fastddpm.philox import noise as noise_spec
 
 # (N, C, H, W): per-sample sizes off the float4 path (35, 867, 1), on it (48, 12288) and batch 1.
 SHAPES = [(1, 1, 5, 7), (3, 3, 17, 17), (5, 1, 1, 1), (2, 3, 4, 4), (1, 3, 64, 64), (4, 1, 3, 3)]
@@ -19,7 +19,7 @@ NORMALS_ATOL = 2e-5  # in-kernel normals against the float64 spec (DESIGN: "to f
 
 def test_native_cuda_imports_and_explains_itself():
     """Runs everywhere: the module imports, and where it cannot run it says why."""
-    from fastddpm.backends.native_cuda import CUDA_BACKEND
+    from fastddpm.executors.native_cuda import CUDA_BACKEND
     assert CUDA_BACKEND.name == "native-cuda" and CUDA_BACKEND.devices == ("cuda",)
     why = CUDA_BACKEND.unavailable()
     entry = fastddpm.backends()["native-cuda"]
@@ -38,7 +38,7 @@ def torch():
 
 @pytest.fixture
 def be():
-    from fastddpm.backends.native_cuda import CUDA_BACKEND
+    from fastddpm.executors.native_cuda import CUDA_BACKEND
     return CUDA_BACKEND
 
 

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import fastddpm
-from fastddpm.backends.native import CPU_BACKEND, _C
+from fastddpm.executors.native import CPU_BACKEND, _C
 from fastddpm.plan import CONV_MODES, Op, build_plan
 from fastddpm.unet_config import PRESETS, UNetConfig, random_weights
 from fastddpm.weights import WeightsError

@@ -1,4 +1,4 @@
-"""The numba U-Net engine (fastddpm/backends/numba_engine.py) against the torch reference U-Net:
+"""The numba U-Net engine (fastddpm/executors/numba_engine.py) against the torch reference U-Net:
 whole forwards on bench-small and small configs covering every option, short DDPM/DDIM loops
 against the reference sampler with the same seed, batch invariance, errors, compile-time report."""
 import numpy as np
@@ -9,7 +9,7 @@ pytest.importorskip("scipy")      # numba's np.dot (the conv GEMMs) needs SciPy'
 torch = pytest.importorskip("torch")
 
 import fastddpm  # noqa: E402
-from fastddpm.backends.numba_engine import NumbaEngine, compile_info  # noqa: E402
+from fastddpm.executors.numba_engine import NumbaEngine, compile_info  # noqa: E402
 from fastddpm.pipeline import Pipeline  # noqa: E402
 from fastddpm.reference import ReferenceUNet  # noqa: E402
 from fastddpm.unet_config import PRESETS, UNetConfig, random_weights  # noqa: E402
@@ -152,7 +152,7 @@ def test_callback_calling_its_engine_is_an_error_not_a_deadlock():
     """As the C++ engines: a progress callback that calls back into the numba engine running it
     gets a clear RuntimeError; the engine stays usable."""
     pipe = fastddpm.load("digits")
-    from fastddpm.backends import get as get_backend
+    from fastddpm.executors import get as get_backend
     eng = pipe._engine(get_backend("numba"), 1, 16, 16)
     sched = pipe.scheduler_for("ddim", 3)
     x = np.zeros((1, 1, 16, 16), np.float32)

@@ -1,15 +1,14 @@
 """One layout for every language: the op codes, plan columns and flags of plan.py, the coefficient
-columns of schedulers.py, the noise constants of noise.py and the numba engine's column indices
+columns of schedulers.py, the noise constants of philox.py and the numba engine's column indices
 are what the C++ headers say (exported by both extensions as layout())."""
-import importlib
 
 import pytest
 
 from fastddpm import plan, schedulers
-from fastddpm.backends import native_cuda
-from fastddpm.backends.native import _C
+from fastddpm.executors import native_cuda
+from fastddpm.executors.native import _C
 
-noise = importlib.import_module("fastddpm.noise")   # the module: fastddpm.noise is the function
+from fastddpm import philox as noise
 
 
 def _layouts():
@@ -47,7 +46,7 @@ def test_plan_rows_follow_the_column_names():
 
 
 def test_the_numba_engine_reads_the_same_columns():
-    ne = pytest.importorskip("fastddpm.backends.numba_engine")
+    ne = pytest.importorskip("fastddpm.executors.numba_engine")
     names = {"I_CODE": "code", "I_OUT": "out", "I_IN": "in_", "I_CIN": "c_in", "I_IN2": "in2", "I_CIN2": "c_in2",
              "I_H": "h", "I_W": "w", "I_COUT": "c_out", "I_WI": "w_idx", "I_BI": "b_idx", "I_W2": "w2_idx",
              "I_B2": "b2_idx", "I_TEMB": "temb", "I_RES": "residual", "I_SCR": "scratch", "I_MODE": "mode",

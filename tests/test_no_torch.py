@@ -56,7 +56,7 @@ _SCRIPT = textwrap.dedent(r"""
 
 
 def test_sampling_without_torch():
-    from fastddpm.backends import get
+    from fastddpm.executors import get
     names = [n for n in ("numba", "native-cpu")
              if not isinstance(get(n), str) and not get(n).unavailable() and hasattr(get(n), "make_engine")]
     if "numba" not in names:

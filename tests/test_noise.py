@@ -1,17 +1,16 @@
-"""The Philox noise: the NumPy spec (fastddpm/noise.py) against Random123's published answers and
+"""The Philox noise: the NumPy spec (fastddpm/philox.py) against Random123's published answers and
 its own docstring, and every CPU backend (native-cpu once per ISA path) against the spec: the uint32
 stream bit for bit, the normals to float32 rounding (NORMAL_ATOL, justified in tests/_stepkit.py)."""
 from __future__ import annotations
 
-import importlib
 import math
 
 import numpy as np
 import pytest
 
 import fastddpm
-spec = importlib.import_module("fastddpm.noise")   # the module; the attribute fastddpm.noise is the function
-from fastddpm.backends import get as get_backend
+from fastddpm import philox as spec
+from fastddpm.executors import get as get_backend
 
 from _stepkit import NORMAL_ATOL, backend  # noqa: F401  (backend is a fixture)
 

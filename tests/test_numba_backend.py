@@ -1,4 +1,4 @@
-"""numba-specific behaviour of backends/numba_cpu.py: import without numba, compile-time reporting,
+"""numba-specific behaviour of executors/numba_cpu.py: import without numba, compile-time reporting,
 the thread setting, one compiled specialisation, the cache-dir fallback. The step and noise maths
 are tested for every backend in test_step.py and test_noise.py."""
 import json
@@ -28,7 +28,7 @@ def test_imports_and_explains_itself_without_numba():
     out = _python(
         "import sys, json; sys.modules['numba'] = None\n"
         "import numpy as np, fastddpm\n"
-        "from fastddpm.backends import BackendUnavailableError\n"
+        "from fastddpm.executors import BackendUnavailableError\n"
         "entry = fastddpm.backends()['numba']\n"
         "s = fastddpm.DDPMScheduler(); s.set_timesteps(10); x = np.zeros((1, 4), np.float32)\n"
         "try:\n"
@@ -44,7 +44,7 @@ def test_imports_and_explains_itself_without_numba():
 
 
 numba = pytest.importorskip("numba")
-from fastddpm.backends import numba_cpu  # noqa: E402
+from fastddpm.executors import numba_cpu  # noqa: E402
 
 pytestmark = pytest.mark.skipif(bool(numba_cpu.BACKEND.unavailable()), reason="numba backend unavailable")
 
@@ -52,7 +52,7 @@ pytestmark = pytest.mark.skipif(bool(numba_cpu.BACKEND.unavailable()), reason="n
 def test_describe_reports_first_call_time():
     out = _python(
         "import json, numpy as np\n"
-        "from fastddpm.backends.numba_cpu import BACKEND as B\n"
+        "from fastddpm.executors.numba_cpu import BACKEND as B\n"
         "before = B.describe()\n"
         "B.noise(1, (2, 3), 0)\n"
         "print(json.dumps({'before': before, 'after': B.describe()}))\n")
@@ -69,7 +69,7 @@ def test_cache_falls_back_to_a_temp_dir(tmp_path):
     # Only the NUMBA_CACHE_DIR locator, and no NUMBA_CACHE_DIR: numba finds nowhere to cache (as on
     # a read-only install with no writable home); the backend must still import, under TMPDIR.
     out = _python(
-        "from fastddpm.backends.numba_cpu import BACKEND as B\n"
+        "from fastddpm.executors.numba_cpu import BACKEND as B\n"
         "print(B.describe()['cache_dir'])\n",
         NUMBA_CACHE_LOCATOR_CLASSES="UserProvidedCacheLocator", NUMBA_CACHE_DIR="", TMPDIR=str(tmp_path))
     assert out.startswith(str(tmp_path)), out
@@ -79,7 +79,7 @@ def test_cache_falls_back_to_a_temp_dir(tmp_path):
 def test_thread_env_var(value, expected):
     out = _python(
         "import numba\n"
-        "from fastddpm.backends.numba_cpu import BACKEND as B\n"
+        "from fastddpm.executors.numba_cpu import BACKEND as B\n"
         "print(B.describe()['threads'], numba.config.NUMBA_NUM_THREADS)\n",
         FASTDDPM_NUM_THREADS=value)
     threads, pool = map(int, out.split())
@@ -88,7 +88,7 @@ def test_thread_env_var(value, expected):
 
 def test_bad_thread_env_var_is_a_reason():
     out = _python(
-        "from fastddpm.backends.numba_cpu import BACKEND as B\n"
+        "from fastddpm.executors.numba_cpu import BACKEND as B\n"
         "print(B.unavailable())\n",
         FASTDDPM_NUM_THREADS="many")
     assert "FASTDDPM_NUM_THREADS" in out and "many" in out

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import fastddpm
-from fastddpm.noise import noise as spec_noise
+from fastddpm.philox import noise as spec_noise
 from fastddpm.pipeline import Pipeline, SampleResult, to_uint8
 from fastddpm.reference import reference_sample
 from fastddpm.unet_config import PRESETS, UNetConfig, random_weights

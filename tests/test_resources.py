@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import fastddpm
-from fastddpm.backends import reasons
+from fastddpm.executors import reasons
 from fastddpm.limits import ResourceLimitError
 
 NATIVE = "native-cpu" if not reasons("native-cpu") else "numba"

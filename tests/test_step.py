@@ -18,8 +18,8 @@ import pytest
 
 import fastddpm
 from fastddpm import DDIMScheduler, DDPMScheduler
-from fastddpm.backends import get as get_backend
-from fastddpm.noise import noise as spec_noise
+from fastddpm.executors import get as get_backend
+from fastddpm.philox import noise as spec_noise
 
 from _stepkit import (CPU_BACKENDS, NORMAL_ATOL, STEP_RTOL, assert_step_close, backend,  # noqa: F401
                       ddim_reference, ddpm_reference, random_inputs, using)
@@ -785,7 +785,7 @@ def test_unknown_and_unavailable_backends(no_kernel):
         s.step(M, t, X, seed=0, backend="fastest")
     with pytest.raises(TypeError, match="backend must be a string"):
         s.step(M, t, X, seed=0, backend=3)
-    from fastddpm.backends import BackendUnavailableError, reasons
+    from fastddpm.executors import BackendUnavailableError, reasons
     refused = 0
     for name in fastddpm.backends():
         why = reasons(name, "cpu")
@@ -810,7 +810,7 @@ def test_failed_call_leaves_out_untouched(backend):
 
 
 def test_compiled_binding_refuses_a_nan_coefficient_row():
-    from fastddpm.backends import reasons
+    from fastddpm.executors import reasons
     if reasons("native-cpu"):
         pytest.skip(f"native-cpu is unavailable: {reasons('native-cpu')}")
     from fastddpm import _C
@@ -923,7 +923,7 @@ def test_compiled_binding_abuse_never_crashes(tmp_path):
     import os
     import subprocess
     import sys
-    from fastddpm.backends import reasons
+    from fastddpm.executors import reasons
     if reasons("native-cpu"):
         pytest.skip(f"native-cpu is unavailable: {reasons('native-cpu')}")
     script = tmp_path / "abuse.py"

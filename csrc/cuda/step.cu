@@ -1,4 +1,4 @@
-// The CUDA fused sampler step and the noise kernels (see step.h for the maths, noise.py for the
+// The CUDA fused sampler step and the noise kernels (see step.h for the maths, philox.py for the
 // noise). One thread per Philox block (4 consecutive elements of one sample): it makes the block's
 // 4 normals in registers and reads, combines and writes its 4 elements, so z never touches memory.
 //
@@ -6,7 +6,7 @@
 //   vec     per_sample % 4 == 0 and 16-byte aligned pointers: one float4 load per input, one
 //           float4 store; thread i owns elements [4i, 4i + 4), so no index division for the data.
 //   scalar  anything else: group g of sample s covers elements s*per_sample + [4g, 4g + 4), the
-//           last group of a sample may be partial (its unused normals are dropped, as in noise.py).
+//           last group of a sample may be partial (its unused normals are dropped, as in philox.py).
 // Grid-stride loops; 32-bit indices when everything fits, 64-bit otherwise.
 #include <cuda_runtime.h>
 

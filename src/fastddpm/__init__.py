@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import numpy as _np
 
-from . import noise as _noise_spec  # bound first: the function below takes the name
+from . import philox as _noise_spec
 
-from .backends import BackendUnavailableError, backends
+from .executors import BackendUnavailableError, backends
 from .schedulers import DDIMScheduler, DDPMScheduler, SchedulerConfigError
 
 __version__ = "0.1.0"
@@ -17,8 +17,8 @@ __all__ = ["sample", "load", "noise", "backends", "DDPMScheduler", "DDIMSchedule
 def noise(seed: int, shape, step: int, first_index: int = 0) -> _np.ndarray:
     """float32 normals that the sampler adds at noise step ``step`` (the timestep given to
     ``Scheduler.step``; -1 for the initial static x_T) to samples ``first_index ...`` of ``shape``
-    (N, ...). The same numbers on every backend (spec: fastddpm/noise.py)."""
-    from .backends import get as _get
+    (N, ...). The same numbers on every backend (spec: fastddpm/philox.py)."""
+    from .executors import get as _get
     seed, step = _noise_spec._check_seed(seed), _noise_spec._check_step(step)
     shape = tuple(int(s) for s in shape)
     native = _get("native-cpu")

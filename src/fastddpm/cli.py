@@ -241,7 +241,7 @@ def cmd_sample(args) -> int:
     if args.ray is not None or args.png or args.threads is not None:
         raise CliError("--ray, --threads and --png need --out DIR")
     from .pipeline import _cached, default_model
-    from .backends import select
+    from .executors import select
 
     outputs = [_precheck_output(args.output, im.GRID_SUFFIXES, "the grid")]
     traj_paths = ()

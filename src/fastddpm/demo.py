@@ -25,7 +25,7 @@ def main(argv=None) -> int:
 
     import fastddpm
     from . import images as im
-    from .backends import select
+    from .executors import select
     from .cli import _describe_backend
     from .pipeline import BUNDLED_MODELS, _MODELS_DIR, _cached
 

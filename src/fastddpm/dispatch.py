@@ -9,10 +9,8 @@ import os
 
 import numpy as np
 
-import importlib as _importlib
-
-_backends = _importlib.import_module("fastddpm.backends")  # the subpackage, not fastddpm.backends()
-_check_seed = _importlib.import_module("fastddpm.noise")._check_seed  # the module, not fastddpm.noise()
+from . import executors as _backends
+from .philox import _check_seed
 
 _F32 = np.dtype(np.float32)
 _MAX_INDEX = 2**32
@@ -24,7 +22,7 @@ def fresh_seed() -> int:
 
 
 def check_seed(seed) -> int:
-    """A seed, or None for a fresh one; the checks are noise.py's (one validator for every entry point)."""
+    """A seed, or None for a fresh one; the checks are philox.py's (one validator for every entry point)."""
     if type(seed) is int and 0 <= seed < 2**64:   # the common case, first (hot path)
         return seed
     if seed is None:

@@ -26,13 +26,11 @@ from typing import Any, Sequence
 
 import numpy as np
 
-import importlib as _importlib
-
-_backends = _importlib.import_module("fastddpm.backends")  # the subpackage, not fastddpm.backends()
+from . import executors as _backends
 from ._files import check_inside, errors_name, read_json_object
 from .dispatch import check_first_index, check_positive_int, check_seed
 from .limits import check_request, engine_cache_size
-from .noise import INITIAL_STEP
+from .philox import INITIAL_STEP
 from .schedulers import DDIMScheduler, DDPMScheduler, SchedulerConfigError
 from .unet_config import PRESETS, UNetConfig, UNetConfigError, random_weights, weight_shapes
 from .weights import WeightsError, check_weights, load_safetensors, save_safetensors
@@ -246,7 +244,7 @@ class Pipeline:
     def _stepped_loop(self, sched, be, shape, seed, eta, first_index, keep, callback):
         """Reference U-Net (torch) for the model output, the fused step on ``be`` in place."""
         import torch
-        from .noise import noise as spec_noise
+        from .philox import noise as spec_noise
         unet = self._per_sample_unet("cpu")
         native_noise = getattr(be, "noise", None)
         try:
@@ -309,7 +307,7 @@ def _check_dtype(dtype, be) -> str | None:
     if dtype is None:
         return None
     if "cuda" in be.devices and be.name == "native-cuda":
-        from .backends.native_cuda import check_dtype
+        from .executors.native_cuda import check_dtype
         return check_dtype(dtype)
     if dtype != "fp32":
         raise ValueError(f"dtype={dtype!r} needs backend='native-cuda'; {be.name} computes in fp32 "

@@ -28,7 +28,7 @@ import numpy as np
 
 from ._atomic import atomic_write
 from .dispatch import check_positive_int
-from .noise import _check_seed
+from .philox import _check_seed
 
 FORMAT = 1
 MANIFEST = "manifest.json"
@@ -247,8 +247,7 @@ class _DirectoryLock:
 
 def _sample_to_disk(pipe, model, n, out_dir, seed, shard_size, sampler, steps, eta, backend, cluster, threads,
                     png, progress) -> dict:
-    import importlib
-    _backends = importlib.import_module("fastddpm.backends")   # the subpackage, not fastddpm.backends()
+    from . import executors as _backends
     from .pipeline import Pipeline, _sampling_device
     for stale in os.listdir(out_dir):   # temporary files of a killed run (this driver holds the lock)
         if stale.startswith((".shard-", f".{MANIFEST}.")) and stale.endswith(".tmp"):

@@ -1,5 +1,5 @@
 // Philox4x32-10 and Box-Muller, shared by host and device code.
-// The specification is src/fastddpm/noise.py; this file reproduces its uint32 stream exactly.
+// The specification is src/fastddpm/philox.py; this file reproduces its uint32 stream exactly.
 #pragma once
 #include <cstdint>
 
@@ -51,7 +51,7 @@ FDDPM_HD U32x4 philox4x32_10(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3,
 FDDPM_HD float uniform_open01(uint32_t r) { return (float(r >> 9) + 0.5f) * (1.0f / 8388608.0f); }
 
 #if defined(__CUDACC__)
-// Box-Muller on the device: 4 uint32 -> 4 normals, lanes (0, 1) and (2, 3) paired as in noise.py.
+// Box-Muller on the device: 4 uint32 -> 4 normals, lanes (0, 1) and (2, 3) paired as in philox.py.
 // Accurate logf and sincospif on purpose (not __logf / __sinf): the spec is float64, and the fast
 // intrinsics lose digits as u -> 1. sincospif(2u) = sincos(2 pi u) with exact argument reduction.
 __device__ __forceinline__ void box_muller4(const U32x4& r, float n[4]) {

@@ -5,7 +5,7 @@
 //   x_prev = c_x0 * x0 + d_x * x + d_m * m + sigma * z
 //
 // z is element e of sample i: normal (e % 4) of Philox block (e / 4, first_index + i, noise_step),
-// see src/fastddpm/noise.py. The coefficient row (8 floats) is precomputed by the scheduler.
+// see src/fastddpm/philox.py. The coefficient row (8 floats) is precomputed by the scheduler.
 #pragma once
 #include <cstdint>
 

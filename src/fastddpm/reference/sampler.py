@@ -12,9 +12,7 @@ from typing import Callable, Iterable
 
 import torch
 
-import importlib as _importlib
-
-noise_spec = _importlib.import_module("fastddpm.noise")  # the spec module, not fastddpm.noise()
+from .. import philox as noise_spec
 
 
 def spec_noise(seed: int, shape: tuple, step: int, first_index: int, device) -> torch.Tensor:

@@ -142,7 +142,7 @@ CPU_BACKEND = NativeCpuBackend()
 try:
     from .native_cuda import CUDA_BACKEND
 except ImportError as _exc:  # the CUDA module's own file is missing: report it, never fail the CPU side
-    _CUDA_IMPORT_ERROR = f"fastddpm.backends.native_cuda failed to import: {_exc}"
+    _CUDA_IMPORT_ERROR = f"fastddpm.executors.native_cuda failed to import: {_exc}"
 
     class _MissingCuda(Backend):
         name = "native-cuda"

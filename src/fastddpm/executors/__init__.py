@@ -8,10 +8,10 @@ from .base import Backend
 
 # Fastest first: "auto" takes the first that supports the arrays' device.
 _REGISTRY = (
-    ("native-cuda", "fastddpm.backends.native", "CUDA_BACKEND"),
-    ("native-cpu", "fastddpm.backends.native", "CPU_BACKEND"),
-    ("numba", "fastddpm.backends.numba_cpu", "BACKEND"),
-    ("torch", "fastddpm.backends.torch_ref", "BACKEND"),
+    ("native-cuda", "fastddpm.executors.native", "CUDA_BACKEND"),
+    ("native-cpu", "fastddpm.executors.native", "CPU_BACKEND"),
+    ("numba", "fastddpm.executors.numba_cpu", "BACKEND"),
+    ("torch", "fastddpm.executors.torch_ref", "BACKEND"),
 )
 NAMES = tuple(name for name, _, _ in _REGISTRY)
 

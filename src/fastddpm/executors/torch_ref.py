@@ -10,9 +10,7 @@ import warnings
 
 import numpy as np
 
-import importlib as _importlib
-
-noise_spec = _importlib.import_module("fastddpm.noise")  # the spec module, not fastddpm.noise()
+from .. import philox as noise_spec
 from .base import Backend
 
 try:

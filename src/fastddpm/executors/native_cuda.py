@@ -15,7 +15,7 @@ import weakref
 
 import numpy as np
 
-from ..noise import _check_seed, _check_step  # not `from .. import noise`: fastddpm.noise is the function
+from ..philox import _check_seed, _check_step  # not `from .. import noise`: fastddpm.noise is the function
 from .base import Backend, EngineLock, per_sample_timesteps
 
 try:
@@ -112,7 +112,7 @@ class NativeCudaBackend(Backend):
 
     # -- noise ------------------------------------------------------------------------------------
     def noise(self, seed, shape, step, first_index=0, device="cuda"):
-        """float32 CUDA tensor of ``shape`` (N, ...): noise.py's normals, made on the GPU."""
+        """float32 CUDA tensor of ``shape`` (N, ...): philox.py's normals, made on the GPU."""
         import torch
         seed, step = _check_seed(seed), _check_step(step)
         dev = torch.device(device)

@@ -430,7 +430,7 @@ class NumbaBackend(Backend):
 BACKEND = NumbaBackend()
 
 
-# -- the U-Net engine (backends/numba_engine.py): whole sampling loops, and its compile time -------
+# -- the U-Net engine (executors/numba_engine.py): whole sampling loops, and its compile time -------
 def _make_engine(self, cfg, weights, batch, height, width):
     from .numba_engine import make_engine
     return make_engine(self, cfg, weights, batch, height, width)

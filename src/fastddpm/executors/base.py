@@ -76,11 +76,11 @@ class Backend:
         raise NotImplementedError
 
     def noise(self, seed: int, shape: tuple, step: int, first_index: int = 0, device: str = "cpu"):
-        """float32 normals of noise.py's spec (NumPy for cpu)."""
+        """float32 normals of philox.py's spec (NumPy for cpu)."""
         raise NotImplementedError
 
     def philox_uint32(self, seed: int, batch: int, per_sample: int, step: int, first_index: int = 0) -> np.ndarray:
-        """uint32 [batch, ceil(per_sample/4)*4]: the raw stream, for tests against noise.py."""
+        """uint32 [batch, ceil(per_sample/4)*4]: the raw stream, for tests against philox.py."""
         raise NotImplementedError
 
     def describe(self) -> dict:

@@ -622,7 +622,7 @@ class NumbaEngine:
 
     # ------------------------------------------------------------------ the loop
     def run(self, sched, shape, *, seed, eta=0.0, first_index=0, keep=(), callback=None):
-        from ..noise import INITIAL_STEP
+        from ..philox import INITIAL_STEP
         from ..schedulers import DDIMScheduler
         shape = tuple(int(s) for s in shape)
         if shape != self.plan.input_shape:
