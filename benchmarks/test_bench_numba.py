@@ -1,6 +1,6 @@
 """The numba U-Net engine's forward next to the reference U-Net (torch-eager), in the same run and
 on the same thread count: bench-small, batch 1. The answer is checked before it is timed (relative
-L2 <= 1e-4 against the reference); a wrong answer fails the row. Target (issue 3): numba no slower
+L2 <= 1e-4 against the reference); a wrong answer fails the row. The target: numba no slower
 than 2x torch-eager.
 """
 import numpy as np

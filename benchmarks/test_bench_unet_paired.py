@@ -1,8 +1,8 @@
 """The U-Net forward, interleaved: native and its baselines timed round by round.
 
-This VM switches between two speeds under sustained load, for seconds at a time (the same forward:
-17 ms, then 23 ms, then back), so rows timed one after the other (test_bench_unet.py) can land in
-different modes and their ratio is off by up to 1.5x. Here each round times one call of every
+A machine whose speed drifts under sustained load (a shared VM, thermal or power limits) can run
+rows timed one after the other (test_bench_unet.py) at different speeds, which skews their ratio.
+Here each round times one call of every
 implementation, in an order that rotates from round to round, and a speed-up is the median of the
 per-round ratios: both sides of each ratio ran within a second of each other. Answers are checked
 before anything is timed. The pytest-benchmark statistics of these tests are of a whole round

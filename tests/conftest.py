@@ -14,9 +14,9 @@ def sigint_handled():
 
 
 def pytest_configure(config):
-    # The tests check answers, not speed. torch's intra-op threads spin at every barrier: on a
-    # 2-core machine with any other load a 2-thread reference forward was measured 17x slower than
-    # a 1-thread one (4.9 s vs 0.28 s per bench-small step), so the torch oracle runs on one thread.
+    # The tests check answers, not speed. torch's intra-op threads spin at every barrier, so on a
+    # small machine with any other load a multi-threaded reference forward can be many times slower
+    # than a one-thread one: the torch oracle runs on one thread.
     try:
         import torch
     except ImportError:

@@ -56,7 +56,8 @@ def bundled_report():
 
 @pytest.mark.slow
 def test_bundled_model_covers_every_class_and_matches_real_digits(bundled_report):
-    """Two of issue 4's bars: all 10 classes in 100 samples, FD within 3x of real-vs-real."""
+    """Two of the bundled model's quality bars: all 10 classes in 100 samples, FD within 3x of
+    real-vs-real."""
     assert bundled_report.classes_present == 10, bundled_report.summary()
     assert bundled_report.fd_ratio <= QUALITY_BAR["fd_ratio"], bundled_report.summary()
 

@@ -33,7 +33,7 @@ __all__ = ["DigitClassifier", "digit_classifier", "frechet_distance", "QualityRe
            "real_digits", "CONFIDENCE", "QUALITY_BAR"]
 
 CONFIDENCE = 0.9
-# The bar for the bundled model (issue 4): confident share, classes present, FD / real-vs-real FD.
+# The bar for the bundled model: confident share, classes present, FD / real-vs-real FD.
 QUALITY_BAR = {"confident": 0.90, "classes": 10, "fd_ratio": 3.0}
 _SPLIT_SEED = 0
 
