@@ -13,6 +13,7 @@ from collections import defaultdict
 import numpy as np
 
 import fastddpm
+from fastddpm.executors import EngineOptions  # noqa: E402
 from fastddpm.executors.native_cuda import CUDA_BACKEND
 from fastddpm.plan import build_plan
 
@@ -31,7 +32,7 @@ def profile(name: str, batch: int, dtype: str) -> None:
     pipe = fastddpm.load(name)
     h, w = pipe.image_size
     plan = build_plan(pipe.unet_config, batch, h, w)
-    eng = CUDA_BACKEND.make_engine(pipe.unet_config, pipe.weights, batch, h, w, dtype=dtype)
+    eng = CUDA_BACKEND.make_engine(pipe.unet_config, pipe.weights, batch, h, w, EngineOptions(dtype=dtype))
     x = np.random.default_rng(0).standard_normal((batch, pipe.unet_config.in_channels, h, w)).astype(np.float32)
     t = np.full(batch, 500, np.float32)
     for _ in range(3):

@@ -17,6 +17,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 
 import fastddpm  # noqa: E402
+from fastddpm.executors import EngineOptions  # noqa: E402
 from fastddpm.executors.native_cuda import CUDA_BACKEND, _C_cuda  # noqa: E402
 from fastddpm.philox import INITIAL_STEP  # noqa: E402
 from fastddpm.philox import noise as noise_spec  # noqa: E402
@@ -129,7 +130,7 @@ def forwards():
         t = rng.integers(0, 1000, size=batch).astype(np.float32)
         want = CPU_BACKEND.make_engine(cfg, w, batch, 32, 32).forward(x, t)
         for dtype in (["fp32"] if QUICK else ["fp32", "tf32", "bf16", "fp16"]):
-            got = CUDA_BACKEND.make_engine(cfg, w, batch, 32, 32, dtype=dtype).forward(x, t)
+            got = CUDA_BACKEND.make_engine(cfg, w, batch, 32, 32, EngineOptions(dtype=dtype)).forward(x, t)
             err = rel(got, want)
             check(err <= TOL[dtype], f"forward {name} b{batch} {dtype} vs the CPU engine: rel L2 {err:.2e}")
 
@@ -137,14 +138,14 @@ def forwards():
 def loop():
     pipe = fastddpm.load("bench-small")
     sched = pipe.scheduler_for("ddim", 4)
-    shape = (2, pipe.unet_config.in_channels, *pipe.image_size)
+
     from fastddpm.executors.native import CPU_BACKEND
     cpu = CPU_BACKEND.make_engine(pipe.unet_config, pipe.weights, 2, *pipe.image_size)
-    gpu = CUDA_BACKEND.make_engine(pipe.unet_config, pipe.weights, 2, *pipe.image_size, dtype="fp32")
+    gpu = CUDA_BACKEND.make_engine(pipe.unet_config, pipe.weights, 2, *pipe.image_size, EngineOptions(dtype="fp32"))
     seen = []
     gpu.callback_every = 2
-    xg, frames = gpu.run(sched, shape, seed=5, first_index=1, keep=[0, 2, 4], callback=seen.append)
-    xc, _ = cpu.run(sched, shape, seed=5, first_index=1)
+    xg, frames = gpu.run(sched.schedule(), seed=5, first_index=1, keep=[0, 2, 4], callback=seen.append)
+    xc, _ = cpu.run(sched.schedule(), seed=5, first_index=1)
     err = float(np.abs(xg - xc).max())
     check(err < 1e-3 and seen == [2, 4] and np.array_equal(frames[4], xg),
           f"4-step DDIM loop vs the CPU engine: max abs {err:.2e}, callbacks {seen}")

@@ -86,6 +86,7 @@ def _rel(a, b):
 def test_forward(benchmark, name, batch, impl):
     import torch
     _skip_compile(impl, name, batch)
+    from fastddpm.executors import EngineOptions
     from fastddpm.executors.native_cuda import CUDA_BACKEND
     pipe, x, t, gflop = _setup(name, batch)
     ref = pipe.reference_unet("cuda")
@@ -94,7 +95,7 @@ def test_forward(benchmark, name, batch, impl):
         want = ref(xt, tt).cpu().numpy()
     if impl.startswith("native-cuda"):
         dtype = impl.split(":")[1]
-        eng = CUDA_BACKEND.make_engine(pipe.unet_config, pipe.weights, batch, *pipe.image_size, dtype=dtype)
+        eng = CUDA_BACKEND.make_engine(pipe.unet_config, pipe.weights, batch, *pipe.image_size, EngineOptions(dtype=dtype))
         out = torch.empty_like(xt)
         eng._engine.forward_ptr(xt.data_ptr(), tt.data_ptr(), out.data_ptr(), torch.cuda.current_stream().cuda_stream)
         torch.cuda.synchronize()
@@ -125,12 +126,11 @@ def test_forward(benchmark, name, batch, impl):
 def test_sample_1000_steps(benchmark, name, batch, impl):
     import torch
     _skip_compile(impl, name, batch)
-    from fastddpm.executors.native_cuda import Sampler
     from fastddpm.reference import reference_sample
     pipe, x, t, gflop = _setup(name, batch)
     if impl.startswith("native-cuda"):
         dtype = impl.split(":")[1]
-        s = Sampler(pipe, batch, sampler="ddpm", steps=STEPS, dtype=dtype)
+        s = pipe.sampler(batch, sampler="ddpm", steps=STEPS, dtype=dtype, backend="native-cuda")
         s(seed=0)  # capture outside the timing
 
         def run():

@@ -10,8 +10,8 @@ pytest.importorskip("numba")
 pytest.importorskip("scipy")
 torch = pytest.importorskip("torch")
 
-from fastddpm.executors.numba_cpu import BACKEND as NUMBA  # noqa: E402
-from fastddpm.executors.numba_engine import NumbaEngine, compile_info  # noqa: E402
+from fastddpm.executors.numba_backend import BACKEND as NUMBA  # noqa: E402
+from fastddpm.executors.numba_engine import compile_info  # noqa: E402
 from fastddpm.reference import ReferenceUNet  # noqa: E402
 from fastddpm.unet_config import PRESETS, UNetConfig, flops, random_weights  # noqa: E402
 
@@ -50,7 +50,7 @@ def test_forward(benchmark, impl, threads):
     s = _setup()
     cfg, x = s["cfg"], s["x"]
     if impl == "numba":
-        eng = NumbaEngine(cfg, s["w"], BATCH, *cfg.sample_hw)
+        eng = NUMBA.make_engine(cfg, s["w"], BATCH, *cfg.sample_hw)
         fn = lambda: eng.forward(x, T)  # noqa: E731
     else:
         xt = torch.from_numpy(x)

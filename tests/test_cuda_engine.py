@@ -12,7 +12,16 @@ import pytest
 
 import fastddpm
 from fastddpm.executors import native_cuda
-from fastddpm.executors.native_cuda import CUDA_BACKEND, DTYPES, Sampler, _C_cuda, check_dtype
+from fastddpm.executors import EngineOptions
+from fastddpm.executors.native_cuda import CUDA_BACKEND, _C_cuda
+
+DTYPES = CUDA_BACKEND.dtypes
+check_dtype = CUDA_BACKEND.check_dtype
+
+
+def Sampler(model, batch, **kw):
+    """A Pipeline.sampler on the CUDA engine."""
+    return fastddpm.load(model).sampler(batch, backend="native-cuda", **kw)
 from fastddpm.unet_config import PRESETS, UNetConfig, random_weights
 
 cuda = pytest.mark.cuda
@@ -32,7 +41,7 @@ def _model(name="bench-small"):
 # ------------------------------------------------------------------ anywhere
 
 def test_module_imports_and_exposes_the_engine():
-    assert hasattr(native_cuda, "NativeCudaEngine") and hasattr(native_cuda, "Sampler")
+    assert hasattr(native_cuda, "NativeCudaEngine")
     assert callable(CUDA_BACKEND.make_engine)
     if _C_cuda is not None:
         assert hasattr(_C_cuda, "Engine")
@@ -61,7 +70,7 @@ def test_check_dtype_refuses(bad):
 def test_make_engine_refuses_a_bad_dtype_before_anything_else():
     cfg, w = _model()
     with pytest.raises(ValueError, match="dtype must be one of"):
-        CUDA_BACKEND.make_engine(cfg, w, 1, 32, 32, dtype="double")
+        CUDA_BACKEND.make_engine(cfg, w, 1, 32, 32, EngineOptions(dtype="double"))
 
 
 @pytest.mark.skipif(bool(_C_cuda is not None and _C_cuda.device_count()[0] > 0), reason="a GPU is present")
@@ -72,7 +81,7 @@ def test_make_engine_without_a_gpu_says_why():
     with pytest.raises(RuntimeError, match="the CUDA engine cannot run here") as info:
         CUDA_BACKEND.make_engine(cfg, w, 1, 32, 32)
     assert reasons[0] in str(info.value)
-    with pytest.raises(RuntimeError, match="the CUDA engine cannot run here"):
+    with pytest.raises(fastddpm.BackendUnavailableError, match="native-cuda"):
         Sampler("bench-small", 1, steps=2)
 
 
@@ -112,7 +121,7 @@ def test_forward_matches_the_reference(name, batch, dtype, tol):
     h, wd = cfg.sample_hw or (32, 32)
     x, t = _inputs(cfg, batch, h, wd)
     want = _torch_forward(_reference(cfg, w), x, t)
-    eng = CUDA_BACKEND.make_engine(cfg, w, batch, h, wd, dtype=dtype)
+    eng = CUDA_BACKEND.make_engine(cfg, w, batch, h, wd, EngineOptions(dtype=dtype))
     got = eng.forward(x, t)
     err = rel_err(got, want)
     print(f"{name} b{batch} {dtype}: rel L2 {err:.2e}")
@@ -132,7 +141,7 @@ def test_forward_low_precision_within_twice_torch(dtype):
     exact = _torch_forward(_reference(cfg, w), x, t)
     tdt = torch.bfloat16 if dtype == "bf16" else torch.float16
     torch_err = rel_err(_torch_forward(_reference(cfg, w, device="cuda", dtype=tdt), x, t, tdt), exact)
-    eng = CUDA_BACKEND.make_engine(cfg, w, 2, h, wd, dtype=dtype)
+    eng = CUDA_BACKEND.make_engine(cfg, w, 2, h, wd, EngineOptions(dtype=dtype))
     err = rel_err(eng.forward(x, t), exact)
     print(f"{dtype}: engine rel L2 {err:.2e}, torch {torch_err:.2e}")
     assert err <= 2 * torch_err
@@ -144,7 +153,7 @@ def test_forward_on_torch_tensors_matches_numpy():
     import torch
     cfg, w = _model()
     x, t = _inputs(cfg, 2, 32, 32)
-    eng = CUDA_BACKEND.make_engine(cfg, w, 2, 32, 32, dtype="fp32")
+    eng = CUDA_BACKEND.make_engine(cfg, w, 2, 32, 32, EngineOptions(dtype="fp32"))
     a = eng.forward(x, t)
     xt = torch.from_numpy(x).cuda()
     b = eng.forward(xt, t)
@@ -166,11 +175,10 @@ def test_whole_run_against_the_cpu_engine(sampler, steps):
     pipe = fastddpm.load("bench-small")
     sched = pipe.scheduler_for(sampler, steps)
     h, w = pipe.image_size
-    shape = (2, pipe.unet_config.in_channels, h, w)
     cpu = CPU_BACKEND.make_engine(pipe.unet_config, pipe.weights, 2, h, w)
-    gpu = CUDA_BACKEND.make_engine(pipe.unet_config, pipe.weights, 2, h, w, dtype="fp32")
-    xc, _ = cpu.run(sched, shape, seed=7)
-    xg, _ = gpu.run(sched, shape, seed=7)
+    gpu = CUDA_BACKEND.make_engine(pipe.unet_config, pipe.weights, 2, h, w, EngineOptions(dtype="fp32"))
+    xc, _ = cpu.run(sched.schedule(), seed=7)
+    xg, _ = gpu.run(sched.schedule(), seed=7)
     err, mx = rel_err(xg, xc), float(np.abs(xg - xc).max())
     print(f"{sampler} {steps} steps fp32: GPU vs CPU rel L2 {err:.2e}, max abs {mx:.2e}")
     assert err < 1e-3
@@ -186,8 +194,8 @@ def test_sampler_replays_the_graph_with_new_seeds():
     assert not np.array_equal(a1, a2)
     np.testing.assert_array_equal(a1, a1_again)   # replay is deterministic
     fresh = CUDA_BACKEND.make_engine(s.pipeline.unet_config, s.pipeline.weights, 2, *s.pipeline.image_size,
-                                     dtype="fp32")
-    x, _ = fresh.run(s.sched, s.shape, seed=2)
+                                     EngineOptions(dtype="fp32"))
+    x, _ = fresh.run(s.schedule, seed=2)
     np.testing.assert_array_equal(x, a2)
     # first_index: sample 1 of first_index=0 is sample 0 of first_index=1
     b = s(seed=1, first_index=1)
@@ -195,39 +203,13 @@ def test_sampler_replays_the_graph_with_new_seeds():
 
 
 @cuda
-def test_trajectory_and_callbacks():
-    s = Sampler("bench-small", 1, sampler="ddim", steps=12, dtype="fp32")
-    s.engine.callback_every = 5
-    seen = []
-    x, frames = s(seed=3, keep=[0, 5, 12], callback=seen.append)
-    assert seen == [5, 10, 12]
-    np.testing.assert_array_equal(frames[12], x)
-    x_t = fastddpm.noise(3, s.shape, -1)
-    np.testing.assert_allclose(frames[0], x_t, rtol=0, atol=1e-5)
-
-
-@cuda
-def test_callback_exception_cancels_and_engine_stays_usable():
-    s = Sampler("bench-small", 1, sampler="ddim", steps=10, dtype="fp32")
-    s.engine.callback_every = 2
-
-    def boom(k):
-        raise KeyError("stop")
-    with pytest.raises(KeyError):
-        s(seed=0, callback=boom)
-    a = s(seed=0)
-    b = s(seed=0)
-    np.testing.assert_array_equal(a, b)
-
-
-@cuda
 def test_out_of_memory_is_a_memory_error_and_others_keep_working():
     cfg, w = _model("ddpm-cifar10")
-    eng = CUDA_BACKEND.make_engine(cfg, w, 1, 32, 32, dtype="fp32")
+    eng = CUDA_BACKEND.make_engine(cfg, w, 1, 32, 32, EngineOptions(dtype="fp32"))
     x, t = _inputs(cfg, 1, 32, 32)
     before = eng.forward(x, t)
     with pytest.raises(MemoryError, match="CUDA out of memory"):
-        CUDA_BACKEND.make_engine(cfg, w, 60000, 32, 32, dtype="fp32")   # ~ TBs of activations
+        CUDA_BACKEND.make_engine(cfg, w, 60000, 32, 32, EngineOptions(dtype="fp32"))   # ~ TBs of activations
     np.testing.assert_array_equal(eng.forward(x, t), before)
 
 
@@ -239,8 +221,8 @@ def test_bad_shapes_are_value_errors():
         eng.forward(np.zeros((1, cfg.in_channels, 32, 32), np.float32), 0)
     with pytest.raises(ValueError):
         eng.forward(np.zeros((2, cfg.in_channels, 32, 32), np.float32), [1, 2, 3])
-    with pytest.raises(ValueError):
-        eng.run(fastddpm.load("bench-small").scheduler_for("ddim", 5), (3, cfg.in_channels, 32, 32), seed=0)
+    with pytest.raises(ValueError, match="first_index"):
+        eng.run(fastddpm.load("bench-small").scheduler_for("ddim", 5).schedule(), seed=0, first_index=2**32 - 1)
 
 
 @cuda
@@ -258,14 +240,14 @@ def test_forward_is_batch_invariant_and_repeatable(name):
     successive forwards of a large-batch engine are identical."""
     cfg, w = _model(name)
     x, t = _inputs(cfg, 3, 32, 32)
-    eng3 = CUDA_BACKEND.make_engine(cfg, w, 3, 32, 32, dtype="fp32")
-    eng1 = CUDA_BACKEND.make_engine(cfg, w, 1, 32, 32, dtype="fp32")
+    eng3 = CUDA_BACKEND.make_engine(cfg, w, 3, 32, 32, EngineOptions(dtype="fp32"))
+    eng1 = CUDA_BACKEND.make_engine(cfg, w, 1, 32, 32, EngineOptions(dtype="fp32"))
     full = eng3.forward(x, t)
     for i in range(3):
         np.testing.assert_array_equal(eng1.forward(x[i:i + 1], t[i:i + 1]), full[i:i + 1])
     big = 64
     xb, tb = _inputs(cfg, big, 32, 32, seed=5)
-    engb = CUDA_BACKEND.make_engine(cfg, w, big, 32, 32, dtype="tf32")
+    engb = CUDA_BACKEND.make_engine(cfg, w, big, 32, 32, EngineOptions(dtype="tf32"))
     np.testing.assert_array_equal(engb.forward(xb, tb), engb.forward(xb, tb))
 
 
@@ -277,7 +259,7 @@ def test_forward_on_two_streams_is_ordered():
     fails only when the two streams' kernels happen to overlap; five rounds make that likely.)"""
     import torch
     cfg, w = _model()
-    eng = CUDA_BACKEND.make_engine(cfg, w, 2, 32, 32, dtype="fp32")
+    eng = CUDA_BACKEND.make_engine(cfg, w, 2, 32, 32, EngineOptions(dtype="fp32"))
     xa, ta = _inputs(cfg, 2, 32, 32, seed=1)
     xb, tb = _inputs(cfg, 2, 32, 32, seed=2)
     want_a, want_b = eng.forward(xa, ta), eng.forward(xb, tb)
@@ -301,7 +283,7 @@ def test_forward_captured_in_a_torch_cuda_graph():
     stream is not pulled into it) and replays give the forward of the input buffer's new contents."""
     import torch
     cfg, w = _model()
-    eng = CUDA_BACKEND.make_engine(cfg, w, 1, 32, 32, dtype="fp32")
+    eng = CUDA_BACKEND.make_engine(cfg, w, 1, 32, 32, EngineOptions(dtype="fp32"))
     x1, t = _inputs(cfg, 1, 32, 32, seed=1)
     x2, _ = _inputs(cfg, 1, 32, 32, seed=2)
     static_x = torch.from_numpy(x1).cuda()
@@ -322,19 +304,6 @@ def test_forward_captured_in_a_torch_cuda_graph():
         graph.replay()
         torch.cuda.synchronize()
         np.testing.assert_array_equal(static_out.cpu().numpy(), eng.forward(x, np.float32(tv)))
-
-
-@cuda
-def test_callback_calling_its_engine_is_an_error_not_a_deadlock():
-    s = Sampler("bench-small", 1, sampler="ddim", steps=6, dtype="fp32")
-    s.engine.callback_every = 2
-    x, t = _inputs(s.pipeline.unet_config, 1, 32, 32)
-
-    def reenter(k):
-        s.engine.forward(x, t)
-    with pytest.raises(RuntimeError, match="must not call back into the engine"):
-        s(seed=0, callback=reenter)
-    np.testing.assert_array_equal(s(seed=0), s(seed=0))  # still usable
 
 
 @cuda
@@ -370,10 +339,10 @@ def test_build_has_tensor_core_code_for_this_gpu():
     print(f"device sm_{major}{minor}, bf16 GEMM compiled from compute_{arch}")
     assert arch >= 70
     if major >= 8 and arch >= 80:
-        assert CUDA_BACKEND.make_engine(cfg, w, 1, 32, 32, dtype="bf16").dtype == "bf16"
+        assert CUDA_BACKEND.make_engine(cfg, w, 1, 32, 32, EngineOptions(dtype="bf16")).dtype == "bf16"
     elif major >= 8:
         with pytest.raises(ValueError, match="needs sm_80"):
-            CUDA_BACKEND.make_engine(cfg, w, 1, 32, 32, dtype="bf16")
+            CUDA_BACKEND.make_engine(cfg, w, 1, 32, 32, EngineOptions(dtype="bf16"))
 
 
 @cuda
@@ -382,10 +351,10 @@ def test_split_k_off_agrees_and_is_batch_invariant(monkeypatch):
     rounding, and is batch invariant bit for bit too; a bad value is refused."""
     cfg, w = _model()
     x, t = _inputs(cfg, 3, 32, 32)
-    split = CUDA_BACKEND.make_engine(cfg, w, 3, 32, 32, dtype="fp32")
+    split = CUDA_BACKEND.make_engine(cfg, w, 3, 32, 32, EngineOptions(dtype="fp32"))
     monkeypatch.setenv("FASTDDPM_CUDA_SPLITK", "0")
-    whole = CUDA_BACKEND.make_engine(cfg, w, 3, 32, 32, dtype="fp32")
-    one = CUDA_BACKEND.make_engine(cfg, w, 1, 32, 32, dtype="fp32")
+    whole = CUDA_BACKEND.make_engine(cfg, w, 3, 32, 32, EngineOptions(dtype="fp32"))
+    one = CUDA_BACKEND.make_engine(cfg, w, 1, 32, 32, EngineOptions(dtype="fp32"))
     a, b = split.forward(x, t), whole.forward(x, t)
     err = rel_err(a, b)
     print(f"split K vs one pass: rel L2 {err:.2e}; workspace {split._engine.device_bytes - whole._engine.device_bytes} bytes")
@@ -401,7 +370,7 @@ def test_split_k_off_agrees_and_is_batch_invariant(monkeypatch):
 def test_per_op_profiling():
     """set_profiling: each host forward and each step of run adds every op's GPU time; off stops it."""
     cfg, w = _model()
-    eng = CUDA_BACKEND.make_engine(cfg, w, 1, 32, 32, dtype="fp32")
+    eng = CUDA_BACKEND.make_engine(cfg, w, 1, 32, 32, EngineOptions(dtype="fp32"))
     x, t = _inputs(cfg, 1, 32, 32)
     want = eng.forward(x, t)
     n_ops = len(eng.plan.ops)
@@ -411,10 +380,10 @@ def test_per_op_profiling():
     one = np.array(eng._engine.op_seconds)
     assert one.shape == (n_ops,) and (one >= 0).all() and one.sum() > 0
     sched = fastddpm.load("bench-small").scheduler_for("ddim", 3)
-    x_prof, _ = eng.run(sched, (1, cfg.in_channels, 32, 32), seed=4)   # steps run op by op
+    x_prof, _ = eng.run(sched.schedule(), seed=4)   # steps run op by op
     after_run = np.array(eng._engine.op_seconds)
     assert (after_run >= one).all() and after_run.sum() > one.sum()
     eng._engine.set_profiling(False)
-    x_graph, _ = eng.run(sched, (1, cfg.in_channels, 32, 32), seed=4)  # the graph again
+    x_graph, _ = eng.run(sched.schedule(), seed=4)  # the graph again
     np.testing.assert_array_equal(x_graph, x_prof)
     np.testing.assert_array_equal(np.array(eng._engine.op_seconds), after_run)

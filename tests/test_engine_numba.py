@@ -9,7 +9,8 @@ pytest.importorskip("scipy")      # numba's np.dot (the conv GEMMs) needs SciPy'
 torch = pytest.importorskip("torch")
 
 import fastddpm  # noqa: E402
-from fastddpm.executors.numba_engine import NumbaEngine, compile_info  # noqa: E402
+from fastddpm.executors.numba_backend import BACKEND as NUMBA  # noqa: E402
+from fastddpm.executors.numba_engine import compile_info  # noqa: E402
 from fastddpm.pipeline import Pipeline  # noqa: E402
 from fastddpm.reference import ReferenceUNet  # noqa: E402
 from fastddpm.unet_config import PRESETS, UNetConfig, random_weights  # noqa: E402
@@ -57,7 +58,7 @@ def test_forward_matches_reference(name):
     d, batch, h, w = CONFIGS[name]
     cfg = UNetConfig.from_dict(d)
     weights = random_weights(cfg, seed=3)
-    engine = NumbaEngine(cfg, weights, batch, h, w)
+    engine = NUMBA.make_engine(cfg, weights, batch, h, w)
     rng = np.random.default_rng(7)
     x = rng.standard_normal((batch, cfg.in_channels, h, w), dtype=np.float32)     # [N, C, H, W]
     t = rng.integers(0, 1000, size=batch)                                           # one per sample
@@ -111,32 +112,21 @@ def test_loop_matches_reference_sampler(sampler, steps, eta):
     assert np.max(np.abs(got.trajectory - want.trajectory)) <= BOUND
 
 
-def test_progress_callback_every_step():
-    pipe = fastddpm.load("bench-small")
-    sched = pipe.scheduler_for("ddpm", 3)
-    eng = NumbaEngine(pipe.unet_config, pipe.weights, 1, 32, 32)
-    seen = []
-    x, frames = eng.run(sched, (1, 1, 32, 32), seed=0, keep=[1], callback=seen.append)
-    assert seen == [1, 2, 3]
-    assert list(frames) == [1] and frames[1].shape == (1, 1, 32, 32)
-    assert np.all(np.isfinite(x))
-
-
 def test_bad_input_is_refused():
     pipe = fastddpm.load("bench-small")
-    eng = NumbaEngine(pipe.unet_config, pipe.weights, 2, 32, 32)
+    eng = NUMBA.make_engine(pipe.unet_config, pipe.weights, 2, 32, 32)
     with pytest.raises(ValueError, match="shape"):
         eng.forward(np.zeros((1, 1, 32, 32), np.float32), 3)
     with pytest.raises(TypeError, match="float32"):
         eng.forward(np.zeros((2, 1, 32, 32), np.float64), 3)
     with pytest.raises(ValueError, match="timestep"):
         eng.forward(np.zeros((2, 1, 32, 32), np.float32), np.array([1, 2, 3]))
-    with pytest.raises(ValueError, match="engine samples shape"):
-        eng.run(pipe.scheduler_for("ddpm", 2), (1, 1, 32, 32), seed=0)
+    with pytest.raises(ValueError, match="trajectory step"):
+        eng.run(pipe.scheduler_for("ddpm", 2).schedule(), seed=0, keep=[3])
     bad = dict(pipe.weights)
     bad.pop("conv_in.weight")
     with pytest.raises(Exception, match="conv_in.weight"):
-        NumbaEngine(pipe.unet_config, bad, 1, 32, 32)
+        NUMBA.make_engine(pipe.unet_config, bad, 1, 32, 32)
 
 
 def test_compile_time_is_reported():
@@ -147,17 +137,3 @@ def test_compile_time_is_reported():
     assert info["unet_compile_source"] in ("compiled", "disk cache")
     assert fastddpm.backends()["numba"]["unet_compile_seconds"] == info["unet_compile_seconds"]
 
-
-def test_callback_calling_its_engine_is_an_error_not_a_deadlock():
-    """As the C++ engines: a progress callback that calls back into the numba engine running it
-    gets a clear RuntimeError; the engine stays usable."""
-    pipe = fastddpm.load("digits")
-    from fastddpm.executors import get as get_backend
-    eng = pipe._engine(get_backend("numba"), 1, 16, 16)
-    sched = pipe.scheduler_for("ddim", 3)
-    x = np.zeros((1, 1, 16, 16), np.float32)
-    with pytest.raises(RuntimeError, match="must not call back into the engine"):
-        eng.run(sched, (1, 1, 16, 16), seed=0, callback=lambda k: eng.forward(x, 10))
-    a, _ = eng.run(sched, (1, 1, 16, 16), seed=0)
-    b, _ = eng.run(sched, (1, 1, 16, 16), seed=0)
-    np.testing.assert_array_equal(a, b)

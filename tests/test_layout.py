@@ -4,7 +4,7 @@ are what the C++ headers say (exported by both extensions as layout())."""
 
 import pytest
 
-from fastddpm import plan, schedulers
+from fastddpm import coefficients, plan
 from fastddpm.executors import native_cuda
 from fastddpm.executors.native import _C
 
@@ -31,7 +31,7 @@ def test_python_tables_equal_the_compiled_ones():
         assert tuple(lay["int_fields"]) == plan.INT_FIELDS, name
         assert tuple(lay["float_fields"]) == plan.FLOAT_FIELDS, name
         assert (lay["input_slot"], lay["output_slot"]) == (plan.INPUT_SLOT, plan.OUTPUT_SLOT), name
-        assert tuple(lay["coef_columns"]) == schedulers.COEF_COLUMNS, name
+        assert tuple(lay["coef_columns"]) == coefficients.COEF_COLUMNS, name
         assert lay["initial_noise_step"] == noise.INITIAL_STEP, name
 
 

@@ -45,14 +45,15 @@ def test_imports_and_explains_itself_without_numba():
 
 numba = pytest.importorskip("numba")
 from fastddpm.executors import numba_cpu  # noqa: E402
+from fastddpm.executors.numba_backend import BACKEND as NUMBA  # noqa: E402
 
-pytestmark = pytest.mark.skipif(bool(numba_cpu.BACKEND.unavailable()), reason="numba backend unavailable")
+pytestmark = pytest.mark.skipif(bool(NUMBA.unavailable()), reason="numba backend unavailable")
 
 
 def test_describe_reports_first_call_time():
     out = _python(
         "import json, numpy as np\n"
-        "from fastddpm.executors.numba_cpu import BACKEND as B\n"
+        "from fastddpm.executors.numba_backend import BACKEND as B\n"
         "before = B.describe()\n"
         "B.noise(1, (2, 3), 0)\n"
         "print(json.dumps({'before': before, 'after': B.describe()}))\n")
@@ -69,7 +70,7 @@ def test_cache_falls_back_to_a_temp_dir(tmp_path):
     # Only the NUMBA_CACHE_DIR locator, and no NUMBA_CACHE_DIR: numba finds nowhere to cache (as on
     # a read-only install with no writable home); the backend must still import, under TMPDIR.
     out = _python(
-        "from fastddpm.executors.numba_cpu import BACKEND as B\n"
+        "from fastddpm.executors.numba_backend import BACKEND as B\n"
         "print(B.describe()['cache_dir'])\n",
         NUMBA_CACHE_LOCATOR_CLASSES="UserProvidedCacheLocator", NUMBA_CACHE_DIR="", TMPDIR=str(tmp_path))
     assert out.startswith(str(tmp_path)), out
@@ -79,7 +80,7 @@ def test_cache_falls_back_to_a_temp_dir(tmp_path):
 def test_thread_env_var(value, expected):
     out = _python(
         "import numba\n"
-        "from fastddpm.executors.numba_cpu import BACKEND as B\n"
+        "from fastddpm.executors.numba_backend import BACKEND as B\n"
         "print(B.describe()['threads'], numba.config.NUMBA_NUM_THREADS)\n",
         FASTDDPM_NUM_THREADS=value)
     threads, pool = map(int, out.split())
@@ -88,14 +89,14 @@ def test_thread_env_var(value, expected):
 
 def test_bad_thread_env_var_is_a_reason():
     out = _python(
-        "from fastddpm.executors.numba_cpu import BACKEND as B\n"
+        "from fastddpm.executors.numba_backend import BACKEND as B\n"
         "print(B.unavailable())\n",
         FASTDDPM_NUM_THREADS="many")
     assert "FASTDDPM_NUM_THREADS" in out and "many" in out
 
 
 def test_thread_count_changes_nothing_and_is_restored():
-    be = numba_cpu.BACKEND
+    be = NUMBA
     s = fastddpm.DDPMScheduler()
     s.set_timesteps(20)
     t = int(s.timesteps[3])
@@ -147,5 +148,5 @@ def test_one_compiled_specialisation_for_every_input_kind():
     xu = unaligned(x)
     s.step(m, t, xu, seed=1, backend="numba", out=xu)
     assert np.array_equal(xu, want)
-    numba_cpu.BACKEND.noise(3, (2, 9), 4)
+    NUMBA.noise(3, (2, 9), 4)
     assert len(numba_cpu._step_kernel.signatures) == 1, numba_cpu._step_kernel.signatures

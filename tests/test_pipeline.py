@@ -200,8 +200,8 @@ def test_progress_bar_counts_every_step(tiny, capsys):
     (dict(backend="fast"), ValueError, "unknown backend"),
     (dict(trajectory=[7]), ValueError, "outside"),
     (dict(trajectory="0"), TypeError, "trajectory"),
-    (dict(dtype="bf16", backend="native-cpu"), ValueError, "needs backend='native-cuda'"),
-    (dict(dtype="fp16", backend="torch"), ValueError, "needs backend='native-cuda'"),
+    (dict(dtype="bf16", backend="native-cpu"), ValueError, "need backend='native-cuda'"),
+    (dict(dtype="fp16", backend="torch"), ValueError, "need backend='native-cuda'"),
 ])
 def test_bad_arguments(tiny, kwargs, exc, match):
     kwargs = {"steps": 3, **kwargs}

@@ -380,9 +380,9 @@ def test_seed_none_draws_fresh_seeds(backend, monkeypatch):
     a = s.step(M, t, X, backend=backend)
     b = s.step(M, t, X, backend=backend)
     assert np.mean(a != b) > 0.99
-    # ... taken from dispatch.fresh_seed, so a patched source gives the seeded result
-    import fastddpm.dispatch as dispatch
-    monkeypatch.setattr(dispatch, "fresh_seed", lambda: 424242)
+    # ... taken from validate.fresh_seed, so a patched source gives the seeded result
+    import fastddpm.validate as validate
+    monkeypatch.setattr(validate, "fresh_seed", lambda: 424242)
     np.testing.assert_array_equal(s.step(M, t, X, backend=backend), s.step(M, t, X, seed=424242, backend=backend))
     # given noise with seed=None draws nothing: the result is the given-noise one
     np.testing.assert_array_equal(s.step(M, t, X, noise=Z, backend=backend),

@@ -3,9 +3,11 @@ from __future__ import annotations
 
 import numpy as _np
 
-from . import philox as _noise_spec
+from . import philox as _philox
+from . import validate as _validate
 
 from .executors import BackendUnavailableError, backends
+from .executors import get as _backend
 from .schedulers import DDIMScheduler, DDPMScheduler, SchedulerConfigError
 
 __version__ = "0.1.0"
@@ -18,13 +20,12 @@ def noise(seed: int, shape, step: int, first_index: int = 0) -> _np.ndarray:
     """float32 normals that the sampler adds at noise step ``step`` (the timestep given to
     ``Scheduler.step``; -1 for the initial static x_T) to samples ``first_index ...`` of ``shape``
     (N, ...). The same numbers on every backend (spec: fastddpm/philox.py)."""
-    from .executors import get as _get
-    seed, step = _noise_spec._check_seed(seed), _noise_spec._check_step(step)
+    seed, step = _validate.seed(seed), _validate.noise_step(step)
     shape = tuple(int(s) for s in shape)
-    native = _get("native-cpu")
+    native = _backend("native-cpu")
     if not isinstance(native, str) and not native.unavailable():
         return native.noise(seed, shape, step, first_index)
-    return _noise_spec.noise(seed, shape, step, first_index)
+    return _philox.noise(seed, shape, step, first_index)
 
 
 def __getattr__(name):  # the pipeline pulls in more; import it on first use

@@ -241,7 +241,7 @@ def cmd_sample(args) -> int:
     if args.ray is not None or args.png or args.threads is not None:
         raise CliError("--ray, --threads and --png need --out DIR")
     from .pipeline import _cached, default_model
-    from .executors import select
+    from .executors import sampling_backend
 
     outputs = [_precheck_output(args.output, im.GRID_SUFFIXES, "the grid")]
     traj_paths = ()
@@ -262,7 +262,7 @@ def cmd_sample(args) -> int:
     for w in caught:
         print(f"{PROG} sample: warning: {w.message}", file=sys.stderr)
     pipe = _cached(model)
-    be = select(args.backend, "cpu")
+    be = sampling_backend(args.backend)
     sched = pipe.scheduler_for(args.sampler, args.steps)
     total = len(sched.timesteps)
     keep = im.trajectory_steps(total, max(2, args.frames)) if traj_paths else None
@@ -303,12 +303,8 @@ def _save_npy(images, path) -> str:
 
 
 def _describe_backend(be, pipe=None) -> str:
-    """What ran: an engine runs the whole loop; otherwise the torch reference U-Net + the step."""
-    if be.name == "torch":
-        return "torch (reference U-Net and step)"
-    if getattr(be, "make_engine", None) is not None:
-        return f"{be.name} (whole loop in the engine)"
-    return f"{be.name} (U-Net: torch reference; step: {be.name})"
+    """What ran, as the backend describes its loop."""
+    return f"{be.name} ({be.loop_description()})"
 
 
 # ---------------------------------------------------------------------- train

@@ -25,7 +25,7 @@ def main(argv=None) -> int:
 
     import fastddpm
     from . import images as im
-    from .executors import select
+    from .executors import sampling_backend
     from .cli import _describe_backend
     from .pipeline import BUNDLED_MODELS, _MODELS_DIR, _cached
 
@@ -48,7 +48,7 @@ def main(argv=None) -> int:
         print("demo: the bundled 'digits' model is not installed (train it with `fastddpm train --preset "
               "digits`); using the bench-small architecture with RANDOM weights: expect noise, not digits")
     pipe = _cached(name)
-    be = select(args.backend, "cpu")
+    be = sampling_backend(args.backend)
     # the fallback's 1000 timesteps at 32x32 would take minutes: 50 DDPM steps show the machinery
     steps = args.steps if args.steps is not None else (None if name == "digits" else 50)
     total = len(pipe.scheduler_for("ddpm", steps).timesteps)

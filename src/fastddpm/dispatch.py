@@ -5,46 +5,14 @@ happens here, before any kernel runs; the compiled entry points check again.
 """
 from __future__ import annotations
 
-import os
 
 import numpy as np
 
 from . import executors as _backends
-from .philox import _check_seed
+from . import validate
 
 _F32 = np.dtype(np.float32)
-_MAX_INDEX = 2**32
-
-
-def fresh_seed() -> int:
-    """A new 64-bit seed from the OS entropy pool (for seed=None)."""
-    return int.from_bytes(os.urandom(8), "little")
-
-
-def check_seed(seed) -> int:
-    """A seed, or None for a fresh one; the checks are philox.py's (one validator for every entry point)."""
-    if type(seed) is int and 0 <= seed < 2**64:   # the common case, first (hot path)
-        return seed
-    if seed is None:
-        return fresh_seed()
-    return _check_seed(seed)
-
-
-def check_positive_int(name: str, value) -> int:
-    """A count (n, shard_size, ...): an int >= 1 (not a bool, never a truncated float)."""
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return int(value)
-
-
-def check_first_index(first_index, batch: int) -> int:
-    if isinstance(first_index, bool) or not isinstance(first_index, (int, np.integer)):
-        raise TypeError(f"first_index must be an int, got {type(first_index).__name__}")
-    first_index = int(first_index)
-    if first_index < 0 or first_index + batch > _MAX_INDEX:
-        raise ValueError(f"sample indices first_index..first_index+N-1 must lie in [0, 2**32), "
-                         f"got first_index={first_index}, N={batch}")
-    return first_index
+_MAX_INDEX = validate.MAX_SAMPLE_INDEX
 
 
 def _is_torch(a) -> bool:
@@ -97,9 +65,9 @@ def _step_numpy(x, m, table, row, noise_step, noise, seed, first_index, backend,
         if seed is None:
             seed = 0                       # unused: the given noise replaces the kernel's
     if type(seed) is not int or not 0 <= seed < 2**64:
-        seed = check_seed(seed)
+        seed = validate.seed(seed, fresh_if_none=True)
     if first_index or type(first_index) is not int or shape[0] >= _MAX_INDEX:
-        first_index = check_first_index(first_index, shape[0])
+        first_index = validate.first_index(first_index, shape[0])
     be = _backends.select(backend, "cpu")
     xc = x if x.flags.c_contiguous else np.ascontiguousarray(x)
     mc = m if m.flags.c_contiguous else np.ascontiguousarray(m)
@@ -158,8 +126,8 @@ def _step_torch(x, m, table, row, noise_step, noise, seed, first_index, backend,
         result = _step_numpy(arrays[0], arrays[1], table, row, noise_step, arrays[2], seed, first_index,
                              backend, arrays[3])
         return out if out is not None else torch.from_numpy(result)
-    seed = 0 if noise is not None and seed is None else check_seed(seed)
-    first_index = check_first_index(first_index, shape[0])
+    seed = 0 if noise is not None and seed is None else validate.seed(seed, fresh_if_none=True)
+    first_index = validate.first_index(first_index, shape[0])
     be = _backends.select(backend, "cuda")
     with torch.no_grad():
         xc, mc = x.detach().contiguous(), m.detach().contiguous()

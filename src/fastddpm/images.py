@@ -20,6 +20,8 @@ from typing import Sequence
 
 import numpy as np
 
+from . import validate
+
 from ._atomic import atomic_write
 
 __all__ = ["to_pil", "to_uint8_images", "save_grid", "save_trajectory", "grid", "trajectory_steps",
@@ -101,8 +103,7 @@ def grid(images, nrow: int | None = None, padding: int = 1, scale: int | None = 
         raise ValueError("no images to put in a grid")
     if nrow is None:
         nrow = math.ceil(math.sqrt(n))
-    if isinstance(nrow, bool) or not isinstance(nrow, (int, np.integer)) or nrow < 1:
-        raise ValueError(f"nrow must be a positive integer, got {nrow!r}")
+    nrow = validate.count("nrow", nrow)
     if isinstance(padding, bool) or not isinstance(padding, (int, np.integer)) or padding < 0:
         raise ValueError(f"padding must be an integer >= 0, got {padding!r}")
     scale = _auto_scale(h) if scale is None else _check_scale(scale)
@@ -203,8 +204,7 @@ def save_trajectory(result, path, *, max_samples: int = 16, scale: int | None = 
 def trajectory_steps(total: int, frames: int = 10) -> list[int]:
     """``frames`` loop positions from 0 (the static) to ``total`` (the finished image), evenly
     spaced: the ``trajectory=`` argument of ``sample()`` for a ``total``-step run."""
-    if isinstance(total, bool) or not isinstance(total, (int, np.integer)) or total < 1:
-        raise ValueError(f"total must be a positive integer, got {total!r}")
+    total = validate.count("total", total)
     if isinstance(frames, bool) or not isinstance(frames, (int, np.integer)) or frames < 2:
         raise ValueError(f"frames must be an integer >= 2, got {frames!r}")
     return sorted({int(round(v)) for v in np.linspace(0, int(total), int(frames))})

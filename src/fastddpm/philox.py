@@ -26,9 +26,11 @@ from __future__ import annotations
 
 import numpy as np
 
+from . import validate
+
 __all__ = ["INITIAL_STEP", "philox4x32_10", "philox_uint32", "box_muller", "noise"]
 
-INITIAL_STEP = 0xFFFFFFFF
+INITIAL_STEP = validate.INITIAL_STEP
 
 PHILOX_M0 = 0xD2511F53
 PHILOX_M1 = 0xCD9E8D57
@@ -56,35 +58,10 @@ def philox4x32_10(counter: np.ndarray, key: tuple[int, int]) -> np.ndarray:
     return np.stack([x.astype(np.uint32) for x in c], axis=-1)
 
 
-def _integer(value, what: str) -> int:
-    """An int (Python or NumPy, not bool): a float such as 1.7 is refused, never truncated."""
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{what} must be an int, got {type(value).__name__} {value!r}")
-    return int(value)
-
-
-def _check_seed(seed) -> int:
-    """The one seed validator (dispatch.check_seed adds None = a fresh seed)."""
-    seed = _integer(seed, "seed")
-    if not 0 <= seed < 2**64:
-        raise ValueError(f"seed must be in [0, 2**64), got {seed}")
-    return seed
-
-
-def _check_step(step) -> int:
-    step = _integer(step, "noise step")
-    if step == -1:
-        return INITIAL_STEP
-    if not 0 <= step <= INITIAL_STEP:
-        raise ValueError(f"noise step must be in [0, 2**32) or -1 for the initial noise, got {step}")
-    return step
-
-
 def philox_uint32(seed: int, batch: int, per_sample: int, step: int, first_index: int = 0) -> np.ndarray:
     """The raw stream: uint32 [batch, ceil(per_sample / 4) * 4], block g of row i = Philox(g, first_index+i, step)."""
-    seed, step = _check_seed(seed), _check_step(step)
-    if first_index < 0 or first_index + batch > 2**32:
-        raise ValueError(f"sample indices must lie in [0, 2**32), got first_index={first_index}, batch={batch}")
+    seed, step = validate.seed(seed), validate.noise_step(step)
+    first_index = validate.first_index(first_index, batch)
     groups = -(-per_sample // 4)
     ctr = np.zeros((batch, groups, 4), dtype=np.uint32)
     ctr[..., 0] = np.arange(groups, dtype=np.uint32)[None, :]

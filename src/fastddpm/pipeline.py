@@ -1,16 +1,11 @@
-"""load(), Pipeline and sample(): a U-Net + a scheduler + a backend + the Philox noise.
+"""load(), Pipeline, Sampler and sample(): a U-Net + a scheduler + an engine.
 
 A Pipeline holds a validated U-Net config, its weights (float32 NumPy, diffusers' keys) and a
-scheduler. Sampling runs on one of two paths:
-
-- an engine: a backend that executes the whole loop natively (``backend.make_engine``: U-Net,
-  fused step and noise in one call, GIL released); used whenever the chosen backend has one;
-- otherwise the reference U-Net (PyTorch) computes the model output and the fused step runs on the
-  chosen backend (``backend="torch"`` is the all-PyTorch reference sampler).
-
-Noise: x_T is the spec's noise at noise step -1; the step at timestep t adds the noise of step t;
-sample i of a call with ``first_index=f`` is sample f + i of the seed's stream. So the first k
-images of ``sample(n=N, seed=s)`` are the images of ``sample(n=k, seed=s)``.
+scheduler. A call picks a backend (executors.sampling_backend), asks it for an engine of the
+request's shape (executors.engine_for: the backend's own, or the reference U-Net with its fused
+step) and runs the scheduler's StepSchedule on it; loop.py defines what that run means (noise
+keying, trajectory, callback, cancel), so the first k images of ``sample(n=N, seed=s)`` are the
+images of ``sample(n=k, seed=s)`` on every backend.
 """
 from __future__ import annotations
 
@@ -26,23 +21,22 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from . import executors as _backends
+from . import executors, validate
 from ._files import check_inside, errors_name, read_json_object
-from .dispatch import check_first_index, check_positive_int, check_seed
+from .executors import EngineOptions
 from .limits import check_request, engine_cache_size
-from .philox import INITIAL_STEP
-from .schedulers import DDIMScheduler, DDPMScheduler, SchedulerConfigError
+from .schedulers import DDIMScheduler, DDPMScheduler, SchedulerConfigError, scheduler_for
 from .unet_config import PRESETS, UNetConfig, UNetConfigError, random_weights, weight_shapes
 from .weights import WeightsError, check_weights, load_safetensors, save_safetensors
 
-__all__ = ["Pipeline", "SampleResult", "load", "sample", "BUNDLED_MODELS", "PRESET_MODELS"]
+__all__ = ["Pipeline", "Sampler", "SampleResult", "load", "sample", "BUNDLED_MODELS", "PRESET_MODELS"]
 
 _MODELS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "models")
 BUNDLED_MODELS = ("digits",)
 PRESET_MODELS = tuple(PRESETS)
 DEFAULT_MODEL = "digits"
 _DIFFUSERS_VERSION = "0.42.1"   # what the saved files say they were written for
-_SCHEDULERS = {"DDPMScheduler": DDPMScheduler, "DDIMScheduler": DDIMScheduler}
+_SCHEDULERS = {cls.__name__: cls for cls in (DDPMScheduler, DDIMScheduler)}   # loadable from a model directory
 _OUTPUTS = ("uint8", "float")
 
 
@@ -71,18 +65,42 @@ def _format(x: np.ndarray, output: str) -> np.ndarray:
     return to_uint8(x) if output == "uint8" else np.clip(x, -1.0, 1.0).astype(np.float32)
 
 
+class Sampler:
+    """A Pipeline's engine and schedule, fixed for repeated calls (``Pipeline.sampler``): for
+    applications that want the latency of one image, each call only runs the loop.
+
+        s = fastddpm.load("digits").sampler(batch=1, sampler="ddim", steps=50)
+        x0 = s(seed=1)            # float32 [1, C, H, W] in the model's range
+    """
+
+    def __init__(self, pipeline, engine, schedule):
+        self.pipeline, self.engine, self.schedule = pipeline, engine, schedule
+        self.shape = engine.input_shape
+
+    @property
+    def steps(self) -> int:
+        return len(self.schedule)
+
+    def __call__(self, seed: int = 0, *, first_index: int = 0, keep=(), callback=None):
+        """x0 float32 [N, C, H, W] (NumPy); with ``keep``: (x0, {position: frame})."""
+        x, frames = self.engine.run(self.schedule, seed=seed, first_index=first_index, keep=keep,
+                                    callback=callback)
+        return (x, frames) if keep else x
+
+
 class Pipeline:
     """A U-Net (config + float32 weights) and a scheduler; call it to sample."""
 
     def __init__(self, unet_config: UNetConfig | dict, weights: dict, scheduler, name: str | None = None):
         self.unet_config = unet_config if isinstance(unet_config, UNetConfig) else UNetConfig.from_dict(unet_config)
         self.weights = check_weights(weights, weight_shapes(self.unet_config))  # name -> float32 array
-        if not isinstance(scheduler, (DDPMScheduler, DDIMScheduler)):
+        if not isinstance(scheduler, tuple(_SCHEDULERS.values())):
             raise TypeError(f"scheduler must be a fastddpm DDPMScheduler or DDIMScheduler, got {type(scheduler).__name__}")
         self.scheduler = scheduler
         self.name = name
         self._reference = None            # the torch ReferenceUNet, built on first use
-        self._engines: OrderedDict = OrderedDict()   # (backend, batch, h, w, dtype) -> engine, LRU order
+        self._engines: OrderedDict = OrderedDict()   # (backend, batch, h, w, options) -> engine, LRU order
+        self._schedulers: OrderedDict = OrderedDict()   # (scheduler, sampler, steps) -> scheduler, LRU order
         self._per_sample_floats: dict = {}          # (h, w) -> the plan's activation floats per sample
         self._lock = threading.Lock()
 
@@ -97,14 +115,9 @@ class Pipeline:
 
     # ------------------------------------------------------------------ U-Net
     def _per_sample_unet(self, device="cpu"):
-        """The reference U-Net applied one sample at a time: torch picks conv algorithms by batch
-        size, so batched calls would break batch invariance (sample(n=N)[:k] == sample(n=k))."""
-        import torch
-        unet = self.reference_unet(device)
-
-        def forward(x, t):                  # x: [N, C, H, W] tensor -> model output [N, C', H, W]
-            return torch.cat([unet(x[i:i + 1], t) for i in range(x.shape[0])])
-        return forward
+        """The reference U-Net applied one sample at a time (batch invariant)."""
+        from .reference.sampler import per_sample
+        return per_sample(self.reference_unet(device))
 
     def reference_unet(self, device="cpu"):
         """The PyTorch reference U-Net with this pipeline's weights (needs torch)."""
@@ -114,19 +127,15 @@ class Pipeline:
                 self._reference = ReferenceUNet.from_weights(self.unet_config, self.weights).eval()
             return self._reference.to(device)
 
-    def _engine(self, be, batch: int, height: int, width: int, dtype: str | None = None):
-        """The backend's native loop engine for this shape (and, on CUDA, precision), or None."""
-        make = getattr(be, "make_engine", None)
-        if make is None:
-            return None
-        key = (be.name, batch, height, width, dtype)
+    def _engine(self, be, batch: int, height: int, width: int, options: EngineOptions):
+        """The engine of this backend for this shape and options (cached, least recently used out)."""
+        key = (be.name, batch, height, width, options)
         with self._lock:
             engine = self._engines.get(key)
             if engine is None:
-                extra = {"dtype": dtype} if "cuda" in be.devices else {}
-                engine = make(self.unet_config, self.weights, batch, height, width, **extra)
+                engine = executors.engine_for(be, self.unet_config, self.weights, batch, height, width, options)
                 self._engines[key] = engine
-                while len(self._engines) > engine_cache_size():   # bounded: drop the least recently used
+                while len(self._engines) > engine_cache_size():
                     self._engines.popitem(last=False)
             self._engines.move_to_end(key)
             return engine
@@ -153,76 +162,61 @@ class Pipeline:
             if sample.dtype != np.float32:
                 raise TypeError(f"sample must be float32, got {sample.dtype}")
             self.unet_config.check_image_size(sample.shape[2], sample.shape[3])
-            be = _backends.select(backend, "cpu")
+            be = executors.select(backend, "cpu")
             self._check_request(sample.shape[0], sample.shape[2], sample.shape[3], 0,
                                 f"a U-Net forward of batch {sample.shape[0]}")
-            engine = self._engine(be, *sample.shape[:1], *sample.shape[2:])
-            if engine is not None:
-                return engine.forward(np.ascontiguousarray(sample), timestep)
+            engine = self._engine(be, *sample.shape[:1], *sample.shape[2:], EngineOptions(dtype=be.check_dtype(None)))
+            return engine.forward(np.ascontiguousarray(sample), timestep)
         import torch
-        x = torch.from_numpy(sample) if is_numpy else sample
-        if not is_numpy:
-            _backends.select(backend, "cuda" if x.is_cuda else "cpu")   # refuse an impossible request
+        executors.select(backend, "cuda" if sample.is_cuda else "cpu")   # refuse an impossible request
         with torch.no_grad():
-            out = self.reference_unet(x.device)(x, timestep)
-        return out.numpy() if is_numpy else out
+            return self.reference_unet(sample.device)(sample, timestep)
 
     # ------------------------------------------------------------------ sampling
     def scheduler_for(self, sampler: str, steps: int | None):
-        """A fresh scheduler of the kind ``sampler`` names, from this pipeline's config, with
-        ``steps`` timesteps (default: every training timestep for ddpm, 50 for ddim)."""
-        cfg = {k: v for k, v in self.scheduler.config.items()}
-        if sampler == "ddpm":
-            cfg.pop("set_alpha_to_one", None)
-            sched = DDPMScheduler(**cfg)
-            default = sched.num_train_timesteps
-        elif sampler == "ddim":
-            cfg.pop("variance_type", None)
-            sched = DDIMScheduler(**cfg)
-            default = min(50, sched.num_train_timesteps)
-        else:
-            raise ValueError(f"sampler must be 'ddpm' or 'ddim', got {sampler!r}")
-        if steps is None:
-            steps = default
-        sched.set_timesteps(steps)
+        """A scheduler of the kind ``sampler`` names, from this pipeline's scheduler config, with
+        ``steps`` timesteps (None: the sampler's default). Kept for reuse; do not modify it."""
+        key = (id(self.scheduler), sampler, steps)
+        with self._lock:
+            found = self._schedulers.get(key)
+            if found is not None and found[0] is self.scheduler:
+                self._schedulers.move_to_end(key)
+                return found[1]
+        sched = scheduler_for(sampler, self.scheduler.config, steps)
+        with self._lock:
+            self._schedulers[key] = (self.scheduler, sched)
+            while len(self._schedulers) > 8:
+                self._schedulers.popitem(last=False)
         return sched
+
+    def _prepare(self, n, sampler, steps, eta, backend, dtype):
+        """(schedule, backend, engine options) of a request, every argument checked."""
+        n = validate.count("n", n)
+        sched = self.scheduler_for(sampler, steps)
+        schedule = sched.schedule(eta=eta)
+        be = executors.sampling_backend(backend)
+        options = EngineOptions(dtype=be.check_dtype(dtype))
+        return n, schedule, be, options
 
     def __call__(self, n: int = 1, *, steps: int | None = None, sampler: str = "ddpm", seed: int | None = 0,
                  backend: str = "auto", eta: float = 0.0, output: str = "uint8", progress: bool = False,
                  trajectory: Sequence[int] | None = None, first_index: int = 0, dtype: str | None = None):
-        n = check_positive_int("n", n)
         if output not in _OUTPUTS:
             raise ValueError(f"output must be one of {_OUTPUTS}, got {output!r}")
-        eta = float(eta)
-        if not (np.isfinite(eta) and eta >= 0):
-            raise ValueError(f"eta must be a finite number >= 0, got {eta!r}")
-        if sampler == "ddpm" and eta != 0.0:
-            raise ValueError("eta is a DDIM parameter; use sampler='ddim' (or eta=0)")
-        seed = check_seed(seed)
-        first_index = check_first_index(first_index, n)
-        sched = self.scheduler_for(sampler, steps)
-        total = len(sched.timesteps)
-        keep = _trajectory_positions(trajectory, total)
-        if not isinstance(backend, str):
-            raise TypeError(f"backend must be a string, got {type(backend).__name__}")
-        be = _backends.select(backend, _sampling_device(backend))
-        dtype = _check_dtype(dtype, be)
+        n = validate.count("n", n)
+        seed = validate.seed(seed, fresh_if_none=True)
+        first_index = validate.first_index(first_index, n)
+        n, schedule, be, options = self._prepare(n, sampler, steps, eta, backend, dtype)
+        total = len(schedule)
+        keep = validate.positions(trajectory, total)
         h, w = self.image_size
-        shape = (n, self.unet_config.in_channels, h, w)
         self._check_request(n, h, w, len(keep), f"sampling n={n} images of {h}x{w}")
 
         bar = _progress_bar(total, progress, f"{sampler} {total} steps on {be.name}")
         try:
             callback = None if bar is None else (lambda k: bar.update(k - bar.n))
-            if be.name == "torch":
-                x, frames = self._reference_loop(sched, shape, seed, eta, first_index, keep, callback)
-            else:
-                engine = self._engine(be, n, h, w, dtype)
-                if engine is not None:
-                    x, frames = engine.run(sched, shape, seed=seed, eta=eta, first_index=first_index,
-                                           keep=keep, callback=callback)
-                else:
-                    x, frames = self._stepped_loop(sched, be, shape, seed, eta, first_index, keep, callback)
+            engine = self._engine(be, n, h, w, options)
+            x, frames = engine.run(schedule, seed=seed, first_index=first_index, keep=keep, callback=callback)
         finally:
             if bar is not None:
                 bar.close()
@@ -230,40 +224,19 @@ class Pipeline:
         if trajectory is None:
             return images
         stack = np.stack([_format(frames[k], output) for k in keep]) if keep else images[:0][None]
-        ts = [-1 if k == 0 else int(sched.timesteps[k - 1]) for k in keep]
-        return SampleResult(images=images, trajectory=stack, trajectory_steps=list(keep), timesteps=ts)
+        return SampleResult(images=images, trajectory=stack, trajectory_steps=list(keep),
+                            timesteps=schedule.position_timesteps(keep))
 
-    def _reference_loop(self, sched, shape, seed, eta, first_index, keep, callback):
-        """The all-PyTorch reference sampler (backend="torch")."""
-        from .reference import reference_sample
-        unet = self._per_sample_unet("cpu")
-        x, frames = reference_sample(unet, sched, shape, seed=seed, eta=eta, first_index=first_index,
-                                     keep=keep, callback=callback)
-        return x.numpy(), {k: v.numpy() for k, v in frames.items()}
-
-    def _stepped_loop(self, sched, be, shape, seed, eta, first_index, keep, callback):
-        """Reference U-Net (torch) for the model output, the fused step on ``be`` in place."""
-        import torch
-        from .philox import noise as spec_noise
-        unet = self._per_sample_unet("cpu")
-        native_noise = getattr(be, "noise", None)
-        try:
-            x = native_noise(seed, shape, INITIAL_STEP, first_index)           # x_T: [N, C, H, W]
-        except NotImplementedError:
-            x = spec_noise(seed, shape, -1, first_index)
-        x = np.ascontiguousarray(x, dtype=np.float32)
-        frames = {0: x.copy()} if 0 in keep else {}
-        opts = {"eta": eta} if isinstance(sched, DDIMScheduler) else {}
-        xt = torch.from_numpy(x)
-        for k, t in enumerate(int(t) for t in sched.timesteps):
-            with torch.no_grad():
-                m = unet(xt, t).numpy()
-            sched.step(m, t, x, seed=seed, first_index=first_index, backend=be.name, out=x, **opts)
-            if k + 1 in keep:
-                frames[k + 1] = x.copy()
-            if callback is not None:
-                callback(k + 1)
-        return x, frames
+    def sampler(self, batch: int = 1, *, sampler: str = "ddpm", steps: int | None = None, eta: float = 0.0,
+                backend: str = "auto", dtype: str | None = None, device: int = 0) -> "Sampler":
+        """A fixed (batch, sampler, steps, eta, backend, dtype) ready to run again and again: the
+        engine and the schedule are made once (on CUDA: weights on the device, graph captured)."""
+        batch, schedule, be, options = self._prepare(batch, sampler, steps, eta, backend, dtype)
+        h, w = self.image_size
+        self._check_request(batch, h, w, 0, f"a sampler of batch {batch} for {h}x{w} images")
+        options = EngineOptions(dtype=options.dtype, device=validate.integer(device, "device"))
+        engine = executors.engine_for(be, self.unet_config, self.weights, batch, h, w, options)
+        return Sampler(self, engine, schedule)
 
     # ------------------------------------------------------------------ saving
     def save(self, path) -> str:
@@ -295,48 +268,10 @@ class Pipeline:
         return path
 
 
-def _sampling_device(backend: str) -> str:
-    """Where a whole sampling loop runs: on the GPU for native-cuda (and for "auto" when it can)."""
-    if backend == "native-cuda" or (backend == "auto" and not _backends.reasons("native-cuda", "cuda")):
-        return "cuda"
-    return "cpu"
-
-
-def _check_dtype(dtype, be) -> str | None:
-    """None or the engine precision; only the CUDA engine has others than fp32."""
-    if dtype is None:
-        return None
-    if "cuda" in be.devices and be.name == "native-cuda":
-        from .executors.native_cuda import check_dtype
-        return check_dtype(dtype)
-    if dtype != "fp32":
-        raise ValueError(f"dtype={dtype!r} needs backend='native-cuda'; {be.name} computes in fp32 "
-                         "(pass dtype=None or 'fp32')")
-    return None
-
-
 def _write_json(path: str, obj: Any) -> None:
     with open(path, "w", encoding="utf-8") as f:
         json.dump(obj, f, indent=2)
         f.write("\n")
-
-
-def _trajectory_positions(trajectory, total: int) -> list[int]:
-    """Sorted unique loop positions in [0, total]; negative ones count from the end (-1 = final)."""
-    if trajectory is None:
-        return []
-    if isinstance(trajectory, (str, bytes)) or not hasattr(trajectory, "__iter__"):
-        raise TypeError("trajectory must be a list of step indices (0 = the initial static, "
-                        f"{total} = the finished image)")
-    out = set()
-    for k in trajectory:
-        if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
-            raise TypeError(f"trajectory entries must be integers, got {k!r}")
-        k = int(k)
-        if not -(total + 1) <= k <= total:
-            raise ValueError(f"trajectory step {k} is outside [0, {total}] (steps of this run)")
-        out.add(k % (total + 1))
-    return sorted(out)
 
 
 def _progress_bar(total: int, progress: bool, desc: str):

@@ -61,13 +61,13 @@ center_input_sample is the affine of the first PAD.
 """
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 import numpy as np
 
-from .unet_config import UNetConfig, UNetConfigError, weight_shapes
+from . import validate
+from .unet_config import UNetConfig, weight_shapes
 
 __all__ = ["Plan", "Op", "PlanError", "build_plan", "OP_CODES", "CONV_MODES", "INT_FIELDS",
            "FLOAT_FIELDS", "INPUT_SLOT", "OUTPUT_SLOT"]
@@ -384,8 +384,7 @@ def build_plan(cfg: UNetConfig | Mapping[str, Any], batch: int, height: int | No
     naming the problem."""
     if not isinstance(cfg, UNetConfig):
         cfg = UNetConfig.from_dict(cfg)  # raises UNetConfigError naming the field
-    if isinstance(batch, bool) or not isinstance(batch, (int, np.integer)) or batch < 1:
-        raise ValueError(f"batch must be a positive integer, got {batch!r}")
+    batch = validate.count("batch", batch)
     hw = cfg.sample_hw
     height = height if height is not None else (hw[0] if hw else None)
     width = width if width is not None else (hw[1] if hw else None)

@@ -14,25 +14,49 @@ from __future__ import annotations
 import json
 import math
 import os
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from ._files import ModelFileError, errors_name, read_json_object
+from . import validate
+from .coefficients import A_M, A_X, C_X0, CLIP, COEF_COLUMNS, COEF_WIDTH, D_M, D_X, SIGMA  # noqa: F401
 from .dispatch import fused_step
 
-__all__ = ["DDPMScheduler", "DDIMScheduler", "COEF_WIDTH", "SchedulerConfigError"]
+__all__ = ["DDPMScheduler", "DDIMScheduler", "COEF_WIDTH", "SchedulerConfigError", "StepSchedule", "SAMPLERS",
+           "scheduler_for"]
 
-# The columns of a coefficient row, as csrc/include/fastddpm/step.h numbers them (the extensions
-# export them: layout()["coef_columns"]; tests/test_layout.py asserts the two agree).
-COEF_COLUMNS = ("ax", "am", "cx0", "dx", "dm", "sigma", "clip", "pad")
-COEF_WIDTH = len(COEF_COLUMNS)
-A_X, A_M, C_X0, D_X, D_M, SIGMA, CLIP, _PAD = range(COEF_WIDTH)
 
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid")
 PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
 VARIANCE_TYPES = ("fixed_small", "fixed_large")
 TIMESTEP_SPACINGS = ("leading", "linspace", "trailing")
+
+
+@dataclass(frozen=True, eq=False)
+class StepSchedule:
+    """Everything an engine needs to run a scheduler's loop, and nothing scheduler-specific:
+    step k evaluates the model at ``timesteps[k]`` and applies row k of ``table`` in the fused
+    step, drawing the noise of (seed, sample, ``timesteps[k]``).
+
+    ``history``: previous x0 predictions a step reads (0 here; a multistep solver sets it and adds
+    the columns that weigh them). ``model_outputs``: model outputs a step combines (1; classifier-
+    free guidance reads 2). Engines refuse a schedule whose inputs they cannot provide."""
+
+    timesteps: np.ndarray        # int64 [S], descending
+    table: np.ndarray            # float32 [S, COEF_WIDTH], read-only
+    history: int = 0
+    model_outputs: int = 1
+    scheduler: Any = None        # where the rows came from (the reference sampler's formulas read it)
+    options: tuple = ()          # the step options of the rows, as sorted (name, value) pairs
+
+    def __len__(self) -> int:
+        return len(self.timesteps)
+
+    def position_timesteps(self, positions) -> list[int]:
+        """The timestep each loop position shows (-1 for position 0, the initial static)."""
+        return [-1 if k == 0 else int(self.timesteps[k - 1]) for k in positions]
 
 
 class SchedulerConfigError(ValueError):
@@ -107,22 +131,6 @@ def _x0_eps_coefficients(prediction_type: str, abar: float) -> tuple[float, floa
     return sa, -sb, sb, sa  # v_prediction
 
 
-def _integer_timestep(timestep) -> int:
-    """An int, a NumPy integer, or a 0-d / one-element integer array or tensor -> int; else TypeError.
-    Strings, bools and floats are refused: int() would silently truncate 999.5 or parse '999'."""
-    if type(timestep) is int:          # the common case, first: this is on the per-step hot path
-        return timestep
-    if isinstance(timestep, (int, np.integer)) and not isinstance(timestep, (bool, np.bool_)):
-        return int(timestep)
-    dtype = getattr(timestep, "dtype", None)
-    size = getattr(timestep, "numel", getattr(timestep, "size", None))
-    size = size() if callable(size) else size
-    if dtype is not None and "int" in str(dtype) and size == 1:
-        return int(timestep.item() if hasattr(timestep, "item") else timestep)
-    raise TypeError(f"timestep must be an integer (or a one-element integer array/tensor), "
-                    f"got {type(timestep).__name__}{'' if dtype is None else ' of dtype ' + str(dtype)}")
-
-
 class _Scheduler:
     """Shared config handling, tables and the step entry point. Subclasses define _DEFAULTS and _row."""
 
@@ -154,6 +162,7 @@ class _Scheduler:
         self.num_train_timesteps = len(betas)
         self.num_inference_steps: int | None = None
         self._tables: dict = {}
+        self._schedules: dict = {}
         self._set_timestep_array(np.arange(self.num_train_timesteps - 1, -1, -1, dtype=np.int64))
 
     # -- config -------------------------------------------------------------------------------
@@ -273,6 +282,7 @@ class _Scheduler:
         row_of[ts] = np.arange(len(ts))
         self._row_of = row_of.tolist()   # a list: indexed once per step, faster than an array
         self._tables.clear()
+        self._schedules.clear()
 
     def previous_timestep(self, timestep: int) -> int:
         row = self.row_index(timestep)
@@ -280,7 +290,7 @@ class _Scheduler:
 
     def row_index(self, timestep) -> int:
         """The row of the coefficient table for timestep (an int or a 0-d array); ValueError if none."""
-        t = _integer_timestep(timestep)
+        t = validate.timestep(timestep)
         row = self._row_of[t] if 0 <= t < len(self._row_of) else -1
         if row < 0:
             raise ValueError(f"timestep {timestep!r} is not one of this scheduler's timesteps "
@@ -300,6 +310,34 @@ class _Scheduler:
             self._tables[key] = table
         return table
 
+    def schedule(self, eta: float = 0.0) -> StepSchedule:
+        """This scheduler's loop as an engine runs it (cached per options; the arrays are read-only).
+        ``eta``: DDIM's noise scale; the other schedulers take only its default."""
+        opts = self._step_options(eta)
+        key = tuple(sorted(opts.items()))
+        found = self._schedules.get(key)
+        if found is None:
+            ts = np.array(self.timesteps, dtype=np.int64)
+            ts.setflags(write=False)
+            found = self._schedules[key] = StepSchedule(ts, self.coefficients(**opts), scheduler=self, options=key)
+        return found
+
+    def _step_options(self, eta) -> dict:
+        """The options of this scheduler's rows, canonical (the cache key of its tables)."""
+        if validate.eta(eta) != 0.0:
+            raise ValueError("eta is a DDIM parameter; use sampler='ddim' (or eta=0)")
+        return {}
+
+    @classmethod
+    def from_compatible_config(cls, config: dict):
+        """This class from another scheduler's config: the keys it does not know are dropped."""
+        return cls(**{k: v for k, v in config.items() if k in cls._DEFAULTS})
+
+    @classmethod
+    def default_steps(cls, num_train_timesteps: int) -> int:
+        """Steps of a sample() call that names none."""
+        return num_train_timesteps
+
     def coefficients_float64(self, **step_options) -> np.ndarray:
         """The same table before rounding to float32 (for the float64 reference)."""
         return np.array([self._row(i, **step_options) for i in range(len(self.timesteps))],
@@ -311,11 +349,11 @@ class _Scheduler:
     # -- step -----------------------------------------------------------------------------------
     def _step(self, model_output, timestep, sample, noise, seed, first_index, backend, out, **options):
         row = self.row_index(timestep)
-        table = self._tables.get(()) if not options else None   # the common case without a call
-        if table is None:
-            table = self.coefficients(**options)
+        sched = self._schedules.get(()) if not options else None   # the common case without a call
+        if sched is None:
+            sched = self.schedule(**options)
         # the timestep of the row is the noise step (a plain int: this is the per-step hot path)
-        return fused_step(sample, model_output, table, row, self._timestep_ints[row], noise, seed, first_index,
+        return fused_step(sample, model_output, sched.table, row, self._timestep_ints[row], noise, seed, first_index,
                           backend, out)
 
 
@@ -379,6 +417,13 @@ class DDIMScheduler(_Scheduler):
         self.final_alpha_cumprod = 1.0 if self.config["set_alpha_to_one"] else float(self.alphas_cumprod[0])
         self._set_timestep_array(np.zeros(0, dtype=np.int64))   # diffusers: set_timesteps first
 
+    def _step_options(self, eta) -> dict:
+        return {"eta": validate.eta(eta)}
+
+    @classmethod
+    def default_steps(cls, num_train_timesteps: int) -> int:
+        return min(50, num_train_timesteps)
+
     def _prev_of_row(self, row: int) -> int:
         # diffusers' DDIM steps back by T // n whatever the spacing
         return int(self.timesteps[row]) - self.num_train_timesteps // self.num_inference_steps
@@ -399,7 +444,20 @@ class DDIMScheduler(_Scheduler):
         """x_prev from x_t: diffusers' DDIMScheduler.step(eta=eta) for the same config and noise."""
         if self.num_inference_steps is None:
             raise ValueError("call set_timesteps(num_inference_steps) before DDIMScheduler.step")
-        eta = float(eta)
-        if not (math.isfinite(eta) and eta >= 0):
-            raise ValueError(f"eta must be a finite number >= 0, got {eta!r}")
+        eta = validate.eta(eta)
         return self._step(model_output, timestep, sample, noise, seed, first_index, backend, out, eta=eta)
+
+
+# The sampler names of sample(sampler=...) and the CLI, and the scheduler class each runs.
+SAMPLERS = {"ddpm": DDPMScheduler, "ddim": DDIMScheduler}
+
+
+def scheduler_for(sampler: str, config: dict, steps: int | None = None) -> _Scheduler:
+    """A scheduler of the kind ``sampler`` names, built from a model's scheduler config, with
+    ``steps`` timesteps (None: the class's default, e.g. every training timestep for DDPM)."""
+    cls = SAMPLERS.get(sampler) if isinstance(sampler, str) else None
+    if cls is None:
+        raise ValueError(f"sampler must be one of {tuple(SAMPLERS)}, got {sampler!r}")
+    sched = cls.from_compatible_config(config)
+    sched.set_timesteps(cls.default_steps(sched.num_train_timesteps) if steps is None else steps)
+    return sched

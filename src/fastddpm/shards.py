@@ -27,8 +27,7 @@ from typing import Any
 import numpy as np
 
 from ._atomic import atomic_write
-from .dispatch import check_positive_int
-from .philox import _check_seed
+from . import validate
 
 FORMAT = 1
 MANIFEST = "manifest.json"
@@ -212,11 +211,11 @@ def sample_to_disk(model, n: int, out_dir, *, seed: int = 0, shard_size: int = 1
     CPUs; default 1); in-process runs use the process's own thread setting.
     Returns the manifest (request and shards)."""
     from .pipeline import load
-    n = check_positive_int("n", n)
-    shard_size = check_positive_int("shard_size", shard_size)
-    seed = _check_seed(seed)   # an int: every shard of a run shares it (None, a fresh seed, is refused)
+    n = validate.count("n", n)
+    shard_size = validate.count("shard_size", shard_size)
+    seed = validate.seed(seed)   # an int: every shard of a run shares it (None, a fresh seed, is refused)
     if threads is not None:
-        threads = check_positive_int("threads", threads)
+        threads = validate.count("threads", threads)
     out_dir = os.path.abspath(os.fspath(out_dir))
     os.makedirs(out_dir, exist_ok=True)
     with _DirectoryLock(out_dir):
@@ -247,8 +246,8 @@ class _DirectoryLock:
 
 def _sample_to_disk(pipe, model, n, out_dir, seed, shard_size, sampler, steps, eta, backend, cluster, threads,
                     png, progress) -> dict:
-    from . import executors as _backends
-    from .pipeline import Pipeline, _sampling_device
+    from . import executors
+    from .pipeline import Pipeline
     for stale in os.listdir(out_dir):   # temporary files of a killed run (this driver holds the lock)
         if stale.startswith((".shard-", f".{MANIFEST}.")) and stale.endswith(".tmp"):
             os.unlink(os.path.join(out_dir, stale))
@@ -266,7 +265,7 @@ def _sample_to_disk(pipe, model, n, out_dir, seed, shard_size, sampler, steps, e
         raise TypeError(f"backend must be a string, got {type(backend).__name__}")
     # the backend by name, decided here: another backend rounds differently, so a run never mixes them
     # (a worker without it fails loudly instead of falling back)
-    backend = _backends.select(backend, _sampling_device(backend)).name
+    backend = executors.sampling_backend(backend).name
     request = {"format": FORMAT, "model_hash": model_hash(pipe), "sampler": sampler,
                "steps": len(sched.timesteps), "eta": float(eta), "seed": seed, "n": n,
                "shard_size": shard_size, "image_shape": [h, w, pipe.unet_config.in_channels], "backend": backend}

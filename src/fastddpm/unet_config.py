@@ -42,6 +42,8 @@ from typing import Any, Iterator, Mapping
 
 import numpy as np
 
+from . import validate
+
 __all__ = ["UNetConfigError", "UNetConfig", "weight_shapes", "parameter_count", "flops",
            "random_weights", "PRESETS", "DOWN_BLOCK_TYPES", "UP_BLOCK_TYPES", "MAX_DIMENSION",
            "MAX_RESNET_BLOCKS", "MAX_PARAMETERS", "MAX_SAMPLE_FLOATS"]
@@ -516,8 +518,7 @@ def flops(cfg: UNetConfig, batch: int = 1, height: int | None = None,
     if height is None or width is None:
         raise ValueError("the config has no sample_size: pass height and width")
     cfg.check_image_size(height, width)
-    if not _is_int(batch) or batch <= 0:
-        raise ValueError(f"batch must be a positive integer, got {batch!r}")
+    batch = validate.count("batch", batch)
     temb = cfg.time_embed_dim
     total = 0
     for ly in _layers(cfg):

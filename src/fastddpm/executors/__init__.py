@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import importlib
 
-from .base import Backend
+from .base import Backend, Engine, EngineOptions
 
 # Fastest first: "auto" takes the first that supports the arrays' device.
 _REGISTRY = (
-    ("native-cuda", "fastddpm.executors.native", "CUDA_BACKEND"),
+    ("native-cuda", "fastddpm.executors.native_cuda", "CUDA_BACKEND"),
     ("native-cpu", "fastddpm.executors.native", "CPU_BACKEND"),
-    ("numba", "fastddpm.executors.numba_cpu", "BACKEND"),
+    ("numba", "fastddpm.executors.numba_backend", "BACKEND"),
     ("torch", "fastddpm.executors.torch_ref", "BACKEND"),
 )
 NAMES = tuple(name for name, _, _ in _REGISTRY)
@@ -91,3 +91,28 @@ def select(backend: str, device: str) -> Backend:
         raise BackendUnavailableError(f"backend {backend!r} cannot run this request:\n  - " + "\n  - ".join(why))
     _named_cache[(backend, device)] = get(backend)
     return _named_cache[(backend, device)]
+
+
+def sampling_backend(backend: str) -> Backend:
+    """The backend a whole sampling loop runs on: the named one on its first device, or for
+    "auto" the first backend (fastest first) that can run on its own first device."""
+    if not isinstance(backend, str):
+        raise TypeError(f"backend must be a string, got {type(backend).__name__}")
+    if backend != "auto":
+        be = get(backend)   # ValueError for an unknown name
+        return select(backend, be.devices[0] if not isinstance(be, str) else "cpu")
+    for name in NAMES:
+        be = get(name)
+        if not isinstance(be, str) and not be.supports(be.devices[0]):
+            return be
+    return select("auto", "cpu")   # raises, naming every backend's reasons
+
+
+def engine_for(be: Backend, config, weights, batch: int, height: int, width: int,
+               options: EngineOptions | None = None) -> Engine:
+    """The backend's own engine, or where it has none the reference U-Net with its fused step."""
+    engine = be.make_engine(config, weights, batch, height, width, options)
+    if engine is None:
+        from .torch_ref import ReferenceEngine
+        engine = ReferenceEngine(config, weights, batch, height, width, options, step_backend=be)
+    return engine

@@ -2,8 +2,11 @@
 from __future__ import annotations
 
 import threading
+from dataclasses import dataclass
 
 import numpy as np
+
+from .. import validate
 
 
 class EngineLock:
@@ -29,23 +32,72 @@ class EngineLock:
         self._lock.release()
 
 
-def per_sample_timesteps(timestep, batch: int) -> np.ndarray:
-    """An engine's timestep argument (a number, or a 0-d / [1] / [batch] array or torch tensor)
-    -> float32 [batch], checked: real, finite, of a shape that broadcasts to the batch."""
-    if isinstance(timestep, (bool, np.bool_)):
-        raise TypeError("timestep must be a number, not a bool")
-    if hasattr(timestep, "detach"):  # a torch tensor (torch not imported here)
-        timestep = timestep.detach().cpu().numpy()
-    t = np.asarray(timestep)
-    if t.dtype.kind not in "iuf":
-        raise TypeError(f"timestep must be a real number, got dtype {t.dtype}")
-    if t.ndim > 1 or (t.ndim == 1 and t.shape[0] not in (1, batch)):
-        raise ValueError(f"timestep must be a scalar or have shape [1] or [{batch}] "
-                         f"(one per sample), got shape {t.shape}")
-    t = np.broadcast_to(t.reshape(-1), (batch,)).astype(np.float32)   # astype: a contiguous copy
-    if not np.all(np.isfinite(t)):
-        raise ValueError("timestep must be finite")
-    return t
+@dataclass(frozen=True)
+class EngineOptions:
+    """How to build an engine, beyond the model and the shape. None = the backend's default."""
+
+    dtype: str | None = None            # compute precision (Backend.dtypes)
+    device: int = 0                     # the GPU, for engines that run on one
+    callback_every: int | None = None   # steps between progress callbacks (Engine.default_callback_every)
+
+
+class Engine:
+    """The plan of (config, batch, height, width) on one executor. The shared set-up (config,
+    plan, weight checks) happens here, once; subclasses build their executor from ``self.plan``
+    and ``self.weights`` and implement ``_forward`` and ``_run``.
+
+    ``forward(x, timestep)``: one U-Net forward, float32 NumPy [N, C, H, W] in and out.
+    ``run(schedule, *, seed, first_index, keep, callback)``: the whole sampling loop as loop.py
+    defines it; returns (x_0 float32 [N, C, H, W], {position: frame}). One call at a time per
+    engine; a callback calling back into its own engine raises instead of deadlocking.
+    """
+
+    default_callback_every = 1
+    history = 0            # previous x0 predictions a step may read (StepSchedule.history)
+    model_outputs = 1      # model outputs a step may combine (StepSchedule.model_outputs)
+
+    def __init__(self, config, weights, batch: int, height: int, width: int, options: EngineOptions | None = None):
+        from ..plan import build_plan
+        from ..unet_config import UNetConfig, weight_shapes
+        from ..weights import check_weights
+        self.options = options if options is not None else EngineOptions()
+        self.config = config if isinstance(config, UNetConfig) else UNetConfig.from_dict(config)
+        self.plan = build_plan(self.config, batch, height, width)
+        self.weights = check_weights(weights, weight_shapes(self.config))   # names every missing/extra/bad key
+        self.batch, self.height, self.width = self.plan.batch, self.plan.height, self.plan.width
+        every = self.options.callback_every
+        self.callback_every = validate.count("callback_every", self.default_callback_every if every is None else every)
+
+    @property
+    def input_shape(self) -> tuple[int, int, int, int]:
+        return (self.batch, self.config.in_channels, self.height, self.width)
+
+    def forward(self, x, timestep):
+        shape = self.input_shape
+        if not isinstance(x, np.ndarray) or x.shape != shape:
+            raise ValueError(f"sample must be a NumPy array of shape {shape}, got "
+                             f"{getattr(x, 'shape', type(x).__name__)}")
+        if x.dtype != np.float32:
+            raise TypeError(f"sample must be float32, got {x.dtype}")
+        return self._forward(np.ascontiguousarray(x), validate.per_sample_timesteps(timestep, self.batch))
+
+    def run(self, schedule, *, seed, first_index=0, keep=(), callback=None):
+        if schedule.history > self.history or schedule.model_outputs > self.model_outputs:
+            raise ValueError(f"{type(self).__name__} cannot run this schedule: it reads {schedule.history} "
+                             f"previous predictions and {schedule.model_outputs} model outputs per step")
+        seed = validate.seed(seed)
+        first_index = validate.first_index(first_index, self.batch)
+        keep = validate.positions(keep, len(schedule))
+        if callback is not None and not callable(callback):
+            raise TypeError(f"callback must be callable, got {type(callback).__name__}")
+        x, frames = self._run(schedule, seed, first_index, keep, callback)
+        return x, frames
+
+    def _forward(self, x: np.ndarray, t: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def _run(self, schedule, seed: int, first_index: int, keep: list, callback):
+        raise NotImplementedError
 
 
 class Backend:
@@ -59,6 +111,21 @@ class Backend:
 
     name: str = "?"
     devices: tuple[str, ...] = ("cpu",)
+    dtypes: tuple[str, ...] = ("fp32",)   # engine precisions; the first is the default
+
+    def check_dtype(self, dtype) -> str:
+        """An engine precision of this backend (None = its default)."""
+        return validate.dtype(dtype, self.dtypes, self.dtypes[0], self.name)
+
+    def loop_description(self) -> str:
+        """What runs a sampling loop on this backend (for the CLI's report)."""
+        return f"U-Net: torch reference; step: {self.name}"
+
+    def make_engine(self, config, weights, batch: int, height: int, width: int,
+                    options: EngineOptions | None = None) -> Engine | None:
+        """The engine that runs whole loops for (config, batch, height, width), or None where this
+        backend has none (then the pipeline runs the reference U-Net with this backend's step)."""
+        return None
 
     def unavailable(self) -> list[str]:
         """Why this backend cannot run at all on this machine; [] when it can."""

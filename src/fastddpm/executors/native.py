@@ -1,12 +1,12 @@
-"""The compiled backends: native-cpu (fastddpm._C, C++ with runtime ISA dispatch) and native-cuda
-(fastddpm._C_cuda, see native_cuda.py). Either may be missing; each then says why."""
+"""native-cpu: fastddpm._C, the C++ core (runtime ISA dispatch, OpenMP). When it is missing this
+module still imports and says why (native_cuda.py is the CUDA side)."""
 from __future__ import annotations
 
 import os
 
 import numpy as np
 
-from .base import Backend, per_sample_timesteps
+from .base import Backend, Engine
 
 def _missing_reason(exc: ImportError) -> str:
     """Why fastddpm._C cannot run: the build's own record if it was not built, else the import error."""
@@ -79,76 +79,35 @@ class NativeCpuBackend(Backend):
     def describe(self) -> dict:
         return {"isa": _C.isa(), "isas_supported": list(_C.supported_isas()), "threads": _C.num_threads()}
 
-    def make_engine(self, cfg, weights, batch: int, height: int, width: int) -> "NativeCpuEngine":
+    def loop_description(self) -> str:
+        return "whole loop in the engine"
+
+    def make_engine(self, config, weights, batch, height, width, options=None) -> "NativeCpuEngine":
         """The C++ U-Net engine for one (batch, height, width): whole loops in one native call."""
         if _C is None:
             raise RuntimeError(_C_ERROR)
-        return NativeCpuEngine(cfg, weights, batch, height, width)
+        return NativeCpuEngine(config, weights, batch, height, width, options)
 
 
-class NativeCpuEngine:
-    """The plan of (cfg, batch, height, width) executed by fastddpm._C.Engine.
+class NativeCpuEngine(Engine):
+    """The plan executed by fastddpm._C.Engine: forward and the whole loop (U-Net, fused step,
+    Philox noise) in one native call each, the GIL released."""
 
-    ``forward(x, timestep)``: one U-Net forward (float32 NumPy [N, C, H, W] in and out).
-    ``run(sched, shape, *, seed, eta, first_index, keep, callback)``: the whole sampling loop
-    (U-Net, fused step, Philox noise) in one call with the GIL released; returns
-    (x0 [N, C, H, W] float32, {position: frame}). One call at a time runs per engine (others wait).
-    """
-
-    def __init__(self, cfg, weights, batch: int, height: int, width: int, *, callback_every: int = 1):
-        from ..plan import build_plan
-        from ..unet_config import UNetConfig, weight_shapes
-        from ..weights import check_weights
-        cfg = cfg if isinstance(cfg, UNetConfig) else UNetConfig.from_dict(cfg)
-        self.config = cfg
-        self.plan = build_plan(cfg, batch, height, width)
-        checked = check_weights(weights, weight_shapes(cfg))   # names every missing/extra/bad key
+    def __init__(self, config, weights, batch, height, width, options=None):
+        super().__init__(config, weights, batch, height, width, options)
+        self.dtype = CPU_BACKEND.check_dtype(self.options.dtype)
         arrays = self.plan.arrays()
-        self.batch, self.height, self.width = self.plan.batch, self.plan.height, self.plan.width
-        self.callback_every = int(callback_every)
         self._engine = _C.Engine(arrays["ints"], arrays["floats"], arrays["slot_sizes"],
-                                 [(n, checked[n]) for n in self.plan.weight_names], self.batch,
-                                 cfg.in_channels, cfg.out_channels, self.height, self.width)
+                                 [(n, self.weights[n]) for n in self.plan.weight_names], self.batch,
+                                 self.config.in_channels, self.config.out_channels, self.height, self.width)
 
-    def _timesteps(self, timestep) -> np.ndarray:
-        return per_sample_timesteps(timestep, self.batch)   # [batch] float32
+    def _forward(self, x, t):
+        return self._engine.forward(x, t)
 
-    def forward(self, x, timestep) -> np.ndarray:
-        shape = (self.batch, self.config.in_channels, self.height, self.width)
-        if not isinstance(x, np.ndarray) or x.shape != shape:
-            raise ValueError(f"sample must be a NumPy array of shape {shape}, got "
-                             f"{getattr(x, 'shape', type(x).__name__)}")
-        if x.dtype != np.float32:
-            raise TypeError(f"sample must be float32, got {x.dtype}")
-        return self._engine.forward(np.ascontiguousarray(x), self._timesteps(timestep))
-
-    def run(self, sched, shape, *, seed, eta=0.0, first_index=0, keep=(), callback=None):
-        from ..schedulers import DDIMScheduler
-        shape = tuple(int(s) for s in shape)
-        want = (self.batch, self.config.in_channels, self.height, self.width)
-        if shape != want:
-            raise ValueError(f"this engine samples shape {want}, got {shape}")
-        opts = {"eta": float(eta)} if isinstance(sched, DDIMScheduler) else {}
-        coef = np.ascontiguousarray(sched.coefficients(**opts), dtype=np.float32)
-        ts = np.ascontiguousarray(np.asarray(sched.timesteps), dtype=np.int64)
-        keep = sorted(set(int(k) for k in keep))
-        x, frames = self._engine.run(coef, ts, int(seed), int(first_index), keep, callback,
+    def _run(self, schedule, seed, first_index, keep, callback):
+        x, frames = self._engine.run(schedule.table, schedule.timesteps, seed, first_index, keep, callback,
                                      self.callback_every)
         return x, dict(zip(keep, frames))
 
 
 CPU_BACKEND = NativeCpuBackend()
-
-try:
-    from .native_cuda import CUDA_BACKEND
-except ImportError as _exc:  # the CUDA module's own file is missing: report it, never fail the CPU side
-    _CUDA_IMPORT_ERROR = f"fastddpm.executors.native_cuda failed to import: {_exc}"
-
-    class _MissingCuda(Backend):
-        name = "native-cuda"
-        devices = ("cuda",)
-
-        def unavailable(self):
-            return [_CUDA_IMPORT_ERROR]
-
-    CUDA_BACKEND = _MissingCuda()

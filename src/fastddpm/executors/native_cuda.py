@@ -15,8 +15,8 @@ import weakref
 
 import numpy as np
 
-from ..philox import _check_seed, _check_step  # not `from .. import noise`: fastddpm.noise is the function
-from .base import Backend, EngineLock, per_sample_timesteps
+from .. import validate
+from .base import Backend, Engine, EngineLock
 
 try:
     from .. import _C_cuda
@@ -24,8 +24,8 @@ try:
 except ImportError as exc:  # not built (no nvcc, FASTDDPM_CUDA=0), or built for another Python
     _C_cuda, _IMPORT_ERROR = None, exc
 
-from ..schedulers import CLIP as _CLIP
-from ..schedulers import COEF_WIDTH as _COEF_WIDTH
+from ..coefficients import CLIP as _CLIP
+from ..coefficients import COEF_WIDTH as _COEF_WIDTH
 
 _ROW_BYTES = _COEF_WIDTH * 4
 
@@ -43,6 +43,7 @@ class NativeCudaBackend(Backend):
 
     name = "native-cuda"
     devices = ("cuda",)
+    dtypes = ("tf32", "fp32", "bf16", "fp16")   # the first is the default
 
     def __init__(self):
         self._reasons: list[str] | None = None
@@ -114,7 +115,7 @@ class NativeCudaBackend(Backend):
     def noise(self, seed, shape, step, first_index=0, device="cuda"):
         """float32 CUDA tensor of ``shape`` (N, ...): philox.py's normals, made on the GPU."""
         import torch
-        seed, step = _check_seed(seed), _check_step(step)
+        seed, step = validate.seed(seed), validate.noise_step(step)
         dev = torch.device(device)
         if dev.type != "cuda":
             raise ValueError(f"native-cuda makes noise on CUDA devices, not {dev}")
@@ -133,7 +134,7 @@ class NativeCudaBackend(Backend):
     def philox_uint32(self, seed, batch, per_sample, step, first_index=0, device="cuda"):
         """uint32 [batch, ceil(per_sample/4)*4] made on the GPU, copied back to NumPy."""
         import torch
-        seed, step = _check_seed(seed), _check_step(step)
+        seed, step = validate.seed(seed), validate.noise_step(step)
         dev = torch.device(device)
         if dev.index is None:
             dev = torch.device("cuda", torch.cuda.current_device())
@@ -144,15 +145,19 @@ class NativeCudaBackend(Backend):
         return out.cpu().numpy().view(np.uint32)
 
     # -- the U-Net engine -------------------------------------------------------------------------
-    def make_engine(self, cfg, weights, batch: int, height: int, width: int, *, dtype: str | None = None,
-                    device: int = 0) -> "NativeCudaEngine":
+    def loop_description(self) -> str:
+        return "whole loop in the engine, a CUDA graph per step"
+
+    def make_engine(self, config, weights, batch, height, width, options=None) -> "NativeCudaEngine":
         """The CUDA U-Net engine for one (batch, height, width): the whole loop as a CUDA graph.
-        dtype: "tf32" (default), "fp32" (no TF32), "bf16" or "fp16" (GEMM operands; fp32 accumulation)."""
-        dtype = check_dtype(dtype)
+        options.dtype: "tf32" (default), "fp32" (no TF32), "bf16" or "fp16" (GEMM operands; fp32
+        accumulation); options.device: the GPU."""
+        if options is not None:
+            self.check_dtype(options.dtype)   # a bad dtype is refused before anything else
         reasons = self.engine_unavailable()
         if reasons:
             raise RuntimeError("the CUDA engine cannot run here: " + "; ".join(reasons))
-        return NativeCudaEngine(cfg, weights, batch, height, width, dtype=dtype, device=device)
+        return NativeCudaEngine(config, weights, batch, height, width, options)
 
     def engine_unavailable(self) -> list[str]:
         """Why the CUDA engine cannot run (it needs the extension and a GPU, not torch)."""
@@ -173,63 +178,30 @@ class NativeCudaBackend(Backend):
         return {"devices": devices, "cuda_runtime": _C_cuda.runtime_version(), "archs": cuda.get("archs")}
 
 
-DTYPES = ("fp32", "tf32", "bf16", "fp16")
-DEFAULT_DTYPE = "tf32"
+class NativeCudaEngine(Engine):
+    """The plan executed by fastddpm._C_cuda.Engine on one GPU.
 
-
-def check_dtype(dtype) -> str:
-    """dtype as the engine takes it; None = the default (tf32). ValueError for anything else."""
-    if dtype is None:
-        return DEFAULT_DTYPE
-    if not isinstance(dtype, str) or dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {DTYPES} (or None for {DEFAULT_DTYPE!r}), got {dtype!r}")
-    return dtype
-
-
-def _schedule_arrays(sched, eta: float):
-    from ..schedulers import DDIMScheduler
-    opts = {"eta": float(eta)} if isinstance(sched, DDIMScheduler) else {}
-    coef = np.ascontiguousarray(sched.coefficients(**opts), dtype=np.float32)   # [S, 8]
-    ts = np.ascontiguousarray(np.asarray(sched.timesteps), dtype=np.int64)      # [S]
-    return coef, ts
-
-
-class NativeCudaEngine:
-    """The plan of (cfg, batch, height, width) executed by fastddpm._C_cuda.Engine on one GPU.
-
-    ``forward(x, timestep)``: one U-Net forward; NumPy in -> NumPy out, a torch CUDA tensor in ->
-    a torch CUDA tensor out (device pointers, no host copy; on torch's current stream).
-    ``run(sched, shape, *, seed, eta, first_index, keep, callback)``: the whole loop (one captured
-    step graph replayed per step); returns (x0 [N, C, H, W] float32 NumPy, {position: frame}).
-    The callback runs at chunk boundaries (every ``callback_every`` steps, and the last).
-    Weights live on the device from creation; the table upload is skipped when the schedule is the
-    one of the previous run.
+    ``forward``: NumPy in -> NumPy out; a torch CUDA tensor in -> a torch CUDA tensor out (device
+    pointers, no host copy, on torch's current stream, capturable in a CUDA graph). ``run``: one
+    captured step graph replayed per step; the callback runs at chunk boundaries. Weights live on
+    the device from creation; a schedule is uploaded when it differs from the last one.
     """
 
-    def __init__(self, cfg, weights, batch: int, height: int, width: int, *, dtype: str | None = None,
-                 device: int = 0, callback_every: int = 50):
-        from ..plan import build_plan
-        from ..unet_config import UNetConfig, weight_shapes
-        from ..weights import check_weights
+    default_callback_every = 50   # the GPU keeps a chunk of steps queued between host reports
+
+    def __init__(self, config, weights, batch, height, width, options=None):
         if _C_cuda is None:
             raise RuntimeError(_import_reason())
-        cfg = cfg if isinstance(cfg, UNetConfig) else UNetConfig.from_dict(cfg)
-        self.config = cfg
-        self.plan = build_plan(cfg, batch, height, width)
-        checked = check_weights(weights, weight_shapes(cfg))
+        super().__init__(config, weights, batch, height, width, options)
         arrays = self.plan.arrays()
-        self.batch, self.height, self.width = self.plan.batch, self.plan.height, self.plan.width
-        if isinstance(callback_every, bool) or int(callback_every) < 1:
-            raise ValueError(f"callback_every must be a positive integer, got {callback_every!r}")
-        self.callback_every = int(callback_every)
-        self._schedule = None   # (coef, ts) of the tables on the device
+        self._schedule = None   # the StepSchedule whose tables are on the device
         # a run is (tables, loop): one lock over both, so that two threads sampling with different
         # schedules on this engine never run one another's tables (a callback re-entering: RuntimeError)
         self._run_lock = EngineLock("CUDA engine")
         self._engine = _C_cuda.Engine(arrays["ints"], arrays["floats"], arrays["slot_sizes"],
-                                      [(n, checked[n]) for n in self.plan.weight_names], self.batch,
-                                      cfg.in_channels, cfg.out_channels, self.height, self.width,
-                                      check_dtype(dtype), int(device))
+                                      [(n, self.weights[n]) for n in self.plan.weight_names], self.batch,
+                                      self.config.in_channels, self.config.out_channels, self.height, self.width,
+                                      CUDA_BACKEND.check_dtype(self.options.dtype), int(self.options.device))
 
     @property
     def dtype(self) -> str:
@@ -239,9 +211,6 @@ class NativeCudaEngine:
     @property
     def device(self) -> int:
         return self._engine.device
-
-    def _timesteps(self, timestep) -> np.ndarray:
-        return np.ascontiguousarray(per_sample_timesteps(timestep, self.batch))   # float32 [N]
 
     def _device_timesteps(self, timestep, device):
         """float32 [N] timesteps on ``device`` for the device-pointer forward. A CUDA tensor stays on
@@ -263,19 +232,15 @@ class NativeCudaEngine:
         if torch.cuda.is_current_stream_capturing():
             raise ValueError("inside a CUDA graph capture, pass the timestep as a CUDA tensor (a host value "
                              "would need a host-to-device copy, which the capture cannot record)")
-        return torch.from_numpy(self._timesteps(timestep)).to(device)
+        return torch.from_numpy(validate.per_sample_timesteps(timestep, self.batch)).to(device)
 
     def forward(self, x, timestep):
-        shape = (self.batch, self.config.in_channels, self.height, self.width)
         if hasattr(x, "is_cuda") and x.is_cuda:
-            return self._forward_device(x, timestep, shape)
-        t = self._timesteps(timestep)
-        if not isinstance(x, np.ndarray) or x.shape != shape:
-            raise ValueError(f"sample must be a NumPy array of shape {shape}, got "
-                             f"{getattr(x, 'shape', type(x).__name__)}")
-        if x.dtype != np.float32:
-            raise TypeError(f"sample must be float32, got {x.dtype}")
-        return self._engine.forward(np.ascontiguousarray(x), t)
+            return self._forward_device(x, timestep, self.input_shape)
+        return super().forward(x, timestep)
+
+    def _forward(self, x, t):
+        return self._engine.forward(x, t)
 
     def _forward_device(self, x, timestep, shape):
         """A torch CUDA tensor in: stays on the device, on torch's current stream (capturable)."""
@@ -292,78 +257,20 @@ class NativeCudaEngine:
                                  torch.cuda.current_stream(x.device).cuda_stream)
         return out
 
-    def set_schedule(self, coef: np.ndarray, ts: np.ndarray) -> None:
-        with self._run_lock:
-            self._set_schedule(coef, ts)
-
-    def _set_schedule(self, coef: np.ndarray, ts: np.ndarray) -> None:
+    def _set_schedule(self, schedule) -> None:
         prev = self._schedule
-        if prev is not None and np.array_equal(prev[0], coef) and np.array_equal(prev[1], ts):
+        if prev is schedule or (prev is not None and np.array_equal(prev.table, schedule.table)
+                                and np.array_equal(prev.timesteps, schedule.timesteps)):
             return
-        self._engine.set_schedule(coef, ts)
-        self._schedule = (coef.copy(), ts.copy())
+        self._engine.set_schedule(schedule.table, schedule.timesteps)
+        self._schedule = schedule
 
-    def run(self, sched, shape, *, seed, eta=0.0, first_index=0, keep=(), callback=None):
-        shape = tuple(int(s) for s in shape)
-        want = (self.batch, self.config.in_channels, self.height, self.width)
-        if shape != want:
-            raise ValueError(f"this engine samples shape {want}, got {shape}")
-        coef, ts = _schedule_arrays(sched, eta)
+    def _run(self, schedule, seed, first_index, keep, callback):
         with self._run_lock:
-            self._set_schedule(coef, ts)
-            return self._run_locked(seed, first_index, keep, callback)
-
-    def _run(self, seed, first_index, keep, callback):
-        """The loop over the tables already on the device (Sampler: set once at creation)."""
-        with self._run_lock:
-            return self._run_locked(seed, first_index, keep, callback)
-
-    def _run_locked(self, seed, first_index, keep, callback):
-        from ..dispatch import check_first_index, check_seed
-        seed = check_seed(seed)
-        first_index = check_first_index(first_index, self.batch)
-        keep = sorted(set(int(k) for k in keep))
-        x, frames = self._engine.run(int(seed), int(first_index), keep, callback,
-                                     self.callback_every if callback is not None else 0)
+            self._set_schedule(schedule)
+            x, frames = self._engine.run(seed, first_index, keep, callback,
+                                         self.callback_every if callback is not None else 0)
         return x, dict(zip(keep, frames))
-
-
-class Sampler:
-    """A fixed (model, batch, sampler, steps, eta, dtype) with its CUDA graph kept between calls.
-
-    For applications that want the latency of one image: the engine (weights on the device), the
-    schedule tables and the captured step graph are made once; each call only writes the new seed
-    to device memory and replays the graph ``steps`` times.
-
-        s = Sampler(fastddpm.load("digits"), batch=1, sampler="ddim", steps=50)
-        x0 = s(seed=1)            # float32 [1, C, H, W] in the model's range
-    """
-
-    def __init__(self, model, batch: int = 1, *, sampler: str = "ddpm", steps: int | None = None,
-                 eta: float = 0.0, dtype: str | None = None, device: int = 0):
-        from ..pipeline import load
-        pipe = load(model)
-        self.pipeline = pipe
-        self.sched = pipe.scheduler_for(sampler, steps)
-        self.eta = float(eta)
-        if not (np.isfinite(self.eta) and self.eta >= 0):
-            raise ValueError(f"eta must be a finite number >= 0, got {eta!r}")
-        if sampler == "ddpm" and self.eta != 0.0:
-            raise ValueError("eta is a DDIM parameter; use sampler='ddim' (or eta=0)")
-        h, w = pipe.image_size
-        self.engine = CUDA_BACKEND.make_engine(pipe.unet_config, pipe.weights, int(batch), h, w,
-                                               dtype=dtype, device=device)
-        self.engine.set_schedule(*_schedule_arrays(self.sched, self.eta))
-        self.shape = (int(batch), pipe.unet_config.in_channels, h, w)
-
-    @property
-    def steps(self) -> int:
-        return len(self.sched.timesteps)
-
-    def __call__(self, seed: int = 0, *, first_index: int = 0, keep=(), callback=None):
-        """x0 float32 [N, C, H, W] (NumPy); with ``keep``: (x0, {position: frame})."""
-        x, frames = self.engine._run(seed, first_index, keep, callback)
-        return (x, frames) if keep else x
 
 
 CUDA_BACKEND = NativeCudaBackend()

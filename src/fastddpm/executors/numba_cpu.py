@@ -22,7 +22,9 @@ import time
 
 import numpy as np
 
-from ..schedulers import A_M, A_X, C_X0, CLIP, COEF_WIDTH, D_M, D_X, SIGMA
+from .. import validate
+
+from ..coefficients import A_M, A_X, C_X0, CLIP, COEF_WIDTH, D_M, D_X, SIGMA
 from .base import Backend
 from .numba_threads import parallel_region
 
@@ -311,8 +313,9 @@ def _in(a: np.ndarray, shape) -> np.ndarray:
     return v
 
 
-class NumbaBackend(Backend):
-    """Fused step and Philox noise as numba kernels (CPU, multithreaded through numba's prange)."""
+class NumbaStepBackend(Backend):
+    """Fused step and Philox noise as numba kernels (CPU, multithreaded through numba's prange);
+    numba_backend.py adds the U-Net engine."""
 
     name = "numba"
     devices = ("cpu",)
@@ -336,9 +339,7 @@ class NumbaBackend(Backend):
     # -- threads --------------------------------------------------------------------------------
     def set_num_threads(self, n: int) -> None:
         """Threads for this backend's kernels, clamped to numba's pool size (NUMBA_NUM_THREADS)."""
-        n = int(n)
-        if n < 1:
-            raise ValueError(f"num_threads must be >= 1, got {n}")
+        n = validate.count("num_threads", n)
         self._threads = min(n, _numba_config.NUMBA_NUM_THREADS)
 
     def _run(self, name: str, kernel, elements: int, *args) -> None:
@@ -425,24 +426,3 @@ class NumbaBackend(Backend):
             "cache_dir": _step_kernel.stats.cache_path or "caching off",
             "numba": numba.__version__,
         }
-
-
-BACKEND = NumbaBackend()
-
-
-# -- the U-Net engine (executors/numba_engine.py): whole sampling loops, and its compile time -------
-def _make_engine(self, cfg, weights, batch, height, width):
-    from .numba_engine import make_engine
-    return make_engine(self, cfg, weights, batch, height, width)
-
-
-def _describe_with_unet(self, _step_describe=NumbaBackend.describe):
-    info = _step_describe(self)
-    if info:
-        from .numba_engine import compile_info
-        info.update(compile_info())
-    return info
-
-
-NumbaBackend.make_engine = _make_engine
-NumbaBackend.describe = _describe_with_unet

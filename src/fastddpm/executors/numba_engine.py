@@ -38,8 +38,10 @@ import time
 import numpy as np
 
 from ..plan import (CONV_MODES, FLAG_FLIP, FLAG_PADDED_OUT, FLAG_SILU, FLOAT_FIELDS, INT_FIELDS, OP_CODES,
-                    PlanError, build_plan)
-from .base import EngineLock, per_sample_timesteps
+                    PlanError)
+from ..loop import run_loop
+from ..philox import INITIAL_STEP
+from .base import Engine, EngineLock
 from .numba_threads import parallel_region
 
 try:
@@ -528,28 +530,19 @@ class _Threads:
         numba.set_num_threads(self.prev)
 
 
-class NumbaEngine:
-    """The plan of (cfg, batch, height, width) executed by numba kernels.
+class NumbaEngine(Engine):
+    """The plan executed by numba kernels; the loop is loop.py's, with step_backend's fused step
+    (the numba backend's kernels, Philox noise in place)."""
 
-    ``forward(x, timestep)``: one U-Net forward (float32 NumPy [N, C, H, W] in, a new array out).
-    ``run(sched, shape, *, seed, eta, first_index, keep, callback)``: the whole sampling loop;
-    returns (x0 [N, C, H, W] float32, {position: frame}). One call at a time per engine (a lock).
-    """
-
-    def __init__(self, cfg, weights, batch: int, height: int, width: int, *, step_backend=None):
+    def __init__(self, config, weights, batch, height, width, options=None, *, step_backend):
         if numba is None:
             raise RuntimeError(_IMPORT_ERROR)
-        from ..unet_config import UNetConfig, weight_shapes
-        from ..weights import check_weights
-        cfg = cfg if isinstance(cfg, UNetConfig) else UNetConfig.from_dict(cfg)
-        self.config = cfg
-        self.plan = build_plan(cfg, batch, height, width)
-        checked = check_weights(weights, weight_shapes(cfg))   # names every missing/extra/bad key
-        self.batch, self.height, self.width = self.plan.batch, self.plan.height, self.plan.width
+        super().__init__(config, weights, batch, height, width, options)
+        self.dtype = step_backend.check_dtype(self.options.dtype)
         arrays = self.plan.arrays()
         self._ints = np.ascontiguousarray(arrays["ints"])
         self._floats = np.ascontiguousarray(arrays["floats"])
-        self._wflat, self._woff = _pack(self.plan, checked)
+        self._wflat, self._woff = _pack(self.plan, self.weights)
         sizes = [int(s) for s in self.plan.slot_sizes]
         offs, pos = [], 0
         for s in sizes:
@@ -564,15 +557,10 @@ class NumbaEngine:
         self._x_view = self._arena[:n_in].reshape(self.plan.input_shape)           # slot 0
         o1 = offs[1]
         self._m_view = self._arena[o1:o1 + self.batch * sizes[1]].reshape(self.plan.output_shape)
-        if step_backend is None:
-            from .numba_cpu import BACKEND as step_backend
         self._step_backend = step_backend
         self._lock = EngineLock("numba engine")
 
     # ------------------------------------------------------------------ forward
-    def _timesteps(self, timestep) -> np.ndarray:
-        return per_sample_timesteps(timestep, self.batch)   # [batch] float32
-
     def _threads(self):
         """(numba threads, a context setting BLAS threads) for this engine's calls.
 
@@ -606,14 +594,7 @@ class NumbaEngine:
                 _COMPILE["seconds"] = time.perf_counter() - t0
                 _COMPILE["from_cache"] = sum(_forward.stats.cache_hits.values()) > hits
 
-    def forward(self, x, timestep) -> np.ndarray:
-        shape = self.plan.input_shape
-        if not isinstance(x, np.ndarray) or x.shape != shape:
-            raise ValueError(f"sample must be a NumPy array of shape {shape}, got "
-                             f"{getattr(x, 'shape', type(x).__name__)}")
-        if x.dtype != np.float32:
-            raise TypeError(f"sample must be float32, got {x.dtype}")
-        t = self._timesteps(timestep)
+    def _forward(self, x, t) -> np.ndarray:
         with self._lock, _Threads(self):
             self._x_view[...] = x
             self._t[:] = t
@@ -621,32 +602,24 @@ class NumbaEngine:
             return self._m_view.copy()
 
     # ------------------------------------------------------------------ the loop
-    def run(self, sched, shape, *, seed, eta=0.0, first_index=0, keep=(), callback=None):
-        from ..philox import INITIAL_STEP
-        from ..schedulers import DDIMScheduler
-        shape = tuple(int(s) for s in shape)
-        if shape != self.plan.input_shape:
-            raise ValueError(f"this engine samples shape {self.plan.input_shape}, got {shape}")
-        opts = {"eta": float(eta)} if isinstance(sched, DDIMScheduler) else {}
-        table = sched.coefficients(**opts)                        # float32 [S, 8]
-        timesteps = [int(t) for t in sched.timesteps]
-        keep = set(int(k) for k in keep)
-        seed, first_index = int(seed), int(first_index)
+    def _run(self, schedule, seed, first_index, keep, callback):
         be = self._step_backend
+
+        def forward(x, t):                 # m = model output at t, in the arena (slot 1)
+            self._x_view[...] = x
+            self._t[:] = np.float32(t)
+            self._run_forward()
+            return self._m_view
+
+        def step(k, t, x, m):              # x <- x_{t-1}, in place
+            be.step(x, m, x, schedule.table, k, seed, t, first_index, None)
+            return x
+
         with self._lock, _Threads(self):
-            x = np.ascontiguousarray(be.noise(seed, shape, INITIAL_STEP, first_index), dtype=np.float32)  # x_T
-            frames = {0: x.copy()} if 0 in keep else {}
-            m = self._m_view
-            for k, t in enumerate(timesteps):
-                self._x_view[...] = x
-                self._t[:] = np.float32(t)
-                self._run_forward()                               # m = model output at t
-                be.step(x, m, x, table, k, seed, t, first_index, None)   # x <- x_{t-1}, in place
-                if k + 1 in keep:
-                    frames[k + 1] = x.copy()
-                if callback is not None:
-                    callback(k + 1)
-        return x, frames
+            x = np.ascontiguousarray(be.noise(seed, self.input_shape, INITIAL_STEP, first_index),
+                                     dtype=np.float32)   # x_T
+            return run_loop(schedule.timesteps, x, forward, step, keep=keep, callback=callback,
+                            every=self.callback_every)
 
 
 def compile_info() -> dict:
@@ -658,10 +631,7 @@ def compile_info() -> dict:
             "unet_compile_source": "disk cache" if _COMPILE["from_cache"] else "compiled"}
 
 
-def make_engine(backend, cfg, weights, batch: int, height: int, width: int):
-    """NumbaBackend.make_engine: the engine, or None where it cannot run (then the pipeline falls
-    back to the reference U-Net + this backend's fused step). numba's np.dot needs SciPy's BLAS."""
+def can_run() -> bool:
+    """numba's np.dot needs SciPy's BLAS: without SciPy the backend has no U-Net engine."""
     import importlib.util
-    if numba is None or importlib.util.find_spec("scipy") is None:
-        return None
-    return NumbaEngine(cfg, weights, batch, height, width, step_backend=backend)
+    return numba is not None and importlib.util.find_spec("scipy") is not None

@@ -11,7 +11,9 @@ import warnings
 import numpy as np
 
 from .. import philox as noise_spec
-from .base import Backend
+from ..philox import INITIAL_STEP
+from ..coefficients import SIGMA
+from .base import Backend, Engine, EngineLock
 
 try:
     import torch
@@ -60,7 +62,7 @@ class TorchBackend(Backend):
         coef = table[row]
         if noise is not None:
             z = _read_only_view(noise) if is_numpy else noise
-        elif coef[5] != 0:
+        elif coef[SIGMA] != 0:
             z = torch.from_numpy(noise_spec.noise(seed, tuple(xt.shape), noise_step, first_index)).to(xt.device)
         else:
             z = None
@@ -77,6 +79,64 @@ class TorchBackend(Backend):
 
     def describe(self) -> dict:
         return {"torch": torch.__version__, "threads": torch.get_num_threads()}
+
+    def loop_description(self) -> str:
+        return "reference U-Net and step"
+
+    def make_engine(self, config, weights, batch, height, width, options=None) -> "ReferenceEngine":
+        """The all-PyTorch reference sampler: the reference U-Net and the papers' formulas."""
+        return ReferenceEngine(config, weights, batch, height, width, options)
+
+
+class ReferenceEngine(Engine):
+    """The reference U-Net (PyTorch, CPU) run by loop.py. Its step is the papers' formulas
+    (reference/sampler.py: the backend="torch" sampler), or, given ``step_backend``, that
+    backend's fused step (for a backend with no U-Net engine of its own)."""
+
+    def __init__(self, config, weights, batch, height, width, options=None, step_backend=None):
+        if torch is None:
+            raise RuntimeError(_TORCH_ERROR)
+        super().__init__(config, weights, batch, height, width, options)
+        self.dtype = (step_backend or BACKEND).check_dtype(self.options.dtype)
+        from ..reference import ReferenceUNet
+        self._unet = ReferenceUNet.from_weights(self.config, self.weights).eval()
+        self._step_backend = step_backend
+        self._lock = EngineLock("reference engine")
+
+    def _forward(self, x, t):
+        with self._lock, torch.no_grad():
+            return self._unet(torch.from_numpy(x), torch.from_numpy(t)).numpy()
+
+    def _run(self, schedule, seed, first_index, keep, callback):
+        from ..reference.sampler import per_sample, reference_sample
+        unet = per_sample(self._unet)
+        with self._lock, torch.no_grad():
+            if self._step_backend is None:
+                x, frames = reference_sample(unet, schedule.scheduler, self.input_shape, seed=seed,
+                                             eta=dict(schedule.options).get("eta", 0.0), first_index=first_index,
+                                             keep=keep, callback=callback, every=self.callback_every)
+                return x.numpy(), {k: v.numpy() for k, v in frames.items()}
+            return self._run_fused_steps(unet, schedule, seed, first_index, keep, callback)
+
+    def _run_fused_steps(self, unet, schedule, seed, first_index, keep, callback):
+        from ..loop import run_loop
+        be = self._step_backend
+        try:
+            x = be.noise(seed, self.input_shape, INITIAL_STEP, first_index)     # x_T: [N, C, H, W]
+        except NotImplementedError:
+            x = noise_spec.noise(seed, self.input_shape, -1, first_index)
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        xt = torch.from_numpy(x)   # the same memory: the steps update x in place
+
+        def forward(x, t):
+            return unet(xt, t).numpy()
+
+        def step(k, t, x, m):
+            be.step(x, m, x, schedule.table, k, seed, t, first_index, None)
+            return x
+
+        return run_loop(schedule.timesteps, x, forward, step, keep=keep, callback=callback,
+                        every=self.callback_every)
 
 
 def _read_only_view(a: np.ndarray):

@@ -13,6 +13,7 @@ from typing import Callable, Iterable
 import torch
 
 from .. import philox as noise_spec
+from ..loop import run_loop
 
 
 def spec_noise(seed: int, shape: tuple, step: int, first_index: int, device) -> torch.Tensor:
@@ -61,27 +62,40 @@ def ddim_step(scheduler, m, t: int, x, z, eta: float):
     return out + std * z if eta > 0 else out
 
 
+# The oracle's formula per scheduler class: (step(scheduler, m, t, x, z, eta), needs_noise(t, eta)).
+# The reference is written per sampler from the papers, on purpose: it never reads the table.
+FORMULAS = {
+    "DDPMScheduler": (lambda sched, m, t, x, z, eta: ddpm_step(sched, m, t, x, z), lambda t, eta: t > 0),
+    "DDIMScheduler": (ddim_step, lambda t, eta: eta > 0),
+}
+
+
+def per_sample(unet: Callable) -> Callable:
+    """unet applied one sample at a time: torch picks conv algorithms by batch size, so batched
+    calls would break batch invariance (sample(n=N)[:k] == sample(n=k))."""
+    def forward(x, t):   # x: [N, C, H, W] tensor -> model output [N, C', H, W]
+        return torch.cat([unet(x[i:i + 1], t) for i in range(x.shape[0])])
+    return forward
+
+
 @torch.no_grad()
 def reference_sample(unet: Callable, scheduler, shape: tuple, *, seed: int, eta: float = 0.0,
                      first_index: int = 0, keep: Iterable[int] = (), device="cpu",
-                     noise_fn: Callable = spec_noise, callback: Callable | None = None):
+                     noise_fn: Callable = spec_noise, callback: Callable | None = None, every: int = 1):
     """Run the loop over ``scheduler.timesteps``; returns (x_0 [N, C, H, W] float32, frames).
 
     unet(x, t) -> model output. ``keep``: loop positions to copy out (0 = x_T, k = after k steps).
     ``noise_fn(seed, shape, step, first_index, device)``: the spec's noise by default (the
     benchmark swaps in torch.randn to time what a plain torch sampler does).
     """
-    keep = set(keep)
-    ddim = type(scheduler).__name__ == "DDIMScheduler"
+    name = type(scheduler).__name__
+    if name not in FORMULAS:
+        raise ValueError(f"the reference sampler has no formula for {name}")
+    formula, needs_noise = FORMULAS[name]
+
+    def step(k, t, x, m):
+        z = noise_fn(seed, shape, t, first_index, device) if needs_noise(t, eta) else None
+        return formula(scheduler, m, t, x, z, eta)
+
     x = noise_fn(seed, shape, -1, first_index, device)                  # x_T: [N, C, H, W]
-    frames = {0: x.clone()} if 0 in keep else {}
-    for k, t in enumerate(int(t) for t in scheduler.timesteps):
-        m = unet(x, t)
-        need_noise = (eta > 0) if ddim else (t > 0)
-        z = noise_fn(seed, shape, t, first_index, device) if need_noise else None
-        x = ddim_step(scheduler, m, t, x, z, eta) if ddim else ddpm_step(scheduler, m, t, x, z)
-        if k + 1 in keep:
-            frames[k + 1] = x.clone()
-        if callback is not None:
-            callback(k + 1)
-    return x, frames
+    return run_loop(scheduler.timesteps, x, unet, step, keep=set(keep), callback=callback, every=every)

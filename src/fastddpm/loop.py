@@ -1,0 +1,46 @@
+"""The loop contract, defined once: what every engine's ``run`` means (C++, CUDA, numba, and the
+reference-U-Net engines alike; tests/test_loop_contract.py holds every engine to it), and the one
+Python implementation of it.
+
+For a schedule of S steps (schedulers.StepSchedule), seed s and first_index f:
+- x_T is the Philox noise of (s, sample f + i, INITIAL_STEP) for sample i;
+- step k (0-based) evaluates the model at timesteps[k] and applies the fused step with the noise
+  of (s, sample f + i, timesteps[k]);
+- ``keep``: loop positions (0 = x_T, k = after k steps, S = the result) whose samples come back as
+  frames: {position: float32 array [N, C, H, W]};
+- ``callback(k)`` runs after step k when ``reports(k, every, S)``: every ``every`` steps and after
+  the last. An exception it raises stops the loop between steps and propagates (cancel); Ctrl-C
+  stops it between steps too. The engine stays usable either way.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+
+def reports(k: int, every: int, total: int) -> bool:
+    """Whether the callback runs after step k (1-based count of steps done)."""
+    return k == total or k % every == 0
+
+
+def run_loop(timesteps, x, forward: Callable, step: Callable, *, keep=(), callback: Callable | None = None,
+             every: int = 1):
+    """The sampling loop in Python. x: x_T (any array type with .copy() or .clone()).
+
+    forward(x, t) -> model output at timestep t; step(k, t, x, m) -> the sample after step k
+    (the same array, updated in place, or a new one). Returns (x_0, {position: frame})."""
+    copy = _copier(x)
+    total = len(timesteps)
+    frames = {0: copy(x)} if 0 in keep else {}
+    for k, t in enumerate(int(t) for t in timesteps):
+        m = forward(x, t)
+        x = step(k, t, x, m)
+        if k + 1 in keep:
+            frames[k + 1] = copy(x)
+        if callback is not None and reports(k + 1, every, total):
+            callback(k + 1)
+    return x, frames
+
+
+def _copier(x) -> Callable:
+    clone = getattr(x, "clone", None)   # a torch tensor
+    return (lambda a: a.clone()) if clone is not None else (lambda a: a.copy())
