@@ -7,6 +7,7 @@ import os
 import numpy as np
 
 from .base import Backend, per_sample_timesteps
+from .engine_options import cpu_engine_options
 
 def _missing_reason(exc: ImportError) -> str:
     """Why fastddpm._C cannot run: the build's own record if it was not built, else the import error."""
@@ -108,7 +109,8 @@ class NativeCpuEngine:
         self.callback_every = int(callback_every)
         self._engine = _C.Engine(arrays["ints"], arrays["floats"], arrays["slot_sizes"],
                                  [(n, checked[n]) for n in self.plan.weight_names], self.batch,
-                                 cfg.in_channels, cfg.out_channels, self.height, self.width)
+                                 cfg.in_channels, cfg.out_channels, self.height, self.width,
+                                 **cpu_engine_options())
 
     def _timesteps(self, timestep) -> np.ndarray:
         return per_sample_timesteps(timestep, self.batch)   # [batch] float32

@@ -17,6 +17,7 @@ import numpy as np
 
 from ..philox import _check_seed, _check_step  # not `from .. import noise`: fastddpm.noise is the function
 from .base import Backend, EngineLock, per_sample_timesteps
+from .engine_options import cuda_engine_options
 
 try:
     from .. import _C_cuda
@@ -229,7 +230,7 @@ class NativeCudaEngine:
         self._engine = _C_cuda.Engine(arrays["ints"], arrays["floats"], arrays["slot_sizes"],
                                       [(n, checked[n]) for n in self.plan.weight_names], self.batch,
                                       cfg.in_channels, cfg.out_channels, self.height, self.width,
-                                      check_dtype(dtype), int(device))
+                                      check_dtype(dtype), int(device), **cuda_engine_options())
 
     @property
     def dtype(self) -> str:
