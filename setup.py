@@ -1,6 +1,6 @@
 """Build fastddpm's compiled core.
 
-fastddpm._C       the C++ CPU core: OpenMP, runtime dispatch AVX-512 / AVX2 / scalar (each ISA file
+fastddpm._C       the C++ CPU core: OpenMP, runtime dispatch AVX-512 / AVX2 / generic (each ISA file
                   selects its own target with #pragma GCC target, so no -march=native). Optional: a
                   machine without a working C++17 compiler with OpenMP still installs, with one
                   warning, and runs on numba (FASTDDPM_REQUIRE_NATIVE=1 makes that an error).
@@ -221,7 +221,7 @@ class BuildExt(build_ext):
 
     def write_build_info(self):
         info = {
-            "cpu": {**self.cpu_info, "isa_paths": ["avx512", "avx2", "scalar"], "openmp": True, "march_native": False,
+            "cpu": {**self.cpu_info, "isa_paths": ["avx512", "avx2", "generic"], "openmp": True, "march_native": False,
                     "compiler": self.compiler.compiler_so[0] if hasattr(self.compiler, "compiler_so") else "?"},
             "cuda": self.cuda_info,
             "python": sys.version.split()[0],

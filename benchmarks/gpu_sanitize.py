@@ -18,6 +18,7 @@ sys.path.insert(0, os.path.join(ROOT, "tests"))
 
 import fastddpm  # noqa: E402
 from fastddpm.executors import EngineOptions  # noqa: E402
+from fastddpm.executors.engine_options import cuda_engine_options  # noqa: E402
 from fastddpm.executors.native_cuda import CUDA_BACKEND, _C_cuda  # noqa: E402
 from fastddpm.philox import INITIAL_STEP  # noqa: E402
 from fastddpm.philox import noise as noise_spec  # noqa: E402
@@ -103,7 +104,8 @@ def plan_ops():
 
     def make(dtype):
         def engine(ints, floats, sizes, weights, batch, in_c, out_c):
-            return _C_cuda.Engine(ints, floats, sizes, weights, batch, in_c, out_c, 1, 1, dtype, 0)
+            return _C_cuda.Engine(ints, floats, sizes, weights, batch, in_c, out_c, 1, 1, dtype, 0,
+                                  **cuda_engine_options())
         return engine
 
     cases = [("time-emb+linear", c) for c in pc.time_emb_linear_cases()]

@@ -6,7 +6,7 @@
 Rows are grouped by benchmark group (one workload each). Per row: the median, what the work needs
 (bytes or GFLOP, from extra_info), what was reached (GB/s or GFLOP/s), the fraction of the
 machine's ceiling measured in the same run (copy GB/s for the step; sgemm and the FMA peak,
-fastddpm._C.fma_peak_gflops, for the U-Net)
+fastddpm._C._fma_peak_gflops, for the U-Net)
 and the speed-up over the row's baseline (extra_info["baseline"], else the group's reference row).
 """
 from __future__ import annotations

@@ -5,7 +5,7 @@ native-direct (the same with the Winograd conv path off), torch-eager (the refer
 torch-compile (torch.compile of the reference) and diffusers' UNet2DModel, all with the same
 weights. Sample rows: one bench-small image, 1000 DDPM steps, native vs the reference sampler
 (backend="torch"). The ceiling rows, measured in the same run: sgemm (torch.mm 1024^3) and the
-CPU's float32 FMA rate on the engine's ISA path (fastddpm._C.fma_peak_gflops: torch's and NumPy's
+CPU's float32 FMA rate on the engine's ISA path (fastddpm._C._fma_peak_gflops: torch's and NumPy's
 BLAS builds take AVX2 kernels on Zen 5, so sgemm is not this machine's FLOP ceiling there).
 Every implementation's answer is checked before it is timed.
 """
@@ -59,7 +59,7 @@ def test_fma_peak_ceiling(benchmark):
     isa, threads = _C.isa(), _C.num_threads()
     rates = []
     benchmark.group = "fma peak"
-    benchmark.pedantic(lambda: rates.append(_C.fma_peak_gflops(isa, threads, 0.05)), rounds=5, iterations=1)
+    benchmark.pedantic(lambda: rates.append(_C._fma_peak_gflops(isa, threads, 0.05)), rounds=5, iterations=1)
     assert all(r > 0 for r in rates)
     benchmark.extra_info.update(kind="fma-peak", impl=f"fma {isa} x{threads}", gflops=float(np.median(rates)))
 

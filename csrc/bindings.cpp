@@ -8,19 +8,18 @@
 #include <stdexcept>
 #include <string>
 
+#include <memory>
+#include <vector>
+
 #include "array_args.h"
 #include "layout_dict.h"
+#include "py_engine.h"
 #include "py_loop.h"
 #include "cpu/engine.h"
 #include "cpu/isa.h"
 #include "cpu/peak.h"
-#include "cpu/peak.h"
 #include "cpu/step_cpu.h"
 #include "fastddpm/plan.h"
-
-#include <memory>
-#include <optional>
-#include <vector>
 
 namespace py = pybind11;
 using fastddpm::StepArrays;
@@ -86,32 +85,33 @@ void fused_step(const py::array& x, const py::array& m, py::array& out, const py
   cpu::fused_step(p, a);
 }
 
-py::array_t<float> normals(uint64_t seed, int64_t batch, int64_t per_sample, uint32_t step,
-                           int64_t first_index) {
+// A new [batch, row_length(per_sample)] array of T filled by fill(params, data) without the GIL.
+template <typename T, typename RowLength, typename Fill>
+py::array_t<T> noise_array(uint64_t seed, int64_t batch, int64_t per_sample, uint32_t step, int64_t first_index,
+                           RowLength&& row_length, Fill&& fill) {
   if (batch < 0 || per_sample < 0) throw std::invalid_argument("sizes must be non-negative");
-  py::array_t<float> out({batch, per_sample});
+  py::array_t<T> out({batch, row_length(per_sample)});
   StepParams p = params_of(out, seed, step, first_index);
   p.per_sample = per_sample;
-  float* data = out.mutable_data();
+  T* data = out.mutable_data();
   {
     py::gil_scoped_release nogil;
-    cpu::normals(p, data);
+    fill(p, data);
   }
   return out;
 }
 
+py::array_t<float> normals(uint64_t seed, int64_t batch, int64_t per_sample, uint32_t step,
+                           int64_t first_index) {
+  return noise_array<float>(seed, batch, per_sample, step, first_index, [](int64_t n) { return n; },
+                            [](const StepParams& p, float* data) { cpu::normals(p, data); });
+}
+
+// Rows of whole Philox blocks (4 words).
 py::array_t<uint32_t> philox_uint32(uint64_t seed, int64_t batch, int64_t per_sample, uint32_t step,
                                     int64_t first_index) {
-  if (batch < 0 || per_sample < 0) throw std::invalid_argument("sizes must be non-negative");
-  py::array_t<uint32_t> out({batch, (per_sample + 3) / 4 * 4});
-  StepParams p = params_of(out, seed, step, first_index);
-  p.per_sample = per_sample;
-  uint32_t* data = out.mutable_data();
-  {
-    py::gil_scoped_release nogil;
-    cpu::philox_stream(p, data);
-  }
-  return out;
+  return noise_array<uint32_t>(seed, batch, per_sample, step, first_index, [](int64_t n) { return (n + 3) / 4 * 4; },
+                               [](const StepParams& p, uint32_t* data) { cpu::philox_stream(p, data); });
 }
 
 cpu::Isa isa_of(const std::string& name) {
@@ -124,21 +124,18 @@ cpu::Isa isa_of(const std::string& name) {
 class PyEngine {
  public:
   PyEngine(const py::array& ints, const py::array& floats, const py::array& slot_sizes, const py::list& weights,
-           int64_t batch, int64_t in_c, int64_t out_c, int64_t height, int64_t width)
-      : n_(batch), in_c_(in_c), out_c_(out_c), h_(height), w_(width) {
+           int64_t batch, int64_t in_c, int64_t out_c, int64_t height, int64_t width,
+           const cpu::CpuEngineOptions& options)
+      : shape_{batch, in_c, out_c, height, width} {
     const fastddpm::bind::PlanArrays plan(ints, floats, slot_sizes, weights);
     py::gil_scoped_release nogil;
-    engine_ = std::make_unique<cpu::Engine>(plan.view(), plan.weights(), batch, in_c, out_c, height, width);
+    engine_ = std::make_unique<cpu::Engine>(plan.view(), plan.weights(), batch, in_c, out_c, height, width, options);
   }
 
   py::array_t<float> forward(const py::array& x, const py::array& t) {
-    const float* xp = float_data(x, "sample");
-    if (x.ndim() != 4 || x.shape(0) != n_ || x.shape(1) != in_c_ || x.shape(2) != h_ || x.shape(3) != w_)
-      throw std::invalid_argument("sample must have shape [" + std::to_string(n_) + ", " + std::to_string(in_c_) +
-                                  ", " + std::to_string(h_) + ", " + std::to_string(w_) + "] for this engine");
-    const float* tp = float_data(t, "timesteps");
-    if (t.ndim() != 1 || t.shape(0) != n_) throw std::invalid_argument("timesteps must be float32 [N]");
-    py::array_t<float> out({n_, out_c_, h_, w_});
+    const float* xp = shape_.sample_data(x);
+    const float* tp = shape_.timestep_data(t);
+    py::array_t<float> out = shape_.new_output();
     float* op = out.mutable_data();
     py::gil_scoped_release nogil;
     engine_->forward(xp, tp, op);
@@ -154,8 +151,7 @@ class PyEngine {
     if (ts.shape(0) != coef.shape(0)) throw std::invalid_argument("timesteps and coefficient rows differ in length");
     if (every < 1) throw std::invalid_argument("callback_every must be >= 1");
     const int64_t steps = ts.shape(0);
-    py::array_t<float> x({n_, in_c_, h_, w_});
-    py::list frames;
+    fastddpm::bind::LoopOutputs outputs(shape_, keep.size());
     cpu::LoopArgs a;
     a.steps = steps;
     a.coef = cp;
@@ -163,16 +159,12 @@ class PyEngine {
     a.seed = seed;
     a.first_index = first_index;
     a.keep = keep;
-    for (size_t i = 0; i < keep.size(); ++i) {
-      py::array_t<float> f({n_, in_c_, h_, w_});
-      a.keep_out.push_back(f.mutable_data());
-      frames.append(f);
-    }
-    a.x_out = x.mutable_data();
+    a.keep_out = outputs.frame_data;
+    a.x_out = outputs.x_data();
     // Takes the GIL back once per step (Ctrl-C) and every `every` steps and at the end (callback).
     fastddpm::bind::run_loop([&](const std::function<bool(int64_t)>& on_step) { return engine_->run(a, on_step); },
                              callback, [&](int64_t k) { return k % every == 0 || k == steps; });
-    return py::make_tuple(x, frames);
+    return outputs.result();
   }
 
   int64_t arena_bytes() const { return engine_->arena_bytes(); }
@@ -188,7 +180,7 @@ class PyEngine {
 
  private:
   std::unique_ptr<cpu::Engine> engine_;
-  int64_t n_, in_c_, out_c_, h_, w_;
+  fastddpm::bind::SampleShape shape_;
 };
 
 }  // namespace
@@ -216,10 +208,27 @@ PYBIND11_MODULE(_C, mod) {
     return names;
   }, "ISA paths this CPU can run, fastest first");
   py::class_<PyEngine>(mod, "Engine", "The native U-Net engine for one plan (batch, height, width)")
-      .def(py::init<const py::array&, const py::array&, const py::array&, const py::list&, int64_t, int64_t,
-                    int64_t, int64_t, int64_t>(),
+      .def(py::init([](const py::array& ints, const py::array& floats, const py::array& slot_sizes,
+                       const py::list& weights, int64_t batch, int64_t in_c, int64_t out_c, int64_t height,
+                       int64_t width, int winograd_max_m, bool winograd_force, bool compact_grid,
+                       bool sample_parallel) {
+             cpu::CpuEngineOptions options;
+             options.winograd_max_m = winograd_max_m;
+             options.winograd_force = winograd_force;
+             options.compact_grid = compact_grid;
+             options.sample_parallel = sample_parallel;
+             return std::make_unique<PyEngine>(ints, floats, slot_sizes, weights, batch, in_c, out_c, height, width,
+                                               options);
+           }),
            py::arg("ints"), py::arg("floats"), py::arg("slot_sizes"), py::arg("weights"), py::arg("batch"),
-           py::arg("in_channels"), py::arg("out_channels"), py::arg("height"), py::arg("width"))
+           py::arg("in_channels"), py::arg("out_channels"), py::arg("height"), py::arg("width"), py::kw_only(),
+           py::arg("winograd_max_m") = cpu::CpuEngineOptions().winograd_max_m,
+           py::arg("winograd_force") = cpu::CpuEngineOptions().winograd_force,
+           py::arg("compact_grid") = cpu::CpuEngineOptions().compact_grid,
+           py::arg("sample_parallel") = cpu::CpuEngineOptions().sample_parallel,
+           "winograd_max_m: the largest Winograd tile (0 = direct convs only, 2, 4); winograd_force: Winograd "
+           "wherever a conv's shape allows; compact_grid: skip the pad columns where the width allows; "
+           "sample_parallel: one sample per thread for whole multiples of the thread count")
       .def("forward", &PyEngine::forward, py::arg("x"), py::arg("t"),
            "model output [N, out_c, H, W] of x [N, in_c, H, W] (float32) at timesteps t (float32 [N])")
       .def("run", &PyEngine::run, py::arg("coef"), py::arg("timesteps"), py::arg("seed"), py::arg("first_index"),
@@ -232,12 +241,13 @@ PYBIND11_MODULE(_C, mod) {
            "time every plan op of each forward (on also zeroes the totals)")
       .def_property_readonly("op_seconds", &PyEngine::op_seconds,
                              "per plan op: seconds accumulated while profiling (op-parallel samples only)");
-  mod.def("fma_peak_gflops", [](const std::string& isa, int threads, double seconds) {
+  // A benchmark tool, not part of the product's API (hence the underscore).
+  mod.def("_fma_peak_gflops", [](const std::string& isa, int threads, double seconds) {
     const cpu::Isa i = isa_of(isa);
     py::gil_scoped_release nogil;
     return cpu::fma_peak_gflops(i, threads, seconds);
   }, py::arg("isa"), py::arg("threads"), py::arg("seconds") = 0.2,
-          "float32 FMA GFLOP/s of `threads` threads on an ISA path: the machine's FLOP ceiling");
+          "benchmarks only: float32 FMA GFLOP/s of `threads` threads on an ISA path, the machine's FLOP ceiling");
   mod.def("num_threads", &cpu::num_threads);
   mod.def("set_num_threads", &cpu::set_num_threads, py::arg("n"));
 }

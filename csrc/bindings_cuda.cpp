@@ -22,7 +22,9 @@
 
 #include "array_args.h"
 #include "layout_dict.h"
+#include "py_engine.h"
 #include "py_loop.h"
+#include "cuda/cuda_check.h"
 #include "cuda/engine_cuda.h"
 #include "cuda/step_cuda.h"
 #include "fastddpm/philox.h"
@@ -34,24 +36,12 @@ using fastddpm::StepParams;
 namespace fcuda = fastddpm::cuda;
 using fastddpm::bind::checked;
 using fastddpm::bind::float_data;
+using fcuda::check_cuda;
+using fcuda::check_status;
+using fcuda::cuda_text;
+using fcuda::DeviceGuard;
 
 namespace {
-
-std::string cuda_text(cudaError_t e) { return std::string(cudaGetErrorName(e)) + ": " + cudaGetErrorString(e); }
-
-void check_cuda(cudaError_t e, const std::string& what) {
-  if (e == cudaSuccess) return;
-  cudaGetLastError();  // clear a non-sticky error so the next call starts clean
-  throw std::runtime_error(what + " failed: CUDA error " + cuda_text(e));
-}
-
-void check_status(const fcuda::Status& s, const char* what) {
-  if (s.ok()) return;
-  if (s.invalid_argument) throw py::value_error(std::string(what) + ": " + s.message);
-  cudaGetLastError();
-  throw std::runtime_error(std::string(what) + " failed: CUDA error " + cudaGetErrorName(s.error) + ": " +
-                           (s.message ? s.message : "?"));
-}
 
 // Puts this thread in relaxed capture mode while it lives. The checks before a launch are pure
 // queries (current device, pointer attributes), legal during a CUDA graph capture, but a capture in
@@ -68,26 +58,6 @@ class RelaxedCapture {
  private:
   cudaStreamCaptureMode mode_ = cudaStreamCaptureModeRelaxed;
   bool ok_ = false;
-};
-
-// Runs on `device` (>= 0) or the current device (-1), restoring the previous device afterwards.
-class DeviceGuard {
- public:
-  explicit DeviceGuard(int device) {
-    if (device < -1) throw py::value_error("device must be a CUDA device index >= 0, or -1 for the current device");
-    check_cuda(cudaGetDevice(&prev_), "cudaGetDevice");
-    device_ = device < 0 ? prev_ : device;
-    if (device_ != prev_) check_cuda(cudaSetDevice(device_), "cudaSetDevice(" + std::to_string(device_) + ")");
-  }
-  ~DeviceGuard() {
-    if (device_ != prev_) cudaSetDevice(prev_);
-  }
-  int device() const { return device_; }
-  DeviceGuard(const DeviceGuard&) = delete;
-  DeviceGuard& operator=(const DeviceGuard&) = delete;
-
- private:
-  int prev_ = 0, device_ = 0;
 };
 
 // A pointer the kernels may dereference on `device`: refuses host memory and memory of another
@@ -156,8 +126,11 @@ void fused_step(uintptr_t x, uintptr_t m, uintptr_t out, uintptr_t coef, uintptr
   check_status(s, "fused_step");
 }
 
-void normals(uintptr_t out, int64_t batch, int64_t per_sample, uint64_t seed, int64_t step, int64_t first_index,
-             uintptr_t stream, int device) {
+// Writes the noise of (seed, first_index + i, step) to device pointer out with launch(params,
+// stream) on `device`: asynchronous on `stream`.
+template <typename Launch>
+void launch_noise(const char* what, uintptr_t out, int64_t batch, int64_t per_sample, uint64_t seed, int64_t step,
+                  int64_t first_index, uintptr_t stream, int device, Launch&& launch) {
   const StepParams p = params_of(batch, per_sample, seed, step, first_index);
   RelaxedCapture relaxed;
   DeviceGuard guard(device);
@@ -166,24 +139,23 @@ void normals(uintptr_t out, int64_t batch, int64_t per_sample, uint64_t seed, in
   fcuda::Status s;
   {
     py::gil_scoped_release nogil;
-    s = fcuda::normals(p, reinterpret_cast<float*>(out), stream_of(stream));
+    s = launch(p, stream_of(stream));
   }
-  check_status(s, "normals");
+  check_status(s, what);
+}
+
+void normals(uintptr_t out, int64_t batch, int64_t per_sample, uint64_t seed, int64_t step, int64_t first_index,
+             uintptr_t stream, int device) {
+  launch_noise("normals", out, batch, per_sample, seed, step, first_index, stream, device,
+               [out](const StepParams& p, cudaStream_t st) { return fcuda::normals(p, reinterpret_cast<float*>(out), st); });
 }
 
 void philox_uint32(uintptr_t out, int64_t batch, int64_t per_sample, uint64_t seed, int64_t step,
                    int64_t first_index, uintptr_t stream, int device) {
-  const StepParams p = params_of(batch, per_sample, seed, step, first_index);
-  RelaxedCapture relaxed;
-  DeviceGuard guard(device);
-  if (batch * per_sample == 0) return;
-  check_device_pointer(out, guard.device(), "out");
-  fcuda::Status s;
-  {
-    py::gil_scoped_release nogil;
-    s = fcuda::philox_stream(p, reinterpret_cast<uint32_t*>(out), stream_of(stream));
-  }
-  check_status(s, "philox_uint32");
+  launch_noise("philox_uint32", out, batch, per_sample, seed, step, first_index, stream, device,
+               [out](const StepParams& p, cudaStream_t st) {
+                 return fcuda::philox_stream(p, reinterpret_cast<uint32_t*>(out), st);
+               });
 }
 
 // (number of devices, why none): never raises, so a machine without a driver still imports and
@@ -302,27 +274,20 @@ class PyCudaEngine {
  public:
   PyCudaEngine(const py::array& ints, const py::array& floats, const py::array& slot_sizes, const py::list& weights,
                int64_t batch, int64_t in_c, int64_t out_c, int64_t height, int64_t width, const std::string& dtype,
-               int device)
-      : n_(batch), in_c_(in_c), out_c_(out_c), h_(height), w_(width) {
+               int device, const fcuda::CudaEngineOptions& options)
+      : shape_{batch, in_c, out_c, height, width} {
     const fcuda::Precision prec = precision_of(dtype);
     if (device < 0) throw py::value_error("device must be a CUDA device index >= 0");
     const fastddpm::bind::PlanArrays plan(ints, floats, slot_sizes, weights);
     py::gil_scoped_release nogil;
-    engine_ = std::make_unique<fcuda::Engine>(plan.view(), plan.weights(), batch, in_c, out_c, height, width, prec, device);
-  }
-
-  void check_sample(const py::array& x) const {
-    if (x.ndim() != 4 || x.shape(0) != n_ || x.shape(1) != in_c_ || x.shape(2) != h_ || x.shape(3) != w_)
-      throw py::value_error("sample must have shape [" + std::to_string(n_) + ", " + std::to_string(in_c_) + ", " +
-                            std::to_string(h_) + ", " + std::to_string(w_) + "] for this engine");
+    engine_ = std::make_unique<fcuda::Engine>(plan.view(), plan.weights(), batch, in_c, out_c, height, width, prec,
+                                              device, options);
   }
 
   py::array_t<float> forward(const py::array& x, const py::array& t) {
-    const float* xp = float_data(x, "sample");
-    check_sample(x);
-    const float* tp = float_data(t, "timesteps");
-    if (t.ndim() != 1 || t.shape(0) != n_) throw py::value_error("timesteps must be float32 [N]");
-    py::array_t<float> out({n_, out_c_, h_, w_});
+    const float* xp = shape_.sample_data(x);
+    const float* tp = shape_.timestep_data(t);
+    py::array_t<float> out = shape_.new_output();
     float* op = out.mutable_data();
     py::gil_scoped_release nogil;
     engine_->forward_host(xp, tp, op);
@@ -352,18 +317,13 @@ class PyCudaEngine {
   py::tuple run(uint64_t seed, int64_t first_index, const std::vector<int64_t>& keep, const py::object& callback,
                 int64_t every) {
     if (every < 0) throw py::value_error("callback_every must be >= 0");
-    py::array_t<float> x({n_, in_c_, h_, w_});
-    py::list frames;
+    fastddpm::bind::LoopOutputs outputs(shape_, keep.size());
     fcuda::RunArgs a;
     a.seed = seed;
     a.first_index = first_index;
     a.keep = keep;
-    for (size_t i = 0; i < keep.size(); ++i) {
-      py::array_t<float> f({n_, in_c_, h_, w_});
-      a.keep_out.push_back(f.mutable_data());
-      frames.append(f);
-    }
-    a.x_out = x.mutable_data();
+    a.keep_out = outputs.frame_data;
+    a.x_out = outputs.x_data();
     // Reports at chunk boundaries only (the GPU keeps the next chunk queued): Ctrl-C at every one,
     // the callback at multiples of `every` and the last step. Without a callback the chunk is
     // kSignalChunk steps, so Ctrl-C still stops a long loop early.
@@ -372,7 +332,7 @@ class PyCudaEngine {
     a.every = every > 0 ? every : kSignalChunk;
     fastddpm::bind::run_loop([&](const std::function<bool(int64_t)>& on_chunk) { return engine_->run(a, on_chunk); },
                              callback, [=](int64_t k) { return k == steps || (every > 0 && k % every == 0); });
-    return py::make_tuple(x, frames);
+    return outputs.result();
   }
 
   void set_profiling(bool on) {
@@ -388,7 +348,7 @@ class PyCudaEngine {
 
  private:
   std::unique_ptr<fcuda::Engine> engine_;
-  int64_t n_, in_c_, out_c_, h_, w_;
+  fastddpm::bind::SampleShape shape_;
 };
 
 }  // namespace
@@ -446,11 +406,20 @@ PYBIND11_MODULE(_C_cuda, mod) {
   mod.def("check_dtype", [](const std::string& d) { return std::string(precision_name(precision_of(d))); },
           py::arg("dtype"), "the dtype if the engine accepts it; ValueError otherwise (needs no GPU)");
   py::class_<PyCudaEngine>(mod, "Engine", "The CUDA U-Net engine for one plan (batch, height, width) on one device")
-      .def(py::init<const py::array&, const py::array&, const py::array&, const py::list&, int64_t, int64_t, int64_t,
-                    int64_t, int64_t, const std::string&, int>(),
+      .def(py::init([](const py::array& ints, const py::array& floats, const py::array& slot_sizes,
+                       const py::list& weights, int64_t batch, int64_t in_c, int64_t out_c, int64_t height,
+                       int64_t width, const std::string& dtype, int device, bool split_k) {
+             fcuda::CudaEngineOptions options;
+             options.split_k = split_k;
+             return std::make_unique<PyCudaEngine>(ints, floats, slot_sizes, weights, batch, in_c, out_c, height,
+                                                   width, dtype, device, options);
+           }),
            py::arg("ints"), py::arg("floats"), py::arg("slot_sizes"), py::arg("weights"), py::arg("batch"),
            py::arg("in_channels"), py::arg("out_channels"), py::arg("height"), py::arg("width"),
-           py::arg("dtype") = "tf32", py::arg("device") = 0)
+           py::arg("dtype") = "tf32", py::arg("device") = 0, py::kw_only(),
+           py::arg("split_k") = fcuda::CudaEngineOptions().split_k,
+           "split_k: split the K of GEMMs with fewer tiles than the GPU has multiprocessors (False: one pass, "
+           "no workspace)")
       .def("forward", &PyCudaEngine::forward, py::arg("x"), py::arg("t"),
            "model output [N, out_c, H, W] of host x [N, in_c, H, W] (float32) at timesteps t (float32 [N])")
       .def("forward_ptr", &PyCudaEngine::forward_ptr, py::arg("x"), py::arg("t"), py::arg("out"), py::arg("stream") = 0,

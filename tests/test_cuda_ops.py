@@ -6,6 +6,7 @@ batch invariance. Every test is marked `cuda`: conftest skips them where no GPU 
 import numpy as np
 import pytest
 
+from fastddpm.executors.engine_options import cuda_engine_options
 from fastddpm.executors.native_cuda import _C_cuda
 
 from _plan_cases import (ATTENTION_SHAPES, attention_case, check_ops, conv_mode_case,
@@ -22,7 +23,8 @@ cuda = pytest.mark.cuda
 def _maker(dtype):
     """check_ops' make_engine for a CUDA engine in `dtype` on device 0 (1x1 "pixels")."""
     def make(ints, floats, slot_sizes, weights, batch, in_c, out_c):
-        return _C_cuda.Engine(ints, floats, slot_sizes, weights, batch, in_c, out_c, 1, 1, dtype, 0)
+        return _C_cuda.Engine(ints, floats, slot_sizes, weights, batch, in_c, out_c, 1, 1, dtype, 0,
+                              **cuda_engine_options())
     return make
 
 

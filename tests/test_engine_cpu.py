@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 import fastddpm
+from fastddpm.executors.engine_options import cpu_engine_options
 from fastddpm.executors.native import CPU_BACKEND, _C
 from fastddpm.plan import CONV_MODES, Op
 from fastddpm.unet_config import PRESETS, UNetConfig, random_weights
@@ -54,7 +55,8 @@ def _engine_for(ops, slot_sizes, weights, batch):
 
 
 def _make_engine(ints, floats, slot_sizes, weights, batch, in_c, out_c):
-    return _C.Engine(ints, floats, slot_sizes, weights, batch, in_c, out_c, 1, 1)
+    """The engine with the FASTDDPM_* switches of the environment, as the native backend makes it."""
+    return _C.Engine(ints, floats, slot_sizes, weights, batch, in_c, out_c, 1, 1, **cpu_engine_options())
 
 
 @pytest.mark.parametrize("isa", ISAS, indirect=True)
@@ -239,6 +241,32 @@ def test_winograd_switch_must_be_0_1_or_2(monkeypatch):
     ops = [Op("CONV", out=1, in_=0, c_in=1, h=1, w=1, c_out=1, mode=CONV_MODES["CONV1"], w_idx=0, b_idx=1)]
     with pytest.raises(ValueError, match="FASTDDPM_WINOGRAD must be 0, 1, 2 or force"):
         _engine_for(ops, [1, 1], [np.ones((1, 1, 1, 1), np.float32), np.zeros(1, np.float32)], 1)
+
+
+def test_engine_options_come_from_the_environment(monkeypatch):
+    """The FASTDDPM_* switches become _C.Engine's keyword arguments; unset, the engine's defaults."""
+    for name in ("FASTDDPM_WINOGRAD", "FASTDDPM_COMPACT_GRID", "FASTDDPM_SAMPLE_PARALLEL"):
+        monkeypatch.delenv(name, raising=False)
+    assert cpu_engine_options() == {"winograd_max_m": 4, "winograd_force": False, "compact_grid": True,
+                                    "sample_parallel": True}
+    for value, (max_m, force) in {"0": (0, False), "1": (4, False), "2": (2, False), "force": (4, True)}.items():
+        monkeypatch.setenv("FASTDDPM_WINOGRAD", value)
+        opts = cpu_engine_options()
+        assert (opts["winograd_max_m"], opts["winograd_force"]) == (max_m, force)
+    monkeypatch.setenv("FASTDDPM_COMPACT_GRID", "0")
+    monkeypatch.setenv("FASTDDPM_SAMPLE_PARALLEL", "0")
+    assert not cpu_engine_options()["compact_grid"] and not cpu_engine_options()["sample_parallel"]
+
+
+def test_engine_options_are_checked_by_the_engine():
+    ops = [Op("CONV", out=1, in_=0, c_in=1, h=1, w=1, c_out=1, mode=CONV_MODES["CONV1"], w_idx=0, b_idx=1)]
+    args, _, _ = plan_arrays(ops, [1, 1], [np.ones((1, 1, 1, 1), np.float32), np.zeros(1, np.float32)], 1)
+    _C.Engine(*args, 1, 1, 1, 1, 1, winograd_max_m=2, winograd_force=True, compact_grid=False,
+              sample_parallel=False)
+    with pytest.raises(ValueError, match="winograd_max_m must be 0, 2 or 4, got 3"):
+        _C.Engine(*args, 1, 1, 1, 1, 1, winograd_max_m=3)
+    with pytest.raises(TypeError):   # the switches are keyword-only
+        _C.Engine(*args, 1, 1, 1, 1, 1, 4)
 
 
 @pytest.mark.parametrize("isa", ISAS, indirect=True)
@@ -551,13 +579,14 @@ def test_fma_peak_is_measured_and_checks_its_arguments():
     """The benchmarks' FLOP ceiling: a positive rate on every ISA this CPU runs, and clear errors
     for bad arguments."""
     for isa in _C.supported_isas():
-        assert _C.fma_peak_gflops(isa, 1, 0.01) > 0
+        assert _C._fma_peak_gflops(isa, 1, 0.01) > 0
     with pytest.raises(ValueError, match="unknown ISA path 'sse9'"):
-        _C.fma_peak_gflops("sse9", 1)
+        _C._fma_peak_gflops("sse9", 1)
     with pytest.raises(ValueError, match="threads must be >= 1"):
-        _C.fma_peak_gflops("generic", 0)
+        _C._fma_peak_gflops("generic", 0)
     with pytest.raises(ValueError, match=r"seconds must be in \(0, 10\]"):
-        _C.fma_peak_gflops("generic", 1, 0.0)
+        _C._fma_peak_gflops("generic", 1, 0.0)
+    assert not hasattr(_C, "fma_peak_gflops")   # a benchmark tool, not the product's API
 
 
 def test_per_op_profiling(monkeypatch):

@@ -18,7 +18,6 @@
 #include <algorithm>
 #include <chrono>
 #include <cmath>
-#include <cstdlib>
 #include <cstring>
 #include <exception>
 #include <stdexcept>
@@ -26,6 +25,7 @@
 
 #include "engine_kernels.h"
 #include "engine_util.h"
+#include "fastddpm/conv_lowering.h"
 #include "fastddpm/plan.h"
 #include "fastddpm/philox.h"
 #include "fastddpm/step.h"
@@ -184,10 +184,10 @@ FoldedAttention fold_attention(const float* wq, const float* wk, const float* wv
 struct ConvGemm {
   Buffer A;                    // packed [ceil(M/MR)][K][MR]
   std::vector<int64_t> boff;   // relative to the sample's arena base
-  int64_t K = 0, Pn = 0, Wp = 1, Wv = 1, oys = 0, oxs = 1, ooff = 0;
-  // columns over a padded plane [h + 2, Wp = Wv + 2] (CONV3, UP, the Winograd path's shortcut):
-  // the two pad columns of each row are computed and dropped, unless the call runs compact
-  bool grid = false;
+  int64_t K = 0;
+  // cols.grid (CONV3, UP, the Winograd path's shortcut): the two pad columns of each row are
+  // computed and dropped, unless the call runs compact
+  P::GemmColumns cols;
 };
 
 struct Op : P::OpFields {
@@ -210,14 +210,12 @@ struct Engine::Impl {
   int64_t scratch_stride = 0;  // floats between two threads' blocks
   Buffer scratch;              // one block per thread of the largest call so far
   int scratch_threads = 0;
-  int wino_max_m = 4;     // largest Winograd tile: FASTDDPM_WINOGRAD=0 (off), 2 (F(2x2) only), 1 (4)
-  bool wino_force = false;  // FASTDDPM_WINOGRAD=force: every conv that can, whatever the cost model says
+  int64_t pack_need = 0;  // per-sample floats of the attention pack region
+  CpuEngineOptions options;
   Buffer arena;
   std::vector<Op> ops;
   std::vector<float> tvals;  // [N] timesteps of the current forward
   bool profiling = false;
-  bool sample_parallel = true;  // FASTDDPM_SAMPLE_PARALLEL=0 turns the sample-parallel schedule off
-  bool compact_grid = true;     // FASTDDPM_COMPACT_GRID=0: grid columns always over the padded plane
   std::vector<double> op_seconds;  // [ops] accumulated while profiling
 
   // Samples [n0, n0 + n) of the arena: what one op call works on (all of them, or the one sample a
@@ -240,12 +238,23 @@ struct Engine::Impl {
   // How a grid conv over an image w wide runs its columns under kernels k: 0 over the padded grid,
   // 1 compact in whole vectors (w a multiple of the lanes), 2 compact in half-vectors.
   int compact_mode(int64_t w, const EngineKernels& k) const {
-    if (!compact_grid) return 0;
+    if (!options.compact_grid) return 0;
     if (w % k.lanes == 0) return 1;
     return k.lanes >= 8 && w % (k.lanes / 2) == 0 ? 2 : 0;
   }
 
+  // construction: the slots' offsets first (a GEMM's B rows are arena offsets), then one op at a
+  // time (each adds what it needs to the scratch and pack regions), then the arena
   void build(const PlanView& pv, const std::vector<WeightView>& weights);
+  void layout_slots(const PlanView& pv);
+  void allocate_arena();
+  Op build_op(const P::CheckedOp& c);
+  void build_linear(Op& op, const P::CheckedOp& c);
+  void build_groupnorm(Op& op, const P::CheckedOp& c);
+  void build_conv(Op& op, const P::CheckedOp& c);
+  void build_attention(Op& op, const P::CheckedOp& c);
+  // A lowered conv GEMM (fastddpm/conv_lowering.h) with A packed and B rows as arena offsets.
+  ConvGemm conv_gemm(const P::ConvGemmLowering& l) const;
   // Winograd weights of a CONV3 op (w [Cout, Cin, 3, 3]) or an UP op (w [4 Cout, Cin, 3, 3],
   // upsample_phase_weights) for each tile size some ISA's micro-tile width chooses (the choice is
   // made per call; without its weights a conv runs direct), unless the transformed input would
@@ -276,177 +285,123 @@ struct Engine::Impl {
 
 void Engine::Impl::build(const PlanView& pv, const std::vector<WeightView>& weights) {
   const std::vector<P::CheckedOp> checked = P::check_plan(pv, weights, in_c, out_c, H, W, int64_t(1) << 34);
+  layout_slots(pv);
+  for (const P::CheckedOp& c : checked) ops.push_back(build_op(c));
+  allocate_arena();
+}
+
+void Engine::Impl::layout_slots(const PlanView& pv) {
   slot_size.assign(pv.slot_sizes, pv.slot_sizes + pv.n_slots);
-  int64_t pack_need = 0;
-  for (const P::CheckedOp& c : checked) {
-    Op op;
-    static_cast<P::OpFields&>(op) = c;
-    auto checked_weight = [&](int role) -> const WeightView& {  // check_plan recorded it for this op
-      if (!c.weights[role]) throw std::logic_error("plan_check.h and the engine disagree on a weight");
-      return *c.weights[role];
-    };
-    auto wdata = [&](int role) { return checked_weight(role).data; };
-    auto wcopy = [&](int role) { return P::copy_weight(checked_weight(role)); };
-    const int64_t hw = op.h * op.w, pplane = (op.h + 2) * (op.w + 2);
-    switch (op.code) {
-      case P::kTimeEmb:
-      case P::kPad:
-        break;
-      case P::kLinear:
-        op.wt = wcopy(P::kWeight);
-        op.bias = wcopy(P::kBias);
-        break;
-      case P::kGroupNorm:
-        op.gamma = wcopy(P::kWeight);
-        op.beta = wcopy(P::kBias);
-        break;
-      case P::kConv: {
-        const int64_t M = op.cout, ci = op.cin, ho = c.ho, wo = c.wo;
-        const float* w = wdata(P::kWeight);  // w: [Cout, Cin, k, k]
-        const float* ws = nullptr;           // the 1x1 shortcut: [Cout, Cin2, 1, 1]
-        op.bias = wcopy(P::kBias);
-        if (op.in2 >= 0) {
-          ws = wdata(P::kShortcutWeight);
-          const float* b2 = wdata(P::kShortcutBias);
-          for (int64_t m = 0; m < M; ++m) op.bias[size_t(m)] += b2[m];
-        }
-        const int64_t Wp = op.w + 2;
-        if (op.mode == P::kConv3) {
-          ConvGemm g;
-          const int64_t Km = ci * 9, Ks = ws ? op.cin2 : 0;
-          g.K = Km + Ks;
-          g.A = pack_a(M, g.K, [&](int64_t m, int64_t kk) {
-            return kk < Km ? w[m * Km + kk] : ws[m * Ks + (kk - Km)];
-          });
-          for (int64_t ch = 0; ch < ci; ++ch)
-            for (int dy = 0; dy < 3; ++dy)
-              for (int dx = 0; dx < 3; ++dx) g.boff.push_back(ch * pplane + dy * Wp + dx);
-          for (int64_t ch = 0; ch < Ks; ++ch) g.boff.push_back(ch * pplane + Wp + 1);  // centre tap
-          g.Pn = op.h * Wp; g.Wp = Wp; g.Wv = op.w; g.oys = op.w; g.oxs = 1; g.grid = true;
-          op.gemms.push_back(std::move(g));
-          // Winograd weights; direct stays a conv with both a shortcut and a residual (the plan
-          // never emits one)
-          if (!(op.in2 >= 0 && op.residual >= 0)) add_winograd_weights(op, w);
-          if (ws && (op.wino_u2 || op.wino_u4)) {  // the shortcut as its own GEMM, added after
-            ConvGemm s;
-            s.K = Ks;
-            s.A = pack_a(M, Ks, [&](int64_t m, int64_t kk) { return ws[m * Ks + kk]; });
-            for (int64_t ch = 0; ch < Ks; ++ch) s.boff.push_back(ch * pplane + Wp + 1);
-            s.Pn = op.h * Wp; s.Wp = Wp; s.Wv = op.w; s.oys = op.w; s.oxs = 1; s.grid = true;
-            op.wino_shortcut.push_back(std::move(s));
-          }
-        } else if (op.mode == P::kConv1) {
-          ConvGemm g;
-          g.K = ci;
-          g.A = pack_a(M, ci, [&](int64_t m, int64_t kk) { return w[m * ci + kk]; });
-          for (int64_t ch = 0; ch < ci; ++ch) g.boff.push_back(ch * hw);
-          g.Pn = hw; g.Wp = op.w; g.Wv = op.w; g.oys = op.w; g.oxs = 1;
-          op.gemms.push_back(std::move(g));
-        } else if (op.mode == P::kDown0 || op.mode == P::kDown1) {
-          ConvGemm g;
-          g.K = ci * 9;
-          g.A = pack_a(M, g.K, [&](int64_t m, int64_t kk) { return w[m * g.K + kk]; });
-          for (int64_t kk = 0; kk < g.K; ++kk) g.boff.push_back(kk * ho * wo);  // + scratch offset later
-          g.Pn = ho * wo; g.Wp = wo; g.Wv = wo; g.oys = wo; g.oxs = 1;
-          op.gemms.push_back(std::move(g));
-        } else {  // P::kUp (check_plan refuses other modes)
-          // Output phase (py, px) of nearest-x2 + 3x3 is a 2x2 conv on the low-res input, embedded
-          // at rows py.., columns px.. of a 3x3 window (upsample_phase_weights): w3 [4 Cout, Cin, 3, 3]
-          const std::vector<float> w3 = upsample_phase_weights(w, M, ci);
-          for (int py = 0; py < 2; ++py)
-            for (int px = 0; px < 2; ++px) {
-              ConvGemm g;
-              g.K = ci * 4;
-              g.A = pack_a(M, g.K, [&](int64_t m, int64_t kk) {
-                const int64_t ch = kk / 4;
-                const int a = int(kk % 4) / 2, b = int(kk % 2);
-                return w3[size_t(((((2 * py + px) * M + m) * ci + ch) * 3 + py + a) * 3 + px + b)];
-              });
-              for (int64_t ch = 0; ch < ci; ++ch)
-                for (int a = 0; a < 2; ++a)
-                  for (int b = 0; b < 2; ++b) g.boff.push_back(ch * pplane + (py + a) * Wp + (px + b));
-              g.Pn = op.h * Wp; g.Wp = Wp; g.Wv = op.w;
-              g.oys = 2 * wo; g.oxs = 2; g.ooff = py * wo + px; g.grid = true;
-              op.gemms.push_back(std::move(g));
-            }
-          // or all four phases as one Winograd conv at the input's resolution with 4 Cout rows
-          add_winograd_weights(op, w3.data());
-        }
-        break;
-      }
-      case P::kAttention: {
-        const int64_t C = op.cin, L = hw, d = C / op.heads;
-        const float* wq = wdata(P::kToQ);
-        const float* wk = wdata(P::kToK);
-        const float* wvv = wdata(P::kToV);
-        const float* wo = wdata(P::kToOut);
-        op.bias2 = wcopy(P::kToOutBias);
-        ConvGemm in_proj, proj;
-        in_proj.K = proj.K = C;
-        if (op.heads == 1) {
-          // One head: fold the projections into the weights (in double). With x the normed input,
-          // q = Wq x + bq, k = Wk x + bk, v = Wv x + bv:
-          //   k_i . q_j = x_i . (Wk^T Wq x_j + Wk^T bq) + (terms constant over the keys i, which the
-          //   softmax over i cancels), so the engine computes T = Wkq x + u (Wkq = Wk^T Wq,
-          //   u = Wk^T bq) and scores x^T T: one C x C projection instead of two;
-          //   Wo (V P) + bo = (Wo Wv)(x P) + (Wo bv + bo), P's columns summing to 1: one more.
-          op.folded = true;
-          const FoldedAttention f = fold_attention(wq, wk, wvv, wo, wcopy(P::kToQBias), wcopy(P::kToVBias),
-                                                   op.bias2, C);
-          op.bias = f.u;
-          op.bias2 = f.bov;
-          in_proj.A = pack_a(C, C, [&](int64_t m, int64_t kk) { return float(f.wkq[size_t(m * C + kk)]); });
-          proj.A = pack_a(C, C, [&](int64_t m, int64_t kk) { return float(f.wov[size_t(m * C + kk)]); });
-        } else {
-          // [3C, C]: q, k, v stacked
-          in_proj.A = pack_a(3 * C, C, [&](int64_t m, int64_t kk) {
-            const float* src = m < C ? wq : (m < 2 * C ? wk : wvv);
-            return src[(m % C) * C + kk];
-          });
-          for (int role : {P::kToQBias, P::kToKBias, P::kToVBias}) {  // [3C]
-            const auto b = wcopy(role);
-            op.bias.insert(op.bias.end(), b.begin(), b.end());
-          }
-          proj.A = pack_a(C, C, [&](int64_t m, int64_t kk) { return wo[m * C + kk]; });
-        }
-        op.gemms.push_back(std::move(in_proj));
-        op.gemms.push_back(std::move(proj));
-        // packed K^T [ceil(L/MR)][d][MR] and V [ceil(d/MR)][L][MR] of every head
-        pack_need = std::max(pack_need, op.heads * (round_up(L, MR) * d + round_up(d, MR) * L));
-        // a thread's St [round_up(L, MR), nr] and Q block [d, nr], nr <= kMaxTileCols
-        scratch_need = std::max(scratch_need, (round_up(L, MR) + d) * kMaxTileCols);
-        break;
-      }
-      default:  // check_plan refuses unknown codes
-        throw std::logic_error("plan_check.h and the engine disagree on op code " + std::to_string(op.code));
-    }
-    ops.push_back(std::move(op));
-  }
-  // the arena: every slot then its slack, then the attention pack region
   slot_off.resize(slot_size.size());
   int64_t off = 0;
-  for (size_t s = 0; s < slot_size.size(); ++s) {
+  for (size_t s = 0; s < slot_size.size(); ++s) {  // every slot then its slack
     slot_off[s] = off;
     off += round_up(slot_size[s] + kSlack, kAlign);
   }
   pack_off = off;
+}
+
+void Engine::Impl::allocate_arena() {
   scratch_stride = round_up(scratch_need + kSlack, kAlign);
-  off += round_up(pack_need + kSlack, kAlign);
-  T = off;
-  // B offsets were built relative to their slot: make them relative to the sample base
-  for (Op& op : ops) {
-    if (op.code != P::kConv) continue;
-    const int64_t src = (op.mode == P::kDown0 || op.mode == P::kDown1) ? op.scratch : op.in;
-    const int64_t main_k = op.mode == P::kConv3 ? op.cin * 9 : int64_t(op.gemms[0].boff.size());
-    for (ConvGemm& g : op.gemms)
-      for (size_t kk = 0; kk < g.boff.size(); ++kk)
-        g.boff[kk] += slot_off[size_t(int64_t(kk) < main_k || op.mode != P::kConv3 ? src : op.in2)];
-    for (ConvGemm& g : op.wino_shortcut)
-      for (int64_t& b : g.boff) b += slot_off[size_t(op.in2)];
-  }
+  T = pack_off + round_up(pack_need + kSlack, kAlign);  // the slots, then the attention pack region
   if (N > 0 && T > (int64_t(1) << 36) / N) fail("the activations of this plan and batch are too large");
   arena = alloc_floats(N * T);
   tvals.assign(size_t(N), 0.0f);
+}
+
+Op Engine::Impl::build_op(const P::CheckedOp& c) {
+  Op op;
+  static_cast<P::OpFields&>(op) = c;
+  switch (op.code) {
+    case P::kTimeEmb:
+    case P::kPad:
+      break;  // no weights
+    case P::kLinear: build_linear(op, c); break;
+    case P::kGroupNorm: build_groupnorm(op, c); break;
+    case P::kConv: build_conv(op, c); break;
+    case P::kAttention: build_attention(op, c); break;
+    default:  // check_plan refuses unknown codes
+      throw std::logic_error("plan_check.h and the engine disagree on op code " + std::to_string(op.code));
+  }
+  return op;
+}
+
+void Engine::Impl::build_linear(Op& op, const P::CheckedOp& c) {
+  op.wt = P::weight_copy(c, P::kWeight);
+  op.bias = P::weight_copy(c, P::kBias);
+}
+
+void Engine::Impl::build_groupnorm(Op& op, const P::CheckedOp& c) {
+  op.gamma = P::weight_copy(c, P::kWeight);
+  op.beta = P::weight_copy(c, P::kBias);
+}
+
+ConvGemm Engine::Impl::conv_gemm(const P::ConvGemmLowering& l) const {
+  ConvGemm g;
+  g.K = l.K;
+  g.A = pack_a(l.M, l.K, [&](int64_t m, int64_t k) { return l.weights[size_t(m * l.K + k)]; });
+  for (const P::BRow& r : l.rows) g.boff.push_back(slot_off[size_t(r.slot)] + r.offset);
+  g.cols = l.columns;
+  return g;
+}
+
+void Engine::Impl::build_conv(Op& op, const P::CheckedOp& c) {
+  op.bias = P::conv_bias(c);
+  for (const P::ConvGemmLowering& l : P::lower_conv(c)) op.gemms.push_back(conv_gemm(l));
+  const float* w = P::checked_weight(c, P::kWeight).data;
+  if (op.mode == P::kConv3) {
+    // Winograd weights; direct stays a conv with both a shortcut and a residual (the plan never
+    // emits one)
+    if (!(op.in2 >= 0 && op.residual >= 0)) add_winograd_weights(op, w);
+    // on the Winograd path the shortcut is its own GEMM, added after
+    if (op.in2 >= 0 && (op.wino_u2 || op.wino_u4)) op.wino_shortcut.push_back(conv_gemm(P::lower_shortcut(c)));
+  } else if (op.mode == P::kUp) {
+    // or all four phases as one Winograd conv at the input's resolution with 4 Cout rows
+    add_winograd_weights(op, P::upsample_phase_weights(w, op.cout, op.cin).data());
+  }
+}
+
+void Engine::Impl::build_attention(Op& op, const P::CheckedOp& c) {
+  const int64_t C = op.cin, L = op.h * op.w, d = C / op.heads;
+  const float* wq = P::checked_weight(c, P::kToQ).data;
+  const float* wk = P::checked_weight(c, P::kToK).data;
+  const float* wv = P::checked_weight(c, P::kToV).data;
+  const float* wo = P::checked_weight(c, P::kToOut).data;
+  op.bias2 = P::weight_copy(c, P::kToOutBias);
+  ConvGemm in_proj, proj;
+  in_proj.K = proj.K = C;
+  if (op.heads == 1) {
+    // One head: fold the projections into the weights (in double). With x the normed input,
+    // q = Wq x + bq, k = Wk x + bk, v = Wv x + bv:
+    //   k_i . q_j = x_i . (Wk^T Wq x_j + Wk^T bq) + (terms constant over the keys i, which the
+    //   softmax over i cancels), so the engine computes T = Wkq x + u (Wkq = Wk^T Wq,
+    //   u = Wk^T bq) and scores x^T T: one C x C projection instead of two;
+    //   Wo (V P) + bo = (Wo Wv)(x P) + (Wo bv + bo), P's columns summing to 1: one more.
+    op.folded = true;
+    const FoldedAttention f = fold_attention(wq, wk, wv, wo, P::weight_copy(c, P::kToQBias),
+                                             P::weight_copy(c, P::kToVBias), op.bias2, C);
+    op.bias = f.u;
+    op.bias2 = f.bov;
+    in_proj.A = pack_a(C, C, [&](int64_t m, int64_t kk) { return float(f.wkq[size_t(m * C + kk)]); });
+    proj.A = pack_a(C, C, [&](int64_t m, int64_t kk) { return float(f.wov[size_t(m * C + kk)]); });
+  } else {
+    // [3C, C]: q, k, v stacked
+    in_proj.A = pack_a(3 * C, C, [&](int64_t m, int64_t kk) {
+      const float* src = m < C ? wq : (m < 2 * C ? wk : wv);
+      return src[(m % C) * C + kk];
+    });
+    for (int role : {P::kToQBias, P::kToKBias, P::kToVBias}) {  // [3C]
+      const auto b = P::weight_copy(c, role);
+      op.bias.insert(op.bias.end(), b.begin(), b.end());
+    }
+    proj.A = pack_a(C, C, [&](int64_t m, int64_t kk) { return wo[m * C + kk]; });
+  }
+  op.gemms.push_back(std::move(in_proj));
+  op.gemms.push_back(std::move(proj));
+  // packed K^T [ceil(L/MR)][d][MR] and V [ceil(d/MR)][L][MR] of every head
+  pack_need = std::max(pack_need, op.heads * (round_up(L, MR) * d + round_up(d, MR) * L));
+  // a thread's St [round_up(L, MR), nr] and Q block [d, nr], nr <= kMaxTileCols
+  scratch_need = std::max(scratch_need, (round_up(L, MR) + d) * kMaxTileCols);
 }
 
 void Engine::Impl::add_winograd_weights(Op& op, const float* w) {
@@ -454,8 +409,8 @@ void Engine::Impl::add_winograd_weights(Op& op, const float* w) {
   const bool up = op.mode == P::kUp;
   const int64_t rows = (up ? 4 : 1) * op.cout;
   for (const EngineKernels* t : {&kGenericEngineKernels, &kAvx2EngineKernels, &kAvx512EngineKernels}) {
-    const int m = winograd_choice(ci, rows, op.h, op.w, t->nr, wino_max_m, up, compact_mode(op.w, *t) != 0,
-                                  wino_force);
+    const int m = winograd_choice(ci, rows, op.h, op.w, t->nr, options.winograd_max_m, up,
+                                  compact_mode(op.w, *t) != 0, options.winograd_force);
     Buffer& u = m == 2 ? op.wino_u2 : op.wino_u4;
     if (!m || u || winograd_scratch_floats(m, ci, op.h, op.w) > kMaxWinogradScratch) continue;
     u = winograd_weights(m, w, rows, ci);
@@ -566,7 +521,7 @@ void Engine::Impl::op_conv(const Op& op, const Samples& b, const EngineKernels& 
 GemmCall Engine::Impl::conv_gemm_call(const Op& op, const Samples& b, const ConvGemm& cg, int64_t ocs,
                                       const EngineKernels& k) {
   GemmCall g;
-  g.M = op.cout; g.K = cg.K; g.Pn = cg.Pn;
+  g.M = op.cout; g.K = cg.K; g.Pn = cg.cols.Pn;
   g.A = cg.A.get();
   g.boff = cg.boff.data();
   g.B = b.base;  // boff is relative to the sample base (main input and shortcut rows)
@@ -574,12 +529,12 @@ GemmCall Engine::Impl::conv_gemm_call(const Op& op, const Samples& b, const Conv
   g.out = b.base + slot_off[size_t(op.out)];
   g.o_bstride = T;
   g.ocs = ocs;
-  g.Wp = cg.Wp; g.Wv = cg.Wv; g.oys = cg.oys; g.oxs = cg.oxs; g.ooff = cg.ooff;
-  const int compact = cg.grid ? compact_mode(cg.Wv, k) : 0;
+  g.Wp = cg.cols.Wp; g.Wv = cg.cols.Wv; g.oys = cg.cols.oys; g.oxs = cg.cols.oxs; g.ooff = cg.cols.ooff;
+  const int compact = cg.cols.grid ? compact_mode(cg.cols.Wv, k) : 0;
   if (compact) {
-    g.Pn = cg.Pn / cg.Wp * cg.Wv;
-    g.Wp = cg.Wv;
-    g.bwp = cg.Wp;
+    g.Pn = cg.cols.Pn / cg.cols.Wp * cg.cols.Wv;
+    g.Wp = cg.cols.Wv;
+    g.bwp = cg.cols.Wp;
     g.halves = compact == 2;
   }
   g.bias = op.bias.data();
@@ -593,8 +548,8 @@ GemmCall Engine::Impl::conv_gemm_call(const Op& op, const Samples& b, const Conv
 int Engine::Impl::conv_path(const Op& op, const EngineKernels& k) const {
   if (op.code != P::kConv || (op.mode != P::kConv3 && op.mode != P::kUp)) return 0;
   const bool up = op.mode == P::kUp;
-  const int m = winograd_choice(op.cin, (up ? 4 : 1) * op.cout, op.h, op.w, k.nr, wino_max_m, up,
-                                compact_mode(op.w, k) != 0, wino_force);
+  const int m = winograd_choice(op.cin, (up ? 4 : 1) * op.cout, op.h, op.w, k.nr, options.winograd_max_m, up,
+                                compact_mode(op.w, k) != 0, options.winograd_force);
   return (m == 2 && op.wino_u2) || (m == 4 && op.wino_u4) ? m : 0;
 }
 
@@ -736,7 +691,7 @@ void Engine::Impl::forward_arena(const EngineKernels& k, int threads) {
   grow_scratch(threads);
   // Every sample's arithmetic is the same whichever schedule runs it (no reduction spans samples
   // or depends on the thread count), so results stay bit-identical across batch sizes.
-  const int64_t whole = (threads > 1 && sample_parallel) ? N / threads * threads : 0;
+  const int64_t whole = (threads > 1 && options.sample_parallel) ? N / threads * threads : 0;
   if (whole > 0) {
     std::exception_ptr error;
 #pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
@@ -756,28 +711,14 @@ void Engine::Impl::forward_arena(const EngineKernels& k, int threads) {
 // ------------------------------------------------------------------------------- Engine
 
 Engine::Engine(const PlanView& plan, const std::vector<WeightView>& weights, int64_t batch, int64_t in_c,
-               int64_t out_c, int64_t height, int64_t width)
+               int64_t out_c, int64_t height, int64_t width, const CpuEngineOptions& options)
     : impl_(new Impl), batch_(batch) {
   if (batch < 1 || in_c < 1 || out_c < 1 || height < 1 || width < 1)
     fail("batch, channels, height and width must be positive");
+  if (options.winograd_max_m != 0 && options.winograd_max_m != 2 && options.winograd_max_m != 4)
+    fail("winograd_max_m must be 0, 2 or 4, got " + std::to_string(options.winograd_max_m));
   impl_->N = batch; impl_->in_c = in_c; impl_->out_c = out_c; impl_->H = height; impl_->W = width;
-  if (const char* v = std::getenv("FASTDDPM_WINOGRAD")) {
-    const std::string s(v);
-    if (s != "0" && s != "1" && s != "2" && s != "force")
-      fail("FASTDDPM_WINOGRAD must be 0, 1, 2 or force, got '" + s + "'");
-    impl_->wino_max_m = s == "0" ? 0 : (s == "2" ? 2 : 4);
-    impl_->wino_force = s == "force";
-  }
-  if (const char* v = std::getenv("FASTDDPM_COMPACT_GRID")) {
-    const std::string s(v);
-    if (s != "0" && s != "1") fail("FASTDDPM_COMPACT_GRID must be 0 or 1, got '" + s + "'");
-    impl_->compact_grid = s == "1";
-  }
-  if (const char* v = std::getenv("FASTDDPM_SAMPLE_PARALLEL")) {
-    const std::string s(v);
-    if (s != "0" && s != "1") fail("FASTDDPM_SAMPLE_PARALLEL must be 0 or 1, got '" + s + "'");
-    impl_->sample_parallel = s == "1";
-  }
+  impl_->options = options;
   impl_->build(plan, weights);
 }
 

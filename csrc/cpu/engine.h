@@ -29,11 +29,21 @@ struct LoopArgs {
   float* x_out = nullptr;              // [N, C, H, W] the final sample
 };
 
+// Tuning switches; the defaults are the tuned behaviour, the others exist for tests and
+// benchmarks (the Python side reads them from FASTDDPM_* variables: executors/engine_options.py).
+// None of them changes a result bit except winograd_max_m / winograd_force (another conv path).
+struct CpuEngineOptions {
+  int winograd_max_m = 4;       // the largest Winograd output tile: 0 (direct convs only), 2 or 4
+  bool winograd_force = false;  // Winograd wherever a conv's shape allows, whatever the cost model says
+  bool compact_grid = true;     // grid conv columns skip the pad columns where the image width allows
+  bool sample_parallel = true;  // whole multiples of the thread count run one sample per thread
+};
+
 class Engine {
  public:
   // batch, in_channels, out_channels, height, width: what the plan was built for (checked).
   Engine(const PlanView& plan, const std::vector<WeightView>& weights, int64_t batch, int64_t in_c,
-         int64_t out_c, int64_t height, int64_t width);
+         int64_t out_c, int64_t height, int64_t width, const CpuEngineOptions& options);
   ~Engine();
   Engine(const Engine&) = delete;
   Engine& operator=(const Engine&) = delete;

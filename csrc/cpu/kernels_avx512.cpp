@@ -17,9 +17,9 @@ namespace fastddpm {
 namespace cpu {
 namespace avx512 {
 
-// 4 vectors in flight (kBlock = 256 elements): the Philox rounds are a latency chain, and 8
-// interleaved half-vectors beat 4 by ~10% on Zen 5 (normals 0.54 -> 0.49 ns per element on one
-// core, measured) though they no longer all fit in the 32 registers.
+// 4 vectors in flight (kBlock = 256 elements): the Philox rounds are a latency chain, so 8
+// interleaved half-vectors keep the multipliers busier than 4 would, which outweighs the spills
+// of no longer fitting all of them in the 32 registers.
 constexpr int K = 4;
 constexpr int W = 16;
 typedef uint64_t U64 __attribute__((vector_size(W * 4)));
@@ -27,8 +27,8 @@ typedef float Fv __attribute__((vector_size(W * 4)));
 
 inline U64 mul_even(U64 a, U64 b) { return (U64)_mm512_mul_epu32((__m512i)a, (__m512i)b); }
 inline Fv vsqrt(Fv x) { return (Fv)_mm512_sqrt_ps((__m512)x); }
-// x = m * 2^e, m in [0.5, 1): vgetmantps / vgetexpps (the same m and e as the bit arithmetic, in
-// two instructions instead of five: normals 0.49 -> 0.46 ns per element on one Zen 5 core)
+// x = m * 2^e, m in [0.5, 1): vgetmantps / vgetexpps, the same m and e as the bit arithmetic in
+// two instructions instead of five.
 #define FASTDDPM_ISA_FREXP_HALF
 inline void frexp_half(Fv x, Fv& m, Fv& e) {
   m = (Fv)_mm512_getmant_ps((__m512)x, _MM_MANT_NORM_p5_1, _MM_MANT_SIGN_src);

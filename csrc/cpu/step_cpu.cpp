@@ -15,7 +15,7 @@ namespace {
 // on how many threads ran them. 16384 elements: a multiple of every ISA's block (4 * lanes * vectors in flight).
 constexpr int64_t kChunk = 16384;
 // Below this many elements a parallel region costs more than it saves.
-constexpr int64_t kParallelMin = 1 << 15;  // ~130 us of work with noise vs ~5-10 us to wake a team
+constexpr int64_t kParallelMin = 1 << 15;  // an order of magnitude more work than waking a team
 constexpr int64_t kMaxIndex = int64_t(1) << 32;
 // Outputs of at least this many bytes are written with non-temporal stores and their inputs
 // prefetched in software: x, m and out together then pass any L3 of the machines we target, so a

@@ -74,16 +74,16 @@ int winograd_choice(int64_t cin, int64_t rows, int64_t h, int64_t w, int nr, int
   }
   if (cin < 8) return 0;
   // The 32-wide AVX-512 tile runs the direct GEMM at about twice the AVX2 rate while the
-  // transforms and the V round trip through L2 gain far less. Measured in the networks on a
-  // 2-core Zen 5 (batch 1, per conv, Winograd / direct): F(2x2) 0.94-1.10 at 16x16 and 1.3-1.7
-  // at 8x8; F(4x4) 0.77-0.85 at 32x32 with 128 output channels, but 0.8-1.3 with 32 (and worse
-  // with two threads sharing V) and 2.5-7 for conv_out's 1-3. So on that tile only F(4x4), with
-  // >= 128 GEMM rows and >= two micro-tiles of tiles (32x32 and larger images).
+  // transforms and the V round trip through L2 gain far less, so on that tile Winograd only pays
+  // where its GEMMs are large enough to hide them: F(4x4) alone, with >= 128 GEMM rows (few output
+  // channels leave the transforms dominant) and >= two micro-tiles of tiles (32x32 and larger
+  // images); F(2x2) saves too few multiply-adds to cover its transforms there.
   const bool wide = nr >= 32;
   if (wide && (rows < 128 || upsample || (h / 4) * (w / 4) < 2 * nr)) return 0;
-  // multiply-adds per output channel, padded to whole micro-tiles; the transforms' share measured
-  // about 10% (m = 2) and 15% (m = 4) of the GEMMs, and a folded upsample's strided scalar store
-  // about 20% more (F(2x2) at 8x8 predicted 12% faster without it, measured 6% slower)
+  // multiply-adds per output channel, padded to whole micro-tiles, with the transforms' overhead
+  // as a share of the GEMMs (design constants: 10% for m = 2, 15% for m = 4) and 20% more for a
+  // folded upsample's strided scalar store (without that term the model picks F(2x2) for 8x8
+  // upsamples, where it loses)
   const double store = upsample ? 1.2 : 1.0;
   double best = (upsample ? 4.0 : 9.0) * double(round_up(h * (compact ? w : w + 2), nr));
   int choice = 0;
@@ -93,28 +93,6 @@ int winograd_choice(int64_t cin, int64_t rows, int64_t h, int64_t w, int nr, int
     if (cost < best) { best = cost; choice = m; }
   }
   return choice;
-}
-
-std::vector<float> upsample_phase_weights(const float* w, int64_t cout, int64_t cin) {
-  // phase p's tap a (input row y - 1 + p + a, a < 2) sums the 3x3 rows kTaps[p][a]; in the 3x3
-  // window over the input it sits at row p + a (columns likewise)
-  static const int kTaps[2][2][3] = {{{0, -1, -1}, {1, 2, -1}}, {{0, 1, -1}, {2, -1, -1}}};
-  std::vector<float> out(size_t(4 * cout * cin * 9), 0.0f);
-  for (int py = 0; py < 2; ++py)
-    for (int px = 0; px < 2; ++px)
-      for (int64_t co = 0; co < cout; ++co)
-        for (int64_t ci = 0; ci < cin; ++ci) {
-          float* dst = out.data() + (((2 * py + px) * cout + co) * cin + ci) * 9;
-          const float* src = w + (co * cin + ci) * 9;
-          for (int a = 0; a < 2; ++a)
-            for (int b = 0; b < 2; ++b) {
-              float s = 0.0f;
-              for (int u = 0; u < 3 && kTaps[py][a][u] >= 0; ++u)
-                for (int v = 0; v < 3 && kTaps[px][b][v] >= 0; ++v) s += src[kTaps[py][a][u] * 3 + kTaps[px][b][v]];
-              dst[(py + a) * 3 + (px + b)] = s;
-            }
-        }
-  return out;
 }
 
 Buffer winograd_weights(int m, const float* w, int64_t cout, int64_t cin) {

@@ -30,11 +30,6 @@ namespace cpu {
 int winograd_choice(int64_t cin, int64_t rows, int64_t h, int64_t w, int nr, int max_m = 4, bool upsample = false,
                     bool compact = false, bool force = false);
 
-// A folded nearest-x2 upsample + 3x3 conv [Cout, Cin, 3, 3] as a 3x3 conv at the input's
-// resolution with 4 Cout outputs: row (2 py + px) Cout + co is output phase (py, px) of channel co,
-// out[co][2y + py][2x + px], a 2x2 kernel embedded in the 3x3 window. [4 Cout, Cin, 3, 3].
-std::vector<float> upsample_phase_weights(const float* w, int64_t cout, int64_t cin);
-
 // U: w [Cout, Cin, 3, 3] transformed in double and packed, P consecutive packed matrices.
 engine_util::Buffer winograd_weights(int m, const float* w, int64_t cout, int64_t cin);
 

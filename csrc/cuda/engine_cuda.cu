@@ -25,10 +25,10 @@
 
 #include <algorithm>
 #include <cmath>
-#include <cstdlib>
 #include <cstring>
 #include <string>
 
+#include "fastddpm/conv_lowering.h"
 #include "fastddpm/philox.h"
 #include "fastddpm/plan.h"
 #include "fastddpm/step.h"
@@ -46,21 +46,6 @@ constexpr int64_t kAlign = 16;   // slot offsets in floats (64 bytes)
 int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
 
 [[noreturn]] void fail(const std::string& msg) { throw std::invalid_argument(msg); }
-
-std::string cuda_text(cudaError_t e) { return std::string(cudaGetErrorName(e)) + ": " + cudaGetErrorString(e); }
-
-void check(cudaError_t e, const char* what) {
-  if (e == cudaSuccess) return;
-  cudaGetLastError();  // clear a non-sticky error so the next call starts clean
-  throw CudaError(std::string(what) + " failed: CUDA error " + cuda_text(e));
-}
-
-void check_status(const Status& s, const char* what) {
-  if (s.ok()) return;
-  cudaGetLastError();
-  if (s.invalid_argument) fail(std::string(what) + ": " + (s.message ? s.message : "?"));
-  throw CudaError(std::string(what) + " failed: " + (s.message ? s.message : "?"));
-}
 
 // A device allocation owned by the engine; freed when dropped (so a failed build frees all).
 class DevBuf {
@@ -107,7 +92,7 @@ class DevBuf {
 // build() and set_schedule() wait for the stream before they return.
 DevBuf upload(const void* host, size_t bytes, const char* what, cudaStream_t st) {
   DevBuf b(bytes, what);
-  check(cudaMemcpyAsync(b.as<void>(), host, bytes, cudaMemcpyHostToDevice, st), "weight upload");
+  check_cuda(cudaMemcpyAsync(b.as<void>(), host, bytes, cudaMemcpyHostToDevice, st), "weight upload");
   return b;
 }
 DevBuf upload_floats(const std::vector<float>& v, const char* what, cudaStream_t st) {
@@ -164,23 +149,6 @@ class PinnedPool {
   size_t bytes_ = 0;
 };
 
-class DeviceGuard {
- public:
-  explicit DeviceGuard(int device) {
-    check(cudaGetDevice(&prev_), "cudaGetDevice");
-    if (device != prev_) check(cudaSetDevice(device), "cudaSetDevice");
-    dev_ = device;
-  }
-  ~DeviceGuard() {
-    if (dev_ != prev_) cudaSetDevice(prev_);
-  }
-  DeviceGuard(const DeviceGuard&) = delete;
-  DeviceGuard& operator=(const DeviceGuard&) = delete;
-
- private:
-  int prev_ = 0, dev_ = 0;
-};
-
 // Round to tf32 (10-bit mantissa, nearest, ties away): what the tensor cores would use anyway,
 // done once on the host for the weights.
 float tf32_round(float v) {
@@ -204,16 +172,6 @@ struct GGemm {
 };
 
 constexpr int kMinSplitChunks = 4;  // K chunks (of 16) per split at least: a split must amortise its partial tile
-
-// FASTDDPM_CUDA_SPLITK: unset / "1" splits K where a sample's GEMM has fewer tiles than the GPU
-// has multiprocessors (the batch-1 latency case); "0" never splits (no workspace: for memory, or
-// for large batches, where the grid fills the GPU anyway; results then differ in rounding).
-bool split_k_enabled() {
-  const char* v = std::getenv("FASTDDPM_CUDA_SPLITK");
-  if (!v || !*v || std::strcmp(v, "1") == 0) return true;
-  if (std::strcmp(v, "0") == 0) return false;
-  fail(std::string("FASTDDPM_CUDA_SPLITK must be 0 or 1, got '") + v + "'");
-}
 
 // About kSplitTargetBlocks blocks for ONE sample's GEMM (an H100 / H200 has 132 multiprocessors),
 // each split at least kMinSplitChunks chunks. Chosen from the layer alone, never from the batch or
@@ -267,12 +225,12 @@ struct Engine::Impl {
   }
   // Blocks (without spinning) until everything enqueued on the engine's stream so far is done.
   void wait_stream(const char* what) {
-    check(cudaEventRecord(done, stream), "cudaEventRecord");
-    check(cudaEventSynchronize(done), what);
+    check_cuda(cudaEventRecord(done, stream), "cudaEventRecord");
+    check_cuda(cudaEventSynchronize(done), what);
   }
   // The engine's stream runs after the last use of the buffers; call before enqueueing on it.
-  void after_last_use() { check(cudaStreamWaitEvent(stream, last_use, 0), "cudaStreamWaitEvent"); }
-  void mark_last_use() { check(cudaEventRecord(last_use, stream), "cudaEventRecord"); }
+  void after_last_use() { check_cuda(cudaStreamWaitEvent(stream, last_use, 0), "cudaStreamWaitEvent"); }
+  void mark_last_use() { check_cuda(cudaEventRecord(last_use, stream), "cudaEventRecord"); }
   void drop_graph() {
     if (exec) cudaGraphExecDestroy(exec);
     if (graph) cudaGraphDestroy(graph);
@@ -291,7 +249,27 @@ struct Engine::Impl {
     return T;
   }
 
+  CudaEngineOptions options;
+  // construction: the slots' offsets first (GEMM B rows are arena offsets), then one op at a time
   void build(const PlanView& pv, const std::vector<WeightView>& weights);
+  void layout_slots(const PlanView& pv);
+  GOp build_op(const P::CheckedOp& c, size_t index);
+  void build_linear(GOp& op, const P::CheckedOp& c);
+  void build_groupnorm(GOp& op, const P::CheckedOp& c);
+  void build_conv(GOp& op, const P::CheckedOp& c, const std::string& where);
+  void build_attention(GOp& op, const P::CheckedOp& c, const std::string& where);
+  // A lowered conv GEMM (fastddpm/conv_lowering.h): A packed in the engine's precision, B rows
+  // as offsets from the one source the GEMM gathers from.
+  GGemm conv_gemm(const P::ConvGemmLowering& l);
+  // Where a GEMM gathers from: the arena (offsets then include the slot's), or slot 0 / 1's own
+  // buffer (offsets from its start; those buffers carry the same slack as arena slots).
+  int64_t gather_source(GGemm& g, int64_t s) const;
+  void upload_offsets(GGemm& g, const std::vector<int64_t>& offsets);
+  void require_arena_slot(int64_t s, const std::string& where, const char* what) const {
+    if (s < 2)
+      fail(where + ": the CUDA engine reads a GEMM " + what + " from the arena, not from the input/output slot " +
+           std::to_string(s));
+  }
   GGemm pack(int64_t M, int64_t K, const std::function<float(int64_t, int64_t)>& f, const char* what);
   void forward_ops(cudaStream_t st, bool timed = false);
   // profiling (set_profiling): events around each op of a timed forward, and the totals
@@ -338,190 +316,134 @@ GGemm Engine::Impl::pack(int64_t M, int64_t K, const std::function<float(int64_t
   return g;
 }
 
-void Engine::Impl::build(const PlanView& pv, const std::vector<WeightView>& weights) {
-  const std::vector<P::CheckedOp> checked = P::check_plan(pv, weights, in_c, out_c, H, W, int64_t(1) << 30);
-  check(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), "cudaStreamCreate");
-  for (auto& e : ev) check(cudaEventCreateWithFlags(&e, cudaEventDisableTiming | cudaEventBlockingSync), "cudaEventCreate");
-  check(cudaEventCreateWithFlags(&done, cudaEventDisableTiming | cudaEventBlockingSync), "cudaEventCreate");
-  check(cudaEventCreateWithFlags(&last_use, cudaEventDisableTiming), "cudaEventCreate");
+void Engine::Impl::layout_slots(const PlanView& pv) {
   slot_size.assign(pv.slot_sizes, pv.slot_sizes + pv.n_slots);
-
-  // the arena's per-sample layout first: boff needs the slot offsets
   slot_off.assign(slot_size.size(), 0);
   int64_t off = 0;
-  for (size_t s = 2; s < slot_size.size(); ++s) {
+  for (size_t s = 2; s < slot_size.size(); ++s) {  // slots 0 and 1 have buffers of their own
     slot_off[s] = off;
     off += round_up(slot_size[s] + kSlack, kAlign);
   }
   T = std::max<int64_t>(off, kAlign);
   if (T > (int64_t(1) << 31) - 1) fail("the activations of one sample are too large for 32-bit offsets");
+}
 
-  auto boffs = [&](GGemm& g, const std::vector<int64_t>& rel) {
-    std::vector<int32_t> b(rel.begin(), rel.end());
-    g.boff = upload(b.data(), b.size() * 4, "GEMM offsets", stream);
-  };
-  // Where a one-source GEMM gathers from: the arena (offsets include the slot's), or slot 0 / 1's
-  // own buffer (offsets from its start; those buffers carry the same slack as arena slots).
-  auto source = [&](GGemm& g, int64_t s) -> int64_t {
-    g.src_slot = s < 2 ? int(s) : -1;
-    return s < 2 ? 0 : slot_off[size_t(s)];
-  };
+int64_t Engine::Impl::gather_source(GGemm& g, int64_t s) const {
+  g.src_slot = s < 2 ? int(s) : -1;
+  return s < 2 ? 0 : slot_off[size_t(s)];
+}
 
-  for (size_t i = 0; i < checked.size(); ++i) {
-    const P::CheckedOp& c = checked[i];
-    GOp op;
-    static_cast<P::OpFields&>(op) = c;
-    const std::string where = "plan op " + std::to_string(i) + " (" + P::op_name(op.code) + ")";
-    auto arena_slot = [&](int64_t s, const char* what) {  // GEMM sources are gathered from the arena
-      if (s < 2) fail(where + ": the CUDA engine reads a GEMM " + what + " from the arena, not from the input/output slot " +
-                      std::to_string(s));
-    };
-    auto checked_weight = [&](int role) -> const WeightView& {  // check_plan recorded it for this op
-      if (!c.weights[role]) throw std::logic_error("plan_check.h and the engine disagree on a weight");
-      return *c.weights[role];
-    };
-    auto wdata = [&](int role) { return checked_weight(role).data; };
-    auto wcopy = [&](int role) { return P::copy_weight(checked_weight(role)); };
-    const int64_t hw = op.h * op.w, pplane = (op.h + 2) * (op.w + 2);
-    switch (op.code) {
-      case P::kTimeEmb:
-      case P::kPad:
-        break;
-      case P::kLinear:
-        op.wt = upload_floats(wcopy(P::kWeight), "linear weight", stream);
-        op.bias = upload_floats(wcopy(P::kBias), "linear bias", stream);
-        break;
-      case P::kGroupNorm:
-        op.gamma = upload_floats(wcopy(P::kWeight), "norm scale", stream);
-        op.beta = upload_floats(wcopy(P::kBias), "norm shift", stream);
-        break;
-      case P::kConv: {
-        const int64_t M = op.cout, ci = op.cin, ho = c.ho, wo = c.wo;
-        const float* w = wdata(P::kWeight);  // w: [Cout, Cin, k, k]
-        const float* ws = nullptr;           // the 1x1 shortcut: [Cout, Cin2, 1, 1]
-        std::vector<float> bias = wcopy(P::kBias);
-        if (op.in2 >= 0) {  // two sources: both gathered from the arena
-          arena_slot(op.in, "input beside a shortcut");
-          arena_slot(op.in2, "shortcut input");
-          ws = wdata(P::kShortcutWeight);
-          const float* b2 = wdata(P::kShortcutBias);
-          for (int64_t mm = 0; mm < M; ++mm) bias[size_t(mm)] += b2[mm];
-        }
-        op.bias = upload_floats(bias, "conv bias", stream);
-        const int64_t Wp = op.w + 2;
-        if (op.mode == P::kConv3) {
-          const int64_t Km = ci * 9, Ks = ws ? op.cin2 : 0;
-          GGemm g = pack(M, Km + Ks, [&](int64_t mm, int64_t kk) {
-            return kk < Km ? w[mm * Km + kk] : ws[mm * Ks + (kk - Km)];
-          }, "conv weights");
-          std::vector<int64_t> rel;
-          const int64_t base_in = source(g, op.in);
-          for (int64_t ch = 0; ch < ci; ++ch)
-            for (int dy = 0; dy < 3; ++dy)
-              for (int dx = 0; dx < 3; ++dx) rel.push_back(base_in + ch * pplane + dy * Wp + dx);
-          for (int64_t ch = 0; ch < Ks; ++ch) rel.push_back(slot_off[size_t(op.in2)] + ch * pplane + Wp + 1);  // centre tap
-          boffs(g, rel);
-          g.Pn = int(op.h * Wp); g.Wp = int(Wp); g.Wv = int(op.w); g.oys = int(op.w); g.oxs = 1;
-          op.gemms.push_back(std::move(g));
-        } else if (op.mode == P::kConv1) {
-          GGemm g = pack(M, ci, [&](int64_t mm, int64_t kk) { return w[mm * ci + kk]; }, "conv weights");
-          std::vector<int64_t> rel;
-          const int64_t base_in = source(g, op.in);
-          for (int64_t ch = 0; ch < ci; ++ch) rel.push_back(base_in + ch * hw);
-          boffs(g, rel);
-          g.Pn = int(hw); g.Wp = int(op.w); g.Wv = int(op.w); g.oys = int(op.w); g.oxs = 1;
-          op.gemms.push_back(std::move(g));
-        } else if (op.mode == P::kDown0 || op.mode == P::kDown1) {
-          arena_slot(op.scratch, "im2col scratch");
-          const int64_t K = ci * 9;
-          GGemm g = pack(M, K, [&](int64_t mm, int64_t kk) { return w[mm * K + kk]; }, "conv weights");
-          std::vector<int64_t> rel;
-          for (int64_t kk = 0; kk < K; ++kk) rel.push_back(slot_off[size_t(op.scratch)] + kk * ho * wo);
-          boffs(g, rel);
-          g.Pn = int(ho * wo); g.Wp = int(wo); g.Wv = int(wo); g.oys = int(wo); g.oxs = 1;
-          op.gemms.push_back(std::move(g));
-        } else {  // P::kUp (check_plan refuses other modes)
-          // phase (py, px) of nearest-x2 + 3x3 = a 2x2 conv on the low-res input (csrc/cpu/engine.cpp)
-          static const int kTaps[2][2][3] = {{{0, -1, -1}, {1, 2, -1}}, {{0, 1, -1}, {2, -1, -1}}};
-          for (int py = 0; py < 2; ++py)
-            for (int px = 0; px < 2; ++px) {
-              GGemm g = pack(M, ci * 4, [&](int64_t mm, int64_t kk) {
-                const int64_t ch = kk / 4;
-                const int a = int(kk % 4) / 2, b = int(kk % 2);
-                float s = 0.0f;
-                for (int u = 0; u < 3 && kTaps[py][a][u] >= 0; ++u)
-                  for (int v = 0; v < 3 && kTaps[px][b][v] >= 0; ++v)
-                    s += w[((mm * ci + ch) * 3 + kTaps[py][a][u]) * 3 + kTaps[px][b][v]];
-                return s;
-              }, "upsample conv weights");
-              std::vector<int64_t> rel;
-              const int64_t base_in = source(g, op.in);
-              for (int64_t ch = 0; ch < ci; ++ch)
-                for (int a = 0; a < 2; ++a)
-                  for (int b = 0; b < 2; ++b)
-                    rel.push_back(base_in + ch * pplane + (py + a) * Wp + (px + b));
-              boffs(g, rel);
-              g.Pn = int(op.h * Wp); g.Wp = int(Wp); g.Wv = int(op.w);
-              g.oys = int(2 * wo); g.oxs = 2; g.ooff = int(py * wo + px);
-              op.gemms.push_back(std::move(g));
-            }
-        }
-        break;
-      }
-      case P::kAttention: {
-        const int64_t C = op.cin, L = hw;
-        arena_slot(op.scratch, "scratch");
-        if (N * op.heads > 65535) fail(where + ": batch * heads must be <= 65535 on the CUDA engine");
-        const float* wq = wdata(P::kToQ);
-        const float* wk = wdata(P::kToK);
-        const float* wvv = wdata(P::kToV);
-        const float* wo = wdata(P::kToOut);
-        op.bias2 = upload_floats(wcopy(P::kToOutBias), "attention bias", stream);
-        std::vector<float> bqkv;  // [3C]: q, k, v stacked
-        for (int role : {P::kToQBias, P::kToKBias, P::kToVBias}) {
-          const auto b = wcopy(role);
-          bqkv.insert(bqkv.end(), b.begin(), b.end());
-        }
-        op.bias = upload_floats(bqkv, "attention bias", stream);
-        GGemm qkv = pack(3 * C, C, [&](int64_t mm, int64_t kk) {
-          const float* s = mm < C ? wq : (mm < 2 * C ? wk : wvv);
-          return s[(mm % C) * C + kk];
-        }, "attention weights");
-        std::vector<int64_t> rel;
-        const int64_t base_in = source(qkv, op.in);
-        for (int64_t ch = 0; ch < C; ++ch) rel.push_back(base_in + ch * L);
-        boffs(qkv, rel);
-        qkv.Pn = int(L); qkv.Wp = int(L); qkv.Wv = int(L); qkv.oys = 0; qkv.oxs = 1;
-        GGemm proj = pack(C, C, [&](int64_t mm, int64_t kk) { return wo[mm * C + kk]; }, "attention weights");
-        rel.clear();
-        for (int64_t ch = 0; ch < C; ++ch) rel.push_back(slot_off[size_t(op.scratch)] + 3 * C * L + ch * L);
-        boffs(proj, rel);
-        proj.Pn = int(L); proj.Wp = int(L); proj.Wv = int(L); proj.oys = 0; proj.oxs = 1;
-        op.gemms.push_back(std::move(qkv));
-        op.gemms.push_back(std::move(proj));
-        break;
-      }
-      default:  // check_plan refuses unknown codes
-        throw std::logic_error("plan_check.h and the engine disagree on op code " + std::to_string(op.code));
-    }
-    ops.push_back(std::move(op));
+void Engine::Impl::upload_offsets(GGemm& g, const std::vector<int64_t>& offsets) {
+  std::vector<int32_t> b(offsets.begin(), offsets.end());
+  g.boff = upload(b.data(), b.size() * 4, "GEMM offsets", stream);
+}
+
+GOp Engine::Impl::build_op(const P::CheckedOp& c, size_t index) {
+  GOp op;
+  static_cast<P::OpFields&>(op) = c;
+  const std::string where = "plan op " + std::to_string(index) + " (" + P::op_name(op.code) + ")";
+  switch (op.code) {
+    case P::kTimeEmb:
+    case P::kPad:
+      break;  // no weights
+    case P::kLinear: build_linear(op, c); break;
+    case P::kGroupNorm: build_groupnorm(op, c); break;
+    case P::kConv: build_conv(op, c, where); break;
+    case P::kAttention: build_attention(op, c, where); break;
+    default:  // check_plan refuses unknown codes
+      throw std::logic_error("plan_check.h and the engine disagree on op code " + std::to_string(op.code));
   }
+  return op;
+}
+
+void Engine::Impl::build_linear(GOp& op, const P::CheckedOp& c) {
+  op.wt = upload_floats(P::weight_copy(c, P::kWeight), "linear weight", stream);
+  op.bias = upload_floats(P::weight_copy(c, P::kBias), "linear bias", stream);
+}
+
+void Engine::Impl::build_groupnorm(GOp& op, const P::CheckedOp& c) {
+  op.gamma = upload_floats(P::weight_copy(c, P::kWeight), "norm scale", stream);
+  op.beta = upload_floats(P::weight_copy(c, P::kBias), "norm shift", stream);
+}
+
+GGemm Engine::Impl::conv_gemm(const P::ConvGemmLowering& l) {
+  GGemm g = pack(l.M, l.K, [&](int64_t m, int64_t k) { return l.weights[size_t(m * l.K + k)]; }, "conv weights");
+  std::vector<int64_t> offsets;
+  for (const P::BRow& r : l.rows) offsets.push_back(gather_source(g, r.slot) + r.offset);
+  upload_offsets(g, offsets);
+  const P::GemmColumns& col = l.columns;
+  g.Pn = int(col.Pn); g.Wp = int(col.Wp); g.Wv = int(col.Wv); g.oys = int(col.oys); g.oxs = int(col.oxs);
+  g.ooff = int(col.ooff);
+  return g;
+}
+
+void Engine::Impl::build_conv(GOp& op, const P::CheckedOp& c, const std::string& where) {
+  // a GEMM gathers all its rows from one source: with two, both must be arena slots
+  if (op.in2 >= 0) {
+    require_arena_slot(op.in, where, "input beside a shortcut");
+    require_arena_slot(op.in2, where, "shortcut input");
+  }
+  if (op.mode == P::kDown0 || op.mode == P::kDown1) require_arena_slot(op.scratch, where, "im2col scratch");
+  op.bias = upload_floats(P::conv_bias(c), "conv bias", stream);
+  for (const P::ConvGemmLowering& l : P::lower_conv(c)) op.gemms.push_back(conv_gemm(l));
+}
+
+void Engine::Impl::build_attention(GOp& op, const P::CheckedOp& c, const std::string& where) {
+  const int64_t C = op.cin, L = op.h * op.w;
+  require_arena_slot(op.scratch, where, "scratch");
+  if (N * op.heads > 65535) fail(where + ": batch * heads must be <= 65535 on the CUDA engine");
+  const float* wq = P::checked_weight(c, P::kToQ).data;
+  const float* wk = P::checked_weight(c, P::kToK).data;
+  const float* wv = P::checked_weight(c, P::kToV).data;
+  const float* wo = P::checked_weight(c, P::kToOut).data;
+  op.bias2 = upload_floats(P::weight_copy(c, P::kToOutBias), "attention bias", stream);
+  std::vector<float> bqkv;  // [3C]: q, k, v stacked
+  for (int role : {P::kToQBias, P::kToKBias, P::kToVBias}) {
+    const auto b = P::weight_copy(c, role);
+    bqkv.insert(bqkv.end(), b.begin(), b.end());
+  }
+  op.bias = upload_floats(bqkv, "attention bias", stream);
+  GGemm qkv = pack(3 * C, C, [&](int64_t mm, int64_t kk) {
+    const float* s = mm < C ? wq : (mm < 2 * C ? wk : wv);
+    return s[(mm % C) * C + kk];
+  }, "attention weights");
+  std::vector<int64_t> offsets;
+  const int64_t base_in = gather_source(qkv, op.in);
+  for (int64_t ch = 0; ch < C; ++ch) offsets.push_back(base_in + ch * L);
+  upload_offsets(qkv, offsets);
+  qkv.Pn = int(L); qkv.Wp = int(L); qkv.Wv = int(L); qkv.oys = 0; qkv.oxs = 1;
+  GGemm proj = pack(C, C, [&](int64_t mm, int64_t kk) { return wo[mm * C + kk]; }, "attention weights");
+  offsets.clear();
+  for (int64_t ch = 0; ch < C; ++ch) offsets.push_back(slot_off[size_t(op.scratch)] + 3 * C * L + ch * L);
+  upload_offsets(proj, offsets);
+  proj.Pn = int(L); proj.Wp = int(L); proj.Wv = int(L); proj.oys = 0; proj.oxs = 1;
+  op.gemms.push_back(std::move(qkv));
+  op.gemms.push_back(std::move(proj));
+}
+
+void Engine::Impl::build(const PlanView& pv, const std::vector<WeightView>& weights) {
+  const std::vector<P::CheckedOp> checked = P::check_plan(pv, weights, in_c, out_c, H, W, int64_t(1) << 30);
+  check_cuda(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), "cudaStreamCreate");
+  for (auto& e : ev) check_cuda(cudaEventCreateWithFlags(&e, cudaEventDisableTiming | cudaEventBlockingSync), "cudaEventCreate");
+  check_cuda(cudaEventCreateWithFlags(&done, cudaEventDisableTiming | cudaEventBlockingSync), "cudaEventCreate");
+  check_cuda(cudaEventCreateWithFlags(&last_use, cudaEventDisableTiming), "cudaEventCreate");
+  layout_slots(pv);  // the arena's per-sample layout first: boff needs the slot offsets
+  for (size_t i = 0; i < checked.size(); ++i) ops.push_back(build_op(checked[i], i));
   if (N > 65535) fail("batch must be <= 65535 on the CUDA engine");
-  const bool split = split_k_enabled();
   for (GOp& op : ops)
     for (GGemm& g : op.gemms) {
-      choose_split(g, split);
+      choose_split(g, options.split_k);
       if (g.splits > 1) ws_per_sample = std::max<int64_t>(ws_per_sample, int64_t(g.splits) * g.M * g.Pn);
     }
   if (ws_per_sample > 0) ws = DevBuf(size_t(N * ws_per_sample) * 4, "the split-K workspace");
   if (N > 0 && T > (int64_t(1) << 40) / N) fail("the activations of this plan and batch are too large");
   arena = DevBuf(size_t(N * T + kSlack) * 4, "the activation arena");
-  check(cudaMemsetAsync(arena.as<void>(), 0, arena.bytes(), stream), "cudaMemset");
+  check_cuda(cudaMemsetAsync(arena.as<void>(), 0, arena.bytes(), stream), "cudaMemset");
   // slots 0 and 1 with slack too: a GEMM may gather from them (reads up to 2 floats past a padded plane)
   x = DevBuf(size_t(N * in_c * H * W + kSlack) * 4, "the sample buffer");
   m = DevBuf(size_t(N * out_c * H * W + kSlack) * 4, "the model output buffer");
-  check(cudaMemsetAsync(x.as<void>(), 0, x.bytes(), stream), "cudaMemset");
-  check(cudaMemsetAsync(m.as<void>(), 0, m.bytes(), stream), "cudaMemset");
+  check_cuda(cudaMemsetAsync(x.as<void>(), 0, x.bytes(), stream), "cudaMemset");
+  check_cuda(cudaMemsetAsync(m.as<void>(), 0, m.bytes(), stream), "cudaMemset");
   tvals = DevBuf(size_t(N) * 4, "the timesteps");
   state = DevBuf(sizeof(LoopState), "the loop state");
   state_host = HostBuf(sizeof(LoopState));
@@ -534,7 +456,7 @@ void Engine::Impl::build(const PlanView& pv, const std::vector<WeightView>& weig
 void Engine::Impl::add_op_times() {
   for (size_t i = 0; i < ops.size(); ++i) {
     float ms = 0.0f;
-    check(cudaEventElapsedTime(&ms, prof_ev[i], prof_ev[i + 1]), "cudaEventElapsedTime");
+    check_cuda(cudaEventElapsedTime(&ms, prof_ev[i], prof_ev[i + 1]), "cudaEventElapsedTime");
     op_seconds[i] += double(ms) * 1e-3;
   }
 }
@@ -562,21 +484,21 @@ void Engine::Impl::forward_ops(cudaStream_t st, bool timed) {
   };
   size_t index = 0;
   for (const GOp& op : ops) {
-    if (timed) check(cudaEventRecord(prof_ev[index++], st), "cudaEventRecord");
+    if (timed) check_cuda(cudaEventRecord(prof_ev[index++], st), "cudaEventRecord");
     switch (op.code) {
       case P::kTimeEmb:
-        check(launch_time_emb(tvals.as<float>(), slot(op.out), bstride(op.out), n, int(op.cout), op.shift,
+        check_cuda(launch_time_emb(tvals.as<float>(), slot(op.out), bstride(op.out), n, int(op.cout), op.shift,
                               op.flags & P::kFlagFlip, st), "time embedding");
         break;
       case P::kLinear:
-        check(launch_linear(slot(op.in), bstride(op.in), slot(op.out), bstride(op.out), op.wt.as<float>(),
+        check_cuda(launch_linear(slot(op.in), bstride(op.in), slot(op.out), bstride(op.out), op.wt.as<float>(),
                             op.bias.as<float>(), n, int(op.cin), int(op.cout), op.flags & P::kFlagSilu, st), "linear");
         break;
       case P::kPad:
-        check(launch_pad(concat(op), slot(op.out), bstride(op.out), n, op.a, op.shift, st), "pad");
+        check_cuda(launch_pad(concat(op), slot(op.out), bstride(op.out), n, op.a, op.shift, st), "pad");
         break;
       case P::kGroupNorm:
-        check(launch_groupnorm(concat(op), slot(op.out), bstride(op.out), n, int(op.groups), op.eps,
+        check_cuda(launch_groupnorm(concat(op), slot(op.out), bstride(op.out), n, int(op.groups), op.eps,
                                op.gamma.as<float>(), op.beta.as<float>(), op.flags & P::kFlagSilu,
                                op.flags & P::kFlagPaddedOut, st), "group norm");
         break;
@@ -584,7 +506,7 @@ void Engine::Impl::forward_ops(cudaStream_t st, bool timed) {
         int64_t ho = op.h, wo = op.w;
         if (op.mode == P::kDown0 || op.mode == P::kDown1) {
           ho = op.h / 2; wo = op.w / 2;
-          check(launch_im2col_s2(slot(op.in), bstride(op.in), slot(op.scratch), T, n, int(op.cin), int(op.h),
+          check_cuda(launch_im2col_s2(slot(op.in), bstride(op.in), slot(op.scratch), T, n, int(op.cin), int(op.h),
                                  int(op.w), op.mode == P::kDown1 ? 1 : 0, st), "im2col");
         } else if (op.mode == P::kUp) {
           ho = op.h * 2; wo = op.w * 2;
@@ -596,7 +518,7 @@ void Engine::Impl::forward_ops(cudaStream_t st, bool timed) {
           if (op.temb >= 0) { g.temb = slot(op.temb); g.t_bstride = bstride(op.temb); }
           if (op.residual >= 0) { g.res = slot(op.residual); g.r_bstride = bstride(op.residual); }
           g.scale = op.scale;
-          check(launch_gemm(g, prec, st), "conv GEMM");
+          check_cuda(launch_gemm(g, prec, st), "conv GEMM");
         }
         break;
       }
@@ -610,7 +532,7 @@ void Engine::Impl::forward_ops(cudaStream_t st, bool timed) {
         GemmDev g = gemm_of(op.gemms[0]);
         g.out = q; g.o_bstride = T; g.ocs = L;
         g.bias = op.bias.as<float>();
-        check(launch_gemm(g, prec, st), "attention qkv GEMM");
+        check_cuda(launch_gemm(g, prec, st), "attention qkv GEMM");
         StridedGemm s;  // S_h [i, j] = scale * sum_c q[h*d + c][i] k[h*d + c][j]
         s.M = int(L); s.N = int(L); s.K = int(d);
         s.A = q; s.sam = 1; s.sak = L; s.a_outer = T; s.a_inner = d * L;
@@ -618,33 +540,33 @@ void Engine::Impl::forward_ops(cudaStream_t st, bool timed) {
         s.C = S; s.scm = L; s.c_outer = T; s.c_inner = L * L;
         s.alpha = float(1.0 / std::sqrt(double(d)));
         s.outer = n; s.inner = int(heads);
-        check(launch_strided_gemm(s, st), "attention scores");
-        check(launch_softmax_rows(S, T, int(heads * L), int(L), n, st), "softmax");
+        check_cuda(launch_strided_gemm(s, st), "attention scores");
+        check_cuda(launch_softmax_rows(S, T, int(heads * L), int(L), n, st), "softmax");
         StridedGemm pv;  // o[h*d + c][i] = sum_j v[h*d + c][j] P_h[i, j]
         pv.M = int(d); pv.N = int(L); pv.K = int(L);
         pv.A = v; pv.sam = L; pv.sak = 1; pv.a_outer = T; pv.a_inner = d * L;
         pv.B = S; pv.sbk = 1; pv.sbn = L; pv.b_outer = T; pv.b_inner = L * L;
         pv.C = o; pv.scm = L; pv.c_outer = T; pv.c_inner = d * L;
         pv.outer = n; pv.inner = int(heads);
-        check(launch_strided_gemm(pv, st), "attention values");
+        check_cuda(launch_strided_gemm(pv, st), "attention values");
         GemmDev pj = gemm_of(op.gemms[1]);  // out = scale * (Wo o + bo + residual)
         pj.out = slot(op.out); pj.o_bstride = bstride(op.out); pj.ocs = L;
         pj.bias = op.bias2.as<float>();
         pj.res = slot(op.residual); pj.r_bstride = bstride(op.residual);
         pj.scale = op.scale;
-        check(launch_gemm(pj, prec, st), "attention out GEMM");
+        check_cuda(launch_gemm(pj, prec, st), "attention out GEMM");
         break;
       }
       default: break;  // rejected at build
     }
   }
-  if (timed) check(cudaEventRecord(prof_ev[index], st), "cudaEventRecord");
+  if (timed) check_cuda(cudaEventRecord(prof_ev[index], st), "cudaEventRecord");
 }
 
 // One step of the loop on the engine's stream: t from the table, the U-Net, the fused step (x in
 // place), step += 1. Captured once as the step graph; run directly when profiling.
 void Engine::Impl::run_step_ops(bool timed) {
-  check(launch_loop_begin(state.as<LoopState>(), ts_tab.as<uint32_t>(), tvals.as<float>(), int(N), stream),
+  check_cuda(launch_loop_begin(state.as<LoopState>(), ts_tab.as<uint32_t>(), tvals.as<float>(), int(N), stream),
         "loop begin");
   forward_ops(stream, timed);
   StepParams p;
@@ -652,12 +574,12 @@ void Engine::Impl::run_step_ops(bool timed) {
   p.per_sample = in_c * H * W;
   check_status(loop_step(p, x.as<float>(), m.as<float>(), x.as<float>(), coef_tab.as<float>(),
                          ts_tab.as<uint32_t>(), state.as<LoopState>(), stream), "loop step");
-  check(launch_loop_advance(state.as<LoopState>(), stream), "loop advance");
+  check_cuda(launch_loop_advance(state.as<LoopState>(), stream), "loop advance");
 }
 
 void Engine::Impl::capture() {
   drop_graph();
-  check(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal), "cudaStreamBeginCapture");
+  check_cuda(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal), "cudaStreamBeginCapture");
   cudaError_t err = cudaSuccess;
   std::string what;
   try {
@@ -681,7 +603,7 @@ void Engine::Impl::capture() {
     cudaGetLastError();
     if (inst == cudaErrorMemoryAllocation)
       throw OutOfMemory("CUDA out of memory while instantiating the sampling graph (" + cuda_text(inst) + ")");
-    check(inst, "cudaGraphInstantiate");
+    check_cuda(inst, "cudaGraphInstantiate");
   }
   graph_nodes = 0;
   cudaGraphGetNodes(graph, nullptr, &graph_nodes);
@@ -690,21 +612,22 @@ void Engine::Impl::capture() {
 // ------------------------------------------------------------------------------- Engine
 
 Engine::Engine(const PlanView& plan, const std::vector<WeightView>& weights, int64_t batch, int64_t in_c,
-               int64_t out_c, int64_t height, int64_t width, Precision requested, int device)
+               int64_t out_c, int64_t height, int64_t width, Precision requested, int device,
+               const CudaEngineOptions& options)
     : impl_(new Impl), precision_(requested), device_(device), batch_(batch) {
   if (batch < 1 || in_c < 1 || out_c < 1 || height < 1 || width < 1)
     fail("batch, channels, height and width must be positive");
   int count = 0;
-  check(cudaGetDeviceCount(&count), "cudaGetDeviceCount");
+  check_cuda(cudaGetDeviceCount(&count), "cudaGetDeviceCount");
   if (device < 0 || device >= count)
     fail("CUDA device " + std::to_string(device) + " out of range: " + std::to_string(count) + " device(s)");
   DeviceGuard guard(device);
   int major = 0;
-  check(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device), "cudaDeviceGetAttribute");
+  check_cuda(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device), "cudaDeviceGetAttribute");
   // What the device can do and what this build compiled for it: a build without sm_80+ code runs
   // on an Ampere / Hopper GPU from older PTX, whose tensor-core branches are empty (they trap).
   int arch = 0;
-  check(gemm_compiled_arch(requested, &arch), "cudaFuncGetAttributes (is this GPU among the build's archs?)");
+  check_cuda(gemm_compiled_arch(requested, &arch), "cudaFuncGetAttributes (is this GPU among the build's archs?)");
   const std::string built = " (this build's GEMM for the device was compiled from compute_" + std::to_string(arch) +
                             "; rebuild with FASTDDPM_CUDA_ARCHS naming the device's architecture)";
   if (requested == Precision::kBF16) {
@@ -718,6 +641,7 @@ Engine::Engine(const PlanView& plan, const std::vector<WeightView>& weights, int
   if (requested == Precision::kTF32 && (major < 8 || arch < 80)) precision_ = Precision::kF32;  // no tf32 cores
   Impl& e = *impl_;
   e.N = batch; e.in_c = in_c; e.out_c = out_c; e.H = height; e.W = width; e.prec = precision_;
+  e.options = options;
   e.build(plan, weights);
 }
 
@@ -756,10 +680,10 @@ void Engine::forward_host(const float* x, const float* t, float* out) {
   Impl& e = *impl_;
   const size_t in_b = size_t(e.N * e.in_c * e.H * e.W) * 4, out_b = size_t(e.N * e.out_c * e.H * e.W) * 4;
   e.after_last_use();
-  check(cudaMemcpyAsync(e.x.as<float>(), x, in_b, cudaMemcpyHostToDevice, e.stream), "copy of the sample");
-  check(cudaMemcpyAsync(e.tvals.as<float>(), t, size_t(e.N) * 4, cudaMemcpyHostToDevice, e.stream), "copy of t");
+  check_cuda(cudaMemcpyAsync(e.x.as<float>(), x, in_b, cudaMemcpyHostToDevice, e.stream), "copy of the sample");
+  check_cuda(cudaMemcpyAsync(e.tvals.as<float>(), t, size_t(e.N) * 4, cudaMemcpyHostToDevice, e.stream), "copy of t");
   e.forward_ops(e.stream, e.profiling);
-  check(cudaMemcpyAsync(out, e.m.as<float>(), out_b, cudaMemcpyDeviceToHost, e.stream), "copy of the output");
+  check_cuda(cudaMemcpyAsync(out, e.m.as<float>(), out_b, cudaMemcpyDeviceToHost, e.stream), "copy of the output");
   e.mark_last_use();
   e.wait_stream("U-Net forward");
   if (e.profiling) e.add_op_times();
@@ -771,7 +695,7 @@ void Engine::set_profiling(bool on) {
   Impl& e = *impl_;
   if (on && e.prof_ev.empty()) {
     e.prof_ev.assign(e.ops.size() + 1, nullptr);
-    for (cudaEvent_t& ev : e.prof_ev) check(cudaEventCreate(&ev), "cudaEventCreate");
+    for (cudaEvent_t& ev : e.prof_ev) check_cuda(cudaEventCreate(&ev), "cudaEventCreate");
   }
   e.profiling = on;
   if (on) e.op_seconds.assign(e.ops.size(), 0.0);
@@ -790,17 +714,17 @@ void Engine::forward_device(const float* x, const float* t, float* out, cudaStre
   Impl& e = *impl_;
   const size_t in_b = size_t(e.N * e.in_c * e.H * e.W) * 4, out_b = size_t(e.N * e.out_c * e.H * e.W) * 4;
   cudaStreamCaptureStatus capturing = cudaStreamCaptureStatusNone;
-  check(cudaStreamIsCapturing(stream, &capturing), "cudaStreamIsCapturing");
+  check_cuda(cudaStreamIsCapturing(stream, &capturing), "cudaStreamIsCapturing");
   if (capturing == cudaStreamCaptureStatusInvalidated) fail("the caller's stream capture has been invalidated");
   const bool captured = capturing == cudaStreamCaptureStatusActive;
   // The caller's stream runs after whatever used the buffers last (another stream, the loop); in a
   // capture, as an external wait node, so the replay waits for the last use at its own time.
-  check(cudaStreamWaitEvent(stream, e.last_use, captured ? cudaEventWaitExternal : 0), "cudaStreamWaitEvent");
-  check(cudaMemcpyAsync(e.x.as<float>(), x, in_b, cudaMemcpyDeviceToDevice, stream), "copy of the sample");
-  check(cudaMemcpyAsync(e.tvals.as<float>(), t, size_t(e.N) * 4, cudaMemcpyDeviceToDevice, stream), "copy of t");
+  check_cuda(cudaStreamWaitEvent(stream, e.last_use, captured ? cudaEventWaitExternal : 0), "cudaStreamWaitEvent");
+  check_cuda(cudaMemcpyAsync(e.x.as<float>(), x, in_b, cudaMemcpyDeviceToDevice, stream), "copy of the sample");
+  check_cuda(cudaMemcpyAsync(e.tvals.as<float>(), t, size_t(e.N) * 4, cudaMemcpyDeviceToDevice, stream), "copy of t");
   e.forward_ops(stream);
-  check(cudaMemcpyAsync(out, e.m.as<float>(), out_b, cudaMemcpyDeviceToDevice, stream), "copy of the output");
-  check(cudaEventRecordWithFlags(e.last_use, stream, captured ? cudaEventRecordExternal : 0), "cudaEventRecord");
+  check_cuda(cudaMemcpyAsync(out, e.m.as<float>(), out_b, cudaMemcpyDeviceToDevice, stream), "copy of the output");
+  check_cuda(cudaEventRecordWithFlags(e.last_use, stream, captured ? cudaEventRecordExternal : 0), "cudaEventRecord");
 }
 
 void Engine::set_schedule(const float* coef, const int64_t* timesteps, int64_t steps) {
@@ -830,9 +754,9 @@ void Engine::set_schedule(const float* coef, const int64_t* timesteps, int64_t s
     e.ts_tab = std::move(t);
     e.cap = cap;
   }
-  check(cudaMemcpyAsync(e.coef_tab.as<float>(), coef, size_t(steps * kCoefWidth) * 4, cudaMemcpyHostToDevice,
+  check_cuda(cudaMemcpyAsync(e.coef_tab.as<float>(), coef, size_t(steps * kCoefWidth) * 4, cudaMemcpyHostToDevice,
                         e.stream), "coefficient upload");
-  check(cudaMemcpyAsync(e.ts_tab.as<uint32_t>(), ts.data(), size_t(steps) * 4, cudaMemcpyHostToDevice, e.stream),
+  check_cuda(cudaMemcpyAsync(e.ts_tab.as<uint32_t>(), ts.data(), size_t(steps) * 4, cudaMemcpyHostToDevice, e.stream),
         "timestep upload");
   e.wait_stream("schedule upload");
   e.steps = steps;
@@ -875,7 +799,7 @@ bool Engine::run(const RunArgs& a, const std::function<bool(int64_t)>& on_chunk)
   st->seed = a.seed;
   st->first_index = uint32_t(a.first_index);
   st->step = 0;
-  check(cudaMemcpyAsync(e.state.as<LoopState>(), st, sizeof(LoopState), cudaMemcpyHostToDevice, e.stream),
+  check_cuda(cudaMemcpyAsync(e.state.as<LoopState>(), st, sizeof(LoopState), cudaMemcpyHostToDevice, e.stream),
         "copy of the loop state");
   if (!e.exec) e.capture();
   StepParams p;
@@ -886,7 +810,7 @@ bool Engine::run(const RunArgs& a, const std::function<bool(int64_t)>& on_chunk)
   auto keep_copy = [&](int64_t pos) {
     for (size_t i = 0; i < a.keep.size(); ++i)
       if (a.keep[i] == pos)
-        check(cudaMemcpyAsync(frames + i * size_t(e.N * per), e.x.as<float>(), frame_b, cudaMemcpyDeviceToHost,
+        check_cuda(cudaMemcpyAsync(frames + i * size_t(e.N * per), e.x.as<float>(), frame_b, cudaMemcpyDeviceToHost,
                               e.stream), "trajectory copy");
   };
   keep_copy(0);
@@ -899,17 +823,17 @@ bool Engine::run(const RunArgs& a, const std::function<bool(int64_t)>& on_chunk)
   for (int64_t k = 1; k <= S; ++k) {
     if (e.profiling) {  // the captured step's work, op by op between timing events
       e.run_step_ops(true);
-      check(cudaEventSynchronize(e.prof_ev.back()), "sampling loop");
+      check_cuda(cudaEventSynchronize(e.prof_ev.back()), "sampling loop");
       e.add_op_times();
     } else {
-      check(cudaGraphLaunch(e.exec, e.stream), "cudaGraphLaunch");
+      check_cuda(cudaGraphLaunch(e.exec, e.stream), "cudaGraphLaunch");
     }
     keep_copy(k);
     if (k % every == 0 || k == S) {
-      check(cudaEventRecord(e.ev[next_ev], e.stream), "cudaEventRecord");
+      check_cuda(cudaEventRecord(e.ev[next_ev], e.stream), "cudaEventRecord");
       // the GPU has this chunk queued: now wait for the previous one and report it
       if (pending >= 0) {
-        check(cudaEventSynchronize(e.ev[pending_ev]), "sampling loop");
+        check_cuda(cudaEventSynchronize(e.ev[pending_ev]), "sampling loop");
         if (on_chunk && !on_chunk(pending)) { cancelled = true; break; }
       }
       pending = k;
@@ -918,7 +842,7 @@ bool Engine::run(const RunArgs& a, const std::function<bool(int64_t)>& on_chunk)
     }
   }
   if (!cancelled && pending >= 0) {
-    check(cudaEventSynchronize(e.ev[pending_ev]), "sampling loop");
+    check_cuda(cudaEventSynchronize(e.ev[pending_ev]), "sampling loop");
     if (on_chunk && !on_chunk(pending)) cancelled = true;
   }
   if (cancelled) {
@@ -927,7 +851,7 @@ bool Engine::run(const RunArgs& a, const std::function<bool(int64_t)>& on_chunk)
     e.wait_stream("sampling loop");
     return false;
   }
-  check(cudaMemcpyAsync(xh, e.x.as<float>(), frame_b, cudaMemcpyDeviceToHost, e.stream), "copy of the sample");
+  check_cuda(cudaMemcpyAsync(xh, e.x.as<float>(), frame_b, cudaMemcpyDeviceToHost, e.stream), "copy of the sample");
   e.mark_last_use();
   drain.armed = false;
   e.wait_stream("sampling loop");

@@ -12,6 +12,7 @@
 #include <string>
 #include <vector>
 
+#include "cuda_check.h"
 #include "engine_kernels.cuh"
 #include "fastddpm/call_lock.h"
 #include "fastddpm/plan_check.h"
@@ -19,13 +20,13 @@
 namespace fastddpm {
 namespace cuda {
 
-class OutOfMemory : public std::runtime_error {
- public:
-  using std::runtime_error::runtime_error;
-};
-class CudaError : public std::runtime_error {
- public:
-  using std::runtime_error::runtime_error;
+// Tuning switches; the Python side reads them from FASTDDPM_* variables
+// (executors/engine_options.py).
+struct CudaEngineOptions {
+  // split K where one sample's GEMM has fewer tiles than the GPU has multiprocessors (the batch-1
+  // latency case); false never splits (no workspace: for memory, or for large batches, where the
+  // grid fills the GPU anyway; results then differ in rounding)
+  bool split_k = true;
 };
 
 using PlanView = plan::PlanView;      // fastddpm/plan_check.h
@@ -46,7 +47,8 @@ class Engine {
   // requested: the GEMM precision asked for; kTF32 on a GPU older than sm_80 runs as kF32 (see
   // precision()), kBF16 there is refused. device: CUDA device index.
   Engine(const PlanView& plan, const std::vector<WeightView>& weights, int64_t batch, int64_t in_c,
-         int64_t out_c, int64_t height, int64_t width, Precision requested, int device);
+         int64_t out_c, int64_t height, int64_t width, Precision requested, int device,
+         const CudaEngineOptions& options);
   ~Engine();
   Engine(const Engine&) = delete;
   Engine& operator=(const Engine&) = delete;

@@ -68,6 +68,15 @@ inline std::vector<float> copy_weight(const WeightView& wv) {
   return std::vector<float>(wv.data, wv.data + n);
 }
 
+// The weight check_plan recorded for an op in `role` (an engine asking for one it did not record is
+// a bug in plan_check.h or the engine: std::logic_error).
+inline const WeightView& checked_weight(const CheckedOp& c, int role) {
+  if (!c.weights[role]) throw std::logic_error("plan_check.h and the engine disagree on a weight");
+  return *c.weights[role];
+}
+
+inline std::vector<float> weight_copy(const CheckedOp& c, int role) { return copy_weight(checked_weight(c, role)); }
+
 // Decodes and checks the whole plan for an engine built for in_c -> out_c channels at H x W.
 // max_slot_floats: the engine's limit on one slot's per-sample size.
 inline std::vector<CheckedOp> check_plan(const PlanView& pv, const std::vector<WeightView>& weights, int64_t in_c,

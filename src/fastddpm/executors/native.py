@@ -7,6 +7,7 @@ import os
 import numpy as np
 
 from .base import Backend, Engine
+from .engine_options import cpu_engine_options
 
 def _missing_reason(exc: ImportError) -> str:
     """Why fastddpm._C cannot run: the build's own record if it was not built, else the import error."""
@@ -99,7 +100,8 @@ class NativeCpuEngine(Engine):
         arrays = self.plan.arrays()
         self._engine = _C.Engine(arrays["ints"], arrays["floats"], arrays["slot_sizes"],
                                  [(n, self.weights[n]) for n in self.plan.weight_names], self.batch,
-                                 self.config.in_channels, self.config.out_channels, self.height, self.width)
+                                 self.config.in_channels, self.config.out_channels, self.height, self.width,
+                                 **cpu_engine_options())
 
     def _forward(self, x, t):
         return self._engine.forward(x, t)

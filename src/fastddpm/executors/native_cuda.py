@@ -17,6 +17,7 @@ import numpy as np
 
 from .. import validate
 from .base import Backend, Engine, EngineLock
+from .engine_options import cuda_engine_options
 
 try:
     from .. import _C_cuda
@@ -201,7 +202,8 @@ class NativeCudaEngine(Engine):
         self._engine = _C_cuda.Engine(arrays["ints"], arrays["floats"], arrays["slot_sizes"],
                                       [(n, self.weights[n]) for n in self.plan.weight_names], self.batch,
                                       self.config.in_channels, self.config.out_channels, self.height, self.width,
-                                      CUDA_BACKEND.check_dtype(self.options.dtype), int(self.options.device))
+                                      CUDA_BACKEND.check_dtype(self.options.dtype), int(self.options.device),
+                                      **cuda_engine_options())
 
     @property
     def dtype(self) -> str:
