@@ -28,7 +28,6 @@ from plan_numpy import run_plan
 pytestmark = pytest.mark.skipif(_C is None, reason="fastddpm._C is not built")
 
 torch = pytest.importorskip("torch")
-torch.set_num_threads(2)
 from fastddpm.reference import ReferenceUNet, reference_sample  # noqa: E402
 
 from test_unet_config import CONFIGS  # noqa: E402

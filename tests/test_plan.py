@@ -14,7 +14,6 @@ from fastddpm.unet_config import PRESETS, UNetConfig, UNetConfigError, random_we
 from plan_numpy import run_plan
 
 torch = pytest.importorskip("torch")
-torch.set_num_threads(2)
 from fastddpm.reference import ReferenceUNet  # noqa: E402
 
 from test_unet_config import CONFIGS  # noqa: E402  (the configs that use every option)

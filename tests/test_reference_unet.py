@@ -8,7 +8,6 @@ from fastddpm.weights import WeightsError
 
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
-torch.set_num_threads(2)
 
 from fastddpm.reference import ReferenceUNet  # noqa: E402  (after the torch skip)
 

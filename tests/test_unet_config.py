@@ -20,7 +20,6 @@ from fastddpm.weights import WeightsError, check_weights, load_safetensors, save
 
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
-torch.set_num_threads(2)
 
 BENCH = PRESETS["bench-small"]
 

@@ -385,12 +385,7 @@ def build_plan(cfg: UNetConfig | Mapping[str, Any], batch: int, height: int | No
     if not isinstance(cfg, UNetConfig):
         cfg = UNetConfig.from_dict(cfg)  # raises UNetConfigError naming the field
     batch = validate.count("batch", batch)
-    hw = cfg.sample_hw
-    height = height if height is not None else (hw[0] if hw else None)
-    width = width if width is not None else (hw[1] if hw else None)
-    if height is None or width is None:
-        raise ValueError("the config has no sample_size: pass height and width")
-    cfg.check_image_size(height, width)
+    height, width = cfg.image_hw(height, width)
     b = _Builder(cfg, int(batch), int(height), int(width))
     ops = b.build()
     used = set()

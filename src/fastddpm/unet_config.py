@@ -190,6 +190,17 @@ class UNetConfig:
         """Attention heads of a block with ``channels`` channels (diffusers' rule)."""
         return 1 if self.attention_head_dim is None else channels // self.attention_head_dim
 
+    def image_hw(self, height: int | None = None, width: int | None = None) -> tuple[int, int]:
+        """(height, width) of a forward: the given ones, else sample_size's; checked to run
+        through this U-Net (ValueError otherwise)."""
+        hw = self.sample_hw
+        height = height if height is not None else (hw[0] if hw else None)
+        width = width if width is not None else (hw[1] if hw else None)
+        if height is None or width is None:
+            raise ValueError("the config has no sample_size: pass height and width")
+        self.check_image_size(height, width)
+        return height, width
+
     def check_image_size(self, height: int, width: int) -> None:
         """Raise ValueError unless (height, width) can run through this U-Net."""
         m = self.size_multiple
@@ -512,12 +523,7 @@ def flops(cfg: UNetConfig, batch: int = 1, height: int | None = None,
     that only see weight layers report). Not counted: bias adds, norms, activations, softmax,
     residual adds, upsampling copies and concatenation (together a few percent at these sizes).
     ``height``/``width`` default to ``sample_size``."""
-    hw = cfg.sample_hw
-    height = height if height is not None else (hw[0] if hw else None)
-    width = width if width is not None else (hw[1] if hw else None)
-    if height is None or width is None:
-        raise ValueError("the config has no sample_size: pass height and width")
-    cfg.check_image_size(height, width)
+    height, width = cfg.image_hw(height, width)
     batch = validate.count("batch", batch)
     temb = cfg.time_embed_dim
     total = 0
