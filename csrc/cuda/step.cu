@@ -28,9 +28,7 @@ constexpr int kMaxCachedDevices = 64;
 // ---------------------------------------------------------------------------------------------
 // device code
 
-struct Coef {
-  float ax, am, cx0, dx, dm, sigma, clip;
-};
+using Coef = StepRow<float>;
 
 // The row is read when the kernel runs, never baked into the launch: a captured CUDA graph replays
 // with the row's contents (and the table's row pointer is the only launch argument).
@@ -40,14 +38,8 @@ __device__ __forceinline__ Coef load_coef(const float* __restrict__ row) {
 }
 
 __device__ __forceinline__ float step_element(float x, float m, float z, const Coef& c, bool clip, bool noisy) {
-  float x0 = c.ax * x + c.am * m;
-  if (clip) {  // comparisons, not fminf/fmaxf: a NaN x0 must come out NaN (a NaN compare is false)
-    x0 = c.clip < x0 ? c.clip : x0;
-    x0 = x0 < -c.clip ? -c.clip : x0;
-  }
-  float y = c.cx0 * x0 + c.dx * x + c.dm * m;
-  if (noisy) y += c.sigma * z;
-  return y;
+  const float y = step_mean(x, m, c, clip);
+  return noisy ? step_add_noise(y, z, c) : y;
 }
 
 __device__ __forceinline__ void philox_normals(const StepParams& p, uint32_t group, uint32_t sample, float z[4]) {

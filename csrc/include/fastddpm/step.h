@@ -15,6 +15,38 @@ enum CoefIndex : int { kAx = 0, kAm = 1, kCx0 = 2, kDx = 3, kDm = 4, kSigma = 5,
 // The columns as schedulers.py names them (COEF_COLUMNS; the last one is padding to 32 bytes).
 constexpr const char* kCoefNames[kCoefWidth] = {"ax", "am", "cx0", "dx", "dm", "sigma", "clip", "pad"};
 
+#if defined(__CUDACC__)
+#define FDDPM_STEP_FN __host__ __device__ __forceinline__
+#else
+#define FDDPM_STEP_FN inline
+#endif
+
+// A coefficient row held in F: float on the GPU, a GCC float vector (the row splatted) in the
+// CPU paths.
+template <class F>
+struct StepRow {
+  F ax, am, cx0, dx, dm, sigma, clip;
+};
+
+// The step's arithmetic: the one source of the C++ paths (every ISA) and the CUDA kernel; the
+// numba and torch steps mirror it operation for operation (executors/numba_cpu.py, torch_ref.py).
+// Without the noise term: y = c_x0 x0 + d_x x + d_m m, x0 = a_x x + a_m m, clipped if asked.
+template <class F>
+FDDPM_STEP_FN F step_mean(F x, F m, const StepRow<F>& c, bool clip) {
+  F x0 = c.ax * x + c.am * m;
+  if (clip) {  // comparisons, not min/max: a NaN x0 stays NaN (a comparison with NaN is false)
+    x0 = c.clip < x0 ? c.clip : x0;
+    x0 = x0 < -c.clip ? -c.clip : x0;
+  }
+  return c.cx0 * x0 + c.dx * x + c.dm * m;
+}
+
+// The noise term added to step_mean's result.
+template <class F>
+FDDPM_STEP_FN F step_add_noise(F y, F z, const StepRow<F>& c) {
+  return y + c.sigma * z;
+}
+
 struct StepParams {
   int64_t batch = 0;        // N samples
   int64_t per_sample = 0;   // elements per sample (C*H*W)
