@@ -52,6 +52,15 @@ def test_sample_quiet_ddim(tmp_path, model_dir, capsys):
     assert rc == 0 and so == "" and (tmp_path / "s.png").is_file()
 
 
+@pytest.mark.parametrize("sampler", ["dpm++2m", "dpm++3m", "dpm++2m-sde"])
+def test_sample_with_a_dpm_solver(sampler, tmp_path, model_dir, capsys):
+    rc, so, se = run(["sample", "-m", model_dir, "-n", "2", "--sampler", sampler, "--steps", "4", "--seed", "3",
+                      "-o", str(tmp_path / "s.png"), "--npy", str(tmp_path / "s.npy"), "-q"], capsys)
+    assert rc == 0 and (tmp_path / "s.png").is_file()
+    np.testing.assert_array_equal(np.load(tmp_path / "s.npy"),
+                                  fastddpm.load(model_dir)(2, sampler=sampler, steps=4, seed=3))
+
+
 @pytest.mark.parametrize("argv, match", [
     (["-n", "0"], "positive integer"), (["-n", "x"], "positive integer"), (["--sampler", "plms"], "invalid choice"),
     (["--eta", "-1"], ">= 0"), (["--seed", "-3"], ">= 0"), (["--steps", "nan"], "positive integer"),

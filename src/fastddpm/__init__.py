@@ -8,10 +8,11 @@ from . import validate as _validate
 
 from .executors import BackendUnavailableError, backends
 from .executors import get as _backend
-from .schedulers import DDIMScheduler, DDPMScheduler, SchedulerConfigError
+from .schedulers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, SchedulerConfigError
 
 __version__ = "0.1.0"
-__all__ = ["sample", "load", "noise", "backends", "DDPMScheduler", "DDIMScheduler", "Pipeline",
+__all__ = ["sample", "load", "noise", "backends", "DDPMScheduler", "DDIMScheduler", "DPMSolverMultistepScheduler",
+           "Pipeline",
            "BackendUnavailableError", "SchedulerConfigError", "__version__",
            "save_grid", "save_trajectory", "to_pil", "sample_to_disk"]
 

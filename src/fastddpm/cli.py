@@ -86,6 +86,7 @@ def _float_list(s: str) -> list[float]:
 
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
+    from .schedulers import SAMPLERS
     p = argparse.ArgumentParser(prog=PROG, description="fastddpm: fast DDPM sampling, training and benchmarks.")
     p.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
@@ -97,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="bundled name (digits), preset (bench-small, ddpm-cifar10) or a diffusers model "
                         "directory (default: the bundled digits model)")
     s.add_argument("-n", "--num", "--n", dest="n", type=_positive_int, default=16, help="images (default 16)")
-    s.add_argument("--sampler", choices=("ddpm", "ddim"), default="ddpm")
+    s.add_argument("--sampler", choices=tuple(SAMPLERS), default="ddpm")
     s.add_argument("--steps", type=_positive_int, default=None,
                    help="sampling steps (default: every training timestep for ddpm, 50 for ddim)")
     s.add_argument("--eta", type=_nonneg_float, default=0.0, help="DDIM eta (0: deterministic)")
@@ -220,7 +221,7 @@ def _precheck_output(path: str, allowed, what: str) -> str:
 def cmd_sample_to_disk(args) -> int:
     from .pipeline import default_model
     from .shards import sample_to_disk
-    if args.sampler == "ddpm" and args.eta != 0:
+    if args.sampler != "ddim" and args.eta != 0:
         raise CliError("--eta is a DDIM parameter: add --sampler ddim")
     t0 = time.perf_counter()
     data = sample_to_disk(default_model() if args.model is None else args.model, args.n, args.out,
@@ -252,7 +253,7 @@ def cmd_sample(args) -> int:
         outputs.append(_precheck_output(args.npy, (".npy",), "the array"))
     if len(set(outputs)) != len(outputs):
         raise CliError(f"two outputs would go to the same file: {outputs}")
-    if args.sampler == "ddpm" and args.eta != 0:
+    if args.sampler != "ddim" and args.eta != 0:
         raise CliError("--eta is a DDIM parameter: add --sampler ddim")
 
     import warnings

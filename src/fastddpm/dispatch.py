@@ -44,16 +44,20 @@ def _contiguous(a: np.ndarray) -> np.ndarray:
 
 
 def fused_step(sample, model_output, table: np.ndarray, row: int, noise_step: int, noise=None,
-               seed=None, first_index=0, backend="auto", out=None):
-    """One sampler step over every element; see fastddpm.schedulers for the maths."""
+               seed=None, first_index=0, backend="auto", out=None, history=None):
+    """One sampler step over every element; see fastddpm.schedulers for the maths. history: None,
+    or (h1, h2, x0_out) of a multistep solver: the previous x0 predictions (None where there is
+    none yet) and the array that receives this step's x0 (the kind and shape of sample)."""
     if type(sample) is np.ndarray:
-        return _step_numpy(sample, model_output, table, row, noise_step, noise, seed, first_index, backend, out)
+        return _step_numpy(sample, model_output, table, row, noise_step, noise, seed, first_index, backend, out,
+                           history)
     if _is_torch(sample):
-        return _step_torch(sample, model_output, table, row, noise_step, noise, seed, first_index, backend, out)
+        return _step_torch(sample, model_output, table, row, noise_step, noise, seed, first_index, backend, out,
+                           history)
     raise TypeError(f"sample must be a NumPy array or a torch tensor, got {_describe(sample)}")
 
 
-def _step_numpy(x, m, table, row, noise_step, noise, seed, first_index, backend, out):
+def _step_numpy(x, m, table, row, noise_step, noise, seed, first_index, backend, out, history=None):
     shape = x.shape
     if x.dtype != _F32:
         raise TypeError(f"sample must be float32, got {x.dtype}")
@@ -71,9 +75,10 @@ def _step_numpy(x, m, table, row, noise_step, noise, seed, first_index, backend,
     be = _backends.select(backend, "cpu")
     xc = x if x.flags.c_contiguous else np.ascontiguousarray(x)
     mc = m if m.flags.c_contiguous else np.ascontiguousarray(m)
+    extra = (noise,) if history is None else (noise, _numpy_history(history, shape))
     if out is None:
         result = np.empty(shape, dtype=_F32)
-        be.step(xc, mc, result, table, row, seed, noise_step, first_index, noise)
+        be.step(xc, mc, result, table, row, seed, noise_step, first_index, *extra)
         return result
     _check_numpy("out", out, shape)
     out_flags = out.flags
@@ -83,12 +88,25 @@ def _step_numpy(x, m, table, row, noise_step, noise, seed, first_index, backend,
     # written. Any other overlap, or a strided out, goes through a temporary.
     direct = out is xc or (out_flags.c_contiguous and _disjoint(out, xc, mc, noise))
     if direct:
-        be.step(xc, mc, out, table, row, seed, noise_step, first_index, noise)
+        be.step(xc, mc, out, table, row, seed, noise_step, first_index, *extra)
     else:
         tmp = np.empty(shape, dtype=_F32)
-        be.step(xc, mc, tmp, table, row, seed, noise_step, first_index, noise)
+        be.step(xc, mc, tmp, table, row, seed, noise_step, first_index, *extra)
         np.copyto(out, tmp)
     return out
+
+
+def _numpy_history(history, shape):
+    """(h1, h2, x0_out) checked: float32 arrays of the sample's shape (h1, h2 may be None;
+    x0_out C-contiguous and writable)."""
+    h1, h2, x0_out = history
+    if h2 is not None and h1 is None:
+        raise ValueError("history: h2 without h1")
+    h1, h2 = (None if h is None else _contiguous(_check_numpy(name, h, shape)) for name, h in (("h1", h1), ("h2", h2)))
+    _check_numpy("x0_out", x0_out, shape)
+    if not (x0_out.flags.c_contiguous and x0_out.flags.writeable):
+        raise ValueError("x0_out must be C-contiguous and writable")
+    return h1, h2, x0_out
 
 
 def _disjoint(out: np.ndarray, x: np.ndarray, m: np.ndarray, noise) -> bool:
@@ -101,7 +119,7 @@ def _disjoint(out: np.ndarray, x: np.ndarray, m: np.ndarray, noise) -> bool:
                 or (noise is not None and np.may_share_memory(out, noise)))
 
 
-def _step_torch(x, m, table, row, noise_step, noise, seed, first_index, backend, out):
+def _step_torch(x, m, table, row, noise_step, noise, seed, first_index, backend, out, history=None):
     import torch
 
     shape = tuple(x.shape)
@@ -123,8 +141,9 @@ def _step_torch(x, m, table, row, noise_step, noise, seed, first_index, backend,
     if not x.is_cuda:
         # CPU tensors share memory with NumPy views: run the NumPy path on them, no copy.
         arrays = [None if a is None else a.detach().numpy() for a in (x, m, noise, out)]
+        hist = None if history is None else tuple(None if h is None else h.detach().numpy() for h in history)
         result = _step_numpy(arrays[0], arrays[1], table, row, noise_step, arrays[2], seed, first_index,
-                             backend, arrays[3])
+                             backend, arrays[3], hist)
         return out if out is not None else torch.from_numpy(result)
     seed = 0 if noise is not None and seed is None else validate.seed(seed, fresh_if_none=True)
     first_index = validate.first_index(first_index, shape[0])
@@ -132,12 +151,13 @@ def _step_torch(x, m, table, row, noise_step, noise, seed, first_index, backend,
     with torch.no_grad():
         xc, mc = x.detach().contiguous(), m.detach().contiguous()
         nc = None if noise is None else noise.detach().contiguous()
+        extra = (nc,) if history is None else (nc, history)
         if out is not None and out.is_contiguous() and (out.data_ptr() == xc.data_ptr() or not any(
                 _overlaps(out, a) for a in (xc, mc, nc) if a is not None)):
-            be.step(xc, mc, out, table, row, seed, noise_step, first_index, nc)
+            be.step(xc, mc, out, table, row, seed, noise_step, first_index, *extra)
             return out
         result = torch.empty(shape, dtype=torch.float32, device=x.device)
-        be.step(xc, mc, result, table, row, seed, noise_step, first_index, nc)
+        be.step(xc, mc, result, table, row, seed, noise_step, first_index, *extra)
         if out is None:
             return result
         out.copy_(result)

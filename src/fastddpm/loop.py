@@ -44,3 +44,25 @@ def run_loop(timesteps, x, forward: Callable, step: Callable, *, keep=(), callba
 def _copier(x) -> Callable:
     clone = getattr(x, "clone", None)   # a torch tensor
     return (lambda a: a.clone()) if clone is not None else (lambda a: a.copy())
+
+
+class History:
+    """The x0 predictions of a multistep solver's last steps, in a ring of three buffers like x:
+    step k writes its x0 to one and reads the previous one or two (none before there are any)."""
+
+    def __init__(self, depth: int, like):
+        self.depth = depth
+        self._ring = [_empty_like(like) for _ in range(3)] if depth else []
+
+    def for_step(self, k: int):
+        """(h1, h2, x0_out) for step k, or None without history."""
+        if not self.depth:
+            return None
+        ring = self._ring
+        h1 = ring[(k - 1) % 3] if k >= 1 else None
+        h2 = ring[(k - 2) % 3] if self.depth >= 2 and k >= 2 else None
+        return h1, h2, ring[k % 3]
+
+
+def _empty_like(a):
+    return a.new_empty(a.shape) if hasattr(a, "new_empty") else a.__class__(a.shape, dtype=a.dtype)

@@ -25,7 +25,8 @@ from . import executors, validate
 from ._files import check_inside, errors_name, read_json_object
 from .executors import EngineOptions
 from .limits import check_request, engine_cache_size
-from .schedulers import DDIMScheduler, DDPMScheduler, SchedulerConfigError, scheduler_for
+from .schedulers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, SchedulerConfigError,
+                         scheduler_for)
 from .unet_config import PRESETS, UNetConfig, UNetConfigError, random_weights, weight_shapes
 from .weights import WeightsError, check_weights, load_safetensors, save_safetensors
 
@@ -36,7 +37,7 @@ BUNDLED_MODELS = ("digits",)
 PRESET_MODELS = tuple(PRESETS)
 DEFAULT_MODEL = "digits"
 _DIFFUSERS_VERSION = "0.42.1"   # what the saved files say they were written for
-_SCHEDULERS = {cls.__name__: cls for cls in (DDPMScheduler, DDIMScheduler)}   # loadable from a model directory
+_SCHEDULERS = {cls.__name__: cls for cls in (DDPMScheduler, DDIMScheduler, DPMSolverMultistepScheduler)}   # loadable from a model directory
 _OUTPUTS = ("uint8", "float")
 
 
@@ -182,7 +183,7 @@ class Pipeline:
             if found is not None and found[0] is self.scheduler:
                 self._schedulers.move_to_end(key)
                 return found[1]
-        sched = scheduler_for(sampler, self.scheduler.config, steps)
+        sched = scheduler_for(sampler, self.scheduler.config, steps, source=type(self.scheduler))
         with self._lock:
             self._schedulers[key] = (self.scheduler, sched)
             while len(self._schedulers) > 8:
@@ -194,7 +195,7 @@ class Pipeline:
         n = validate.count("n", n)
         sched = self.scheduler_for(sampler, steps)
         schedule = sched.schedule(eta=eta)
-        be = executors.sampling_backend(backend)
+        be = executors.sampling_backend(backend, schedule.history)
         options = EngineOptions(dtype=be.check_dtype(dtype))
         return n, schedule, be, options
 

@@ -24,7 +24,7 @@ from . import validate
 from .coefficients import A_M, A_X, C_X0, CLIP, COEF_COLUMNS, COEF_WIDTH, D_M, D_X, SIGMA  # noqa: F401
 from .dispatch import fused_step
 
-__all__ = ["DDPMScheduler", "DDIMScheduler", "COEF_WIDTH", "SchedulerConfigError", "StepSchedule", "SAMPLERS",
+__all__ = ["DDPMScheduler", "DDIMScheduler", "DPMSolverMultistepScheduler", "COEF_WIDTH", "SchedulerConfigError", "StepSchedule", "SAMPLERS",
            "scheduler_for"]
 
 
@@ -135,17 +135,23 @@ class _Scheduler:
     """Shared config handling, tables and the step entry point. Subclasses define _DEFAULTS and _row."""
 
     _DEFAULTS: dict[str, Any] = {}
+    _INERT: dict[str, Any] = {}      # a subclass's own keys accepted only at the value that changes nothing
+    _IGNORED: tuple = ()             # a subclass's own keys that matter only with an inert key switched on
+    history = 0                      # previous x0 predictions a step reads (StepSchedule.history)
     order = 1
     init_noise_sigma = 1.0
 
     def __init__(self, **config):
         cfg = dict(self._DEFAULTS)
+        inert = {**_INERT_KEYS, **self._INERT}
         for key, value in config.items():
-            if key.startswith("_") or key in _IGNORED_KEYS:
+            if key.startswith("_") or (key not in cfg and (key in _IGNORED_KEYS or key in self._IGNORED)):
                 continue  # diffusers bookkeeping (_class_name, _diffusers_version) and inert knobs
-            if key in _INERT_KEYS:
-                if bool(value) != _INERT_KEYS[key]:
-                    raise SchedulerConfigError(f"{key}={value!r} is not supported by fastddpm")
+            if key in inert and key not in cfg:
+                want = inert[key]
+                if (bool(value) != want) if isinstance(want, bool) else (value != want):
+                    raise SchedulerConfigError(f"{key}={value!r} is not supported by fastddpm "
+                                               f"(only {inert[key]!r})")
                 continue
             if key not in cfg:
                 raise SchedulerConfigError(
@@ -213,7 +219,7 @@ class _Scheduler:
         if not (np.all(np.isfinite(betas)) and np.all(betas > 0) and np.all(betas < 1)):
             raise SchedulerConfigError(f"every beta must be finite and in (0, 1): check {source} "
                                        f"(beta_schedule={cfg['beta_schedule']!r})")
-        r = cfg["clip_sample_range"]
+        r = cfg.get("clip_sample_range", 1.0)
         if isinstance(r, bool) or not (isinstance(r, (int, float)) and _finite(r) and r > 0):
             raise SchedulerConfigError(f"clip_sample_range must be a positive finite number, got {r!r}")
         off = cfg["steps_offset"]
@@ -319,7 +325,8 @@ class _Scheduler:
         if found is None:
             ts = np.array(self.timesteps, dtype=np.int64)
             ts.setflags(write=False)
-            found = self._schedules[key] = StepSchedule(ts, self.coefficients(**opts), scheduler=self, options=key)
+            found = self._schedules[key] = StepSchedule(ts, self.coefficients(**opts), history=self.history,
+                                                        scheduler=self, options=key)
         return found
 
     def _step_options(self, eta) -> dict:
@@ -344,17 +351,18 @@ class _Scheduler:
                         dtype=np.float64).reshape(-1, COEF_WIDTH)
 
     def _clip_range(self) -> float:
-        return float(self.config["clip_sample_range"]) if self.config["clip_sample"] else 0.0
+        return float(self.config["clip_sample_range"]) if self.config.get("clip_sample") else 0.0
 
     # -- step -----------------------------------------------------------------------------------
-    def _step(self, model_output, timestep, sample, noise, seed, first_index, backend, out, **options):
+    def _step(self, model_output, timestep, sample, noise, seed, first_index, backend, out, history=None,
+              **options):
         row = self.row_index(timestep)
         sched = self._schedules.get(()) if not options else None   # the common case without a call
         if sched is None:
             sched = self.schedule(**options)
         # the timestep of the row is the noise step (a plain int: this is the per-step hot path)
         return fused_step(sample, model_output, sched.table, row, self._timestep_ints[row], noise, seed, first_index,
-                          backend, out)
+                          backend, out, history)
 
 
 class DDPMScheduler(_Scheduler):
@@ -391,7 +399,7 @@ class DDPMScheduler(_Scheduler):
             sigma = math.sqrt(variance)
         else:
             sigma = 0.0
-        return [a_x, a_m, c_x0, c_xt, 0.0, sigma, self._clip_range(), 0.0]
+        return [a_x, a_m, c_x0, c_xt, 0.0, sigma, self._clip_range(), 0.0, 0.0, 0.0, 0.0, 0.0]
 
     def step(self, model_output, timestep, sample, *, noise=None, seed=None, first_index=0,
              backend="auto", out=None):
@@ -437,7 +445,8 @@ class DDIMScheduler(_Scheduler):
         variance = (1.0 - abar_prev) / (1.0 - abar) * (1.0 - abar / abar_prev)
         std = eta * math.sqrt(variance)
         c_eps = math.sqrt(max(1.0 - abar_prev - std**2, 0.0))
-        return [a_x, a_m, math.sqrt(abar_prev), c_eps * b_x, c_eps * b_m, std, self._clip_range(), 0.0]
+        return [a_x, a_m, math.sqrt(abar_prev), c_eps * b_x, c_eps * b_m, std, self._clip_range(), 0.0,
+                0.0, 0.0, 0.0, 0.0]
 
     def step(self, model_output, timestep, sample, *, eta=0.0, noise=None, seed=None, first_index=0,
              backend="auto", out=None):
@@ -448,16 +457,262 @@ class DDIMScheduler(_Scheduler):
         return self._step(model_output, timestep, sample, noise, seed, first_index, backend, out, eta=eta)
 
 
+class DPMSolverMultistepScheduler(_Scheduler):
+    """DPM-Solver++ (Lu et al. 2022), multistep, orders 1-3, ODE (dpmsolver++) or SDE
+    (sde-dpmsolver++); the same maths as diffusers' DPMSolverMultistepScheduler.step.
+
+    Every step is affine in x_t, the model output and the two previous x0 predictions, so it is
+    one fused pass: row k holds the x0 conversion (a_x, a_m), the weights of x_t (d_x), of this
+    step's x0 (c_x0) and of the previous ones (h1, h2), and the noise scale of the SDE variant.
+    Like diffusers' ``step`` it is stateful: the x0 predictions of the previous steps are kept
+    between calls (``set_timesteps`` forgets them)."""
+
+    _DEFAULTS = dict(num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="linear",
+                     trained_betas=None, solver_order=2, prediction_type="epsilon",
+                     algorithm_type="dpmsolver++", solver_type="midpoint", lower_order_final=True,
+                     euler_at_final=False, use_karras_sigmas=False, final_sigmas_type="zero",
+                     lambda_min_clipped=-math.inf, timestep_spacing="linspace", steps_offset=0,
+                     rescale_betas_zero_snr=False, thresholding=False, dynamic_thresholding_ratio=0.995,
+                     sample_max_value=1.0)
+    _INERT = dict(use_exponential_sigmas=False, use_beta_sigmas=False, use_lu_lambdas=False,
+                  use_flow_sigmas=False, use_dynamic_shifting=False, variance_type=None)
+    _IGNORED = ("flow_shift", "time_shift_type")
+    ALGORITHMS = ("dpmsolver++", "sde-dpmsolver++")
+    SOLVER_TYPES = ("midpoint", "heun")
+    FINAL_SIGMAS = ("zero", "sigma_min")
+
+    def __init__(self, **config):
+        super().__init__(**config)
+        if self.config["rescale_betas_zero_snr"]:
+            self.alphas_cumprod[-1] = 2.0**-24   # as diffusers: the last timestep stays finite
+        self.history = self.config["solver_order"] - 1
+        self.order = self.config["solver_order"]
+        self._sigmas = np.zeros(0)
+        self._set_timestep_array(np.zeros(0, dtype=np.int64))   # diffusers: set_timesteps first
+        self._x0_history: list = []
+        self._step_index: int | None = None
+
+    def _validate(self, cfg):
+        super()._validate(cfg)
+        def choice(key, allowed):
+            if cfg[key] not in allowed:
+                raise SchedulerConfigError(f"{key}={cfg[key]!r} is not one of {allowed}")
+        choice("algorithm_type", self.ALGORITHMS)
+        choice("solver_type", self.SOLVER_TYPES)
+        choice("final_sigmas_type", self.FINAL_SIGMAS)
+        order = cfg["solver_order"]
+        if isinstance(order, bool) or order not in (1, 2, 3):
+            raise SchedulerConfigError(f"solver_order must be 1, 2 or 3, got {order!r}")
+        for key in ("lower_order_final", "euler_at_final", "use_karras_sigmas"):
+            if not isinstance(cfg[key], (bool, np.bool_)):
+                raise SchedulerConfigError(f"{key} must be true or false, got {cfg[key]!r}")
+        lam = cfg["lambda_min_clipped"]
+        if isinstance(lam, bool) or not isinstance(lam, (int, float)) or math.isnan(lam):
+            raise SchedulerConfigError(f"lambda_min_clipped must be a number, got {lam!r}")
+        if not isinstance(cfg["thresholding"], (bool, np.bool_)):
+            raise SchedulerConfigError(f"thresholding must be true or false, got {cfg['thresholding']!r}")
+        if cfg["thresholding"] and cfg["sample_max_value"] != 1.0:
+            # dynamic thresholding clamps x0 to [-s, s] and divides by s, s = a per-sample quantile
+            # of |x0| clamped to [1, sample_max_value]: at 1.0 that is the fused clip to [-1, 1]
+            raise SchedulerConfigError(f"thresholding=True is supported with sample_max_value=1.0 (a clip of x0 to "
+                                       f"[-1, 1]), got sample_max_value={cfg['sample_max_value']!r}")
+        if cfg["use_karras_sigmas"] and cfg["beta_schedule"] == "squaredcos_cap_v2":
+            raise SchedulerConfigError("use_karras_sigmas with beta_schedule='squaredcos_cap_v2' evaluates the "
+                                       "model at fractional timesteps, which fastddpm does not run")
+
+    @classmethod
+    def default_steps(cls, num_train_timesteps: int) -> int:
+        return min(20, num_train_timesteps)
+
+    # -- timesteps and sigmas (diffusers' set_timesteps, in float64) ----------------------------
+    def _all_sigmas(self) -> np.ndarray:
+        return np.sqrt((1.0 - self.alphas_cumprod) / self.alphas_cumprod)     # [T], by timestep
+
+    def _spaced_timesteps(self, n: int) -> np.ndarray:
+        T, spacing = self.num_train_timesteps, self.config["timestep_spacing"]
+        abar = self.alphas_cumprod
+        lambda_t = np.log(np.sqrt(abar)) - np.log(np.sqrt(1.0 - abar))
+        clipped = int(np.searchsorted(lambda_t[::-1], self.config["lambda_min_clipped"]))
+        last = T - clipped
+        if spacing == "linspace":
+            return np.linspace(0, last - 1, n + 1).round()[::-1][:-1].astype(np.int64)
+        if spacing == "leading":
+            ratio = last // (n + 1)
+            return (np.arange(0, n + 1) * ratio).round()[::-1][:-1].astype(np.int64) + int(self.config["steps_offset"])
+        return np.arange(last, 0, -T / n).round().astype(np.int64) - 1    # trailing
+
+    def set_timesteps(self, num_inference_steps: int, device=None) -> None:
+        n = num_inference_steps
+        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or not 1 <= n <= self.num_train_timesteps:
+            raise ValueError(f"num_inference_steps must be an integer in [1, {self.num_train_timesteps}], got {n!r}")
+        all_sigmas = self._all_sigmas()
+        ts = self._spaced_timesteps(int(n))
+        if self.config["use_karras_sigmas"]:
+            log_sigmas = np.log(all_sigmas)
+            lo, hi = all_sigmas[0], all_sigmas[-1]
+            rho = 7.0
+            ramp = np.linspace(0, 1, int(n))
+            sigmas = (hi ** (1 / rho) + ramp * (lo ** (1 / rho) - hi ** (1 / rho))) ** rho
+            ts = np.array([_sigma_to_t(sg, log_sigmas) for sg in sigmas]).round().astype(np.int64)
+        else:
+            if len(ts) and (ts.min() < 0 or ts.max() >= self.num_train_timesteps):
+                raise ValueError(f"steps_offset={self.config['steps_offset']} puts timesteps outside "
+                                 f"[0, {self.num_train_timesteps}) for {n} steps")
+            sigmas = all_sigmas[ts]
+        if len(np.unique(ts)) != len(ts):
+            raise ValueError(f"{n} steps repeat a timestep with timestep_spacing="
+                             f"{self.config['timestep_spacing']!r}: choose fewer steps")
+        last = all_sigmas[0] if self.config["final_sigmas_type"] == "sigma_min" else 0.0
+        self._sigmas = np.concatenate([sigmas, [last]])                 # [S + 1] float64
+        self.num_inference_steps = len(ts)
+        self._set_timestep_array(ts)
+
+    def _set_timestep_array(self, ts: np.ndarray) -> None:
+        super()._set_timestep_array(ts)
+        self._x0_history = []
+        self._step_index = None
+
+    def _prev_of_row(self, row: int) -> int:
+        return int(self.timesteps[row + 1]) if row + 1 < len(self.timesteps) else -1
+
+    # -- rows ----------------------------------------------------------------------------------
+    def _step_options(self, eta) -> dict:
+        if validate.eta(eta) != 0.0:
+            raise ValueError("eta is a DDIM parameter; DPM-Solver++ takes none (use sampler='ddim' for eta)")
+        return {}
+
+    def _order_of_row(self, k: int) -> int:
+        """The order diffusers' step uses at step k (its lower_order_nums is min(k, solver_order))."""
+        cfg, S = self.config, len(self.timesteps)
+        final = k == S - 1 and (cfg["euler_at_final"] or (cfg["lower_order_final"] and S < 15)
+                                or cfg["final_sigmas_type"] == "zero")
+        second = k == S - 2 and cfg["lower_order_final"] and S < 15
+        if cfg["solver_order"] == 1 or k < 1 or final:
+            return 1
+        if cfg["solver_order"] == 2 or k < 2 or second:
+            return 2
+        return 3
+
+    def _row(self, k: int) -> list[float]:
+        cfg = self.config
+        sigma = self._sigmas
+
+        def alpha_sigma(sg):   # VP (alpha_t, sigma_t) of a k-diffusion sigma
+            a = 1.0 / math.sqrt(sg * sg + 1.0)
+            return a, sg * a
+
+        def lam(k):            # log-SNR lambda = log alpha - log sigma
+            a, s_ = alpha_sigma(sigma[k])
+            return math.log(a) - math.log(s_) if s_ > 0 else math.inf
+
+        a_cur, s_cur = alpha_sigma(sigma[k])
+        a_next, s_next = alpha_sigma(sigma[k + 1])
+        a_x, a_m = {"epsilon": (1.0 / a_cur, -s_cur / a_cur), "sample": (0.0, 1.0),
+                    "v_prediction": (a_cur, -s_cur)}[cfg["prediction_type"]]
+        h = lam(k + 1) - lam(k)
+        sde = cfg["algorithm_type"] == "sde-dpmsolver++"
+        em = math.exp(-h)                       # e^{-h}; 0 when the next sigma is 0
+        if sde:
+            dx = s_next / s_cur * em
+            c = [a_next * (1.0 - em * em)]      # the weight of D0
+            noise = s_next * math.sqrt(1.0 - em * em)
+        else:
+            dx = s_next / s_cur
+            c = [-a_next * (em - 1.0)]
+            noise = 0.0
+        order = self._order_of_row(k)
+        w = [c[0], 0.0, 0.0]                    # weights of x0 of this step, the previous, the one before
+        if order == 2:                          # D1 = (m0 - m1) / r0
+            r0 = (lam(k) - lam(k - 1)) / h
+            if cfg["solver_type"] == "midpoint":
+                c1 = 0.5 * a_next * (1.0 - em * em) if sde else -0.5 * a_next * (em - 1.0)
+            else:
+                c1 = a_next * ((1.0 - em * em) / (-2.0 * h) + 1.0) if sde else a_next * ((em - 1.0) / h + 1.0)
+            w = [w[0] + c1 / r0, -c1 / r0, 0.0]
+        elif order == 3:                        # D1 and D2 from three predictions
+            r0, r1 = (lam(k) - lam(k - 1)) / h, (lam(k - 1) - lam(k - 2)) / h
+            if sde:
+                c1 = a_next * ((1.0 - em * em) / (-2.0 * h) + 1.0)
+                c2 = a_next * ((1.0 - em * em - 2.0 * h) / (2.0 * h) ** 2 - 0.5)
+            else:
+                c1 = a_next * ((em - 1.0) / h + 1.0)
+                c2 = -a_next * ((em - 1.0 + h) / h**2 - 0.5)
+            ia, ib, q, p = 1.0 / r0, 1.0 / r1, r0 / (r0 + r1), 1.0 / (r0 + r1)
+            w = [w[0] + c1 * ia * (1.0 + q) + c2 * p * ia,
+                 c1 * (-ia - q * (ia + ib)) - c2 * p * (ia + ib),
+                 c1 * q * ib + c2 * p * ib]
+        clip = 1.0 if cfg["thresholding"] else 0.0
+        return [a_x, a_m, w[0], dx, 0.0, noise, clip, 0.0, w[1], w[2], 0.0, 0.0]
+
+    # -- step (stateful, as diffusers') --------------------------------------------------------
+    def step(self, model_output, timestep, sample, *, noise=None, seed=None, first_index=0,
+             backend="auto", out=None):
+        """x_{t-1} from x_t: diffusers' DPMSolverMultistepScheduler.step for the same config and
+        noise (the SDE variant's noise: ``noise``, or the Philox noise of (seed, sample, timestep)).
+        Steps must come in the order of ``timesteps`` from the first one given, as in diffusers."""
+        if self.num_inference_steps is None:
+            raise ValueError("call set_timesteps(num_inference_steps) before DPMSolverMultistepScheduler.step")
+        row = self.row_index(timestep)
+        if self._step_index is None:
+            self._step_index = row
+        elif row != self._step_index:
+            raise ValueError(f"timestep {timestep!r} is step {row} of the schedule, but step "
+                             f"{self._step_index} comes next: a multistep solver runs its steps in order "
+                             "(set_timesteps starts over)")
+        prev = self._x0_history
+        x0_out = _empty_like(sample)
+        history = (prev[-1] if len(prev) >= 1 else None, prev[-2] if len(prev) >= 2 else None, x0_out)
+        result = self._step(model_output, timestep, sample, noise, seed, first_index, backend, out,
+                            history=history)
+        self._x0_history = (prev + [x0_out])[-max(self.history, 1):] if self.history else []
+        self._step_index += 1
+        return result
+
+
+def _empty_like(a):
+    return a.new_empty(a.shape) if hasattr(a, "new_empty") else np.empty(a.shape, dtype=np.float32)
+
+
+def _sigma_to_t(sigma: float, log_sigmas: np.ndarray) -> float:
+    """diffusers' _sigma_to_t: the (fractional) timestep of a sigma, by log-linear interpolation."""
+    log_sigma = math.log(max(sigma, 1e-10))
+    dists = log_sigma - log_sigmas
+    low = int(np.clip(np.cumsum(dists >= 0).argmax(), None, len(log_sigmas) - 2))
+    lo, hi = log_sigmas[low], log_sigmas[low + 1]
+    w = float(np.clip((lo - log_sigma) / (lo - hi), 0, 1))
+    return (1 - w) * low + w * (low + 1)
+
+
 # The sampler names of sample(sampler=...) and the CLI, and the scheduler class each runs.
-SAMPLERS = {"ddpm": DDPMScheduler, "ddim": DDIMScheduler}
+# sampler name -> (scheduler class, the options that define it, defaults when converting another
+# scheduler's config). DPM-Solver++ converted from a DDPM/DDIM config takes the solver's own
+# timestep spacing (diffusers' default, linspace) rather than a DDPM config's "leading", which
+# starts a few-step run well below the noise level of x_T, and keeps the model's x0 clip to [-1, 1]
+# (thresholding at sample_max_value 1.0 is exactly that clip): without it the first steps' x0
+# predictions, divided by alpha_t ~ 0, run away. A DPM-Solver++ config keeps its own values.
+def _dpm_from_others(config: dict) -> dict:
+    clipped = bool(config.get("clip_sample")) and config.get("clip_sample_range", 1.0) == 1.0
+    return {"timestep_spacing": "linspace", "steps_offset": 0, "thresholding": clipped}
 
 
-def scheduler_for(sampler: str, config: dict, steps: int | None = None) -> _Scheduler:
-    """A scheduler of the kind ``sampler`` names, built from a model's scheduler config, with
-    ``steps`` timesteps (None: the class's default, e.g. every training timestep for DDPM)."""
-    cls = SAMPLERS.get(sampler) if isinstance(sampler, str) else None
-    if cls is None:
+SAMPLERS = {"ddpm": (DDPMScheduler, {}, None), "ddim": (DDIMScheduler, {}, None),
+            "dpm++2m": (DPMSolverMultistepScheduler, {"solver_order": 2, "algorithm_type": "dpmsolver++"},
+                        _dpm_from_others),
+            "dpm++3m": (DPMSolverMultistepScheduler, {"solver_order": 3, "algorithm_type": "dpmsolver++"},
+                        _dpm_from_others),
+            "dpm++2m-sde": (DPMSolverMultistepScheduler, {"solver_order": 2, "algorithm_type": "sde-dpmsolver++"},
+                            _dpm_from_others)}
+
+
+def scheduler_for(sampler: str, config: dict, steps: int | None = None, source: type | None = None) -> _Scheduler:
+    """A scheduler of the kind ``sampler`` names, built from a model's scheduler config (of class
+    ``source``), with ``steps`` timesteps (None: the class's default, e.g. every training timestep
+    for DDPM)."""
+    found = SAMPLERS.get(sampler) if isinstance(sampler, str) else None
+    if found is None:
         raise ValueError(f"sampler must be one of {tuple(SAMPLERS)}, got {sampler!r}")
-    sched = cls.from_compatible_config(config)
+    cls, defining, converting = found
+    base = config if source is cls or converting is None else {**config, **converting(config)}
+    sched = cls.from_compatible_config({**base, **defining})
     sched.set_timesteps(cls.default_steps(sched.num_train_timesteps) if steps is None else steps)
     return sched

@@ -93,17 +93,22 @@ def select(backend: str, device: str) -> Backend:
     return _named_cache[(backend, device)]
 
 
-def sampling_backend(backend: str) -> Backend:
+def sampling_backend(backend: str, history: int = 0) -> Backend:
     """The backend a whole sampling loop runs on: the named one on its first device, or for
-    "auto" the first backend (fastest first) that can run on its own first device."""
+    "auto" the first backend (fastest first) that can run on its own first device and whose step
+    reads ``history`` previous predictions (a multistep solver's)."""
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a string, got {type(backend).__name__}")
     if backend != "auto":
         be = get(backend)   # ValueError for an unknown name
-        return select(backend, be.devices[0] if not isinstance(be, str) else "cpu")
+        be = select(backend, be.devices[0] if not isinstance(be, str) else "cpu")
+        if history > be.max_history:
+            raise BackendUnavailableError(f"backend {backend!r} cannot run this sampler: its step reads at most "
+                                          f"{be.max_history} previous predictions, the sampler needs {history}")
+        return be
     for name in NAMES:
         be = get(name)
-        if not isinstance(be, str) and not be.supports(be.devices[0]):
+        if not isinstance(be, str) and not be.supports(be.devices[0]) and history <= be.max_history:
             return be
     return select("auto", "cpu")   # raises, naming every backend's reasons
 

@@ -138,8 +138,11 @@ class Backend:
             reasons.append(f"{self.name} does not run on {device} arrays (it runs on {', '.join(self.devices)})")
         return reasons
 
+    max_history = 2   # previous x0 predictions its fused step can read (StepSchedule.history)
+
     def step(self, x, m, out, table: np.ndarray, row: int, seed: int, noise_step: int,
-             first_index: int, noise) -> None:
+             first_index: int, noise, history=None) -> None:
+        """history: None, or (h1, h2, x0_out) as dispatch.fused_step describes."""
         raise NotImplementedError
 
     def noise(self, seed: int, shape: tuple, step: int, first_index: int = 0, device: str = "cpu"):

@@ -51,9 +51,13 @@ class NativeCpuBackend(Backend):
     def unavailable(self) -> list[str]:
         return [_C_ERROR] if _C is None else []
 
-    def step(self, x, m, out, table, row, seed, noise_step, first_index, noise) -> None:
-        # x, m, out, noise: [N, ...] float32 C-contiguous; table: float32 [S, 8], row: this step's
-        _C.fused_step(x, m, out, table, seed, noise_step, first_index, noise, row)
+    def step(self, x, m, out, table, row, seed, noise_step, first_index, noise, history=None) -> None:
+        # x, m, out, noise: [N, ...] float32 C-contiguous; table: float32 [S, COEF_WIDTH], row: this step's
+        if history is None:
+            _C.fused_step(x, m, out, table, seed, noise_step, first_index, noise, row)
+        else:
+            h1, h2, x0_out = history
+            _C.fused_step(x, m, out, table, seed, noise_step, first_index, noise, row, h1=h1, h2=h2, x0_out=x0_out)
 
     def noise(self, seed, shape, step, first_index=0, device="cpu"):
         shape = tuple(shape)

@@ -98,8 +98,13 @@ class NativeCudaBackend(Backend):
             entry[1][device] = on_device
         return on_device
 
-    def step(self, x, m, out, table, row, seed, noise_step, first_index, noise) -> None:
+    max_history = 0   # the CUDA step reads no previous predictions yet: multistep solvers run on the CPU backends
+
+    def step(self, x, m, out, table, row, seed, noise_step, first_index, noise, history=None) -> None:
         # x, m, out, noise: [N, ...] float32 contiguous CUDA tensors on one device (dispatch checked)
+        if history is not None:
+            raise ValueError("native-cuda does not run multistep solvers (DPM-Solver++) yet: use backend='torch' "
+                             "for CUDA tensors, or a CPU backend")
         import torch
         device = x.device
         coef = self._table_on(table, device)  # [S, 8] float32 on device

@@ -24,7 +24,7 @@ import numpy as np
 
 from .. import validate
 
-from ..coefficients import A_M, A_X, C_X0, CLIP, COEF_WIDTH, D_M, D_X, SIGMA
+from ..coefficients import A_M, A_X, C_X0, CLIP, COEF_WIDTH, D_M, D_X, H1, H2, SIGMA
 from .base import Backend
 from .numba_threads import parallel_region
 
@@ -208,10 +208,12 @@ if numba is not None:
         return numba.njit(cache=False, **opts)(fn)
 
     @_helper
-    def _fused(xs, ms, zs, os, coef, with_noise):
-        """os = the fused step of xs, ms (and zs if with_noise); all [n] float32. os must not
-        overlap xs, ms or zs, or the loop runs scalar (the caller copies x for in-place steps)."""
+    def _fused(xs, ms, zs, os, coef, with_noise, h1s, h2s, x0s, nh, store):
+        """os = the fused step of xs, ms (and zs if with_noise, and the nh previous x0 predictions
+        h1s, h2s); x0s = this step's x0 if store. All [n] float32. os must not overlap the inputs,
+        or the loop runs scalar (the caller copies x for in-place steps)."""
         ax, am, cx0, dx, dm, sigma, r = coef[A_X], coef[A_M], coef[C_X0], coef[D_X], coef[D_M], coef[SIGMA], coef[CLIP]
+        w1, w2 = coef[H1], coef[H2]
         clip = r > np.float32(0)
         nr = -r
         for j in range(os.shape[0]):   # loop-invariant branches: LLVM unswitches them
@@ -221,15 +223,22 @@ if numba is not None:
                 x0 = r if r < x0 else x0
                 x0 = nr if x0 < nr else x0
             y = cx0 * x0 + dx * xv + dm * mv
+            if nh >= 1:
+                y += w1 * h1s[j]
+            if nh >= 2:
+                y += w2 * h2s[j]
             if with_noise:
                 y += sigma * zs[j]
+            if store:
+                x0s[j] = x0
             os[j] = y
 
     @_jit_kernel
-    def _step_kernel(x, m, noise, out, coef, k0, k1, noise_step, first_index, mode):
+    def _step_kernel(x, m, noise, out, coef, k0, k1, noise_step, first_index, mode, h1, h2, x0_out, nh, store):
         # x, m, noise, out: [N, P] float32 (noise is a dummy unless mode == _GIVEN; x and m are
-        # dummies when mode == _NORMALS_ONLY); out may be x. coef: [8] float32. k0, k1, noise_step,
-        # first_index: uint64 holding 32-bit values.
+        # dummies when mode == _NORMALS_ONLY); out may be x. coef: [COEF_WIDTH] float32. k0, k1,
+        # noise_step, first_index: uint64 holding 32-bit values. h1, h2: the previous x0
+        # predictions ([N, P]; dummies beyond nh), x0_out: where this step's x0 goes if store.
         n, p = out.shape
         groups = (p + 3) // 4
         per = (groups + _GROUPS - 1) // _GROUPS
@@ -259,10 +268,11 @@ if numba is not None:
                 # and the loop would run scalar (5x slower); the copy stays in L1.
                 xt = np.empty(e1 - e0, dtype=np.float32)
                 xt[:] = x[i, e0:e1]
+                hs1, hs2, xs0 = h1[i, e0:e1], h2[i, e0:e1], x0_out[i, e0:e1]
                 if mode == _GIVEN:
-                    _fused(xt, m[i, e0:e1], noise[i, e0:e1], os, coef, True)
+                    _fused(xt, m[i, e0:e1], noise[i, e0:e1], os, coef, True, hs1, hs2, xs0, nh, store)
                 else:
-                    _fused(xt, m[i, e0:e1], z, os, coef, mode == _PHILOX)
+                    _fused(xt, m[i, e0:e1], z, os, coef, mode == _PHILOX, hs1, hs2, xs0, nh, store)
 
     @_jit_kernel
     def _philox_kernel(out, k0, k1, step, first_index):
@@ -369,8 +379,9 @@ class NumbaStepBackend(Backend):
                 numba.set_num_threads(prev)
 
     # -- the Backend interface ------------------------------------------------------------------
-    def step(self, x, m, out, table, row, seed, noise_step, first_index, noise) -> None:
+    def step(self, x, m, out, table, row, seed, noise_step, first_index, noise, history=None) -> None:
         # x, m, out, noise: [N, ...] float32 C-contiguous (checked by dispatch); out may be x.
+        # history: None or (h1, h2, x0_out), each None or [N, ...] float32 C-contiguous.
         if x.size == 0:
             return
         n = x.shape[0]
@@ -385,7 +396,14 @@ class NumbaStepBackend(Backend):
         k0, k1 = _key(seed)
         aside = not out.flags.aligned   # an unaligned out: compute into an aligned array, copy in
         o2 = np.empty(shape, dtype=np.float32) if aside else out.reshape(shape)
-        self._run("step", _step_kernel, x.size, x2, m2, n2, o2, coef, k0, k1, step, np.uint64(first_index), mode)
+        h1, h2, x0_out = history if history is not None else (None, None, None)
+        nh = 0 if h1 is None else (1 if h2 is None else 2)
+        hs1 = _in(h1, shape) if h1 is not None else x2
+        hs2 = _in(h2, shape) if h2 is not None else x2
+        store = x0_out is not None
+        xo = x0_out.reshape(shape) if store else o2
+        self._run("step", _step_kernel, x.size, x2, m2, n2, o2, coef, k0, k1, step, np.uint64(first_index), mode,
+                  hs1, hs2, xo, nh, store)
         if aside:
             np.copyto(out, o2.reshape(out.shape))
 
@@ -398,8 +416,9 @@ class NumbaStepBackend(Backend):
             step = _check_indices(n, per_sample, step, first_index)
             k0, k1 = _key(seed)
             dummy = _in(out, out.shape)   # the step kernel in normals-only mode: x, m, noise unread
-            self._run("step", _step_kernel, out.size, dummy, dummy, dummy, out, _in(np.zeros(8, np.float32), (8,)),
-                      k0, k1, step, np.uint64(first_index), _NORMALS_ONLY)
+            self._run("step", _step_kernel, out.size, dummy, dummy, dummy, out,
+                      _in(np.zeros(COEF_WIDTH, np.float32), (COEF_WIDTH,)),
+                      k0, k1, step, np.uint64(first_index), _NORMALS_ONLY, dummy, dummy, out, 0, False)
         return out.reshape(shape)
 
     def philox_uint32(self, seed, batch, per_sample, step, first_index=0):

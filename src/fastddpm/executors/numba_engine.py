@@ -39,7 +39,7 @@ import numpy as np
 
 from ..plan import (CONV_MODES, FLAG_FLIP, FLAG_PADDED_OUT, FLAG_SILU, FLOAT_FIELDS, INT_FIELDS, OP_CODES,
                     PlanError)
-from ..loop import run_loop
+from ..loop import History, run_loop
 from ..philox import INITIAL_STEP
 from .base import Engine, EngineLock
 from .numba_threads import parallel_region
@@ -534,6 +534,8 @@ class NumbaEngine(Engine):
     """The plan executed by numba kernels; the loop is loop.py's, with step_backend's fused step
     (the numba backend's kernels, Philox noise in place)."""
 
+    history = 2
+
     def __init__(self, config, weights, batch, height, width, options=None, *, step_backend):
         if numba is None:
             raise RuntimeError(_IMPORT_ERROR)
@@ -611,13 +613,19 @@ class NumbaEngine(Engine):
             self._run_forward()
             return self._m_view
 
-        def step(k, t, x, m):              # x <- x_{t-1}, in place
-            be.step(x, m, x, schedule.table, k, seed, t, first_index, None)
-            return x
-
         with self._lock, _Threads(self):
             x = np.ascontiguousarray(be.noise(seed, self.input_shape, INITIAL_STEP, first_index),
                                      dtype=np.float32)   # x_T
+            history = History(schedule.history, x)
+
+            def step(k, t, x, m):          # x <- x_{t-1}, in place
+                hist = history.for_step(k)
+                if hist is None:
+                    be.step(x, m, x, schedule.table, k, seed, t, first_index, None)
+                else:
+                    be.step(x, m, x, schedule.table, k, seed, t, first_index, None, hist)
+                return x
+
             return run_loop(schedule.timesteps, x, forward, step, keep=keep, callback=callback,
                             every=self.callback_every)
 

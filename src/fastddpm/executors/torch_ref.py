@@ -12,7 +12,7 @@ import numpy as np
 
 from .. import philox as noise_spec
 from ..philox import INITIAL_STEP
-from ..coefficients import SIGMA
+from ..coefficients import A_M, A_X, C_X0, CLIP, D_M, D_X, H1, H2, SIGMA
 from .base import Backend, Engine, EngineLock
 
 try:
@@ -22,18 +22,25 @@ except ImportError as exc:
     torch, _TORCH_ERROR = None, f"PyTorch is not installed ({exc})"
 
 
-def reference_step(x, m, row, z):
+def reference_step(x, m, row, z, h1=None, h2=None, x0_out=None):
     """Mirrors the fused step kernel (csrc/include/fastddpm/step.h) in plain torch ops.
 
-    x, m, z: [N, ...] float32 tensors; row: 8 coefficients (a_x, a_m, c_x0, d_x, d_m, sigma, clip, 0).
+    x, m, z: [N, ...] float32 tensors; row: a coefficient row (coefficients.py's columns);
+    h1, h2: the previous x0 predictions or None; x0_out: where this step's x0 goes, or None.
     """
-    a_x, a_m, c_x0, d_x, d_m, sigma, clip = (float(v) for v in row[:7])
+    a_x, a_m, c_x0, d_x, d_m, sigma, clip = (float(row[c]) for c in (A_X, A_M, C_X0, D_X, D_M, SIGMA, CLIP))
     x0 = a_x * x + a_m * m
     if clip > 0:
         x0 = torch.clamp(x0, -clip, clip)   # clamp propagates NaN, as the kernels do
     out = c_x0 * x0 + d_x * x + d_m * m
+    if h1 is not None:
+        out = out + float(row[H1]) * h1
+    if h2 is not None:
+        out = out + float(row[H2]) * h2
     if sigma != 0.0:
         out = out + sigma * z
+    if x0_out is not None:
+        x0_out.copy_(x0)
     return out
 
 
@@ -56,9 +63,13 @@ class TorchBackend(Backend):
             reasons.append("torch.cuda.is_available() is False")
         return reasons
 
-    def step(self, x, m, out, table, row, seed, noise_step, first_index, noise) -> None:
+    def step(self, x, m, out, table, row, seed, noise_step, first_index, noise, history=None) -> None:
         is_numpy = isinstance(x, np.ndarray)
         xt, mt = (_read_only_view(x), _read_only_view(m)) if is_numpy else (x, m)
+        h1, h2, x0_out = history if history is not None else (None, None, None)
+        if is_numpy:
+            h1, h2 = (None if h is None else _read_only_view(h) for h in (h1, h2))
+            x0_out = None if x0_out is None else torch.from_numpy(x0_out)
         coef = table[row]
         if noise is not None:
             z = _read_only_view(noise) if is_numpy else noise
@@ -67,7 +78,7 @@ class TorchBackend(Backend):
         else:
             z = None
         with torch.no_grad():
-            result = reference_step(xt, mt, coef, z)
+            result = reference_step(xt, mt, coef, z, h1, h2, x0_out)
             (torch.from_numpy(out) if is_numpy else out).copy_(result)
 
     def noise(self, seed, shape, step, first_index=0, device="cpu"):
@@ -92,6 +103,8 @@ class ReferenceEngine(Engine):
     """The reference U-Net (PyTorch, CPU) run by loop.py. Its step is the papers' formulas
     (reference/sampler.py: the backend="torch" sampler), or, given ``step_backend``, that
     backend's fused step (for a backend with no U-Net engine of its own)."""
+
+    history = 2
 
     def __init__(self, config, weights, batch, height, width, options=None, step_backend=None):
         if torch is None:
@@ -119,7 +132,7 @@ class ReferenceEngine(Engine):
             return self._run_fused_steps(unet, schedule, seed, first_index, keep, callback)
 
     def _run_fused_steps(self, unet, schedule, seed, first_index, keep, callback):
-        from ..loop import run_loop
+        from ..loop import History, run_loop
         be = self._step_backend
         try:
             x = be.noise(seed, self.input_shape, INITIAL_STEP, first_index)     # x_T: [N, C, H, W]
@@ -131,8 +144,14 @@ class ReferenceEngine(Engine):
         def forward(x, t):
             return unet(xt, t).numpy()
 
+        history = History(schedule.history, x)
+
         def step(k, t, x, m):
-            be.step(x, m, x, schedule.table, k, seed, t, first_index, None)
+            hist = history.for_step(k)
+            if hist is None:
+                be.step(x, m, x, schedule.table, k, seed, t, first_index, None)
+            else:
+                be.step(x, m, x, schedule.table, k, seed, t, first_index, None, hist)
             return x
 
         return run_loop(schedule.timesteps, x, forward, step, keep=keep, callback=callback,

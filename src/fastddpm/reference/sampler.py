@@ -62,12 +62,83 @@ def ddim_step(scheduler, m, t: int, x, z, eta: float):
     return out + std * z if eta > 0 else out
 
 
-# The oracle's formula per scheduler class: (step(scheduler, m, t, x, z, eta), needs_noise(t, eta)).
-# The reference is written per sampler from the papers, on purpose: it never reads the table.
-FORMULAS = {
-    "DDPMScheduler": (lambda sched, m, t, x, z, eta: ddpm_step(sched, m, t, x, z), lambda t, eta: t > 0),
-    "DDIMScheduler": (ddim_step, lambda t, eta: eta > 0),
-}
+def dpm_solver_step(scheduler, history: list, m, t: int, x, z):
+    """diffusers' DPMSolverMultistepScheduler.step (dpmsolver++ / sde-dpmsolver++, orders 1-3) with
+    the noise z given, written out as diffusers writes it: the x0 conversion, lambdas, h, D0/D1/D2.
+    ``history``: this run's previous x0 predictions, oldest first (updated here)."""
+    cfg = scheduler.config
+    k = scheduler.row_index(t)
+    sig = scheduler._sigmas                       # the float64 sigma sequence, [S + 1]
+
+    def alpha_sigma(v):
+        a = 1.0 / math.sqrt(v * v + 1.0)
+        return a, v * a
+
+    def lam(i):
+        a, s = alpha_sigma(sig[i])
+        return math.log(a) - math.log(s) if s > 0 else math.inf
+
+    a_t, s_t = alpha_sigma(sig[k])
+    if cfg["prediction_type"] == "epsilon":
+        x0 = (x - s_t * m) / a_t
+    elif cfg["prediction_type"] == "sample":
+        x0 = m
+    else:
+        x0 = a_t * x - s_t * m
+    history.append(x0)
+    order = scheduler._order_of_row(k)
+    a_n, s_n = alpha_sigma(sig[k + 1])
+    h = lam(k + 1) - lam(k)
+    sde = cfg["algorithm_type"] == "sde-dpmsolver++"
+    e, e2 = math.exp(-h), math.exp(-2.0 * h)
+    m0 = history[-1]
+    if order == 1:
+        D = [m0]
+        c = [a_n * (1 - e2)] if sde else [-(a_n * (e - 1.0))]
+    elif order == 2:
+        r0 = (lam(k) - lam(k - 1)) / h
+        D = [m0, (1.0 / r0) * (m0 - history[-2])]
+        if sde:
+            c = [a_n * (1 - e2), 0.5 * a_n * (1 - e2) if cfg["solver_type"] == "midpoint"
+                 else a_n * ((1.0 - e2) / (-2.0 * h) + 1.0)]
+        else:
+            c = [-(a_n * (e - 1.0)), -0.5 * (a_n * (e - 1.0)) if cfg["solver_type"] == "midpoint"
+                 else a_n * ((e - 1.0) / h + 1.0)]
+    else:
+        r0, r1 = (lam(k) - lam(k - 1)) / h, (lam(k - 1) - lam(k - 2)) / h
+        d10, d11 = (1.0 / r0) * (m0 - history[-2]), (1.0 / r1) * (history[-2] - history[-3])
+        D = [m0, d10 + (r0 / (r0 + r1)) * (d10 - d11), (1.0 / (r0 + r1)) * (d10 - d11)]
+        if sde:
+            c = [a_n * (1.0 - e2), a_n * ((1.0 - e2) / (-2.0 * h) + 1.0),
+                 a_n * ((1.0 - e2 - 2.0 * h) / (2.0 * h) ** 2 - 0.5)]
+        else:
+            c = [-(a_n * (e - 1.0)), a_n * ((e - 1.0) / h + 1.0), -(a_n * ((e - 1.0 + h) / h**2 - 0.5))]
+    out = (s_n / s_t * (e if sde else 1.0)) * x
+    for ci, di in zip(c, D):
+        out = out + ci * di
+    if sde:
+        out = out + s_n * math.sqrt(1.0 - e2) * z
+    del history[:-3]
+    return out
+
+
+def _ddpm(scheduler, eta):
+    return (lambda m, t, x, z: ddpm_step(scheduler, m, t, x, z)), (lambda t: t > 0)
+
+
+def _ddim(scheduler, eta):
+    return (lambda m, t, x, z: ddim_step(scheduler, m, t, x, z, eta)), (lambda t: eta > 0)
+
+
+def _dpm_solver(scheduler, eta):
+    history: list = []
+    sde = scheduler.config["algorithm_type"] == "sde-dpmsolver++"
+    return (lambda m, t, x, z: dpm_solver_step(scheduler, history, m, t, x, z)), (lambda t: sde)
+
+
+# The oracle per scheduler class: (scheduler, eta) -> (step(m, t, x, z), needs_noise(t)). The
+# reference is written per sampler from the papers and diffusers, on purpose: it never reads the table.
+FORMULAS = {"DDPMScheduler": _ddpm, "DDIMScheduler": _ddim, "DPMSolverMultistepScheduler": _dpm_solver}
 
 
 def per_sample(unet: Callable) -> Callable:
@@ -91,11 +162,11 @@ def reference_sample(unet: Callable, scheduler, shape: tuple, *, seed: int, eta:
     name = type(scheduler).__name__
     if name not in FORMULAS:
         raise ValueError(f"the reference sampler has no formula for {name}")
-    formula, needs_noise = FORMULAS[name]
+    formula, needs_noise = FORMULAS[name](scheduler, eta)
 
     def step(k, t, x, m):
-        z = noise_fn(seed, shape, t, first_index, device) if needs_noise(t, eta) else None
-        return formula(scheduler, m, t, x, z, eta)
+        z = noise_fn(seed, shape, t, first_index, device) if needs_noise(t) else None
+        return formula(m, t, x, z)
 
     x = noise_fn(seed, shape, -1, first_index, device)                  # x_T: [N, C, H, W]
     return run_loop(scheduler.timesteps, x, unet, step, keep=set(keep), callback=callback, every=every)
