@@ -6,8 +6,9 @@ Every step of either sampler is the same affine map, evaluated by the fused kern
     x0     = clip(x0, -r, r)        if r > 0           # clip_sample_range, 0 = no clipping
     x_prev = c_x0 * x0 + d_x * x_t + d_m * m + sigma * z
 
-The scheduler computes the row (a_x, a_m, c_x0, d_x, d_m, sigma, r, 0) of every timestep in float64
-and stores it as float32 [steps, 8] (COEF_WIDTH); the kernels only multiply and add.
+(the row's h1, h2 history weights, coefficients.py, stay 0 for these single-step samplers).
+The scheduler computes the row (a_x, a_m, c_x0, d_x, d_m, sigma, r, 0, 0, 0, 0, 0) of every timestep in float64
+and stores it as float32 [steps, COEF_WIDTH = 12]; the kernels only multiply and add.
 """
 from __future__ import annotations
 
@@ -391,7 +392,7 @@ class DDPMScheduler(_Scheduler):
             sigma = math.sqrt(variance)
         else:
             sigma = 0.0
-        return [a_x, a_m, c_x0, c_xt, 0.0, sigma, self._clip_range(), 0.0]
+        return [a_x, a_m, c_x0, c_xt, 0.0, sigma, self._clip_range(), 0.0, 0.0, 0.0, 0.0, 0.0]
 
     def step(self, model_output, timestep, sample, *, noise=None, seed=None, first_index=0,
              backend="auto", out=None):
@@ -437,7 +438,8 @@ class DDIMScheduler(_Scheduler):
         variance = (1.0 - abar_prev) / (1.0 - abar) * (1.0 - abar / abar_prev)
         std = eta * math.sqrt(variance)
         c_eps = math.sqrt(max(1.0 - abar_prev - std**2, 0.0))
-        return [a_x, a_m, math.sqrt(abar_prev), c_eps * b_x, c_eps * b_m, std, self._clip_range(), 0.0]
+        return [a_x, a_m, math.sqrt(abar_prev), c_eps * b_x, c_eps * b_m, std, self._clip_range(), 0.0,
+                0.0, 0.0, 0.0, 0.0]
 
     def step(self, model_output, timestep, sample, *, eta=0.0, noise=None, seed=None, first_index=0,
              backend="auto", out=None):

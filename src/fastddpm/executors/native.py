@@ -52,7 +52,7 @@ class NativeCpuBackend(Backend):
         return [_C_ERROR] if _C is None else []
 
     def step(self, x, m, out, table, row, seed, noise_step, first_index, noise) -> None:
-        # x, m, out, noise: [N, ...] float32 C-contiguous; table: float32 [S, 8], row: this step's
+        # x, m, out, noise: [N, ...] float32 C-contiguous; table: float32 [S, COEF_WIDTH], row: this step's
         _C.fused_step(x, m, out, table, seed, noise_step, first_index, noise, row)
 
     def noise(self, seed, shape, step, first_index=0, device="cpu"):

@@ -228,7 +228,7 @@ if numba is not None:
     @_jit_kernel
     def _step_kernel(x, m, noise, out, coef, k0, k1, noise_step, first_index, mode):
         # x, m, noise, out: [N, P] float32 (noise is a dummy unless mode == _GIVEN; x and m are
-        # dummies when mode == _NORMALS_ONLY); out may be x. coef: [8] float32. k0, k1, noise_step,
+        # dummies when mode == _NORMALS_ONLY); out may be x. coef: [COEF_WIDTH] float32. k0, k1, noise_step,
         # first_index: uint64 holding 32-bit values.
         n, p = out.shape
         groups = (p + 3) // 4
@@ -376,7 +376,7 @@ class NumbaStepBackend(Backend):
         n = x.shape[0]
         shape = (n, x.size // n)
         step = _check_indices(n, shape[1], noise_step, first_index)
-        coef = _in(np.asarray(table[row], dtype=np.float32), (COEF_WIDTH,))      # [8]
+        coef = _in(np.asarray(table[row], dtype=np.float32), (COEF_WIDTH,))      # [COEF_WIDTH]
         x2, m2 = _in(x, shape), _in(m, shape)
         if noise is not None:
             mode, n2 = _GIVEN, _in(noise, shape)
@@ -398,7 +398,8 @@ class NumbaStepBackend(Backend):
             step = _check_indices(n, per_sample, step, first_index)
             k0, k1 = _key(seed)
             dummy = _in(out, out.shape)   # the step kernel in normals-only mode: x, m, noise unread
-            self._run("step", _step_kernel, out.size, dummy, dummy, dummy, out, _in(np.zeros(8, np.float32), (8,)),
+            row = _in(np.zeros(COEF_WIDTH, np.float32), (COEF_WIDTH,))
+            self._run("step", _step_kernel, out.size, dummy, dummy, dummy, out, row,
                       k0, k1, step, np.uint64(first_index), _NORMALS_ONLY)
         return out.reshape(shape)
 

@@ -12,7 +12,7 @@ import numpy as np
 
 from .. import philox as noise_spec
 from ..philox import INITIAL_STEP
-from ..coefficients import SIGMA
+from ..coefficients import A_M, A_X, C_X0, CLIP, D_M, D_X, SIGMA
 from .base import Backend, Engine, EngineLock
 
 try:
@@ -25,9 +25,10 @@ except ImportError as exc:
 def reference_step(x, m, row, z):
     """Mirrors the fused step kernel (csrc/include/fastddpm/step.h) in plain torch ops.
 
-    x, m, z: [N, ...] float32 tensors; row: 8 coefficients (a_x, a_m, c_x0, d_x, d_m, sigma, clip, 0).
+    x, m, z: [N, ...] float32 tensors; row: one coefficient row (coefficients.COEF_COLUMNS), its
+    history weights h1, h2 zero (a single-step row).
     """
-    a_x, a_m, c_x0, d_x, d_m, sigma, clip = (float(v) for v in row[:7])
+    a_x, a_m, c_x0, d_x, d_m, sigma, clip = (float(row[j]) for j in (A_X, A_M, C_X0, D_X, D_M, SIGMA, CLIP))
     x0 = a_x * x + a_m * m
     if clip > 0:
         x0 = torch.clamp(x0, -clip, clip)   # clamp propagates NaN, as the kernels do
