@@ -327,7 +327,8 @@ def test_cuda_graph_reads_the_coefficient_row_at_replay(torch):
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         launch()
-    for coef in ([1.0, 0.5, 2.0] + [0.0] * (COEF_WIDTH - 3), [0.0, 1.0, 1.0, 3.0, 0.0, 0.0, 0.25] + [0.0] * (COEF_WIDTH - 7)):
+    rows = ([1.0, 0.5, 2.0], [0.0, 1.0, 1.0, 3.0, 0.0, 0.0, 0.25])
+    for coef in (r + [0.0] * (COEF_WIDTH - len(r)) for r in rows):
         row.copy_(torch.tensor(coef))
         graph.replay()
         torch.cuda.synchronize()
