@@ -2,13 +2,15 @@
 import numpy as np
 import pytest
 
+from fastddpm.coefficients import A_M, A_X, C_X0, CLIP, D_M, D_X, SIGMA
+
 
 def expected_step(sched, t, x, m, z):
     """float64 formula of the fused step (the scheduler's row for timestep t), z given."""
     row = sched.coefficients_float64()[sched.row_index(t)]
     x64, m64 = x.astype(np.float64), m.astype(np.float64)
-    x0 = np.clip(row[0] * x64 + row[1] * m64, -row[6], row[6])
-    return row[2] * x0 + row[3] * x64 + row[4] * m64 + row[5] * z
+    x0 = np.clip(row[A_X] * x64 + row[A_M] * m64, -row[CLIP], row[CLIP])
+    return row[C_X0] * x0 + row[D_X] * x64 + row[D_M] * m64 + row[SIGMA] * z
 
 
 def check_step(got, want, what):

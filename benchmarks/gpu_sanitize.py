@@ -61,7 +61,7 @@ class Dev:
 def step_kernels():
     sched = fastddpm.DDPMScheduler(clip_sample=True)
     t = 500
-    row = sched.coefficients()[sched.row_index(t)]  # [8] float32
+    row = sched.coefficients()[sched.row_index(t)]  # [COEF_WIDTH] float32
     coef = Dev(np.ascontiguousarray(row))
     shapes = [(1, 35), (3, 867), (2, 48)] if QUICK else [(1, 35), (3, 867), (2, 48), (5, 1), (4, 4096), (2, 12288)]
     rng = np.random.default_rng(0)

@@ -70,7 +70,7 @@ def test_cuda_reference_step(benchmark, size):
     from fastddpm.executors.torch_ref import reference_step_randn
     shape = SIZES[size]
     sched, t, x, m, xt, mt = _setup(shape)
-    row = sched.coefficients()[sched.row_index(t)]  # 8 float32 coefficients
+    row = sched.coefficients()[sched.row_index(t)]  # COEF_WIDTH float32 coefficients
     z = torch.randn(shape, generator=torch.Generator(device="cuda").manual_seed(0), device="cuda")
     got = reference_step_randn(xt, mt, row, torch.Generator(device="cuda").manual_seed(0))
     check_step(got.cpu().numpy(), expected_step(sched, t, x, m, z.cpu().numpy().astype(np.float64)), "torch-ref (cuda)")

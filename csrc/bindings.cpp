@@ -55,30 +55,48 @@ StepParams params_of(const py::array& x, uint64_t seed, uint32_t noise_step, int
   return p;
 }
 
-// coef: one row of 8 floats (row = -1) or the scheduler's whole table [S, 8] and the row to use
-// (indexing here saves the per-step creation of a NumPy view on the Python side).
+// An optional [batch, per_sample] input shaped like x (None -> nullptr); arrays keeps it alive.
+const float* optional_input(const py::object& o, const py::array& x, const char* what, std::vector<py::array>& arrays) {
+  if (o.is_none()) return nullptr;
+  arrays.push_back(o.cast<py::array>());
+  const float* p = float_data(arrays.back(), what);
+  same_size(arrays.back(), x, what);
+  return p;
+}
+
+// coef: one row of kCoefWidth floats (row = -1) or the scheduler's whole table [S, kCoefWidth] and
+// the row to use (indexing here saves the per-step creation of a NumPy view on the Python side).
+// h1, h2, x0_out: None or arrays shaped like x (step.h's StepArrays).
 void fused_step(const py::array& x, const py::array& m, py::array& out, const py::array& coef,
                 uint64_t seed, uint32_t noise_step, int64_t first_index, const py::object& noise,
-                int64_t row) {
+                int64_t row, const py::object& h1, const py::object& h2, const py::object& x0_out) {
   StepArrays a;
   a.x = float_data(x, "sample");
   a.m = float_data(m, "model_output");
   a.out = writable_float_data(out, "out");
   a.coef = float_data(coef, "coefficient row");
   if (row < 0) {
-    if (coef.size() < fastddpm::kCoefWidth) throw std::invalid_argument("coefficient row needs 8 floats");
+    if (coef.size() < fastddpm::kCoefWidth)
+      throw std::invalid_argument("coefficient row needs " + std::to_string(fastddpm::kCoefWidth) + " floats");
   } else {
     if (coef.ndim() != 2 || coef.shape(1) != fastddpm::kCoefWidth)
-      throw std::invalid_argument("coefficient table must be float32 [steps, 8]");
+      throw std::invalid_argument("coefficient table must be float32 [steps, " +
+                                  std::to_string(fastddpm::kCoefWidth) + "]");
     if (row >= coef.shape(0)) throw std::invalid_argument("coefficient row index out of range");
     a.coef += row * fastddpm::kCoefWidth;
   }
   same_size(m, x, "model_output");
   same_size(out, x, "out");
-  if (!noise.is_none()) {
-    const py::array n = noise.cast<py::array>();
-    a.noise = float_data(n, "noise");
-    same_size(n, x, "noise");
+  std::vector<py::array> arrays;  // the optional arguments, alive until the call returns
+  a.noise = optional_input(noise, x, "noise", arrays);
+  a.h1 = optional_input(h1, x, "h1", arrays);
+  a.h2 = optional_input(h2, x, "h2", arrays);
+  if (!x0_out.is_none()) {
+    arrays.push_back(x0_out.cast<py::array>());
+    a.x0_out = writable_float_data(arrays.back(), "x0_out");
+    same_size(arrays.back(), x, "x0_out");
+    if (a.x0_out == a.x || a.x0_out == a.m || a.x0_out == a.out || a.x0_out == a.h1 || a.x0_out == a.h2)
+      throw std::invalid_argument("x0_out must not be x, m, out, h1 or h2");
   }
   const StepParams p = params_of(x, seed, noise_step, first_index);
   py::gil_scoped_release nogil;
@@ -143,10 +161,13 @@ class PyEngine {
   }
 
   py::tuple run(const py::array& coef, const py::array& timesteps, uint64_t seed, int64_t first_index,
-                const std::vector<int64_t>& keep, const py::object& callback, int64_t every) {
+                const std::vector<int64_t>& keep, const py::object& callback, int64_t every, int64_t history) {
     const float* cp = float_data(coef, "coefficient table");
     if (coef.ndim() != 2 || coef.shape(1) != fastddpm::kCoefWidth)
-      throw std::invalid_argument("coefficient table must be float32 [steps, 8]");
+      throw std::invalid_argument("coefficient table must be float32 [steps, " +
+                                  std::to_string(fastddpm::kCoefWidth) + "]");
+    if (history < 0 || history > 2)
+      throw std::invalid_argument("history must be 0, 1 or 2, got " + std::to_string(history));
     const auto ts = checked<int64_t>(timesteps, "timesteps", 1, -1);
     if (ts.shape(0) != coef.shape(0)) throw std::invalid_argument("timesteps and coefficient rows differ in length");
     if (every < 1) throw std::invalid_argument("callback_every must be >= 1");
@@ -161,6 +182,7 @@ class PyEngine {
     a.keep = keep;
     a.keep_out = outputs.frame_data;
     a.x_out = outputs.x_data();
+    a.history = int(history);
     // Takes the GIL back once per step (Ctrl-C) and every `every` steps and at the end (callback).
     fastddpm::bind::run_loop([&](const std::function<bool(int64_t)>& on_step) { return engine_->run(a, on_step); },
                              callback, [&](int64_t k) { return k % every == 0 || k == steps; });
@@ -191,9 +213,12 @@ PYBIND11_MODULE(_C, mod) {
   mod.doc() = "fastddpm's C++ CPU core: the fused sampler step and Philox noise";
   mod.def("fused_step", &fused_step, py::arg("x"), py::arg("m"), py::arg("out"), py::arg("coef"),
           py::arg("seed"), py::arg("noise_step"), py::arg("first_index"), py::arg("noise"), py::arg("row") = -1,
+          py::arg("h1") = py::none(), py::arg("h2") = py::none(), py::arg("x0_out") = py::none(),
           "out = fused step of x (sample) and m (model output) with one coefficient row (or row `row` of "
-          "a [S, 8] table); noise=None "
-          "makes the Philox noise of (seed, first_index + i, noise_step) in the kernel.");
+          "a [S, 12] table); noise=None "
+          "makes the Philox noise of (seed, first_index + i, noise_step) in the kernel. h1, h2: the previous "
+          "steps' x0 (shaped like x), added with the row's h1, h2 weights; x0_out: receives this step's x0 "
+          "(after the clip; must not be x, m, out, h1 or h2).");
   mod.def("normals", &normals, py::arg("seed"), py::arg("batch"), py::arg("per_sample"), py::arg("step"),
           py::arg("first_index") = 0, "float32 [batch, per_sample] normals of the noise spec");
   mod.def("philox_uint32", &philox_uint32, py::arg("seed"), py::arg("batch"), py::arg("per_sample"),
@@ -232,8 +257,9 @@ PYBIND11_MODULE(_C, mod) {
       .def("forward", &PyEngine::forward, py::arg("x"), py::arg("t"),
            "model output [N, out_c, H, W] of x [N, in_c, H, W] (float32) at timesteps t (float32 [N])")
       .def("run", &PyEngine::run, py::arg("coef"), py::arg("timesteps"), py::arg("seed"), py::arg("first_index"),
-           py::arg("keep"), py::arg("callback"), py::arg("every") = 1,
-           "the whole sampling loop; returns (x0, [frames for keep])")
+           py::arg("keep"), py::arg("callback"), py::arg("every") = 1, py::arg("history") = 0,
+           "the whole sampling loop; returns (x0, [frames for keep]). history (0, 1, 2): previous x0 "
+           "predictions fed to each step as h1 (h2), from an engine-owned ring of 3 buffers")
       .def_property_readonly("arena_bytes", &PyEngine::arena_bytes)
       .def_property_readonly("conv_paths", &PyEngine::conv_paths,
                              "per conv op: 0 = direct GEMM, 2 / 4 = Winograd F(2x2) / F(4x4), active ISA")

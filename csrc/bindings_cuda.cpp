@@ -370,7 +370,7 @@ PYBIND11_MODULE(_C_cuda, mod) {
           py::arg("batch"), py::arg("per_sample"), py::arg("seed"), py::arg("noise_step"), py::arg("first_index"),
           py::arg("stream") = 0, py::arg("device") = -1,
           "out = fused step of x and m ([batch, per_sample] float32 device pointers) with the coefficient row at "
-          "device pointer coef (8 float32, read when the kernel runs). noise=0 makes the Philox noise of "
+          "device pointer coef (kCoefWidth = 12 float32, read when the kernel runs). noise=0 makes the Philox noise of "
           "(seed, first_index + i, noise_step) in the kernel; otherwise it is a [batch, per_sample] pointer. "
           "Asynchronous on stream (a cudaStream_t as int); device=-1 is the current device.");
   mod.def("normals", &normals, py::arg("out"), py::arg("batch"), py::arg("per_sample"), py::arg("seed"),
@@ -425,7 +425,7 @@ PYBIND11_MODULE(_C_cuda, mod) {
       .def("forward_ptr", &PyCudaEngine::forward_ptr, py::arg("x"), py::arg("t"), py::arg("out"), py::arg("stream") = 0,
            "the forward on device pointers (x, t float32 [N], out), asynchronous on stream")
       .def("set_schedule", &PyCudaEngine::set_schedule, py::arg("coef"), py::arg("timesteps"),
-           "upload the scheduler's float32 [S, 8] table and int64 [S] timesteps")
+           "upload the scheduler's float32 [S, 12] table and int64 [S] timesteps")
       .def("run", &PyCudaEngine::run, py::arg("seed"), py::arg("first_index"), py::arg("keep"), py::arg("callback"),
            py::arg("every") = 0, "the whole sampling loop over the last schedule; returns (x0, [frames for keep])")
       .def("set_profiling", &PyCudaEngine::set_profiling, py::arg("on"),

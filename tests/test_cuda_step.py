@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 import fastddpm
+from fastddpm.coefficients import COEF_WIDTH
 from fastddpm.philox import INITIAL_STEP, philox_uint32 as philox_spec
 from fastddpm.philox import noise as noise_spec
 
@@ -313,7 +314,7 @@ def test_cuda_graph_reads_the_coefficient_row_at_replay(torch):
     shape = (2, 37)
     x, m, xt, mt = _inputs(torch, shape, seed=10)
     out = torch.empty_like(xt)
-    row = torch.tensor([1.0, 0.5, 2.0, 0.0, 0.0, 0.0, 0.0, 0.0], device="cuda")  # [8] coefficients
+    row = torch.tensor([1.0, 0.5, 2.0] + [0.0] * (COEF_WIDTH - 3), device="cuda")  # [COEF_WIDTH] coefficients
     stream = torch.cuda.Stream()
 
     def launch():
@@ -326,7 +327,8 @@ def test_cuda_graph_reads_the_coefficient_row_at_replay(torch):
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         launch()
-    for coef in ([1.0, 0.5, 2.0, 0.0, 0.0, 0.0, 0.0, 0.0], [0.0, 1.0, 1.0, 3.0, 0.0, 0.0, 0.25, 0.0]):
+    rows = ([1.0, 0.5, 2.0], [0.0, 1.0, 1.0, 3.0, 0.0, 0.0, 0.25])
+    for coef in (r + [0.0] * (COEF_WIDTH - len(r)) for r in rows):
         row.copy_(torch.tensor(coef))
         graph.replay()
         torch.cuda.synchronize()
@@ -340,7 +342,7 @@ def test_bindings_refuse_bad_arguments(torch):
     """The C++ side checks again: bad pointers and sizes are Python errors, never a dead CUDA context."""
     from fastddpm import _C_cuda
     x = torch.zeros((2, 8), device="cuda")
-    row = torch.zeros(8, device="cuda")
+    row = torch.zeros(COEF_WIDTH, device="cuda")
     host = torch.zeros((2, 8))
     args = dict(noise=0, batch=2, per_sample=8, seed=0, noise_step=0, first_index=0)
     with pytest.raises(ValueError, match="host memory"):
@@ -364,10 +366,10 @@ def test_bindings_refuse_bad_arguments(torch):
 @pytest.mark.torch_cuda
 def test_upload_download_free_round_trip():
     from fastddpm import _C_cuda
-    table = np.arange(24, dtype=np.float32).reshape(3, 8)  # [S, 8]
+    table = np.arange(3 * COEF_WIDTH, dtype=np.float32).reshape(3, COEF_WIDTH)  # [S, COEF_WIDTH]
     ptr = _C_cuda.upload(table)
     try:
-        back = np.frombuffer(_C_cuda.download(ptr, table.nbytes), dtype=np.float32).reshape(3, 8)
+        back = np.frombuffer(_C_cuda.download(ptr, table.nbytes), dtype=np.float32).reshape(3, COEF_WIDTH)
         np.testing.assert_array_equal(back, table)
     finally:
         _C_cuda.free(ptr)

@@ -10,6 +10,7 @@ import pytest
 
 import fastddpm
 from fastddpm import DDIMScheduler, DDPMScheduler, SchedulerConfigError
+from fastddpm.coefficients import COEF_WIDTH
 
 diffusers = pytest.importorskip("diffusers", reason="diffusers is the test-only oracle of the schedulers")
 torch = pytest.importorskip("torch", reason="diffusers needs torch")
@@ -313,14 +314,14 @@ def test_coefficient_table_shape_and_caching():
     s = DDIMScheduler()
     s.set_timesteps(10)
     table = s.coefficients(eta=0.5)
-    assert table.dtype == np.float32 and table.shape == (10, 8) and table.flags.c_contiguous
+    assert table.dtype == np.float32 and table.shape == (10, COEF_WIDTH) and table.flags.c_contiguous
     assert not table.flags.writeable
     assert np.isfinite(table).all()
     assert s.coefficients(eta=0.5) is table                 # cached per step option
     assert not np.array_equal(s.coefficients(eta=0.0), table)
     np.testing.assert_allclose(table, s.coefficients_float64(eta=0.5), rtol=2.0**-24)
     s.set_timesteps(20)                                     # a new schedule invalidates it
-    assert s.coefficients(eta=0.5).shape == (20, 8)
+    assert s.coefficients(eta=0.5).shape == (20, COEF_WIDTH)
 
 
 def test_row_index_errors():

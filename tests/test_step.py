@@ -18,6 +18,7 @@ import pytest
 
 import fastddpm
 from fastddpm import DDIMScheduler, DDPMScheduler
+from fastddpm.coefficients import COEF_WIDTH
 from fastddpm.executors import get as get_backend
 from fastddpm.philox import noise as spec_noise
 
@@ -816,7 +817,7 @@ def test_compiled_binding_refuses_a_nan_coefficient_row():
     from fastddpm import _C
     s, t = _ddpm10()
     out = np.full(SHAPE, 7.0, np.float32)
-    for j in range(8):
+    for j in range(COEF_WIDTH):
         for bad in (np.nan, np.inf, -np.inf):
             row = s.coefficients()[1].copy()
             row[j] = bad
@@ -835,7 +836,7 @@ from fastddpm import _C
 x = np.ones((2, 3, 5, 7), np.float32)
 m = np.ones_like(x)
 out = np.zeros_like(x)
-row = np.array([1, 0, 1, 0, 0, 0.5, 0, 0], np.float32)
+row = np.array([1, 0, 1, 0, 0, 0.5, 0, 0, 0, 0, 0, 0], np.float32)
 table = np.stack([row] * 4)
 ro = np.zeros_like(x)
 ro.setflags(write=False)
@@ -859,13 +860,13 @@ cases = [
     ("noise float64", TypeError, lambda: _C.fused_step(x, m, out, row, 0, 1, 0, m.astype(np.float64))),
     ("noise list", TypeError, lambda: _C.fused_step(x, m, out, row, 0, 1, 0, [1.0])),
     ("noise str", (TypeError, RuntimeError), lambda: _C.fused_step(x, m, out, row, 0, 1, 0, "noise")),
-    ("coef short", ValueError, lambda: _C.fused_step(x, m, out, row[:7], 0, 1, 0, None)),
+    ("coef short", ValueError, lambda: _C.fused_step(x, m, out, row[:11], 0, 1, 0, None)),
     ("coef empty", ValueError, lambda: _C.fused_step(x, m, out, row[:0], 0, 1, 0, None)),
     ("coef float64", TypeError, lambda: _C.fused_step(x, m, out, row.astype(np.float64), 0, 1, 0, None)),
     ("coef strided", ValueError, lambda: _C.fused_step(x, m, out, np.repeat(row, 2)[::2], 0, 1, 0, None)),
-    ("coef negative clip", ValueError, lambda: _C.fused_step(x, m, out, np.array([1, 0, 1, 0, 0, 0, -1, 0], np.float32), 0, 1, 0, None)),
+    ("coef negative clip", ValueError, lambda: _C.fused_step(x, m, out, np.array([1, 0, 1, 0, 0, 0, -1, 0, 0, 0, 0, 0], np.float32), 0, 1, 0, None)),
     ("table row out of range", ValueError, lambda: _C.fused_step(x, m, out, table, 0, 1, 0, None, 4)),
-    ("table too narrow", ValueError, lambda: _C.fused_step(x, m, out, table[:, :7].copy(), 0, 1, 0, None, 0)),
+    ("table too narrow", ValueError, lambda: _C.fused_step(x, m, out, table[:, :11].copy(), 0, 1, 0, None, 0)),
     ("table 1-d", ValueError, lambda: _C.fused_step(x, m, out, table.ravel(), 0, 1, 0, None, 1)),
     ("table NaN row", ValueError, lambda: _C.fused_step(x, m, out, nan_table, 0, 1, 0, None, 2)),
     ("out read-only", ValueError, lambda: _C.fused_step(x, m, ro, row, 0, 1, 0, None)),

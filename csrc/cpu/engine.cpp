@@ -215,6 +215,7 @@ struct Engine::Impl {
   Buffer arena;
   std::vector<Op> ops;
   std::vector<float> tvals;  // [N] timesteps of the current forward
+  Buffer ring;               // multistep history: 3 x [N, in_c * H * W] x0 buffers, or null
   bool profiling = false;
   std::vector<double> op_seconds;  // [ops] accumulated while profiling
 
@@ -765,6 +766,7 @@ bool Engine::run(const LoopArgs& a, const std::function<bool(int64_t)>& on_step)
   if (a.keep.size() != a.keep_out.size()) fail("keep and keep_out differ in length");
   if (a.first_index < 0 || a.first_index + batch_ > (int64_t(1) << 32))
     fail("sample indices first_index + i must lie in [0, 2**32)");
+  if (a.history < 0 || a.history > 2) fail("history must be 0, 1 or 2, got " + std::to_string(a.history));
   for (int64_t s = 0; s < a.steps; ++s) {
     if (a.timesteps[s] < 0 || a.timesteps[s] >= int64_t(kInitialNoiseStep))
       fail("timestep " + std::to_string(a.timesteps[s]) + " is out of range");
@@ -794,6 +796,10 @@ bool Engine::run(const LoopArgs& a, const std::function<bool(int64_t)>& on_step)
         for (int64_t n = 0; n < e.N; ++n)
           std::memcpy(a.keep_out[i] + n * per, e.slot(n, P::kInputSlot), size_t(per) * 4);
   };
+  constexpr int64_t kRing = 3;
+  if (a.history > 0 && !e.ring) e.ring = alloc_floats(kRing * e.N * per);
+  // ring buffer j of sample n: the x0 of every step k with k % 3 == j
+  auto ring = [&](int64_t j, int64_t n) { return e.ring.get() + (j * e.N + n) * per; };
   // x_T: the spec's normals at the initial noise step, into the input slot (the loop state)
   for (int64_t n = 0; n < e.N; ++n) normals(params(n, kInitialNoiseStep), e.slot(n, P::kInputSlot));
   keep_copy(0);
@@ -808,6 +814,11 @@ bool Engine::run(const LoopArgs& a, const std::function<bool(int64_t)>& on_step)
       arr.m = e.slot(n, P::kOutputSlot);
       arr.out = e.slot(n, P::kInputSlot);
       arr.coef = a.coef + s * kCoefWidth;
+      if (a.history > 0) {
+        arr.x0_out = ring(s % kRing, n);
+        if (s >= 1) arr.h1 = ring((s - 1) % kRing, n);
+        if (a.history >= 2 && s >= 2) arr.h2 = ring((s - 2) % kRing, n);
+      }
       fused_step(params(n, uint32_t(a.timesteps[s])), arr);
     }
     keep_copy(s + 1);

@@ -27,6 +27,9 @@ struct LoopArgs {
   std::vector<int64_t> keep;           // loop positions to copy out (0 = x_T, k = after k steps)
   std::vector<float*> keep_out;        // one [N, C, H, W] buffer per keep entry
   float* x_out = nullptr;              // [N, C, H, W] the final sample
+  // Multistep history: 0 (single-step samplers), 1 or 2 previous x0 predictions fed to each step
+  // as H1 (and H2), weighted by the row's h1 (h2) columns; see Engine::run.
+  int history = 0;
 };
 
 // Tuning switches; the defaults are the tuned behaviour, the others exist for tests and
@@ -52,7 +55,10 @@ class Engine {
   void forward(const float* x, const float* t, float* out);
 
   // The loop of LoopArgs; on_step(k) runs after step k (1-based) and returns false to cancel.
-  // Returns false if cancelled (outputs then hold nothing meaningful).
+  // Returns false if cancelled (outputs then hold nothing meaningful). With a.history > 0 the
+  // engine keeps a ring of 3 [N, C, H, W] buffers (allocated on the first such run, then kept):
+  // step k (0-based) writes its x0 to ring[k % 3] and reads H1 = ring[(k - 1) % 3] from k = 1 on
+  // and, with history 2, H2 = ring[(k - 2) % 3] from k = 2 on (no history term before that).
   bool run(const LoopArgs& args, const std::function<bool(int64_t)>& on_step);
 
   int64_t batch() const { return batch_; }

@@ -204,7 +204,7 @@ struct Engine::Impl {
   int64_t ws_per_sample = 0;
   std::vector<GOp> ops;
   // the loop
-  DevBuf coef_tab, ts_tab;  // float [cap, 8], uint32 [cap]
+  DevBuf coef_tab, ts_tab;  // float [cap, kCoefWidth], uint32 [cap]
   int64_t cap = 0, steps = 0;
   cudaStream_t stream = nullptr;
   cudaEvent_t ev[2] = {nullptr, nullptr};  // chunk boundaries of the loop (blocking sync: no spinning core)

@@ -34,7 +34,7 @@ using Coef = StepRow<float>;
 // with the row's contents (and the table's row pointer is the only launch argument).
 __device__ __forceinline__ Coef load_coef(const float* __restrict__ row) {
   return Coef{__ldg(row + kAx), __ldg(row + kAm), __ldg(row + kCx0), __ldg(row + kDx),
-              __ldg(row + kDm), __ldg(row + kSigma), __ldg(row + kClip)};
+              __ldg(row + kDm), __ldg(row + kSigma), __ldg(row + kClip), __ldg(row + kH1), __ldg(row + kH2)};
 }
 
 __device__ __forceinline__ float step_element(float x, float m, float z, const Coef& c, bool clip, bool noisy) {
@@ -276,6 +276,7 @@ Status fused_step(const StepParams& p, const StepArrays& a, cudaStream_t stream)
   if (const char* why = check_params(p)) return invalid(why);
   if (p.batch * p.per_sample == 0) return Status{};
   if (!a.x || !a.m || !a.out || !a.coef) return invalid("null device pointer (x, m, out and coef are required)");
+  if (a.h1 || a.h2 || a.x0_out) return invalid("the CUDA step takes no multistep history (h1, h2, x0_out)");
   if (!aligned(a.x, 4) || !aligned(a.m, 4) || !aligned(a.out, 4) || !aligned(a.coef, 4) ||
       (a.noise && !aligned(a.noise, 4)))
     return invalid("float32 device pointers must be 4-byte aligned");

@@ -34,6 +34,7 @@ struct Status {
 //               the kernel trusts it (finite, clip >= 0: the scheduler's table guarantees that)
 //   a.noise:    nullptr (Philox noise of (seed, first_index + i, noise_step) made in registers)
 //               or [batch, per_sample] float32 given noise, device
+//   a.h1, a.h2, a.x0_out: must be null (no multistep history on the GPU yet: invalid otherwise)
 // 16-byte vector loads/stores when per_sample % 4 == 0 and every pointer is 16-byte aligned; a
 // scalar path otherwise (same results).
 Status fused_step(const StepParams& p, const StepArrays& a, cudaStream_t stream);

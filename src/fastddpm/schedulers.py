@@ -6,8 +6,9 @@ Every step of either sampler is the same affine map, evaluated by the fused kern
     x0     = clip(x0, -r, r)        if r > 0           # clip_sample_range, 0 = no clipping
     x_prev = c_x0 * x0 + d_x * x_t + d_m * m + sigma * z
 
-The scheduler computes the row (a_x, a_m, c_x0, d_x, d_m, sigma, r, 0) of every timestep in float64
-and stores it as float32 [steps, 8] (COEF_WIDTH); the kernels only multiply and add.
+(the row's h1, h2 history weights, coefficients.py, stay 0 for these single-step samplers).
+The scheduler computes the row (a_x, a_m, c_x0, d_x, d_m, sigma, r, 0, 0, 0, 0, 0) of every timestep in float64
+and stores it as float32 [steps, COEF_WIDTH = 12]; the kernels only multiply and add.
 """
 from __future__ import annotations
 

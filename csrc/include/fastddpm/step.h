@@ -2,18 +2,25 @@
 //
 //   x0     = a_x * x + a_m * m               m: the model output
 //   x0     = clamp(x0, -r, r)   if r > 0
-//   x_prev = c_x0 * x0 + d_x * x + d_m * m + sigma * z
+//   x_prev = c_x0 * x0 + d_x * x + d_m * m + h_1 * H1 + h_2 * H2 + sigma * z
 //
+// H1, H2 (optional): the x0 predictions of the previous two steps, for multistep samplers
+// (DPM-Solver++ 2M / 3M); a step without them is exactly the single-step formula.
 // z is element e of sample i: normal (e % 4) of Philox block (e / 4, first_index + i, noise_step),
-// see src/fastddpm/philox.py. The coefficient row (8 floats) is precomputed by the scheduler.
+// see src/fastddpm/philox.py. The coefficient row (kCoefWidth floats) is precomputed by the scheduler.
 #pragma once
 #include <cstdint>
 
 namespace fastddpm {
 
-enum CoefIndex : int { kAx = 0, kAm = 1, kCx0 = 2, kDx = 3, kDm = 4, kSigma = 5, kClip = 6, kCoefWidth = 8 };
-// The columns as schedulers.py names them (COEF_COLUMNS; the last one is padding to 32 bytes).
-constexpr const char* kCoefNames[kCoefWidth] = {"ax", "am", "cx0", "dx", "dm", "sigma", "clip", "pad"};
+enum CoefIndex : int {
+  kAx = 0, kAm = 1, kCx0 = 2, kDx = 3, kDm = 4, kSigma = 5, kClip = 6,  // 7: padding
+  kH1 = 8, kH2 = 9,                                                      // 10, 11: padding
+  kCoefWidth = 12
+};
+// The columns as coefficients.py names them (COEF_COLUMNS; the pads keep a row 16-byte aligned).
+constexpr const char* kCoefNames[kCoefWidth] = {"ax", "am", "cx0", "dx", "dm", "sigma",
+                                                "clip", "pad", "h1", "h2", "pad2", "pad3"};
 
 #if defined(__CUDACC__)
 #define FDDPM_STEP_FN __host__ __device__ __forceinline__
@@ -25,20 +32,39 @@ constexpr const char* kCoefNames[kCoefWidth] = {"ax", "am", "cx0", "dx", "dm", "
 // CPU paths.
 template <class F>
 struct StepRow {
-  F ax, am, cx0, dx, dm, sigma, clip;
+  F ax, am, cx0, dx, dm, sigma, clip, h1, h2;
 };
 
 // The step's arithmetic: the one source of the C++ paths (every ISA) and the CUDA kernel; the
 // numba and torch steps mirror it operation for operation (executors/numba_cpu.py, torch_ref.py).
-// Without the noise term: y = c_x0 x0 + d_x x + d_m m, x0 = a_x x + a_m m, clipped if asked.
+// x0 = a_x x + a_m m, clipped if asked.
 template <class F>
-FDDPM_STEP_FN F step_mean(F x, F m, const StepRow<F>& c, bool clip) {
+FDDPM_STEP_FN F step_x0(F x, F m, const StepRow<F>& c, bool clip) {
   F x0 = c.ax * x + c.am * m;
   if (clip) {  // comparisons, not min/max: a NaN x0 stays NaN (a comparison with NaN is false)
     x0 = c.clip < x0 ? c.clip : x0;
     x0 = x0 < -c.clip ? -c.clip : x0;
   }
+  return x0;
+}
+
+// y = c_x0 x0 + d_x x + d_m m for step_x0's x0 (the paths that also store x0 call the two halves).
+template <class F>
+FDDPM_STEP_FN F step_mean_of_x0(F x0, F x, F m, const StepRow<F>& c) {
   return c.cx0 * x0 + c.dx * x + c.dm * m;
+}
+
+// Without the history and noise terms: y = c_x0 x0 + d_x x + d_m m.
+template <class F>
+FDDPM_STEP_FN F step_mean(F x, F m, const StepRow<F>& c, bool clip) {
+  return step_mean_of_x0(step_x0(x, m, c, clip), x, m, c);
+}
+
+// A history term added to step_mean's result: h is a previous step's x0, w its weight (c.h1 or
+// c.h2). H1 is added before H2, and both before the noise.
+template <class F>
+FDDPM_STEP_FN F step_add_history(F y, F h, F w) {
+  return y + w * h;
 }
 
 // The noise term added to step_mean's result.
@@ -57,13 +83,19 @@ struct StepParams {
 
 // x, m: [batch, per_sample]; out may alias x or m. coef: kCoefWidth floats.
 // noise: nullptr (make Philox noise) or [batch, per_sample] given noise.
-// All pointers are host pointers for the CPU entry points.
+// h1, h2: nullptr or [batch, per_sample]: the previous steps' x0, added with weights coef[kH1],
+// coef[kH2] (a null one adds nothing, whatever its weight). x0_out: nullptr or [batch, per_sample],
+// receives this step's x0 (after the clip); it must not overlap x, m, out, h1 or h2.
+// All pointers are host pointers for the CPU entry points (the CUDA step takes no history yet).
 struct StepArrays {
   const float* x = nullptr;
   const float* m = nullptr;
   float* out = nullptr;
   const float* coef = nullptr;
   const float* noise = nullptr;
+  const float* h1 = nullptr;
+  const float* h2 = nullptr;
+  float* x0_out = nullptr;
 };
 
 }  // namespace fastddpm

@@ -106,7 +106,7 @@ class Backend:
     ``step`` receives arrays that dispatch has already checked: x, m, out (and noise, if not None)
     are float32, C-contiguous, of one shape [N, ...] and on one device (NumPy arrays for "cpu",
     torch CUDA tensors for "cuda"); ``out`` may be ``x``. ``table`` is the scheduler's float32
-    [S, 8] coefficient table (NumPy, read-only, finite) and ``row`` the row of this step.
+    [S, COEF_WIDTH] coefficient table (NumPy, read-only, finite) and ``row`` the row of this step.
     """
 
     name: str = "?"

@@ -96,7 +96,9 @@ class NativeCpuBackend(Backend):
 
 class NativeCpuEngine(Engine):
     """The plan executed by fastddpm._C.Engine: forward and the whole loop (U-Net, fused step,
-    Philox noise) in one native call each, the GIL released."""
+    Philox noise, a multistep solver's x0 ring) in one native call each, the GIL released."""
+
+    history = 2
 
     def __init__(self, config, weights, batch, height, width, options=None):
         super().__init__(config, weights, batch, height, width, options)
@@ -112,7 +114,7 @@ class NativeCpuEngine(Engine):
 
     def _run(self, schedule, seed, first_index, keep, callback):
         x, frames = self._engine.run(schedule.table, schedule.timesteps, seed, first_index, keep, callback,
-                                     self.callback_every)
+                                     self.callback_every, schedule.history)
         return x, dict(zip(keep, frames))
 
 

@@ -3,7 +3,7 @@
 _C_cuda knows no torch: this module hands it device pointers, sizes, the current torch stream and
 the device index. torch is needed only because CUDA arrays arrive as torch tensors.
 
-The scheduler's float32 [S, 8] coefficient table is uploaded once per table object and device, and
+The scheduler's float32 [S, COEF_WIDTH] coefficient table is uploaded once per table object and device, and
 each step passes the address of its row: the kernel reads the row when it runs, so a step captured
 in a CUDA graph replays correctly. The first step with a table (the upload) must not happen inside
 a graph capture: warm up first, as torch.cuda.graph requires anyway.
@@ -48,7 +48,7 @@ class NativeCudaBackend(Backend):
 
     def __init__(self):
         self._reasons: list[str] | None = None
-        # id(table) -> (weakref to the table, {torch.device: float32 [S, 8] CUDA tensor})
+        # id(table) -> (weakref to the table, {torch.device: float32 [S, COEF_WIDTH] CUDA tensor})
         self._tables: dict[int, tuple[weakref.ref, dict]] = {}
 
     # -- availability -----------------------------------------------------------------------------
@@ -76,7 +76,7 @@ class NativeCudaBackend(Backend):
 
     # -- the step ---------------------------------------------------------------------------------
     def _table_on(self, table: np.ndarray, device):
-        """The float32 [S, 8] table on ``device``, uploaded once per table object (weakly cached)."""
+        """The float32 [S, COEF_WIDTH] table on ``device``, uploaded once per table object (weakly cached)."""
         key = id(table)
         entry = self._tables.get(key)
         if entry is None or entry[0]() is not table:
@@ -94,7 +94,7 @@ class NativeCudaBackend(Backend):
         on_device = entry[1].get(device)
         if on_device is None:
             import torch
-            on_device = torch.tensor(np.ascontiguousarray(table), dtype=torch.float32, device=device)  # [S, 8]
+            on_device = torch.tensor(np.ascontiguousarray(table), dtype=torch.float32, device=device)  # [S, COEF_WIDTH]
             entry[1][device] = on_device
         return on_device
 
@@ -107,7 +107,7 @@ class NativeCudaBackend(Backend):
                              "for CUDA tensors, or a CPU backend")
         import torch
         device = x.device
-        coef = self._table_on(table, device)  # [S, 8] float32 on device
+        coef = self._table_on(table, device)  # [S, COEF_WIDTH] float32 on device
         if not 0 <= row < coef.shape[0]:
             raise IndexError(f"coefficient row {row} out of range for a table of {coef.shape[0]} rows")
         batch = int(x.shape[0])

@@ -387,7 +387,7 @@ class NumbaStepBackend(Backend):
         n = x.shape[0]
         shape = (n, x.size // n)
         step = _check_indices(n, shape[1], noise_step, first_index)
-        coef = _in(np.asarray(table[row], dtype=np.float32), (COEF_WIDTH,))      # [8]
+        coef = _in(np.asarray(table[row], dtype=np.float32), (COEF_WIDTH,))      # [COEF_WIDTH]
         x2, m2 = _in(x, shape), _in(m, shape)
         if noise is not None:
             mode, n2 = _GIVEN, _in(noise, shape)
