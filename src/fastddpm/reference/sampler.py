@@ -85,6 +85,11 @@ def dpm_solver_step(scheduler, history: list, m, t: int, x, z):
         x0 = m
     else:
         x0 = a_t * x - s_t * m
+    if cfg["thresholding"]:   # diffusers' dynamic thresholding, per sample
+        flat = x0.reshape(x0.shape[0], -1)
+        s = torch.quantile(flat.abs().double(), cfg["dynamic_thresholding_ratio"], dim=1).clamp(
+            1.0, cfg["sample_max_value"]).to(x0.dtype)[:, None]
+        x0 = (flat.clamp(-s, s) / s).reshape(x0.shape)
     history.append(x0)
     order = scheduler._order_of_row(k)
     a_n, s_n = alpha_sigma(sig[k + 1])
