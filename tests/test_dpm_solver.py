@@ -4,7 +4,6 @@ coefficient rows in float64 over whole timestep sequences for every option combi
 fused step with its x0 history on every CPU backend (float32, the bound of tests/_stepkit.py's
 step tolerance: max abs <= 1e-5 on unit-scale inputs), then whole sampling runs."""
 import itertools
-import math
 from unittest import mock
 
 import numpy as np
