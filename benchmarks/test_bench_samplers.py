@@ -25,7 +25,7 @@ from fastddpm.metrics import evaluate_digits
 
 N_QUALITY = int(os.environ.get("FASTDDPM_BENCH_QUALITY_N", "500"))
 ROUNDS = int(os.environ.get("FASTDDPM_BENCH_SAMPLER_ROUNDS", "5"))
-SAMPLERS = ("ddim", "dpm++2m", "dpm++3m", "dpm++2m-sde")
+SAMPLERS = ("ddim", "dpm++2m", "dpm++3m", "dpm++2m-sde", "euler", "euler-a")
 STEPS = (5, 10, 15, 20, 50)
 
 

@@ -25,8 +25,8 @@ from . import executors, validate
 from ._files import check_inside, errors_name, read_json_object
 from .executors import EngineOptions
 from .limits import check_request, engine_cache_size
-from .schedulers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, SchedulerConfigError,
-                         scheduler_for)
+from .schedulers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler,
+                         EulerDiscreteScheduler, SchedulerConfigError, scheduler_for)
 from .unet_config import PRESETS, UNetConfig, UNetConfigError, random_weights, weight_shapes
 from .weights import WeightsError, check_weights, load_safetensors, save_safetensors
 
@@ -37,7 +37,8 @@ BUNDLED_MODELS = ("digits",)
 PRESET_MODELS = tuple(PRESETS)
 DEFAULT_MODEL = "digits"
 _DIFFUSERS_VERSION = "0.42.1"   # what the saved files say they were written for
-_SCHEDULERS = {cls.__name__: cls for cls in (DDPMScheduler, DDIMScheduler, DPMSolverMultistepScheduler)}   # loadable from a model directory
+_SCHEDULERS = {cls.__name__: cls for cls in (DDPMScheduler, DDIMScheduler, DPMSolverMultistepScheduler,
+                                             EulerDiscreteScheduler, EulerAncestralDiscreteScheduler)}   # loadable from a model directory
 _OUTPUTS = ("uint8", "float")
 
 

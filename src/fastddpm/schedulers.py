@@ -25,7 +25,8 @@ from . import validate
 from .coefficients import A_M, A_X, C_X0, CLIP, COEF_COLUMNS, COEF_WIDTH, D_M, D_X, SIGMA  # noqa: F401
 from .dispatch import fused_step
 
-__all__ = ["DDPMScheduler", "DDIMScheduler", "DPMSolverMultistepScheduler", "COEF_WIDTH", "SchedulerConfigError", "StepSchedule", "SAMPLERS",
+__all__ = ["DDPMScheduler", "DDIMScheduler", "DPMSolverMultistepScheduler", "EulerDiscreteScheduler",
+           "EulerAncestralDiscreteScheduler", "COEF_WIDTH", "SchedulerConfigError", "StepSchedule", "SAMPLERS",
            "scheduler_for"]
 
 
@@ -670,6 +671,127 @@ class DPMSolverMultistepScheduler(_Scheduler):
         return result
 
 
+class _EulerBase(_Scheduler):
+    """Shared by the Euler schedulers: diffusers' k-diffusion sigmas, run in the variance-preserving
+    space the model sees. diffusers keeps sample_k = x * sqrt(sigma^2 + 1) and feeds the model
+    x = scale_model_input(sample_k); fastddpm's loop keeps x itself, so each Euler update of sample_k
+    becomes an affine row in x (divided by the next step's sqrt(sigma^2 + 1)).
+
+    fastddpm runs them with timestep_spacing "leading" (integer timesteps, x_T the unscaled normals,
+    as diffusers' init_noise_sigma makes it there); "linspace" evaluates the model at fractional
+    timesteps and "trailing" starts from x_T scaled by sigma_max / sqrt(sigma_max^2 + 1), which the
+    engines do not run: both are refused with that reason."""
+
+    PREDICTIONS = PREDICTION_TYPES
+
+    def __init__(self, **config):
+        super().__init__(**config)
+        if self.config["rescale_betas_zero_snr"]:
+            self.alphas_cumprod[-1] = 2.0**-24   # as diffusers
+        self._sigmas = np.zeros(0)
+        self._set_timestep_array(np.zeros(0, dtype=np.int64))   # diffusers: set_timesteps first
+
+    def _validate(self, cfg):
+        super()._validate(cfg)
+        if cfg["timestep_spacing"] != "leading":
+            raise SchedulerConfigError(
+                f"timestep_spacing={cfg['timestep_spacing']!r}: fastddpm runs {type(self).__name__} with 'leading' "
+                "('linspace' evaluates the model at fractional timesteps and 'trailing' scales x_T, which the "
+                "engines do not run yet)")
+        if cfg["prediction_type"] not in self.PREDICTIONS:
+            raise SchedulerConfigError(f"prediction_type={cfg['prediction_type']!r} is not one of {self.PREDICTIONS}")
+
+    @classmethod
+    def default_steps(cls, num_train_timesteps: int) -> int:
+        return min(20, num_train_timesteps)
+
+    def set_timesteps(self, num_inference_steps: int, device=None) -> None:
+        n = num_inference_steps
+        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or not 1 <= n <= self.num_train_timesteps:
+            raise ValueError(f"num_inference_steps must be an integer in [1, {self.num_train_timesteps}], got {n!r}")
+        ts = self._spaced_timesteps(int(n))
+        if ts.min() < 0 or ts.max() >= self.num_train_timesteps:
+            raise ValueError(f"steps_offset={self.config['steps_offset']} puts timesteps outside "
+                             f"[0, {self.num_train_timesteps}) for {n} steps")
+        sigmas = np.sqrt((1.0 - self.alphas_cumprod) / self.alphas_cumprod)[ts]
+        self._sigmas = np.concatenate([sigmas, [self._final_sigma()]])   # [S + 1] float64
+        self.num_inference_steps = int(n)
+        self._set_timestep_array(ts)
+
+    def _final_sigma(self) -> float:
+        return 0.0
+
+    def _prev_of_row(self, row: int) -> int:
+        return int(self.timesteps[row + 1]) if row + 1 < len(self.timesteps) else -1
+
+    def _step_options(self, eta) -> dict:
+        if validate.eta(eta) != 0.0:
+            raise ValueError(f"eta is a DDIM parameter; {type(self).__name__} takes none")
+        return {}
+
+    def step(self, model_output, timestep, sample, *, noise=None, seed=None, first_index=0,
+             backend="auto", out=None):
+        """The next x (the model's input at the next timestep) from x: diffusers' step on
+        sample_k = x * sqrt(sigma^2 + 1), divided by the next sqrt(sigma^2 + 1). Euler-ancestral's
+        noise: ``noise``, or the Philox noise of (seed, sample first_index + i, timestep)."""
+        if self.num_inference_steps is None:
+            raise ValueError(f"call set_timesteps(num_inference_steps) before {type(self).__name__}.step")
+        return self._step(model_output, timestep, sample, noise, seed, first_index, backend, out)
+
+    def _x0_row(self, sigma: float) -> tuple[float, float]:
+        """(a_x, a_m): x0 from x (the model's input) and the model output."""
+        c = math.sqrt(sigma * sigma + 1.0)
+        return {"epsilon": (c, -sigma), "sample": (0.0, 1.0), "v_prediction": (1.0 / c, -sigma / c)}[
+            self.config["prediction_type"]]
+
+    def _row(self, k: int) -> list[float]:
+        sigma, nxt = self._sigmas[k], self._sigmas[k + 1]
+        target, noise = self._target(sigma, nxt)          # where the deterministic update goes, and its noise
+        c, cn = math.sqrt(sigma * sigma + 1.0), math.sqrt(nxt * nxt + 1.0)
+        a_x, a_m = self._x0_row(sigma)
+        # sample_k' = sample_k * target / sigma + x0 * (1 - target / sigma) + noise * z; x' = sample_k' / cn
+        return [a_x, a_m, (1.0 - target / sigma) / cn, c * target / (sigma * cn), 0.0, noise / cn, 0.0, 0.0,
+                0.0, 0.0, 0.0, 0.0]
+
+
+class EulerDiscreteScheduler(_EulerBase):
+    """Euler's method on the probability-flow ODE (Karras et al. 2022); the same maths as diffusers'
+    EulerDiscreteScheduler.step with s_churn = 0 (deterministic)."""
+
+    _DEFAULTS = dict(num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="linear",
+                     trained_betas=None, prediction_type="epsilon", timestep_spacing="linspace", steps_offset=0,
+                     rescale_betas_zero_snr=False, final_sigmas_type="zero")
+    _INERT = dict(interpolation_type="linear", use_karras_sigmas=False, use_exponential_sigmas=False,
+                  use_beta_sigmas=False, timestep_type="discrete", sigma_min=None, sigma_max=None)
+
+    def _validate(self, cfg):
+        super()._validate(cfg)
+        if cfg["final_sigmas_type"] not in ("zero", "sigma_min"):
+            raise SchedulerConfigError(f"final_sigmas_type={cfg['final_sigmas_type']!r} is not one of ('zero', 'sigma_min')")
+
+    def _final_sigma(self) -> float:
+        if self.config["final_sigmas_type"] == "sigma_min":
+            return float(np.sqrt((1.0 - self.alphas_cumprod[0]) / self.alphas_cumprod[0]))
+        return 0.0
+
+    def _target(self, sigma: float, nxt: float) -> tuple[float, float]:
+        return nxt, 0.0
+
+
+class EulerAncestralDiscreteScheduler(_EulerBase):
+    """Euler's method with ancestral sampling; the same maths as diffusers'
+    EulerAncestralDiscreteScheduler.step. Its noise is the Philox noise of (seed, sample, timestep)."""
+
+    PREDICTIONS = ("epsilon", "v_prediction")   # diffusers: "sample" is not implemented
+    _DEFAULTS = dict(num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="linear",
+                     trained_betas=None, prediction_type="epsilon", timestep_spacing="linspace", steps_offset=0,
+                     rescale_betas_zero_snr=False)
+
+    def _target(self, sigma: float, nxt: float) -> tuple[float, float]:
+        up = math.sqrt(nxt * nxt * (sigma * sigma - nxt * nxt) / (sigma * sigma))
+        return math.sqrt(nxt * nxt - up * up), up
+
+
 def _empty_like(a):
     return a.new_empty(a.shape) if hasattr(a, "new_empty") else np.empty(a.shape, dtype=np.float32)
 
@@ -702,7 +824,9 @@ SAMPLERS = {"ddpm": (DDPMScheduler, {}, None), "ddim": (DDIMScheduler, {}, None)
             "dpm++3m": (DPMSolverMultistepScheduler, {"solver_order": 3, "algorithm_type": "dpmsolver++"},
                         _dpm_from_others),
             "dpm++2m-sde": (DPMSolverMultistepScheduler, {"solver_order": 2, "algorithm_type": "sde-dpmsolver++"},
-                            _dpm_from_others)}
+                            _dpm_from_others),
+            "euler": (EulerDiscreteScheduler, {}, lambda config: {"timestep_spacing": "leading"}),
+            "euler-a": (EulerAncestralDiscreteScheduler, {}, lambda config: {"timestep_spacing": "leading"})}
 
 
 def scheduler_for(sampler: str, config: dict, steps: int | None = None, source: type | None = None) -> _Scheduler:

@@ -127,6 +127,38 @@ def dpm_solver_step(scheduler, history: list, m, t: int, x, z):
     return out
 
 
+def euler_step(scheduler, m, t: int, x, z, ancestral: bool):
+    """diffusers' EulerDiscreteScheduler.step (s_churn = 0) / EulerAncestralDiscreteScheduler.step
+    with the noise z given, on diffusers' sample_k = x * sqrt(sigma^2 + 1); returns the next x
+    (the next sample_k over sqrt(sigma_next^2 + 1), what diffusers' scale_model_input feeds the model)."""
+    k = scheduler.row_index(t)
+    sigma, nxt = float(scheduler._sigmas[k]), float(scheduler._sigmas[k + 1])
+    sample = x * math.sqrt(sigma**2 + 1)
+    prediction = scheduler.config["prediction_type"]
+    if prediction == "epsilon":
+        x0 = sample - sigma * m
+    elif prediction == "v_prediction":
+        x0 = m * (-sigma / (sigma**2 + 1) ** 0.5) + sample / (sigma**2 + 1)
+    else:
+        x0 = m
+    derivative = (sample - x0) / sigma
+    if ancestral:
+        up = (nxt**2 * (sigma**2 - nxt**2) / sigma**2) ** 0.5
+        down = (nxt**2 - up**2) ** 0.5
+        prev = sample + derivative * (down - sigma) + z * up
+    else:
+        prev = sample + derivative * (nxt - sigma)
+    return prev / math.sqrt(nxt**2 + 1)
+
+
+def _euler(scheduler, eta):
+    return (lambda m, t, x, z: euler_step(scheduler, m, t, x, z, False)), (lambda t: False)
+
+
+def _euler_ancestral(scheduler, eta):
+    return (lambda m, t, x, z: euler_step(scheduler, m, t, x, z, True)), (lambda t: True)
+
+
 def _ddpm(scheduler, eta):
     return (lambda m, t, x, z: ddpm_step(scheduler, m, t, x, z)), (lambda t: t > 0)
 
@@ -143,7 +175,8 @@ def _dpm_solver(scheduler, eta):
 
 # The oracle per scheduler class: (scheduler, eta) -> (step(m, t, x, z), needs_noise(t)). The
 # reference is written per sampler from the papers and diffusers, on purpose: it never reads the table.
-FORMULAS = {"DDPMScheduler": _ddpm, "DDIMScheduler": _ddim, "DPMSolverMultistepScheduler": _dpm_solver}
+FORMULAS = {"DDPMScheduler": _ddpm, "DDIMScheduler": _ddim, "DPMSolverMultistepScheduler": _dpm_solver,
+            "EulerDiscreteScheduler": _euler, "EulerAncestralDiscreteScheduler": _euler_ancestral}
 
 
 def per_sample(unet: Callable) -> Callable:
