@@ -493,7 +493,7 @@ SCHED_CASES = [
     (dict(rescale_betas_zero_snr=True, num_train_timesteps=1), ["rescale_betas_zero_snr"]),
     (dict(thresholding="false"), ["thresholding"]),
     (dict(bogus=1), ["unknown DDPMScheduler config key 'bogus'"]),
-    (dict(_class_name="EulerDiscreteScheduler"), ["_class_name", "EulerDiscreteScheduler"]),
+    (dict(_class_name="PNDMScheduler"), ["_class_name", "PNDMScheduler"]),
     (dict(_class_name=["DDPMScheduler"]), ["_class_name"]),
     (dict(beta_start=10**400), ["beta_start", "finite"]),
     (dict(clip_sample_range=10**400), ["clip_sample_range"]),

@@ -189,7 +189,7 @@ def test_progress_bar_counts_every_step(tiny, capsys):
 @pytest.mark.parametrize("kwargs,exc,match", [
     (dict(n=0), ValueError, "n must be a positive integer"),
     (dict(n=2.5), ValueError, "n must be a positive integer"),
-    (dict(sampler="euler"), ValueError, "sampler must be"),
+    (dict(sampler="plms"), ValueError, "sampler must be"),
     (dict(steps=0), ValueError, "num_inference_steps"),
     (dict(steps=1001), ValueError, "num_inference_steps"),
     (dict(eta=0.5), ValueError, "eta is a DDIM parameter"),
