@@ -17,6 +17,12 @@
 // + loop_advance (counter += 1). It is captured once per engine and replayed `steps` times with no
 // host synchronisation between steps; the host waits only on events at callback chunk boundaries,
 // one chunk behind the GPU, so the queue never drains.
+//
+// Multistep solvers (RunArgs::history > 0): a ring of 3 [N, C*H*W] x0 buffers, allocated on the
+// first such run and kept (its pointer is baked into the graph, so the graph is recaptured then).
+// The history depth is a per-run value in the LoopState; loop_step picks the ring slots from the
+// device step counter (csrc/cpu/engine.cpp's ring: x0 to slot k % 3, H1, H2 from the one or two
+// before), so one captured step serves every step of every run, with or without history.
 #include "engine_cuda.h"
 
 #include <cuda_bf16.h>
@@ -200,6 +206,7 @@ struct Engine::Impl {
   std::vector<int64_t> slot_off, slot_size;
   int64_t T = 0;  // per-sample arena floats
   DevBuf arena, x, m, tvals, state;
+  DevBuf ring;            // multistep history: 3 x [N, in_c * H * W] x0 buffers, or none (allocated on first use)
   DevBuf ws;              // split-K partial tiles: [N][ws_per_sample] floats
   int64_t ws_per_sample = 0;
   std::vector<GOp> ops;
@@ -573,7 +580,7 @@ void Engine::Impl::run_step_ops(bool timed) {
   p.batch = N;
   p.per_sample = in_c * H * W;
   check_status(loop_step(p, x.as<float>(), m.as<float>(), x.as<float>(), coef_tab.as<float>(),
-                         ts_tab.as<uint32_t>(), state.as<LoopState>(), stream), "loop step");
+                         ts_tab.as<uint32_t>(), state.as<LoopState>(), ring.as<float>(), stream), "loop step");
   check_cuda(launch_loop_advance(state.as<LoopState>(), stream), "loop advance");
 }
 
@@ -663,7 +670,7 @@ int64_t Engine::graph_nodes() const { return int64_t(impl_->graph_nodes); }
 int64_t Engine::device_bytes() const {
   const Impl& e = *impl_;
   int64_t b = int64_t(e.arena.bytes() + e.x.bytes() + e.m.bytes() + e.ws.bytes() + e.coef_tab.bytes() +
-                      e.ts_tab.bytes());
+                      e.ts_tab.bytes() + e.ring.bytes());
   for (const GOp& op : e.ops) {
     b += int64_t(op.wt.bytes() + op.bias.bytes() + op.gamma.bytes() + op.beta.bytes() + op.bias2.bytes());
     for (const GGemm& g : op.gemms) b += int64_t(g.A.bytes() + g.boff.bytes());
@@ -769,6 +776,7 @@ bool Engine::run(const RunArgs& a, const std::function<bool(int64_t)>& on_chunk)
   if (a.first_index < 0 || a.first_index + batch_ > (int64_t(1) << 32))
     fail("sample indices first_index + i must lie in [0, 2**32)");
   if (a.every < 0) fail("callback chunk must be >= 0");
+  if (a.history < 0 || a.history > 2) fail("history must be 0, 1 or 2, got " + std::to_string(a.history));
   if (e.out_c != e.in_c) fail("sampling needs out_channels == in_channels");
   CallLock lock(mu_, "CUDA engine");
   if (e.steps < 1) fail("no schedule: call set_schedule first");
@@ -782,7 +790,17 @@ bool Engine::run(const RunArgs& a, const std::function<bool(int64_t)>& on_chunk)
   // is pending: every run ends on a wait for its stream
   float* frames = e.frames_host.get(frame_b * a.keep.size());
   float* xh = e.x_host.get(frame_b);
+  // The history ring on the first multistep run (an OutOfMemory here leaves the engine as it was).
+  // No launch of the graph is pending (every run ends on a wait for its stream): drop it, the
+  // capture below bakes in the ring's pointer.
+  const bool new_ring = a.history > 0 && !e.ring.bytes();
+  if (new_ring) {
+    e.ring = DevBuf(size_t(3 * e.N * per) * 4, "the multistep history ring (3 x0 buffers)");
+    e.drop_graph();
+  }
   e.after_last_use();
+  // zeroed once, so no byte of it is ever undefined (a run reads a slot only after writing it)
+  if (new_ring) check_cuda(cudaMemsetAsync(e.ring.as<void>(), 0, e.ring.bytes(), e.stream), "cudaMemset");
   // If anything below throws, work may still be queued on the stream: make it the last use and
   // wait for it, so no other stream overlaps it and no pinned buffer is freed under a copy.
   struct DrainOnError {
@@ -799,6 +817,7 @@ bool Engine::run(const RunArgs& a, const std::function<bool(int64_t)>& on_chunk)
   st->seed = a.seed;
   st->first_index = uint32_t(a.first_index);
   st->step = 0;
+  st->history = int32_t(a.history);
   check_cuda(cudaMemcpyAsync(e.state.as<LoopState>(), st, sizeof(LoopState), cudaMemcpyHostToDevice, e.stream),
         "copy of the loop state");
   if (!e.exec) e.capture();
