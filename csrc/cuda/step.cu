@@ -143,31 +143,33 @@ __global__ void __launch_bounds__(kThreads) step_kernel(const StepParams p, cons
 
 // The loop step: step k = state->step of a captured loop. Seed, first index, noise step
 // (noise_steps[k]) and coefficient row (coef_table + k * kCoefWidth) are read when the kernel
-// runs, so one captured graph replays every step of every run. So are the history depth and the
-// ring slots: with ring (3 x [batch, per_sample]) and state->history > 0, step k writes its x0 to
-// slot k % 3 and reads H1 = slot (k - 1) % 3 from k = 1 on and, at depth 2, H2 = slot (k - 2) % 3
-// from k = 2 on (csrc/cpu/engine.cpp's ring): a slot is read only after a step of this run wrote it.
-template <typename Index, bool kVec>
+// runs, so one captured graph replays every step of every run.
+// kHistory (the multistep loop, its own captured graph; without it the single-step kernel is
+// unchanged): ring holds 3 slots of [batch, per_sample], and the history depth comes from
+// state->history. Step k writes its x0 to slot k % 3 and reads H1 = slot (k - 1) % 3 from k = 1 on
+// and, at depth 2, H2 = slot (k - 2) % 3 from k = 2 on (csrc/cpu/engine.cpp's ring): the slots
+// follow the device counter, never the launch, and a slot is read only after this run wrote it.
+template <typename Index, bool kVec, bool kHistory>
 __global__ void __launch_bounds__(kThreads) loop_step_kernel(const StepParams p, StepPtrs a,
                                                              const uint32_t* __restrict__ noise_steps,
                                                              const LoopState* __restrict__ state,
                                                              float* ring) {
   const int32_t k = state->step;
-  const int32_t depth = state->history;
   StepParams q = p;
   q.seed = state->seed;
   q.first_index = state->first_index;
   q.noise_step = noise_steps[k];
   a.coef += int64_t(k) * kCoefWidth;
-  if (ring != nullptr && depth > 0) {  // uniform: every thread takes the same branch
+  if (kHistory) {
+    const int32_t depth = state->history;
     const int64_t slot = p.batch * p.per_sample;
-    a.x0_out = ring + int64_t(k % 3) * slot;
-    a.h1 = k >= 1 ? ring + int64_t((k - 1) % 3) * slot : nullptr;
-    a.h2 = depth >= 2 && k >= 2 ? ring + int64_t((k - 2) % 3) * slot : nullptr;
-    step_body<Index, kVec, false, true>(q, a);
-  } else {
-    step_body<Index, kVec, false, false>(q, a);
+    if (depth > 0) {  // uniform over the grid
+      a.x0_out = ring + int64_t(k % 3) * slot;
+      if (k >= 1) a.h1 = ring + int64_t((k - 1) % 3) * slot;
+      if (depth >= 2 && k >= 2) a.h2 = ring + int64_t((k - 2) % 3) * slot;
+    }
   }
+  step_body<Index, kVec, false, kHistory>(q, a);
 }
 
 template <typename Index, bool kVec>
@@ -327,6 +329,18 @@ void launch_step(const Shape& sh, bool vec, bool given, bool history, const Step
   }
 }
 
+template <typename Index>
+void launch_loop_step(const Shape& sh, bool vec, bool history, const StepParams& p, const StepPtrs& a,
+                      const uint32_t* noise_steps, const LoopState* state, float* ring, cudaStream_t st) {
+  if (vec) {
+    if (history) loop_step_kernel<Index, true, true><<<sh.blocks, kThreads, 0, st>>>(p, a, noise_steps, state, ring);
+    else loop_step_kernel<Index, true, false><<<sh.blocks, kThreads, 0, st>>>(p, a, noise_steps, state, ring);
+  } else {
+    if (history) loop_step_kernel<Index, false, true><<<sh.blocks, kThreads, 0, st>>>(p, a, noise_steps, state, ring);
+    else loop_step_kernel<Index, false, false><<<sh.blocks, kThreads, 0, st>>>(p, a, noise_steps, state, ring);
+  }
+}
+
 }  // namespace
 
 Status fused_step(const StepParams& p, const StepArrays& a, cudaStream_t stream) {
@@ -428,13 +442,8 @@ Status loop_step(const StepParams& p, const float* x, const float* m, float* out
   const bool vec = p.per_sample % 4 == 0 && aligned(x, 16) && aligned(m, 16) && aligned(out, 16) &&
                    (ring == nullptr || aligned(ring, 16));
   const StepPtrs a{x, m, out, coef_table, nullptr};
-  if (sh.wide) {
-    if (vec) loop_step_kernel<uint64_t, true><<<sh.blocks, kThreads, 0, stream>>>(p, a, noise_steps, state, ring);
-    else loop_step_kernel<uint64_t, false><<<sh.blocks, kThreads, 0, stream>>>(p, a, noise_steps, state, ring);
-  } else {
-    if (vec) loop_step_kernel<uint32_t, true><<<sh.blocks, kThreads, 0, stream>>>(p, a, noise_steps, state, ring);
-    else loop_step_kernel<uint32_t, false><<<sh.blocks, kThreads, 0, stream>>>(p, a, noise_steps, state, ring);
-  }
+  if (sh.wide) launch_loop_step<uint64_t>(sh, vec, ring != nullptr, p, a, noise_steps, state, ring, stream);
+  else launch_loop_step<uint32_t>(sh, vec, ring != nullptr, p, a, noise_steps, state, ring, stream);
   return after_launch();
 }
 

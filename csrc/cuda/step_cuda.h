@@ -63,11 +63,11 @@ struct LoopState {
 // coefficient row coef_table + k * kCoefWidth, noise step noise_steps[k], seed and first index from
 // *state. p supplies batch and per_sample (its seed / noise_step / first_index are ignored, but
 // p.first_index + batch must still be in range). Capturable: no allocation, no synchronisation.
-// ring: nullptr or the multistep history, 3 slots of [batch, per_sample] float32 (overlapping none
-// of x, m, out): with state->history > 0, step k writes its x0 to slot k % 3 and adds H1 = slot
-// (k - 1) % 3 from k = 1 on and, with history 2, H2 = slot (k - 2) % 3 from k = 2 on (the slots are
-// chosen on the device from the counter, so the captured step serves every k). A null ring, or
-// history 0, is the single-step loop.
+// ring: nullptr (the single-step loop's kernel, state->history unread) or the multistep history,
+// 3 slots of [batch, per_sample] float32 overlapping none of x, m, out: with state->history > 0,
+// step k writes its x0 to slot k % 3 and adds H1 = slot (k - 1) % 3 from k = 1 on and, with
+// history 2, H2 = slot (k - 2) % 3 from k = 2 on (the slots are chosen on the device from the
+// counter, so one captured step serves every k); history 0 reads and writes no slot.
 Status loop_step(const StepParams& p, const float* x, const float* m, float* out, const float* coef_table,
                  const uint32_t* noise_steps, const LoopState* state, float* ring, cudaStream_t stream);
 
