@@ -8,9 +8,11 @@ import numpy as np
 import pytest
 
 import fastddpm
-from fastddpm.coefficients import COEF_WIDTH
+from fastddpm.coefficients import COEF_WIDTH, H1, H2, SIGMA
 from fastddpm.philox import INITIAL_STEP, philox_uint32 as philox_spec
 from fastddpm.philox import noise as noise_spec
+
+from _stepkit import X0_ALONE_NOISE, history_inputs, history_reference, history_row, x0_out_alone_case
 
 # (N, C, H, W): per-sample sizes off the float4 path (35, 867, 1), on it (48, 12288) and batch 1.
 SHAPES = [(1, 1, 5, 7), (3, 3, 17, 17), (5, 1, 1, 1), (2, 3, 4, 4), (1, 3, 64, 64), (4, 1, 3, 3)]
@@ -393,31 +395,12 @@ def test_describe_names_the_gpu(torch, be):
 HISTORY_CASES = ["h1", "h1+h2", "x0_out"]   # x0_out: the first step of a multistep run (no H yet)
 
 
-def _history_row(clip=0.0, sigma=0.3):
-    from fastddpm.coefficients import A_M, A_X, C_X0, CLIP, D_M, D_X, H1, H2, SIGMA
-    row = np.zeros(COEF_WIDTH, np.float32)
-    row[[A_X, A_M, C_X0, D_X, D_M, SIGMA, CLIP, H1, H2]] = [1.7, -0.9, 0.6, 0.35, -0.2, sigma, clip, -0.4, 0.15]
-    return row
-
-
 def _history_formula(row, x, m, z, h1, h2, noise_err=0.0):
-    """float64 (y, its bound, x0, its bound) of the step with history (h1 / h2: None = no term)."""
-    want, tol = _formula(row.astype(np.float64), x, m, z, noise_err)
-    for h, w in ((h1, row[8]), (h2, row[9])):
-        if h is not None:
-            term = float(w) * np.asarray(h, np.float64)
-            want, tol = want + term, tol + 8 * EPS32 * np.abs(term)
-    x64, m64 = np.asarray(x, np.float64), np.asarray(m, np.float64)
-    x0 = float(row[0]) * x64 + float(row[1]) * m64
-    if row[6] > 0:
-        x0 = np.clip(x0, -float(row[6]), float(row[6]))
-    x0_tol = 4 * EPS32 * (np.abs(float(row[0]) * x64) + np.abs(float(row[1]) * m64)) + 1e-7
-    return want, tol, x0, x0_tol
-
-
-def _history_inputs(shape, seed):
-    rng = np.random.default_rng(seed)
-    return tuple(rng.standard_normal(shape, dtype=np.float32) for _ in range(5))   # x, m, z, H1, H2
+    """float64 (y, its bound, x0, its bound) of the step with history (h1 / h2: None = no term),
+    with this file's bound: a few float32 roundings of every term, plus |sigma| * noise_err."""
+    hs = [(h, w) for h, w in ((h1, row[H1]), (h2, row[H2])) if h is not None]
+    y, scale, x0, x0_scale = history_reference(row, x, m, z, hs)
+    return y, 8 * EPS32 * scale + noise_err * abs(float(row[SIGMA])) + 1e-7, x0, 4 * EPS32 * x0_scale + 1e-7
 
 
 def _cuda_history_step(torch, row, x, m, h1, h2, noise=None, seed=0, noise_step=5, first_index=0, out=None,
@@ -440,8 +423,8 @@ def _cuda_history_step(torch, row, x, m, h1, h2, noise=None, seed=0, noise_step=
 def test_step_with_history_matches_float64_and_native_cpu(torch, shape, clip, history):
     """Scalar (35, 867 per sample) and float4 (48, 12288) paths, given and Philox noise."""
     from fastddpm.dispatch import fused_step
-    x, m, z, a, b = _history_inputs(shape, seed=sum(shape) + len(history) + int(clip))
-    row = _history_row(clip=clip)
+    x, m, z, a, b = history_inputs(shape, seed=sum(shape) + len(history) + int(clip))
+    row = history_row(clip=clip)
     h1 = a if history != "x0_out" else None
     h2 = b if history == "h1+h2" else None
     # given noise
@@ -470,14 +453,11 @@ def test_step_with_history_matches_float64_and_native_cpu(torch, shape, clip, hi
 
 @pytest.mark.cuda
 @pytest.mark.torch_cuda
-@pytest.mark.parametrize("noise", ["given", "philox", "sigma0"])
+@pytest.mark.parametrize("noise", X0_ALONE_NOISE)
 def test_x0_out_alone_leaves_the_step_bit_identical(torch, noise):
     """The history kernel without history terms gives the single-step kernel's bits."""
     from fastddpm.dispatch import fused_step
-    shape = (3, 1031)
-    x, m, z, _, _ = _history_inputs(shape, seed=3)
-    row = _history_row(clip=1.5, sigma=0.0 if noise == "sigma0" else 0.3)
-    zz = z if noise == "given" else None
+    x, m, zz, row = x0_out_alone_case(noise)
     hist, _ = _cuda_history_step(torch, row, x, m, None, None, noise=zz, seed=9, noise_step=40, first_index=2)
     cuda = lambda a: None if a is None else torch.from_numpy(a).cuda()  # noqa: E731
     plain = fused_step(cuda(x), cuda(m), row.reshape(1, COEF_WIDTH), 0, 40, cuda(zz), 9, 2, backend="native-cuda")
@@ -491,8 +471,8 @@ def test_history_misaligned_batch_split_and_in_place(torch):
     same sample alone at first_index + i; out may be x."""
     from fastddpm import _C_cuda
     shape = (3, 3, 4, 4)
-    x, m, _, a, b = _history_inputs(shape, seed=8)
-    row = _history_row(clip=1.0)
+    x, m, _, a, b = history_inputs(shape, seed=8)
+    row = history_row(clip=1.0)
     coef = torch.from_numpy(row).cuda()
     dev = torch.cuda.current_device()
 
