@@ -94,6 +94,35 @@ def step_kernels():
     _C_cuda.synchronize()
 
 
+def history_step_kernels():
+    """The fused step with the multistep history (h1, h2, x0_out), both memory paths, against native-cpu."""
+    from fastddpm.dispatch import fused_step
+    from _stepkit import history_inputs, history_row
+    row = history_row(clip=1.0)
+    coef = Dev(np.ascontiguousarray(row))
+    shapes = [(1, 35), (2, 48)] if QUICK else [(1, 35), (3, 867), (2, 48), (2, 12288)]
+    for batch, per in shapes:
+        x, m, _, a, b = history_inputs((batch, per), seed=batch + per)
+        for offset in (0, 1):
+            for depth in (0, 1, 2):   # 0: x0_out alone (the first step of a multistep run)
+                h1, h2 = (a if depth >= 1 else None), (b if depth >= 2 else None)
+                dx, dm = Dev(x, offset), Dev(m, offset)
+                dh = [Dev(h, offset) for h in (h1, h2) if h is not None]
+                out, x0 = (Dev(np.full((batch, per), np.nan, np.float32), offset) for _ in range(2))
+                ptrs = [d.ptr for d in dh] + [0] * (2 - len(dh))
+                _C_cuda.fused_step(dx.ptr, dm.ptr, out.ptr, coef.ptr, 0, batch, per, 7, 300, 3,
+                                   h1=ptrs[0], h2=ptrs[1], x0_out=x0.ptr)
+                cpu_x0 = np.empty((batch, per), np.float32)
+                want = fused_step(x, m, row.reshape(1, -1), 0, 300, None, 7, 3, backend="native-cpu",
+                                  history=(h1, h2, cpu_x0))
+                err = max(float(np.abs(out.get() - want).max()), float(np.abs(x0.get() - cpu_x0).max()))
+                check(err < 1e-4, f"fused step with history {depth}, {batch}x{per} offset {offset}: max abs {err:.2e}")
+                for d in [dx, dm, out, x0] + dh:
+                    d.free()
+    coef.free()
+    _C_cuda.synchronize()
+
+
 def plan_ops():
     """The single-op plans of tests/_plan_cases.py in every precision, against the float64 interpreter."""
     try:
@@ -151,6 +180,16 @@ def loop():
     err = float(np.abs(xg - xc).max())
     check(err < 1e-3 and seen == [2, 4] and np.array_equal(frames[4], xg),
           f"4-step DDIM loop vs the CPU engine: max abs {err:.2e}, callbacks {seen}")
+    # a multistep loop (the history ring, its graph): DPM-Solver++ 3M SDE, then 2M (depth 1)
+    from fastddpm.schedulers import scheduler_for
+    cfg = {**fastddpm.DDPMScheduler().config, "algorithm_type": "sde-dpmsolver++"}
+    for name in ("dpm++3m", "dpm++2m"):
+        schedule = scheduler_for(name, cfg, 5).schedule()
+        xg, frames = gpu.run(schedule, seed=5, first_index=1, keep=[0, 1, 5])
+        xc, _ = cpu.run(schedule, seed=5, first_index=1)
+        err = float(np.abs(xg - xc).max())
+        check(err < 1e-3 and np.array_equal(frames[5], xg),
+              f"5-step {name} SDE loop (history {schedule.history}) vs the CPU engine: max abs {err:.2e}")
 
 
 def main() -> int:
@@ -158,7 +197,7 @@ def main() -> int:
     if count == 0:
         print(f"FAIL no CUDA device: {why}")
         return 1
-    for part in (step_kernels, plan_ops, forwards, loop):
+    for part in (step_kernels, history_step_kernels, plan_ops, forwards, loop):
         try:
             part()
         except Exception as exc:  # noqa: BLE001 - report and go on to the next part

@@ -102,7 +102,7 @@ StepParams params_of(int64_t batch, int64_t per_sample, uint64_t seed, int64_t s
 
 void fused_step(uintptr_t x, uintptr_t m, uintptr_t out, uintptr_t coef, uintptr_t noise, int64_t batch,
                 int64_t per_sample, uint64_t seed, int64_t noise_step, int64_t first_index, uintptr_t stream,
-                int device) {
+                int device, uintptr_t h1, uintptr_t h2, uintptr_t x0_out) {
   const StepParams p = params_of(batch, per_sample, seed, noise_step, first_index);
   RelaxedCapture relaxed;
   DeviceGuard guard(device);
@@ -112,12 +112,18 @@ void fused_step(uintptr_t x, uintptr_t m, uintptr_t out, uintptr_t coef, uintptr
   check_device_pointer(out, guard.device(), "out");
   check_device_pointer(coef, guard.device(), "coef");
   if (noise) check_device_pointer(noise, guard.device(), "noise");
+  if (h1) check_device_pointer(h1, guard.device(), "h1");
+  if (h2) check_device_pointer(h2, guard.device(), "h2");
+  if (x0_out) check_device_pointer(x0_out, guard.device(), "x0_out");
   StepArrays a;
   a.x = reinterpret_cast<const float*>(x);
   a.m = reinterpret_cast<const float*>(m);
   a.out = reinterpret_cast<float*>(out);
   a.coef = reinterpret_cast<const float*>(coef);
   a.noise = reinterpret_cast<const float*>(noise);
+  a.h1 = reinterpret_cast<const float*>(h1);
+  a.h2 = reinterpret_cast<const float*>(h2);
+  a.x0_out = reinterpret_cast<float*>(x0_out);
   fcuda::Status s;
   {
     py::gil_scoped_release nogil;
@@ -315,8 +321,10 @@ class PyCudaEngine {
   }
 
   py::tuple run(uint64_t seed, int64_t first_index, const std::vector<int64_t>& keep, const py::object& callback,
-                int64_t every) {
+                int64_t every, int64_t history) {
     if (every < 0) throw py::value_error("callback_every must be >= 0");
+    if (history < 0 || history > 2)
+      throw py::value_error("history must be 0, 1 or 2, got " + std::to_string(history));
     fastddpm::bind::LoopOutputs outputs(shape_, keep.size());
     fcuda::RunArgs a;
     a.seed = seed;
@@ -324,6 +332,7 @@ class PyCudaEngine {
     a.keep = keep;
     a.keep_out = outputs.frame_data;
     a.x_out = outputs.x_data();
+    a.history = int(history);
     // Reports at chunk boundaries only (the GPU keeps the next chunk queued): Ctrl-C at every one,
     // the callback at multiples of `every` and the last step. Without a callback the chunk is
     // kSignalChunk steps, so Ctrl-C still stops a long loop early.
@@ -368,10 +377,13 @@ PYBIND11_MODULE(_C_cuda, mod) {
   mod.attr("COEF_WIDTH") = int(fastddpm::kCoefWidth);
   mod.def("fused_step", &fused_step, py::arg("x"), py::arg("m"), py::arg("out"), py::arg("coef"), py::arg("noise"),
           py::arg("batch"), py::arg("per_sample"), py::arg("seed"), py::arg("noise_step"), py::arg("first_index"),
-          py::arg("stream") = 0, py::arg("device") = -1,
+          py::arg("stream") = 0, py::arg("device") = -1, py::arg("h1") = 0, py::arg("h2") = 0,
+          py::arg("x0_out") = 0,
           "out = fused step of x and m ([batch, per_sample] float32 device pointers) with the coefficient row at "
           "device pointer coef (kCoefWidth = 12 float32, read when the kernel runs). noise=0 makes the Philox noise of "
           "(seed, first_index + i, noise_step) in the kernel; otherwise it is a [batch, per_sample] pointer. "
+          "h1, h2 (0 = none): [batch, per_sample] pointers to the previous steps' x0, added with the row's h1, h2 "
+          "weights; x0_out (0 = none): receives this step's x0 (after the clip), overlapping no other array. "
           "Asynchronous on stream (a cudaStream_t as int); device=-1 is the current device.");
   mod.def("normals", &normals, py::arg("out"), py::arg("batch"), py::arg("per_sample"), py::arg("seed"),
           py::arg("step"), py::arg("first_index") = 0, py::arg("stream") = 0, py::arg("device") = -1,
@@ -427,7 +439,9 @@ PYBIND11_MODULE(_C_cuda, mod) {
       .def("set_schedule", &PyCudaEngine::set_schedule, py::arg("coef"), py::arg("timesteps"),
            "upload the scheduler's float32 [S, 12] table and int64 [S] timesteps")
       .def("run", &PyCudaEngine::run, py::arg("seed"), py::arg("first_index"), py::arg("keep"), py::arg("callback"),
-           py::arg("every") = 0, "the whole sampling loop over the last schedule; returns (x0, [frames for keep])")
+           py::arg("every") = 0, py::arg("history") = 0,
+           "the whole sampling loop over the last schedule; returns (x0, [frames for keep]). history (0, 1, 2): "
+           "previous x0 predictions fed to each step as h1 (h2), from an engine-owned device ring of 3 buffers")
       .def("set_profiling", &PyCudaEngine::set_profiling, py::arg("on"),
            "time every plan op of each host forward and run step with CUDA events (on also zeroes the totals)")
       .def_property_readonly("op_seconds", &PyCudaEngine::op_seconds, "per plan op: GPU seconds accumulated while profiling")

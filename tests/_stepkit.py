@@ -177,3 +177,50 @@ def random_inputs(shape, seed=0, x_std=1.0, m_std=1.0):
     m = (m_std * rng.standard_normal(shape)).astype(np.float32)
     z = rng.standard_normal(shape).astype(np.float32)
     return x, m, z
+
+
+# -- the step with the multistep history (tests/test_step_history.py, tests/test_cuda_step.py) ------
+#
+# y = c_x0 x0 + d_x x + d_m m + h1 H1 + h2 H2 + sigma z, x0 = clip(a_x x + a_m m); x0_out receives x0.
+
+def history_row(clip=0.0, sigma=0.3, h1=-0.4, h2=0.15):
+    """A float32 coefficient row with every term of the step with history non-zero (but clip / sigma)."""
+    from fastddpm.coefficients import A_M, A_X, C_X0, CLIP, COEF_WIDTH, D_M, D_X, H1, H2, SIGMA
+    row = np.zeros(COEF_WIDTH, np.float32)
+    row[[A_X, A_M, C_X0, D_X, D_M, SIGMA, CLIP, H1, H2]] = [1.7, -0.9, 0.6, 0.35, -0.2, sigma, clip, h1, h2]
+    return row
+
+
+def history_inputs(shape, seed):
+    """float32 (x, m, z, a, b): sample, model output, given noise and two previous x0 predictions."""
+    rng = np.random.default_rng(seed)
+    x, m, z, a, b = (rng.standard_normal(shape).astype(np.float32) for _ in range(5))
+    return x, m, z, a, b
+
+
+def history_reference(row, x, m, z, hs):
+    """float64 (y, scale of y, x0, scale of x0); hs: [(H, weight)] of the history terms given."""
+    from fastddpm.coefficients import A_M, A_X, C_X0, CLIP, D_M, D_X, SIGMA
+    r = row.astype(np.float64)
+    x, m, z = (np.asarray(v, np.float64) for v in (x, m, z))
+    x0 = r[A_X] * x + r[A_M] * m
+    x0_scale = np.abs(r[A_X] * x) + np.abs(r[A_M] * m)
+    if r[CLIP] > 0:
+        x0 = np.clip(x0, -r[CLIP], r[CLIP])
+    y = r[C_X0] * x0 + r[D_X] * x + r[D_M] * m + r[SIGMA] * z
+    scale = abs(r[C_X0]) * x0_scale + np.abs(r[D_X] * x) + np.abs(r[D_M] * m) + np.abs(r[SIGMA] * z)
+    for h, w in hs:
+        y = y + float(w) * h.astype(np.float64)
+        scale = scale + np.abs(float(w) * h.astype(np.float64))
+    return y, scale, x0, x0_scale
+
+
+X0_ALONE_NOISE = ["given", "philox", "sigma0"]
+
+
+def x0_out_alone_case(noise):
+    """(x, m, given noise or None, row) of the check that a step with x0_out alone (no history term)
+    gives the single-step kernel's bits: noise "given", "philox" (made in the kernel) or "sigma0"."""
+    x, m, z, _, _ = history_inputs((3, 1031), seed=3)
+    row = history_row(clip=1.5, sigma=0.0 if noise == "sigma0" else 0.3)
+    return x, m, (z if noise == "given" else None), row

@@ -85,6 +85,23 @@ def test_make_engine_without_a_gpu_says_why():
         Sampler("bench-small", 1, steps=2)
 
 
+def test_native_cuda_takes_multistep_solvers():
+    """The CUDA step and engine read two previous x0 predictions (DPM-Solver++ 2M / 3M); the
+    bindings take them (the run's history, the step's h1 / h2 / x0_out pointers)."""
+    assert CUDA_BACKEND.max_history == 2
+    assert native_cuda.NativeCudaEngine.history == 2
+    if _C_cuda is not None:
+        assert "history" in _C_cuda.Engine.run.__doc__
+        assert all(k in _C_cuda.fused_step.__doc__ for k in ("h1", "h2", "x0_out"))
+
+
+@pytest.mark.skipif(bool(_C_cuda is not None and _C_cuda.device_count()[0] > 0), reason="a GPU is present")
+def test_multistep_sampler_without_a_gpu_names_the_gpu_not_the_history():
+    with pytest.raises(fastddpm.BackendUnavailableError, match="native-cuda") as info:
+        fastddpm.load("bench-small").sampler(1, sampler="dpm++2m", backend="native-cuda")
+    assert "previous predictions" not in str(info.value)
+
+
 # ------------------------------------------------------------------ GPU
 
 def _reference(cfg, w, device="cpu", dtype=None):
@@ -387,3 +404,106 @@ def test_per_op_profiling():
     x_graph, _ = eng.run(sched.schedule(), seed=4)  # the graph again
     np.testing.assert_array_equal(x_graph, x_prof)
     np.testing.assert_array_equal(np.array(eng._engine.op_seconds), after_run)
+
+
+# ------------------------------------------------------------------ GPU: multistep solvers (history ring)
+
+def _dpm3m_sde(steps=10):
+    from fastddpm.schedulers import scheduler_for
+    return scheduler_for("dpm++3m", {**fastddpm.DDPMScheduler().config, "algorithm_type": "sde-dpmsolver++"},
+                         steps).schedule()
+
+
+@cuda
+def test_multistep_run_against_the_cpu_engine():
+    """DPM-Solver++ 3M SDE (each step reads the two previous x0 predictions from the engine's ring)
+    on bench-small, fp32, against the C++ CPU engine with the same seed: the result and every kept
+    frame within rel. L2 1e-3; first_index shifts the samples (batch invariance)."""
+    from fastddpm.executors.native import CPU_BACKEND, _C
+    if _C is None:
+        pytest.skip("fastddpm._C is not built")
+    pipe = fastddpm.load("bench-small")
+    schedule = _dpm3m_sde(10)
+    assert schedule.history == 2
+    h, w = pipe.image_size
+    cpu = CPU_BACKEND.make_engine(pipe.unet_config, pipe.weights, 2, h, w)
+    gpu = CUDA_BACKEND.make_engine(pipe.unet_config, pipe.weights, 2, h, w, EngineOptions(dtype="fp32"))
+    keep = [0, 1, 2, 3, 6, 10]
+    xc, fc = cpu.run(schedule, seed=7, keep=keep)
+    xg, fg = gpu.run(schedule, seed=7, keep=keep)
+    assert sorted(fg) == keep
+    np.testing.assert_array_equal(fg[10], xg)
+    np.testing.assert_allclose(fg[0], fc[0], rtol=0, atol=4e-5)   # x_T: the GPU's normals vs the CPU's
+    for k in keep[1:]:
+        err = rel_err(fg[k], fc[k])
+        print(f"dpm++3m-sde fp32 after {k} steps: GPU vs CPU rel L2 {err:.2e}, "
+              f"max abs {float(np.abs(fg[k] - fc[k]).max()):.2e}")
+        assert err < 1e-3, k
+    assert rel_err(xg, xc) < 1e-3
+    # first_index: sample 1 of first_index 0 is sample 0 of first_index 1
+    b, _ = gpu.run(schedule, seed=7, first_index=1)
+    np.testing.assert_allclose(b[0], xg[1], rtol=0, atol=1e-5)
+    c, _ = cpu.run(schedule, seed=7, first_index=1)
+    assert rel_err(b, c) < 1e-3
+
+
+@cuda
+def test_multistep_graph_replays_and_rewrites_the_ring():
+    """The multistep graph replayed run after run gives the same bits for the same seed: the ring
+    is rewritten from step 0 by every run, whatever the last run (another seed, a cancelled one)
+    left in it. The single-step graph of the same engine is untouched, and the profiling path (op
+    by op, no graph) gives the graph's bits."""
+    pipe = fastddpm.load("bench-small")
+    s = pipe.sampler(2, sampler="dpm++3m", steps=10, dtype="fp32", backend="native-cuda")
+    assert isinstance(s.engine, native_cuda.NativeCudaEngine) and s.schedule.history == 2
+    a1 = s(seed=1)
+    assert s.engine._engine.graph_captured
+    np.testing.assert_array_equal(s(seed=1), a1)
+    a2 = s(seed=2)
+    assert not np.array_equal(a1, a2)
+    np.testing.assert_array_equal(s(seed=1), a1)
+    b = s(seed=1, first_index=1)
+    np.testing.assert_allclose(b[0], a1[1], rtol=0, atol=1e-5)
+    # a cancelled run leaves the ring half written: the next run is unaffected
+    h, w = pipe.image_size
+    eng = CUDA_BACKEND.make_engine(pipe.unet_config, pipe.weights, 2, h, w,
+                                   EngineOptions(dtype="fp32", callback_every=2))
+    want, _ = eng.run(s.schedule, seed=1)
+    np.testing.assert_array_equal(want, a1)   # a fresh engine: the same bits
+
+    def stop(k):
+        if k == 4:
+            raise KeyError("stop")
+    with pytest.raises(KeyError):
+        eng.run(s.schedule, seed=5, callback=stop)
+    np.testing.assert_array_equal(eng.run(s.schedule, seed=1)[0], a1)
+    # the single-step graph on the same engine, before and after: a fresh engine's bits
+    ddim = pipe.scheduler_for("ddim", 10).schedule()
+    x_ddim, _ = s.engine.run(ddim, seed=3)
+    fresh = CUDA_BACKEND.make_engine(pipe.unet_config, pipe.weights, 2, h, w, EngineOptions(dtype="fp32"))
+    np.testing.assert_array_equal(fresh.run(ddim, seed=3)[0], x_ddim)
+    np.testing.assert_array_equal(s(seed=1), a1)
+    np.testing.assert_array_equal(s.engine.run(ddim, seed=3)[0], x_ddim)
+    # op by op (profiling) = the graph
+    s.engine._engine.set_profiling(True)
+    try:
+        np.testing.assert_array_equal(s(seed=1), a1)
+    finally:
+        s.engine._engine.set_profiling(False)
+
+
+@cuda
+def test_multistep_sampler_on_native_cuda():
+    """Pipeline.sampler(sampler="dpm++2m", backend="native-cuda"): the CUDA engine runs it (default
+    dtype and steps); in fp32 it agrees with the C++ engine, and a history-1 schedule (2M) too."""
+    pipe = fastddpm.load("bench-small")
+    s = pipe.sampler(1, sampler="dpm++2m", backend="native-cuda")
+    assert isinstance(s.engine, native_cuda.NativeCudaEngine) and s.schedule.history == 1
+    x = s(seed=0)
+    assert x.shape == s.shape and x.dtype == np.float32 and np.isfinite(x).all()
+    np.testing.assert_array_equal(s(seed=0), x)
+    got = pipe(2, sampler="dpm++2m", steps=8, seed=4, backend="native-cuda", dtype="fp32", output="float")
+    want = pipe(2, sampler="dpm++2m", steps=8, seed=4, backend="native-cpu", output="float")
+    err = rel_err(got, want)
+    print(f"dpm++2m 8 steps fp32 via Pipeline: GPU vs CPU rel L2 {err:.2e}")
+    assert err < 1e-3

@@ -8,9 +8,11 @@ import numpy as np
 import pytest
 
 import fastddpm
-from fastddpm.coefficients import COEF_WIDTH
+from fastddpm.coefficients import COEF_WIDTH, H1, H2, SIGMA
 from fastddpm.philox import INITIAL_STEP, philox_uint32 as philox_spec
 from fastddpm.philox import noise as noise_spec
+
+from _stepkit import X0_ALONE_NOISE, history_inputs, history_reference, history_row, x0_out_alone_case
 
 # (N, C, H, W): per-sample sizes off the float4 path (35, 867, 1), on it (48, 12288) and batch 1.
 SHAPES = [(1, 1, 5, 7), (3, 3, 17, 17), (5, 1, 1, 1), (2, 3, 4, 4), (1, 3, 64, 64), (4, 1, 3, 3)]
@@ -383,3 +385,183 @@ def test_describe_names_the_gpu(torch, be):
     info = be.describe()
     assert len(info["devices"]) == torch.cuda.device_count()
     assert torch.cuda.get_device_name(0) in info["devices"][0]
+
+
+# -- the step with the multistep history (h1, h2, x0_out) -------------------------------------------
+#
+# y = c_x0 x0 + d_x x + d_m m + h1 H1 + h2 H2 + sigma z, x0 = clip(a_x x + a_m m) (step.h); x0_out
+# receives x0. Against the float64 formula with this file's bound, and against native-cpu's step.
+
+HISTORY_CASES = ["h1", "h1+h2", "x0_out"]   # x0_out: the first step of a multistep run (no H yet)
+
+
+def _history_formula(row, x, m, z, h1, h2, noise_err=0.0):
+    """float64 (y, its bound, x0, its bound) of the step with history (h1 / h2: None = no term),
+    with this file's bound: a few float32 roundings of every term, plus |sigma| * noise_err."""
+    hs = [(h, w) for h, w in ((h1, row[H1]), (h2, row[H2])) if h is not None]
+    y, scale, x0, x0_scale = history_reference(row, x, m, z, hs)
+    return y, 8 * EPS32 * scale + noise_err * abs(float(row[SIGMA])) + 1e-7, x0, 4 * EPS32 * x0_scale + 1e-7
+
+
+def _cuda_history_step(torch, row, x, m, h1, h2, noise=None, seed=0, noise_step=5, first_index=0, out=None,
+                       x0_out=None):
+    """dispatch.fused_step on CUDA tensors with history (h1, h2, x0_out); returns (y, x0) as NumPy."""
+    from fastddpm.dispatch import fused_step
+    cuda = lambda a: None if a is None else torch.from_numpy(np.ascontiguousarray(a)).cuda()  # noqa: E731
+    x0 = torch.full(x.shape, float("nan"), device="cuda") if x0_out is None else x0_out
+    y = fused_step(cuda(x), cuda(m), row.reshape(1, COEF_WIDTH), 0, noise_step, cuda(noise), seed, first_index,
+                   backend="native-cuda", out=out, history=(cuda(h1), cuda(h2), x0))
+    return y.cpu().numpy(), x0.cpu().numpy()
+
+
+@pytest.mark.cuda
+@pytest.mark.torch_cuda
+@pytest.mark.parametrize("history", HISTORY_CASES)
+@pytest.mark.parametrize("clip", [0.0, 1.0], ids=["noclip", "clip"])
+@pytest.mark.parametrize("shape", [(1, 1, 5, 7), (3, 3, 17, 17), (2, 3, 4, 4), (1, 3, 64, 64)],
+                         ids=lambda s: "x".join(map(str, s)))
+def test_step_with_history_matches_float64_and_native_cpu(torch, shape, clip, history):
+    """Scalar (35, 867 per sample) and float4 (48, 12288) paths, given and Philox noise."""
+    from fastddpm.dispatch import fused_step
+    x, m, z, a, b = history_inputs(shape, seed=sum(shape) + len(history) + int(clip))
+    row = history_row(clip=clip)
+    h1 = a if history != "x0_out" else None
+    h2 = b if history == "h1+h2" else None
+    # given noise
+    got, x0 = _cuda_history_step(torch, row, x, m, h1, h2, noise=z)
+    want, tol, x0_want, x0_tol = _history_formula(row, x, m, z, h1, h2)
+    _assert_close(got, want, tol, f"{history} given noise")
+    _assert_close(x0, x0_want, x0_tol, f"{history} x0_out")
+    if clip:  # clipped elements are the clip value exactly
+        far = np.abs(row[0] * x.astype(np.float64) + row[1] * m.astype(np.float64)) > clip * (1 + 1e-4)
+        assert far.any()
+        np.testing.assert_array_equal(np.abs(x0[far]), np.float32(clip))
+    # Philox noise made in the kernel
+    seed, step, first = 1234, 77, 5
+    got_p, x0_p = _cuda_history_step(torch, row, x, m, h1, h2, seed=seed, noise_step=step, first_index=first)
+    zs = noise_spec(seed, shape, step, first, dtype=np.float64)
+    want_p, tol_p, _, _ = _history_formula(row, x, m, zs, h1, h2, NORMALS_ATOL)
+    _assert_close(got_p, want_p, tol_p, f"{history} philox noise")
+    np.testing.assert_array_equal(x0_p, x0)   # x0 does not depend on the noise
+    # native-cpu with the same inputs: the same spec in float32, so within twice the bound
+    cpu_x0 = np.full(shape, np.nan, np.float32)
+    cpu = fused_step(x, m, row.reshape(1, COEF_WIDTH), 0, step, None, seed, first, backend="native-cpu",
+                     history=(h1, h2, cpu_x0))
+    _assert_close(got_p, cpu.astype(np.float64), 2 * tol_p, f"{history} cuda vs native-cpu")
+    _assert_close(x0_p, cpu_x0.astype(np.float64), 2 * x0_tol, f"{history} x0 cuda vs native-cpu")
+
+
+@pytest.mark.cuda
+@pytest.mark.torch_cuda
+@pytest.mark.parametrize("noise", X0_ALONE_NOISE)
+def test_x0_out_alone_leaves_the_step_bit_identical(torch, noise):
+    """The history kernel without history terms gives the single-step kernel's bits."""
+    from fastddpm.dispatch import fused_step
+    x, m, zz, row = x0_out_alone_case(noise)
+    hist, _ = _cuda_history_step(torch, row, x, m, None, None, noise=zz, seed=9, noise_step=40, first_index=2)
+    cuda = lambda a: None if a is None else torch.from_numpy(a).cuda()  # noqa: E731
+    plain = fused_step(cuda(x), cuda(m), row.reshape(1, COEF_WIDTH), 0, 40, cuda(zz), 9, 2, backend="native-cuda")
+    np.testing.assert_array_equal(hist, plain.cpu().numpy())
+
+
+@pytest.mark.cuda
+@pytest.mark.torch_cuda
+def test_history_misaligned_batch_split_and_in_place(torch):
+    """storage offset 1 (the scalar path) = the float4 path bit for bit; sample i of a batch = the
+    same sample alone at first_index + i; out may be x."""
+    from fastddpm import _C_cuda
+    shape = (3, 3, 4, 4)
+    x, m, _, a, b = history_inputs(shape, seed=8)
+    row = history_row(clip=1.0)
+    coef = torch.from_numpy(row).cuda()
+    dev = torch.cuda.current_device()
+
+    def launch(xs, ms, out, h1, h2, x0, first):
+        _C_cuda.fused_step(xs.data_ptr(), ms.data_ptr(), out.data_ptr(), coef.data_ptr(), 0, xs.shape[0],
+                           xs[0].numel(), 17, 300, first, torch.cuda.current_stream().cuda_stream, dev,
+                           h1=h1.data_ptr(), h2=h2.data_ptr(), x0_out=x0.data_ptr())
+        torch.cuda.synchronize()
+
+    t = {k: torch.from_numpy(v).cuda() for k, v in dict(x=x, m=m, a=a, b=b).items()}
+    out, x0 = torch.empty_like(t["x"]), torch.empty_like(t["x"])
+    launch(t["x"], t["m"], out, t["a"], t["b"], x0, 4)
+    want, tol, x0_want, x0_tol = _history_formula(row, x, m, noise_spec(17, shape, 300, 4, dtype=np.float64), a, b,
+                                                  NORMALS_ATOL)
+    _assert_close(out.cpu().numpy(), want, tol, "history float4 path")
+    _assert_close(x0.cpu().numpy(), x0_want, x0_tol, "history float4 path x0")
+    off = {k: _offset_copy(torch, v) for k, v in dict(x=x, m=m, a=a, b=b).items()}
+    out_o, x0_o = (_offset_copy(torch, np.zeros(shape, np.float32)) for _ in range(2))
+    launch(off["x"], off["m"], out_o, off["a"], off["b"], x0_o, 4)
+    torch.testing.assert_close(out_o, out, rtol=0, atol=0)
+    torch.testing.assert_close(x0_o, x0, rtol=0, atol=0)
+    for i in range(3):
+        one, x0_one = torch.empty_like(t["x"][i:i + 1]), torch.empty_like(t["x"][i:i + 1])
+        launch(t["x"][i:i + 1], t["m"][i:i + 1], one, t["a"][i:i + 1], t["b"][i:i + 1], x0_one, 4 + i)
+        torch.testing.assert_close(one[0], out[i], rtol=0, atol=0)
+        torch.testing.assert_close(x0_one[0], x0[i], rtol=0, atol=0)
+    xi, x0_i = t["x"].clone(), torch.empty_like(t["x"])
+    launch(xi, t["m"], xi, t["a"], t["b"], x0_i, 4)
+    torch.testing.assert_close(xi, out, rtol=0, atol=0)
+
+
+@pytest.mark.cuda
+@pytest.mark.torch_cuda
+def test_history_arguments_are_refused_before_launch(torch):
+    from fastddpm import _C_cuda
+    x, h, x0 = (torch.zeros((2, 8), device="cuda") for _ in range(3))
+    row = torch.zeros(COEF_WIDTH, device="cuda")
+    host = torch.zeros((2, 8))
+    args = dict(noise=0, batch=2, per_sample=8, seed=0, noise_step=0, first_index=0)
+    ptrs = (x.data_ptr(), x.data_ptr(), x.data_ptr(), row.data_ptr())
+    with pytest.raises(ValueError, match="host memory"):
+        _C_cuda.fused_step(*ptrs, **args, h1=host.data_ptr())
+    with pytest.raises(ValueError, match="aligned"):
+        _C_cuda.fused_step(*ptrs, **args, h2=h.data_ptr() + 2)
+    for other in (x, h):
+        with pytest.raises(ValueError, match="x0_out overlaps"):
+            _C_cuda.fused_step(*ptrs, **args, h1=h.data_ptr(), x0_out=other.data_ptr())
+    with pytest.raises(ValueError, match="x0_out overlaps"):
+        _C_cuda.fused_step(*ptrs, **args, x0_out=x.data_ptr() + 4)
+    with pytest.raises(ValueError, match="partially overlaps"):
+        _C_cuda.fused_step(*ptrs, **{**args, "per_sample": 7}, h1=x.data_ptr() + 4)
+    _C_cuda.fused_step(*ptrs, **args, h1=h.data_ptr(), h2=h.data_ptr(), x0_out=x0.data_ptr())   # a good call works
+    torch.cuda.synchronize()
+    from fastddpm.dispatch import fused_step
+    table = np.zeros((1, COEF_WIDTH), np.float32)
+    with pytest.raises(ValueError, match="h2 without h1"):
+        fused_step(x, x, table, 0, 1, None, 0, backend="native-cuda", history=(None, h, x0))
+    with pytest.raises(ValueError, match="shape"):
+        fused_step(x, x, table, 0, 1, None, 0, backend="native-cuda", history=(h[:1], None, x0))
+    with pytest.raises(TypeError, match="float32"):
+        fused_step(x, x, table, 0, 1, None, 0, backend="native-cuda", history=(h.double(), None, x0))
+    # an x0_out that shares memory with an input, or is strided, goes through a temporary: same values
+    strided = torch.zeros((2, 16), device="cuda")[:, ::2]
+    a = torch.randn((2, 8), device="cuda")
+    y1 = fused_step(a, a, np.ones((1, COEF_WIDTH), np.float32), 0, 1, None, 0, backend="native-cuda",
+                    history=(h, None, strided))
+    y2 = fused_step(a, a, np.ones((1, COEF_WIDTH), np.float32), 0, 1, None, 0, backend="native-cuda",
+                    history=(h, None, x0))
+    torch.testing.assert_close(y1, y2, rtol=0, atol=0)
+    torch.testing.assert_close(strided, x0, rtol=0, atol=0)
+    assert float(torch.ones(3, device="cuda").sum()) == 3.0   # the context survived every refusal
+
+
+@pytest.mark.cuda
+@pytest.mark.torch_cuda
+def test_multistep_scheduler_steps_match_native_cpu(torch):
+    """DPM-Solver++ 3M SDE stepped through Scheduler.step (stateful: it keeps the x0 history as CUDA
+    tensors) on native-cuda and on native-cpu with the same inputs: every step within 2e-5 (each is
+    within 1e-5 of diffusers' float64 step, tests/test_dpm_solver.py)."""
+    from fastddpm.schedulers import scheduler_for
+    cfg = {**fastddpm.DDPMScheduler().config, "algorithm_type": "sde-dpmsolver++"}
+    gpu, cpu = (scheduler_for("dpm++3m", cfg, 10) for _ in range(2))
+    assert gpu.history == 2
+    rng = np.random.default_rng(0)
+    shape = (2, 3, 8, 8)
+    for t in (int(t) for t in gpu.timesteps):
+        x, m, z = (rng.standard_normal(shape, dtype=np.float32) for _ in range(3))
+        got = gpu.step(torch.from_numpy(m).cuda(), t, torch.from_numpy(x).cuda(), noise=torch.from_numpy(z).cuda(),
+                       backend="native-cuda")
+        want = cpu.step(m, t, x, noise=z, backend="native-cpu")
+        assert got.is_cuda
+        np.testing.assert_allclose(got.cpu().numpy(), want, rtol=0, atol=2e-5, err_msg=f"t={t}")

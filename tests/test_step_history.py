@@ -11,11 +11,14 @@ import numpy as np
 import pytest
 
 import fastddpm
-from fastddpm.coefficients import A_M, A_X, C_X0, CLIP, COEF_WIDTH, D_M, D_X, H1, H2, SIGMA
+from fastddpm.coefficients import A_M, A_X, H1, H2
 from fastddpm.executors import get as get_backend
 from fastddpm.executors import reasons
 
-from _stepkit import assert_step_close, using
+from _stepkit import X0_ALONE_NOISE, assert_step_close, using, x0_out_alone_case
+from _stepkit import history_inputs as _inputs
+from _stepkit import history_reference as _reference
+from _stepkit import history_row as _row
 
 if reasons("native-cpu"):
     pytest.skip(f"native-cpu is unavailable: {reasons('native-cpu')}", allow_module_level=True)
@@ -29,34 +32,6 @@ ISAS = get_backend("native-cpu").supported_isas()
 def isa(request):
     with using(("native-cpu", request.param)):
         yield request.param
-
-
-def _row(clip=0.0, sigma=0.3, h1=-0.4, h2=0.15):
-    row = np.zeros(COEF_WIDTH, np.float32)
-    row[[A_X, A_M, C_X0, D_X, D_M, SIGMA, CLIP, H1, H2]] = [1.7, -0.9, 0.6, 0.35, -0.2, sigma, clip, h1, h2]
-    return row
-
-
-def _inputs(shape, seed):
-    rng = np.random.default_rng(seed)
-    x, m, z, a, b = (rng.standard_normal(shape).astype(np.float32) for _ in range(5))
-    return x, m, z, a, b
-
-
-def _reference(row, x, m, z, hs):
-    """float64 (y, scale of y, x0, scale of x0); hs: [(H, weight)] of the history terms given."""
-    r = row.astype(np.float64)
-    x, m, z = (np.asarray(v, np.float64) for v in (x, m, z))
-    x0 = r[A_X] * x + r[A_M] * m
-    x0_scale = np.abs(r[A_X] * x) + np.abs(r[A_M] * m)
-    if r[CLIP] > 0:
-        x0 = np.clip(x0, -r[CLIP], r[CLIP])
-    y = r[C_X0] * x0 + r[D_X] * x + r[D_M] * m + r[SIGMA] * z
-    scale = abs(r[C_X0]) * x0_scale + np.abs(r[D_X] * x) + np.abs(r[D_M] * m) + np.abs(r[SIGMA] * z)
-    for h, w in hs:
-        y = y + float(w) * h.astype(np.float64)
-        scale = scale + np.abs(float(w) * h.astype(np.float64))
-    return y, scale, x0, x0_scale
 
 
 # batch 1 and 3; per-sample sizes that are no multiple of 16 or 64 (partial last blocks), one over
@@ -99,14 +74,11 @@ def test_step_with_history_matches_float64(isa, shape, clip, history):
     np.testing.assert_array_equal(x0_made, x0)
 
 
-@pytest.mark.parametrize("noise", ["given", "philox", "sigma0"])
+@pytest.mark.parametrize("noise", X0_ALONE_NOISE)
 def test_x0_out_alone_leaves_the_step_bit_identical(isa, noise):
     """A history call with no history terms (x0_out only) gives the single-step kernel's bits."""
-    shape = (3, 1031)
-    x, m, z, _, _ = _inputs(shape, seed=3)
-    row = _row(clip=1.5, sigma=0.0 if noise == "sigma0" else 0.3)
-    zz = z if noise == "given" else None
-    plain, hist, x0 = (np.empty(shape, np.float32) for _ in range(3))
+    x, m, zz, row = x0_out_alone_case(noise)
+    plain, hist, x0 = (np.empty(x.shape, np.float32) for _ in range(3))
     _C.fused_step(x, m, plain, row, 9, 40, 2, zz)
     _C.fused_step(x, m, hist, row, 9, 40, 2, zz, x0_out=x0)
     np.testing.assert_array_equal(hist, plain)

@@ -17,6 +17,13 @@
 // + loop_advance (counter += 1). It is captured once per engine and replayed `steps` times with no
 // host synchronisation between steps; the host waits only on events at callback chunk boundaries,
 // one chunk behind the GPU, so the queue never drains.
+//
+// Multistep solvers (RunArgs::history > 0): a ring of 3 [N, C*H*W] x0 buffers, allocated on the
+// first such run and kept, and a second step graph captured then, whose fused step is the history
+// kernel (the single-step graph and its kernel stay as they were). The history depth is a per-run
+// value in the LoopState; the kernel picks the ring slots from the device step counter
+// (csrc/cpu/engine.cpp's ring: x0 to slot k % 3, H1 and H2 from the one or two before), so one
+// captured step serves every step of every multistep run.
 #include "engine_cuda.h"
 
 #include <cuda_bf16.h>
@@ -200,6 +207,7 @@ struct Engine::Impl {
   std::vector<int64_t> slot_off, slot_size;
   int64_t T = 0;  // per-sample arena floats
   DevBuf arena, x, m, tvals, state;
+  DevBuf ring;            // multistep history: 3 x [N, in_c * H * W] x0 buffers, or none (allocated on first use)
   DevBuf ws;              // split-K partial tiles: [N][ws_per_sample] floats
   int64_t ws_per_sample = 0;
   std::vector<GOp> ops;
@@ -210,9 +218,14 @@ struct Engine::Impl {
   cudaEvent_t ev[2] = {nullptr, nullptr};  // chunk boundaries of the loop (blocking sync: no spinning core)
   cudaEvent_t done = nullptr;              // the end of a synchronous call (blocking sync)
   cudaEvent_t last_use = nullptr;          // the last work enqueued on the buffers, on whatever stream
-  cudaGraph_t graph = nullptr;
-  cudaGraphExec_t exec = nullptr;
-  size_t graph_nodes = 0;
+  // The captured step: [0] the single-step loop, [1] the multistep loop (the history ring's
+  // kernel, captured on the first run with history > 0); each captured on first use.
+  struct StepGraph {
+    cudaGraph_t graph = nullptr;
+    cudaGraphExec_t exec = nullptr;
+    size_t nodes = 0;
+  };
+  StepGraph graphs[2];
   HostBuf state_host;
   PinnedPool frames_host, x_host;  // a run's trajectory frames and final sample, copied out asynchronously
 
@@ -231,11 +244,13 @@ struct Engine::Impl {
   // The engine's stream runs after the last use of the buffers; call before enqueueing on it.
   void after_last_use() { check_cuda(cudaStreamWaitEvent(stream, last_use, 0), "cudaStreamWaitEvent"); }
   void mark_last_use() { check_cuda(cudaEventRecord(last_use, stream), "cudaEventRecord"); }
-  void drop_graph() {
-    if (exec) cudaGraphExecDestroy(exec);
-    if (graph) cudaGraphDestroy(graph);
-    exec = nullptr;
-    graph = nullptr;
+  void drop_graph(StepGraph& g) {
+    if (g.exec) cudaGraphExecDestroy(g.exec);
+    if (g.graph) cudaGraphDestroy(g.graph);
+    g = StepGraph{};
+  }
+  void drop_graph() {  // both: their tables (or buffers) are about to change
+    for (StepGraph& g : graphs) drop_graph(g);
   }
 
   float* slot(int64_t s) const {
@@ -277,8 +292,9 @@ struct Engine::Impl {
   std::vector<cudaEvent_t> prof_ev;  // [ops + 1], timing events
   std::vector<double> op_seconds;
   void add_op_times();  // after the stream has passed the last event
-  void capture();
-  void run_step_ops(bool timed);
+  void capture(bool history);
+  // history: the multistep loop's step (the fused step reads and writes the ring)
+  void run_step_ops(bool timed, bool history);
 };
 
 // ------------------------------------------------------------------------------- construction
@@ -564,8 +580,9 @@ void Engine::Impl::forward_ops(cudaStream_t st, bool timed) {
 }
 
 // One step of the loop on the engine's stream: t from the table, the U-Net, the fused step (x in
-// place), step += 1. Captured once as the step graph; run directly when profiling.
-void Engine::Impl::run_step_ops(bool timed) {
+// place; with history, through the ring: loop_step), step += 1. Captured once as the step graph
+// of its kind; run directly when profiling.
+void Engine::Impl::run_step_ops(bool timed, bool history) {
   check_cuda(launch_loop_begin(state.as<LoopState>(), ts_tab.as<uint32_t>(), tvals.as<float>(), int(N), stream),
         "loop begin");
   forward_ops(stream, timed);
@@ -573,17 +590,20 @@ void Engine::Impl::run_step_ops(bool timed) {
   p.batch = N;
   p.per_sample = in_c * H * W;
   check_status(loop_step(p, x.as<float>(), m.as<float>(), x.as<float>(), coef_tab.as<float>(),
-                         ts_tab.as<uint32_t>(), state.as<LoopState>(), stream), "loop step");
+                         ts_tab.as<uint32_t>(), state.as<LoopState>(), history ? ring.as<float>() : nullptr, stream),
+               "loop step");
   check_cuda(launch_loop_advance(state.as<LoopState>(), stream), "loop advance");
 }
 
-void Engine::Impl::capture() {
-  drop_graph();
+void Engine::Impl::capture(bool history) {
+  StepGraph& sg = graphs[history ? 1 : 0];
+  drop_graph(sg);
+  if (history && !ring.bytes()) throw std::logic_error("the multistep step graph needs the history ring");
   check_cuda(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal), "cudaStreamBeginCapture");
   cudaError_t err = cudaSuccess;
   std::string what;
   try {
-    run_step_ops(false);
+    run_step_ops(false, history);
   } catch (const std::exception& e) {
     err = cudaErrorUnknown;
     what = e.what();
@@ -595,18 +615,18 @@ void Engine::Impl::capture() {
     cudaGetLastError();
     throw CudaError("capturing the sampling step failed: " + (what.empty() ? cuda_text(end) : what));
   }
-  graph = g;
-  const cudaError_t inst = cudaGraphInstantiate(&exec, graph, 0);
+  sg.graph = g;
+  const cudaError_t inst = cudaGraphInstantiate(&sg.exec, sg.graph, 0);
   if (inst != cudaSuccess) {
-    exec = nullptr;
-    drop_graph();
+    sg.exec = nullptr;
+    drop_graph(sg);
     cudaGetLastError();
     if (inst == cudaErrorMemoryAllocation)
       throw OutOfMemory("CUDA out of memory while instantiating the sampling graph (" + cuda_text(inst) + ")");
     check_cuda(inst, "cudaGraphInstantiate");
   }
-  graph_nodes = 0;
-  cudaGraphGetNodes(graph, nullptr, &graph_nodes);
+  sg.nodes = 0;
+  cudaGraphGetNodes(sg.graph, nullptr, &sg.nodes);
 }
 
 // ------------------------------------------------------------------------------- Engine
@@ -658,12 +678,15 @@ Engine::~Engine() {
 }
 
 int64_t Engine::steps() const { return impl_->steps; }
-bool Engine::graph_captured() const { return impl_->exec != nullptr; }
-int64_t Engine::graph_nodes() const { return int64_t(impl_->graph_nodes); }
+bool Engine::graph_captured() const { return impl_->graphs[0].exec != nullptr || impl_->graphs[1].exec != nullptr; }
+int64_t Engine::graph_nodes() const {
+  const Impl& e = *impl_;
+  return int64_t(e.graphs[0].exec ? e.graphs[0].nodes : e.graphs[1].nodes);
+}
 int64_t Engine::device_bytes() const {
   const Impl& e = *impl_;
   int64_t b = int64_t(e.arena.bytes() + e.x.bytes() + e.m.bytes() + e.ws.bytes() + e.coef_tab.bytes() +
-                      e.ts_tab.bytes());
+                      e.ts_tab.bytes() + e.ring.bytes());
   for (const GOp& op : e.ops) {
     b += int64_t(op.wt.bytes() + op.bias.bytes() + op.gamma.bytes() + op.beta.bytes() + op.bias2.bytes());
     for (const GGemm& g : op.gemms) b += int64_t(g.A.bytes() + g.boff.bytes());
@@ -769,6 +792,7 @@ bool Engine::run(const RunArgs& a, const std::function<bool(int64_t)>& on_chunk)
   if (a.first_index < 0 || a.first_index + batch_ > (int64_t(1) << 32))
     fail("sample indices first_index + i must lie in [0, 2**32)");
   if (a.every < 0) fail("callback chunk must be >= 0");
+  if (a.history < 0 || a.history > 2) fail("history must be 0, 1 or 2, got " + std::to_string(a.history));
   if (e.out_c != e.in_c) fail("sampling needs out_channels == in_channels");
   CallLock lock(mu_, "CUDA engine");
   if (e.steps < 1) fail("no schedule: call set_schedule first");
@@ -782,6 +806,11 @@ bool Engine::run(const RunArgs& a, const std::function<bool(int64_t)>& on_chunk)
   // is pending: every run ends on a wait for its stream
   float* frames = e.frames_host.get(frame_b * a.keep.size());
   float* xh = e.x_host.get(frame_b);
+  // The history ring on the first multistep run (an OutOfMemory here leaves the engine as it was);
+  // kept for the engine's life, so the multistep graph, captured after it, keeps a valid pointer.
+  const bool history = a.history > 0;
+  const bool new_ring = history && !e.ring.bytes();
+  if (new_ring) e.ring = DevBuf(size_t(3 * e.N * per) * 4, "the multistep history ring (3 x0 buffers)");
   e.after_last_use();
   // If anything below throws, work may still be queued on the stream: make it the last use and
   // wait for it, so no other stream overlaps it and no pinned buffer is freed under a copy.
@@ -795,13 +824,17 @@ bool Engine::run(const RunArgs& a, const std::function<bool(int64_t)>& on_chunk)
       cudaGetLastError();
     }
   } drain{e};
+  // zeroed once, so no byte of it is ever undefined (a run reads a slot only after writing it)
+  if (new_ring) check_cuda(cudaMemsetAsync(e.ring.as<void>(), 0, e.ring.bytes(), e.stream), "cudaMemset");
   LoopState* st = reinterpret_cast<LoopState*>(e.state_host.f());
   st->seed = a.seed;
   st->first_index = uint32_t(a.first_index);
   st->step = 0;
+  st->history = int32_t(a.history);
   check_cuda(cudaMemcpyAsync(e.state.as<LoopState>(), st, sizeof(LoopState), cudaMemcpyHostToDevice, e.stream),
         "copy of the loop state");
-  if (!e.exec) e.capture();
+  Impl::StepGraph& sg = e.graphs[history ? 1 : 0];
+  if (!sg.exec) e.capture(history);
   StepParams p;
   p.batch = e.N;
   p.per_sample = per;
@@ -822,11 +855,11 @@ bool Engine::run(const RunArgs& a, const std::function<bool(int64_t)>& on_chunk)
   bool cancelled = false;
   for (int64_t k = 1; k <= S; ++k) {
     if (e.profiling) {  // the captured step's work, op by op between timing events
-      e.run_step_ops(true);
+      e.run_step_ops(true, history);
       check_cuda(cudaEventSynchronize(e.prof_ev.back()), "sampling loop");
       e.add_op_times();
     } else {
-      check_cuda(cudaGraphLaunch(e.exec, e.stream), "cudaGraphLaunch");
+      check_cuda(cudaGraphLaunch(sg.exec, e.stream), "cudaGraphLaunch");
     }
     keep_copy(k);
     if (k % every == 0 || k == S) {

@@ -40,6 +40,12 @@ struct RunArgs {
   std::vector<float*> keep_out;   // one [N, C, H, W] host buffer per keep entry
   float* x_out = nullptr;         // [N, C, H, W] host: the final sample
   int64_t every = 0;              // on_chunk after every `every` steps (and the last); 0 = only the last
+  // Multistep history: 0 (single-step samplers), 1 or 2 previous x0 predictions fed to each step
+  // (StepSchedule.history). With history > 0 the engine keeps a device ring of 3 [N, C, H, W]
+  // buffers (allocated on the first such run, then kept): step k (0-based) writes its x0 to
+  // ring[k % 3] and reads H1 = ring[(k - 1) % 3] from k = 1 on and, with history 2,
+  // H2 = ring[(k - 2) % 3] from k = 2 on, as the CPU engine does.
+  int history = 0;
 };
 
 class Engine {

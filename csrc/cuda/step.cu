@@ -42,6 +42,17 @@ __device__ __forceinline__ float step_element(float x, float m, float z, const C
   return noisy ? step_add_noise(y, z, c) : y;
 }
 
+// The same with the multistep history (step.h: H1 and H2 added before the noise, each only when
+// given); x0 receives this element's x0 after the clip, for the caller to store.
+__device__ __forceinline__ float step_element_history(float x, float m, float z, float h1, float h2, const Coef& c,
+                                                      bool clip, bool noisy, bool has_h1, bool has_h2, float& x0) {
+  x0 = step_x0(x, m, c, clip);
+  float y = step_mean_of_x0(x0, x, m, c);
+  if (has_h1) y = step_add_history(y, h1, c.h1);
+  if (has_h2) y = step_add_history(y, h2, c.h2);
+  return noisy ? step_add_noise(y, z, c) : y;
+}
+
 __device__ __forceinline__ void philox_normals(const StepParams& p, uint32_t group, uint32_t sample, float z[4]) {
   box_muller4(philox4x32_10(group, p.first_index + sample, p.noise_step, 0u, p.seed), z);
 }
@@ -52,18 +63,25 @@ struct StepPtrs {
   float* out;          // [batch, per_sample], may alias x, m or noise exactly
   const float* coef;   // [kCoefWidth], device
   const float* noise;  // [batch, per_sample] or nullptr
+  // The multistep history (read only by the kHistory bodies): each nullptr or [batch, per_sample].
+  const float* h1 = nullptr;  // the previous step's x0 (weight coef[kH1]); may be out exactly
+  const float* h2 = nullptr;  // the one before (weight coef[kH2]); may be out exactly
+  float* x0_out = nullptr;    // receives this step's x0; overlaps nothing else
 };
 
-// kVec: the 16-byte path. kGiven: noise comes from memory instead of Philox.
+// kVec: the 16-byte path. kGiven: noise comes from memory instead of Philox. kHistory: a.h1, a.h2
+// and a.x0_out are read (each may be null: a uniform branch); without it the body is the plain
+// single-step one, whatever those pointers hold.
 // No __restrict__ on x, m, out: out may be x (in-place step); each element is read, then written,
 // by the same thread only. Shared by the plain step (parameters as kernel arguments) and the loop
 // step (seed, noise step and coefficient row read from device memory).
-template <typename Index, bool kVec, bool kGiven>
+template <typename Index, bool kVec, bool kGiven, bool kHistory>
 __device__ __forceinline__ void step_body(const StepParams& p, const StepPtrs& a) {
   const Coef c = load_coef(a.coef);
   const bool clip = c.clip > 0.0f;
   const bool make_noise = !kGiven && c.sigma != 0.0f;  // uniform branch: sigma = 0 skips Philox
   const bool noisy = kGiven || make_noise;
+  const bool has_h1 = kHistory && a.h1 != nullptr, has_h2 = kHistory && a.h2 != nullptr;
   const Index per = Index(p.per_sample);
   const Index groups = (per + 3) / 4;                  // Philox blocks per sample
   const Index total = Index(p.batch) * groups;
@@ -80,10 +98,21 @@ __device__ __forceinline__ void step_body(const StepParams& p, const StepPtrs& a
         z[0] = nv.x; z[1] = nv.y; z[2] = nv.z; z[3] = nv.w;
       }
       float4 y;
-      y.x = step_element(xv.x, mv.x, z[0], c, clip, noisy);
-      y.y = step_element(xv.y, mv.y, z[1], c, clip, noisy);
-      y.z = step_element(xv.z, mv.z, z[2], c, clip, noisy);
-      y.w = step_element(xv.w, mv.w, z[3], c, clip, noisy);
+      if (kHistory) {
+        float4 h1v = make_float4(0.0f, 0.0f, 0.0f, 0.0f), h2v = h1v, x0v;
+        if (has_h1) h1v = reinterpret_cast<const float4*>(a.h1)[i];
+        if (has_h2) h2v = reinterpret_cast<const float4*>(a.h2)[i];
+        y.x = step_element_history(xv.x, mv.x, z[0], h1v.x, h2v.x, c, clip, noisy, has_h1, has_h2, x0v.x);
+        y.y = step_element_history(xv.y, mv.y, z[1], h1v.y, h2v.y, c, clip, noisy, has_h1, has_h2, x0v.y);
+        y.z = step_element_history(xv.z, mv.z, z[2], h1v.z, h2v.z, c, clip, noisy, has_h1, has_h2, x0v.z);
+        y.w = step_element_history(xv.w, mv.w, z[3], h1v.w, h2v.w, c, clip, noisy, has_h1, has_h2, x0v.w);
+        if (a.x0_out) reinterpret_cast<float4*>(a.x0_out)[i] = x0v;
+      } else {
+        y.x = step_element(xv.x, mv.x, z[0], c, clip, noisy);
+        y.y = step_element(xv.y, mv.y, z[1], c, clip, noisy);
+        y.z = step_element(xv.z, mv.z, z[2], c, clip, noisy);
+        y.w = step_element(xv.w, mv.w, z[3], c, clip, noisy);
+      }
       reinterpret_cast<float4*>(a.out)[i] = y;
     } else {
       const Index e = s * per + 4 * g;        // first element of this group
@@ -92,32 +121,55 @@ __device__ __forceinline__ void step_body(const StepParams& p, const StepPtrs& a
       for (int k = 0; k < 4; ++k) {
         if (Index(k) < rest) {
           const float zk = kGiven ? a.noise[e + k] : z[k];
-          a.out[e + k] = step_element(a.x[e + k], a.m[e + k], zk, c, clip, noisy);
+          if (kHistory) {
+            float x0;
+            const float h1k = has_h1 ? a.h1[e + k] : 0.0f, h2k = has_h2 ? a.h2[e + k] : 0.0f;
+            a.out[e + k] = step_element_history(a.x[e + k], a.m[e + k], zk, h1k, h2k, c, clip, noisy, has_h1,
+                                                has_h2, x0);
+            if (a.x0_out) a.x0_out[e + k] = x0;
+          } else {
+            a.out[e + k] = step_element(a.x[e + k], a.m[e + k], zk, c, clip, noisy);
+          }
         }
       }
     }
   }
 }
 
-template <typename Index, bool kVec, bool kGiven>
+template <typename Index, bool kVec, bool kGiven, bool kHistory>
 __global__ void __launch_bounds__(kThreads) step_kernel(const StepParams p, const StepPtrs a) {
-  step_body<Index, kVec, kGiven>(p, a);
+  step_body<Index, kVec, kGiven, kHistory>(p, a);
 }
 
 // The loop step: step k = state->step of a captured loop. Seed, first index, noise step
 // (noise_steps[k]) and coefficient row (coef_table + k * kCoefWidth) are read when the kernel
 // runs, so one captured graph replays every step of every run.
-template <typename Index, bool kVec>
+// kHistory (the multistep loop, its own captured graph; without it the single-step kernel is
+// unchanged): ring holds 3 slots of [batch, per_sample], and the history depth comes from
+// state->history. Step k writes its x0 to slot k % 3 and reads H1 = slot (k - 1) % 3 from k = 1 on
+// and, at depth 2, H2 = slot (k - 2) % 3 from k = 2 on (csrc/cpu/engine.cpp's ring): the slots
+// follow the device counter, never the launch, and a slot is read only after this run wrote it.
+template <typename Index, bool kVec, bool kHistory>
 __global__ void __launch_bounds__(kThreads) loop_step_kernel(const StepParams p, StepPtrs a,
                                                              const uint32_t* __restrict__ noise_steps,
-                                                             const LoopState* __restrict__ state) {
+                                                             const LoopState* __restrict__ state,
+                                                             float* ring) {
   const int32_t k = state->step;
   StepParams q = p;
   q.seed = state->seed;
   q.first_index = state->first_index;
   q.noise_step = noise_steps[k];
   a.coef += int64_t(k) * kCoefWidth;
-  step_body<Index, kVec, false>(q, a);
+  if (kHistory) {
+    const int32_t depth = state->history;
+    const int64_t slot = p.batch * p.per_sample;
+    if (depth > 0) {  // uniform over the grid
+      a.x0_out = ring + int64_t(k % 3) * slot;
+      if (k >= 1) a.h1 = ring + int64_t((k - 1) % 3) * slot;
+      if (depth >= 2 && k >= 2) a.h2 = ring + int64_t((k - 2) % 3) * slot;
+    }
+  }
+  step_body<Index, kVec, false, kHistory>(q, a);
 }
 
 template <typename Index, bool kVec>
@@ -259,14 +311,33 @@ Status launch_shape(const StepParams& p, int64_t row_len, Shape* shape) {
 
 Status after_launch() { return from_cuda(cudaGetLastError()); }
 
+template <typename Index, bool kVec, bool kGiven>
+void launch_step_history(const Shape& sh, bool history, const StepParams& p, const StepPtrs& a, cudaStream_t st) {
+  if (history) step_kernel<Index, kVec, kGiven, true><<<sh.blocks, kThreads, 0, st>>>(p, a);
+  else step_kernel<Index, kVec, kGiven, false><<<sh.blocks, kThreads, 0, st>>>(p, a);
+}
+
 template <typename Index>
-void launch_step(const Shape& sh, bool vec, bool given, const StepParams& p, const StepPtrs& a, cudaStream_t st) {
+void launch_step(const Shape& sh, bool vec, bool given, bool history, const StepParams& p, const StepPtrs& a,
+                 cudaStream_t st) {
   if (vec) {
-    if (given) step_kernel<Index, true, true><<<sh.blocks, kThreads, 0, st>>>(p, a);
-    else step_kernel<Index, true, false><<<sh.blocks, kThreads, 0, st>>>(p, a);
+    if (given) launch_step_history<Index, true, true>(sh, history, p, a, st);
+    else launch_step_history<Index, true, false>(sh, history, p, a, st);
   } else {
-    if (given) step_kernel<Index, false, true><<<sh.blocks, kThreads, 0, st>>>(p, a);
-    else step_kernel<Index, false, false><<<sh.blocks, kThreads, 0, st>>>(p, a);
+    if (given) launch_step_history<Index, false, true>(sh, history, p, a, st);
+    else launch_step_history<Index, false, false>(sh, history, p, a, st);
+  }
+}
+
+template <typename Index>
+void launch_loop_step(const Shape& sh, bool vec, bool history, const StepParams& p, const StepPtrs& a,
+                      const uint32_t* noise_steps, const LoopState* state, float* ring, cudaStream_t st) {
+  if (vec) {
+    if (history) loop_step_kernel<Index, true, true><<<sh.blocks, kThreads, 0, st>>>(p, a, noise_steps, state, ring);
+    else loop_step_kernel<Index, true, false><<<sh.blocks, kThreads, 0, st>>>(p, a, noise_steps, state, ring);
+  } else {
+    if (history) loop_step_kernel<Index, false, true><<<sh.blocks, kThreads, 0, st>>>(p, a, noise_steps, state, ring);
+    else loop_step_kernel<Index, false, false><<<sh.blocks, kThreads, 0, st>>>(p, a, noise_steps, state, ring);
   }
 }
 
@@ -276,22 +347,36 @@ Status fused_step(const StepParams& p, const StepArrays& a, cudaStream_t stream)
   if (const char* why = check_params(p)) return invalid(why);
   if (p.batch * p.per_sample == 0) return Status{};
   if (!a.x || !a.m || !a.out || !a.coef) return invalid("null device pointer (x, m, out and coef are required)");
-  if (a.h1 || a.h2 || a.x0_out) return invalid("the CUDA step takes no multistep history (h1, h2, x0_out)");
+  auto aligned_or_null = [](const void* ptr, uintptr_t bytes) { return ptr == nullptr || aligned(ptr, bytes); };
   if (!aligned(a.x, 4) || !aligned(a.m, 4) || !aligned(a.out, 4) || !aligned(a.coef, 4) ||
-      (a.noise && !aligned(a.noise, 4)))
+      !aligned_or_null(a.noise, 4) || !aligned_or_null(a.h1, 4) || !aligned_or_null(a.h2, 4) ||
+      !aligned_or_null(a.x0_out, 4))
     return invalid("float32 device pointers must be 4-byte aligned");
   const int64_t bytes = p.batch * p.per_sample * int64_t(sizeof(float));
   if (partial_overlap(a.out, a.x, bytes) || partial_overlap(a.out, a.m, bytes) ||
-      partial_overlap(a.out, a.noise, bytes))
+      partial_overlap(a.out, a.noise, bytes) || partial_overlap(a.out, a.h1, bytes) ||
+      partial_overlap(a.out, a.h2, bytes))
     return invalid("out partially overlaps an input (it may only be the very same array)");
+  if (a.x0_out) {  // written besides out: it may share no element with anything the step reads or writes
+    for (const void* other : {static_cast<const void*>(a.x), static_cast<const void*>(a.m),
+                              static_cast<const void*>(a.out), static_cast<const void*>(a.noise),
+                              static_cast<const void*>(a.h1), static_cast<const void*>(a.h2)})
+      if (other == a.x0_out || partial_overlap(a.x0_out, other, bytes))
+        return invalid("x0_out overlaps x, m, out, noise, h1 or h2");
+  }
   Shape sh;
   const Status st = launch_shape(p, p.per_sample, &sh);
   if (!st.ok()) return st;
   const bool vec = p.per_sample % 4 == 0 && aligned(a.x, 16) && aligned(a.m, 16) && aligned(a.out, 16) &&
-                   (a.noise == nullptr || aligned(a.noise, 16));
-  const StepPtrs ptrs{a.x, a.m, a.out, a.coef, a.noise};
-  if (sh.wide) launch_step<uint64_t>(sh, vec, a.noise != nullptr, p, ptrs, stream);
-  else launch_step<uint32_t>(sh, vec, a.noise != nullptr, p, ptrs, stream);
+                   aligned_or_null(a.noise, 16) && aligned_or_null(a.h1, 16) && aligned_or_null(a.h2, 16) &&
+                   aligned_or_null(a.x0_out, 16);
+  const bool history = a.h1 || a.h2 || a.x0_out;  // without: the single-step kernels, unchanged
+  StepPtrs ptrs{a.x, a.m, a.out, a.coef, a.noise};
+  ptrs.h1 = a.h1;
+  ptrs.h2 = a.h2;
+  ptrs.x0_out = a.x0_out;
+  if (sh.wide) launch_step<uint64_t>(sh, vec, a.noise != nullptr, history, p, ptrs, stream);
+  else launch_step<uint32_t>(sh, vec, a.noise != nullptr, history, p, ptrs, stream);
   return after_launch();
 }
 
@@ -334,25 +419,31 @@ Status philox_stream(const StepParams& p, uint32_t* out, cudaStream_t stream) {
 }
 
 Status loop_step(const StepParams& p, const float* x, const float* m, float* out, const float* coef_table,
-                 const uint32_t* noise_steps, const LoopState* state, cudaStream_t stream) {
+                 const uint32_t* noise_steps, const LoopState* state, float* ring, cudaStream_t stream) {
   if (const char* why = check_params(p)) return invalid(why);
   if (p.batch * p.per_sample == 0) return Status{};
   if (!x || !m || !out || !coef_table || !noise_steps || !state) return invalid("null device pointer");
+  if (ring && !aligned(ring, 4)) return invalid("float32 device pointers must be 4-byte aligned");
   const int64_t bytes = p.batch * p.per_sample * int64_t(sizeof(float));
   if (partial_overlap(out, x, bytes) || partial_overlap(out, m, bytes))
     return invalid("out partially overlaps an input (it may only be the very same array)");
+  if (ring) {  // the ring's three slots, [3 * batch * per_sample] floats, overlap none of x, m, out
+    const uintptr_t r0 = reinterpret_cast<uintptr_t>(ring), r1 = r0 + uintptr_t(3 * bytes);
+    for (const void* other : {static_cast<const void*>(x), static_cast<const void*>(m), static_cast<const void*>(out)}) {
+      const uintptr_t o0 = reinterpret_cast<uintptr_t>(other), o1 = o0 + uintptr_t(bytes);
+      if (o0 < r1 && r0 < o1) return invalid("the history ring overlaps x, m or out");
+    }
+  }
   Shape sh;
   const Status st = launch_shape(p, p.per_sample, &sh);
   if (!st.ok()) return st;
-  const bool vec = p.per_sample % 4 == 0 && aligned(x, 16) && aligned(m, 16) && aligned(out, 16);
+  // slot j starts j * batch * per_sample floats into the ring: 16-byte aligned with the ring when
+  // per_sample % 4 == 0
+  const bool vec = p.per_sample % 4 == 0 && aligned(x, 16) && aligned(m, 16) && aligned(out, 16) &&
+                   (ring == nullptr || aligned(ring, 16));
   const StepPtrs a{x, m, out, coef_table, nullptr};
-  if (sh.wide) {
-    if (vec) loop_step_kernel<uint64_t, true><<<sh.blocks, kThreads, 0, stream>>>(p, a, noise_steps, state);
-    else loop_step_kernel<uint64_t, false><<<sh.blocks, kThreads, 0, stream>>>(p, a, noise_steps, state);
-  } else {
-    if (vec) loop_step_kernel<uint32_t, true><<<sh.blocks, kThreads, 0, stream>>>(p, a, noise_steps, state);
-    else loop_step_kernel<uint32_t, false><<<sh.blocks, kThreads, 0, stream>>>(p, a, noise_steps, state);
-  }
+  if (sh.wide) launch_loop_step<uint64_t>(sh, vec, ring != nullptr, p, a, noise_steps, state, ring, stream);
+  else launch_loop_step<uint32_t>(sh, vec, ring != nullptr, p, a, noise_steps, state, ring, stream);
   return after_launch();
 }
 

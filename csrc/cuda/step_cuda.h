@@ -34,7 +34,11 @@ struct Status {
 //               the kernel trusts it (finite, clip >= 0: the scheduler's table guarantees that)
 //   a.noise:    nullptr (Philox noise of (seed, first_index + i, noise_step) made in registers)
 //               or [batch, per_sample] float32 given noise, device
-//   a.h1, a.h2, a.x0_out: must be null (no multistep history on the GPU yet: invalid otherwise)
+//   a.h1, a.h2: nullptr or [batch, per_sample] float32, device: the previous steps' x0, added with
+//               weights coef[kH1], coef[kH2] (step.h); each may be a.out exactly, never partially
+//   a.x0_out:   nullptr or [batch, per_sample] float32, device: receives this step's x0 (after the
+//               clip); it may overlap none of x, m, out, noise, h1, h2
+// Without h1, h2 and x0_out the single-step kernels run, exactly as before the history existed.
 // 16-byte vector loads/stores when per_sample % 4 == 0 and every pointer is 16-byte aligned; a
 // scalar path otherwise (same results).
 Status fused_step(const StepParams& p, const StepArrays& a, cudaStream_t stream);
@@ -52,14 +56,20 @@ struct LoopState {
   uint64_t seed = 0;
   uint32_t first_index = 0;  // sample index of row 0 (first_index + batch <= 2**32, checked on the host)
   int32_t step = 0;          // index k of the step now running (0-based), advanced on the device
+  int32_t history = 0;       // previous x0 predictions each step reads (0, 1, 2): a multistep solver's
 };
 
 // out = fused step k = state->step of x and m ([batch, per_sample] float32, device; out may be x):
 // coefficient row coef_table + k * kCoefWidth, noise step noise_steps[k], seed and first index from
 // *state. p supplies batch and per_sample (its seed / noise_step / first_index are ignored, but
 // p.first_index + batch must still be in range). Capturable: no allocation, no synchronisation.
+// ring: nullptr (the single-step loop's kernel, state->history unread) or the multistep history,
+// 3 slots of [batch, per_sample] float32 overlapping none of x, m, out: with state->history > 0,
+// step k writes its x0 to slot k % 3 and adds H1 = slot (k - 1) % 3 from k = 1 on and, with
+// history 2, H2 = slot (k - 2) % 3 from k = 2 on (the slots are chosen on the device from the
+// counter, so one captured step serves every k); history 0 reads and writes no slot.
 Status loop_step(const StepParams& p, const float* x, const float* m, float* out, const float* coef_table,
-                 const uint32_t* noise_steps, const LoopState* state, cudaStream_t stream);
+                 const uint32_t* noise_steps, const LoopState* state, float* ring, cudaStream_t stream);
 
 // out = the initial normals (p.noise_step) of seed and first index *state; out [batch, per_sample].
 Status loop_normals(const StepParams& p, float* out, const LoopState* state, cudaStream_t stream);

@@ -142,9 +142,10 @@ class Pipeline:
             self._engines.move_to_end(key)
             return engine
 
-    def _check_request(self, n: int, height: int, width: int, frames: int, what: str) -> None:
+    def _check_request(self, n: int, height: int, width: int, frames: int, what: str, history: int = 0) -> None:
         """Refuse, before any allocation, a request whose buffers would exceed the limit
-        (limits.py): the plan's activations of n samples plus n images per kept frame."""
+        (limits.py): the plan's activations of n samples plus n images per kept frame, and for a
+        multistep solver (history > 0) the engines' ring of three x0 images."""
         with self._lock:
             per = self._per_sample_floats.get((height, width))
             if per is None:
@@ -152,7 +153,7 @@ class Pipeline:
                 per = self._per_sample_floats[(height, width)] = sum(build_plan(self.unet_config, 1, height, width)
                                                                      .slot_sizes)
         image = self.unet_config.in_channels * height * width
-        check_request(what, 4 * n * (per + image * (2 + frames)))
+        check_request(what, 4 * n * (per + image * (2 + frames + (3 if history else 0))))
 
     def unet(self, sample, timestep, backend="auto"):
         """One U-Net forward: the model output for ``sample`` [N, C, H, W] at ``timestep`` (an int,
@@ -212,7 +213,7 @@ class Pipeline:
         total = len(schedule)
         keep = validate.positions(trajectory, total)
         h, w = self.image_size
-        self._check_request(n, h, w, len(keep), f"sampling n={n} images of {h}x{w}")
+        self._check_request(n, h, w, len(keep), f"sampling n={n} images of {h}x{w}", schedule.history)
 
         bar = _progress_bar(total, progress, f"{sampler} {total} steps on {be.name}")
         try:
@@ -235,7 +236,7 @@ class Pipeline:
         engine and the schedule are made once (on CUDA: weights on the device, graph captured)."""
         batch, schedule, be, options = self._prepare(batch, sampler, steps, eta, backend, dtype)
         h, w = self.image_size
-        self._check_request(batch, h, w, 0, f"a sampler of batch {batch} for {h}x{w} images")
+        self._check_request(batch, h, w, 0, f"a sampler of batch {batch} for {h}x{w} images", schedule.history)
         options = EngineOptions(dtype=options.dtype, device=validate.integer(device, "device"))
         engine = executors.engine_for(be, self.unet_config, self.weights, batch, h, w, options)
         return Sampler(self, engine, schedule)

@@ -86,7 +86,7 @@ struct StepParams {
 // h1, h2: nullptr or [batch, per_sample]: the previous steps' x0, added with weights coef[kH1],
 // coef[kH2] (a null one adds nothing, whatever its weight). x0_out: nullptr or [batch, per_sample],
 // receives this step's x0 (after the clip); it must not overlap x, m, out, h1 or h2.
-// All pointers are host pointers for the CPU entry points (the CUDA step takes no history yet).
+// All pointers are host pointers for the CPU entry points, device pointers for the CUDA step.
 struct StepArrays {
   const float* x = nullptr;
   const float* m = nullptr;

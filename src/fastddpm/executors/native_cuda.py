@@ -98,13 +98,11 @@ class NativeCudaBackend(Backend):
             entry[1][device] = on_device
         return on_device
 
-    max_history = 0   # the CUDA step reads no previous predictions yet: multistep solvers run on the CPU backends
+    max_history = 2   # previous x0 predictions the fused step reads (h1, h2): DPM-Solver++ 2M / 3M
 
     def step(self, x, m, out, table, row, seed, noise_step, first_index, noise, history=None) -> None:
         # x, m, out, noise: [N, ...] float32 contiguous CUDA tensors on one device (dispatch checked)
-        if history is not None:
-            raise ValueError("native-cuda does not run multistep solvers (DPM-Solver++) yet: use backend='torch' "
-                             "for CUDA tensors, or a CPU backend")
+        # history: None or (h1, h2, x0_out): h1, h2 None or CUDA tensors shaped like x, x0_out one
         import torch
         device = x.device
         coef = self._table_on(table, device)  # [S, COEF_WIDTH] float32 on device
@@ -113,9 +111,24 @@ class NativeCudaBackend(Backend):
         batch = int(x.shape[0])
         per_sample = x.numel() // batch if batch else 0
         index = device.index if device.index is not None else torch.cuda.current_device()
+        h1 = h2 = x0_out = x0_direct = None
+        if history is not None:
+            h1, h2, x0_out = (_history_tensor(name, h, x) for name, h in zip(("h1", "h2", "x0_out"), history))
+            if h2 is not None and h1 is None:
+                raise ValueError("history: h2 without h1")
+            # the kernel writes x0 through a contiguous array that shares no memory with the rest;
+            # anything else goes through a temporary, copied back after the step
+            x0_direct = x0_out
+            if x0_out is not None and (not x0_out.is_contiguous() or any(
+                    _shares_memory(x0_out, a) for a in (x, m, out, noise, h1, h2) if a is not None)):
+                x0_direct = torch.empty_like(x, memory_format=torch.contiguous_format)
+            h1, h2 = (None if h is None else h.contiguous() for h in (h1, h2))
         _C_cuda.fused_step(x.data_ptr(), m.data_ptr(), out.data_ptr(), coef.data_ptr() + row * _ROW_BYTES,
                            0 if noise is None else noise.data_ptr(), batch, per_sample, seed, noise_step,
-                           first_index, torch.cuda.current_stream(device).cuda_stream, index)
+                           first_index, torch.cuda.current_stream(device).cuda_stream, index,
+                           h1=_ptr(h1), h2=_ptr(h2), x0_out=_ptr(x0_direct))
+        if x0_direct is not None and x0_direct is not x0_out:
+            x0_out.copy_(x0_direct)
 
     # -- noise ------------------------------------------------------------------------------------
     def noise(self, seed, shape, step, first_index=0, device="cuda"):
@@ -184,6 +197,36 @@ class NativeCudaBackend(Backend):
         return {"devices": devices, "cuda_runtime": _C_cuda.runtime_version(), "archs": cuda.get("archs")}
 
 
+def _ptr(t) -> int:
+    return 0 if t is None else t.data_ptr()
+
+
+def _history_tensor(name, h, x):
+    """h (None or a torch tensor) checked against the sample x: float32, x's device and shape."""
+    import torch
+    if h is None:
+        return None
+    if not isinstance(h, torch.Tensor):
+        raise TypeError(f"history {name} must be a torch tensor like the sample, got {type(h).__name__}")
+    if h.device != x.device:
+        raise ValueError(f"history {name} is on {h.device} but sample is on {x.device}")
+    if tuple(h.shape) != tuple(x.shape):
+        raise ValueError(f"history {name} has shape {tuple(h.shape)}, expected {tuple(x.shape)} (the shape of sample)")
+    if h.dtype != torch.float32:
+        raise TypeError(f"history {name} must be torch.float32, got {h.dtype}")
+    return h.detach()
+
+
+def _shares_memory(a, b) -> bool:
+    """True when the storage spans of tensors a and b intersect (conservative for strided views)."""
+    if a.numel() == 0 or b.numel() == 0:
+        return False
+    lo_a, lo_b = a.data_ptr(), b.data_ptr()
+    span_a = (sum((n - 1) * s for n, s in zip(a.shape, a.stride())) + 1) * a.element_size()
+    span_b = (sum((n - 1) * s for n, s in zip(b.shape, b.stride())) + 1) * b.element_size()
+    return lo_a < lo_b + span_b and lo_b < lo_a + span_a
+
+
 class NativeCudaEngine(Engine):
     """The plan executed by fastddpm._C_cuda.Engine on one GPU.
 
@@ -194,6 +237,7 @@ class NativeCudaEngine(Engine):
     """
 
     default_callback_every = 50   # the GPU keeps a chunk of steps queued between host reports
+    history = 2                   # multistep solvers: a device ring of 3 x0 buffers, slots picked on the GPU
 
     def __init__(self, config, weights, batch, height, width, options=None):
         if _C_cuda is None:
@@ -276,7 +320,7 @@ class NativeCudaEngine(Engine):
         with self._run_lock:
             self._set_schedule(schedule)
             x, frames = self._engine.run(seed, first_index, keep, callback,
-                                         self.callback_every if callback is not None else 0)
+                                         self.callback_every if callback is not None else 0, schedule.history)
         return x, dict(zip(keep, frames))
 
 
