@@ -66,3 +66,18 @@ class History:
 
 def _empty_like(a):
     return a.new_empty(a.shape) if hasattr(a, "new_empty") else a.__class__(a.shape, dtype=a.dtype)
+
+
+def fused_steps(backend, schedule, seed: int, first_index: int, x):
+    """step(k, t, x, m) for run_loop: the backend's fused step in place, with the x0 ring of a
+    multistep schedule (buffers like x)."""
+    history = History(schedule.history, x)
+
+    def step(k, t, x, m):
+        hist = history.for_step(k)
+        if hist is None:
+            backend.step(x, m, x, schedule.table, k, seed, t, first_index, None)
+        else:
+            backend.step(x, m, x, schedule.table, k, seed, t, first_index, None, hist)
+        return x
+    return step

@@ -272,15 +272,19 @@ class _Scheduler:
             return ts + int(self.config["steps_offset"])
         return np.round(np.arange(T, 0, -T / n)).astype(np.int64) - 1   # trailing
 
-    def set_timesteps(self, num_inference_steps: int, device=None) -> None:
-        n = num_inference_steps
+    def _checked_timesteps(self, n) -> np.ndarray:
+        """The spaced timesteps of n steps, n and the timesteps checked."""
         if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or not 1 <= n <= self.num_train_timesteps:
             raise ValueError(f"num_inference_steps must be an integer in [1, {self.num_train_timesteps}], got {n!r}")
         ts = self._spaced_timesteps(int(n))
         if ts.min() < 0 or ts.max() >= self.num_train_timesteps:
             raise ValueError(f"steps_offset={self.config['steps_offset']} puts timesteps outside "
                              f"[0, {self.num_train_timesteps}) for {n} steps")
-        self.num_inference_steps = int(n)
+        return ts
+
+    def set_timesteps(self, num_inference_steps: int, device=None) -> None:
+        ts = self._checked_timesteps(num_inference_steps)
+        self.num_inference_steps = int(num_inference_steps)
         self._set_timestep_array(ts)
 
     def _set_timestep_array(self, ts: np.ndarray) -> None:
@@ -707,12 +711,7 @@ class _EulerBase(_Scheduler):
 
     def set_timesteps(self, num_inference_steps: int, device=None) -> None:
         n = num_inference_steps
-        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or not 1 <= n <= self.num_train_timesteps:
-            raise ValueError(f"num_inference_steps must be an integer in [1, {self.num_train_timesteps}], got {n!r}")
-        ts = self._spaced_timesteps(int(n))
-        if ts.min() < 0 or ts.max() >= self.num_train_timesteps:
-            raise ValueError(f"steps_offset={self.config['steps_offset']} puts timesteps outside "
-                             f"[0, {self.num_train_timesteps}) for {n} steps")
+        ts = self._checked_timesteps(n)
         sigmas = np.sqrt((1.0 - self.alphas_cumprod) / self.alphas_cumprod)[ts]
         self._sigmas = np.concatenate([sigmas, [self._final_sigma()]])   # [S + 1] float64
         self.num_inference_steps = int(n)

@@ -39,7 +39,7 @@ import numpy as np
 
 from ..plan import (CONV_MODES, FLAG_FLIP, FLAG_PADDED_OUT, FLAG_SILU, FLOAT_FIELDS, INT_FIELDS, OP_CODES,
                     PlanError)
-from ..loop import History, run_loop
+from ..loop import fused_steps, run_loop
 from ..philox import INITIAL_STEP
 from .base import Engine, EngineLock
 from .numba_threads import parallel_region
@@ -616,16 +616,7 @@ class NumbaEngine(Engine):
         with self._lock, _Threads(self):
             x = np.ascontiguousarray(be.noise(seed, self.input_shape, INITIAL_STEP, first_index),
                                      dtype=np.float32)   # x_T
-            history = History(schedule.history, x)
-
-            def step(k, t, x, m):          # x <- x_{t-1}, in place
-                hist = history.for_step(k)
-                if hist is None:
-                    be.step(x, m, x, schedule.table, k, seed, t, first_index, None)
-                else:
-                    be.step(x, m, x, schedule.table, k, seed, t, first_index, None, hist)
-                return x
-
+            step = fused_steps(be, schedule, seed, first_index, x)   # x <- x_{t-1}, in place
             return run_loop(schedule.timesteps, x, forward, step, keep=keep, callback=callback,
                             every=self.callback_every)
 

@@ -132,7 +132,7 @@ class ReferenceEngine(Engine):
             return self._run_fused_steps(unet, schedule, seed, first_index, keep, callback)
 
     def _run_fused_steps(self, unet, schedule, seed, first_index, keep, callback):
-        from ..loop import History, run_loop
+        from ..loop import fused_steps, run_loop
         be = self._step_backend
         try:
             x = be.noise(seed, self.input_shape, INITIAL_STEP, first_index)     # x_T: [N, C, H, W]
@@ -144,15 +144,7 @@ class ReferenceEngine(Engine):
         def forward(x, t):
             return unet(xt, t).numpy()
 
-        history = History(schedule.history, x)
-
-        def step(k, t, x, m):
-            hist = history.for_step(k)
-            if hist is None:
-                be.step(x, m, x, schedule.table, k, seed, t, first_index, None)
-            else:
-                be.step(x, m, x, schedule.table, k, seed, t, first_index, None, hist)
-            return x
+        step = fused_steps(be, schedule, seed, first_index, x)
 
         return run_loop(schedule.timesteps, x, forward, step, keep=keep, callback=callback,
                         every=self.callback_every)
