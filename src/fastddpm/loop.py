@@ -16,6 +16,8 @@ from __future__ import annotations
 
 from typing import Callable
 
+import numpy as np
+
 
 def reports(k: int, every: int, total: int) -> bool:
     """Whether the callback runs after step k (1-based count of steps done)."""
@@ -52,7 +54,7 @@ class History:
 
     def __init__(self, depth: int, like):
         self.depth = depth
-        self._ring = [_empty_like(like) for _ in range(3)] if depth else []
+        self._ring = [empty_like(like) for _ in range(3)] if depth else []
 
     def for_step(self, k: int):
         """(h1, h2, x0_out) for step k, or None without history."""
@@ -64,8 +66,9 @@ class History:
         return h1, h2, ring[k % 3]
 
 
-def _empty_like(a):
-    return a.new_empty(a.shape) if hasattr(a, "new_empty") else a.__class__(a.shape, dtype=a.dtype)
+def empty_like(a):
+    """An uninitialised array of a's shape and dtype: a torch tensor for a tensor, else NumPy."""
+    return a.new_empty(a.shape) if hasattr(a, "new_empty") else np.empty(a.shape, dtype=a.dtype)
 
 
 def fused_steps(backend, schedule, seed: int, first_index: int, x):

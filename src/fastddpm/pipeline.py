@@ -206,10 +206,9 @@ class Pipeline:
                  trajectory: Sequence[int] | None = None, first_index: int = 0, dtype: str | None = None):
         if output not in _OUTPUTS:
             raise ValueError(f"output must be one of {_OUTPUTS}, got {output!r}")
-        n = validate.count("n", n)
+        n, schedule, be, options = self._prepare(n, sampler, steps, eta, backend, dtype)
         seed = validate.seed(seed, fresh_if_none=True)
         first_index = validate.first_index(first_index, n)
-        n, schedule, be, options = self._prepare(n, sampler, steps, eta, backend, dtype)
         total = len(schedule)
         keep = validate.positions(trajectory, total)
         h, w = self.image_size

@@ -24,6 +24,7 @@ from ._files import ModelFileError, errors_name, read_json_object
 from . import validate
 from .coefficients import A_M, A_X, C_X0, CLIP, COEF_COLUMNS, COEF_WIDTH, D_M, D_X, SIGMA  # noqa: F401
 from .dispatch import fused_step
+from .loop import empty_like
 
 __all__ = ["DDPMScheduler", "DDIMScheduler", "DPMSolverMultistepScheduler", "EulerDiscreteScheduler",
            "EulerAncestralDiscreteScheduler", "COEF_WIDTH", "SchedulerConfigError", "StepSchedule", "SAMPLERS",
@@ -666,7 +667,7 @@ class DPMSolverMultistepScheduler(_Scheduler):
                              f"{self._step_index} comes next: a multistep solver runs its steps in order "
                              "(set_timesteps starts over)")
         prev = self._x0_history
-        x0_out = _empty_like(sample)
+        x0_out = empty_like(sample)
         history = (prev[-1] if len(prev) >= 1 else None, prev[-2] if len(prev) >= 2 else None, x0_out)
         result = self._step(model_output, timestep, sample, noise, seed, first_index, backend, out,
                             history=history)
@@ -789,10 +790,6 @@ class EulerAncestralDiscreteScheduler(_EulerBase):
     def _target(self, sigma: float, nxt: float) -> tuple[float, float]:
         up = math.sqrt(nxt * nxt * (sigma * sigma - nxt * nxt) / (sigma * sigma))
         return math.sqrt(nxt * nxt - up * up), up
-
-
-def _empty_like(a):
-    return a.new_empty(a.shape) if hasattr(a, "new_empty") else np.empty(a.shape, dtype=np.float32)
 
 
 def _sigma_to_t(sigma: float, log_sigmas: np.ndarray) -> float:

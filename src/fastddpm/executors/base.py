@@ -90,8 +90,7 @@ class Engine:
         keep = validate.positions(keep, len(schedule))
         if callback is not None and not callable(callback):
             raise TypeError(f"callback must be callable, got {type(callback).__name__}")
-        x, frames = self._run(schedule, seed, first_index, keep, callback)
-        return x, frames
+        return self._run(schedule, seed, first_index, keep, callback)
 
     def _forward(self, x: np.ndarray, t: np.ndarray) -> np.ndarray:
         raise NotImplementedError
@@ -112,6 +111,7 @@ class Backend:
     name: str = "?"
     devices: tuple[str, ...] = ("cpu",)
     dtypes: tuple[str, ...] = ("fp32",)   # engine precisions; the first is the default
+    max_history = 2   # previous x0 predictions its fused step can read (StepSchedule.history)
 
     def check_dtype(self, dtype) -> str:
         """An engine precision of this backend (None = its default)."""
@@ -137,8 +137,6 @@ class Backend:
         if device not in self.devices:
             reasons.append(f"{self.name} does not run on {device} arrays (it runs on {', '.join(self.devices)})")
         return reasons
-
-    max_history = 2   # previous x0 predictions its fused step can read (StepSchedule.history)
 
     def step(self, x, m, out, table: np.ndarray, row: int, seed: int, noise_step: int,
              first_index: int, noise, history=None) -> None:
