@@ -10,7 +10,10 @@ Every tensor is per sample, batch-major: a slot of per-sample size S holds [N, S
 Activations are NCHW ([N, C, H, W]). A "padded" tensor is [N, C, H+2, W+2] with a zero border of
 one pixel (the input of a 3x3 pad-1 conv); engines must allow reads a little past a slot's end
 (the C++ engine allocates 128 floats of slack per slot). Slot 0 is the U-Net input x
-[N, in_channels, H, W], slot 1 the model output [N, out_channels, H, W]; neither is reused. The
+[N, in_channels, H, W], slot 1 the model output [N, out_channels, H, W]; on a class-conditional
+model slot 2 is the class embedding [N, time_embed_dim], an input the engine fills from the caller
+(conditioning.py computes it once per call: labels do not change between steps). None of these is
+reused. The
 other slots are reused by liveness: a slot is handed to a new tensor once the last op reading
 its previous tensor has run (never to the output of that op itself, so no op's output aliases
 its inputs). ``slot_sizes[s]`` is the per-sample float count of slot s.
@@ -20,8 +23,10 @@ Ops (``Plan.ops``, in execution order); each is an ``Op`` with these fields (-1 
 - ``TIME_EMB``  out [N, c_out] = sinusoidal embedding of the per-sample timestep t:
   freqs[k] = exp(-ln(10000) * k / (c_out//2 - freq_shift)), k < c_out//2; [sin, cos] of t*freqs,
   or [cos, sin] when ``flip``; an odd c_out gets a zero last column. (freq_shift in ``shift``.)
-- ``LINEAR``    out [N, c_out] = W @ act(in[N, c_in]) + b; act = SiLU if ``silu`` else identity.
-  W = weights[w] [c_out, c_in], b = weights[b].
+- ``LINEAR``    out [N, c_out] = W @ act(in[N, c_in]) + b (+ residual[N, c_out] when residual >= 0);
+  act = SiLU if ``silu`` else identity. W = weights[w] [c_out, c_in], b = weights[b]. The
+  residual is the class embedding (slot 2) on a class-conditional model's
+  ``time_embedding.linear_2``: diffusers' ``emb = time_embedding(t_emb) + class_emb``.
 - ``PAD``       out (padded) = a * concat(in, in2) + b in the interior, 0 on the border.
   concat: channels [0, c_in) from ``in``, [c_in, c_in + c_in2) from ``in2`` (when in2 >= 0).
   a, b in ``scale``/``shift`` (2, -1 for center_input_sample; else 1, 0).
@@ -70,7 +75,7 @@ from . import validate
 from .unet_config import UNetConfig, weight_shapes
 
 __all__ = ["Plan", "Op", "PlanError", "build_plan", "OP_CODES", "CONV_MODES", "INT_FIELDS",
-           "FLOAT_FIELDS", "INPUT_SLOT", "OUTPUT_SLOT"]
+           "FLOAT_FIELDS", "INPUT_SLOT", "OUTPUT_SLOT", "CLASS_SLOT"]
 
 
 class PlanError(ValueError):
@@ -87,7 +92,7 @@ INT_FIELDS = ("code", "out", "in_", "c_in", "in2", "c_in2", "h", "w", "c_out", "
               "b2_idx", "temb", "residual", "scratch", "mode", "groups", "heads", "flags")
 FLOAT_FIELDS = ("eps", "scale", "a", "shift")
 FLAG_SILU, FLAG_PADDED_OUT, FLAG_FLIP = 1, 2, 4
-INPUT_SLOT, OUTPUT_SLOT = 0, 1
+INPUT_SLOT, OUTPUT_SLOT, CLASS_SLOT = 0, 1, 2
 
 
 @dataclass
@@ -154,6 +159,11 @@ class Plan:
         return (self.batch, self.config.in_channels, self.height, self.width)
 
     @property
+    def conditional(self) -> bool:
+        """Whether the engine must fill slot CLASS_SLOT with a class embedding [N, time_embed_dim]."""
+        return self.config.class_embedding_kind is not None
+
+    @property
     def output_shape(self) -> tuple[int, int, int, int]:
         return (self.batch, self.config.out_channels, self.height, self.width)
 
@@ -192,6 +202,7 @@ class _Builder:
         self.ops: list[Op] = []
         self.sizes: list[int] = []       # per value: per-sample floats
         self.batch, self.height, self.width = batch, height, width
+        self.class_value = -1             # the class-embedding input (conditional models)
 
     def value(self, size: int) -> int:
         self.sizes.append(int(size))
@@ -217,6 +228,7 @@ class _Builder:
                          w_idx=self.widx("time_embedding.linear_1.weight"),
                          b_idx=self.widx("time_embedding.linear_1.bias"), name="time_embedding.linear_1"))
         return self.emit(Op("LINEAR", out=self.value(d), in_=h, c_in=d, c_out=d, silu=True,
+                            residual=self.class_value,
                             w_idx=self.widx("time_embedding.linear_2.weight"),
                             b_idx=self.widx("time_embedding.linear_2.bias"), name="time_embedding.linear_2"))
 
@@ -293,6 +305,8 @@ class _Builder:
         H, W = self.height, self.width
         x = self.value(cfg.in_channels * H * W)          # value 0 = slot 0: the input
         assert x == INPUT_SLOT
+        if cfg.class_embedding_kind is not None:
+            self.class_value = self.value(cfg.time_embed_dim)
         emb = self.time_embedding()
         a, b = (2.0, -1.0) if cfg.center_input_sample else (1.0, 0.0)
         xp = self.pad(x, cfg.in_channels, H, W, a=a, b=b, name="conv_in(input)")
@@ -345,6 +359,10 @@ class _Builder:
                 last[op.scratch] = k
         slot_of = {INPUT_SLOT: INPUT_SLOT, out_value: OUTPUT_SLOT}
         sizes = [self.sizes[INPUT_SLOT], self.sizes[out_value]]
+        if self.class_value >= 0:
+            slot_of[self.class_value] = CLASS_SLOT
+            sizes.append(self.sizes[self.class_value])
+        fixed = set(slot_of.values())     # inputs and the output: never handed to another value
         free: list[int] = []
         for k, op in enumerate(ops):
             for v in (op.scratch, op.out):
@@ -365,9 +383,9 @@ class _Builder:
                 slot_of[v] = s
             # release what dies here (after the outputs are placed: no output aliases an input)
             for v in set(op.reads()) | ({op.scratch} if op.scratch >= 0 else set()):
-                if last.get(v) == k and slot_of[v] not in (INPUT_SLOT, OUTPUT_SLOT):
+                if last.get(v) == k and slot_of[v] not in fixed:
                     free.append(slot_of[v])
-            if op.out >= 0 and op.out not in last and slot_of[op.out] not in (INPUT_SLOT, OUTPUT_SLOT):
+            if op.out >= 0 and op.out not in last and slot_of[op.out] not in fixed:
                 free.append(slot_of[op.out])  # never read (cannot happen in a U-Net)
         m = lambda v: slot_of[v] if v >= 0 else -1  # noqa: E731
         for op in ops:
@@ -388,7 +406,7 @@ def build_plan(cfg: UNetConfig | Mapping[str, Any], batch: int, height: int | No
     height, width = cfg.image_hw(height, width)
     b = _Builder(cfg, int(batch), int(height), int(width))
     ops = b.build()
-    used = set()
+    used = {i for i, n in enumerate(b.names) if n.startswith("class_embedding.")}  # conditioning.py's
     for op in ops:
         for i in (op.w_idx, op.b_idx, op.w2_idx, op.b2_idx):
             if i >= 0:

@@ -74,8 +74,7 @@ _CHOICES: dict[str, tuple] = {
     "downsample_type": ("conv",),
     "upsample_type": ("conv",),
     "resnet_time_scale_shift": ("default",),
-    "class_embed_type": (None,),
-    "num_class_embeds": (None,),
+    "class_embed_type": (None, "timestep", "identity"),
     "downsample_padding": (0, 1),
 }
 
@@ -167,6 +166,16 @@ class UNetConfig:
     def time_embed_dim(self) -> int:
         """Width of the time embedding (diffusers: ``time_embedding_dim or 4 * C0``)."""
         return self.time_embedding_dim or 4 * self.block_out_channels[0]
+
+    @property
+    def class_embedding_kind(self) -> str | None:
+        """How class labels reach the time embedding (diffusers' ``UNet2DModel`` rules): "table"
+        (an ``nn.Embedding`` of num_class_embeds rows: integer labels), "timestep" (labels through
+        the sinusoidal projection and an MLP: real labels), "identity" (the caller gives the
+        [N, time_embed_dim] embedding itself), or None for an unconditional model."""
+        if self.class_embed_type is None:
+            return "table" if self.num_class_embeds is not None else None
+        return self.class_embed_type
 
     @property
     def size_multiple(self) -> int:
@@ -286,7 +295,7 @@ def _normalise(cfg: UNetConfig) -> dict[str, Any]:
     for name in ("in_channels", "out_channels", "layers_per_block", "norm_num_groups"):
         out[name] = _pos_int(name, getattr(cfg, name))
     for name in ("time_embedding_dim", "attention_head_dim", "attn_norm_num_groups",
-                 "num_train_timesteps"):
+                 "num_train_timesteps", "num_class_embeds"):
         out[name] = _opt_pos_int(name, getattr(cfg, name))
     for name in ("center_input_sample", "flip_sin_to_cos", "add_attention"):
         out[name] = _flag(name, getattr(cfg, name))
@@ -413,6 +422,7 @@ class _Layer:
     """One parametrised module of the U-Net (listed in diffusers' registration order).
 
     kind: "conv3" (3x3 pad 1), "down" (3x3 stride 2), "up" (nearest x2 then 3x3), "linear",
+    "class_linear" (the class MLP, run once per call), "embedding" (c_in rows of c_out),
     "norm", "resnet", "attn". level: halvings of the input image size at the module's input."""
 
     name: str
@@ -429,6 +439,12 @@ def _layers(cfg: UNetConfig) -> list[_Layer]:
         _Layer("time_embedding.linear_1", "linear", ch[0], temb),
         _Layer("time_embedding.linear_2", "linear", temb, temb),
     ]
+    # diffusers registers class_embedding right after time_embedding
+    if cfg.class_embedding_kind == "table":
+        L.append(_Layer("class_embedding", "embedding", cfg.num_class_embeds, temb))
+    elif cfg.class_embedding_kind == "timestep":
+        L += [_Layer("class_embedding.linear_1", "class_linear", ch[0], temb),
+              _Layer("class_embedding.linear_2", "class_linear", temb, temb)]
     c_out = ch[0]
     for i, t in enumerate(cfg.down_block_types):
         c_in, c_out = c_out, ch[i]
@@ -486,8 +502,10 @@ def weight_shapes(cfg: UNetConfig) -> dict[str, tuple[int, ...]]:
     for ly in _layers(cfg):
         if ly.kind in ("conv3", "down", "up"):
             _conv(out, ly.name, ly.c_in, ly.c_out, 3)
-        elif ly.kind == "linear":
+        elif ly.kind in ("linear", "class_linear"):
             _linear(out, ly.name, ly.c_in, ly.c_out)
+        elif ly.kind == "embedding":
+            out[f"{ly.name}.weight"] = (ly.c_in, ly.c_out)
         elif ly.kind == "norm":
             _norm(out, ly.name, ly.c_in)
         elif ly.kind == "resnet":

@@ -46,15 +46,27 @@ class Engine:
     plan, weight checks) happens here, once; subclasses build their executor from ``self.plan``
     and ``self.weights`` and implement ``_forward`` and ``_run``.
 
-    ``forward(x, timestep)``: one U-Net forward, float32 NumPy [N, C, H, W] in and out.
-    ``run(schedule, *, seed, first_index, keep, callback)``: the whole sampling loop as loop.py
-    defines it; returns (x_0 float32 [N, C, H, W], {position: frame}). One call at a time per
-    engine; a callback calling back into its own engine raises instead of deadlocking.
+    ``forward(x, timestep, class_emb=None)``: one U-Net forward, float32 NumPy [N, C, H, W] in and
+    out (N = batch).
+    ``run(schedule, *, seed, first_index, keep, callback, class_emb=None, guidance=None)``: the whole
+    sampling loop as loop.py defines it; returns (x_0 float32 [n, C, H, W], {position: frame}). One
+    call at a time per engine; a callback calling back into its own engine raises instead of
+    deadlocking.
+
+    Conditioning (``self.conditional``: the plan has a class embedding): ``class_emb`` float32
+    [batch, time_embed_dim] (conditioning.class_embedding) is required, and refused otherwise.
+    ``guidance=None``: n = batch samples, row i conditioned on class_emb[i]. ``guidance=w`` (a
+    float; classifier-free guidance): n = batch // 2 samples; the U-Net runs all batch rows on
+    [x, x] (the n samples twice), class_emb rows [0, n) conditional and [n, 2n) the null class, and
+    the fused step reads model output m_c = rows [0, n), m_u = rows [n, 2n) and steps the n samples
+    with m = m_u + w (m_c - m_u) (the step's arithmetic: step.h step_guided_output). x_T, the noise
+    and first_index are those of the n samples, exactly as an unguided run of n.
     """
 
     default_callback_every = 1
     history = 0            # previous x0 predictions a step may read (StepSchedule.history)
     model_outputs = 1      # model outputs a step may combine (StepSchedule.model_outputs)
+    supports_conditioning = False   # class embeddings and guidance (run's class_emb / guidance)
 
     def __init__(self, config, weights, batch: int, height: int, width: int, options: EngineOptions | None = None):
         from ..plan import build_plan
@@ -65,6 +77,9 @@ class Engine:
         self.plan = build_plan(self.config, batch, height, width)
         self.weights = check_weights(weights, weight_shapes(self.config))   # names every missing/extra/bad key
         self.batch, self.height, self.width = self.plan.batch, self.plan.height, self.plan.width
+        self.conditional = self.plan.conditional
+        if self.conditional and not self.supports_conditioning:
+            raise NotImplementedError(f"{type(self).__name__} does not run class-conditional U-Nets yet")
         every = self.options.callback_every
         self.callback_every = validate.count("callback_every", self.default_callback_every if every is None else every)
 
@@ -72,30 +87,64 @@ class Engine:
     def input_shape(self) -> tuple[int, int, int, int]:
         return (self.batch, self.config.in_channels, self.height, self.width)
 
-    def forward(self, x, timestep):
+    def forward(self, x, timestep, class_emb=None):
         shape = self.input_shape
         if not isinstance(x, np.ndarray) or x.shape != shape:
             raise ValueError(f"sample must be a NumPy array of shape {shape}, got "
                              f"{getattr(x, 'shape', type(x).__name__)}")
         if x.dtype != np.float32:
             raise TypeError(f"sample must be float32, got {x.dtype}")
-        return self._forward(np.ascontiguousarray(x), validate.per_sample_timesteps(timestep, self.batch))
+        return self._forward(np.ascontiguousarray(x), validate.per_sample_timesteps(timestep, self.batch),
+                             self._class_emb(class_emb))
 
-    def run(self, schedule, *, seed, first_index=0, keep=(), callback=None):
+    def run(self, schedule, *, seed, first_index=0, keep=(), callback=None, class_emb=None, guidance=None):
         if schedule.history > self.history or schedule.model_outputs > self.model_outputs:
             raise ValueError(f"{type(self).__name__} cannot run this schedule: it reads {schedule.history} "
                              f"previous predictions and {schedule.model_outputs} model outputs per step")
+        class_emb = self._class_emb(class_emb)
+        guidance = self._guidance(guidance)
         seed = validate.seed(seed)
-        first_index = validate.first_index(first_index, self.batch)
+        first_index = validate.first_index(first_index, self.samples(guidance))
         keep = validate.positions(keep, len(schedule))
         if callback is not None and not callable(callback):
             raise TypeError(f"callback must be callable, got {type(callback).__name__}")
-        return self._run(schedule, seed, first_index, keep, callback)
+        return self._run(schedule, seed, first_index, keep, callback, class_emb, guidance)
 
-    def _forward(self, x: np.ndarray, t: np.ndarray) -> np.ndarray:
+    def samples(self, guidance) -> int:
+        """Images a run makes: batch, or batch // 2 with guidance."""
+        return self.batch if guidance is None else self.batch // 2
+
+    def _class_emb(self, class_emb):
+        if not self.conditional:
+            if class_emb is not None:
+                raise ValueError("class_emb was given but this engine's U-Net has no class embedding")
+            return None
+        shape = (self.batch, self.config.time_embed_dim)
+        if class_emb is None:
+            raise ValueError(f"this engine's U-Net is class-conditional: class_emb [{shape[0]}, {shape[1]}] is required")
+        if not isinstance(class_emb, np.ndarray) or class_emb.shape != shape or class_emb.dtype != np.float32:
+            raise ValueError(f"class_emb must be a float32 NumPy array of shape {shape}, got "
+                             f"{getattr(class_emb, 'dtype', type(class_emb).__name__)} {getattr(class_emb, 'shape', '')}")
+        if not np.isfinite(class_emb).all():
+            raise ValueError("class_emb must be finite")
+        return np.ascontiguousarray(class_emb)
+
+    def _guidance(self, guidance):
+        if guidance is None:
+            return None
+        if not self.conditional:
+            raise ValueError("guidance needs a class-conditional U-Net")
+        if self.batch % 2:
+            raise ValueError(f"a guided run needs an even engine batch (n conditional + n null rows), got {self.batch}")
+        w = float(guidance)
+        if not np.isfinite(w):
+            raise ValueError(f"guidance must be finite, got {guidance!r}")
+        return w
+
+    def _forward(self, x: np.ndarray, t: np.ndarray, class_emb: np.ndarray | None) -> np.ndarray:
         raise NotImplementedError
 
-    def _run(self, schedule, seed: int, first_index: int, keep: list, callback):
+    def _run(self, schedule, seed: int, first_index: int, keep: list, callback, class_emb, guidance):
         raise NotImplementedError
 
 
@@ -139,8 +188,10 @@ class Backend:
         return reasons
 
     def step(self, x, m, out, table: np.ndarray, row: int, seed: int, noise_step: int,
-             first_index: int, noise, history=None) -> None:
-        """history: None, or (h1, h2, x0_out) as dispatch.fused_step describes."""
+             first_index: int, noise, history=None, guide=None) -> None:
+        """history: None, or (h1, h2, x0_out) as dispatch.fused_step describes. guide: None, or
+        (m_u, w): classifier-free guidance, the step uses m_u + w (m - m_u) for its model output
+        (m_u: the null-class output, like m; w a float)."""
         raise NotImplementedError
 
     def noise(self, seed: int, shape: tuple, step: int, first_index: int = 0, device: str = "cpu"):

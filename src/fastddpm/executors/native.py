@@ -109,10 +109,10 @@ class NativeCpuEngine(Engine):
                                  self.config.in_channels, self.config.out_channels, self.height, self.width,
                                  **cpu_engine_options())
 
-    def _forward(self, x, t):
+    def _forward(self, x, t, class_emb=None):
         return self._engine.forward(x, t)
 
-    def _run(self, schedule, seed, first_index, keep, callback):
+    def _run(self, schedule, seed, first_index, keep, callback, class_emb=None, guidance=None):
         x, frames = self._engine.run(schedule.table, schedule.timesteps, seed, first_index, keep, callback,
                                      self.callback_every, schedule.history)
         return x, dict(zip(keep, frames))

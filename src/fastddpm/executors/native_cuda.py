@@ -290,7 +290,7 @@ class NativeCudaEngine(Engine):
             return self._forward_device(x, timestep, self.input_shape)
         return super().forward(x, timestep)
 
-    def _forward(self, x, t):
+    def _forward(self, x, t, class_emb=None):
         return self._engine.forward(x, t)
 
     def _forward_device(self, x, timestep, shape):
@@ -316,7 +316,7 @@ class NativeCudaEngine(Engine):
         self._engine.set_schedule(schedule.table, schedule.timesteps)
         self._schedule = schedule
 
-    def _run(self, schedule, seed, first_index, keep, callback):
+    def _run(self, schedule, seed, first_index, keep, callback, class_emb=None, guidance=None):
         with self._run_lock:
             self._set_schedule(schedule)
             x, frames = self._engine.run(seed, first_index, keep, callback,

@@ -596,7 +596,7 @@ class NumbaEngine(Engine):
                 _COMPILE["seconds"] = time.perf_counter() - t0
                 _COMPILE["from_cache"] = sum(_forward.stats.cache_hits.values()) > hits
 
-    def _forward(self, x, t) -> np.ndarray:
+    def _forward(self, x, t, class_emb=None) -> np.ndarray:
         with self._lock, _Threads(self):
             self._x_view[...] = x
             self._t[:] = t
@@ -604,7 +604,7 @@ class NumbaEngine(Engine):
             return self._m_view.copy()
 
     # ------------------------------------------------------------------ the loop
-    def _run(self, schedule, seed, first_index, keep, callback):
+    def _run(self, schedule, seed, first_index, keep, callback, class_emb=None, guidance=None):
         be = self._step_backend
 
         def forward(x, t):                 # m = model output at t, in the arena (slot 1)

@@ -116,11 +116,11 @@ class ReferenceEngine(Engine):
         self._step_backend = step_backend
         self._lock = EngineLock("reference engine")
 
-    def _forward(self, x, t):
+    def _forward(self, x, t, class_emb=None):
         with self._lock, torch.no_grad():
             return self._unet(torch.from_numpy(x), torch.from_numpy(t)).numpy()
 
-    def _run(self, schedule, seed, first_index, keep, callback):
+    def _run(self, schedule, seed, first_index, keep, callback, class_emb=None, guidance=None):
         from ..reference.sampler import per_sample, reference_sample
         unet = per_sample(self._unet)
         with self._lock, torch.no_grad():

@@ -221,6 +221,12 @@ class _TimestepEmbedding(nn.Module):
         return self.linear_2(F.silu(self.linear_1(x)))
 
 
+class _Embedding(nn.Module):
+    def __init__(self, rows: int, dim: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(rows, dim))
+
+
 # ---------------------------------------------------------------------- the network
 
 class ReferenceUNet(nn.Module):
@@ -243,6 +249,11 @@ class ReferenceUNet(nn.Module):
         # registration order = diffusers' state_dict order (up_blocks before mid_block)
         self.conv_in = _Conv(cfg.in_channels, ch[0], 3)
         self.time_embedding = _TimestepEmbedding(ch[0], cfg.time_embed_dim)
+        kind = cfg.class_embedding_kind
+        if kind == "table":
+            self.class_embedding = _Embedding(cfg.num_class_embeds, cfg.time_embed_dim)
+        elif kind == "timestep":
+            self.class_embedding = _TimestepEmbedding(ch[0], cfg.time_embed_dim)
         self.down_blocks = nn.ModuleList(
             [_DownBlock(cfg, i, ch[max(i - 1, 0)], ch[i]) for i in range(n)])
         rev = ch[::-1]
@@ -310,9 +321,31 @@ class ReferenceUNet(nn.Module):
             raise TypeError(f"timestep must be a real number, got dtype {t.dtype}")
         return t.expand(n)
 
-    def forward(self, sample: torch.Tensor, timestep) -> torch.Tensor:
+    def class_embedding_of(self, class_labels, n: int, device) -> torch.Tensor:
+        """The class embedding [N, T] of diffusers' ``UNet2DModel.forward(..., class_labels)``."""
+        cfg = self.config
+        kind = cfg.class_embedding_kind
+        if kind is None:
+            raise ValueError("class_labels were given but this U-Net has no class embedding")
+        if class_labels is None:
+            raise ValueError("this U-Net is class-conditional: pass class_labels")
+        labels = torch.as_tensor(class_labels, device=device)
+        if labels.dim() == 0 or (kind == "identity" and labels.dim() == 1):
+            labels = labels.expand(n, *labels.shape[1:]) if labels.dim() else labels[None].expand(n)
+        if labels.shape[0] != n:
+            raise ValueError(f"class_labels must have {n} rows (one per sample), got shape {tuple(labels.shape)}")
+        if kind == "table":
+            return self.class_embedding.weight[labels.long()]
+        if kind == "timestep":
+            return self.class_embedding(self.time_embedding_input(labels))
+        return labels.to(self.conv_in.weight.dtype)
+
+    def forward(self, sample: torch.Tensor, timestep, class_labels=None, *,
+                class_emb: torch.Tensor | None = None) -> torch.Tensor:
         """sample [N, in_channels, H, W] (H, W multiples of 2**(num_blocks-1)), timestep an int
-        or a 0-d / 1-d tensor -> model output [N, out_channels, H, W]."""
+        or a 0-d / 1-d tensor -> model output [N, out_channels, H, W]. A class-conditional model
+        takes ``class_labels`` as diffusers does, or ``class_emb`` [N, T], the embedding itself
+        (conditioning.class_embedding: what the engines receive)."""
         cfg = self.config
         if not torch.is_tensor(sample) or sample.dim() != 4 or sample.shape[1] != cfg.in_channels:
             shape = tuple(sample.shape) if hasattr(sample, "shape") else type(sample).__name__
@@ -327,6 +360,14 @@ class ReferenceUNet(nn.Module):
 
         t = self._timesteps(timestep, n, x.device)
         emb = self.time_embedding(self.time_embedding_input(t).to(x.dtype))  # [N, T]
+        if class_emb is not None:
+            if cfg.class_embedding_kind is None:
+                raise ValueError("class_emb was given but this U-Net has no class embedding")
+            if tuple(class_emb.shape) != (n, cfg.time_embed_dim):
+                raise ValueError(f"class_emb must be [{n}, {cfg.time_embed_dim}], got {tuple(class_emb.shape)}")
+            emb = emb + class_emb.to(device=x.device, dtype=x.dtype)
+        elif class_labels is not None or cfg.class_embedding_kind is not None:
+            emb = emb + self.class_embedding_of(class_labels, n, x.device).to(x.dtype)
 
         h = F.conv2d(x, self.conv_in.weight, self.conv_in.bias, padding=1)   # [N, C0, H, W]
         skips = [h]
