@@ -90,7 +90,8 @@ def _label_values(cfg: UNetConfig, labels, n: int, what: str) -> np.ndarray:
     if isinstance(labels, (str, bytes, bool, np.bool_)):
         raise TypeError(f"{what} must be an int or a sequence of ints, got {labels!r:.60}")
     a = np.asarray(labels)
-    if a.ndim == 0:
+    scalar = a.ndim == 0
+    if scalar:
         a = np.broadcast_to(a, (n,))
     if a.ndim != 1 or a.shape[0] != n:
         raise ValueError(f"{what} must be one label or {n} (one per sample), got shape {a.shape}")
@@ -104,7 +105,7 @@ def _label_values(cfg: UNetConfig, labels, n: int, what: str) -> np.ndarray:
         bad = (a < 0) | (a >= k)
         if bad.any():
             i = int(np.argmax(bad))
-            raise ValueError(f"{what}[{i}] = {a[i]} is out of range: this model has classes 0 .. {k - 1} "
+            raise ValueError(f"{what if scalar else f'{what}[{i}]'} = {a[i]} is out of range: this model has classes 0 .. {k - 1} "
                              f"(num_class_embeds = {k})")
         return np.ascontiguousarray(a, dtype=np.int64)
     if a.dtype.kind not in "iuf":

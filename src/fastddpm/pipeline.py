@@ -23,6 +23,7 @@ import numpy as np
 
 from . import executors, validate
 from ._files import check_inside, errors_name, read_json_object
+from .conditioning import check_guidance, check_null_class
 from .executors import EngineOptions
 from .limits import check_request, engine_cache_size
 from .schedulers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler,
@@ -40,6 +41,8 @@ _DIFFUSERS_VERSION = "0.42.1"   # what the saved files say they were written for
 _SCHEDULERS = {cls.__name__: cls for cls in (DDPMScheduler, DDIMScheduler, DPMSolverMultistepScheduler,
                                              EulerDiscreteScheduler, EulerAncestralDiscreteScheduler)}   # loadable from a model directory
 _OUTPUTS = ("uint8", "float")
+# model_index.json keys of a model trained for classifier-free guidance (conditioning.py)
+_NULL_CLASS_KEY, _GUIDANCE_KEY = "_fastddpm_null_class", "_fastddpm_guidance_scale"
 
 
 @dataclass
@@ -93,9 +96,16 @@ class Sampler:
 class Pipeline:
     """A U-Net (config + float32 weights) and a scheduler; call it to sample."""
 
-    def __init__(self, unet_config: UNetConfig | dict, weights: dict, scheduler, name: str | None = None):
+    def __init__(self, unet_config: UNetConfig | dict, weights: dict, scheduler, name: str | None = None, *,
+                 null_class=None, guidance_scale=None):
         self.unet_config = unet_config if isinstance(unet_config, UNetConfig) else UNetConfig.from_dict(unet_config)
         self.weights = check_weights(weights, weight_shapes(self.unet_config))  # name -> float32 array
+        # classifier-free guidance (conditioning.py): the label meaning "no label" (None: the model
+        # was not trained for guidance) and the scale a call uses when it names none
+        self.null_class = check_null_class(self.unet_config, null_class)
+        default = 1.0 if guidance_scale is None else guidance_scale
+        check_guidance(default, self.null_class)    # refuses a default this model cannot run
+        self.guidance_scale = float(default)
         if not isinstance(scheduler, tuple(_SCHEDULERS.values())):
             raise TypeError(f"scheduler must be a fastddpm DDPMScheduler or DDIMScheduler, got {type(scheduler).__name__}")
         self.scheduler = scheduler
@@ -258,9 +268,11 @@ class Pipeline:
                         {**self.unet_config.to_dict(), "_diffusers_version": _DIFFUSERS_VERSION})
             save_safetensors(self.weights, os.path.join(tmp, "unet", "diffusion_pytorch_model.safetensors"))
             self.scheduler.save_config(os.path.join(tmp, "scheduler"))
-            _write_json(os.path.join(tmp, "model_index.json"), {
-                "_class_name": "DDPMPipeline", "_diffusers_version": _DIFFUSERS_VERSION,
-                "scheduler": ["diffusers", type(self.scheduler).__name__], "unet": ["diffusers", "UNet2DModel"]})
+            index = {"_class_name": "DDPMPipeline", "_diffusers_version": _DIFFUSERS_VERSION,
+                     "scheduler": ["diffusers", type(self.scheduler).__name__], "unet": ["diffusers", "UNet2DModel"]}
+            if self.null_class is not None:   # "_" keys: diffusers ignores them
+                index.update({_NULL_CLASS_KEY: self.null_class, _GUIDANCE_KEY: self.guidance_scale})
+            _write_json(os.path.join(tmp, "model_index.json"), index)
             for rel in ("unet/config.json", "unet/diffusion_pytorch_model.safetensors",
                         "scheduler/scheduler_config.json", "model_index.json"):
                 os.makedirs(os.path.dirname(os.path.join(path, rel)), exist_ok=True)
@@ -321,8 +333,17 @@ def _load_directory(path: str, name: str | None = None) -> Pipeline:
                                    f"{sorted(_SCHEDULERS)}")
     with errors_name(sched_path, SchedulerConfigError):
         scheduler = _SCHEDULERS[cls_name].from_config(sched_cfg)
+    guidance = {}
+    index_path = os.path.join(path, "model_index.json")
+    if os.path.lexists(index_path):    # optional: a bare unet/ + scheduler/ directory loads too
+        check_inside(path, index_path)
+        index = _read_json(index_path)
+        guidance = {"null_class": index.get(_NULL_CLASS_KEY), "guidance_scale": index.get(_GUIDANCE_KEY)}
+        with errors_name(f"{index_path} (against {unet_path})", ValueError, TypeError):
+            null_class = check_null_class(cfg, guidance["null_class"])
+            check_guidance(1.0 if guidance["guidance_scale"] is None else guidance["guidance_scale"], null_class)
     with errors_name(f"{weights_path} (against {unet_path})", WeightsError):
-        return Pipeline(cfg, weights, scheduler, name=name or os.path.basename(os.path.normpath(path)))
+        return Pipeline(cfg, weights, scheduler, name=name or os.path.basename(os.path.normpath(path)), **guidance)
 
 
 _cache: dict[str, Pipeline] = {}
