@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 __all__ = ["DigitClassifier", "digit_classifier", "frechet_distance", "QualityReport", "evaluate_digits",
-           "real_digits", "CONFIDENCE", "QUALITY_BAR"]
+           "real_digits", "label_accuracy", "CONFIDENCE", "QUALITY_BAR"]
 
 CONFIDENCE = 0.9
 # The bar for the bundled model: confident share, classes present, FD / real-vs-real FD.
@@ -171,6 +171,19 @@ def evaluate_digits(images, *, seed: int = 0) -> QualityReport:
                          classes_present=int((counts > 0).sum()), class_counts=counts.tolist(),
                          evenness=evenness(counts), fd=fd, fd_real=fd_real, real_confident=clf.test_confident,
                          classifier_accuracy=clf.test_accuracy)
+
+
+def label_accuracy(images, labels, *, seed: int = 0) -> dict:
+    """For class-conditional samples: the share of images the classifier assigns to their requested
+    label with probability >= CONFIDENCE, overall and per requested label ({"overall": float,
+    "per_class": {label: float}})."""
+    labels = np.asarray(labels)
+    proba = digit_classifier(seed).predict_proba(images)
+    if len(labels) != len(proba):
+        raise ValueError(f"{len(proba)} images but {len(labels)} labels")
+    hit = (proba.argmax(1) == labels) & (proba.max(1) >= CONFIDENCE)
+    return {"overall": float(hit.mean()),
+            "per_class": {int(c): float(hit[labels == c].mean()) for c in np.unique(labels)}}
 
 
 def main(argv=None) -> int:
