@@ -11,6 +11,12 @@
 // pad columns of each row are computed and dropped by the epilogue. The epilogue adds the bias,
 // the time-embedding row, the residual, scales, and scatters to the output (stride 2 for the
 // phases of the folded upsample). Stride-2 convs im2col into a scratch slot first.
+//
+// Class conditioning: on a class-conditional plan slot 2 holds each sample's class embedding,
+// copied in by forward and run (no op writes it); time_embedding.linear_2 adds it (the LINEAR
+// residual). A guided run (LoopArgs::guided) makes n = N / 2 samples: samples [0, n) hold the
+// loop state, samples [n, 2n) get a copy of it before each forward (the null-class rows of
+// [x, x]), and the fused step of sample i reads the model outputs of samples i and n + i.
 #include "engine.h"
 
 #include <omp.h>

@@ -37,13 +37,32 @@ struct StepRow {
   F ax, am, cx0, dx, dm, sigma, clip, h1, h2;
 };
 
-// The guided model output of classifier-free guidance: m_u + w (m_c - m_u), in this operation
-// order (the numba and torch steps write the same expression in float32). The C++ paths compile
-// with -std=c++17, which turns FP contraction off: no FMA, the same bits on every ISA (as the rest
-// of the step); nvcc may contract it, as it does the rest of the CUDA step.
+// FDDPM_ROUNDED(v): v stays the rounded value it holds; the compiler may not fuse the operation
+// that made it with the one that uses it. GCC contracts a * b + c into an FMA in C++ even with
+// -std=c++17 (ISO mode turns contraction off for C only), so on the FMA paths (avx2, avx512) the
+// step's other expressions are contracted, and generic (SSE2: no FMA) rounds every product: the
+// reason the golden step hashes are per ISA. An empty asm that takes v in a vector register is
+// the barrier (the asm emits no instruction). Off x86 GCC / Clang it is a no-op (best effort);
+// device code rounds with the _rn intrinsics instead.
+#if !defined(__CUDACC__) && defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+#define FDDPM_ROUNDED(v) __asm__("" : "+v"(v))
+#else
+#define FDDPM_ROUNDED(v) ((void)0)
+#endif
+
+// The guided model output of classifier-free guidance: m_u + w (m_c - m_u), rounded after each
+// operation in this order, never contracted: the same bits on every ISA path and on the GPU, and
+// the same as the numba and torch steps' float32 m_u + w * (m_c - m_u) (so a guided fused step is
+// the unguided step of that combination, to the bit).
 template <class F>
 FDDPM_STEP_FN F step_guided_output(F mc, F mu, F w) {
-  return mu + w * (mc - mu);
+#if defined(__CUDA_ARCH__)
+  return __fadd_rn(mu, __fmul_rn(w, __fsub_rn(mc, mu)));  // F = float on the GPU
+#else
+  F d = w * (mc - mu);
+  FDDPM_ROUNDED(d);
+  return mu + d;
+#endif
 }
 
 // The step's arithmetic: the one source of the C++ paths (every ISA) and the CUDA kernel; the
