@@ -107,6 +107,7 @@ class NativeCpuEngine(Engine):
 
     history = 2
     supports_conditioning = True
+    model_outputs = 2          # a guided step combines the conditional and null-class outputs
 
     def __init__(self, config, weights, batch, height, width, options=None):
         super().__init__(config, weights, batch, height, width, options)

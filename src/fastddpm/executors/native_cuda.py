@@ -246,6 +246,7 @@ class NativeCudaEngine(Engine):
     default_callback_every = 50   # the GPU keeps a chunk of steps queued between host reports
     history = 2                   # multistep solvers: a device ring of 3 x0 buffers, slots picked on the GPU
     supports_conditioning = True  # the class slot uploaded per call; guided runs: graphs of their own
+    model_outputs = 2             # a guided step combines the conditional and null-class outputs
 
     def __init__(self, config, weights, batch, height, width, options=None):
         if _C_cuda is None:
