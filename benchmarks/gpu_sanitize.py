@@ -123,6 +123,41 @@ def history_step_kernels():
     _C_cuda.synchronize()
 
 
+def guided_step_kernels():
+    """The guided fused step (m_uncond, guidance): both memory paths, with and without the history,
+    given and Philox noise, in place on m_uncond, against native-cpu's guided step."""
+    from fastddpm import _C
+    from _stepkit import history_inputs, history_row
+    row = history_row(clip=1.0)
+    coef = Dev(np.ascontiguousarray(row))
+    shapes = [(1, 35), (2, 48)] if QUICK else [(1, 35), (3, 867), (2, 48), (2, 12288)]
+    for batch, per in shapes:
+        x, m, z, a, mu = history_inputs((batch, per), seed=batch + per + 1)
+        for offset in (0, 1):
+            for hist, given in ((False, False), (True, True)):
+                dx, dm, dmu, dz, da = (Dev(v, offset) for v in (x, m, mu, z, a))
+                out, x0 = (Dev(np.full((batch, per), np.nan, np.float32), offset) for _ in range(2))
+                _C_cuda.fused_step(dx.ptr, dm.ptr, out.ptr, coef.ptr, dz.ptr if given else 0, batch, per, 7, 300, 3,
+                                   h1=da.ptr if hist else 0, x0_out=x0.ptr if hist else 0, m_uncond=dmu.ptr,
+                                   guidance=3.5)
+                cpu, cpu_x0 = np.empty_like(x), np.empty_like(x)
+                _C.fused_step(x, m, cpu, row, 7, 300, 3, z if given else None, h1=a if hist else None,
+                              x0_out=cpu_x0 if hist else None, m_uncond=mu, guidance=3.5)
+                err = float(np.abs(out.get() - cpu).max())
+                if hist:
+                    err = max(err, float(np.abs(x0.get() - cpu_x0).max()))
+                # in place: out = m_uncond
+                _C_cuda.fused_step(dx.ptr, dm.ptr, dmu.ptr, coef.ptr, dz.ptr if given else 0, batch, per, 7, 300, 3,
+                                   h1=da.ptr if hist else 0, m_uncond=dmu.ptr, guidance=3.5)
+                err = max(err, float(np.abs(dmu.get() - cpu).max()))
+                check(err < 1e-4, f"guided fused step, history {hist}, given noise {given}, {batch}x{per} "
+                                  f"offset {offset}: max abs {err:.2e}")
+                for d in (dx, dm, dmu, dz, da, out, x0):
+                    d.free()
+    coef.free()
+    _C_cuda.synchronize()
+
+
 def plan_ops():
     """The single-op plans of tests/_plan_cases.py in every precision, against the float64 interpreter."""
     try:
@@ -192,12 +227,52 @@ def loop():
               f"5-step {name} SDE loop (history {schedule.history}) vs the CPU engine: max abs {err:.2e}")
 
 
+def conditional_engine():
+    """A class-conditional U-Net (the class slot, linear_2's residual): forwards of each class
+    embedding kind, and guided loops (their own step graphs, with and without the history ring),
+    against the CPU engine."""
+    import fastddpm.train
+    from fastddpm.conditioning import check_labels, class_embedding
+    from fastddpm.executors.native import CPU_BACKEND
+    from fastddpm.schedulers import scheduler_for
+    kinds = {"table": {"num_class_embeds": 11}, "timestep": {"class_embed_type": "timestep"},
+             "identity": {"class_embed_type": "identity"}}
+    for kind in (["table"] if QUICK else list(kinds)):
+        cfg = UNetConfig.from_dict({**fastddpm.train.DIGITS_UNET, **kinds[kind]})
+        w = random_weights(cfg, seed=3)
+        rng = np.random.default_rng(2)
+        labels = {"table": np.array([2, 7, 10, 10]), "timestep": np.array([1.0, 250.0, 500.0, 999.0]),
+                  "identity": rng.standard_normal((4, cfg.time_embed_dim)).astype(np.float32)}[kind]
+        ce = class_embedding(cfg, w, check_labels(cfg, labels, 4))
+        x = rng.standard_normal((4, cfg.in_channels, 16, 16)).astype(np.float32)
+        t = rng.integers(0, 1000, size=4).astype(np.float32)
+        cpu = CPU_BACKEND.make_engine(cfg, w, 4, 16, 16)
+        gpu = CUDA_BACKEND.make_engine(cfg, w, 4, 16, 16, EngineOptions(dtype="fp32"))
+        err = rel(gpu.forward(x, t, ce), cpu.forward(x, t, ce))
+        check(err <= TOL["fp32"], f"conditional forward ({kind}) vs the CPU engine: rel L2 {err:.2e}")
+        if kind != "table":
+            continue
+        base = fastddpm.DDPMScheduler().config
+        for name, steps in (("ddim", 4), ("dpm++2m", 5)):
+            schedule = scheduler_for(name, base, steps).schedule()
+            xg, frames = gpu.run(schedule, seed=5, first_index=1, keep=[0, steps], class_emb=ce, guidance=3.0)
+            xc, _ = cpu.run(schedule, seed=5, first_index=1, class_emb=ce, guidance=3.0)
+            err = float(np.abs(xg - xc).max())
+            check(err < 1e-3 and xg.shape[0] == 2 and np.array_equal(frames[steps], xg),
+                  f"guided {steps}-step {name} loop (history {schedule.history}) vs the CPU engine: max abs {err:.2e}")
+        xg, _ = gpu.run(schedule, seed=5, class_emb=ce)   # the unguided conditional loop after them
+        xc, _ = cpu.run(schedule, seed=5, class_emb=ce)
+        err = float(np.abs(xg - xc).max())
+        check(err < 1e-3 and xg.shape[0] == 4, f"unguided conditional loop vs the CPU engine: max abs {err:.2e}")
+
+
 def main() -> int:
     count, why = _C_cuda.device_count() if _C_cuda is not None else (0, "fastddpm._C_cuda not built")
     if count == 0:
         print(f"FAIL no CUDA device: {why}")
         return 1
-    for part in (step_kernels, history_step_kernels, plan_ops, forwards, loop):
+    for part in (step_kernels, history_step_kernels, guided_step_kernels, plan_ops, forwards, loop,
+                 conditional_engine):
         try:
             part()
         except Exception as exc:  # noqa: BLE001 - report and go on to the next part

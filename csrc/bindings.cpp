@@ -4,6 +4,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <cmath>
 #include <cstring>
 #include <stdexcept>
 #include <string>
@@ -66,10 +67,12 @@ const float* optional_input(const py::object& o, const py::array& x, const char*
 
 // coef: one row of kCoefWidth floats (row = -1) or the scheduler's whole table [S, kCoefWidth] and
 // the row to use (indexing here saves the per-step creation of a NumPy view on the Python side).
-// h1, h2, x0_out: None or arrays shaped like x (step.h's StepArrays).
-void fused_step(const py::array& x, const py::array& m, py::array& out, const py::array& coef,
-                uint64_t seed, uint32_t noise_step, int64_t first_index, const py::object& noise,
-                int64_t row, const py::object& h1, const py::object& h2, const py::object& x0_out) {
+// h1, h2, x0_out: None or arrays shaped like x (step.h's StepArrays). m_uncond: nullptr (no
+// guidance) or an array shaped like x, the null-class model output, with guidance scale w.
+void fused_step_impl(const py::array& x, const py::array& m, py::array& out, const py::array& coef,
+                     uint64_t seed, uint32_t noise_step, int64_t first_index, const py::object& noise,
+                     int64_t row, const py::object& h1, const py::object& h2, const py::object& x0_out,
+                     const py::object* m_uncond, float w) {
   StepArrays a;
   a.x = float_data(x, "sample");
   a.m = float_data(m, "model_output");
@@ -91,16 +94,45 @@ void fused_step(const py::array& x, const py::array& m, py::array& out, const py
   a.noise = optional_input(noise, x, "noise", arrays);
   a.h1 = optional_input(h1, x, "h1", arrays);
   a.h2 = optional_input(h2, x, "h2", arrays);
+  if (m_uncond) {
+    a.m_uncond = optional_input(*m_uncond, x, "m_uncond", arrays);
+    a.guidance = w;
+  }
   if (!x0_out.is_none()) {
     arrays.push_back(x0_out.cast<py::array>());
     a.x0_out = writable_float_data(arrays.back(), "x0_out");
     same_size(arrays.back(), x, "x0_out");
-    if (a.x0_out == a.x || a.x0_out == a.m || a.x0_out == a.out || a.x0_out == a.h1 || a.x0_out == a.h2)
-      throw std::invalid_argument("x0_out must not be x, m, out, h1 or h2");
+    if (a.x0_out == a.x || a.x0_out == a.m || a.x0_out == a.out || a.x0_out == a.h1 || a.x0_out == a.h2 ||
+        a.x0_out == a.m_uncond)
+      throw std::invalid_argument("x0_out must not be x, m, m_uncond, out, h1 or h2");
   }
   const StepParams p = params_of(x, seed, noise_step, first_index);
   py::gil_scoped_release nogil;
   cpu::fused_step(p, a);
+}
+
+// The unguided step: the signature (and per-call cost) of the step before guidance existed.
+void fused_step(const py::array& x, const py::array& m, py::array& out, const py::array& coef,
+                uint64_t seed, uint32_t noise_step, int64_t first_index, const py::object& noise,
+                int64_t row, const py::object& h1, const py::object& h2, const py::object& x0_out) {
+  fused_step_impl(x, m, out, coef, seed, noise_step, first_index, noise, row, h1, h2, x0_out, nullptr, 1.0f);
+}
+
+// The same with keyword-only m_uncond and guidance: a second overload of _C.fused_step, tried only
+// when the first refuses the call (pybind11 takes the first overload that accepts the arguments),
+// so an unguided call parses no more arguments than before.
+void fused_step_guided(const py::array& x, const py::array& m, py::array& out, const py::array& coef,
+                       uint64_t seed, uint32_t noise_step, int64_t first_index, const py::object& noise,
+                       int64_t row, const py::object& h1, const py::object& h2, const py::object& x0_out,
+                       const py::object& m_uncond, double guidance) {
+  if (!std::isfinite(guidance)) throw std::invalid_argument("guidance must be finite");
+  if (m_uncond.is_none()) {
+    if (guidance != 1.0) throw std::invalid_argument("guidance needs m_uncond (the null-class model output)");
+    fused_step_impl(x, m, out, coef, seed, noise_step, first_index, noise, row, h1, h2, x0_out, nullptr, 1.0f);
+    return;
+  }
+  fused_step_impl(x, m, out, coef, seed, noise_step, first_index, noise, row, h1, h2, x0_out, &m_uncond,
+                  float(guidance));
 }
 
 // A new [batch, row_length(per_sample)] array of T filled by fill(params, data) without the GIL.
@@ -150,18 +182,20 @@ class PyEngine {
     engine_ = std::make_unique<cpu::Engine>(plan.view(), plan.weights(), batch, in_c, out_c, height, width, options);
   }
 
-  py::array_t<float> forward(const py::array& x, const py::array& t) {
+  py::array_t<float> forward(const py::array& x, const py::array& t, const py::object& class_emb) {
     const float* xp = shape_.sample_data(x);
     const float* tp = shape_.timestep_data(t);
+    const float* cp = fastddpm::bind::class_emb_data(class_emb, shape_.n, engine_->class_dim());
     py::array_t<float> out = shape_.new_output();
     float* op = out.mutable_data();
     py::gil_scoped_release nogil;
-    engine_->forward(xp, tp, op);
+    engine_->forward(xp, tp, cp, op);
     return out;
   }
 
   py::tuple run(const py::array& coef, const py::array& timesteps, uint64_t seed, int64_t first_index,
-                const std::vector<int64_t>& keep, const py::object& callback, int64_t every, int64_t history) {
+                const std::vector<int64_t>& keep, const py::object& callback, int64_t every, int64_t history,
+                const py::object& class_emb, const py::object& guidance) {
     const float* cp = float_data(coef, "coefficient table");
     if (coef.ndim() != 2 || coef.shape(1) != fastddpm::kCoefWidth)
       throw std::invalid_argument("coefficient table must be float32 [steps, " +
@@ -172,8 +206,10 @@ class PyEngine {
     if (ts.shape(0) != coef.shape(0)) throw std::invalid_argument("timesteps and coefficient rows differ in length");
     if (every < 1) throw std::invalid_argument("callback_every must be >= 1");
     const int64_t steps = ts.shape(0);
-    fastddpm::bind::LoopOutputs outputs(shape_, keep.size());
     cpu::LoopArgs a;
+    a.class_emb = fastddpm::bind::class_emb_data(class_emb, shape_.n, engine_->class_dim());
+    const auto samples = fastddpm::bind::guided_shape(shape_, engine_->class_dim(), guidance, &a.guided, &a.guidance);
+    fastddpm::bind::LoopOutputs outputs(samples, keep.size());
     a.steps = steps;
     a.coef = cp;
     a.timesteps = ts.data();
@@ -190,6 +226,7 @@ class PyEngine {
   }
 
   int64_t arena_bytes() const { return engine_->arena_bytes(); }
+  int64_t class_dim() const { return engine_->class_dim(); }
   std::vector<int> conv_paths() const { return engine_->conv_paths(); }
   void set_profiling(bool on) {
     py::gil_scoped_release nogil;  // waits for a call in flight
@@ -219,6 +256,13 @@ PYBIND11_MODULE(_C, mod) {
           "makes the Philox noise of (seed, first_index + i, noise_step) in the kernel. h1, h2: the previous "
           "steps' x0 (shaped like x), added with the row's h1, h2 weights; x0_out: receives this step's x0 "
           "(after the clip; must not be x, m, out, h1 or h2).");
+  mod.def("fused_step", &fused_step_guided, py::arg("x"), py::arg("m"), py::arg("out"), py::arg("coef"),
+          py::arg("seed"), py::arg("noise_step"), py::arg("first_index"), py::arg("noise"), py::arg("row") = -1,
+          py::arg("h1") = py::none(), py::arg("h2") = py::none(), py::arg("x0_out") = py::none(), py::kw_only(),
+          py::arg("m_uncond") = py::none(), py::arg("guidance") = 1.0,
+          "classifier-free guidance: m is the conditional model output and m_uncond (shaped like x) the "
+          "null-class one; the step uses m_uncond + guidance * (m - m_uncond) (float32, step.h "
+          "step_guided_output) as its model output. out may be m_uncond; x0_out may not.");
   mod.def("normals", &normals, py::arg("seed"), py::arg("batch"), py::arg("per_sample"), py::arg("step"),
           py::arg("first_index") = 0, "float32 [batch, per_sample] normals of the noise spec");
   mod.def("philox_uint32", &philox_uint32, py::arg("seed"), py::arg("batch"), py::arg("per_sample"),
@@ -254,12 +298,19 @@ PYBIND11_MODULE(_C, mod) {
            "winograd_max_m: the largest Winograd tile (0 = direct convs only, 2, 4); winograd_force: Winograd "
            "wherever a conv's shape allows; compact_grid: skip the pad columns where the width allows; "
            "sample_parallel: one sample per thread for whole multiples of the thread count")
-      .def("forward", &PyEngine::forward, py::arg("x"), py::arg("t"),
-           "model output [N, out_c, H, W] of x [N, in_c, H, W] (float32) at timesteps t (float32 [N])")
+      .def("forward", &PyEngine::forward, py::arg("x"), py::arg("t"), py::arg("class_emb") = py::none(),
+           "model output [N, out_c, H, W] of x [N, in_c, H, W] (float32) at timesteps t (float32 [N]); "
+           "class_emb: float32 [N, class_dim] class-embedding rows, required by a class-conditional plan")
       .def("run", &PyEngine::run, py::arg("coef"), py::arg("timesteps"), py::arg("seed"), py::arg("first_index"),
            py::arg("keep"), py::arg("callback"), py::arg("every") = 1, py::arg("history") = 0,
+           py::arg("class_emb") = py::none(), py::arg("guidance") = py::none(),
            "the whole sampling loop; returns (x0, [frames for keep]). history (0, 1, 2): previous x0 "
-           "predictions fed to each step as h1 (h2), from an engine-owned ring of 3 buffers")
+           "predictions fed to each step as h1 (h2), from an engine-owned ring of 3 buffers. class_emb: "
+           "float32 [N, class_dim] (a class-conditional plan). guidance=w: classifier-free guidance, "
+           "n = N / 2 samples (class_emb rows [0, n) conditional, [n, N) the null class), each step "
+           "using m_u + w (m_c - m_u); x0 and the frames are [n, C, H, W]")
+      .def_property_readonly("class_dim", [](const PyEngine& e) { return e.class_dim(); },
+                             "the class embedding's width of a class-conditional plan, else 0")
       .def_property_readonly("arena_bytes", &PyEngine::arena_bytes)
       .def_property_readonly("conv_paths", &PyEngine::conv_paths,
                              "per conv op: 0 = direct GEMM, 2 / 4 = Winograd F(2x2) / F(4x4), active ISA")

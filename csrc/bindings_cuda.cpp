@@ -12,6 +12,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <memory>
@@ -102,8 +103,10 @@ StepParams params_of(int64_t batch, int64_t per_sample, uint64_t seed, int64_t s
 
 void fused_step(uintptr_t x, uintptr_t m, uintptr_t out, uintptr_t coef, uintptr_t noise, int64_t batch,
                 int64_t per_sample, uint64_t seed, int64_t noise_step, int64_t first_index, uintptr_t stream,
-                int device, uintptr_t h1, uintptr_t h2, uintptr_t x0_out) {
+                int device, uintptr_t h1, uintptr_t h2, uintptr_t x0_out, uintptr_t m_uncond, double guidance) {
   const StepParams p = params_of(batch, per_sample, seed, noise_step, first_index);
+  if (!std::isfinite(guidance)) throw py::value_error("guidance must be finite");
+  if (!m_uncond && guidance != 1.0) throw py::value_error("guidance needs m_uncond (the null-class model output)");
   RelaxedCapture relaxed;
   DeviceGuard guard(device);
   if (batch * per_sample == 0) return;
@@ -115,6 +118,7 @@ void fused_step(uintptr_t x, uintptr_t m, uintptr_t out, uintptr_t coef, uintptr
   if (h1) check_device_pointer(h1, guard.device(), "h1");
   if (h2) check_device_pointer(h2, guard.device(), "h2");
   if (x0_out) check_device_pointer(x0_out, guard.device(), "x0_out");
+  if (m_uncond) check_device_pointer(m_uncond, guard.device(), "m_uncond");
   StepArrays a;
   a.x = reinterpret_cast<const float*>(x);
   a.m = reinterpret_cast<const float*>(m);
@@ -124,6 +128,8 @@ void fused_step(uintptr_t x, uintptr_t m, uintptr_t out, uintptr_t coef, uintptr
   a.h1 = reinterpret_cast<const float*>(h1);
   a.h2 = reinterpret_cast<const float*>(h2);
   a.x0_out = reinterpret_cast<float*>(x0_out);
+  a.m_uncond = reinterpret_cast<const float*>(m_uncond);
+  a.guidance = float(guidance);
   fcuda::Status s;
   {
     py::gil_scoped_release nogil;
@@ -290,26 +296,30 @@ class PyCudaEngine {
                                               device, options);
   }
 
-  py::array_t<float> forward(const py::array& x, const py::array& t) {
+  py::array_t<float> forward(const py::array& x, const py::array& t, const py::object& class_emb) {
     const float* xp = shape_.sample_data(x);
     const float* tp = shape_.timestep_data(t);
+    const float* cp = fastddpm::bind::class_emb_data(class_emb, shape_.n, engine_->class_dim());
     py::array_t<float> out = shape_.new_output();
     float* op = out.mutable_data();
     py::gil_scoped_release nogil;
-    engine_->forward_host(xp, tp, op);
+    engine_->forward_host(xp, tp, cp, op);
     return out;
   }
 
   // Device pointers (e.g. torch CUDA tensors' data_ptr()): x [N, in_c, H, W], t float32 [N],
-  // out [N, out_c, H, W], all on the engine's device; asynchronous on `stream`.
-  void forward_ptr(uintptr_t x, uintptr_t t, uintptr_t out, uintptr_t stream) {
+  // out [N, out_c, H, W], class_emb (0 = none) float32 [N, class_dim], all on the engine's device;
+  // asynchronous on `stream`.
+  void forward_ptr(uintptr_t x, uintptr_t t, uintptr_t out, uintptr_t stream, uintptr_t class_emb) {
     RelaxedCapture relaxed;  // pointer queries inside a caller's (global-mode) capture
     check_device_pointer(x, engine_->device(), "x");
     check_device_pointer(t, engine_->device(), "t");
     check_device_pointer(out, engine_->device(), "out");
+    if (class_emb) check_device_pointer(class_emb, engine_->device(), "class_emb");
     py::gil_scoped_release nogil;
     engine_->forward_device(reinterpret_cast<const float*>(x), reinterpret_cast<const float*>(t),
-                            reinterpret_cast<float*>(out), stream_of(stream));
+                            reinterpret_cast<const float*>(class_emb), reinterpret_cast<float*>(out),
+                            stream_of(stream));
   }
 
   void set_schedule(const py::array& coef, const py::array& timesteps) {
@@ -321,12 +331,14 @@ class PyCudaEngine {
   }
 
   py::tuple run(uint64_t seed, int64_t first_index, const std::vector<int64_t>& keep, const py::object& callback,
-                int64_t every, int64_t history) {
+                int64_t every, int64_t history, const py::object& class_emb, const py::object& guidance) {
     if (every < 0) throw py::value_error("callback_every must be >= 0");
     if (history < 0 || history > 2)
       throw py::value_error("history must be 0, 1 or 2, got " + std::to_string(history));
-    fastddpm::bind::LoopOutputs outputs(shape_, keep.size());
     fcuda::RunArgs a;
+    a.class_emb = fastddpm::bind::class_emb_data(class_emb, shape_.n, engine_->class_dim());
+    const auto samples = fastddpm::bind::guided_shape(shape_, engine_->class_dim(), guidance, &a.guided, &a.guidance);
+    fastddpm::bind::LoopOutputs outputs(samples, keep.size());
     a.seed = seed;
     a.first_index = first_index;
     a.keep = keep;
@@ -378,12 +390,14 @@ PYBIND11_MODULE(_C_cuda, mod) {
   mod.def("fused_step", &fused_step, py::arg("x"), py::arg("m"), py::arg("out"), py::arg("coef"), py::arg("noise"),
           py::arg("batch"), py::arg("per_sample"), py::arg("seed"), py::arg("noise_step"), py::arg("first_index"),
           py::arg("stream") = 0, py::arg("device") = -1, py::arg("h1") = 0, py::arg("h2") = 0,
-          py::arg("x0_out") = 0,
+          py::arg("x0_out") = 0, py::arg("m_uncond") = 0, py::arg("guidance") = 1.0,
           "out = fused step of x and m ([batch, per_sample] float32 device pointers) with the coefficient row at "
           "device pointer coef (kCoefWidth = 12 float32, read when the kernel runs). noise=0 makes the Philox noise of "
           "(seed, first_index + i, noise_step) in the kernel; otherwise it is a [batch, per_sample] pointer. "
           "h1, h2 (0 = none): [batch, per_sample] pointers to the previous steps' x0, added with the row's h1, h2 "
           "weights; x0_out (0 = none): receives this step's x0 (after the clip), overlapping no other array. "
+          "m_uncond (0 = none): classifier-free guidance, a [batch, per_sample] pointer to the null-class model "
+          "output; the step uses m_uncond + guidance * (m - m_uncond) as its model output. "
           "Asynchronous on stream (a cudaStream_t as int); device=-1 is the current device.");
   mod.def("normals", &normals, py::arg("out"), py::arg("batch"), py::arg("per_sample"), py::arg("seed"),
           py::arg("step"), py::arg("first_index") = 0, py::arg("stream") = 0, py::arg("device") = -1,
@@ -432,16 +446,25 @@ PYBIND11_MODULE(_C_cuda, mod) {
            py::arg("split_k") = fcuda::CudaEngineOptions().split_k,
            "split_k: split the K of GEMMs with fewer tiles than the GPU has multiprocessors (False: one pass, "
            "no workspace)")
-      .def("forward", &PyCudaEngine::forward, py::arg("x"), py::arg("t"),
-           "model output [N, out_c, H, W] of host x [N, in_c, H, W] (float32) at timesteps t (float32 [N])")
+      .def("forward", &PyCudaEngine::forward, py::arg("x"), py::arg("t"), py::arg("class_emb") = py::none(),
+           "model output [N, out_c, H, W] of host x [N, in_c, H, W] (float32) at timesteps t (float32 [N]); "
+           "class_emb: host float32 [N, class_dim] class-embedding rows, required by a class-conditional plan")
       .def("forward_ptr", &PyCudaEngine::forward_ptr, py::arg("x"), py::arg("t"), py::arg("out"), py::arg("stream") = 0,
-           "the forward on device pointers (x, t float32 [N], out), asynchronous on stream")
+           py::arg("class_emb") = 0,
+           "the forward on device pointers (x, t float32 [N], out, class_emb float32 [N, class_dim] or 0), "
+           "asynchronous on stream")
       .def("set_schedule", &PyCudaEngine::set_schedule, py::arg("coef"), py::arg("timesteps"),
            "upload the scheduler's float32 [S, 12] table and int64 [S] timesteps")
       .def("run", &PyCudaEngine::run, py::arg("seed"), py::arg("first_index"), py::arg("keep"), py::arg("callback"),
-           py::arg("every") = 0, py::arg("history") = 0,
+           py::arg("every") = 0, py::arg("history") = 0, py::arg("class_emb") = py::none(),
+           py::arg("guidance") = py::none(),
            "the whole sampling loop over the last schedule; returns (x0, [frames for keep]). history (0, 1, 2): "
-           "previous x0 predictions fed to each step as h1 (h2), from an engine-owned device ring of 3 buffers")
+           "previous x0 predictions fed to each step as h1 (h2), from an engine-owned device ring of 3 buffers. "
+           "class_emb: host float32 [N, class_dim] (a class-conditional plan). guidance=w: classifier-free "
+           "guidance, n = N / 2 samples (class_emb rows [0, n) conditional, [n, N) the null class), each step "
+           "using m_u + w (m_c - m_u); x0 and the frames are [n, C, H, W]")
+      .def_property_readonly("class_dim", [](PyCudaEngine& e) { return e.engine().class_dim(); },
+                             "the class embedding's width of a class-conditional plan, else 0")
       .def("set_profiling", &PyCudaEngine::set_profiling, py::arg("on"),
            "time every plan op of each host forward and run step with CUDA events (on also zeroes the totals)")
       .def_property_readonly("op_seconds", &PyCudaEngine::op_seconds, "per plan op: GPU seconds accumulated while profiling")

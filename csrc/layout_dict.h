@@ -30,6 +30,7 @@ inline pybind11::dict layout_dict() {
   d["float_fields"] = floats;
   d["input_slot"] = plan::kInputSlot;
   d["output_slot"] = plan::kOutputSlot;
+  d["class_slot"] = plan::kClassSlot;
   d["coef_columns"] = coef;
   d["initial_noise_step"] = kInitialNoiseStep;
   return d;

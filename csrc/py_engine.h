@@ -5,6 +5,7 @@
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 
+#include <cmath>
 #include <cstdint>
 #include <stdexcept>
 #include <string>
@@ -55,6 +56,45 @@ struct LoopOutputs {
   float* x_data() { return x.mutable_data(); }
   py::tuple result() const { return py::make_tuple(x, frames); }  // (x0, [frames])
 };
+
+// class_emb's data (None -> nullptr) once it is a float32 C-contiguous [n, dim] array, dim the
+// engine's class_dim (0: the plan has no class embedding, and class_emb must be None).
+inline const float* class_emb_data(const py::object& class_emb, int64_t n, int64_t dim) {
+  if (class_emb.is_none()) {
+    if (dim > 0)
+      throw std::invalid_argument("this engine's plan is class-conditional: class_emb [" + std::to_string(n) + ", " +
+                                  std::to_string(dim) + "] is required");
+    return nullptr;
+  }
+  if (dim == 0) throw std::invalid_argument("class_emb was given but this engine's plan has no class embedding");
+  if (!py::isinstance<py::array>(class_emb)) throw py::type_error("class_emb must be a float32 NumPy array");
+  const py::array a = py::reinterpret_borrow<py::array>(class_emb);
+  const float* p = float_data(a, "class_emb");
+  if (a.ndim() != 2 || a.shape(0) != n || a.shape(1) != dim)
+    throw std::invalid_argument("class_emb must have shape [" + std::to_string(n) + ", " + std::to_string(dim) +
+                                "] for this engine");
+  return p;
+}
+
+// The samples of a run: the engine's shape, or half its batch with guidance (not None: a finite
+// float w; guided and w receive it), which needs a class-conditional plan (class_dim > 0).
+inline SampleShape guided_shape(const SampleShape& s, int64_t class_dim, const py::object& guidance, bool* guided,
+                                float* w) {
+  *guided = !guidance.is_none();
+  if (!*guided) return s;
+  if (PyBool_Check(guidance.ptr()) || !PyNumber_Check(guidance.ptr()))
+    throw py::type_error("guidance must be None or a float");
+  if (class_dim == 0) throw std::invalid_argument("guidance needs a class-conditional plan");
+  const double v = guidance.cast<double>();
+  if (!std::isfinite(v)) throw std::invalid_argument("guidance must be finite");
+  if (s.n % 2)
+    throw std::invalid_argument("a guided run needs an even engine batch (n conditional + n null rows), got " +
+                                std::to_string(s.n));
+  *w = float(v);
+  SampleShape half = s;
+  half.n = s.n / 2;
+  return half;
+}
 
 }  // namespace bind
 }  // namespace fastddpm

@@ -11,6 +11,12 @@
 // pad columns of each row are computed and dropped by the epilogue. The epilogue adds the bias,
 // the time-embedding row, the residual, scales, and scatters to the output (stride 2 for the
 // phases of the folded upsample). Stride-2 convs im2col into a scratch slot first.
+//
+// Class conditioning: on a class-conditional plan slot 2 holds each sample's class embedding,
+// copied in by forward and run (no op writes it); time_embedding.linear_2 adds it (the LINEAR
+// residual). A guided run (LoopArgs::guided) makes n = N / 2 samples: samples [0, n) hold the
+// loop state, samples [n, 2n) get a copy of it before each forward (the null-class rows of
+// [x, x]), and the fused step of sample i reads the model outputs of samples i and n + i.
 #include "engine.h"
 
 #include <omp.h>
@@ -215,7 +221,9 @@ struct Engine::Impl {
   Buffer arena;
   std::vector<Op> ops;
   std::vector<float> tvals;  // [N] timesteps of the current forward
-  Buffer ring;               // multistep history: 3 x [N, in_c * H * W] x0 buffers, or null
+  int64_t class_dim = 0;     // the class slot's width on a class-conditional plan, else 0
+  Buffer ring;               // multistep history: 3 x [ring_rows, in_c * H * W] x0 buffers, or null
+  int64_t ring_rows = 0;
   bool profiling = false;
   std::vector<double> op_seconds;  // [ops] accumulated while profiling
 
@@ -226,6 +234,20 @@ struct Engine::Impl {
     int64_t n0, n;
   };
   float* slot(int64_t n, int64_t s) { return arena.get() + n * T + slot_off[s]; }
+  // class_emb given exactly when the plan is class-conditional (then [N, class_dim] finite floats)
+  void check_class_emb(const float* class_emb) const {
+    if (class_dim > 0 && !class_emb)
+      fail("this engine's plan is class-conditional: class_emb [" + std::to_string(N) + ", " +
+           std::to_string(class_dim) + "] is required");
+    if (class_dim == 0 && class_emb) fail("class_emb was given but this engine's plan has no class embedding");
+    for (int64_t i = 0; i < N * class_dim; ++i)
+      if (!std::isfinite(class_emb[i])) fail("class_emb must be finite");
+  }
+  // the class slot of every sample = its row of class_emb (nothing without a class slot)
+  void fill_class(const float* class_emb) {
+    for (int64_t n = 0; n < N && class_dim > 0; ++n)
+      std::memcpy(slot(n, P::kClassSlot), class_emb + n * class_dim, size_t(class_dim) * 4);
+  }
   float* slot(const Samples& b, int64_t n, int64_t s) { return b.base + n * T + slot_off[s]; }
   // `threads` blocks of scratch_stride floats, grown by forward_arena under the engine's lock
   // (never inside a parallel region); ops use block omp_get_thread_num().
@@ -286,6 +308,7 @@ struct Engine::Impl {
 
 void Engine::Impl::build(const PlanView& pv, const std::vector<WeightView>& weights) {
   const std::vector<P::CheckedOp> checked = P::check_plan(pv, weights, in_c, out_c, H, W, int64_t(1) << 34);
+  class_dim = P::class_embedding_width(pv, checked);
   layout_slots(pv);
   for (const P::CheckedOp& c : checked) ops.push_back(build_op(c));
   allocate_arena();
@@ -450,7 +473,9 @@ void Engine::Impl::op_linear(const Op& op, const Samples& b, const EngineKernels
   }
   parallel_for(b.n * co, threads, b.n * co * ci >= (1 << 16), [&](int64_t t) {
     const int64_t n = t / co, o = t % co;
-    slot(b, n, op.out)[o] = k.dot(op.wt.data() + o * ci, act.data() + n * ci, ci) + op.bias[size_t(o)];
+    float v = k.dot(op.wt.data() + o * ci, act.data() + n * ci, ci) + op.bias[size_t(o)];
+    if (op.residual >= 0) v += slot(b, n, op.residual)[o];  // the class embedding (plan.py LINEAR)
+    slot(b, n, op.out)[o] = v;
   });
 }
 
@@ -727,6 +752,8 @@ Engine::~Engine() = default;
 
 int64_t Engine::arena_bytes() const { return impl_->N * impl_->T * 4; }
 
+int64_t Engine::class_dim() const { return impl_->class_dim; }
+
 std::vector<int> Engine::conv_paths() const {
   const EngineKernels& k = engine_kernels(active_isa());
   std::vector<int> paths;
@@ -746,10 +773,12 @@ std::vector<double> Engine::op_seconds() const {
   return impl_->op_seconds.empty() ? std::vector<double>(impl_->ops.size(), 0.0) : impl_->op_seconds;
 }
 
-void Engine::forward(const float* x, const float* t, float* out) {
+void Engine::forward(const float* x, const float* t, const float* class_emb, float* out) {
   if (!x || !t || !out) fail("null array pointer");
+  impl_->check_class_emb(class_emb);
   CallLock lock(mu_, "CPU engine");
   Impl& e = *impl_;
+  e.fill_class(class_emb);
   const int64_t in_n = e.in_c * e.H * e.W, out_n = e.out_c * e.H * e.W;
   for (int64_t n = 0; n < e.N; ++n) {
     if (!std::isfinite(t[n])) fail("timestep must be finite");
@@ -764,7 +793,15 @@ void Engine::forward(const float* x, const float* t, float* out) {
 bool Engine::run(const LoopArgs& a, const std::function<bool(int64_t)>& on_step) {
   if (a.steps < 0 || (a.steps > 0 && (!a.coef || !a.timesteps)) || !a.x_out) fail("null array pointer");
   if (a.keep.size() != a.keep_out.size()) fail("keep and keep_out differ in length");
-  if (a.first_index < 0 || a.first_index + batch_ > (int64_t(1) << 32))
+  impl_->check_class_emb(a.class_emb);
+  if (a.guided) {
+    if (impl_->class_dim == 0) fail("guidance needs a class-conditional plan");
+    if (batch_ % 2) fail("a guided run needs an even engine batch (n conditional + n null rows), got " +
+                         std::to_string(batch_));
+    if (!std::isfinite(a.guidance)) fail("guidance must be finite");
+  }
+  const int64_t samples = a.guided ? batch_ / 2 : batch_;  // n: the samples the loop makes
+  if (a.first_index < 0 || a.first_index + samples > (int64_t(1) << 32))
     fail("sample indices first_index + i must lie in [0, 2**32)");
   if (a.history < 0 || a.history > 2) fail("history must be 0, 1 or 2, got " + std::to_string(a.history));
   for (int64_t s = 0; s < a.steps; ++s) {
@@ -790,30 +827,43 @@ bool Engine::run(const LoopArgs& a, const std::function<bool(int64_t)>& on_step)
     p.first_index = uint32_t(a.first_index + n);
     return p;
   };
+  // the loop state: the input slots of samples [0, ns); a guided run's U-Net rows [ns, 2 ns) get
+  // a copy of them before each forward
+  const int64_t ns = samples;
   auto keep_copy = [&](int64_t pos) {
     for (size_t i = 0; i < a.keep.size(); ++i)
       if (a.keep[i] == pos)
-        for (int64_t n = 0; n < e.N; ++n)
+        for (int64_t n = 0; n < ns; ++n)
           std::memcpy(a.keep_out[i] + n * per, e.slot(n, P::kInputSlot), size_t(per) * 4);
   };
+  e.fill_class(a.class_emb);
   constexpr int64_t kRing = 3;
-  if (a.history > 0 && !e.ring) e.ring = alloc_floats(kRing * e.N * per);
+  if (a.history > 0 && e.ring_rows < ns) {
+    e.ring = alloc_floats(kRing * ns * per);
+    e.ring_rows = ns;
+  }
   // ring buffer j of sample n: the x0 of every step k with k % 3 == j
-  auto ring = [&](int64_t j, int64_t n) { return e.ring.get() + (j * e.N + n) * per; };
+  auto ring = [&](int64_t j, int64_t n) { return e.ring.get() + (j * e.ring_rows + n) * per; };
   // x_T: the spec's normals at the initial noise step, into the input slot (the loop state)
-  for (int64_t n = 0; n < e.N; ++n) normals(params(n, kInitialNoiseStep), e.slot(n, P::kInputSlot));
+  for (int64_t n = 0; n < ns; ++n) normals(params(n, kInitialNoiseStep), e.slot(n, P::kInputSlot));
   keep_copy(0);
   for (int64_t s = 0; s < a.steps; ++s) {
     const EngineKernels& k = engine_kernels(active_isa());
     const int threads = num_threads();
     for (int64_t n = 0; n < e.N; ++n) e.tvals[size_t(n)] = float(a.timesteps[s]);
+    for (int64_t n = ns; n < e.N; ++n)  // guided: the null-class rows see the same x
+      std::memcpy(e.slot(n, P::kInputSlot), e.slot(n - ns, P::kInputSlot), size_t(per) * 4);
     e.forward_arena(k, threads);  // model output -> the output slot
-    for (int64_t n = 0; n < e.N; ++n) {
+    for (int64_t n = 0; n < ns; ++n) {
       StepArrays arr;
       arr.x = e.slot(n, P::kInputSlot);
       arr.m = e.slot(n, P::kOutputSlot);
       arr.out = e.slot(n, P::kInputSlot);
       arr.coef = a.coef + s * kCoefWidth;
+      if (a.guided) {
+        arr.m_uncond = e.slot(n + ns, P::kOutputSlot);
+        arr.guidance = a.guidance;
+      }
       if (a.history > 0) {
         arr.x0_out = ring(s % kRing, n);
         if (s >= 1) arr.h1 = ring((s - 1) % kRing, n);
@@ -824,7 +874,7 @@ bool Engine::run(const LoopArgs& a, const std::function<bool(int64_t)>& on_step)
     keep_copy(s + 1);
     if (on_step && !on_step(s + 1)) return false;
   }
-  for (int64_t n = 0; n < e.N; ++n)
+  for (int64_t n = 0; n < ns; ++n)
     std::memcpy(a.x_out + n * per, e.slot(n, P::kInputSlot), size_t(per) * 4);
   return true;
 }

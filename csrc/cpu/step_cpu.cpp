@@ -94,8 +94,9 @@ void fused_step(const StepParams& p, const StepArrays& a) {
     if (!std::isfinite(a.coef[j])) throw std::invalid_argument("coefficient row has a non-finite value");
   if (a.coef[kClip] < 0.0f) throw std::invalid_argument("clip range must be >= 0 (0 = no clipping)");
   if (a.x0_out && (a.x0_out == a.x || a.x0_out == a.m || a.x0_out == a.out || a.x0_out == a.h1 ||
-                   a.x0_out == a.h2))
-    throw std::invalid_argument("x0_out must not be x, m, out, h1 or h2");
+                   a.x0_out == a.h2 || a.x0_out == a.m_uncond))
+    throw std::invalid_argument("x0_out must not be x, m, m_uncond, out, h1 or h2");
+  if (a.m_uncond && !std::isfinite(a.guidance)) throw std::invalid_argument("guidance must be finite");
   const IsaKernels& k = kernels(active_isa());
   const bool large = p.batch * p.per_sample * int64_t(sizeof(float)) >= kStreamMinBytes;
   // in place (out == x or m) the line was just read: streaming it would only evict it

@@ -10,8 +10,10 @@ namespace fastddpm {
 namespace cpu {
 
 // x_prev = fused step of x and m with coefficient row a.coef (see step.h), with the history terms
-// of a.h1, a.h2 and x0 stored to a.x0_out where those are set. Throws std::invalid_argument on a
-// null pointer, a bad size, a non-finite coefficient or an x0_out that is another of the arrays.
+// of a.h1, a.h2 and x0 stored to a.x0_out where those are set, and classifier-free guidance where
+// a.m_uncond is set (the model output m_u + w (m - m_u), w = a.guidance). Throws
+// std::invalid_argument on a null pointer, a bad size, a non-finite coefficient or guidance, or an
+// x0_out that is another of the arrays.
 void fused_step(const StepParams& p, const StepArrays& a);
 
 // out[i, e] = normal e of sample first_index + i at p.noise_step: out is [batch, per_sample].

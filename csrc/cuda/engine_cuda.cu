@@ -24,6 +24,14 @@
 // value in the LoopState; the kernel picks the ring slots from the device step counter
 // (csrc/cpu/engine.cpp's ring: x0 to slot k % 3, H1 and H2 from the one or two before), so one
 // captured step serves every step of every multistep run.
+//
+// Class conditioning: slot 2 (an arena slot) holds the class embedding [N, D], uploaded by each
+// forward and run before anything reads it (no op writes it); time_embedding.linear_2 adds it
+// (the LINEAR residual). Classifier-free guidance (RunArgs::guided): the loop makes n = N / 2
+// samples; x rows [0, n) are the loop state, the fused step (n samples) reads the model output's
+// halves m_c = rows [0, n), m_u = rows [n, 2n) and the scale from the LoopState, and stores x_prev
+// to x rows [0, n) and again to rows [n, 2n), so the next forward sees [x, x] without a copy. The
+// guided steps are graphs of their own (with and without the history ring), captured on first use.
 #include "engine_cuda.h"
 
 #include <cuda_bf16.h>
@@ -219,13 +227,16 @@ struct Engine::Impl {
   cudaEvent_t done = nullptr;              // the end of a synchronous call (blocking sync)
   cudaEvent_t last_use = nullptr;          // the last work enqueued on the buffers, on whatever stream
   // The captured step: [0] the single-step loop, [1] the multistep loop (the history ring's
-  // kernel, captured on the first run with history > 0); each captured on first use.
+  // kernel, captured on the first run with history > 0), [2] and [3] the same guided; each
+  // captured on first use.
   struct StepGraph {
     cudaGraph_t graph = nullptr;
     cudaGraphExec_t exec = nullptr;
     size_t nodes = 0;
   };
-  StepGraph graphs[2];
+  StepGraph graphs[4];
+  static int graph_index(bool history, bool guided) { return (history ? 1 : 0) + (guided ? 2 : 0); }
+  int64_t class_dim = 0;  // the class slot's width on a class-conditional plan, else 0
   HostBuf state_host;
   PinnedPool frames_host, x_host;  // a run's trajectory frames and final sample, copied out asynchronously
 
@@ -249,8 +260,23 @@ struct Engine::Impl {
     if (g.graph) cudaGraphDestroy(g.graph);
     g = StepGraph{};
   }
-  void drop_graph() {  // both: their tables (or buffers) are about to change
+  void drop_graph() {  // all: their tables (or buffers) are about to change
     for (StepGraph& g : graphs) drop_graph(g);
+  }
+  // class_emb given exactly when the plan is class-conditional
+  void check_class_emb(const void* class_emb) const {
+    if (class_dim > 0 && !class_emb)
+      fail("this engine's plan is class-conditional: class_emb [" + std::to_string(N) + ", " +
+           std::to_string(class_dim) + "] is required");
+    if (class_dim == 0 && class_emb) fail("class_emb was given but this engine's plan has no class embedding");
+  }
+  // The class slot of every sample = its row of class_emb ([N, class_dim], host or device memory
+  // as `kind` says), enqueued on st; nothing without a class slot.
+  void copy_class(const float* class_emb, cudaMemcpyKind kind, cudaStream_t st) {
+    if (class_dim == 0) return;
+    check_cuda(cudaMemcpy2DAsync(slot(P::kClassSlot), size_t(T) * 4, class_emb, size_t(class_dim) * 4,
+                                 size_t(class_dim) * 4, size_t(N), kind, st),
+               "copy of the class embedding");
   }
 
   float* slot(int64_t s) const {
@@ -292,9 +318,10 @@ struct Engine::Impl {
   std::vector<cudaEvent_t> prof_ev;  // [ops + 1], timing events
   std::vector<double> op_seconds;
   void add_op_times();  // after the stream has passed the last event
-  void capture(bool history);
-  // history: the multistep loop's step (the fused step reads and writes the ring)
-  void run_step_ops(bool timed, bool history);
+  void capture(bool history, bool guided);
+  // history: the multistep loop's step (the fused step reads and writes the ring); guided: the
+  // guided loop's (n = N / 2 samples, the scale from the LoopState)
+  void run_step_ops(bool timed, bool history, bool guided);
 };
 
 // ------------------------------------------------------------------------------- construction
@@ -439,6 +466,7 @@ void Engine::Impl::build_attention(GOp& op, const P::CheckedOp& c, const std::st
 
 void Engine::Impl::build(const PlanView& pv, const std::vector<WeightView>& weights) {
   const std::vector<P::CheckedOp> checked = P::check_plan(pv, weights, in_c, out_c, H, W, int64_t(1) << 30);
+  class_dim = P::class_embedding_width(pv, checked);
   check_cuda(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), "cudaStreamCreate");
   for (auto& e : ev) check_cuda(cudaEventCreateWithFlags(&e, cudaEventDisableTiming | cudaEventBlockingSync), "cudaEventCreate");
   check_cuda(cudaEventCreateWithFlags(&done, cudaEventDisableTiming | cudaEventBlockingSync), "cudaEventCreate");
@@ -508,7 +536,10 @@ void Engine::Impl::forward_ops(cudaStream_t st, bool timed) {
         break;
       case P::kLinear:
         check_cuda(launch_linear(slot(op.in), bstride(op.in), slot(op.out), bstride(op.out), op.wt.as<float>(),
-                            op.bias.as<float>(), n, int(op.cin), int(op.cout), op.flags & P::kFlagSilu, st), "linear");
+                                 op.bias.as<float>(), op.residual >= 0 ? slot(op.residual) : nullptr,
+                                 op.residual >= 0 ? bstride(op.residual) : 0, n, int(op.cin), int(op.cout),
+                                 op.flags & P::kFlagSilu, st),
+                   "linear");
         break;
       case P::kPad:
         check_cuda(launch_pad(concat(op), slot(op.out), bstride(op.out), n, op.a, op.shift, st), "pad");
@@ -581,29 +612,32 @@ void Engine::Impl::forward_ops(cudaStream_t st, bool timed) {
 
 // One step of the loop on the engine's stream: t from the table, the U-Net, the fused step (x in
 // place; with history, through the ring: loop_step), step += 1. Captured once as the step graph
-// of its kind; run directly when profiling.
-void Engine::Impl::run_step_ops(bool timed, bool history) {
+// of its kind; run directly when profiling. Guided: the step covers the n = N / 2 samples, reads
+// the model output's two halves and writes x_prev to both halves of x (the next forward's [x, x]).
+void Engine::Impl::run_step_ops(bool timed, bool history, bool guided) {
   check_cuda(launch_loop_begin(state.as<LoopState>(), ts_tab.as<uint32_t>(), tvals.as<float>(), int(N), stream),
         "loop begin");
   forward_ops(stream, timed);
   StepParams p;
-  p.batch = N;
+  p.batch = guided ? N / 2 : N;
   p.per_sample = in_c * H * W;
+  const int64_t half = p.batch * p.per_sample;  // guided: where the null-class rows start
   check_status(loop_step(p, x.as<float>(), m.as<float>(), x.as<float>(), coef_tab.as<float>(),
-                         ts_tab.as<uint32_t>(), state.as<LoopState>(), history ? ring.as<float>() : nullptr, stream),
+                         ts_tab.as<uint32_t>(), state.as<LoopState>(), history ? ring.as<float>() : nullptr, stream,
+                         guided ? m.as<float>() + half : nullptr, guided ? x.as<float>() + half : nullptr),
                "loop step");
   check_cuda(launch_loop_advance(state.as<LoopState>(), stream), "loop advance");
 }
 
-void Engine::Impl::capture(bool history) {
-  StepGraph& sg = graphs[history ? 1 : 0];
+void Engine::Impl::capture(bool history, bool guided) {
+  StepGraph& sg = graphs[graph_index(history, guided)];
   drop_graph(sg);
   if (history && !ring.bytes()) throw std::logic_error("the multistep step graph needs the history ring");
   check_cuda(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal), "cudaStreamBeginCapture");
   cudaError_t err = cudaSuccess;
   std::string what;
   try {
-    run_step_ops(false, history);
+    run_step_ops(false, history, guided);
   } catch (const std::exception& e) {
     err = cudaErrorUnknown;
     what = e.what();
@@ -678,10 +712,16 @@ Engine::~Engine() {
 }
 
 int64_t Engine::steps() const { return impl_->steps; }
-bool Engine::graph_captured() const { return impl_->graphs[0].exec != nullptr || impl_->graphs[1].exec != nullptr; }
-int64_t Engine::graph_nodes() const {
-  const Impl& e = *impl_;
-  return int64_t(e.graphs[0].exec ? e.graphs[0].nodes : e.graphs[1].nodes);
+int64_t Engine::class_dim() const { return impl_->class_dim; }
+bool Engine::graph_captured() const {
+  for (const Impl::StepGraph& g : impl_->graphs)
+    if (g.exec) return true;
+  return false;
+}
+int64_t Engine::graph_nodes() const {  // of the first captured step graph (in graphs' order)
+  for (const Impl::StepGraph& g : impl_->graphs)
+    if (g.exec) return int64_t(g.nodes);
+  return 0;
 }
 int64_t Engine::device_bytes() const {
   const Impl& e = *impl_;
@@ -694,10 +734,13 @@ int64_t Engine::device_bytes() const {
   return b;
 }
 
-void Engine::forward_host(const float* x, const float* t, float* out) {
+void Engine::forward_host(const float* x, const float* t, const float* class_emb, float* out) {
   if (!x || !t || !out) fail("null array pointer");
   for (int64_t n = 0; n < batch_; ++n)
     if (!std::isfinite(t[n])) fail("timestep must be finite");
+  impl_->check_class_emb(class_emb);
+  for (int64_t i = 0; class_emb && i < batch_ * impl_->class_dim; ++i)
+    if (!std::isfinite(class_emb[i])) fail("class_emb must be finite");
   CallLock lock(mu_, "CUDA engine");
   DeviceGuard guard(device_);
   Impl& e = *impl_;
@@ -705,6 +748,7 @@ void Engine::forward_host(const float* x, const float* t, float* out) {
   e.after_last_use();
   check_cuda(cudaMemcpyAsync(e.x.as<float>(), x, in_b, cudaMemcpyHostToDevice, e.stream), "copy of the sample");
   check_cuda(cudaMemcpyAsync(e.tvals.as<float>(), t, size_t(e.N) * 4, cudaMemcpyHostToDevice, e.stream), "copy of t");
+  e.copy_class(class_emb, cudaMemcpyHostToDevice, e.stream);
   e.forward_ops(e.stream, e.profiling);
   check_cuda(cudaMemcpyAsync(out, e.m.as<float>(), out_b, cudaMemcpyDeviceToHost, e.stream), "copy of the output");
   e.mark_last_use();
@@ -730,8 +774,10 @@ std::vector<double> Engine::op_seconds() {
   return e.op_seconds.empty() ? std::vector<double>(e.ops.size(), 0.0) : e.op_seconds;
 }
 
-void Engine::forward_device(const float* x, const float* t, float* out, cudaStream_t stream) {
+void Engine::forward_device(const float* x, const float* t, const float* class_emb, float* out,
+                            cudaStream_t stream) {
   if (!x || !t || !out) fail("null device pointer");
+  impl_->check_class_emb(class_emb);
   CallLock lock(mu_, "CUDA engine");
   DeviceGuard guard(device_);
   Impl& e = *impl_;
@@ -745,6 +791,7 @@ void Engine::forward_device(const float* x, const float* t, float* out, cudaStre
   check_cuda(cudaStreamWaitEvent(stream, e.last_use, captured ? cudaEventWaitExternal : 0), "cudaStreamWaitEvent");
   check_cuda(cudaMemcpyAsync(e.x.as<float>(), x, in_b, cudaMemcpyDeviceToDevice, stream), "copy of the sample");
   check_cuda(cudaMemcpyAsync(e.tvals.as<float>(), t, size_t(e.N) * 4, cudaMemcpyDeviceToDevice, stream), "copy of t");
+  e.copy_class(class_emb, cudaMemcpyDeviceToDevice, stream);
   e.forward_ops(stream);
   check_cuda(cudaMemcpyAsync(out, e.m.as<float>(), out_b, cudaMemcpyDeviceToDevice, stream), "copy of the output");
   check_cuda(cudaEventRecordWithFlags(e.last_use, stream, captured ? cudaEventRecordExternal : 0), "cudaEventRecord");
@@ -789,7 +836,17 @@ bool Engine::run(const RunArgs& a, const std::function<bool(int64_t)>& on_chunk)
   Impl& e = *impl_;
   if (!a.x_out) fail("null array pointer");
   if (a.keep.size() != a.keep_out.size()) fail("keep and keep_out differ in length");
-  if (a.first_index < 0 || a.first_index + batch_ > (int64_t(1) << 32))
+  e.check_class_emb(a.class_emb);
+  for (int64_t i = 0; a.class_emb && i < batch_ * e.class_dim; ++i)
+    if (!std::isfinite(a.class_emb[i])) fail("class_emb must be finite");
+  if (a.guided) {
+    if (e.class_dim == 0) fail("guidance needs a class-conditional plan");
+    if (batch_ % 2) fail("a guided run needs an even engine batch (n conditional + n null rows), got " +
+                         std::to_string(batch_));
+    if (!std::isfinite(a.guidance)) fail("guidance must be finite");
+  }
+  const int64_t ns = a.guided ? batch_ / 2 : batch_;  // n: the samples the loop makes
+  if (a.first_index < 0 || a.first_index + ns > (int64_t(1) << 32))
     fail("sample indices first_index + i must lie in [0, 2**32)");
   if (a.every < 0) fail("callback chunk must be >= 0");
   if (a.history < 0 || a.history > 2) fail("history must be 0, 1 or 2, got " + std::to_string(a.history));
@@ -801,7 +858,7 @@ bool Engine::run(const RunArgs& a, const std::function<bool(int64_t)>& on_chunk)
     if (a.keep[i] < 0 || a.keep[i] > S || !a.keep_out[i]) fail("bad trajectory position");
   DeviceGuard guard(device_);
   const int64_t per = e.in_c * e.H * e.W;
-  const size_t frame_b = size_t(e.N * per) * 4;
+  const size_t frame_b = size_t(ns * per) * 4;  // the n samples' x
   // pinned (the D2H copies stay asynchronous) and kept between runs; no copy from an earlier run
   // is pending: every run ends on a wait for its stream
   float* frames = e.frames_host.get(frame_b * a.keep.size());
@@ -831,19 +888,25 @@ bool Engine::run(const RunArgs& a, const std::function<bool(int64_t)>& on_chunk)
   st->first_index = uint32_t(a.first_index);
   st->step = 0;
   st->history = int32_t(a.history);
+  st->guidance = a.guidance;
   check_cuda(cudaMemcpyAsync(e.state.as<LoopState>(), st, sizeof(LoopState), cudaMemcpyHostToDevice, e.stream),
         "copy of the loop state");
-  Impl::StepGraph& sg = e.graphs[history ? 1 : 0];
-  if (!sg.exec) e.capture(history);
+  e.copy_class(a.class_emb, cudaMemcpyHostToDevice, e.stream);
+  Impl::StepGraph& sg = e.graphs[Impl::graph_index(history, a.guided)];
+  if (!sg.exec) e.capture(history, a.guided);
   StepParams p;
-  p.batch = e.N;
+  p.batch = ns;
   p.per_sample = per;
   p.noise_step = kInitialNoiseStep;
   check_status(loop_normals(p, e.x.as<float>(), e.state.as<LoopState>(), e.stream), "initial noise");
+  if (a.guided)  // the null-class rows of the first forward; each step then writes both halves
+    check_cuda(cudaMemcpyAsync(e.x.as<float>() + ns * per, e.x.as<float>(), frame_b, cudaMemcpyDeviceToDevice,
+                               e.stream),
+               "copy of x_T");
   auto keep_copy = [&](int64_t pos) {
     for (size_t i = 0; i < a.keep.size(); ++i)
       if (a.keep[i] == pos)
-        check_cuda(cudaMemcpyAsync(frames + i * size_t(e.N * per), e.x.as<float>(), frame_b, cudaMemcpyDeviceToHost,
+        check_cuda(cudaMemcpyAsync(frames + i * size_t(ns * per), e.x.as<float>(), frame_b, cudaMemcpyDeviceToHost,
                               e.stream), "trajectory copy");
   };
   keep_copy(0);
@@ -855,7 +918,7 @@ bool Engine::run(const RunArgs& a, const std::function<bool(int64_t)>& on_chunk)
   bool cancelled = false;
   for (int64_t k = 1; k <= S; ++k) {
     if (e.profiling) {  // the captured step's work, op by op between timing events
-      e.run_step_ops(true, history);
+      e.run_step_ops(true, history, a.guided);
       check_cuda(cudaEventSynchronize(e.prof_ev.back()), "sampling loop");
       e.add_op_times();
     } else {
@@ -889,7 +952,7 @@ bool Engine::run(const RunArgs& a, const std::function<bool(int64_t)>& on_chunk)
   drain.armed = false;
   e.wait_stream("sampling loop");
   std::memcpy(a.x_out, xh, frame_b);
-  for (size_t i = 0; i < a.keep.size(); ++i) std::memcpy(a.keep_out[i], frames + i * size_t(e.N * per), frame_b);
+  for (size_t i = 0; i < a.keep.size(); ++i) std::memcpy(a.keep_out[i], frames + i * size_t(ns * per), frame_b);
   return true;
 }
 

@@ -32,13 +32,14 @@ struct CudaEngineOptions {
 using PlanView = plan::PlanView;      // fastddpm/plan_check.h
 using WeightView = plan::WeightView;  // host float32, copied to the device at creation
 
-// One run of the loop over the schedule last given to set_schedule. Host arrays.
+// One run of the loop over the schedule last given to set_schedule. Host arrays. n, the samples the
+// loop makes: the engine batch N, or N / 2 with guidance.
 struct RunArgs {
   uint64_t seed = 0;
   int64_t first_index = 0;
   std::vector<int64_t> keep;      // loop positions to copy out (0 = x_T, k = after k steps)
-  std::vector<float*> keep_out;   // one [N, C, H, W] host buffer per keep entry
-  float* x_out = nullptr;         // [N, C, H, W] host: the final sample
+  std::vector<float*> keep_out;   // one [n, C, H, W] host buffer per keep entry
+  float* x_out = nullptr;         // [n, C, H, W] host: the final sample
   int64_t every = 0;              // on_chunk after every `every` steps (and the last); 0 = only the last
   // Multistep history: 0 (single-step samplers), 1 or 2 previous x0 predictions fed to each step
   // (StepSchedule.history). With history > 0 the engine keeps a device ring of 3 [N, C, H, W]
@@ -46,6 +47,15 @@ struct RunArgs {
   // ring[k % 3] and reads H1 = ring[(k - 1) % 3] from k = 1 on and, with history 2,
   // H2 = ring[(k - 2) % 3] from k = 2 on, as the CPU engine does.
   int history = 0;
+  // Class conditioning: host [N, D] class-embedding rows (D = class_dim()), required by a
+  // class-conditional plan and refused by any other; uploaded into the class slot before the loop.
+  const float* class_emb = nullptr;
+  // Classifier-free guidance (a conditional plan, N even): n = N / 2 samples; the U-Net runs rows
+  // [0, n) and [n, 2n) on the same x (class_emb rows [0, n) conditional, [n, 2n) the null class),
+  // each step uses m_u + w (m_c - m_u) (step.h step_guided_output, w = guidance) and writes x to
+  // both halves of the U-Net input. x_T, noise and first_index are those of the n samples.
+  bool guided = false;
+  float guidance = 1.0f;
 };
 
 class Engine {
@@ -60,12 +70,14 @@ class Engine {
   Engine& operator=(const Engine&) = delete;
 
   // out = U-Net(x, t): host arrays x [N, in_c, H, W], t [N], out [N, out_c, H, W] (synchronous).
-  void forward_host(const float* x, const float* t, float* out);
+  // class_emb: host [N, class_dim()] rows of a class-conditional plan (required there), else null.
+  void forward_host(const float* x, const float* t, const float* class_emb, float* out);
   // The same on device pointers of this engine's device, enqueued on `stream` (asynchronous). The
   // caller's stream first waits for the last use of the engine's buffers (any stream, or the
   // loop), and this call becomes the last use; inside a stream capture the wait and the record
-  // are captured as external event nodes, so the replayed graph keeps that ordering.
-  void forward_device(const float* x, const float* t, float* out, cudaStream_t stream);
+  // are captured as external event nodes, so the replayed graph keeps that ordering. class_emb:
+  // device [N, class_dim()] rows of a class-conditional plan (required there), else null.
+  void forward_device(const float* x, const float* t, const float* class_emb, float* out, cudaStream_t stream);
 
   // The scheduler's table: coef [steps, kCoefWidth] float32, timesteps [steps] (host; checked, uploaded).
   void set_schedule(const float* coef, const int64_t* timesteps, int64_t steps);
@@ -82,6 +94,8 @@ class Engine {
   Precision precision() const { return precision_; }
   int device() const { return device_; }
   int64_t batch() const { return batch_; }
+  // The class embedding's width D of a class-conditional plan (plan.h kClassSlot), else 0.
+  int64_t class_dim() const;
   int64_t steps() const;
   int64_t device_bytes() const;
   bool graph_captured() const;

@@ -79,9 +79,11 @@ cudaError_t launch_strided_gemm(const StridedGemm& g, cudaStream_t st);
 cudaError_t launch_time_emb(const float* t, float* out, int64_t o_bstride, int n, int dim, float shift, bool flip,
                             cudaStream_t st);
 
-// out[b][o] = W[o] . act(in[b]) + bias[o]; W [cout, cin]; act = SiLU if silu.
+// out[b][o] = W[o] . act(in[b]) + bias[o] (+ res[b * r_bstride + o] when res is not null: the
+// class embedding of a class-conditional plan); W [cout, cin]; act = SiLU if silu.
 cudaError_t launch_linear(const float* in, int64_t i_bstride, float* out, int64_t o_bstride, const float* W,
-                          const float* bias, int n, int cin, int cout, bool silu, cudaStream_t st);
+                          const float* bias, const float* res, int64_t r_bstride, int n, int cin, int cout,
+                          bool silu, cudaStream_t st);
 
 // Two-source channel concat [cin from in, cin2 from in2] of [C, h, w] tensors.
 struct Concat {

@@ -56,10 +56,10 @@ __global__ void time_emb_kernel(const float* __restrict__ t, float* __restrict__
   e[half + k] = flip ? s : c;
 }
 
-// One warp per output (b, o).
+// One warp per output (b, o). res: null, or a residual added last (the class embedding).
 __global__ void linear_kernel(const float* __restrict__ in, int64_t i_bstride, float* __restrict__ out,
-                              int64_t o_bstride, const float* __restrict__ W, const float* __restrict__ bias, int n,
-                              int cin, int cout, bool act) {
+                              int64_t o_bstride, const float* __restrict__ W, const float* __restrict__ bias,
+                              const float* __restrict__ res, int64_t r_bstride, int n, int cin, int cout, bool act) {
   const int64_t wid = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
   const int lane = threadIdx.x % 32;
   if (wid >= int64_t(n) * cout) return;
@@ -69,7 +69,11 @@ __global__ void linear_kernel(const float* __restrict__ in, int64_t i_bstride, f
   float s = 0.0f;
   for (int k = lane; k < cin; k += 32) s = fmaf(w[k], act ? silu(x[k]) : x[k], s);
   s = warp_sum(s);
-  if (lane == 0) out[int64_t(b) * o_bstride + o] = s + bias[o];
+  if (lane == 0) {
+    float v = s + bias[o];
+    if (res) v += res[int64_t(b) * r_bstride + o];
+    out[int64_t(b) * o_bstride + o] = v;
+  }
 }
 
 __device__ __forceinline__ const float* concat_channel(const Concat& c, int b, int ch) {
@@ -185,10 +189,11 @@ cudaError_t launch_time_emb(const float* t, float* out, int64_t o_bstride, int n
 }
 
 cudaError_t launch_linear(const float* in, int64_t i_bstride, float* out, int64_t o_bstride, const float* W,
-                          const float* bias, int n, int cin, int cout, bool act, cudaStream_t st) {
+                          const float* bias, const float* res, int64_t r_bstride, int n, int cin, int cout, bool act,
+                          cudaStream_t st) {
   const int64_t threads = int64_t(n) * cout * 32;
-  linear_kernel<<<unsigned((threads + 255) / 256), 256, 0, st>>>(in, i_bstride, out, o_bstride, W, bias, n, cin,
-                                                                  cout, act);
+  linear_kernel<<<unsigned((threads + 255) / 256), 256, 0, st>>>(in, i_bstride, out, o_bstride, W, bias, res,
+                                                                  r_bstride, n, cin, cout, act);
   return cudaGetLastError();
 }
 

@@ -12,6 +12,7 @@
 
 #include <atomic>
 #include <climits>
+#include <cmath>
 #include <cstdint>
 
 #include "fastddpm/philox.h"
@@ -67,15 +68,25 @@ struct StepPtrs {
   const float* h1 = nullptr;  // the previous step's x0 (weight coef[kH1]); may be out exactly
   const float* h2 = nullptr;  // the one before (weight coef[kH2]); may be out exactly
   float* x0_out = nullptr;    // receives this step's x0; overlaps nothing else
+  // Classifier-free guidance (read only by the kGuided bodies): the null-class model output
+  // [batch, per_sample] (may be out exactly); the step's model output is
+  // step_guided_output(m, m_uncond, guidance).
+  const float* m_uncond = nullptr;
+  float guidance = 1.0f;
+  // The guided loop only (kGuided): nullptr or a second destination of out's values, overlapping
+  // nothing the step reads (the null-class rows of the U-Net input: the next forward sees [x, x]).
+  float* out_copy = nullptr;
 };
 
 // kVec: the 16-byte path. kGiven: noise comes from memory instead of Philox. kHistory: a.h1, a.h2
 // and a.x0_out are read (each may be null: a uniform branch); without it the body is the plain
-// single-step one, whatever those pointers hold.
+// single-step one, whatever those pointers hold. kGuided: the model output is the guided
+// combination of a.m and a.m_uncond, and out is also stored to a.out_copy where that is set;
+// without it a.m_uncond, a.guidance and a.out_copy are never read.
 // No __restrict__ on x, m, out: out may be x (in-place step); each element is read, then written,
 // by the same thread only. Shared by the plain step (parameters as kernel arguments) and the loop
 // step (seed, noise step and coefficient row read from device memory).
-template <typename Index, bool kVec, bool kGiven, bool kHistory>
+template <typename Index, bool kVec, bool kGiven, bool kHistory, bool kGuided>
 __device__ __forceinline__ void step_body(const StepParams& p, const StepPtrs& a) {
   const Coef c = load_coef(a.coef);
   const bool clip = c.clip > 0.0f;
@@ -92,7 +103,14 @@ __device__ __forceinline__ void step_body(const StepParams& p, const StepPtrs& a
     if (make_noise) philox_normals(p, uint32_t(g), uint32_t(s), z);
     if (kVec) {
       const float4 xv = reinterpret_cast<const float4*>(a.x)[i];  // elements 4i .. 4i+3
-      const float4 mv = reinterpret_cast<const float4*>(a.m)[i];
+      float4 mv = reinterpret_cast<const float4*>(a.m)[i];
+      if (kGuided) {
+        const float4 uv = reinterpret_cast<const float4*>(a.m_uncond)[i];
+        mv.x = step_guided_output(mv.x, uv.x, a.guidance);
+        mv.y = step_guided_output(mv.y, uv.y, a.guidance);
+        mv.z = step_guided_output(mv.z, uv.z, a.guidance);
+        mv.w = step_guided_output(mv.w, uv.w, a.guidance);
+      }
       if (kGiven) {
         const float4 nv = reinterpret_cast<const float4*>(a.noise)[i];
         z[0] = nv.x; z[1] = nv.y; z[2] = nv.z; z[3] = nv.w;
@@ -114,6 +132,7 @@ __device__ __forceinline__ void step_body(const StepParams& p, const StepPtrs& a
         y.w = step_element(xv.w, mv.w, z[3], c, clip, noisy);
       }
       reinterpret_cast<float4*>(a.out)[i] = y;
+      if (kGuided && a.out_copy) reinterpret_cast<float4*>(a.out_copy)[i] = y;
     } else {
       const Index e = s * per + 4 * g;        // first element of this group
       const Index rest = per - 4 * g;          // elements of the sample from e on (>= 1)
@@ -121,24 +140,27 @@ __device__ __forceinline__ void step_body(const StepParams& p, const StepPtrs& a
       for (int k = 0; k < 4; ++k) {
         if (Index(k) < rest) {
           const float zk = kGiven ? a.noise[e + k] : z[k];
+          const float mk = kGuided ? step_guided_output(a.m[e + k], a.m_uncond[e + k], a.guidance) : a.m[e + k];
+          float yk;
           if (kHistory) {
             float x0;
             const float h1k = has_h1 ? a.h1[e + k] : 0.0f, h2k = has_h2 ? a.h2[e + k] : 0.0f;
-            a.out[e + k] = step_element_history(a.x[e + k], a.m[e + k], zk, h1k, h2k, c, clip, noisy, has_h1,
-                                                has_h2, x0);
+            yk = step_element_history(a.x[e + k], mk, zk, h1k, h2k, c, clip, noisy, has_h1, has_h2, x0);
             if (a.x0_out) a.x0_out[e + k] = x0;
           } else {
-            a.out[e + k] = step_element(a.x[e + k], a.m[e + k], zk, c, clip, noisy);
+            yk = step_element(a.x[e + k], mk, zk, c, clip, noisy);
           }
+          a.out[e + k] = yk;
+          if (kGuided && a.out_copy) a.out_copy[e + k] = yk;
         }
       }
     }
   }
 }
 
-template <typename Index, bool kVec, bool kGiven, bool kHistory>
+template <typename Index, bool kVec, bool kGiven, bool kHistory, bool kGuided>
 __global__ void __launch_bounds__(kThreads) step_kernel(const StepParams p, const StepPtrs a) {
-  step_body<Index, kVec, kGiven, kHistory>(p, a);
+  step_body<Index, kVec, kGiven, kHistory, kGuided>(p, a);
 }
 
 // The loop step: step k = state->step of a captured loop. Seed, first index, noise step
@@ -149,7 +171,9 @@ __global__ void __launch_bounds__(kThreads) step_kernel(const StepParams p, cons
 // state->history. Step k writes its x0 to slot k % 3 and reads H1 = slot (k - 1) % 3 from k = 1 on
 // and, at depth 2, H2 = slot (k - 2) % 3 from k = 2 on (csrc/cpu/engine.cpp's ring): the slots
 // follow the device counter, never the launch, and a slot is read only after this run wrote it.
-template <typename Index, bool kVec, bool kHistory>
+// kGuided (the guided loops' own graphs): a.m_uncond is the null-class half of the model output,
+// the scale state->guidance, and a.out_copy the null-class half of the U-Net input.
+template <typename Index, bool kVec, bool kHistory, bool kGuided>
 __global__ void __launch_bounds__(kThreads) loop_step_kernel(const StepParams p, StepPtrs a,
                                                              const uint32_t* __restrict__ noise_steps,
                                                              const LoopState* __restrict__ state,
@@ -169,7 +193,8 @@ __global__ void __launch_bounds__(kThreads) loop_step_kernel(const StepParams p,
       if (depth >= 2 && k >= 2) a.h2 = ring + int64_t((k - 2) % 3) * slot;
     }
   }
-  step_body<Index, kVec, false, kHistory>(q, a);
+  if (kGuided) a.guidance = state->guidance;
+  step_body<Index, kVec, false, kHistory, kGuided>(q, a);
 }
 
 template <typename Index, bool kVec>
@@ -311,33 +336,49 @@ Status launch_shape(const StepParams& p, int64_t row_len, Shape* shape) {
 
 Status after_launch() { return from_cuda(cudaGetLastError()); }
 
+template <typename Index, bool kVec, bool kGiven, bool kHistory>
+void launch_step_guided(const Shape& sh, bool guided, const StepParams& p, const StepPtrs& a, cudaStream_t st) {
+  if (guided) step_kernel<Index, kVec, kGiven, kHistory, true><<<sh.blocks, kThreads, 0, st>>>(p, a);
+  else step_kernel<Index, kVec, kGiven, kHistory, false><<<sh.blocks, kThreads, 0, st>>>(p, a);
+}
+
 template <typename Index, bool kVec, bool kGiven>
-void launch_step_history(const Shape& sh, bool history, const StepParams& p, const StepPtrs& a, cudaStream_t st) {
-  if (history) step_kernel<Index, kVec, kGiven, true><<<sh.blocks, kThreads, 0, st>>>(p, a);
-  else step_kernel<Index, kVec, kGiven, false><<<sh.blocks, kThreads, 0, st>>>(p, a);
+void launch_step_history(const Shape& sh, bool history, bool guided, const StepParams& p, const StepPtrs& a,
+                         cudaStream_t st) {
+  if (history) launch_step_guided<Index, kVec, kGiven, true>(sh, guided, p, a, st);
+  else launch_step_guided<Index, kVec, kGiven, false>(sh, guided, p, a, st);
 }
 
 template <typename Index>
-void launch_step(const Shape& sh, bool vec, bool given, bool history, const StepParams& p, const StepPtrs& a,
-                 cudaStream_t st) {
+void launch_step(const Shape& sh, bool vec, bool given, bool history, bool guided, const StepParams& p,
+                 const StepPtrs& a, cudaStream_t st) {
   if (vec) {
-    if (given) launch_step_history<Index, true, true>(sh, history, p, a, st);
-    else launch_step_history<Index, true, false>(sh, history, p, a, st);
+    if (given) launch_step_history<Index, true, true>(sh, history, guided, p, a, st);
+    else launch_step_history<Index, true, false>(sh, history, guided, p, a, st);
   } else {
-    if (given) launch_step_history<Index, false, true>(sh, history, p, a, st);
-    else launch_step_history<Index, false, false>(sh, history, p, a, st);
+    if (given) launch_step_history<Index, false, true>(sh, history, guided, p, a, st);
+    else launch_step_history<Index, false, false>(sh, history, guided, p, a, st);
   }
 }
 
+template <typename Index, bool kVec, bool kHistory>
+void launch_loop_step_guided(const Shape& sh, bool guided, const StepParams& p, const StepPtrs& a,
+                             const uint32_t* noise_steps, const LoopState* state, float* ring, cudaStream_t st) {
+  if (guided)
+    loop_step_kernel<Index, kVec, kHistory, true><<<sh.blocks, kThreads, 0, st>>>(p, a, noise_steps, state, ring);
+  else
+    loop_step_kernel<Index, kVec, kHistory, false><<<sh.blocks, kThreads, 0, st>>>(p, a, noise_steps, state, ring);
+}
+
 template <typename Index>
-void launch_loop_step(const Shape& sh, bool vec, bool history, const StepParams& p, const StepPtrs& a,
+void launch_loop_step(const Shape& sh, bool vec, bool history, bool guided, const StepParams& p, const StepPtrs& a,
                       const uint32_t* noise_steps, const LoopState* state, float* ring, cudaStream_t st) {
   if (vec) {
-    if (history) loop_step_kernel<Index, true, true><<<sh.blocks, kThreads, 0, st>>>(p, a, noise_steps, state, ring);
-    else loop_step_kernel<Index, true, false><<<sh.blocks, kThreads, 0, st>>>(p, a, noise_steps, state, ring);
+    if (history) launch_loop_step_guided<Index, true, true>(sh, guided, p, a, noise_steps, state, ring, st);
+    else launch_loop_step_guided<Index, true, false>(sh, guided, p, a, noise_steps, state, ring, st);
   } else {
-    if (history) loop_step_kernel<Index, false, true><<<sh.blocks, kThreads, 0, st>>>(p, a, noise_steps, state, ring);
-    else loop_step_kernel<Index, false, false><<<sh.blocks, kThreads, 0, st>>>(p, a, noise_steps, state, ring);
+    if (history) launch_loop_step_guided<Index, false, true>(sh, guided, p, a, noise_steps, state, ring, st);
+    else launch_loop_step_guided<Index, false, false>(sh, guided, p, a, noise_steps, state, ring, st);
   }
 }
 
@@ -350,33 +391,38 @@ Status fused_step(const StepParams& p, const StepArrays& a, cudaStream_t stream)
   auto aligned_or_null = [](const void* ptr, uintptr_t bytes) { return ptr == nullptr || aligned(ptr, bytes); };
   if (!aligned(a.x, 4) || !aligned(a.m, 4) || !aligned(a.out, 4) || !aligned(a.coef, 4) ||
       !aligned_or_null(a.noise, 4) || !aligned_or_null(a.h1, 4) || !aligned_or_null(a.h2, 4) ||
-      !aligned_or_null(a.x0_out, 4))
+      !aligned_or_null(a.x0_out, 4) || !aligned_or_null(a.m_uncond, 4))
     return invalid("float32 device pointers must be 4-byte aligned");
+  if (a.m_uncond && !std::isfinite(a.guidance)) return invalid("guidance must be finite");
   const int64_t bytes = p.batch * p.per_sample * int64_t(sizeof(float));
   if (partial_overlap(a.out, a.x, bytes) || partial_overlap(a.out, a.m, bytes) ||
       partial_overlap(a.out, a.noise, bytes) || partial_overlap(a.out, a.h1, bytes) ||
-      partial_overlap(a.out, a.h2, bytes))
+      partial_overlap(a.out, a.h2, bytes) || partial_overlap(a.out, a.m_uncond, bytes))
     return invalid("out partially overlaps an input (it may only be the very same array)");
   if (a.x0_out) {  // written besides out: it may share no element with anything the step reads or writes
     for (const void* other : {static_cast<const void*>(a.x), static_cast<const void*>(a.m),
                               static_cast<const void*>(a.out), static_cast<const void*>(a.noise),
-                              static_cast<const void*>(a.h1), static_cast<const void*>(a.h2)})
+                              static_cast<const void*>(a.h1), static_cast<const void*>(a.h2),
+                              static_cast<const void*>(a.m_uncond)})
       if (other == a.x0_out || partial_overlap(a.x0_out, other, bytes))
-        return invalid("x0_out overlaps x, m, out, noise, h1 or h2");
+        return invalid("x0_out overlaps x, m, m_uncond, out, noise, h1 or h2");
   }
   Shape sh;
   const Status st = launch_shape(p, p.per_sample, &sh);
   if (!st.ok()) return st;
   const bool vec = p.per_sample % 4 == 0 && aligned(a.x, 16) && aligned(a.m, 16) && aligned(a.out, 16) &&
                    aligned_or_null(a.noise, 16) && aligned_or_null(a.h1, 16) && aligned_or_null(a.h2, 16) &&
-                   aligned_or_null(a.x0_out, 16);
+                   aligned_or_null(a.x0_out, 16) && aligned_or_null(a.m_uncond, 16);
   const bool history = a.h1 || a.h2 || a.x0_out;  // without: the single-step kernels, unchanged
+  const bool guided = a.m_uncond != nullptr;       // likewise
   StepPtrs ptrs{a.x, a.m, a.out, a.coef, a.noise};
   ptrs.h1 = a.h1;
   ptrs.h2 = a.h2;
   ptrs.x0_out = a.x0_out;
-  if (sh.wide) launch_step<uint64_t>(sh, vec, a.noise != nullptr, history, p, ptrs, stream);
-  else launch_step<uint32_t>(sh, vec, a.noise != nullptr, history, p, ptrs, stream);
+  ptrs.m_uncond = a.m_uncond;
+  ptrs.guidance = a.guidance;
+  if (sh.wide) launch_step<uint64_t>(sh, vec, a.noise != nullptr, history, guided, p, ptrs, stream);
+  else launch_step<uint32_t>(sh, vec, a.noise != nullptr, history, guided, p, ptrs, stream);
   return after_launch();
 }
 
@@ -419,19 +465,30 @@ Status philox_stream(const StepParams& p, uint32_t* out, cudaStream_t stream) {
 }
 
 Status loop_step(const StepParams& p, const float* x, const float* m, float* out, const float* coef_table,
-                 const uint32_t* noise_steps, const LoopState* state, float* ring, cudaStream_t stream) {
+                 const uint32_t* noise_steps, const LoopState* state, float* ring, cudaStream_t stream,
+                 const float* m_uncond, float* out_copy) {
   if (const char* why = check_params(p)) return invalid(why);
   if (p.batch * p.per_sample == 0) return Status{};
   if (!x || !m || !out || !coef_table || !noise_steps || !state) return invalid("null device pointer");
-  if (ring && !aligned(ring, 4)) return invalid("float32 device pointers must be 4-byte aligned");
+  if (out_copy && !m_uncond) return invalid("out_copy is for the guided loop (m_uncond) only");
+  if ((ring && !aligned(ring, 4)) || (m_uncond && !aligned(m_uncond, 4)) || (out_copy && !aligned(out_copy, 4)))
+    return invalid("float32 device pointers must be 4-byte aligned");
   const int64_t bytes = p.batch * p.per_sample * int64_t(sizeof(float));
-  if (partial_overlap(out, x, bytes) || partial_overlap(out, m, bytes))
+  if (partial_overlap(out, x, bytes) || partial_overlap(out, m, bytes) || partial_overlap(out, m_uncond, bytes))
     return invalid("out partially overlaps an input (it may only be the very same array)");
-  if (ring) {  // the ring's three slots, [3 * batch * per_sample] floats, overlap none of x, m, out
+  if (out_copy) {  // a second destination: it may share no element with anything the step reads or writes
+    for (const void* other : {static_cast<const void*>(x), static_cast<const void*>(m),
+                              static_cast<const void*>(m_uncond), static_cast<const void*>(out)})
+      if (other == out_copy || partial_overlap(out_copy, other, bytes))
+        return invalid("out_copy overlaps x, m, m_uncond or out");
+  }
+  if (ring) {  // the ring's three slots, [3 * batch * per_sample] floats, overlap none of the arrays
     const uintptr_t r0 = reinterpret_cast<uintptr_t>(ring), r1 = r0 + uintptr_t(3 * bytes);
-    for (const void* other : {static_cast<const void*>(x), static_cast<const void*>(m), static_cast<const void*>(out)}) {
+    for (const void* other : {static_cast<const void*>(x), static_cast<const void*>(m), static_cast<const void*>(out),
+                              static_cast<const void*>(m_uncond), static_cast<const void*>(out_copy)}) {
+      if (!other) continue;
       const uintptr_t o0 = reinterpret_cast<uintptr_t>(other), o1 = o0 + uintptr_t(bytes);
-      if (o0 < r1 && r0 < o1) return invalid("the history ring overlaps x, m or out");
+      if (o0 < r1 && r0 < o1) return invalid("the history ring overlaps x, m, m_uncond, out or out_copy");
     }
   }
   Shape sh;
@@ -440,10 +497,14 @@ Status loop_step(const StepParams& p, const float* x, const float* m, float* out
   // slot j starts j * batch * per_sample floats into the ring: 16-byte aligned with the ring when
   // per_sample % 4 == 0
   const bool vec = p.per_sample % 4 == 0 && aligned(x, 16) && aligned(m, 16) && aligned(out, 16) &&
-                   (ring == nullptr || aligned(ring, 16));
-  const StepPtrs a{x, m, out, coef_table, nullptr};
-  if (sh.wide) launch_loop_step<uint64_t>(sh, vec, ring != nullptr, p, a, noise_steps, state, ring, stream);
-  else launch_loop_step<uint32_t>(sh, vec, ring != nullptr, p, a, noise_steps, state, ring, stream);
+                   (ring == nullptr || aligned(ring, 16)) && (m_uncond == nullptr || aligned(m_uncond, 16)) &&
+                   (out_copy == nullptr || aligned(out_copy, 16));
+  StepPtrs a{x, m, out, coef_table, nullptr};
+  a.m_uncond = m_uncond;  // guidance: read from state->guidance by the kernel
+  a.out_copy = out_copy;
+  const bool guided = m_uncond != nullptr;
+  if (sh.wide) launch_loop_step<uint64_t>(sh, vec, ring != nullptr, guided, p, a, noise_steps, state, ring, stream);
+  else launch_loop_step<uint32_t>(sh, vec, ring != nullptr, guided, p, a, noise_steps, state, ring, stream);
   return after_launch();
 }
 

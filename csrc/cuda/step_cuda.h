@@ -37,8 +37,12 @@ struct Status {
 //   a.h1, a.h2: nullptr or [batch, per_sample] float32, device: the previous steps' x0, added with
 //               weights coef[kH1], coef[kH2] (step.h); each may be a.out exactly, never partially
 //   a.x0_out:   nullptr or [batch, per_sample] float32, device: receives this step's x0 (after the
-//               clip); it may overlap none of x, m, out, noise, h1, h2
-// Without h1, h2 and x0_out the single-step kernels run, exactly as before the history existed.
+//               clip); it may overlap none of x, m, m_uncond, out, noise, h1, h2
+//   a.m_uncond: nullptr or [batch, per_sample] float32, device: classifier-free guidance, the
+//               model output is step_guided_output(m, m_uncond, a.guidance) (a.guidance finite);
+//               out may be m_uncond exactly
+// Without h1, h2 and x0_out the single-step kernels run, exactly as before the history existed;
+// without m_uncond, likewise the unguided ones.
 // 16-byte vector loads/stores when per_sample % 4 == 0 and every pointer is 16-byte aligned; a
 // scalar path otherwise (same results).
 Status fused_step(const StepParams& p, const StepArrays& a, cudaStream_t stream);
@@ -57,6 +61,7 @@ struct LoopState {
   uint32_t first_index = 0;  // sample index of row 0 (first_index + batch <= 2**32, checked on the host)
   int32_t step = 0;          // index k of the step now running (0-based), advanced on the device
   int32_t history = 0;       // previous x0 predictions each step reads (0, 1, 2): a multistep solver's
+  float guidance = 1.0f;     // the guidance scale w of a guided loop (loop_step with m_uncond)
 };
 
 // out = fused step k = state->step of x and m ([batch, per_sample] float32, device; out may be x):
@@ -68,8 +73,13 @@ struct LoopState {
 // step k writes its x0 to slot k % 3 and adds H1 = slot (k - 1) % 3 from k = 1 on and, with
 // history 2, H2 = slot (k - 2) % 3 from k = 2 on (the slots are chosen on the device from the
 // counter, so one captured step serves every k); history 0 reads and writes no slot.
+// m_uncond: nullptr, or the guided loop (classifier-free guidance): [batch, per_sample] null-class
+// model output, the step's model output step_guided_output(m, m_uncond, state->guidance); out may
+// be it exactly. out_copy (guided only): nullptr or a second [batch, per_sample] destination of
+// the result, overlapping none of the others (the U-Net input rows of the null class).
 Status loop_step(const StepParams& p, const float* x, const float* m, float* out, const float* coef_table,
-                 const uint32_t* noise_steps, const LoopState* state, float* ring, cudaStream_t stream);
+                 const uint32_t* noise_steps, const LoopState* state, float* ring, cudaStream_t stream,
+                 const float* m_uncond = nullptr, float* out_copy = nullptr);
 
 // out = the initial normals (p.noise_step) of seed and first index *state; out [batch, per_sample].
 Status loop_normals(const StepParams& p, float* out, const LoopState* state, cudaStream_t stream);

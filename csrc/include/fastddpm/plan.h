@@ -2,7 +2,9 @@
 // csrc/layout_dict.h) and tests/test_layout.py asserts that plan.py and the numba engine use the
 // same codes, columns and flags.
 // A plan is ints [n_ops, kIntFields] (int64), floats [n_ops, kFloatFields] (float64) and
-// slot_sizes [n_slots] (per-sample floats). Slot 0 = the U-Net input, slot 1 = the model output.
+// slot_sizes [n_slots] (per-sample floats). Slot 0 = the U-Net input, slot 1 = the model output;
+// on a class-conditional model slot 2 is the class embedding [time_embed_dim], an input the engine
+// fills from the caller (plan.py CLASS_SLOT: no op writes it).
 #pragma once
 #include <cstdint>
 
@@ -39,6 +41,7 @@ constexpr NamedCode kFlagNames[] = {{"silu", kFlagSilu}, {"padded_out", kFlagPad
 
 constexpr int64_t kInputSlot = 0;
 constexpr int64_t kOutputSlot = 1;
+constexpr int64_t kClassSlot = 2;
 
 }  // namespace plan
 }  // namespace fastddpm

@@ -152,6 +152,7 @@ inline std::vector<CheckedOp> check_plan(const PlanView& pv, const std::vector<W
       case kLinear:
         positive(op.cin, "c_in"); positive(op.cout, "c_out");
         use(op.in, op.cin, "input"); use(op.out, op.cout, "output");
+        use(op.residual, op.cout, "residual", true);
         weight(kWeight, r[kWIdx], {op.cout, op.cin}, "linear");
         weight(kBias, r[kBIdx], {op.cout}, "bias");
         break;
@@ -233,6 +234,19 @@ inline std::vector<CheckedOp> check_plan(const PlanView& pv, const std::vector<W
     ops.push_back(op);
   }
   return ops;
+}
+
+// The class embedding's width when the plan is class-conditional, else 0: slot kClassSlot is then
+// an input (plan.py CLASS_SLOT), read by some op and written by none, of slot_sizes[2] floats per
+// sample. (In an unconditional plan slot 2 is an ordinary slot, written before it is read.)
+inline int64_t class_embedding_width(const PlanView& pv, const std::vector<CheckedOp>& ops) {
+  if (pv.n_slots <= kClassSlot) return 0;
+  bool read = false;
+  for (const CheckedOp& op : ops) {
+    if (op.out == kClassSlot || op.scratch == kClassSlot) return 0;
+    read = read || op.in == kClassSlot || op.in2 == kClassSlot || op.temb == kClassSlot || op.residual == kClassSlot;
+  }
+  return read ? pv.slot_sizes[kClassSlot] : 0;
 }
 
 }  // namespace plan

@@ -4,6 +4,8 @@
 //   x0     = clamp(x0, -r, r)   if r > 0
 //   x_prev = c_x0 * x0 + d_x * x + d_m * m + h_1 * H1 + h_2 * H2 + sigma * z
 //
+// Classifier-free guidance (optional): m is then the guided output m_u + w (m_c - m_u) of the
+// conditional and null-class model outputs m_c, m_u (step_guided_output), the rest unchanged.
 // H1, H2 (optional): the x0 predictions of the previous two steps, for multistep samplers
 // (DPM-Solver++ 2M / 3M); a step without them is exactly the single-step formula.
 // z is element e of sample i: normal (e % 4) of Philox block (e / 4, first_index + i, noise_step),
@@ -34,6 +36,34 @@ template <class F>
 struct StepRow {
   F ax, am, cx0, dx, dm, sigma, clip, h1, h2;
 };
+
+// FDDPM_ROUNDED(v): v stays the rounded value it holds; the compiler may not fuse the operation
+// that made it with the one that uses it. GCC contracts a * b + c into an FMA in C++ even with
+// -std=c++17 (ISO mode turns contraction off for C only), so on the FMA paths (avx2, avx512) the
+// step's other expressions are contracted, and generic (SSE2: no FMA) rounds every product: the
+// reason the golden step hashes are per ISA. An empty asm that takes v in a vector register is
+// the barrier (the asm emits no instruction). Off x86 GCC / Clang it is a no-op (best effort);
+// device code rounds with the _rn intrinsics instead.
+#if !defined(__CUDACC__) && defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+#define FDDPM_ROUNDED(v) __asm__("" : "+v"(v))
+#else
+#define FDDPM_ROUNDED(v) ((void)0)
+#endif
+
+// The guided model output of classifier-free guidance: m_u + w (m_c - m_u), rounded after each
+// operation in this order, never contracted: the same bits on every ISA path and on the GPU, and
+// the same as the numba and torch steps' float32 m_u + w * (m_c - m_u) (so a guided fused step is
+// the unguided step of that combination, to the bit).
+template <class F>
+FDDPM_STEP_FN F step_guided_output(F mc, F mu, F w) {
+#if defined(__CUDA_ARCH__)
+  return __fadd_rn(mu, __fmul_rn(w, __fsub_rn(mc, mu)));  // F = float on the GPU
+#else
+  F d = w * (mc - mu);
+  FDDPM_ROUNDED(d);
+  return mu + d;
+#endif
+}
 
 // The step's arithmetic: the one source of the C++ paths (every ISA) and the CUDA kernel; the
 // numba and torch steps mirror it operation for operation (executors/numba_cpu.py, torch_ref.py).
@@ -85,7 +115,9 @@ struct StepParams {
 // noise: nullptr (make Philox noise) or [batch, per_sample] given noise.
 // h1, h2: nullptr or [batch, per_sample]: the previous steps' x0, added with weights coef[kH1],
 // coef[kH2] (a null one adds nothing, whatever its weight). x0_out: nullptr or [batch, per_sample],
-// receives this step's x0 (after the clip); it must not overlap x, m, out, h1 or h2.
+// receives this step's x0 (after the clip); it must not overlap x, m, m_uncond, out, h1 or h2.
+// m_uncond: nullptr or [batch, per_sample]: classifier-free guidance, the step's model output is
+// step_guided_output(m[e], m_uncond[e], guidance) (m: the conditional output); out may alias it.
 // All pointers are host pointers for the CPU entry points, device pointers for the CUDA step.
 struct StepArrays {
   const float* x = nullptr;
@@ -96,6 +128,8 @@ struct StepArrays {
   const float* h1 = nullptr;
   const float* h2 = nullptr;
   float* x0_out = nullptr;
+  const float* m_uncond = nullptr;
+  float guidance = 1.f;
 };
 
 }  // namespace fastddpm

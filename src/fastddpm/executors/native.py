@@ -51,9 +51,15 @@ class NativeCpuBackend(Backend):
     def unavailable(self) -> list[str]:
         return [_C_ERROR] if _C is None else []
 
-    def step(self, x, m, out, table, row, seed, noise_step, first_index, noise, history=None) -> None:
+    def step(self, x, m, out, table, row, seed, noise_step, first_index, noise, history=None, guide=None) -> None:
         # x, m, out, noise: [N, ...] float32 C-contiguous; table: float32 [S, COEF_WIDTH], row: this step's
-        if history is None:
+        # guide: None or (m_u, w): the null-class output (like m) and the guidance scale
+        if guide is not None:   # the guided overload of _C.fused_step (keyword-only m_uncond, guidance)
+            h1, h2, x0_out = (None, None, None) if history is None else history
+            m_u, w = guide
+            _C.fused_step(x, m, out, table, seed, noise_step, first_index, noise, row, h1=h1, h2=h2,
+                          x0_out=x0_out, m_uncond=m_u, guidance=float(w))
+        elif history is None:
             _C.fused_step(x, m, out, table, seed, noise_step, first_index, noise, row)
         else:
             h1, h2, x0_out = history
@@ -96,9 +102,12 @@ class NativeCpuBackend(Backend):
 
 class NativeCpuEngine(Engine):
     """The plan executed by fastddpm._C.Engine: forward and the whole loop (U-Net, fused step,
-    Philox noise, a multistep solver's x0 ring) in one native call each, the GIL released."""
+    Philox noise, a multistep solver's x0 ring, class conditioning and classifier-free guidance) in
+    one native call each, the GIL released."""
 
     history = 2
+    supports_conditioning = True
+    model_outputs = 2          # a guided step combines the conditional and null-class outputs
 
     def __init__(self, config, weights, batch, height, width, options=None):
         super().__init__(config, weights, batch, height, width, options)
@@ -110,11 +119,11 @@ class NativeCpuEngine(Engine):
                                  **cpu_engine_options())
 
     def _forward(self, x, t, class_emb=None):
-        return self._engine.forward(x, t)
+        return self._engine.forward(x, t, class_emb)
 
     def _run(self, schedule, seed, first_index, keep, callback, class_emb=None, guidance=None):
         x, frames = self._engine.run(schedule.table, schedule.timesteps, seed, first_index, keep, callback,
-                                     self.callback_every, schedule.history)
+                                     self.callback_every, schedule.history, class_emb, guidance)
         return x, dict(zip(keep, frames))
 
 

@@ -100,11 +100,18 @@ class NativeCudaBackend(Backend):
 
     max_history = 2   # previous x0 predictions the fused step reads (h1, h2): DPM-Solver++ 2M / 3M
 
-    def step(self, x, m, out, table, row, seed, noise_step, first_index, noise, history=None) -> None:
+    def step(self, x, m, out, table, row, seed, noise_step, first_index, noise, history=None, guide=None) -> None:
         # x, m, out, noise: [N, ...] float32 contiguous CUDA tensors on one device (dispatch checked)
         # history: None or (h1, h2, x0_out): h1, h2 None or CUDA tensors shaped like x, x0_out one
+        # guide: None or (m_u, w): the null-class model output (a CUDA tensor shaped like x) and the scale
         import torch
         device = x.device
+        m_u, w = (None, 1.0) if guide is None else guide
+        if guide is not None:
+            m_u = _history_tensor("m_u", m_u, x, what="guide").contiguous()
+            w = float(w)
+            if not np.isfinite(w):
+                raise ValueError(f"guidance must be finite, got {guide[1]!r}")
         coef = self._table_on(table, device)  # [S, COEF_WIDTH] float32 on device
         if not 0 <= row < coef.shape[0]:
             raise IndexError(f"coefficient row {row} out of range for a table of {coef.shape[0]} rows")
@@ -120,13 +127,13 @@ class NativeCudaBackend(Backend):
             # anything else goes through a temporary, copied back after the step
             x0_direct = x0_out
             if x0_out is not None and (not x0_out.is_contiguous() or any(
-                    _shares_memory(x0_out, a) for a in (x, m, out, noise, h1, h2) if a is not None)):
+                    _shares_memory(x0_out, a) for a in (x, m, out, noise, h1, h2, m_u) if a is not None)):
                 x0_direct = torch.empty_like(x, memory_format=torch.contiguous_format)
             h1, h2 = (None if h is None else h.contiguous() for h in (h1, h2))
         _C_cuda.fused_step(x.data_ptr(), m.data_ptr(), out.data_ptr(), coef.data_ptr() + row * _ROW_BYTES,
                            0 if noise is None else noise.data_ptr(), batch, per_sample, seed, noise_step,
                            first_index, torch.cuda.current_stream(device).cuda_stream, index,
-                           h1=_ptr(h1), h2=_ptr(h2), x0_out=_ptr(x0_direct))
+                           h1=_ptr(h1), h2=_ptr(h2), x0_out=_ptr(x0_direct), m_uncond=_ptr(m_u), guidance=w)
         if x0_direct is not None and x0_direct is not x0_out:
             x0_out.copy_(x0_direct)
 
@@ -201,19 +208,19 @@ def _ptr(t) -> int:
     return 0 if t is None else t.data_ptr()
 
 
-def _history_tensor(name, h, x):
+def _history_tensor(name, h, x, what="history"):
     """h (None or a torch tensor) checked against the sample x: float32, x's device and shape."""
     import torch
     if h is None:
         return None
     if not isinstance(h, torch.Tensor):
-        raise TypeError(f"history {name} must be a torch tensor like the sample, got {type(h).__name__}")
+        raise TypeError(f"{what} {name} must be a torch tensor like the sample, got {type(h).__name__}")
     if h.device != x.device:
-        raise ValueError(f"history {name} is on {h.device} but sample is on {x.device}")
+        raise ValueError(f"{what} {name} is on {h.device} but sample is on {x.device}")
     if tuple(h.shape) != tuple(x.shape):
-        raise ValueError(f"history {name} has shape {tuple(h.shape)}, expected {tuple(x.shape)} (the shape of sample)")
+        raise ValueError(f"{what} {name} has shape {tuple(h.shape)}, expected {tuple(x.shape)} (the shape of sample)")
     if h.dtype != torch.float32:
-        raise TypeError(f"history {name} must be torch.float32, got {h.dtype}")
+        raise TypeError(f"{what} {name} must be torch.float32, got {h.dtype}")
     return h.detach()
 
 
@@ -238,6 +245,8 @@ class NativeCudaEngine(Engine):
 
     default_callback_every = 50   # the GPU keeps a chunk of steps queued between host reports
     history = 2                   # multistep solvers: a device ring of 3 x0 buffers, slots picked on the GPU
+    supports_conditioning = True  # the class slot uploaded per call; guided runs: graphs of their own
+    model_outputs = 2             # a guided step combines the conditional and null-class outputs
 
     def __init__(self, config, weights, batch, height, width, options=None):
         if _C_cuda is None:
@@ -285,15 +294,36 @@ class NativeCudaEngine(Engine):
                              "would need a host-to-device copy, which the capture cannot record)")
         return torch.from_numpy(validate.per_sample_timesteps(timestep, self.batch)).to(device)
 
-    def forward(self, x, timestep):
+    def forward(self, x, timestep, class_emb=None):
         if hasattr(x, "is_cuda") and x.is_cuda:
-            return self._forward_device(x, timestep, self.input_shape)
-        return super().forward(x, timestep)
+            return self._forward_device(x, timestep, self.input_shape, class_emb)
+        return super().forward(x, timestep, class_emb)
 
     def _forward(self, x, t, class_emb=None):
-        return self._engine.forward(x, t)
+        return self._engine.forward(x, t, class_emb)
 
-    def _forward_device(self, x, timestep, shape):
+    def _device_class_emb(self, class_emb, device):
+        """class_emb for the device-pointer forward: None for an unconditional model, else float32
+        [batch, time_embed_dim] on ``device`` (a CUDA tensor stays there; a NumPy array is checked as
+        Engine.forward checks it and copied, which a graph capture forbids)."""
+        import torch
+        if not (isinstance(class_emb, torch.Tensor) and class_emb.is_cuda):
+            if class_emb is not None and torch.cuda.is_current_stream_capturing():
+                raise ValueError("inside a CUDA graph capture, pass class_emb as a CUDA tensor (a host array "
+                                 "would need a host-to-device copy, which the capture cannot record)")
+            class_emb = self._class_emb(class_emb)   # None / NumPy: the host checks
+            return None if class_emb is None else torch.from_numpy(class_emb).to(device)
+        if not self.conditional:
+            raise ValueError("class_emb was given but this engine's U-Net has no class embedding")
+        shape = (self.batch, self.config.time_embed_dim)
+        if tuple(class_emb.shape) != shape or class_emb.dtype != torch.float32:
+            raise ValueError(f"class_emb must be float32 of shape {shape}, got {class_emb.dtype} "
+                             f"{tuple(class_emb.shape)}")
+        if class_emb.device != device:
+            raise ValueError(f"class_emb is on {class_emb.device} but the sample is on {device}")
+        return class_emb.detach().contiguous()
+
+    def _forward_device(self, x, timestep, shape, class_emb=None):
         """A torch CUDA tensor in: stays on the device, on torch's current stream (capturable)."""
         import torch
         if tuple(x.shape) != shape or x.dtype != torch.float32:
@@ -302,10 +332,11 @@ class NativeCudaEngine(Engine):
             raise ValueError(f"sample is on {x.device} but this engine runs on cuda:{self.device}")
         x = x.contiguous()
         tt = self._device_timesteps(timestep, x.device)  # [N] float32 on the device
+        ce = self._device_class_emb(class_emb, x.device)  # [N, D] float32 on the device, or None
         out = torch.empty((self.batch, self.config.out_channels, self.height, self.width),
                           dtype=torch.float32, device=x.device)
         self._engine.forward_ptr(x.data_ptr(), tt.data_ptr(), out.data_ptr(),
-                                 torch.cuda.current_stream(x.device).cuda_stream)
+                                 torch.cuda.current_stream(x.device).cuda_stream, _ptr(ce))
         return out
 
     def _set_schedule(self, schedule) -> None:
@@ -320,7 +351,8 @@ class NativeCudaEngine(Engine):
         with self._run_lock:
             self._set_schedule(schedule)
             x, frames = self._engine.run(seed, first_index, keep, callback,
-                                         self.callback_every if callback is not None else 0, schedule.history)
+                                         self.callback_every if callback is not None else 0, schedule.history,
+                                         class_emb, guidance)
         return x, dict(zip(keep, frames))
 
 
