@@ -271,10 +271,15 @@ def _class_labels(pipe, spec, n: int):
             raise CliError(f"--label all: {name}'s labels are numbers (class_embed_type='timestep'), not "
                            "classes to enumerate; name them")
         spec = [c for c in range(cfg.num_class_embeds) if c != pipe.null_class]
-    try:
-        classes = check_labels(cfg, spec, len(spec))
-    except (ValueError, TypeError) as exc:
-        raise CliError(f"--label: {exc}") from None
+    classes = []
+    for c in spec:
+        try:
+            classes.append(check_labels(cfg, c, 1)[0])
+        except (ValueError, TypeError) as exc:
+            msg = str(exc)   # "labels = 11 is out of range: ..." -> "--label 11 is out of range: ..."
+            raise CliError(msg.replace("labels = ", "--label ", 1) if msg.startswith("labels = ")
+                           else f"--label {c}: {msg}") from None
+    classes = np.array(classes)
     return (classes[0].item() if len(classes) == 1 else np.repeat(classes, n)), [c.item() for c in classes]
 
 

@@ -7,7 +7,8 @@ Layout
 ------
 All activations live in one float32 *arena*: slot s of the plan is ``arena[soff[s] : soff[s] +
 N * slot_sizes[s]]``, sample n at ``soff[s] + n * slot_sizes[s]`` (NCHW per sample, padded tensors
-[C, H+2, W+2] as plan.py defines). All weights are packed once, at engine creation, into one flat
+[C, H+2, W+2] as plan.py defines). A class-conditional plan's slot 2 (CLASS_SLOT) holds the class
+embedding [N, D], written once per call; the LINEAR op of time_embedding.linear_2 adds it. All weights are packed once, at engine creation, into one flat
 float32 array in the form each op's kernel wants (``_pack``):
 
 - CONV3:  [c_out, 9 c_in + c_in2]: the 3x3 taps, then the 1x1 shortcut's columns (the shortcut is
@@ -26,7 +27,8 @@ shapes, so a sample's result never depends on the batch size it ran in (batch in
 The sampling loop (``NumbaEngine.run``) is a Python loop over the timesteps calling two jitted
 functions per step (the forward, then the numba backend's fused step + Philox noise in place):
 that costs a few microseconds per step against milliseconds of U-Net, and lets the progress
-callback run between steps.
+callback run between steps. A guided run (classifier-free guidance) writes its n samples twice into
+the 2n-row input and steps them with the fused step's guide (loop.py).
 """
 from __future__ import annotations
 
