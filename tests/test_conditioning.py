@@ -493,6 +493,9 @@ def test_the_request_limit_counts_the_guided_rows(pipe, monkeypatch):
         pipe(n, labels=1, guidance_scale=2, steps=1, backend="numba")
     with pytest.raises(ResourceLimitError, match="sampler of batch 4"):
         pipe.sampler(n, steps=1, backend="numba", guidance_scale=2)
+    monkeypatch.delenv("FASTDDPM_MAX_BYTES")
+    with pytest.raises(ResourceLimitError, match=r"n=100000000 .* with guidance \(200000000 U-Net rows\)"):
+        pipe(10**8, labels=1, steps=1, backend="numba")     # refused before the labels' rows are made
 
 
 def test_saved_guidance_model_round_trip(pipe, tmp_path):

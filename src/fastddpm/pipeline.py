@@ -191,13 +191,12 @@ class Pipeline:
             labels = guided_labels(labels, self.null_class)
         return class_embedding(self.unet_config, self.weights, labels)
 
-    def _conditioning(self, labels, guidance_scale, n: int):
-        """(engine rows, class embedding or None, guidance or None) of a request of n samples."""
+    def _class_emb(self, labels, n: int, guidance: float | None) -> np.ndarray | None:
+        """The class embedding of a request's engine rows, its labels checked (None for an
+        unconditional model: a guidance != 1 was refused by _guidance, for want of a null class).
+        Called after the request-size check: it allocates [rows, D]."""
         labels = check_labels(self.unet_config, labels, n)
-        guidance = self._guidance(guidance_scale)
-        if labels is None:
-            return n, None, None           # unconditional: _guidance refused any w != 1
-        return (n if guidance is None else 2 * n), self._class_rows(labels, guidance), guidance
+        return None if labels is None else self._class_rows(labels, guidance)
 
     def unet(self, sample, timestep, backend="auto", *, labels=None):
         """One U-Net forward: the model output for ``sample`` [N, C, H, W] at ``timestep`` (an int,
@@ -260,7 +259,8 @@ class Pipeline:
         if output not in _OUTPUTS:
             raise ValueError(f"output must be one of {_OUTPUTS}, got {output!r}")
         n, schedule, be, options = self._prepare(n, sampler, steps, eta, backend, dtype)
-        rows, class_emb, guidance = self._conditioning(labels, guidance_scale, n)
+        guidance = self._guidance(guidance_scale)
+        rows = n if guidance is None else 2 * n      # guided: the n samples twice (labels, null class)
         seed = validate.seed(seed, fresh_if_none=True)
         first_index = validate.first_index(first_index, n)
         total = len(schedule)
@@ -269,6 +269,7 @@ class Pipeline:
         self._check_request(n, h, w, len(keep), f"sampling n={n} images of {h}x{w}"
                             + ("" if guidance is None else f" with guidance ({rows} U-Net rows)"),
                             schedule.history, rows=rows)
+        class_emb = self._class_emb(labels, n, guidance)
 
         bar = _progress_bar(total, progress, f"{sampler} {total} steps on {be.name}")
         try:
