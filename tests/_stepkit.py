@@ -198,21 +198,33 @@ def history_inputs(shape, seed):
     return x, m, z, a, b
 
 
-def history_reference(row, x, m, z, hs):
-    """float64 (y, scale of y, x0, scale of x0); hs: [(H, weight)] of the history terms given."""
+def history_reference(row, x, m, z, hs, m_mag=None):
+    """float64 (y, scale of y, x0, scale of x0); hs: [(H, weight)] of the history terms given.
+    m_mag: a bound on |m| and on the terms it is made of (default |m|)."""
     from fastddpm.coefficients import A_M, A_X, C_X0, CLIP, D_M, D_X, SIGMA
     r = row.astype(np.float64)
     x, m, z = (np.asarray(v, np.float64) for v in (x, m, z))
+    mag = np.abs(m) if m_mag is None else m_mag
     x0 = r[A_X] * x + r[A_M] * m
-    x0_scale = np.abs(r[A_X] * x) + np.abs(r[A_M] * m)
+    x0_scale = np.abs(r[A_X] * x) + abs(r[A_M]) * mag
     if r[CLIP] > 0:
         x0 = np.clip(x0, -r[CLIP], r[CLIP])
     y = r[C_X0] * x0 + r[D_X] * x + r[D_M] * m + r[SIGMA] * z
-    scale = abs(r[C_X0]) * x0_scale + np.abs(r[D_X] * x) + np.abs(r[D_M] * m) + np.abs(r[SIGMA] * z)
+    scale = abs(r[C_X0]) * x0_scale + np.abs(r[D_X] * x) + abs(r[D_M]) * mag + np.abs(r[SIGMA] * z)
     for h, w in hs:
         y = y + float(w) * h.astype(np.float64)
         scale = scale + np.abs(float(w) * h.astype(np.float64))
     return y, scale, x0, x0_scale
+
+
+def guided_reference(row, x, m_c, m_u, w, z, hs=()):
+    """float64 (y, scale, x0, x0 scale) of a classifier-free guided step: the step with history
+    whose model output is m = m_u + w (m_c - m_u). The scale bounds m by |m_u| + |w| (|m_c| + |m_u|),
+    which covers the float32 rounding of m (three operations) as well as its use in the step."""
+    m_c, m_u = (np.asarray(v, np.float64) for v in (m_c, m_u))
+    w = float(np.float32(w))
+    m = m_u + w * (m_c - m_u)
+    return history_reference(row, x, m, z, hs, m_mag=np.abs(m_u) + abs(w) * (np.abs(m_c) + np.abs(m_u)))
 
 
 X0_ALONE_NOISE = ["given", "philox", "sigma0"]

@@ -176,3 +176,102 @@ def test_demo_writes_its_pictures(tmp_path, capsys):
     with Image.open(tmp_path / "trajectory.gif") as im:
         assert im.n_frames == 3
     assert demo(["--out", str(tmp_path / "missing"), "-q"]) == 1
+
+
+# ---------------------------------------------------------------------- class-conditional models
+
+@pytest.fixture(scope="module")
+def cond_dir(tmp_path_factory):
+    """A class-conditional model trained for guidance: classes 0-9, null class 10, default w = 3."""
+    cfg = UNetConfig.from_dict({**TINY, "num_class_embeds": 11})
+    path = tmp_path_factory.mktemp("cli-cond") / "cond"
+    Pipeline(cfg, random_weights(cfg, 0), DDPMScheduler(num_train_timesteps=10), null_class=10,
+             guidance_scale=3.0).save(path)
+    return str(path)
+
+
+def test_sample_with_a_label_and_guidance(tmp_path, cond_dir, capsys):
+    rc, so, _ = run(["sample", "-m", cond_dir, "-n", "3", "--label", "7", "--guidance", "2", "--backend", "numba",
+                     "-o", str(tmp_path / "s.png"), "--npy", str(tmp_path / "s.npy")], capsys)
+    assert rc == 0 and "3 images" in so and "label 7, guidance 2" in so
+    pipe = fastddpm.load(cond_dir)
+    np.testing.assert_array_equal(np.load(tmp_path / "s.npy"), pipe(3, labels=7, guidance_scale=2, backend="numba"))
+    rc, so, _ = run(["sample", "-m", cond_dir, "-n", "2", "--label", "4", "--backend", "numba", "-o",
+                     str(tmp_path / "d.png"), "--npy", str(tmp_path / "d.npy")], capsys)
+    assert rc == 0 and "guidance 3" in so                                     # the model's default
+    np.testing.assert_array_equal(np.load(tmp_path / "d.npy"), pipe(2, labels=4, backend="numba"))
+
+
+def test_sample_a_label_list_and_all_labels_one_grid_row_per_class(tmp_path, cond_dir, capsys):
+    rc, so, _ = run(["sample", "-m", cond_dir, "-n", "2", "--label", "1,5", "--backend", "numba", "--scale", "1",
+                     "-o", str(tmp_path / "l.png"), "--npy", str(tmp_path / "l.npy"), "-q"], capsys)
+    assert rc == 0
+    pipe = fastddpm.load(cond_dir)
+    np.testing.assert_array_equal(np.load(tmp_path / "l.npy"), pipe(4, labels=[1, 1, 5, 5], backend="numba"))
+    assert Image.open(tmp_path / "l.png").size == (2 * 8 + 3, 2 * 8 + 3)
+    rc, so, _ = run(["sample", "-m", cond_dir, "-n", "3", "--label", "all", "--guidance", "1", "--backend", "numba",
+                     "--scale", "1", "-o", str(tmp_path / "a.png"), "--npy", str(tmp_path / "a.npy")], capsys)
+    assert rc == 0 and "30 images" in so and "labels 0,1,2,3,4,5,6,7,8,9, guidance 1" in so   # not the null class
+    np.testing.assert_array_equal(np.load(tmp_path / "a.npy"),
+                                  pipe(30, labels=np.repeat(np.arange(10), 3), guidance_scale=1, backend="numba"))
+    assert Image.open(tmp_path / "a.png").size == (3 * 8 + 4, 10 * 8 + 11)    # 10 rows of 3
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--label", "x"], "expected a class label, a comma list of labels or 'all'"),
+    (["--label", ","], "expected a class label"),
+    (["--label", "1,nan"], "expected a class label"),
+    (["--guidance", "-1"], ">= 0"),
+    (["--guidance", "inf"], "finite"),
+])
+def test_sample_bad_label_arguments_exit_2(argv, match, tmp_path, cond_dir, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["sample", "-m", cond_dir, "-o", str(tmp_path / "s.png")] + argv)
+    assert e.value.code == 2 and match in capsys.readouterr().err
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("model, extra, match", [
+    ("cond", ["--label", "11"], "error: --label 11 is out of range: this model has classes 0 .. 10"),
+    ("cond", ["--label", "3,12"], "error: --label 12 is out of range"),
+    ("cond", ["--label", "2.5"], "--label 2.5: .*integer class indices"),
+    ("cond", [], "is class-conditional: pass --label"),
+    ("cond", ["--label", "1,2", "--nrow", "3", "-n", "2"], "one row of -n 2 images per class"),
+    ("cond", ["--label", "1", "--out", "{tmp}/shards", "-n", "2", "--guidance", "nan"], "expected a finite"),
+    ("plain", ["--label", "1"], "--label: .* is unconditional"),
+    ("plain", ["--label", "all"], "--label: .* is unconditional"),
+    ("plain", ["--guidance", "2"], "--guidance: guidance_scale=2.0 needs a model trained for classifier-free"),
+    ("plain", ["--guidance", "2", "--out", "{tmp}/shards"], "--guidance: .*needs a model trained"),
+])
+def test_sample_bad_labels_exit_1_and_write_nothing(model, extra, match, tmp_path, model_dir, cond_dir, capsys):
+    import re
+    argv = ["sample", "-m", cond_dir if model == "cond" else model_dir, "-o", str(tmp_path / "s.png"), "-q",
+            "--backend", "numba"] + [a.replace("{tmp}", str(tmp_path)) for a in extra]
+    if "nan" in extra:
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        assert e.value.code == 2 and re.search(match, capsys.readouterr().err)
+        return
+    rc, so, err = run(argv, capsys)
+    assert rc == 1 and re.search(match, err), err
+    assert "Traceback" not in err and err.count("\n") == 1   # one line, no traceback
+    assert os.listdir(tmp_path) == []
+
+
+def test_sample_labels_into_shards(tmp_path, cond_dir, capsys):
+    from fastddpm.shards import read_shards
+    out = tmp_path / "run"
+    argv = ["sample", "-m", cond_dir, "-n", "3", "--label", "2,6", "--guidance", "1.5", "--backend", "numba",
+            "--out", str(out), "--shard-size", "4"]
+    rc, so, _ = run(argv, capsys)
+    assert rc == 0 and "6 images, labels 2,6, guidance 1.5 in 2 shards" in so
+    pipe = fastddpm.load(cond_dir)
+    np.testing.assert_array_equal(read_shards(out), pipe(6, labels=[2, 2, 2, 6, 6, 6], guidance_scale=1.5,
+                                                          backend="numba"))
+    rc, _, err = run(argv[:6] + ["6,2"] + argv[7:], capsys)                   # other labels: refused
+    assert rc == 1 and "holds shards of another request" in err and "labels" in err
+    rc, _, err = run(["sample", "-m", cond_dir, "-n", "2", "--label", "all", "--backend", "numba", "--out",
+                      str(tmp_path / "all"), "-q"], capsys)
+    assert rc == 0
+    np.testing.assert_array_equal(read_shards(tmp_path / "all"), pipe(20, labels=np.repeat(np.arange(10), 2),
+                                                                     backend="numba"))

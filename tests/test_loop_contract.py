@@ -2,11 +2,13 @@
 engine, the reference engines (PyTorch formulas; the reference U-Net with a backend's fused step)
 and, under the cuda mark, the CUDA engine. Each gets the same calls and must give the same kind of
 answer: x_T keyed by (seed, sample index), kept positions, callbacks every k steps and after the
-last, cancel by a raising callback (the engine stays usable), first_index, argument errors."""
+last, cancel by a raising callback (the engine stays usable), first_index, argument errors; and for
+a class-conditional U-Net with classifier-free guidance, a run of n samples on 2n engine rows."""
 import numpy as np
 import pytest
 
 import fastddpm
+from fastddpm.conditioning import class_embedding, guided_labels
 from fastddpm.executors import EngineOptions, engine_for, get
 from fastddpm.loop import reports
 from fastddpm.schedulers import scheduler_for
@@ -17,6 +19,10 @@ from test_pipeline import TINY
 CFG = UNetConfig.from_dict(TINY)
 WEIGHTS = random_weights(CFG, seed=1)
 STEPS = 7
+# the same U-Net, class-conditional, trained for guidance: classes 0-4, null class 5
+COND = UNetConfig.from_dict({**TINY, "num_class_embeds": 6})
+COND_WEIGHTS = random_weights(COND, seed=1)
+NULL = 5
 
 
 def _usable(name):
@@ -29,14 +35,14 @@ def _engine_factories():
     out = []
 
     def own(name, exact, marks=()):
-        def make(batch, every, name=name):
+        def make(batch, every, name=name, cfg=CFG, weights=WEIGHTS):
             be = get(name)
             why = be if isinstance(be, str) else (
                 be.engine_unavailable() if name == "native-cuda" else be.unavailable())
             if why:
                 pytest.skip(f"{name} cannot run here: {why}")
             opts = EngineOptions(dtype="fp32" if name == "native-cuda" else None, callback_every=every)
-            return be.make_engine(CFG, WEIGHTS, batch, 8, 8, opts)
+            return be.make_engine(cfg, weights, batch, 8, 8, opts)
         out.append(pytest.param(make, exact, id=name, marks=marks))
 
     own("native-cpu", True)
@@ -44,11 +50,11 @@ def _engine_factories():
     own("torch", True)
     own("native-cuda", False, marks=pytest.mark.cuda)
     for step in ("numba", "native-cpu"):
-        def stepped(batch, every, step=step):
+        def stepped(batch, every, step=step, cfg=CFG, weights=WEIGHTS):
             if not _usable(step) or not _usable("torch"):
                 pytest.skip(f"{step} or torch cannot run here")
             from fastddpm.executors.torch_ref import ReferenceEngine
-            return ReferenceEngine(CFG, WEIGHTS, batch, 8, 8, EngineOptions(callback_every=every),
+            return ReferenceEngine(cfg, weights, batch, 8, 8, EngineOptions(callback_every=every),
                                    step_backend=get(step))
         out.append(pytest.param(stepped, True, id=f"reference-unet+{step}-step"))
     return out
@@ -177,3 +183,56 @@ def test_a_multistep_schedule_runs_like_the_reference(make, exact):
     want, _ = ref.run(sched.schedule(), seed=4, first_index=1)
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-4)
     np.testing.assert_array_equal(frames[STEPS], got)
+
+
+def _class_rows(labels, guided=True):
+    labels = np.asarray(labels)
+    return class_embedding(COND, COND_WEIGHTS, guided_labels(labels, NULL) if guided else labels)
+
+
+@pytest.mark.parametrize("make,exact", ENGINES)
+def test_a_guided_run_is_a_run_of_its_n_samples(make, exact):
+    """guidance=w on an engine of 2n rows: x_T, the noise, first_index, the kept frames and the
+    callbacks are those of n samples; the labels matter and the null rows are the null class's."""
+    eng = make(4, 3, cfg=COND, weights=COND_WEIGHTS)
+    schedule = _schedule()
+    seen = []
+    x, frames = eng.run(schedule, seed=11, first_index=3, keep=[0, 2, -1], callback=seen.append,
+                        class_emb=_class_rows([1, 4]), guidance=2.5)
+    assert x.shape == (2, 1, 8, 8) and x.dtype == np.float32 and np.isfinite(x).all()
+    assert sorted(frames) == [0, 2, STEPS] and all(f.shape == (2, 1, 8, 8) for f in frames.values())
+    np.testing.assert_array_equal(frames[STEPS], x)
+    np.testing.assert_allclose(frames[0], fastddpm.noise(11, (2, 1, 8, 8), -1, first_index=3), rtol=0, atol=1e-6)
+    assert seen == [k for k in range(1, STEPS + 1) if reports(k, 3, STEPS)]
+    # sample 1 (label 4, index 4) = sample 0 of a run of the one label at first_index 4
+    one = make(2, 1, cfg=COND, weights=COND_WEIGHTS)
+    b, _ = one.run(schedule, seed=11, first_index=4, class_emb=_class_rows([4]), guidance=2.5)
+    if exact:
+        np.testing.assert_array_equal(b[0], x[1])
+    else:
+        np.testing.assert_allclose(b[0], x[1], rtol=0, atol=1e-5)
+    other, _ = one.run(schedule, seed=11, first_index=4, class_emb=_class_rows([2]), guidance=2.5)
+    assert not np.allclose(other, b)
+    # w = 0 is the null class alone: the unguided run of the null label on n rows
+    zero, _ = one.run(schedule, seed=11, first_index=4, class_emb=_class_rows([4]), guidance=0.0)
+    null, _ = make(1, 1, cfg=COND, weights=COND_WEIGHTS).run(schedule, seed=11, first_index=4,
+                                                           class_emb=_class_rows([NULL], guided=False))
+    np.testing.assert_allclose(zero, null, rtol=0, atol=0 if exact else 1e-5)
+
+
+@pytest.mark.parametrize("make,exact", ENGINES)
+def test_conditional_engine_arguments(make, exact):
+    eng = make(2, 1, cfg=COND, weights=COND_WEIGHTS)
+    schedule = _schedule()
+    with pytest.raises(ValueError, match="class_emb"):
+        eng.run(schedule, seed=0)
+    with pytest.raises(ValueError, match="class_emb"):
+        eng.run(schedule, seed=0, class_emb=_class_rows([1], guided=False))
+    # first_index is checked against the run's samples: 2 unguided, 1 guided
+    with pytest.raises(ValueError, match="first_index"):
+        eng.run(schedule, seed=0, first_index=2**32 - 1, class_emb=_class_rows([1, 2], guided=False))
+    x, _ = eng.run(schedule, seed=0, first_index=2**32 - 1, class_emb=_class_rows([1]), guidance=2.0)
+    assert x.shape == (1, 1, 8, 8)
+    odd = make(3, 1, cfg=COND, weights=COND_WEIGHTS)
+    with pytest.raises(ValueError, match="even engine batch"):
+        odd.run(schedule, seed=0, class_emb=_class_rows([1, 2, 3], guided=False), guidance=2.0)

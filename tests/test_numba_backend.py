@@ -149,4 +149,16 @@ def test_one_compiled_specialisation_for_every_input_kind():
     s.step(m, t, xu, seed=1, backend="numba", out=xu)
     assert np.array_equal(xu, want)
     NUMBA.noise(3, (2, 9), 4)
-    assert len(numba_cpu._step_kernel.signatures) == 1, numba_cpu._step_kernel.signatures
+    # a guided step (classifier-free guidance: the null-class output mu) is the one other
+    # specialisation, whatever kind its mu is
+    from fastddpm.dispatch import fused_step
+    table = s.schedule().table
+    row = s.row_index(t)
+    want_guided = fused_step(x, m, table, row, t, seed=1, backend="numba", uncond_output=z, guidance_scale=2.5)
+    assert np.array_equal(fused_step(ro[0], ro[1], table, row, t, seed=1, backend="numba", uncond_output=ro[2],
+                                     guidance_scale=np.float64(2.5)), want_guided)
+    assert np.array_equal(fused_step(x, m, table, row, t, seed=1, backend="numba", uncond_output=unaligned(z),
+                                     guidance_scale=2.5), want_guided)
+    guided = [sig for sig in numba_cpu._step_kernel.signatures if sig[-2] != numba.types.none]
+    plain = [sig for sig in numba_cpu._step_kernel.signatures if sig[-2] == numba.types.none]
+    assert len(plain) == 1 and len(guided) == 1, numba_cpu._step_kernel.signatures

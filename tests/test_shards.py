@@ -198,3 +198,54 @@ def test_cli_refuses_cluster_options_without_out(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "fastddpm.cli", "sample", "--n", "2", "--ray"],
                           capture_output=True, text=True, cwd=tmp_path, timeout=120)
     assert proc.returncode != 0 and "--ray, --threads and --png need --out DIR" in proc.stderr
+
+
+# ------------------------------------------------------------------ class-conditional models
+
+@pytest.fixture(scope="module")
+def cond():
+    """A small class-conditional model trained for guidance (classes 0-9, null class 10, w = 3)."""
+    from fastddpm.pipeline import Pipeline
+    from fastddpm.train import DIGITS_UNET
+    from fastddpm.unet_config import UNetConfig, random_weights
+    cfg = UNetConfig.from_dict({**DIGITS_UNET, "num_class_embeds": 11})
+    return Pipeline(cfg, random_weights(cfg, seed=0), fastddpm.DDPMScheduler(num_train_timesteps=50),
+                    name="cond", null_class=10, guidance_scale=3.0)
+
+
+COND_OPTS = dict(seed=3, sampler="ddim", steps=3, backend="numba")
+COND_LABELS = [3, 1, 4, 1, 5, 9, 2]
+
+
+def test_shards_with_labels_are_the_single_call(tmp_path, cond):
+    """Each shard gets its slice of the labels (noise keyed by the image index as before): the
+    union is the one guided call; a scalar label labels every image; the manifest names both."""
+    sample_to_disk(cond, 7, tmp_path / "list", shard_size=3, labels=COND_LABELS, guidance_scale=2.0, **COND_OPTS)
+    np.testing.assert_array_equal(read_shards(tmp_path / "list"),
+                                  cond(7, labels=COND_LABELS, guidance_scale=2.0, **COND_OPTS))
+    req = json.loads((tmp_path / "list" / "manifest.json").read_text())["request"]
+    assert req["labels"].startswith("sha256:") and req["guidance_scale"] == 2.0 and req["null_class"] == 10
+    data = sample_to_disk(cond, 5, tmp_path / "one", shard_size=2, labels=7, **COND_OPTS)   # the model's w = 3
+    assert data["request"]["labels"] == 7 and data["request"]["guidance_scale"] == 3.0
+    np.testing.assert_array_equal(read_shards(tmp_path / "one"), cond(5, labels=7, **COND_OPTS))
+
+
+def test_a_rerun_with_other_labels_or_guidance_is_refused(tmp_path, cond):
+    sample_to_disk(cond, 7, tmp_path, shard_size=4, labels=COND_LABELS, **COND_OPTS)
+    for change, field in (({"labels": COND_LABELS[::-1]}, "labels"), ({"labels": 3}, "labels"),
+                          ({"labels": COND_LABELS, "guidance_scale": 5.0}, "guidance_scale")):
+        with pytest.raises(ManifestMismatchError, match=f"{field}: "):
+            sample_to_disk(cond, 7, tmp_path, shard_size=4, **{**COND_OPTS, **change})
+    before = {f: os.stat(tmp_path / f).st_ino for f in _shard_files(tmp_path)}
+    sample_to_disk(cond, 7, tmp_path, shard_size=4, labels=list(COND_LABELS), guidance_scale=3.0, **COND_OPTS)
+    assert {f: os.stat(tmp_path / f).st_ino for f in _shard_files(tmp_path)} == before   # the same request
+
+
+def test_bad_labels_are_refused_before_anything_is_written(tmp_path, cond):
+    for labels, match in ((None, "class-conditional: pass labels="), ([1, 2], "one label or 7"),
+                          (11, "out of range")):
+        with pytest.raises(ValueError, match=match):
+            sample_to_disk(cond, 7, tmp_path, labels=labels, **COND_OPTS)
+    with pytest.raises(ValueError, match="labels were given but this model is unconditional"):
+        sample_to_disk("digits", 2, tmp_path, labels=1, **OPTS)
+    assert not (tmp_path / "manifest.json").exists()

@@ -1,6 +1,7 @@
 """The ``fastddpm`` command (also ``python -m fastddpm``): sample, train, bench, info.
 
     fastddpm sample -n 16 -o samples.png --trajectory trajectory.gif
+    fastddpm sample -m my-conditional-model --label all -n 8 --guidance 3 -o classes.png
     fastddpm train --preset digits
     fastddpm train --dataset ./photos --channels 3 --image-size 32 --steps 20000 --out my-model
     fastddpm bench
@@ -75,6 +76,30 @@ def _int_list(s: str) -> list[int]:
     return out
 
 
+def _labels_arg(s: str):
+    """--label: 'all', or one label or a comma list (integers; numbers for a 'timestep' model)."""
+    if s.strip().lower() == "all":
+        return "all"
+    out = []
+    for p in s.replace(" ", "").split(","):
+        if not p:
+            continue
+        try:
+            out.append(int(p))
+        except ValueError:
+            try:
+                v = float(p)
+            except ValueError:
+                v = float("nan")
+            if v != v or v in (float("inf"), float("-inf")):
+                raise argparse.ArgumentTypeError(f"expected a class label, a comma list of labels or 'all', "
+                                                 f"got {s!r}") from None
+            out.append(v)
+    if not out:
+        raise argparse.ArgumentTypeError(f"expected a class label, a comma list of labels or 'all', got {s!r}")
+    return out
+
+
 def _float_list(s: str) -> list[float]:
     try:
         return [float(p) for p in s.replace(" ", "").split(",") if p]
@@ -103,6 +128,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sampling steps (default: every training timestep for ddpm, 50 for ddim)")
     s.add_argument("--eta", type=_nonneg_float, default=0.0, help="DDIM eta (0: deterministic)")
     s.add_argument("--seed", type=_nonneg_int, default=0)
+    s.add_argument("--label", type=_labels_arg, default=None, metavar="LABELS",
+                   help="a class-conditional model's class: one label, a comma list or 'all' (every class "
+                        "but the null class); -n images per class, one grid row per class")
+    s.add_argument("--guidance", type=_nonneg_float, default=None, metavar="W",
+                   help="classifier-free guidance scale (default: the model's; 1: none)")
     s.add_argument("--backend", default="auto", help="auto, native-cpu, numba, torch, native-cuda")
     s.add_argument("-o", "--output", default="samples.png", help="grid picture (default samples.png)")
     s.add_argument("--nrow", type=_positive_int, default=None, help="images per grid row")
@@ -218,24 +248,78 @@ def _precheck_output(path: str, allowed, what: str) -> str:
         raise CliError(str(exc)) from None
 
 
+def _class_labels(pipe, spec, n: int):
+    """(labels for the call or None, the classes named): -n images of each class of --label,
+    class by class; every problem a CliError naming --label / --guidance."""
+    import numpy as np
+    from .conditioning import check_labels, num_labels
+    cfg = pipe.unet_config
+    kind = cfg.class_embedding_kind
+    name = pipe.name or "the model"
+    if spec is None:
+        if kind is not None:
+            what = f"0 .. {cfg.num_class_embeds - 1}" if kind == "table" else "numbers"
+            raise CliError(f"{name} is class-conditional: pass --label (labels {what}, a comma list or 'all')")
+        return None, None
+    if kind is None:
+        raise CliError(f"--label: {name} is unconditional (its U-Net has no class embedding)")
+    if kind == "identity":
+        raise CliError(f"--label: {name} takes class embeddings (class_embed_type='identity'), not labels: "
+                       "use the Python API (fastddpm.sample(..., labels=array [n, D]))")
+    if spec == "all":
+        if num_labels(cfg) is None:
+            raise CliError(f"--label all: {name}'s labels are numbers (class_embed_type='timestep'), not "
+                           "classes to enumerate; name them")
+        spec = [c for c in range(cfg.num_class_embeds) if c != pipe.null_class]
+    classes = []
+    for c in spec:
+        try:
+            classes.append(check_labels(cfg, c, 1)[0])
+        except (ValueError, TypeError) as exc:
+            msg = str(exc)   # "labels = 11 is out of range: ..." -> "--label 11 is out of range: ..."
+            raise CliError(msg.replace("labels = ", "--label ", 1) if msg.startswith("labels = ")
+                           else f"--label {c}: {msg}") from None
+    classes = np.array(classes)
+    return (classes[0].item() if len(classes) == 1 else np.repeat(classes, n)), [c.item() for c in classes]
+
+
+def _check_guidance(pipe, guidance) -> None:
+    try:
+        pipe._guidance(guidance)
+    except (ValueError, TypeError) as exc:
+        raise CliError(f"--guidance: {exc}") from None
+
+
+def _conditioning_note(classes, pipe, guidance) -> str:
+    if classes is None:
+        return ""
+    w = pipe.guidance_scale if guidance is None else guidance
+    shown = ",".join(str(c) for c in classes[:12]) + (",..." if len(classes) > 12 else "")
+    return f", label{'s' if len(classes) > 1 else ''} {shown}, guidance {w:g}"
+
+
 def cmd_sample_to_disk(args) -> int:
-    from .pipeline import default_model
+    from .pipeline import _cached, default_model
     from .shards import sample_to_disk
     if args.sampler != "ddim" and args.eta != 0:
         raise CliError("--eta is a DDIM parameter: add --sampler ddim")
+    model = default_model() if args.model is None else args.model
+    pipe = _cached(model)
+    labels, classes = _class_labels(pipe, args.label, args.n)
+    _check_guidance(pipe, args.guidance)
+    total = args.n * (len(classes) if classes else 1)
     t0 = time.perf_counter()
-    data = sample_to_disk(default_model() if args.model is None else args.model, args.n, args.out,
+    data = sample_to_disk(model, total, args.out,
                           seed=args.seed, shard_size=args.shard_size, sampler=args.sampler, steps=args.steps,
                           eta=args.eta, backend=args.backend, cluster=args.ray, threads=args.threads,
-                          png=args.png, progress=not args.quiet)
+                          png=args.png, progress=not args.quiet, labels=labels, guidance_scale=args.guidance)
     if not args.quiet:
-        print(f"{args.n} images in {len(data['shards'])} shards in {os.path.abspath(args.out)} "
-              f"({time.perf_counter() - t0:.1f} s)")
+        print(f"{total} images{_conditioning_note(classes, pipe, args.guidance)} in {len(data['shards'])} shards "
+              f"in {os.path.abspath(args.out)} ({time.perf_counter() - t0:.1f} s)")
     return 0
 
 
 def cmd_sample(args) -> int:
-    import numpy as np
     from . import images as im
     if args.out is not None:
         return cmd_sample_to_disk(args)
@@ -263,20 +347,27 @@ def cmd_sample(args) -> int:
     for w in caught:
         print(f"{PROG} sample: warning: {w.message}", file=sys.stderr)
     pipe = _cached(model)
+    labels, classes = _class_labels(pipe, args.label, args.n)
+    _check_guidance(pipe, args.guidance)
+    count, nrow = args.n, args.nrow
+    if classes is not None and len(classes) > 1:   # -n images per class, one grid row per class
+        if nrow is not None and nrow != args.n:
+            raise CliError(f"--nrow {nrow}: with several classes the grid has one row of -n {args.n} images per class")
+        count, nrow = args.n * len(classes), args.n
     be = sampling_backend(args.backend)
     sched = pipe.scheduler_for(args.sampler, args.steps)
     total = len(sched.timesteps)
     keep = im.trajectory_steps(total, max(2, args.frames)) if traj_paths else None
 
     t0 = time.perf_counter()
-    out = pipe(args.n, steps=args.steps, sampler=args.sampler, seed=args.seed, backend=args.backend,
-               eta=args.eta, progress=not args.quiet, trajectory=keep)
+    out = pipe(count, steps=args.steps, sampler=args.sampler, seed=args.seed, backend=args.backend,
+               eta=args.eta, progress=not args.quiet, trajectory=keep, labels=labels, guidance_scale=args.guidance)
     seconds = time.perf_counter() - t0
     images = out.images if keep is not None else out
 
     written = []
     try:
-        written.append(im.save_grid(images, args.output, nrow=args.nrow, scale=args.scale))
+        written.append(im.save_grid(images, args.output, nrow=nrow, scale=args.scale))
         if traj_paths:
             for p in traj_paths:
                 written.append(im.save_trajectory(out, p, scale=args.scale))
@@ -290,8 +381,8 @@ def cmd_sample(args) -> int:
                 pass
         raise
     if not args.quiet:
-        print(f"{args.n} images ({pipe.name}, {args.sampler} {total} steps, seed {args.seed}) in "
-              f"{seconds:.2f} s on {_describe_backend(be, pipe)}")
+        print(f"{count} images ({pipe.name}, {args.sampler} {total} steps, seed {args.seed}"
+              f"{_conditioning_note(classes, pipe, args.guidance)}) in {seconds:.2f} s on {_describe_backend(be, pipe)}")
         for p in written:
             print(f"wrote {p}")
     return 0

@@ -5,6 +5,7 @@ happens here, before any kernel runs; the compiled entry points check again.
 """
 from __future__ import annotations
 
+import numbers
 
 import numpy as np
 
@@ -44,20 +45,39 @@ def _contiguous(a: np.ndarray) -> np.ndarray:
 
 
 def fused_step(sample, model_output, table: np.ndarray, row: int, noise_step: int, noise=None,
-               seed=None, first_index=0, backend="auto", out=None, history=None):
+               seed=None, first_index=0, backend="auto", out=None, history=None, uncond_output=None,
+               guidance_scale=None):
     """One sampler step over every element; see fastddpm.schedulers for the maths. history: None,
     or (h1, h2, x0_out) of a multistep solver: the previous x0 predictions (None where there is
-    none yet) and the array that receives this step's x0 (the kind and shape of sample)."""
+    none yet) and the array that receives this step's x0 (the kind and shape of sample).
+
+    Classifier-free guidance: ``uncond_output`` (the null-class model output, the kind, dtype and
+    shape of model_output) and ``guidance_scale`` w, given together: the step uses the model output
+    uncond + w (model_output - uncond), formed in the same pass (float32, in that order)."""
+    guide = None
+    if uncond_output is not None or guidance_scale is not None:
+        guide = (uncond_output, _guidance_scale(uncond_output, guidance_scale))
     if type(sample) is np.ndarray:
         return _step_numpy(sample, model_output, table, row, noise_step, noise, seed, first_index, backend, out,
-                           history)
+                           history, guide)
     if _is_torch(sample):
         return _step_torch(sample, model_output, table, row, noise_step, noise, seed, first_index, backend, out,
-                           history)
+                           history, guide)
     raise TypeError(f"sample must be a NumPy array or a torch tensor, got {_describe(sample)}")
 
 
-def _step_numpy(x, m, table, row, noise_step, noise, seed, first_index, backend, out, history=None):
+def _guidance_scale(uncond_output, guidance_scale) -> float:
+    if uncond_output is None or guidance_scale is None:
+        raise ValueError("uncond_output and guidance_scale go together: pass both for a guided step, or neither")
+    if isinstance(guidance_scale, (bool, np.bool_)) or not isinstance(guidance_scale, numbers.Real):
+        raise TypeError(f"guidance_scale must be a number, got {type(guidance_scale).__name__}")
+    w = float(guidance_scale)
+    if not np.isfinite(w):
+        raise ValueError(f"guidance_scale must be finite, got {guidance_scale!r}")
+    return w
+
+
+def _step_numpy(x, m, table, row, noise_step, noise, seed, first_index, backend, out, history=None, guide=None):
     shape = x.shape
     if x.dtype != _F32:
         raise TypeError(f"sample must be float32, got {x.dtype}")
@@ -76,9 +96,13 @@ def _step_numpy(x, m, table, row, noise_step, noise, seed, first_index, backend,
     xc = x if x.flags.c_contiguous else np.ascontiguousarray(x)
     mc = m if m.flags.c_contiguous else np.ascontiguousarray(m)
     extra = (noise,) if history is None else (noise, _numpy_history(history, shape))
+    kw = {}
+    if guide is not None:   # only then: a backend's step without guidance support is called as before
+        guide = (_contiguous(_check_numpy("uncond_output", guide[0], shape)), guide[1])
+        kw["guide"] = guide
     if out is None:
         result = np.empty(shape, dtype=_F32)
-        be.step(xc, mc, result, table, row, seed, noise_step, first_index, *extra)
+        be.step(xc, mc, result, table, row, seed, noise_step, first_index, *extra, **kw)
         return result
     _check_numpy("out", out, shape)
     out_flags = out.flags
@@ -87,11 +111,13 @@ def _step_numpy(x, m, table, row, noise_step, noise, seed, first_index, backend,
     # in place (out is sample) is the common case and safe: each element is read before it is
     # written. Any other overlap, or a strided out, goes through a temporary.
     direct = out is xc or (out_flags.c_contiguous and _disjoint(out, xc, mc, noise))
+    if direct and guide is not None and out is not xc:
+        direct = not np.may_share_memory(out, guide[0])
     if direct:
-        be.step(xc, mc, out, table, row, seed, noise_step, first_index, *extra)
+        be.step(xc, mc, out, table, row, seed, noise_step, first_index, *extra, **kw)
     else:
         tmp = np.empty(shape, dtype=_F32)
-        be.step(xc, mc, tmp, table, row, seed, noise_step, first_index, *extra)
+        be.step(xc, mc, tmp, table, row, seed, noise_step, first_index, *extra, **kw)
         np.copyto(out, tmp)
     return out
 
@@ -119,11 +145,12 @@ def _disjoint(out: np.ndarray, x: np.ndarray, m: np.ndarray, noise) -> bool:
                 or (noise is not None and np.may_share_memory(out, noise)))
 
 
-def _step_torch(x, m, table, row, noise_step, noise, seed, first_index, backend, out, history=None):
+def _step_torch(x, m, table, row, noise_step, noise, seed, first_index, backend, out, history=None, guide=None):
     import torch
 
     shape = tuple(x.shape)
-    for name, a in (("model_output", m), ("noise", noise), ("out", out)):
+    mu = None if guide is None else guide[0]
+    for name, a in (("model_output", m), ("uncond_output", mu), ("noise", noise), ("out", out)):
         if a is None:
             continue
         if not _is_torch(a):
@@ -143,7 +170,7 @@ def _step_torch(x, m, table, row, noise_step, noise, seed, first_index, backend,
         arrays = [None if a is None else a.detach().numpy() for a in (x, m, noise, out)]
         hist = None if history is None else tuple(None if h is None else h.detach().numpy() for h in history)
         result = _step_numpy(arrays[0], arrays[1], table, row, noise_step, arrays[2], seed, first_index,
-                             backend, arrays[3], hist)
+                             backend, arrays[3], hist, None if guide is None else (mu.detach().numpy(), guide[1]))
         return out if out is not None else torch.from_numpy(result)
     seed = 0 if noise is not None and seed is None else validate.seed(seed, fresh_if_none=True)
     first_index = validate.first_index(first_index, shape[0])
@@ -152,12 +179,14 @@ def _step_torch(x, m, table, row, noise_step, noise, seed, first_index, backend,
         xc, mc = x.detach().contiguous(), m.detach().contiguous()
         nc = None if noise is None else noise.detach().contiguous()
         extra = (nc,) if history is None else (nc, history)
+        kw = {} if guide is None else {"guide": (mu.detach().contiguous(), guide[1])}
+        uc = None if guide is None else kw["guide"][0]
         if out is not None and out.is_contiguous() and (out.data_ptr() == xc.data_ptr() or not any(
-                _overlaps(out, a) for a in (xc, mc, nc) if a is not None)):
-            be.step(xc, mc, out, table, row, seed, noise_step, first_index, *extra)
+                _overlaps(out, a) for a in (xc, mc, nc, uc) if a is not None)):
+            be.step(xc, mc, out, table, row, seed, noise_step, first_index, *extra, **kw)
             return out
         result = torch.empty(shape, dtype=torch.float32, device=x.device)
-        be.step(xc, mc, result, table, row, seed, noise_step, first_index, *extra)
+        be.step(xc, mc, result, table, row, seed, noise_step, first_index, *extra, **kw)
         if out is None:
             return result
         out.copy_(result)

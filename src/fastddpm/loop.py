@@ -11,6 +11,20 @@ For a schedule of S steps (schedulers.StepSchedule), seed s and first_index f:
 - ``callback(k)`` runs after step k when ``reports(k, every, S)``: every ``every`` steps and after
   the last. An exception it raises stops the loop between steps and propagates (cancel); Ctrl-C
   stops it between steps too. The engine stays usable either way.
+
+Class conditioning and classifier-free guidance (conditioning.py; Engine.run's class_emb and
+guidance):
+- ``class_emb`` [rows, D] is fixed for the whole call: every U-Net evaluation adds row r to the
+  time embedding of batch row r. It changes nothing above: x_T, the noise and ``first_index``
+  are keyed by the samples, not by their labels.
+- ``guidance = w``: a run makes n = batch // 2 samples. Everything above is that of an unguided
+  run of n samples (x_T, the noise of each step, first_index, the frames and the x0 history are
+  n rows). Each step evaluates the U-Net once on the 2n rows [x, x], with class_emb rows [0, n)
+  (the labels) and [n, 2n) (the null class), and the fused step reads both halves of the output:
+  m_c = rows [0, n), m_u = rows [n, 2n), model output m_u + w (m_c - m_u) formed in the step's
+  own pass (float32, that order: step.h step_guided_output), never stored.
+- ``guidance = None`` (w = 1 included: the pipeline never guides with w = 1): the unguided loop, a
+  conditional one if class_emb is given; its code path and bits are those of an unconditional run.
 """
 from __future__ import annotations
 
@@ -71,9 +85,10 @@ def empty_like(a):
     return a.new_empty(a.shape) if hasattr(a, "new_empty") else np.empty(a.shape, dtype=a.dtype)
 
 
-def fused_steps(backend, schedule, seed: int, first_index: int, x):
+def fused_steps(backend, schedule, seed: int, first_index: int, x, guidance: float | None = None):
     """step(k, t, x, m) for run_loop: the backend's fused step in place, with the x0 ring of a
-    multistep schedule (buffers like x)."""
+    multistep schedule (buffers like x). With ``guidance`` w, m holds 2n rows for the n rows of x
+    (the conditional outputs, then the null class's) and the step is guided (module docstring)."""
     history = History(schedule.history, x)
 
     def step(k, t, x, m):
@@ -83,4 +98,13 @@ def fused_steps(backend, schedule, seed: int, first_index: int, x):
         else:
             backend.step(x, m, x, schedule.table, k, seed, t, first_index, None, hist)
         return x
-    return step
+
+    if guidance is None:
+        return step
+    n = x.shape[0]
+
+    def guided_step(k, t, x, m):
+        backend.step(x, m[:n], x, schedule.table, k, seed, t, first_index, None, history.for_step(k),
+                     guide=(m[n:], guidance))
+        return x
+    return guided_step

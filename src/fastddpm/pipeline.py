@@ -23,7 +23,7 @@ import numpy as np
 
 from . import executors, validate
 from ._files import check_inside, errors_name, read_json_object
-from .conditioning import check_guidance, check_null_class
+from .conditioning import check_guidance, check_labels, check_null_class, class_embedding, guided_labels
 from .executors import EngineOptions
 from .limits import check_request, engine_cache_size
 from .schedulers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler,
@@ -76,20 +76,31 @@ class Sampler:
 
         s = fastddpm.load("digits").sampler(batch=1, sampler="ddim", steps=50)
         x0 = s(seed=1)            # float32 [1, C, H, W] in the model's range
-    """
 
-    def __init__(self, pipeline, engine, schedule):
+    A class-conditional model's sampler takes the labels per call (``s(seed=1, labels=[3])``); its
+    guidance scale is fixed when it is made (a guided sampler's engine runs 2 x batch rows)."""
+
+    def __init__(self, pipeline, engine, schedule, guidance: float | None = None):
         self.pipeline, self.engine, self.schedule = pipeline, engine, schedule
-        self.shape = engine.input_shape
+        self.guidance_scale = guidance      # None: unguided (w = 1)
+        self.batch = engine.samples(guidance)
+        self.shape = (self.batch,) + tuple(engine.input_shape[1:])
+        self._class_emb = (None, None)      # (labels, embedding) of the last call
 
     @property
     def steps(self) -> int:
         return len(self.schedule)
 
-    def __call__(self, seed: int = 0, *, first_index: int = 0, keep=(), callback=None):
+    def __call__(self, seed: int = 0, *, labels=None, first_index: int = 0, keep=(), callback=None):
         """x0 float32 [N, C, H, W] (NumPy); with ``keep``: (x0, {position: frame})."""
+        labels = check_labels(self.pipeline.unet_config, labels, self.batch)
+        last, emb = self._class_emb
+        if labels is not None and not (last is not None and np.array_equal(last, labels)):
+            emb = self.pipeline._class_rows(labels, self.guidance_scale)
+            self._class_emb = (labels.copy(), emb)   # a copy: the caller may reuse its array
         x, frames = self.engine.run(self.schedule, seed=seed, first_index=first_index, keep=keep,
-                                    callback=callback)
+                                    callback=callback, class_emb=None if labels is None else emb,
+                                    guidance=self.guidance_scale)
         return (x, frames) if keep else x
 
 
@@ -152,10 +163,12 @@ class Pipeline:
             self._engines.move_to_end(key)
             return engine
 
-    def _check_request(self, n: int, height: int, width: int, frames: int, what: str, history: int = 0) -> None:
+    def _check_request(self, n: int, height: int, width: int, frames: int, what: str, history: int = 0,
+                       rows: int | None = None) -> None:
         """Refuse, before any allocation, a request whose buffers would exceed the limit
-        (limits.py): the plan's activations of n samples plus n images per kept frame, and for a
-        multistep solver (history > 0) the engines' ring of three x0 images."""
+        (limits.py): the plan's activations of the engine's rows (n, or 2n for a guided run) plus
+        n images per kept frame, and for a multistep solver (history > 0) the engines' ring of
+        three x0 images."""
         with self._lock:
             per = self._per_sample_floats.get((height, width))
             if per is None:
@@ -163,15 +176,39 @@ class Pipeline:
                 per = self._per_sample_floats[(height, width)] = sum(build_plan(self.unet_config, 1, height, width)
                                                                      .slot_sizes)
         image = self.unet_config.in_channels * height * width
-        check_request(what, 4 * n * (per + image * (2 + frames + (3 if history else 0))))
+        rows = n if rows is None else rows
+        check_request(what, 4 * (rows * per + n * image * (2 + frames + (3 if history else 0))))
 
-    def unet(self, sample, timestep, backend="auto"):
+    # ------------------------------------------------------------------ conditioning
+    def _guidance(self, guidance_scale) -> float | None:
+        """The guidance scale of a call, checked (None: the pipeline's default); None for w = 1."""
+        return check_guidance(self.guidance_scale if guidance_scale is None else guidance_scale, self.null_class)
+
+    def _class_rows(self, labels: np.ndarray, guidance: float | None) -> np.ndarray:
+        """The class embedding of an engine's rows for checked labels: [n, D], or with guidance
+        [2n, D] (the labels' rows, then the null class's)."""
+        if guidance is not None:
+            labels = guided_labels(labels, self.null_class)
+        return class_embedding(self.unet_config, self.weights, labels)
+
+    def _class_emb(self, labels, n: int, guidance: float | None) -> np.ndarray | None:
+        """The class embedding of a request's engine rows, its labels checked (None for an
+        unconditional model: a guidance != 1 was refused by _guidance, for want of a null class).
+        Called after the request-size check: it allocates [rows, D]."""
+        labels = check_labels(self.unet_config, labels, n)
+        return None if labels is None else self._class_rows(labels, guidance)
+
+    def unet(self, sample, timestep, backend="auto", *, labels=None):
         """One U-Net forward: the model output for ``sample`` [N, C, H, W] at ``timestep`` (an int,
-        or one per sample). NumPy in, NumPy out; torch tensors in, torch tensors out."""
+        or one per sample), conditioned on ``labels`` (one, or one per sample) for a class-
+        conditional model. NumPy in, NumPy out; torch tensors in, torch tensors out."""
         is_numpy = isinstance(sample, np.ndarray)
+        if getattr(sample, "ndim", None) != 4 or sample.shape[1] != self.unet_config.in_channels:
+            shape = tuple(sample.shape) if hasattr(sample, "shape") else type(sample).__name__
+            raise ValueError(f"sample must be [N, {self.unet_config.in_channels}, H, W], got {shape}")
+        labels = check_labels(self.unet_config, labels, int(sample.shape[0]))
+        class_emb = None if labels is None else self._class_rows(labels, None)
         if is_numpy:
-            if sample.ndim != 4 or sample.shape[1] != self.unet_config.in_channels:
-                raise ValueError(f"sample must be [N, {self.unet_config.in_channels}, H, W], got {sample.shape}")
             if sample.dtype != np.float32:
                 raise TypeError(f"sample must be float32, got {sample.dtype}")
             self.unet_config.check_image_size(sample.shape[2], sample.shape[3])
@@ -179,11 +216,12 @@ class Pipeline:
             self._check_request(sample.shape[0], sample.shape[2], sample.shape[3], 0,
                                 f"a U-Net forward of batch {sample.shape[0]}")
             engine = self._engine(be, *sample.shape[:1], *sample.shape[2:], EngineOptions(dtype=be.check_dtype(None)))
-            return engine.forward(np.ascontiguousarray(sample), timestep)
+            return engine.forward(np.ascontiguousarray(sample), timestep, class_emb)
         import torch
         executors.select(backend, "cuda" if sample.is_cuda else "cpu")   # refuse an impossible request
         with torch.no_grad():
-            return self.reference_unet(sample.device)(sample, timestep)
+            ce = None if class_emb is None else torch.from_numpy(class_emb).to(sample.device)
+            return self.reference_unet(sample.device)(sample, timestep, class_emb=ce)
 
     # ------------------------------------------------------------------ sampling
     def scheduler_for(self, sampler: str, steps: int | None):
@@ -213,22 +251,32 @@ class Pipeline:
 
     def __call__(self, n: int = 1, *, steps: int | None = None, sampler: str = "ddpm", seed: int | None = 0,
                  backend: str = "auto", eta: float = 0.0, output: str = "uint8", progress: bool = False,
-                 trajectory: Sequence[int] | None = None, first_index: int = 0, dtype: str | None = None):
+                 trajectory: Sequence[int] | None = None, first_index: int = 0, dtype: str | None = None,
+                 labels=None, guidance_scale: float | None = None):
+        """``labels``: a class-conditional model's labels (one for all, or one per sample);
+        ``guidance_scale``: classifier-free guidance w (None: the pipeline's default,
+        ``self.guidance_scale``; 1: the conditional model alone)."""
         if output not in _OUTPUTS:
             raise ValueError(f"output must be one of {_OUTPUTS}, got {output!r}")
         n, schedule, be, options = self._prepare(n, sampler, steps, eta, backend, dtype)
+        guidance = self._guidance(guidance_scale)
+        rows = n if guidance is None else 2 * n      # guided: the n samples twice (labels, null class)
         seed = validate.seed(seed, fresh_if_none=True)
         first_index = validate.first_index(first_index, n)
         total = len(schedule)
         keep = validate.positions(trajectory, total)
         h, w = self.image_size
-        self._check_request(n, h, w, len(keep), f"sampling n={n} images of {h}x{w}", schedule.history)
+        self._check_request(n, h, w, len(keep), f"sampling n={n} images of {h}x{w}"
+                            + ("" if guidance is None else f" with guidance ({rows} U-Net rows)"),
+                            schedule.history, rows=rows)
+        class_emb = self._class_emb(labels, n, guidance)
 
         bar = _progress_bar(total, progress, f"{sampler} {total} steps on {be.name}")
         try:
             callback = None if bar is None else (lambda k: bar.update(k - bar.n))
-            engine = self._engine(be, n, h, w, options)
-            x, frames = engine.run(schedule, seed=seed, first_index=first_index, keep=keep, callback=callback)
+            engine = self._engine(be, rows, h, w, options)
+            x, frames = engine.run(schedule, seed=seed, first_index=first_index, keep=keep, callback=callback,
+                                   class_emb=class_emb, guidance=guidance)
         finally:
             if bar is not None:
                 bar.close()
@@ -240,15 +288,20 @@ class Pipeline:
                             timesteps=schedule.position_timesteps(keep))
 
     def sampler(self, batch: int = 1, *, sampler: str = "ddpm", steps: int | None = None, eta: float = 0.0,
-                backend: str = "auto", dtype: str | None = None, device: int = 0) -> "Sampler":
-        """A fixed (batch, sampler, steps, eta, backend, dtype) ready to run again and again: the
-        engine and the schedule are made once (on CUDA: weights on the device, graph captured)."""
+                backend: str = "auto", dtype: str | None = None, device: int = 0,
+                guidance_scale: float | None = None) -> "Sampler":
+        """A fixed (batch, sampler, steps, eta, backend, dtype, guidance) ready to run again and
+        again: the engine and the schedule are made once (on CUDA: weights on the device, graph
+        captured). A class-conditional model's labels are given per call (Sampler.__call__)."""
         batch, schedule, be, options = self._prepare(batch, sampler, steps, eta, backend, dtype)
+        guidance = self._guidance(guidance_scale)
+        rows = batch if guidance is None else 2 * batch
         h, w = self.image_size
-        self._check_request(batch, h, w, 0, f"a sampler of batch {batch} for {h}x{w} images", schedule.history)
+        self._check_request(batch, h, w, 0, f"a sampler of batch {batch} for {h}x{w} images", schedule.history,
+                            rows=rows)
         options = EngineOptions(dtype=options.dtype, device=validate.integer(device, "device"))
-        engine = executors.engine_for(be, self.unet_config, self.weights, batch, h, w, options)
-        return Sampler(self, engine, schedule)
+        engine = executors.engine_for(be, self.unet_config, self.weights, rows, h, w, options)
+        return Sampler(self, engine, schedule, guidance)
 
     # ------------------------------------------------------------------ saving
     def save(self, path) -> str:
@@ -397,11 +450,15 @@ def default_model() -> str:
 
 def sample(model=None, n: int = 1, *, steps: int | None = None, sampler: str = "ddpm", seed: int | None = 0,
            backend: str = "auto", eta: float = 0.0, output: str = "uint8", progress: bool = False,
-           trajectory: Sequence[int] | None = None, dtype: str | None = None):
+           trajectory: Sequence[int] | None = None, dtype: str | None = None, labels=None,
+           guidance_scale: float | None = None):
     """Sample ``n`` images. ``model=None``: the bundled model. Returns uint8 [n, H, W, C]
     (``output="float"``: float32 [n, C, H, W] in [-1, 1]); with ``trajectory`` a SampleResult.
     ``dtype`` ("fp32", "tf32", "bf16", "fp16"): the CUDA engine's precision (default tf32; fp32
-    means no TF32); CPU backends compute in fp32."""
+    means no TF32); CPU backends compute in fp32. ``labels``: a class-conditional model's class
+    (one for all, or one per sample); ``guidance_scale``: classifier-free guidance w (None: the
+    model's default; 1: no guidance)."""
     pipe = _cached(default_model() if model is None else model)
     return pipe(n, steps=steps, sampler=sampler, seed=seed, backend=backend, eta=eta, output=output,
-                progress=progress, trajectory=trajectory, dtype=dtype)
+                progress=progress, trajectory=trajectory, dtype=dtype, labels=labels,
+                guidance_scale=guidance_scale)

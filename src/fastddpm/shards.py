@@ -7,13 +7,19 @@ index and step, and the engines are batch invariant), so shard j = images [j*k, 
 
 out_dir/
   manifest.json          the request (model hash, sampler, steps, eta, seed, n, shard size, image
-                         shape) and each finished shard's range and SHA-256, rewritten atomically
+                         shape; for a class-conditional model the labels and the guidance scale)
+                         and each finished shard's range and SHA-256, rewritten atomically
   shard-000000.npz ...   uint8 [k, H, W, C] under the key "images", each written atomically
   png/000000123.png      (png=True) one picture per image
 
 A rerun of the same request skips the shards whose file matches its recorded checksum and redoes
 the rest (missing, corrupt, or in flight when a run was killed); another request in the same
 directory is an error naming the fields that differ.
+
+A class-conditional model's labels are one label for every image, or one per image (shard j gets
+its slice; the noise stays keyed by the image index, so the shards are still the one call
+``sample(n, seed, labels=...)``); the manifest records a single label as itself and a list by its
+SHA-256, and the guidance scale the run used (the model's default when none is given).
 """
 from __future__ import annotations
 
@@ -191,18 +197,34 @@ def _fault_for_tests(index: int) -> None:
     os._exit(1)
 
 
-def _run_shard(spec: str, expect_hash: str, index: int, first: int, count: int, opts: dict) -> np.ndarray:
+def _run_shard(spec: str, expect_hash: str, index: int, first: int, count: int, opts: dict,
+               labels=None) -> np.ndarray:
+    """labels: this shard's (None for an unconditional model)."""
     _fault_for_tests(index)
     pipe = _worker_pipeline(spec, expect_hash)
-    return pipe(count, first_index=first, output="uint8", **opts)   # uint8 [count, H, W, C]
+    return pipe(count, first_index=first, output="uint8", labels=labels, **opts)   # uint8 [count, H, W, C]
+
+
+def _labels_record(given, labels: np.ndarray):
+    """How the manifest names a run's labels: one label as itself, a list by the SHA-256 of its
+    checked values (dtype and shape included), so a rerun with other labels is refused."""
+    if np.ndim(given) == 0:
+        return labels[0].item()
+    h = hashlib.sha256(f"{labels.dtype.str}{labels.shape}".encode())
+    h.update(np.ascontiguousarray(labels).tobytes())
+    return f"sha256:{h.hexdigest()}"
 
 
 # ------------------------------------------------------------------ the driver
 
 def sample_to_disk(model, n: int, out_dir, *, seed: int = 0, shard_size: int = 1000, sampler: str = "ddpm",
                    steps: int | None = None, eta: float = 0.0, backend: str = "auto", cluster=None,
-                   threads: int | None = None, png: bool = False, progress: bool = False) -> dict:
+                   threads: int | None = None, png: bool = False, progress: bool = False, labels=None,
+                   guidance_scale: float | None = None) -> dict:
     """Sample ``n`` images into ``out_dir`` as shards of ``shard_size`` (see the module doc).
+
+    labels: a class-conditional model's labels, one for all images or a sequence of n (shard j
+    gets its slice); guidance_scale: classifier-free guidance (None: the model's default).
 
     model: a bundled name, a preset, a model directory or a Pipeline (saved into out_dir/model
     for the workers of a cluster). cluster: None or "local" (in this process), "ray" (a local Ray
@@ -220,7 +242,7 @@ def sample_to_disk(model, n: int, out_dir, *, seed: int = 0, shard_size: int = 1
     os.makedirs(out_dir, exist_ok=True)
     with _DirectoryLock(out_dir):
         return _sample_to_disk(load(model), model, n, out_dir, seed, shard_size, sampler, steps, eta, backend,
-                               cluster, threads, png, progress)
+                               cluster, threads, png, progress, labels, guidance_scale)
 
 
 class _DirectoryLock:
@@ -245,9 +267,12 @@ class _DirectoryLock:
 
 
 def _sample_to_disk(pipe, model, n, out_dir, seed, shard_size, sampler, steps, eta, backend, cluster, threads,
-                    png, progress) -> dict:
+                    png, progress, given_labels=None, guidance_scale=None) -> dict:
     from . import executors
+    from .conditioning import check_labels
     from .pipeline import Pipeline
+    labels = check_labels(pipe.unet_config, given_labels, n)   # before anything is written
+    guidance = pipe._guidance(guidance_scale)
     for stale in os.listdir(out_dir):   # temporary files of a killed run (this driver holds the lock)
         if stale.startswith((".shard-", f".{MANIFEST}.")) and stale.endswith(".tmp"):
             os.unlink(os.path.join(out_dir, stale))
@@ -269,8 +294,12 @@ def _sample_to_disk(pipe, model, n, out_dir, seed, shard_size, sampler, steps, e
     request = {"format": FORMAT, "model_hash": model_hash(pipe), "sampler": sampler,
                "steps": len(sched.timesteps), "eta": float(eta), "seed": seed, "n": n,
                "shard_size": shard_size, "image_shape": [h, w, pipe.unet_config.in_channels], "backend": backend}
+    if labels is not None:   # only for a conditional model: an unconditional run's manifest is as it was
+        request.update({"labels": _labels_record(given_labels, labels), "null_class": pipe.null_class,
+                        "guidance_scale": 1.0 if guidance is None else guidance})
     manifest = _Manifest(out_dir, request)
-    opts = {"seed": seed, "sampler": sampler, "steps": len(sched.timesteps), "eta": float(eta), "backend": backend}
+    opts = {"seed": seed, "sampler": sampler, "steps": len(sched.timesteps), "eta": float(eta), "backend": backend,
+            "guidance_scale": 1.0 if guidance is None else guidance}
     shards = [(j, j * shard_size, min(shard_size, n - j * shard_size)) for j in range(-(-n // shard_size))]
     todo = [s for s in shards if not manifest.verified(out_dir, s[0])]
     if png:   # verified shards of an earlier run without PNGs get theirs from the shard files
@@ -295,16 +324,21 @@ def _sample_to_disk(pipe, model, n, out_dir, seed, shard_size, sampler, steps, e
     try:
         if cluster in (None, "local"):
             for index, first, count in todo:
-                finish(index, first, count, _run_shard(spec, request["model_hash"], index, first, count, opts))
+                finish(index, first, count, _run_shard(spec, request["model_hash"], index, first, count, opts,
+                                                       _slice(labels, first, count)))
         else:
-            _run_on_ray(cluster, spec, request["model_hash"], todo, opts, threads, finish)
+            _run_on_ray(cluster, spec, request["model_hash"], todo, opts, threads, finish, labels)
     finally:
         if bar is not None:
             bar.close()
     return manifest.data
 
 
-def _run_on_ray(cluster, spec, expect_hash, todo, opts, threads, finish) -> None:
+def _slice(labels, first: int, count: int):
+    return None if labels is None else labels[first:first + count]
+
+
+def _run_on_ray(cluster, spec, expect_hash, todo, opts, threads, finish, labels=None) -> None:
     """One Ray task per shard (retried if its worker dies); the driver writes what comes back."""
     try:
         import ray
@@ -322,8 +356,8 @@ def _run_on_ray(cluster, spec, expect_hash, todo, opts, threads, finish) -> None
     env.update({k: v for k, v in os.environ.items() if k.startswith("FASTDDPM_SHARD_FAULT_")})  # tests only
     task = ray.remote(_run_shard).options(num_cpus=cpus, max_retries=3, retry_exceptions=False,
                                           runtime_env={"env_vars": env})
-    pending = {task.remote(spec, expect_hash, index, first, count, opts): (index, first, count)
-               for index, first, count in todo}
+    pending = {task.remote(spec, expect_hash, index, first, count, opts, _slice(labels, first, count)):
+               (index, first, count) for index, first, count in todo}
     try:
         while pending:
             done, _ = ray.wait(list(pending), num_returns=1)

@@ -208,16 +208,23 @@ if numba is not None:
         return numba.njit(cache=False, **opts)(fn)
 
     @_helper
-    def _fused(xs, ms, zs, os, coef, with_noise, h1s, h2s, x0s, nh, store):
+    def _fused(xs, ms, zs, os, coef, with_noise, h1s, h2s, x0s, nh, store, mus, w):
         """os = the fused step of xs, ms (and zs if with_noise, and the nh previous x0 predictions
-        h1s, h2s); x0s = this step's x0 if store. All [n] float32. os must not overlap the inputs,
-        or the loop runs scalar (the caller copies x for in-place steps)."""
+        h1s, h2s); x0s = this step's x0 if store. With mus (not None), the model output is
+        mus + w (ms - mus) (classifier-free guidance: ms conditional, mus unconditional; step.h
+        step_guided_output), formed in registers. All [n] float32. os must not overlap the inputs,
+        or the loop runs scalar (the caller copies x for in-place steps). mus=None is a type of its
+        own: numba prunes the guidance branch at compile time, so the unguided kernel is the same
+        code as without guidance support (a run-time flag cost it its vectorisation)."""
         ax, am, cx0, dx, dm, sigma, r = coef[A_X], coef[A_M], coef[C_X0], coef[D_X], coef[D_M], coef[SIGMA], coef[CLIP]
         w1, w2 = coef[H1], coef[H2]
         clip = r > np.float32(0)
         nr = -r
         for j in range(os.shape[0]):   # loop-invariant branches: LLVM unswitches them
             xv, mv = xs[j], ms[j]
+            if mus is not None:
+                uv = mus[j]
+                mv = uv + w * (mv - uv)
             x0 = ax * xv + am * mv
             if clip:  # comparisons with NaN are false, so a NaN x0 stays NaN
                 x0 = r if r < x0 else x0
@@ -234,11 +241,14 @@ if numba is not None:
             os[j] = y
 
     @_jit_kernel
-    def _step_kernel(x, m, noise, out, coef, k0, k1, noise_step, first_index, mode, h1, h2, x0_out, nh, store):
+    def _step_kernel(x, m, noise, out, coef, k0, k1, noise_step, first_index, mode, h1, h2, x0_out, nh, store,
+                     mu, w):
         # x, m, noise, out: [N, P] float32 (noise is a dummy unless mode == _GIVEN; x and m are
         # dummies when mode == _NORMALS_ONLY); out may be x. coef: [COEF_WIDTH] float32. k0, k1,
         # noise_step, first_index: uint64 holding 32-bit values. h1, h2: the previous x0
         # predictions ([N, P]; dummies beyond nh), x0_out: where this step's x0 goes if store.
+        # mu: None, or the unconditional model output [N, P] of a guided step with w its scale
+        # (float32); a None mu compiles a kernel without the guidance term.
         n, p = out.shape
         groups = (p + 3) // 4
         per = (groups + _GROUPS - 1) // _GROUPS
@@ -269,10 +279,15 @@ if numba is not None:
                 xt = np.empty(e1 - e0, dtype=np.float32)
                 xt[:] = x[i, e0:e1]
                 hs1, hs2, xs0 = h1[i, e0:e1], h2[i, e0:e1], x0_out[i, e0:e1]
-                if mode == _GIVEN:
-                    _fused(xt, m[i, e0:e1], noise[i, e0:e1], os, coef, True, hs1, hs2, xs0, nh, store)
+                if mu is None:
+                    if mode == _GIVEN:
+                        _fused(xt, m[i, e0:e1], noise[i, e0:e1], os, coef, True, hs1, hs2, xs0, nh, store, None, w)
+                    else:
+                        _fused(xt, m[i, e0:e1], z, os, coef, mode == _PHILOX, hs1, hs2, xs0, nh, store, None, w)
+                elif mode == _GIVEN:
+                    _fused(xt, m[i, e0:e1], noise[i, e0:e1], os, coef, True, hs1, hs2, xs0, nh, store, mu[i, e0:e1], w)
                 else:
-                    _fused(xt, m[i, e0:e1], z, os, coef, mode == _PHILOX, hs1, hs2, xs0, nh, store)
+                    _fused(xt, m[i, e0:e1], z, os, coef, mode == _PHILOX, hs1, hs2, xs0, nh, store, mu[i, e0:e1], w)
 
     @_jit_kernel
     def _philox_kernel(out, k0, k1, step, first_index):
@@ -379,9 +394,10 @@ class NumbaStepBackend(Backend):
                 numba.set_num_threads(prev)
 
     # -- the Backend interface ------------------------------------------------------------------
-    def step(self, x, m, out, table, row, seed, noise_step, first_index, noise, history=None) -> None:
+    def step(self, x, m, out, table, row, seed, noise_step, first_index, noise, history=None, guide=None) -> None:
         # x, m, out, noise: [N, ...] float32 C-contiguous (checked by dispatch); out may be x.
         # history: None or (h1, h2, x0_out), each None or [N, ...] float32 C-contiguous.
+        # guide: None or (m_u, w): m_u [N, ...] float32 C-contiguous, w a float.
         if x.size == 0:
             return
         n = x.shape[0]
@@ -402,8 +418,9 @@ class NumbaStepBackend(Backend):
         hs2 = _in(h2, shape) if h2 is not None else x2
         store = x0_out is not None
         xo = x0_out.reshape(shape) if store else o2
+        mu, w = (_in(guide[0], shape), np.float32(guide[1])) if guide is not None else (None, np.float32(0))
         self._run("step", _step_kernel, x.size, x2, m2, n2, o2, coef, k0, k1, step, np.uint64(first_index), mode,
-                  hs1, hs2, xo, nh, store)
+                  hs1, hs2, xo, nh, store, mu, w)
         if aside:
             np.copyto(out, o2.reshape(out.shape))
 
@@ -418,7 +435,8 @@ class NumbaStepBackend(Backend):
             dummy = _in(out, out.shape)   # the step kernel in normals-only mode: x, m, noise unread
             self._run("step", _step_kernel, out.size, dummy, dummy, dummy, out,
                       _in(np.zeros(COEF_WIDTH, np.float32), (COEF_WIDTH,)),
-                      k0, k1, step, np.uint64(first_index), _NORMALS_ONLY, dummy, dummy, out, 0, False)
+                      k0, k1, step, np.uint64(first_index), _NORMALS_ONLY, dummy, dummy, out, 0, False,
+                      None, np.float32(0))
         return out.reshape(shape)
 
     def philox_uint32(self, seed, batch, per_sample, step, first_index=0):

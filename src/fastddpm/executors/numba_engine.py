@@ -7,7 +7,8 @@ Layout
 ------
 All activations live in one float32 *arena*: slot s of the plan is ``arena[soff[s] : soff[s] +
 N * slot_sizes[s]]``, sample n at ``soff[s] + n * slot_sizes[s]`` (NCHW per sample, padded tensors
-[C, H+2, W+2] as plan.py defines). All weights are packed once, at engine creation, into one flat
+[C, H+2, W+2] as plan.py defines). A class-conditional plan's slot 2 (CLASS_SLOT) holds the class
+embedding [N, D], written once per call; the LINEAR op of time_embedding.linear_2 adds it. All weights are packed once, at engine creation, into one flat
 float32 array in the form each op's kernel wants (``_pack``):
 
 - CONV3:  [c_out, 9 c_in + c_in2]: the 3x3 taps, then the 1x1 shortcut's columns (the shortcut is
@@ -26,7 +27,8 @@ shapes, so a sample's result never depends on the batch size it ran in (batch in
 The sampling loop (``NumbaEngine.run``) is a Python loop over the timesteps calling two jitted
 functions per step (the forward, then the numba backend's fused step + Philox noise in place):
 that costs a few microseconds per step against milliseconds of U-Net, and lets the progress
-callback run between steps.
+callback run between steps. A guided run (classifier-free guidance) writes its n samples twice into
+the 2n-row input and steps them with the fused step's guide (loop.py).
 """
 from __future__ import annotations
 
@@ -37,8 +39,8 @@ import time
 
 import numpy as np
 
-from ..plan import (CONV_MODES, FLAG_FLIP, FLAG_PADDED_OUT, FLAG_SILU, FLOAT_FIELDS, INT_FIELDS, OP_CODES,
-                    PlanError)
+from ..plan import (CLASS_SLOT, CONV_MODES, FLAG_FLIP, FLAG_PADDED_OUT, FLAG_SILU, FLOAT_FIELDS, INT_FIELDS,
+                    OP_CODES, PlanError)
 from ..loop import fused_steps, run_loop
 from ..philox import INITIAL_STEP
 from .base import Engine, EngineLock
@@ -306,9 +308,13 @@ if numba is not None:
                         dst[0, cout - 1] = _F0
             elif code == OP_LINEAR:
                 wo, bo = woff[k, 0], woff[k, 1]
+                has_res = op[I_RES] >= 0
                 for n in range(nb):
                     src = _sample_view(arena, soff, ssize, op[I_IN], n, 1, cin)
                     dst = _sample_view(arena, soff, ssize, op[I_OUT], n, 1, cout)
+                    res = dst
+                    if has_res:   # the class embedding (CLASS_SLOT), added after the rounding
+                        res = _sample_view(arena, soff, ssize, op[I_RES], n, 1, cout)
                     for o in range(cout):
                         acc = 0.0
                         for i in range(cin):
@@ -316,7 +322,10 @@ if numba is not None:
                             if flags & FLAG_SILU:
                                 v = _silu(v)
                             acc += wflat[wo + o * cin + i] * v
-                        dst[0, o] = np.float32(acc + wflat[bo + o])
+                        y = np.float32(acc + wflat[bo + o])
+                        if has_res:
+                            y += res[0, o]
+                        dst[0, o] = y
             elif code == OP_PAD:
                 hw = h * w
                 for n in range(nb):
@@ -532,9 +541,12 @@ class _Threads:
 
 class NumbaEngine(Engine):
     """The plan executed by numba kernels; the loop is loop.py's, with step_backend's fused step
-    (the numba backend's kernels, Philox noise in place)."""
+    (the numba backend's kernels, Philox noise in place). A class-conditional plan's class
+    embedding is copied into its slot (CLASS_SLOT) once per call; a guided run steps with the
+    fused step's guidance (loop.py)."""
 
     history = 2
+    supports_conditioning = True
 
     def __init__(self, config, weights, batch, height, width, options=None, *, step_backend):
         if numba is None:
@@ -559,6 +571,10 @@ class NumbaEngine(Engine):
         self._x_view = self._arena[:n_in].reshape(self.plan.input_shape)           # slot 0
         o1 = offs[1]
         self._m_view = self._arena[o1:o1 + self.batch * sizes[1]].reshape(self.plan.output_shape)
+        self._c_view = None                                                          # slot 2: [N, D]
+        if self.conditional:
+            o2 = offs[CLASS_SLOT]
+            self._c_view = self._arena[o2:o2 + self.batch * sizes[CLASS_SLOT]].reshape(self.batch, -1)
         self._step_backend = step_backend
         self._lock = EngineLock("numba engine")
 
@@ -600,23 +616,30 @@ class NumbaEngine(Engine):
         with self._lock, _Threads(self):
             self._x_view[...] = x
             self._t[:] = t
+            if class_emb is not None:
+                self._c_view[...] = class_emb
             self._run_forward()
             return self._m_view.copy()
 
     # ------------------------------------------------------------------ the loop
     def _run(self, schedule, seed, first_index, keep, callback, class_emb=None, guidance=None):
         be = self._step_backend
+        n = self.samples(guidance)
+        shape = (n,) + self.input_shape[1:]
+        # the U-Net's input seen as [copies, n, C, H, W]: x once, or for guidance twice ([x, x])
+        x_in = self._x_view.reshape((self.batch // n,) + shape)
 
         def forward(x, t):                 # m = model output at t, in the arena (slot 1)
-            self._x_view[...] = x
+            x_in[...] = x
             self._t[:] = np.float32(t)
             self._run_forward()
             return self._m_view
 
         with self._lock, _Threads(self):
-            x = np.ascontiguousarray(be.noise(seed, self.input_shape, INITIAL_STEP, first_index),
-                                     dtype=np.float32)   # x_T
-            step = fused_steps(be, schedule, seed, first_index, x)   # x <- x_{t-1}, in place
+            if class_emb is not None:
+                self._c_view[...] = class_emb          # fixed for the whole call
+            x = np.ascontiguousarray(be.noise(seed, shape, INITIAL_STEP, first_index), dtype=np.float32)   # x_T
+            step = fused_steps(be, schedule, seed, first_index, x, guidance)   # x <- x_{t-1}, in place
             return run_loop(schedule.timesteps, x, forward, step, keep=keep, callback=callback,
                             every=self.callback_every)
 

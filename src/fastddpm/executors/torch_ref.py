@@ -22,13 +22,22 @@ except ImportError as exc:
     torch, _TORCH_ERROR = None, f"PyTorch is not installed ({exc})"
 
 
-def reference_step(x, m, row, z, h1=None, h2=None, x0_out=None):
+def guided_output(m, m_u, w):
+    """The model output of a classifier-free guided step, m_u + w (m - m_u), in float32 and in that
+    order (step.h step_guided_output): m the conditional output, m_u the null class's."""
+    return m_u + float(np.float32(w)) * (m - m_u)
+
+
+def reference_step(x, m, row, z, h1=None, h2=None, x0_out=None, guide=None):
     """Mirrors the fused step kernel (csrc/include/fastddpm/step.h) in plain torch ops.
 
     x, m, z: [N, ...] float32 tensors; row: a coefficient row (coefficients.py's columns);
-    h1, h2: the previous x0 predictions or None; x0_out: where this step's x0 goes, or None.
+    h1, h2: the previous x0 predictions or None; x0_out: where this step's x0 goes, or None;
+    guide: None or (m_u, w): the step reads guided_output(m, m_u, w) for its model output.
     """
     a_x, a_m, c_x0, d_x, d_m, sigma, clip = (float(row[c]) for c in (A_X, A_M, C_X0, D_X, D_M, SIGMA, CLIP))
+    if guide is not None:
+        m = guided_output(m, *guide)
     x0 = a_x * x + a_m * m
     if clip > 0:
         x0 = torch.clamp(x0, -clip, clip)   # clamp propagates NaN, as the kernels do
@@ -63,9 +72,11 @@ class TorchBackend(Backend):
             reasons.append("torch.cuda.is_available() is False")
         return reasons
 
-    def step(self, x, m, out, table, row, seed, noise_step, first_index, noise, history=None) -> None:
+    def step(self, x, m, out, table, row, seed, noise_step, first_index, noise, history=None, guide=None) -> None:
         is_numpy = isinstance(x, np.ndarray)
         xt, mt = (_read_only_view(x), _read_only_view(m)) if is_numpy else (x, m)
+        if guide is not None and is_numpy:
+            guide = (_read_only_view(guide[0]), guide[1])
         h1, h2, x0_out = history if history is not None else (None, None, None)
         if is_numpy:
             h1, h2 = (None if h is None else _read_only_view(h) for h in (h1, h2))
@@ -78,7 +89,7 @@ class TorchBackend(Backend):
         else:
             z = None
         with torch.no_grad():
-            result = reference_step(xt, mt, coef, z, h1, h2, x0_out)
+            result = reference_step(xt, mt, coef, z, h1, h2, x0_out, guide)
             (torch.from_numpy(out) if is_numpy else out).copy_(result)
 
     def noise(self, seed, shape, step, first_index=0, device="cpu"):
@@ -102,9 +113,12 @@ class TorchBackend(Backend):
 class ReferenceEngine(Engine):
     """The reference U-Net (PyTorch, CPU) run by loop.py. Its step is the papers' formulas
     (reference/sampler.py: the backend="torch" sampler), or, given ``step_backend``, that
-    backend's fused step (for a backend with no U-Net engine of its own)."""
+    backend's fused step (for a backend with no U-Net engine of its own). Class conditioning:
+    the U-Net adds class_emb; guidance: the formulas get the guided model output (the papers'
+    way), the fused step its guide (loop.py)."""
 
     history = 2
+    supports_conditioning = True
 
     def __init__(self, config, weights, batch, height, width, options=None, step_backend=None):
         if torch is None:
@@ -117,34 +131,37 @@ class ReferenceEngine(Engine):
         self._lock = EngineLock("reference engine")
 
     def _forward(self, x, t, class_emb=None):
+        ce = None if class_emb is None else torch.from_numpy(class_emb)
         with self._lock, torch.no_grad():
-            return self._unet(torch.from_numpy(x), torch.from_numpy(t)).numpy()
+            return self._unet(torch.from_numpy(x), torch.from_numpy(t), class_emb=ce).numpy()
 
     def _run(self, schedule, seed, first_index, keep, callback, class_emb=None, guidance=None):
         from ..reference.sampler import per_sample, reference_sample
-        unet = per_sample(self._unet)
+        unet = per_sample(self._unet, None if class_emb is None else torch.from_numpy(class_emb))
+        shape = (self.samples(guidance),) + self.input_shape[1:]     # the samples: [n, C, H, W]
         with self._lock, torch.no_grad():
             if self._step_backend is None:
-                x, frames = reference_sample(unet, schedule.scheduler, self.input_shape, seed=seed,
+                x, frames = reference_sample(unet, schedule.scheduler, shape, seed=seed,
                                              eta=dict(schedule.options).get("eta", 0.0), first_index=first_index,
-                                             keep=keep, callback=callback, every=self.callback_every)
+                                             keep=keep, callback=callback, every=self.callback_every,
+                                             guidance=guidance)
                 return x.numpy(), {k: v.numpy() for k, v in frames.items()}
-            return self._run_fused_steps(unet, schedule, seed, first_index, keep, callback)
+            return self._run_fused_steps(unet, schedule, shape, seed, first_index, keep, callback, guidance)
 
-    def _run_fused_steps(self, unet, schedule, seed, first_index, keep, callback):
+    def _run_fused_steps(self, unet, schedule, shape, seed, first_index, keep, callback, guidance=None):
         from ..loop import fused_steps, run_loop
         be = self._step_backend
         try:
-            x = be.noise(seed, self.input_shape, INITIAL_STEP, first_index)     # x_T: [N, C, H, W]
+            x = be.noise(seed, shape, INITIAL_STEP, first_index)     # x_T: [n, C, H, W]
         except NotImplementedError:
-            x = noise_spec.noise(seed, self.input_shape, -1, first_index)
+            x = noise_spec.noise(seed, shape, -1, first_index)
         x = np.ascontiguousarray(x, dtype=np.float32)
         xt = torch.from_numpy(x)   # the same memory: the steps update x in place
 
-        def forward(x, t):
-            return unet(xt, t).numpy()
+        def forward(x, t):         # the model output of every engine row: [x] or, guided, [x, x]
+            return unet(xt if guidance is None else torch.cat([xt, xt]), t).numpy()
 
-        step = fused_steps(be, schedule, seed, first_index, x)
+        step = fused_steps(be, schedule, seed, first_index, x, guidance)
 
         return run_loop(schedule.timesteps, x, forward, step, keep=keep, callback=callback,
                         every=self.callback_every)

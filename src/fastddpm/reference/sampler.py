@@ -179,32 +179,50 @@ FORMULAS = {"DDPMScheduler": _ddpm, "DDIMScheduler": _ddim, "DPMSolverMultistepS
             "EulerDiscreteScheduler": _euler, "EulerAncestralDiscreteScheduler": _euler_ancestral}
 
 
-def per_sample(unet: Callable) -> Callable:
+def per_sample(unet: Callable, class_emb: torch.Tensor | None = None) -> Callable:
     """unet applied one sample at a time: torch picks conv algorithms by batch size, so batched
-    calls would break batch invariance (sample(n=N)[:k] == sample(n=k))."""
+    calls would break batch invariance (sample(n=N)[:k] == sample(n=k)). ``class_emb`` [N, D]: a
+    class-conditional U-Net's class embedding, row i with sample i."""
     def forward(x, t):   # x: [N, C, H, W] tensor -> model output [N, C', H, W]
-        return torch.cat([unet(x[i:i + 1], t) for i in range(x.shape[0])])
+        if class_emb is None:
+            return torch.cat([unet(x[i:i + 1], t) for i in range(x.shape[0])])
+        return torch.cat([unet(x[i:i + 1], t, class_emb=class_emb[i:i + 1]) for i in range(x.shape[0])])
+    return forward
+
+
+def guided(unet: Callable, scale: float) -> Callable:
+    """Classifier-free guidance (Ho & Salimans 2022) as the papers write it: the model evaluated on
+    [x, x], whose class rows are the labels then the null class, and the guided output
+    m_u + w (m_c - m_u) handed to the sampler's formula as its model output."""
+    def forward(x, t):
+        n = x.shape[0]
+        out = unet(torch.cat([x, x]), t)
+        m_c, m_u = out[:n], out[n:]
+        return m_u + scale * (m_c - m_u)
     return forward
 
 
 @torch.no_grad()
 def reference_sample(unet: Callable, scheduler, shape: tuple, *, seed: int, eta: float = 0.0,
                      first_index: int = 0, keep: Iterable[int] = (), device="cpu",
-                     noise_fn: Callable = spec_noise, callback: Callable | None = None, every: int = 1):
+                     noise_fn: Callable = spec_noise, callback: Callable | None = None, every: int = 1,
+                     guidance: float | None = None):
     """Run the loop over ``scheduler.timesteps``; returns (x_0 [N, C, H, W] float32, frames).
 
     unet(x, t) -> model output. ``keep``: loop positions to copy out (0 = x_T, k = after k steps).
     ``noise_fn(seed, shape, step, first_index, device)``: the spec's noise by default (the
-    benchmark swaps in torch.randn to time what a plain torch sampler does).
+    benchmark swaps in torch.randn to time what a plain torch sampler does). ``guidance`` w:
+    classifier-free guidance of the N samples of ``shape``; unet then takes 2N rows (``guided``).
     """
     name = type(scheduler).__name__
     if name not in FORMULAS:
         raise ValueError(f"the reference sampler has no formula for {name}")
     formula, needs_noise = FORMULAS[name](scheduler, eta)
+    model = unet if guidance is None else guided(unet, guidance)
 
     def step(k, t, x, m):
         z = noise_fn(seed, shape, t, first_index, device) if needs_noise(t) else None
         return formula(m, t, x, z)
 
     x = noise_fn(seed, shape, -1, first_index, device)                  # x_T: [N, C, H, W]
-    return run_loop(scheduler.timesteps, x, unet, step, keep=set(keep), callback=callback, every=every)
+    return run_loop(scheduler.timesteps, x, model, step, keep=set(keep), callback=callback, every=every)
