@@ -125,8 +125,26 @@ def test_train_command(tmp_path, capsys):
     assert rc == 0 and "resumed at step 3" in so
 
 
+def test_train_command_class_conditional(tmp_path, capsys):
+    """--num-class-embeds K --cond-drop P --guidance-scale W: a model for classifier-free guidance."""
+    import json
+    out = tmp_path / "model"
+    argv = ["train", "--dataset", "digits", "--image-size", "8", "--block-out-channels", "8,16", "--norm-groups", "4",
+            "--attention-levels", "1", "--num-train-timesteps", "20", "--batch-size", "8", "--steps", "2",
+            "--warmup-steps", "1", "--threads", "1", "--num-class-embeds", "11", "--cond-drop", "0.1",
+            "--guidance-scale", "2", "--out", str(out)]
+    rc, so, _ = run(argv, capsys)
+    assert rc == 0 and "11 class embeddings, cond_drop 0.1" in so
+    index = json.loads((out / "model_index.json").read_text())
+    assert index["_fastddpm_null_class"] == 10 and index["_fastddpm_guidance_scale"] == 2.0
+    assert fastddpm.load(str(out)).unet_config.num_class_embeds == 11
+
+
 @pytest.mark.parametrize("argv, code, match", [
     (["train", "--steps", "3"], 1, "--out is required"),
+    (["train", "--out", "{tmp}/m", "--cond-drop", "0.1"], 1, "needs a class-conditional unet"),
+    (["train", "--out", "{tmp}/m", "--num-class-embeds", "11", "--cond-drop", "1"], 1, "cond_drop must be"),
+    (["train", "--out", "{tmp}/m", "--num-class-embeds", "10", "--cond-drop", "0.1"], 1, "num_class_embeds must be 11"),
     (["train", "--preset", "mnist"], 1, "unknown preset"),
     (["train", "--out", "{tmp}/m", "--resume"], 1, "no checkpoint"),
     (["train", "--out", "{tmp}/m", "--lr", "0"], 1, "lr must be"),

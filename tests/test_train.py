@@ -224,3 +224,133 @@ def test_train_on_a_folder(tmp_path):
     res = train(tiny_config(dataset=str(d), channels=3, steps=2, batch_size=4), tmp_path / "m", quiet=True)
     pipe = fastddpm.load(str(tmp_path / "m"))
     assert res.steps == 2 and pipe.unet_config.in_channels == 3
+
+
+# ---------------------------------------------------------------------- class conditioning
+
+COND_UNET = dict(TINY_UNET, num_class_embeds=11)
+
+
+def cond_config(**kw):
+    return tiny_config(**{**dict(unet=COND_UNET, cond_drop=0.25, guidance_scale=2.5, steps=12), **kw})
+
+
+@pytest.fixture(scope="module")
+def cond_trained(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cond") / "model"
+    return out, train(cond_config(), out, quiet=True)
+
+
+def test_conditional_training_saves_the_null_class(cond_trained):
+    import json
+    out, res = cond_trained
+    assert res.steps == 12 and np.isfinite(res.losses).all()
+    index = json.loads((out / "model_index.json").read_text())
+    assert index["_fastddpm_null_class"] == 10 and index["_fastddpm_guidance_scale"] == 2.5
+    pipe = fastddpm.load(str(out))
+    assert pipe.unet_config.num_class_embeds == 11 and pipe.null_class == 10 and pipe.guidance_scale == 2.5
+    assert pipe.weights["class_embedding.weight"].shape == (11, pipe.unet_config.time_embed_dim)
+
+
+def test_the_labels_reach_the_model(cond_trained, monkeypatch):
+    """Every step feeds the model the images' digit labels, each replaced by the null class (10)
+    exactly where _dropped(seed, step) says, and nothing else."""
+    import fastddpm.train as tr
+    from fastddpm.reference import ReferenceUNet
+    seen = []
+    orig = ReferenceUNet.forward
+
+    def forward(self, sample, timestep, class_labels=None, **kw):
+        if self.training:
+            seen.append(class_labels.clone())
+        return orig(self, sample, timestep, class_labels, **kw)
+
+    monkeypatch.setattr(ReferenceUNet, "forward", forward)
+    cfg = cond_config(steps=4)
+    train(cfg, cond_trained[0].parent / "labels", quiet=True)
+    truth = digit_labels()
+    assert len(seen) == 4
+    for step, y in enumerate(seen):
+        want = truth[tr._batch_indices(cfg.seed, step, len(truth), cfg.batch_size)]
+        drop = tr._dropped(cfg.seed, step, cfg.batch_size, cfg.cond_drop)
+        np.testing.assert_array_equal(y.numpy(), np.where(drop, 10, want))
+    # the dropout is a function of (seed, step): the same mask again, another for another step or seed
+    a = tr._dropped(3, 5, 4096, 0.25)
+    np.testing.assert_array_equal(a, tr._dropped(3, 5, 4096, 0.25))
+    assert not np.array_equal(a, tr._dropped(3, 6, 4096, 0.25)) and not np.array_equal(a, tr._dropped(4, 5, 4096, 0.25))
+    assert 0.2 < a.mean() < 0.3
+
+
+def test_conditional_resume_matches_an_uninterrupted_run(tmp_path, cond_trained):
+    """Stopped after 5 steps and resumed: the same losses and the same model bytes as the
+    uninterrupted run (the dropped labels are drawn from (seed, step), not a running stream)."""
+    out0, full = cond_trained
+    out = tmp_path / "m"
+    train(cond_config(), out, quiet=True, stop_after=5)
+    res = train(cond_config(guidance_scale=4.0), out, quiet=True, resume=True)   # may change on resume
+    assert res.resumed_from == 5 and res.losses == full.losses
+    rel = "unet/diffusion_pytorch_model.safetensors"
+    assert (out / rel).read_bytes() == (out0 / rel).read_bytes()
+    assert fastddpm.load(str(out)).guidance_scale == 4.0
+
+
+def test_conditional_training_on_arrays_with_labels(tmp_path):
+    x = load_digits(8)[:40]
+    y = digit_labels()[:40]
+    res = train(cond_config(steps=2, batch_size=8), tmp_path / "a", quiet=True, dataset=x, labels=y)
+    assert res.steps == 2
+    with pytest.raises(TrainError, match="pass labels="):
+        train(cond_config(steps=2), tmp_path / "b", quiet=True, dataset=x)
+    with pytest.raises(TrainError, match="integer classes"):
+        train(cond_config(steps=2), tmp_path / "c", quiet=True, dataset=x, labels=y[:10])
+    with pytest.raises(TrainError, match="num_class_embeds must be 13: the 12 classes"):
+        train(cond_config(steps=2), tmp_path / "d", quiet=True, dataset=x, labels=np.arange(40) % 12)
+    with pytest.raises(TrainError, match="unconditional"):
+        train(tiny_config(steps=2), tmp_path / "e", quiet=True, dataset=x, labels=y)
+
+
+def test_unconditional_runs_are_unchanged_by_the_conditional_knobs(trained, tmp_path):
+    """cond_drop = 0 and no class table: the same run as before these knobs existed (no extra
+    draws), so the bundled digits model is still what its preset makes."""
+    _, full = trained
+    res = train(tiny_config(cond_drop=0.0, guidance_scale=None), tmp_path / "u", quiet=True, stop_after=10)
+    assert res.losses == full.losses[:10]
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(cond_drop=1.0), r"cond_drop must be a number in \[0, 1\)"),
+    (dict(cond_drop=-0.1), r"cond_drop must be a number in \[0, 1\)"),
+    (dict(cond_drop=True), r"cond_drop must be"),
+    (dict(unet=TINY_UNET), "needs a class-conditional unet"),
+    (dict(unet=dict(TINY_UNET, num_class_embeds=10)), r"num_class_embeds must be 11: the 10 classes and the null class"),
+    (dict(unet=dict(TINY_UNET, num_class_embeds=12)), "num_class_embeds must be 11"),
+    (dict(cond_drop=0.0), r"num_class_embeds must be 10: the 10 classes \(cond_drop = 0"),
+    (dict(cond_drop=0.0, unet=dict(TINY_UNET, num_class_embeds=10)), "guidance_scale = 2.5 needs a null class"),
+    (dict(guidance_scale=-1.0), "guidance_scale must be"),
+    (dict(unet=dict(TINY_UNET, class_embed_type="timestep")), "class table"),
+])
+def test_conditional_knobs_are_checked(bad, match):
+    with pytest.raises(TrainError, match=match):
+        cond_config(**bad)
+
+
+def test_a_folder_has_no_labels_for_a_conditional_unet(tmp_path):
+    with pytest.raises(TrainError, match="folder of images, which has no labels"):
+        cond_config(dataset=str(tmp_path), channels=3)
+
+
+def test_conditional_without_dropout_has_no_null_class(tmp_path):
+    out = tmp_path / "m"
+    train(cond_config(cond_drop=0.0, guidance_scale=None, unet=dict(TINY_UNET, num_class_embeds=10), steps=2),
+          out, quiet=True)
+    pipe = fastddpm.load(str(out))
+    assert pipe.unet_config.num_class_embeds == 10 and pipe.null_class is None
+
+
+def test_the_digits_cond_preset():
+    cfg = TrainConfig.preset("digits-cond")
+    base = TrainConfig.preset("digits")
+    assert cfg.unet == dict(base.unet, num_class_embeds=11) and cfg.cond_drop == 0.1 and cfg.null_class == 10
+    assert cfg.guidance_scale == 3.0
+    same = {k: v for k, v in cfg.to_dict().items() if k not in ("unet", "cond_drop", "guidance_scale")}
+    assert same == {k: v for k, v in base.to_dict().items() if k not in ("unet", "cond_drop", "guidance_scale")}

@@ -157,12 +157,14 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train a DDPM (PyTorch) and save it in diffusers' layout",
                        description="Train the reference U-Net on a dataset; saves the EMA weights as a "
                                    "diffusers model directory (fastddpm.load and DDPMPipeline load it).")
-    t.add_argument("--preset", default=None, help="start from a preset (digits: the bundled model)")
+    t.add_argument("--preset", default=None,
+                   help="start from a preset (digits, digits-cond: the bundled models)")
     t.add_argument("--out", default=None,
-                   help="model directory (required without --preset; --preset digits: the bundled model's)")
+                   help="model directory (required without --preset; --preset digits / digits-cond: the "
+                        "bundled model's)")
     t.add_argument("--work-dir", default=None,
                    help="checkpoint, loss.csv/png, train_config.json (default OUT/training; "
-                        "--preset digits: runs/digits)")
+                        "--preset digits / digits-cond: runs/PRESET)")
     t.add_argument("--resume", action="store_true", help="continue from the work directory's checkpoint")
     g = t.add_argument_group("data")
     g.add_argument("--dataset", default=None, help="'digits' or a folder of images")
@@ -175,6 +177,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--attention-levels", type=_int_list_or_none, default=None, metavar="I,J",
                    help="0-based resolution levels with attention ('none' for no attention)")
     g.add_argument("--norm-groups", type=_positive_int, default=None)
+    g.add_argument("--num-class-embeds", type=_positive_int, default=None, metavar="K",
+                   help="class-conditional: a table of K class embeddings (the dataset's classes, "
+                        "+1 for the null class with --cond-drop)")
+    g.add_argument("--cond-drop", type=_nonneg_float, default=None, metavar="P",
+                   help="replace each training label by the null class (the last row) with probability P, "
+                        "for classifier-free guidance")
+    g.add_argument("--guidance-scale", type=_nonneg_float, default=None, metavar="W",
+                   help="with --cond-drop: the default guidance scale the saved model names")
     g = t.add_argument_group("noise schedule")
     g.add_argument("--num-train-timesteps", type=_positive_int, default=None)
     g.add_argument("--beta-schedule", choices=("linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid"),
@@ -404,7 +414,7 @@ def _describe_backend(be, pipe=None) -> str:
 _TRAIN_FIELDS = ("dataset", "image_size", "channels", "num_train_timesteps", "beta_schedule", "beta_start",
                  "beta_end", "trained_betas", "prediction_type", "variance_type", "clip_sample", "lr",
                  "weight_decay", "warmup_steps", "lr_schedule", "grad_clip", "batch_size", "ema_decay",
-                 "seed", "threads", "device", "checkpoint_every")
+                 "seed", "threads", "device", "checkpoint_every", "cond_drop", "guidance_scale")
 
 
 def _unet_overrides(args, base: dict) -> dict:
@@ -440,6 +450,8 @@ def _unet_overrides(args, base: dict) -> dict:
         unet["layers_per_block"] = args.layers_per_block
     if args.norm_groups is not None:
         unet["norm_num_groups"] = args.norm_groups
+    if args.num_class_embeds is not None:
+        unet["num_class_embeds"] = args.num_class_embeds
     return unet
 
 
@@ -463,11 +475,11 @@ def cmd_train(args) -> int:
 
     out, work = args.out, args.work_dir
     if out is None:
-        if args.preset != "digits":
+        if args.preset not in ("digits", "digits-cond"):
             raise CliError("--out is required (the model directory to write)")
-        out = os.path.join(_MODELS_DIR, "digits")   # the bundled model
+        out = os.path.join(_MODELS_DIR, args.preset)   # the bundled model
         if work is None:
-            work = os.path.join("runs", "digits")   # keep checkpoints out of the package data
+            work = os.path.join("runs", args.preset)   # keep checkpoints out of the package data
     for d in (out, work):
         if d is None:
             continue
@@ -484,7 +496,8 @@ def cmd_train(args) -> int:
         print(f"training {ucfg.in_channels}x{cfg.image_size}x{cfg.image_size} on {cfg.dataset}: "
               f"{parameter_count(ucfg) / 1e6:.2f}M parameters, T={cfg.num_train_timesteps} "
               f"({cfg.beta_schedule}), {cfg.prediction_type}, batch {cfg.batch_size}, "
-              f"{f'{cfg.steps} steps' if cfg.steps else f'{cfg.epochs} epochs'}, lr {cfg.lr}, seed {cfg.seed}")
+              f"{f'{cfg.steps} steps' if cfg.steps else f'{cfg.epochs} epochs'}, lr {cfg.lr}, seed {cfg.seed}"
+              + (f", {ucfg.num_class_embeds} class embeddings, cond_drop {cfg.cond_drop}" if cfg.conditional else ""))
     try:
         res = train(cfg, out, work_dir=work, resume=args.resume, quiet=args.quiet)
     except KeyboardInterrupt:

@@ -34,7 +34,7 @@ from .weights import WeightsError, check_weights, load_safetensors, save_safeten
 __all__ = ["Pipeline", "Sampler", "SampleResult", "load", "sample", "BUNDLED_MODELS", "PRESET_MODELS"]
 
 _MODELS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "models")
-BUNDLED_MODELS = ("digits",)
+BUNDLED_MODELS = ("digits", "digits-cond")
 PRESET_MODELS = tuple(PRESETS)
 DEFAULT_MODEL = "digits"
 _DIFFUSERS_VERSION = "0.42.1"   # what the saved files say they were written for
@@ -418,7 +418,7 @@ def load(name_or_path) -> Pipeline:
         path = os.path.join(_MODELS_DIR, key)
         if not os.path.isdir(path):
             raise FileNotFoundError(f"the bundled model {key!r} is not installed at {path} "
-                                    "(train it with `fastddpm train --preset digits`)")
+                                    f"(train it with `fastddpm train --preset {key}`)")
         return _load_directory(path, name=key)
     if os.path.isdir(key):
         return _load_directory(key)

@@ -8,8 +8,16 @@ What it does: AdamW, a linear learning-rate warm-up (then constant or cosine dec
 clipping, an EMA of the weights (the EMA is what gets saved), a tqdm bar with the running loss,
 the loss curve as CSV and PNG, atomic checkpoints and exact resume.
 
-Reproducibility: every random draw of step s (which images, which timesteps, which noise) comes
-from generators seeded by (seed, s), so a run is a function of its config alone, and a run that is
+Class conditioning (classifier-free guidance): a U-Net with ``num_class_embeds`` (diffusers'
+``nn.Embedding`` class table) is trained on the dataset's labels (digits: ``data.digit_labels()``;
+a folder of images has none). With ``cond_drop`` = p > 0 each training label is replaced by the
+*null class* with probability p, so the one network learns the conditional and the unconditional
+model; the null class is the table's LAST row (num_class_embeds = number of classes + 1), and the
+saved model names it (model_index.json ``_fastddpm_null_class``) with ``guidance_scale``, the
+default scale of a guided sample (``_fastddpm_guidance_scale``). Preset "digits-cond".
+
+Reproducibility: every random draw of step s (which images, which timesteps, which noise, which
+labels are dropped) comes from generators seeded by (seed, s), so a run is a function of its config alone, and a run that is
 interrupted and resumed from a checkpoint takes exactly the steps of an uninterrupted one. Bitwise
 equality also needs the same torch build and thread count (CPU kernels reduce in a thread-dependent
 order); python/numpy/torch global RNG states are saved in the checkpoint too.
@@ -37,7 +45,7 @@ from ._atomic import atomic_write
 from .schedulers import DDPMScheduler
 from .unet_config import UNetConfig
 
-__all__ = ["TrainConfig", "TrainResult", "train", "TRAIN_PRESETS", "DIGITS_UNET", "TrainError"]
+__all__ = ["TrainConfig", "TrainResult", "train", "TRAIN_PRESETS", "DIGITS_UNET", "DIGITS_CLASSES", "TrainError"]
 
 CHECKPOINT = "checkpoint.pt"
 _CKPT_VERSION = 1
@@ -45,6 +53,10 @@ _CKPT_VERSION = 1
 
 class TrainError(ValueError):
     """A training request that cannot run (bad knob, mismatched checkpoint...)."""
+
+
+DIGITS_CLASSES = 10               # data.digit_labels(): 0..9
+_DROP_STREAM = 0x0D0F             # keys the label-dropout generator apart from the other draws
 
 
 # The bundled digits model: 16x16x1. Chosen for quality per CPU second: 16 channels at full
@@ -70,6 +82,12 @@ class TrainConfig:
     channels: int = 1                    # folder datasets: 1 = grayscale, 3 = RGB
     # model: a diffusers UNet2DModel config (sample_size/in/out channels follow the data)
     unet: dict = field(default_factory=lambda: dict(DIGITS_UNET))
+    # class conditioning (a unet with num_class_embeds): the probability that a training label is
+    # replaced by the null class (the table's last row), for classifier-free guidance; and the
+    # default guidance scale the saved model names (None: 1, no guidance). Both need cond_drop > 0
+    # for a null class to exist.
+    cond_drop: float = 0.0
+    guidance_scale: float | None = None
     # noise schedule (diffusers DDPMScheduler keys)
     num_train_timesteps: int = 1000
     beta_schedule: str = "linear"
@@ -130,6 +148,24 @@ class TrainConfig:
     def data_channels(self) -> int:
         return 1 if self.dataset == "digits" else self.channels
 
+    @property
+    def conditional(self) -> bool:
+        return self.unet_config().class_embedding_kind is not None
+
+    @property
+    def null_class(self) -> int | None:
+        """The null label ("no label") of a model trained with label dropout: the table's last row."""
+        return self.unet_config().num_class_embeds - 1 if self.cond_drop > 0 else None
+
+    def check_classes(self, num_classes: int) -> None:
+        """The class table fits a dataset with labels 0 .. num_classes-1 (and the null class)."""
+        k = self.unet_config().num_class_embeds
+        want = num_classes + 1 if self.cond_drop > 0 else num_classes
+        if k != want:
+            why = (f"the {num_classes} classes and the null class (the last row) for cond_drop = {self.cond_drop}"
+                   if self.cond_drop > 0 else f"the {num_classes} classes (cond_drop = 0: no null class)")
+            raise TrainError(f"num_class_embeds must be {want}: {why}; the unet config has {k}")
+
     def scheduler_config(self) -> dict:
         return dict(num_train_timesteps=self.num_train_timesteps, beta_schedule=self.beta_schedule,
                     beta_start=self.beta_start, beta_end=self.beta_end, trained_betas=self.trained_betas,
@@ -186,8 +222,34 @@ class TrainConfig:
             raise TrainError(f"adam_betas must be two numbers in [0, 1), got {self.adam_betas!r}")
         if not isinstance(self.unet, dict):
             raise TrainError(f"unet must be a UNet2DModel config dict, got {type(self.unet).__name__}")
-        self.unet_config()    # raises UNetConfigError naming the field
-        self.scheduler()      # raises SchedulerConfigError naming the key
+        ucfg = self.unet_config()    # raises UNetConfigError naming the field
+        self.scheduler()             # raises SchedulerConfigError naming the key
+        self._validate_conditioning(ucfg)
+
+    def _validate_conditioning(self, ucfg: UNetConfig) -> None:
+        p = self.cond_drop
+        if isinstance(p, bool) or not isinstance(p, (int, float)) or not (0 <= p < 1):
+            raise TrainError(f"cond_drop must be a number in [0, 1), got {p!r}")
+        kind = ucfg.class_embedding_kind
+        if kind is None:
+            if p > 0:
+                raise TrainError(f"cond_drop = {p} needs a class-conditional unet (num_class_embeds = "
+                                 "number of classes + 1); this one is unconditional")
+        elif kind != "table":
+            raise TrainError(f"training supports the num_class_embeds class table (class_embed_type None), "
+                             f"not class_embed_type={ucfg.class_embed_type!r}")
+        elif self.dataset != "digits":
+            raise TrainError(f"the unet is class-conditional (num_class_embeds = {ucfg.num_class_embeds}) but "
+                             f"the dataset {self.dataset!r} is a folder of images, which has no labels: "
+                             "train an unconditional unet (no num_class_embeds) on it")
+        else:
+            self.check_classes(DIGITS_CLASSES)
+        g = self.guidance_scale
+        if g is not None:
+            if isinstance(g, bool) or not isinstance(g, (int, float)) or not math.isfinite(g) or g < 0:
+                raise TrainError(f"guidance_scale must be a finite number >= 0, got {g!r}")
+            if p == 0 and g != 1:
+                raise TrainError(f"guidance_scale = {g} needs a null class, i.e. training with cond_drop > 0")
 
 
 # Training presets: TrainConfig fields. "digits" is the bundled model.
@@ -201,6 +263,10 @@ TRAIN_PRESETS: dict[str, dict[str, Any]] = {
         lr=2e-3, warmup_steps=100, lr_schedule="cosine", lr_min_ratio=0.05, grad_clip=1.0,
         batch_size=64, steps=4000, ema_decay=0.998, seed=0, threads=2, checkpoint_every=200),
 }
+# The bundled digits-cond model: "digits" with a class table (10 digits + the null class, row 10)
+# and 10% label dropout, for classifier-free guidance; guidance_scale is the default of a sample.
+TRAIN_PRESETS["digits-cond"] = dict(TRAIN_PRESETS["digits"], unet=dict(DIGITS_UNET, num_class_embeds=11),
+                                    cond_drop=0.1, guidance_scale=3.0)
 
 
 @dataclass
@@ -220,6 +286,19 @@ def _load_dataset(cfg: TrainConfig) -> np.ndarray:
     if cfg.dataset == "digits":
         return load_digits(cfg.image_size)
     return load_image_folder(cfg.dataset, cfg.image_size, channels=cfg.channels)
+
+
+def _dataset_labels(cfg: TrainConfig) -> np.ndarray:
+    from .data import digit_labels
+    if cfg.dataset == "digits":
+        return digit_labels()
+    raise TrainError(f"the dataset {cfg.dataset!r} has no labels")   # validate() refuses this first
+
+
+def _dropped(seed: int, step: int, batch: int, p: float) -> np.ndarray:
+    """Which of step ``step``'s ``batch`` labels become the null class: bool [batch], each True with
+    probability p; a pure function of (seed, step), for exact resume."""
+    return np.random.default_rng([seed, step, _DROP_STREAM]).random(batch) < p
 
 
 def _batch_indices(seed: int, step: int, n: int, batch: int) -> np.ndarray:
@@ -309,20 +388,23 @@ def _as_tuple(x):
     return tuple(_as_tuple(v) for v in x) if isinstance(x, (list, tuple)) else x
 
 
-_RESUME_FREE = ("steps", "epochs", "checkpoint_every", "log_every", "threads")   # may change on resume
+# may change on resume (guidance_scale is only written into the saved model_index.json)
+_RESUME_FREE = ("steps", "epochs", "checkpoint_every", "log_every", "threads", "guidance_scale")
 
 
 # ---------------------------------------------------------------------- the loop
 
 def train(cfg: TrainConfig, out_dir, *, work_dir=None, resume: bool = False, quiet: bool = False,
-          stop_after: int | None = None, dataset: np.ndarray | None = None) -> TrainResult:
+          stop_after: int | None = None, dataset: np.ndarray | None = None,
+          labels: np.ndarray | None = None) -> TrainResult:
     """Train, then save the EMA weights to ``out_dir`` in diffusers' layout.
 
     resume: continue from ``work_dir/checkpoint.pt`` (an error if there is none, or if it was
     made with different knobs other than steps/epochs/checkpoint_every/log_every/threads).
     stop_after: end (with a checkpoint, without saving the model) once this many steps are
     done: what an interruption does, for tests. dataset: a float32 [N, C, H, W] array in [-1, 1]
-    to use instead of ``cfg.dataset``."""
+    to use instead of ``cfg.dataset``; labels: its integer classes [N] (0 .. K-1), which a
+    class-conditional unet needs (with ``dataset``; else the ``cfg.dataset`` labels are used)."""
     import torch
     from .pipeline import Pipeline
     from .reference import ReferenceUNet
@@ -344,6 +426,19 @@ def train(cfg: TrainConfig, out_dir, *, work_dir=None, resume: bool = False, qui
     if data.ndim != 4 or tuple(data.shape[1:]) != expect:
         raise TrainError(f"dataset images are {tuple(data.shape[1:])}, the model expects {expect}")
     n = len(data)
+    label_t = null = None
+    if cfg.conditional:
+        if dataset is not None and labels is None:
+            raise TrainError("the unet is class-conditional: pass labels= (one class per image) with dataset=")
+        lab = _dataset_labels(cfg) if labels is None else np.asarray(labels)
+        if lab.shape != (n,) or lab.dtype.kind not in "iu" or (n and lab.min() < 0):
+            raise TrainError(f"labels must be {n} integer classes >= 0 (one per image), got "
+                             f"{lab.dtype} shape {lab.shape}")
+        cfg.check_classes(int(lab.max()) + 1)
+        label_t = torch.from_numpy(lab.astype(np.int64)).to(device)
+        null = cfg.null_class
+    elif labels is not None:
+        raise TrainError("labels were given but the unet is unconditional (no num_class_embeds)")
     total = cfg.total_steps(n)
     sched = cfg.scheduler()
     data_t = torch.from_numpy(data).to(device)
@@ -372,7 +467,9 @@ def train(cfg: TrainConfig, out_dir, *, work_dir=None, resume: bool = False, qui
         ck = torch.load(ckpt_path, map_location=device, weights_only=True)
         if ck.get("version") != _CKPT_VERSION:
             raise TrainError(f"{ckpt_path}: checkpoint version {ck.get('version')!r}, expected {_CKPT_VERSION}")
-        saved = json.loads(ck["config"])
+        # knobs newer than the checkpoint: it was made with their defaults
+        saved = {**{f.name: f.default for f in dataclasses.fields(TrainConfig)
+                    if f.name in ("cond_drop", "guidance_scale")}, **json.loads(ck["config"])}
         now = cfg.to_dict()
         diff = sorted(k for k in set(saved) | set(now) if k not in _RESUME_FREE and saved.get(k) != now.get(k))
         if diff:
@@ -437,7 +534,15 @@ def train(cfg: TrainConfig, out_dir, *, work_dir=None, resume: bool = False, qui
                 target = x0
             else:                                                                # v_prediction
                 target = a.sqrt() * eps - (1 - a).sqrt() * x0
-            loss = torch.nn.functional.mse_loss(model(xt, t), target)
+            if label_t is None:
+                out = model(xt, t)
+            else:
+                y = label_t[idx]
+                if null is not None:
+                    drop = torch.from_numpy(_dropped(cfg.seed, step, len(idx), cfg.cond_drop)).to(device)
+                    y = torch.where(drop, torch.full_like(y, null), y)
+                out = model(xt, t, class_labels=y)
+            loss = torch.nn.functional.mse_loss(out, target)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.grad_clip > 0:
@@ -476,7 +581,8 @@ def train(cfg: TrainConfig, out_dir, *, work_dir=None, resume: bool = False, qui
     if losses:
         write_loss_png(os.path.join(work_dir, "loss.png"), losses)
     if step >= total:
-        Pipeline(ucfg, ema.numpy_weights(), sched, name=os.path.basename(out_dir)).save(out_dir)
+        Pipeline(ucfg, ema.numpy_weights(), sched, name=os.path.basename(out_dir), null_class=null,
+                 guidance_scale=cfg.guidance_scale if null is not None else None).save(out_dir)
     return TrainResult(out_dir=out_dir, work_dir=work_dir, steps=step, losses=losses, seconds=seconds,
                        resumed_from=resumed_from)
 
