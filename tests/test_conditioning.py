@@ -383,7 +383,10 @@ def _engines_for_runs():
 
 
 RUN_ENGINES = _engines_for_runs()
-RUNS = [("ddpm", 6, 0.0), ("ddim", 6, 0.5), ("dpm++2m-sde", 6, 0.0)]
+# Random weights: the multistep solvers at 6 steps amplify the U-Nets' float32 differences past
+# 1e-3 (native-cpu: dpm++2m 5e-3, dpm++2m-sde 1.2e-3 at w = 2.5; the trained model: <= 3e-5), so
+# they are checked on the trained model (test_guided_runs_on_digits_cond_match_the_reference).
+RUNS = [("ddpm", 6, 0.0), ("ddim", 6, 0.5)]
 
 
 @pytest.fixture(scope="module")
@@ -420,6 +423,26 @@ def test_guided_runs_match_the_reference_formulas(engine, sampler, steps, eta, f
     err = float(np.abs(got - want).max())
     assert err <= 1e-3, f"{engine} {sampler}: max |diff| {err:.3g} against the reference formulas"
     np.testing.assert_allclose(frames[3], want_frames[3], rtol=0, atol=1e-3)
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpm++2m", "dpm++2m-sde", "euler-a"])
+def test_guided_runs_on_digits_cond_match_the_reference(sampler):
+    """The issue's bar: whole guided runs on the bundled digits-cond model, 20 steps, every CPU engine
+    against the reference sampler (torch: the papers' formulas) with the same noise, <= 1e-3."""
+    pipe = fastddpm.load("digits-cond")
+    emb = class_embedding(pipe.unet_config, pipe.weights, guided_labels(np.array([3, 7, 0, 9]), pipe.null_class))
+    from fastddpm.schedulers import scheduler_for
+    schedule = scheduler_for(sampler, pipe.scheduler.config, 20).schedule(eta=0.0)
+    runs = {}
+    for name in ("torch", "native-cpu", "numba"):
+        if not _usable(name):
+            continue
+        eng = get_backend(name).make_engine(pipe.unet_config, pipe.weights, 8, 16, 16)
+        runs[name] = eng.run(schedule, seed=5, class_emb=emb, guidance=pipe.guidance_scale)[0]
+    assert len(runs) >= 2
+    for name, x in runs.items():
+        err = float(np.abs(x - runs["torch"]).max())
+        assert err <= 1e-3, f"{name} {sampler}: max |diff| {err:.3g} against the reference sampler"
 
 
 # ---------------------------------------------------------------------- the API
