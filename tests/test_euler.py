@@ -34,14 +34,16 @@ def _patched(module, z=None):
 
 def _sequence(kind, cfg, steps, seed=0):
     ours_cls, ref_cls, module = CLASSES[kind]
-    cfg = {"timestep_spacing": "leading", **cfg}
     ours, ref = ours_cls(**cfg), ref_cls(**cfg)
     ab = torch.from_numpy(ours.alphas_cumprod.copy())
     ref.alphas_cumprod = ab
     with _patched(module):
         ref.set_timesteps(steps)
     ours.set_timesteps(steps)
-    np.testing.assert_array_equal(ours.timesteps, ref.timesteps.numpy().astype(np.int64))
+    # diffusers' (float64) timesteps are the model's; Karras timesteps come from a log-sigma
+    # interpolation that fastddpm evaluates one sigma at a time (the same float64 maths)
+    np.testing.assert_allclose(ours.timesteps, ref.timesteps.numpy(), rtol=0, atol=1e-9)
+    assert ours.init_noise_sigma == pytest.approx(float(ref.init_noise_sigma), rel=1e-12)
     rng = np.random.default_rng(seed)
     out = []
     for k, t in enumerate(ref.timesteps):
@@ -53,16 +55,28 @@ def _sequence(kind, cfg, steps, seed=0):
     return ours, out
 
 
+SPACINGS = ("linspace", "trailing", "leading")
 GRID = [("euler", {}), ("euler", dict(prediction_type="v_prediction")), ("euler", dict(prediction_type="sample")),
         ("euler", dict(final_sigmas_type="sigma_min")), ("euler", dict(beta_schedule="squaredcos_cap_v2")),
         ("euler", dict(rescale_betas_zero_snr=True, prediction_type="v_prediction")),
-        ("euler", dict(steps_offset=1, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)),
+        ("euler", dict(steps_offset=1, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                       timestep_spacing="leading")),
         ("euler-a", {}), ("euler-a", dict(prediction_type="v_prediction")),
-        ("euler-a", dict(beta_schedule="squaredcos_cap_v2", steps_offset=1))]
+        ("euler-a", dict(beta_schedule="squaredcos_cap_v2", steps_offset=1, timestep_spacing="leading")),
+        ("euler", dict(use_karras_sigmas=True, final_sigmas_type="sigma_min", timestep_spacing="leading")),
+        ("euler", dict(use_karras_sigmas=True, beta_schedule="squaredcos_cap_v2", prediction_type="v_prediction")),
+        ("euler", dict(use_karras_sigmas=True, sigma_min=0.05, sigma_max=20.0))]
+# every spacing, with and without Karras sigmas (Euler), on both samplers
+GRID += [(kind, dict(timestep_spacing=sp, **karras)) for sp in SPACINGS for kind, karras in (
+    ("euler", {}), ("euler", dict(use_karras_sigmas=True)), ("euler-a", {}))]
+
+
+def _id(kind, cfg):
+    return f"{kind}-" + ",".join(f"{k}={v}" for k, v in cfg.items())
 
 
 @pytest.mark.parametrize("steps", [10, 25, 50])
-@pytest.mark.parametrize("kind,cfg", GRID, ids=[f"{k}-{c}" for k, c in GRID])
+@pytest.mark.parametrize("kind,cfg", GRID, ids=[_id(*c) for c in GRID])
 def test_rows_are_diffusers_float64(kind, cfg, steps):
     ours, seq = _sequence(kind, cfg, steps)
     rows = ours.coefficients_float64()
@@ -72,36 +86,150 @@ def test_rows_are_diffusers_float64(kind, cfg, steps):
         assert np.abs(got - want).max() <= 1e-9 * (np.abs(want).max() + 1.0), f"step {k}"
 
 
+@pytest.mark.parametrize("steps", [10, 25, 50])
+@pytest.mark.parametrize("kind,cfg", GRID, ids=[_id(*c) for c in GRID])
+def test_schedule_is_what_diffusers_feeds_the_model(kind, cfg, steps):
+    """The model's float32 times are diffusers' own (float32) scheduler's timesteps; x_T's scale is
+    diffusers' init_noise_sigma over the model-input scaling of the first step, 1 for "leading";
+    the noise keys are distinct, descending and the timesteps themselves where those are integers."""
+    ours_cls, ref_cls, _ = CLASSES[kind]
+    ours, ref = ours_cls(**cfg), ref_cls(**cfg)
+    ours.set_timesteps(steps)
+    ref.set_timesteps(steps)
+    sched = ours.schedule()
+    assert sched.model_t.dtype == np.float32
+    if cfg.get("use_karras_sigmas"):
+        # diffusers' float32 alpha_bar moves a Karras time by up to ~2e-4 relative; its float64 run gives
+        # fastddpm's float64 times to 1e-9 (_sequence), which the model sees rounded to float32
+        np.testing.assert_array_equal(sched.model_t, sched.model_timesteps.astype(np.float32))
+        np.testing.assert_allclose(sched.model_t, ref.timesteps.numpy(), rtol=1e-3, atol=1e-3)
+    else:
+        np.testing.assert_array_equal(sched.model_t, ref.timesteps.numpy())
+    s0 = float(ours._sigmas[0])
+    # diffusers' float32 sigmas are off by up to ~1e-5 where alpha_bar is tiny (cosine); _sequence
+    # checks init_noise_sigma against its float64 run to 1e-12
+    assert ours.x_scale == pytest.approx(float(ref.init_noise_sigma) / math.sqrt(s0 * s0 + 1), rel=1e-4)
+    if ours.config["timestep_spacing"] == "leading":
+        assert sched.x_scale == 1.0
+    keys = sched.timesteps
+    assert keys.dtype == np.int64 and np.all(np.diff(keys) < 0) and keys[-1] >= 0
+    if sched.model_timesteps is None:
+        np.testing.assert_array_equal(keys, ours.timesteps)
+    else:
+        rounded = np.round(sched.model_timesteps).astype(np.int64)   # half to even
+        want = [rounded[0]]
+        for r in rounded[1:]:
+            want.append(min(r, want[-1] - 1))   # a repeated rounding: one below the previous key
+        np.testing.assert_array_equal(keys, want)
+
+
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
-@pytest.mark.parametrize("kind,cfg", [GRID[0], GRID[1], GRID[7], GRID[9]], ids=["euler", "euler-v", "euler-a", "euler-a-cos"])
+@pytest.mark.parametrize("kind,cfg", [c for c in GRID if not c[1] or c[1].get("use_karras_sigmas") or
+                                      c[1].get("timestep_spacing") in SPACINGS or "prediction_type" in c[1]],
+                         ids=lambda c: _id(*c) if isinstance(c, tuple) else None)
 def test_fused_step_on_every_backend(backend, kind, cfg):
-    ours, seq = _sequence(kind, cfg, 25)
-    with using(backend):
-        for k, (x, m, z, want) in enumerate(seq):
-            got = ours.step(m.astype(np.float32), int(ours.timesteps[k]), x.astype(np.float32),
-                            noise=z.astype(np.float32), backend=backend[0])
-            assert np.abs(got.astype(np.float64) - want).max() <= 1e-5, f"step {k}"
+    """Every step of whole 10-, 25- and 50-step sequences, fed diffusers' own timestep values."""
+    for steps in (10, 25, 50):
+        ours, seq = _sequence(kind, cfg, steps)
+        with using(backend):
+            for k, (x, m, z, want) in enumerate(seq):
+                got = ours.step(m.astype(np.float32), ours.timesteps[k], x.astype(np.float32),
+                                noise=z.astype(np.float32), backend=backend[0])
+                err = float(np.abs(got.astype(np.float64) - want).max())
+                _MAX_ERR[(kind, _id(kind, cfg), backend[0])] = max(err, _MAX_ERR.get((kind, _id(kind, cfg), backend[0]), 0))
+                assert err <= 1e-5, f"{steps} steps, step {k}: {err:.2e}"
 
 
-@pytest.mark.parametrize("backend", [n for n in ("native-cpu", "numba") if fastddpm.backends()[n]["available"]])
-@pytest.mark.parametrize("sampler", ["euler", "euler-a"])
-def test_whole_run_matches_the_reference_sampler(backend, sampler):
+_MAX_ERR: dict = {}
+
+
+def test_float32_timesteps_find_their_row():
+    """diffusers' loop passes its float32 timesteps to step: they find the same row as the float64 ones."""
+    ours, ref = fastddpm.EulerDiscreteScheduler(), diffusers.EulerDiscreteScheduler()
+    ours.set_timesteps(25)
+    ref.set_timesteps(25)
+    for k, t in enumerate(ref.timesteps):
+        assert ours.row_index(t) == k == ours.row_index(float(ours.timesteps[k])) == ours.row_index(int(ours.noise_steps[k]))
+    with pytest.raises(ValueError, match="not one of"):
+        ours.row_index(500.25)
+
+
+RUN_BACKENDS = [n for n in ("native-cpu", "numba") if fastddpm.backends()[n]["available"]]
+
+
+def _digits_with(cls, **overrides):
+    """The bundled digits model with a scheduler of class cls built from its config (and overrides)."""
     pipe = fastddpm.load("digits")
+    pipe.scheduler = cls.from_compatible_config({**pipe.scheduler.config, **overrides})
+    return pipe
+
+
+WHOLE_RUNS = [("euler", fastddpm.EulerDiscreteScheduler, dict(timestep_spacing=sp)) for sp in ("linspace", "trailing")]
+WHOLE_RUNS += [("euler-a", fastddpm.EulerAncestralDiscreteScheduler, dict(timestep_spacing=sp)) for sp in ("linspace", "trailing")]
+WHOLE_RUNS += [("dpm++2m", fastddpm.DPMSolverMultistepScheduler, dict(use_karras_sigmas=True, solver_order=2))]
+
+
+@pytest.mark.parametrize("backend", RUN_BACKENDS)
+@pytest.mark.parametrize("sampler,cls,cfg", WHOLE_RUNS, ids=[_id(s, c) for s, _, c in WHOLE_RUNS])
+def test_whole_run_matches_the_reference_sampler(backend, sampler, cls, cfg):
+    """20 steps on the digits model: the engine against the reference sampler (the papers'
+    formulas in torch, the same noise, x_T scaled alike), max abs <= 1e-3; batch invariance and
+    first_index hold on the fractional, scaled schedules too."""
+    pipe = _digits_with(cls, **cfg)
     got = pipe(3, sampler=sampler, steps=20, seed=5, backend=backend, output="float")
     want = pipe(3, sampler=sampler, steps=20, seed=5, backend="torch", output="float")
     err = float(np.abs(got - want).max())
-    print(f"{sampler} on {backend}: max abs {err:.2e} after 20 steps")
+    print(f"{sampler} {cfg} on {backend}: max abs {err:.2e} after 20 steps")
     assert err <= 1e-3
+    np.testing.assert_array_equal(pipe(2, sampler=sampler, steps=20, seed=5, backend=backend, output="float"), got[:2])
+    np.testing.assert_array_equal(pipe(2, sampler=sampler, steps=20, seed=5, backend=backend, output="float",
+                                       first_index=1), got[1:])
+
+
+@pytest.mark.parametrize("backend", RUN_BACKENDS)
+@pytest.mark.parametrize("sampler", ["euler", "euler-a"])
+def test_default_sampler_runs_match_the_reference_sampler(backend, sampler):
+    """sample(sampler=...) from the DDPM-trained digits model ("leading": integer timesteps, x_T unscaled)."""
+    pipe = fastddpm.load("digits")
+    got = pipe(3, sampler=sampler, steps=20, seed=5, backend=backend, output="float")
+    want = pipe(3, sampler=sampler, steps=20, seed=5, backend="torch", output="float")
+    assert float(np.abs(got - want).max()) <= 1e-3
     np.testing.assert_array_equal(pipe(2, sampler=sampler, steps=20, seed=5, backend=backend, output="float"), got[:2])
 
 
+def test_trajectory_position_0_is_the_scaled_x_t():
+    pipe = _digits_with(fastddpm.EulerDiscreteScheduler, timestep_spacing="linspace")
+    r = pipe(2, sampler="euler", steps=5, seed=3, trajectory=[0], output="float", backend="native-cpu"
+             if "native-cpu" in RUN_BACKENDS else "torch")
+    sched = pipe.scheduler_for("euler", 5).schedule()
+    assert sched.x_scale < 1.0
+    want = np.clip(fastddpm.noise(3, (2, 1, 16, 16), -1) * np.float32(sched.x_scale), -1, 1)
+    np.testing.assert_allclose(np.clip(r.trajectory[0], -1, 1), want, rtol=0, atol=1e-6)
+
+
 @pytest.mark.parametrize("kind,bad,match", [
-    ("euler", dict(timestep_spacing="linspace"), "fractional"), ("euler", dict(timestep_spacing="trailing"), "scales x_T"),
-    ("euler", dict(use_karras_sigmas=True), "use_karras_sigmas"), ("euler", dict(interpolation_type="log_linear"), "interpolation_type"),
+    ("euler", dict(interpolation_type="log_linear"), "interpolation_type"),
+    ("euler", dict(use_exponential_sigmas=True), "use_exponential_sigmas"),
+    ("euler", dict(use_beta_sigmas=True), "use_beta_sigmas"),
+    ("euler", dict(timestep_type="continuous"), "timestep_type"),
+    ("euler", dict(sigma_min=-1.0, use_karras_sigmas=True), "sigma_min"),
+    ("euler-a", dict(use_karras_sigmas=True), "use_karras_sigmas"),
     ("euler-a", dict(prediction_type="sample"), "prediction_type"), ("euler", dict(final_sigmas_type="max"), "final_sigmas_type")])
 def test_refused_options_are_named(kind, bad, match):
     with pytest.raises(fastddpm.SchedulerConfigError, match=match):
-        CLASSES[kind][0](**{"timestep_spacing": "leading", **bad})
+        CLASSES[kind][0](**bad)
+
+
+@pytest.mark.parametrize("kind", ["euler", "euler-a"])
+def test_diffusers_default_config_loads_and_runs(kind, tmp_path):
+    """diffusers' own default Euler configs ("linspace", fractional timesteps, scaled x_T) load and run."""
+    ours_cls, ref_cls, _ = CLASSES[kind]
+    ref_cls().save_pretrained(tmp_path)
+    s = ours_cls.from_config(tmp_path)
+    assert s.config["timestep_spacing"] == "linspace"
+    s.set_timesteps(10)
+    assert s.schedule().model_timesteps is not None and s.schedule().x_scale < 1.0
+    ours_cls().set_timesteps(10)
 
 
 def test_diffusers_config_loads(tmp_path):

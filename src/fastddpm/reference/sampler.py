@@ -3,7 +3,8 @@
 It mirrors ``Pipeline.__call__`` / ``fastddpm.sample`` and is written from the papers' formulas
 (diffusers' DDPMScheduler.step and DDIMScheduler.step), reading only the scheduler's float64
 ``alphas_cumprod`` and timesteps, never its fused coefficient table: so it also checks the table.
-The noise is the spec's (fastddpm.noise): x_T at noise step -1, the noise of timestep t at step t.
+The noise is the spec's (fastddpm.noise): x_T at noise step -1 (times the scheduler's x_scale), the
+noise of timestep t at step t (a fractional schedule: its integer noise key, schedulers.noise_keys).
 """
 from __future__ import annotations
 
@@ -224,5 +225,9 @@ def reference_sample(unet: Callable, scheduler, shape: tuple, *, seed: int, eta:
         z = noise_fn(seed, shape, t, first_index, device) if needs_noise(t) else None
         return formula(m, t, x, z)
 
-    x = noise_fn(seed, shape, -1, first_index, device)                  # x_T: [N, C, H, W]
-    return run_loop(scheduler.timesteps, x, model, step, keep=set(keep), callback=callback, every=every)
+    x = noise_fn(seed, shape, -1, first_index, device)                  # unscaled x_T: [N, C, H, W]
+    # a fractional schedule: the model sees diffusers' float32 timesteps, the noise keys stay integers
+    model_ts = getattr(scheduler, "model_timesteps", None)
+    model_t = None if model_ts is None else torch.from_numpy(model_ts.astype("float32"))
+    return run_loop(getattr(scheduler, "noise_steps", scheduler.timesteps), x, model, step, keep=set(keep),
+                    callback=callback, every=every, model_t=model_t, x_scale=getattr(scheduler, "x_scale", 1.0))
