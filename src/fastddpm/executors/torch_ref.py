@@ -144,7 +144,7 @@ class ReferenceEngine(Engine):
                 x, frames = reference_sample(unet, schedule.scheduler, shape, seed=seed,
                                              eta=dict(schedule.options).get("eta", 0.0), first_index=first_index,
                                              keep=keep, callback=callback, every=self.callback_every,
-                                             guidance=guidance)
+                                             guidance=guidance, schedule=schedule)
                 return x.numpy(), {k: v.numpy() for k, v in frames.items()}
             return self._run_fused_steps(unet, schedule, shape, seed, first_index, keep, callback, guidance)
 

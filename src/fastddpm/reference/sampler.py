@@ -14,7 +14,7 @@ from typing import Callable, Iterable
 import torch
 
 from .. import philox as noise_spec
-from ..loop import run_loop
+from ..loop import run_loop, schedule_loop
 
 
 def spec_noise(seed: int, shape: tuple, step: int, first_index: int, device) -> torch.Tensor:
@@ -207,8 +207,10 @@ def guided(unet: Callable, scale: float) -> Callable:
 def reference_sample(unet: Callable, scheduler, shape: tuple, *, seed: int, eta: float = 0.0,
                      first_index: int = 0, keep: Iterable[int] = (), device="cpu",
                      noise_fn: Callable = spec_noise, callback: Callable | None = None, every: int = 1,
-                     guidance: float | None = None):
+                     guidance: float | None = None, schedule=None):
     """Run the loop over ``scheduler.timesteps``; returns (x_0 [N, C, H, W] float32, frames).
+    ``schedule``: the loop's StepSchedule of the scheduler (default: scheduler.schedule(eta)), whose
+    noise keys, model times and x_T scale the loop takes; the step formulas read the scheduler.
 
     unet(x, t) -> model output. ``keep``: loop positions to copy out (0 = x_T, k = after k steps).
     ``noise_fn(seed, shape, step, first_index, device)``: the spec's noise by default (the
@@ -227,7 +229,7 @@ def reference_sample(unet: Callable, scheduler, shape: tuple, *, seed: int, eta:
 
     x = noise_fn(seed, shape, -1, first_index, device)                  # unscaled x_T: [N, C, H, W]
     # a fractional schedule: the model sees diffusers' float32 timesteps, the noise keys stay integers
-    model_ts = getattr(scheduler, "model_timesteps", None)
-    model_t = None if model_ts is None else torch.from_numpy(model_ts.astype("float32"))
-    return run_loop(getattr(scheduler, "noise_steps", scheduler.timesteps), x, model, step, keep=set(keep),
-                    callback=callback, every=every, model_t=model_t, x_scale=getattr(scheduler, "x_scale", 1.0))
+    if schedule is None:
+        schedule = scheduler.schedule(eta=eta)
+    return run_loop(schedule.timesteps, x, model, step, keep=set(keep), callback=callback, every=every,
+                    **schedule_loop(schedule))
