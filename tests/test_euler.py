@@ -207,10 +207,11 @@ def test_default_sampler_runs_match_the_reference_sampler(backend, sampler):
 
 def test_trajectory_position_0_is_the_scaled_x_t():
     pipe = _digits_with(fastddpm.EulerDiscreteScheduler, timestep_spacing="linspace")
-    r = pipe(2, sampler="euler", steps=5, seed=3, trajectory=[0], output="float", backend="native-cpu"
+    r = pipe(2, sampler="euler", steps=5, seed=3, trajectory=[0, 2], output="float", backend="native-cpu"
              if "native-cpu" in RUN_BACKENDS else "torch")
     sched = pipe.scheduler_for("euler", 5).schedule()
     assert sched.x_scale < 1.0
+    assert r.timesteps == [-1, float(sched.model_timesteps[1])]   # the (fractional) time of the step made it
     want = np.clip(fastddpm.noise(3, (2, 1, 16, 16), -1) * np.float32(sched.x_scale), -1, 1)
     np.testing.assert_allclose(np.clip(r.trajectory[0], -1, 1), want, rtol=0, atol=1e-6)
 

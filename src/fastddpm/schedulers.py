@@ -74,13 +74,12 @@ class StepSchedule:
         out.setflags(write=False)
         return out
 
-    @property
-    def x_scale32(self) -> np.float32:
-        """x_scale as the engines apply it (float32)."""
-        return np.float32(self.x_scale)
-
-    def position_timesteps(self, positions) -> list[int]:
-        """The timestep each loop position shows (-1 for position 0, the initial static)."""
+    def position_timesteps(self, positions) -> list:
+        """The timestep each loop position shows (-1 for position 0, the initial static): that of
+        the step that made it, a float model time for a fractional schedule (as its scheduler's
+        ``timesteps``), else an int."""
+        if self.model_timesteps is not None:
+            return [-1 if k == 0 else float(self.model_timesteps[k - 1]) for k in positions]
         return [-1 if k == 0 else int(self.timesteps[k - 1]) for k in positions]
 
 
