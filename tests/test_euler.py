@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import fastddpm
-from _stepkit import CPU_BACKEND_NAMES, CPU_BACKENDS, using
+from _stepkit import CPU_BACKEND_NAMES, CPU_BACKENDS, STEP_RTOL, using
 
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers", reason="diffusers is the test-only oracle of the schedulers")
@@ -124,23 +124,25 @@ def test_schedule_is_what_diffusers_feeds_the_model(kind, cfg, steps):
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
-@pytest.mark.parametrize("kind,cfg", [c for c in GRID if not c[1] or c[1].get("use_karras_sigmas") or
-                                      c[1].get("timestep_spacing") in SPACINGS or "prediction_type" in c[1]],
-                         ids=lambda c: _id(*c) if isinstance(c, tuple) else None)
+@pytest.mark.parametrize("kind,cfg", GRID, ids=[_id(*c) for c in GRID])
 def test_fused_step_on_every_backend(backend, kind, cfg):
-    """Every step of whole 10-, 25- and 50-step sequences, fed diffusers' own timestep values."""
+    """Every step of whole 10-, 25- and 50-step sequences in float32, fed diffusers' own timestep
+    values: max abs <= 1e-5 of diffusers' float64 step where the terms are unit-scale. A cosine
+    schedule's first "linspace" / "trailing" step starts at sigma ~1e4, where x' ~ (sigma / sigma_next)
+    (x - m) reaches ~1e3 on independent random x and m: there the float32 bound of _stepkit (16
+    units of 2**-24 of the terms' size) is the honest one (measured: up to 1.0e-3 absolute on
+    outputs up to 2.2e3, at most 2.4 units; every other case <= 1.5e-6)."""
     for steps in (10, 25, 50):
         ours, seq = _sequence(kind, cfg, steps)
+        rows = ours.coefficients_float64()
         with using(backend):
             for k, (x, m, z, want) in enumerate(seq):
                 got = ours.step(m.astype(np.float32), ours.timesteps[k], x.astype(np.float32),
                                 noise=z.astype(np.float32), backend=backend[0])
                 err = float(np.abs(got.astype(np.float64) - want).max())
-                _MAX_ERR[(kind, _id(kind, cfg), backend[0])] = max(err, _MAX_ERR.get((kind, _id(kind, cfg), backend[0]), 0))
-                assert err <= 1e-5, f"{steps} steps, step {k}: {err:.2e}"
-
-
-_MAX_ERR: dict = {}
+                ax, am, cx0, dx, dm, sigma = rows[k][:6]
+                size = np.abs(cx0) * (np.abs(ax * x) + np.abs(am * m)) + np.abs(dx * x) + np.abs(dm * m) + np.abs(sigma * z)
+                assert err <= max(1e-5, STEP_RTOL * size.max()), f"{steps} steps, step {k}: {err:.2e}"
 
 
 def test_float32_timesteps_find_their_row():
