@@ -240,7 +240,15 @@ def test_diffusers_default_config_loads_and_runs(kind, tmp_path):
     assert s.config["timestep_spacing"] == "linspace"
     s.set_timesteps(10)
     assert s.schedule().model_timesteps is not None and s.schedule().x_scale < 1.0
-    ours_cls().set_timesteps(10)
+    # a model directory with that scheduler config loads with it and samples with it
+    from test_pipeline import tiny_pipeline
+    pipe = tiny_pipeline()
+    pipe.scheduler = s
+    loaded = fastddpm.load(pipe.save(tmp_path / "model"))
+    assert type(loaded.scheduler) is ours_cls and loaded.scheduler.config == s.config
+    for backend in CPU_BACKEND_NAMES:
+        x = loaded(2, sampler=kind, steps=6, seed=1, backend=backend, output="float")
+        assert x.shape == (2, 1, 8, 8) and np.isfinite(x).all()
 
 
 def test_diffusers_config_loads(tmp_path):
