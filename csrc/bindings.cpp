@@ -10,6 +10,7 @@
 #include <string>
 
 #include <memory>
+#include <optional>
 #include <vector>
 
 #include "array_args.h"
@@ -195,7 +196,8 @@ class PyEngine {
 
   py::tuple run(const py::array& coef, const py::array& timesteps, uint64_t seed, int64_t first_index,
                 const std::vector<int64_t>& keep, const py::object& callback, int64_t every, int64_t history,
-                const py::object& class_emb, const py::object& guidance) {
+                const py::object& class_emb, const py::object& guidance, const py::object& model_t,
+                double x_scale) {
     const float* cp = float_data(coef, "coefficient table");
     if (coef.ndim() != 2 || coef.shape(1) != fastddpm::kCoefWidth)
       throw std::invalid_argument("coefficient table must be float32 [steps, " +
@@ -219,6 +221,13 @@ class PyEngine {
     a.keep_out = outputs.frame_data;
     a.x_out = outputs.x_data();
     a.history = int(history);
+    std::optional<py::array_t<float>> mt;  // [steps] float32, kept alive for the run
+    if (!model_t.is_none()) {
+      mt = checked<float>(model_t.cast<py::array>(), "model timesteps", 1, -1);
+      if (mt->shape(0) != steps) throw std::invalid_argument("model timesteps and timesteps differ in length");
+      a.model_t = mt->data();
+    }
+    a.x_scale = float(x_scale);
     // Takes the GIL back once per step (Ctrl-C) and every `every` steps and at the end (callback).
     fastddpm::bind::run_loop([&](const std::function<bool(int64_t)>& on_step) { return engine_->run(a, on_step); },
                              callback, [&](int64_t k) { return k % every == 0 || k == steps; });
@@ -303,8 +312,11 @@ PYBIND11_MODULE(_C, mod) {
            "class_emb: float32 [N, class_dim] class-embedding rows, required by a class-conditional plan")
       .def("run", &PyEngine::run, py::arg("coef"), py::arg("timesteps"), py::arg("seed"), py::arg("first_index"),
            py::arg("keep"), py::arg("callback"), py::arg("every") = 1, py::arg("history") = 0,
-           py::arg("class_emb") = py::none(), py::arg("guidance") = py::none(),
-           "the whole sampling loop; returns (x0, [frames for keep]). history (0, 1, 2): previous x0 "
+           py::arg("class_emb") = py::none(), py::arg("guidance") = py::none(), py::arg("model_t") = py::none(),
+           py::arg("x_scale") = 1.0,
+           "the whole sampling loop; returns (x0, [frames for keep]). model_t: float32 [steps], the model's "
+           "time input of a fractional schedule (default: the timesteps, which stay the noise keys); x_scale: "
+           "x_T = x_scale * the initial normals (frame 0 shows it). history (0, 1, 2): previous x0 "
            "predictions fed to each step as h1 (h2), from an engine-owned ring of 3 buffers. class_emb: "
            "float32 [N, class_dim] (a class-conditional plan). guidance=w: classifier-free guidance, "
            "n = N / 2 samples (class_emb rows [0, n) conditional, [n, N) the null class), each step "

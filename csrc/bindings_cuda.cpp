@@ -322,16 +322,22 @@ class PyCudaEngine {
                             stream_of(stream));
   }
 
-  void set_schedule(const py::array& coef, const py::array& timesteps) {
+  void set_schedule(const py::array& coef, const py::array& timesteps, const py::object& model_t) {
     const auto c = checked<float>(coef, "coefficient table", 2, fastddpm::kCoefWidth);
     const auto ts = checked<int64_t>(timesteps, "timesteps", 1, -1);
     if (ts.shape(0) != c.shape(0)) throw py::value_error("timesteps and coefficient rows differ in length");
+    std::optional<py::array_t<float>> mt;  // [steps] float32: a fractional schedule's model times
+    if (!model_t.is_none()) {
+      mt = checked<float>(model_t.cast<py::array>(), "model timesteps", 1, -1);
+      if (mt->shape(0) != ts.shape(0)) throw py::value_error("model timesteps and timesteps differ in length");
+    }
     py::gil_scoped_release nogil;
-    engine_->set_schedule(c.data(), ts.data(), ts.shape(0));
+    engine_->set_schedule(c.data(), ts.data(), mt ? mt->data() : nullptr, ts.shape(0));
   }
 
   py::tuple run(uint64_t seed, int64_t first_index, const std::vector<int64_t>& keep, const py::object& callback,
-                int64_t every, int64_t history, const py::object& class_emb, const py::object& guidance) {
+                int64_t every, int64_t history, const py::object& class_emb, const py::object& guidance,
+                double x_scale) {
     if (every < 0) throw py::value_error("callback_every must be >= 0");
     if (history < 0 || history > 2)
       throw py::value_error("history must be 0, 1 or 2, got " + std::to_string(history));
@@ -345,6 +351,7 @@ class PyCudaEngine {
     a.keep_out = outputs.frame_data;
     a.x_out = outputs.x_data();
     a.history = int(history);
+    a.x_scale = float(x_scale);
     // Reports at chunk boundaries only (the GPU keeps the next chunk queued): Ctrl-C at every one,
     // the callback at multiples of `every` and the last step. Without a callback the chunk is
     // kSignalChunk steps, so Ctrl-C still stops a long loop early.
@@ -454,11 +461,14 @@ PYBIND11_MODULE(_C_cuda, mod) {
            "the forward on device pointers (x, t float32 [N], out, class_emb float32 [N, class_dim] or 0), "
            "asynchronous on stream")
       .def("set_schedule", &PyCudaEngine::set_schedule, py::arg("coef"), py::arg("timesteps"),
-           "upload the scheduler's float32 [S, 12] table and int64 [S] timesteps")
+           py::arg("model_t") = py::none(),
+           "upload the scheduler's float32 [S, 12] table, int64 [S] timesteps (the noise keys) and, for a "
+           "fractional schedule, float32 [S] model_t (the model's time input; default: the timesteps)")
       .def("run", &PyCudaEngine::run, py::arg("seed"), py::arg("first_index"), py::arg("keep"), py::arg("callback"),
            py::arg("every") = 0, py::arg("history") = 0, py::arg("class_emb") = py::none(),
-           py::arg("guidance") = py::none(),
-           "the whole sampling loop over the last schedule; returns (x0, [frames for keep]). history (0, 1, 2): "
+           py::arg("guidance") = py::none(), py::arg("x_scale") = 1.0,
+           "the whole sampling loop over the last schedule; returns (x0, [frames for keep]). x_scale: x_T = "
+           "x_scale * the initial normals (frame 0 shows it). history (0, 1, 2): "
            "previous x0 predictions fed to each step as h1 (h2), from an engine-owned device ring of 3 buffers. "
            "class_emb: host float32 [N, class_dim] (a class-conditional plan). guidance=w: classifier-free "
            "guidance, n = N / 2 samples (class_emb rows [0, n) conditional, [n, N) the null class), each step "

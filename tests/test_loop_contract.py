@@ -2,7 +2,8 @@
 engine, the reference engines (PyTorch formulas; the reference U-Net with a backend's fused step)
 and, under the cuda mark, the CUDA engine. Each gets the same calls and must give the same kind of
 answer: x_T keyed by (seed, sample index), kept positions, callbacks every k steps and after the
-last, cancel by a raising callback (the engine stays usable), first_index, argument errors; and for
+last, cancel by a raising callback (the engine stays usable), first_index, argument errors, a
+fractional schedule with a scaled x_T (Euler's "linspace"); and for
 a class-conditional U-Net with classifier-free guidance, a run of n samples on 2n engine rows."""
 import numpy as np
 import pytest
@@ -183,6 +184,41 @@ def test_a_multistep_schedule_runs_like_the_reference(make, exact):
     want, _ = ref.run(sched.schedule(), seed=4, first_index=1)
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-4)
     np.testing.assert_array_equal(frames[STEPS], got)
+
+
+def _fractional():
+    """Euler-ancestral with diffusers' default spacing ("linspace"): fractional model times, x_T
+    scaled by x_scale < 1, noise at every step."""
+    sched = fastddpm.EulerAncestralDiscreteScheduler()
+    sched.set_timesteps(STEPS)
+    schedule = sched.schedule()
+    assert schedule.model_timesteps is not None and schedule.x_scale < 1.0
+    assert not np.array_equal(schedule.model_t, np.round(schedule.model_t))
+    return schedule
+
+
+@pytest.mark.parametrize("make,exact", ENGINES)
+def test_a_fractional_scaled_schedule(make, exact):
+    """The model sees the float32 model times, the noise is keyed by the integer timesteps, x_T is
+    x_scale times the normals (position 0 shows it), and the result is the reference sampler's;
+    first_index and batch invariance hold as for any schedule."""
+    import dataclasses
+    eng = make(2, 1)
+    schedule = _fractional()
+    x, frames = eng.run(schedule, seed=11, first_index=3, keep=[0, -1])
+    x_t = fastddpm.noise(11, (2, 1, 8, 8), -1, first_index=3) * np.float32(schedule.x_scale)
+    np.testing.assert_allclose(frames[0], x_t, rtol=0, atol=1e-6)
+    np.testing.assert_array_equal(frames[STEPS], x)
+    want, _ = get("torch").make_engine(CFG, WEIGHTS, 2, 8, 8).run(schedule, seed=11, first_index=3)
+    np.testing.assert_allclose(x, want, rtol=1e-5, atol=1e-4)   # random weights: |x| reaches ~500
+    # the same rows at the integer noise keys as model times, or from unscaled normals, differ
+    for other in (dataclasses.replace(schedule, model_timesteps=None), dataclasses.replace(schedule, x_scale=1.0)):
+        assert np.abs(eng.run(other, seed=11, first_index=3)[0] - x).max() > 1e-4
+    b, _ = eng.run(schedule, seed=11, first_index=4)
+    if exact:
+        np.testing.assert_array_equal(b[0], x[1])
+    else:
+        np.testing.assert_allclose(b[0], x[1], rtol=0, atol=1e-5)
 
 
 def _class_rows(labels, guided=True):

@@ -810,7 +810,9 @@ bool Engine::run(const LoopArgs& a, const std::function<bool(int64_t)>& on_step)
     for (int j = 0; j < kCoefWidth; ++j)
       if (!std::isfinite(a.coef[s * kCoefWidth + j])) fail("coefficient table has a non-finite value");
     if (a.coef[s * kCoefWidth + kClip] < 0.0f) fail("clip range must be >= 0");
+    if (a.model_t && !std::isfinite(a.model_t[s])) fail("model timesteps must be finite");
   }
+  if (!std::isfinite(a.x_scale)) fail("x_scale must be finite");
   for (size_t i = 0; i < a.keep.size(); ++i)
     if (a.keep[i] < 0 || a.keep[i] > a.steps || !a.keep_out[i]) fail("bad trajectory position");
 
@@ -845,12 +847,18 @@ bool Engine::run(const LoopArgs& a, const std::function<bool(int64_t)>& on_step)
   // ring buffer j of sample n: the x0 of every step k with k % 3 == j
   auto ring = [&](int64_t j, int64_t n) { return e.ring.get() + (j * e.ring_rows + n) * per; };
   // x_T: the spec's normals at the initial noise step, into the input slot (the loop state)
-  for (int64_t n = 0; n < ns; ++n) normals(params(n, kInitialNoiseStep), e.slot(n, P::kInputSlot));
+  for (int64_t n = 0; n < ns; ++n) {
+    float* x = e.slot(n, P::kInputSlot);
+    normals(params(n, kInitialNoiseStep), x);
+    if (a.x_scale != 1.0f)  // a scaled start (Euler's init_noise_sigma); 1 leaves the normals' bits
+      for (int64_t i = 0; i < per; ++i) x[i] *= a.x_scale;
+  }
   keep_copy(0);
   for (int64_t s = 0; s < a.steps; ++s) {
     const EngineKernels& k = engine_kernels(active_isa());
     const int threads = num_threads();
-    for (int64_t n = 0; n < e.N; ++n) e.tvals[size_t(n)] = float(a.timesteps[s]);
+    const float t = a.model_t ? a.model_t[s] : float(a.timesteps[s]);
+    for (int64_t n = 0; n < e.N; ++n) e.tvals[size_t(n)] = t;
     for (int64_t n = ns; n < e.N; ++n)  // guided: the null-class rows see the same x
       std::memcpy(e.slot(n, P::kInputSlot), e.slot(n - ns, P::kInputSlot), size_t(per) * 4);
     e.forward_arena(k, threads);  // model output -> the output slot

@@ -22,7 +22,11 @@ using WeightView = plan::WeightView;  // copied at creation
 struct LoopArgs {
   int64_t steps = 0;
   const float* coef = nullptr;         // [steps, kCoefWidth]
-  const int64_t* timesteps = nullptr;  // [steps]; also the noise step of each step
+  const int64_t* timesteps = nullptr;  // [steps]: the noise step of each step (and the model's time unless model_t)
+  // A fractional schedule: [steps] the model's time input of each step (float32, as diffusers feeds
+  // it); null: float(timesteps[s]).
+  const float* model_t = nullptr;
+  float x_scale = 1.0f;                // x_T = x_scale * the initial normals (float32 multiply); position 0 shows it
   uint64_t seed = 0;
   int64_t first_index = 0;
   std::vector<int64_t> keep;           // loop positions to copy out (0 = x_T, k = after k steps)

@@ -220,7 +220,7 @@ struct Engine::Impl {
   int64_t ws_per_sample = 0;
   std::vector<GOp> ops;
   // the loop
-  DevBuf coef_tab, ts_tab;  // float [cap, kCoefWidth], uint32 [cap]
+  DevBuf coef_tab, ts_tab, mt_tab;  // float [cap, kCoefWidth], uint32 [cap] noise keys, float [cap] model times
   int64_t cap = 0, steps = 0;
   cudaStream_t stream = nullptr;
   cudaEvent_t ev[2] = {nullptr, nullptr};  // chunk boundaries of the loop (blocking sync: no spinning core)
@@ -615,7 +615,7 @@ void Engine::Impl::forward_ops(cudaStream_t st, bool timed) {
 // of its kind; run directly when profiling. Guided: the step covers the n = N / 2 samples, reads
 // the model output's two halves and writes x_prev to both halves of x (the next forward's [x, x]).
 void Engine::Impl::run_step_ops(bool timed, bool history, bool guided) {
-  check_cuda(launch_loop_begin(state.as<LoopState>(), ts_tab.as<uint32_t>(), tvals.as<float>(), int(N), stream),
+  check_cuda(launch_loop_begin(state.as<LoopState>(), mt_tab.as<float>(), tvals.as<float>(), int(N), stream),
         "loop begin");
   forward_ops(stream, timed);
   StepParams p;
@@ -726,7 +726,7 @@ int64_t Engine::graph_nodes() const {  // of the first captured step graph (in g
 int64_t Engine::device_bytes() const {
   const Impl& e = *impl_;
   int64_t b = int64_t(e.arena.bytes() + e.x.bytes() + e.m.bytes() + e.ws.bytes() + e.coef_tab.bytes() +
-                      e.ts_tab.bytes() + e.ring.bytes());
+                      e.ts_tab.bytes() + e.mt_tab.bytes() + e.ring.bytes());
   for (const GOp& op : e.ops) {
     b += int64_t(op.wt.bytes() + op.bias.bytes() + op.gamma.bytes() + op.beta.bytes() + op.bias2.bytes());
     for (const GGemm& g : op.gemms) b += int64_t(g.A.bytes() + g.boff.bytes());
@@ -797,15 +797,18 @@ void Engine::forward_device(const float* x, const float* t, const float* class_e
   check_cuda(cudaEventRecordWithFlags(e.last_use, stream, captured ? cudaEventRecordExternal : 0), "cudaEventRecord");
 }
 
-void Engine::set_schedule(const float* coef, const int64_t* timesteps, int64_t steps) {
+void Engine::set_schedule(const float* coef, const int64_t* timesteps, const float* model_t, int64_t steps) {
   if (steps < 1) fail("the schedule needs at least one step");
   if (!coef || !timesteps) fail("null array pointer");
   if (steps > (int64_t(1) << 30)) fail("too many steps");
   std::vector<uint32_t> ts(static_cast<size_t>(steps));
+  std::vector<float> mt(static_cast<size_t>(steps));
   for (int64_t s = 0; s < steps; ++s) {
     if (timesteps[s] < 0 || timesteps[s] >= int64_t(kInitialNoiseStep))
       fail("timestep " + std::to_string(timesteps[s]) + " is out of range");
     ts[size_t(s)] = uint32_t(timesteps[s]);
+    mt[size_t(s)] = model_t ? model_t[s] : float(timesteps[s]);
+    if (!std::isfinite(mt[size_t(s)])) fail("model timesteps must be finite");
     for (int j = 0; j < kCoefWidth; ++j)
       if (!std::isfinite(coef[s * kCoefWidth + j])) fail("coefficient table has a non-finite value");
     if (coef[s * kCoefWidth + kClip] < 0.0f) fail("clip range must be >= 0");
@@ -819,15 +822,19 @@ void Engine::set_schedule(const float* coef, const int64_t* timesteps, int64_t s
     const int64_t cap = std::max<int64_t>(steps, 1024);
     DevBuf c(size_t(cap * kCoefWidth) * 4, "the coefficient table");
     DevBuf t(size_t(cap) * 4, "the timestep table");
+    DevBuf mtb(size_t(cap) * 4, "the model time table");
     e.drop_graph();
     e.coef_tab = std::move(c);
     e.ts_tab = std::move(t);
+    e.mt_tab = std::move(mtb);
     e.cap = cap;
   }
   check_cuda(cudaMemcpyAsync(e.coef_tab.as<float>(), coef, size_t(steps * kCoefWidth) * 4, cudaMemcpyHostToDevice,
                         e.stream), "coefficient upload");
   check_cuda(cudaMemcpyAsync(e.ts_tab.as<uint32_t>(), ts.data(), size_t(steps) * 4, cudaMemcpyHostToDevice, e.stream),
         "timestep upload");
+  check_cuda(cudaMemcpyAsync(e.mt_tab.as<float>(), mt.data(), size_t(steps) * 4, cudaMemcpyHostToDevice, e.stream),
+        "model time upload");
   e.wait_stream("schedule upload");
   e.steps = steps;
 }
@@ -849,6 +856,7 @@ bool Engine::run(const RunArgs& a, const std::function<bool(int64_t)>& on_chunk)
   if (a.first_index < 0 || a.first_index + ns > (int64_t(1) << 32))
     fail("sample indices first_index + i must lie in [0, 2**32)");
   if (a.every < 0) fail("callback chunk must be >= 0");
+  if (!std::isfinite(a.x_scale)) fail("x_scale must be finite");
   if (a.history < 0 || a.history > 2) fail("history must be 0, 1 or 2, got " + std::to_string(a.history));
   if (e.out_c != e.in_c) fail("sampling needs out_channels == in_channels");
   CallLock lock(mu_, "CUDA engine");
@@ -899,6 +907,8 @@ bool Engine::run(const RunArgs& a, const std::function<bool(int64_t)>& on_chunk)
   p.per_sample = per;
   p.noise_step = kInitialNoiseStep;
   check_status(loop_normals(p, e.x.as<float>(), e.state.as<LoopState>(), e.stream), "initial noise");
+  if (a.x_scale != 1.0f)  // a scaled start (Euler's init_noise_sigma); 1 leaves the normals' bits
+    check_cuda(launch_scale(e.x.as<float>(), ns * per, a.x_scale, e.stream), "x_T scale");
   if (a.guided)  // the null-class rows of the first forward; each step then writes both halves
     check_cuda(cudaMemcpyAsync(e.x.as<float>() + ns * per, e.x.as<float>(), frame_b, cudaMemcpyDeviceToDevice,
                                e.stream),

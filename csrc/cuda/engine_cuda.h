@@ -40,6 +40,7 @@ struct RunArgs {
   std::vector<int64_t> keep;      // loop positions to copy out (0 = x_T, k = after k steps)
   std::vector<float*> keep_out;   // one [n, C, H, W] host buffer per keep entry
   float* x_out = nullptr;         // [n, C, H, W] host: the final sample
+  float x_scale = 1.0f;           // x_T = x_scale * the initial normals (float32 multiply); position 0 shows it
   int64_t every = 0;              // on_chunk after every `every` steps (and the last); 0 = only the last
   // Multistep history: 0 (single-step samplers), 1 or 2 previous x0 predictions fed to each step
   // (StepSchedule.history). With history > 0 the engine keeps a device ring of 3 [N, C, H, W]
@@ -79,8 +80,10 @@ class Engine {
   // device [N, class_dim()] rows of a class-conditional plan (required there), else null.
   void forward_device(const float* x, const float* t, const float* class_emb, float* out, cudaStream_t stream);
 
-  // The scheduler's table: coef [steps, kCoefWidth] float32, timesteps [steps] (host; checked, uploaded).
-  void set_schedule(const float* coef, const int64_t* timesteps, int64_t steps);
+  // The scheduler's table: coef [steps, kCoefWidth] float32, timesteps [steps] (the noise keys),
+  // model_t [steps] float32 the model's time input of a fractional schedule or null (then
+  // float(timesteps[s])); host arrays, checked and uploaded.
+  void set_schedule(const float* coef, const int64_t* timesteps, const float* model_t, int64_t steps);
   // The whole loop; on_chunk(k) after step k at chunk boundaries, false = cancel. Returns false if cancelled.
   // on_chunk must not call back into this engine (fastddpm::ReentrantCall).
   bool run(const RunArgs& args, const std::function<bool(int64_t)>& on_chunk);

@@ -108,8 +108,11 @@ cudaError_t launch_im2col_s2(const float* in, int64_t i_bstride, float* col, int
 // Softmax of every row of length len: rows r < rows of batch b at S + b * bstride + r * len.
 cudaError_t launch_softmax_rows(float* S, int64_t bstride, int rows, int len, int n, cudaStream_t st);
 
-// Loop bookkeeping: tvals[b] = float(noise_steps[state->step]) (the timestep of the step about to run).
-cudaError_t launch_loop_begin(const LoopState* state, const uint32_t* timesteps, float* tvals, int n, cudaStream_t st);
+// Loop bookkeeping: tvals[b] = model_t[state->step] (the model's time input of the step about to run:
+// float(timesteps[k]), or a fractional schedule's float32 model time).
+cudaError_t launch_loop_begin(const LoopState* state, const float* model_t, float* tvals, int n, cudaStream_t st);
+// x[0, count) *= s (the scaled x_T of a schedule whose x_scale is not 1)
+cudaError_t launch_scale(float* x, int64_t count, float s, cudaStream_t st);
 // state->step += 1 (the last kernel of a captured step).
 cudaError_t launch_loop_advance(LoopState* state, cudaStream_t st);
 

@@ -166,10 +166,15 @@ __global__ void softmax_rows_kernel(float* __restrict__ S, int64_t bstride, int 
   for (int j = threadIdx.x; j < len; j += blockDim.x) row[j] = expf(row[j] - mx) * inv;
 }
 
-__global__ void loop_begin_kernel(const LoopState* __restrict__ state, const uint32_t* __restrict__ timesteps,
+__global__ void loop_begin_kernel(const LoopState* __restrict__ state, const float* __restrict__ model_t,
                                   float* __restrict__ tvals, int n) {
   const int i = blockIdx.x * blockDim.x + threadIdx.x;
-  if (i < n) tvals[i] = float(timesteps[state->step]);
+  if (i < n) tvals[i] = model_t[state->step];
+}
+
+__global__ void scale_kernel(float* __restrict__ x, int64_t count, float s) {
+  const int64_t stride = int64_t(gridDim.x) * blockDim.x;
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < count; i += stride) x[i] *= s;
 }
 
 __global__ void loop_advance_kernel(LoopState* state) { state->step += 1; }
@@ -225,9 +230,14 @@ cudaError_t launch_softmax_rows(float* S, int64_t bstride, int rows, int len, in
   return cudaGetLastError();
 }
 
-cudaError_t launch_loop_begin(const LoopState* state, const uint32_t* timesteps, float* tvals, int n,
+cudaError_t launch_loop_begin(const LoopState* state, const float* model_t, float* tvals, int n,
                               cudaStream_t st) {
-  loop_begin_kernel<<<unsigned((n + 127) / 128), 128, 0, st>>>(state, timesteps, tvals, n);
+  loop_begin_kernel<<<unsigned((n + 127) / 128), 128, 0, st>>>(state, model_t, tvals, n);
+  return cudaGetLastError();
+}
+
+cudaError_t launch_scale(float* x, int64_t count, float s, cudaStream_t st) {
+  scale_kernel<<<blocks_for(count, 256), 256, 0, st>>>(x, count, s);
   return cudaGetLastError();
 }
 

@@ -3,11 +3,13 @@ reference-U-Net engines alike; tests/test_loop_contract.py holds every engine to
 Python implementation of it.
 
 For a schedule of S steps (schedulers.StepSchedule), seed s and first_index f:
-- x_T is the Philox noise of (s, sample f + i, INITIAL_STEP) for sample i;
-- step k (0-based) evaluates the model at timesteps[k] and applies the fused step with the noise
-  of (s, sample f + i, timesteps[k]);
-- ``keep``: loop positions (0 = x_T, k = after k steps, S = the result) whose samples come back as
-  frames: {position: float32 array [N, C, H, W]};
+- x_T is the Philox noise of (s, sample f + i, INITIAL_STEP) for sample i, times the schedule's
+  x_scale (float32 multiply; 1.0 for every schedule but Euler's "linspace" / "trailing");
+- step k (0-based) evaluates the model at model_t[k] (float32: the integer timesteps[k], or a
+  fractional schedule's model_timesteps[k]) and applies the fused step with the noise of
+  (s, sample f + i, timesteps[k]) (the integer noise key);
+- ``keep``: loop positions (0 = x_T, scaled, k = after k steps, S = the result) whose samples
+  come back as frames: {position: float32 array [N, C, H, W]};
 - ``callback(k)`` runs after step k when ``reports(k, every, S)``: every ``every`` steps and after
   the last. An exception it raises stops the loop between steps and propagates (cancel); Ctrl-C
   stops it between steps too. The engine stays usable either way.
@@ -39,16 +41,21 @@ def reports(k: int, every: int, total: int) -> bool:
 
 
 def run_loop(timesteps, x, forward: Callable, step: Callable, *, keep=(), callback: Callable | None = None,
-             every: int = 1):
-    """The sampling loop in Python. x: x_T (any array type with .copy() or .clone()).
+             every: int = 1, model_t=None, x_scale: float = 1.0):
+    """The sampling loop in Python. x: the unscaled x_T (any array type with .copy() or .clone()),
+    scaled here in place by float32(x_scale) (torch tensor or NumPy array).
 
-    forward(x, t) -> model output at timestep t; step(k, t, x, m) -> the sample after step k
-    (the same array, updated in place, or a new one). Returns (x_0, {position: frame})."""
+    forward(x, t) -> model output at time t: the int timesteps[k], or model_t[k] (float32 [S],
+    a fractional schedule's) when given; step(k, t, x, m) -> the sample after step k with the
+    noise of int t = timesteps[k] (the same array, updated in place, or a new one).
+    Returns (x_0, {position: frame})."""
     copy = _copier(x)
     total = len(timesteps)
+    if x_scale != 1.0:
+        x *= float(np.float32(x_scale))   # float32 x float32: the engines' multiply
     frames = {0: copy(x)} if 0 in keep else {}
     for k, t in enumerate(int(t) for t in timesteps):
-        m = forward(x, t)
+        m = forward(x, t if model_t is None else model_t[k])
         x = step(k, t, x, m)
         if k + 1 in keep:
             frames[k + 1] = copy(x)
@@ -83,6 +90,11 @@ class History:
 def empty_like(a):
     """An uninitialised array of a's shape and dtype: a torch tensor for a tensor, else NumPy."""
     return a.new_empty(a.shape) if hasattr(a, "new_empty") else np.empty(a.shape, dtype=a.dtype)
+
+
+def schedule_loop(schedule) -> dict:
+    """run_loop's keyword arguments for a StepSchedule's model times and x_T scale."""
+    return {"model_t": None if schedule.model_timesteps is None else schedule.model_t, "x_scale": schedule.x_scale}
 
 
 def fused_steps(backend, schedule, seed: int, first_index: int, x, guidance: float | None = None):

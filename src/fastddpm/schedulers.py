@@ -12,6 +12,7 @@ and stores it as float32 [steps, COEF_WIDTH = 12]; the kernels only multiply and
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -47,18 +48,38 @@ class StepSchedule:
     the columns that weigh them). ``model_outputs``: model outputs a step combines (1; classifier-
     free guidance reads 2). Engines refuse a schedule whose inputs they cannot provide."""
 
-    timesteps: np.ndarray        # int64 [S], descending
+    timesteps: np.ndarray        # int64 [S], descending: the noise step keys (and the model's times unless below)
     table: np.ndarray            # float32 [S, COEF_WIDTH], read-only
     history: int = 0
     model_outputs: int = 1
     scheduler: Any = None        # where the rows came from (the reference sampler's formulas read it)
     options: tuple = ()          # the step options of the rows, as sorted (name, value) pairs
+    # A fractional schedule (Euler with "linspace" spacing or Karras sigmas): the model's time input
+    # of each step, float64 [S], read-only; None: the model sees ``timesteps``. The noise of step k
+    # stays keyed by the integer ``timesteps[k]`` (schedulers.noise_keys).
+    model_timesteps: np.ndarray | None = None
+    # x_T = x_scale * the normals of noise step -1 (Euler's init_noise_sigma written in the model's
+    # input space); 1.0 for every schedule that starts from unit normals. Engines multiply in float32.
+    x_scale: float = 1.0
 
     def __len__(self) -> int:
         return len(self.timesteps)
 
-    def position_timesteps(self, positions) -> list[int]:
-        """The timestep each loop position shows (-1 for position 0, the initial static)."""
+    @functools.cached_property
+    def model_t(self) -> np.ndarray:
+        """float32 [S]: the time input the model gets at each step, rounded as diffusers rounds it
+        (its scheduler holds float32 timesteps, which the U-Net's time projection reads)."""
+        src = self.timesteps if self.model_timesteps is None else self.model_timesteps
+        out = np.ascontiguousarray(src, dtype=np.float32)
+        out.setflags(write=False)
+        return out
+
+    def position_timesteps(self, positions) -> list:
+        """The timestep each loop position shows (-1 for position 0, the initial static): that of
+        the step that made it, a float model time for a fractional schedule (as its scheduler's
+        ``timesteps``), else an int."""
+        if self.model_timesteps is not None:
+            return [-1 if k == 0 else float(self.model_timesteps[k - 1]) for k in positions]
         return [-1 if k == 0 else int(self.timesteps[k - 1]) for k in positions]
 
 
@@ -110,6 +131,29 @@ def _rescale_zero_terminal_snr(betas: np.ndarray) -> np.ndarray:
     return 1.0 - alphas
 
 
+def _is_float(v) -> bool:
+    """A real, non-integer-typed timestep: a Python or NumPy float, or a one-element float array/tensor."""
+    if isinstance(v, (float, np.floating)):
+        return True
+    dtype = getattr(v, "dtype", None)
+    return dtype is not None and "float" in str(dtype)
+
+
+def noise_keys(model_ts: np.ndarray) -> np.ndarray:
+    """int64 [S] noise step keys of a descending fractional schedule (float64 [S]): each timestep
+    rounded (half to even), lowered to one below the previous key where rounding repeats one, so
+    every step draws its own noise. Integer schedules keep their own timesteps as keys (so every
+    existing schedule draws the same noise as before); the keys depend on the schedule alone, so
+    sample(n)[:k] == sample(k) and first_index hold as for any schedule."""
+    keys = np.round(model_ts).astype(np.int64)
+    for k in range(1, len(keys)):
+        keys[k] = min(keys[k], keys[k - 1] - 1)
+    if len(keys) and keys[-1] < 0:
+        raise ValueError(f"{len(keys)} steps are too many for distinct noise steps at these timesteps: "
+                         "choose fewer steps")
+    return keys
+
+
 def _finite(v) -> bool:
     """math.isfinite, and False for an int beyond float range (JSON allows 4300 digits)."""
     try:
@@ -143,6 +187,7 @@ class _Scheduler:
     history = 0                      # previous x0 predictions a step reads (StepSchedule.history)
     order = 1
     init_noise_sigma = 1.0
+    x_scale = 1.0                    # StepSchedule.x_scale: x_T in the model's input space, over unit normals
 
     def __init__(self, **config):
         cfg = dict(self._DEFAULTS)
@@ -288,12 +333,22 @@ class _Scheduler:
         self.num_inference_steps = int(num_inference_steps)
         self._set_timestep_array(ts)
 
-    def _set_timestep_array(self, ts: np.ndarray) -> None:
-        self.timesteps = ts                                  # [S] int64, descending
+    def _set_timestep_array(self, ts: np.ndarray, model_ts: np.ndarray | None = None) -> None:
+        """ts: int64 [S] descending, the noise step keys. model_ts: float64 [S], the model's time
+        inputs where they are not ts (a fractional schedule); ``timesteps`` then shows them, as
+        diffusers' (float) timesteps do, and ``step`` takes either."""
+        self.noise_steps = ts                                # [S] int64, descending
+        self.model_timesteps = model_ts                      # [S] float64, or None: ts
+        self.timesteps = ts if model_ts is None else model_ts
         self._timestep_ints = [int(t) for t in ts]
         row_of = np.full(self.num_train_timesteps, -1, dtype=np.int64)
         row_of[ts] = np.arange(len(ts))
         self._row_of = row_of.tolist()   # a list: indexed once per step, faster than an array
+        # a float timestep finds its row by value: the float64 one or diffusers' float32 rounding of it
+        self._row_of_float = {}
+        for i, t in enumerate(() if model_ts is None else model_ts):   # repeated times: the first row
+            self._row_of_float.setdefault(float(t), i)
+            self._row_of_float.setdefault(float(np.float32(t)), i)
         self._tables.clear()
         self._schedules.clear()
 
@@ -303,6 +358,11 @@ class _Scheduler:
 
     def row_index(self, timestep) -> int:
         """The row of the coefficient table for timestep (an int or a 0-d array); ValueError if none."""
+        if self._row_of_float and _is_float(timestep):
+            row = self._row_of_float.get(float(timestep), -1)
+            if row < 0:
+                raise ValueError(f"timestep {timestep!r} is not one of this scheduler's timesteps")
+            return row
         t = validate.timestep(timestep)
         row = self._row_of[t] if 0 <= t < len(self._row_of) else -1
         if row < 0:
@@ -330,10 +390,15 @@ class _Scheduler:
         key = tuple(sorted(opts.items()))
         found = self._schedules.get(key)
         if found is None:
-            ts = np.array(self.timesteps, dtype=np.int64)
+            ts = np.array(self.noise_steps, dtype=np.int64)
             ts.setflags(write=False)
+            mts = None
+            if self.model_timesteps is not None:
+                mts = np.array(self.model_timesteps, dtype=np.float64)
+                mts.setflags(write=False)
             found = self._schedules[key] = StepSchedule(ts, self.coefficients(**opts), history=self.history,
-                                                        scheduler=self, options=key)
+                                                        scheduler=self, options=key, model_timesteps=mts,
+                                                        x_scale=self.x_scale)
         return found
 
     def _step_options(self, eta) -> dict:
@@ -362,8 +427,8 @@ class _Scheduler:
 
     # -- step -----------------------------------------------------------------------------------
     def _step(self, model_output, timestep, sample, noise, seed, first_index, backend, out, history=None,
-              **options):
-        row = self.row_index(timestep)
+              row=None, **options):
+        row = self.row_index(timestep) if row is None else row
         sched = self._schedules.get(()) if not options else None   # the common case without a call
         if sched is None:
             sched = self.schedule(**options)
@@ -523,9 +588,6 @@ class DPMSolverMultistepScheduler(_Scheduler):
             # of |x0| clamped to [1, sample_max_value]: at 1.0 that is the fused clip to [-1, 1]
             raise SchedulerConfigError(f"thresholding=True is supported with sample_max_value=1.0 (a clip of x0 to "
                                        f"[-1, 1]), got sample_max_value={cfg['sample_max_value']!r}")
-        if cfg["use_karras_sigmas"] and cfg["beta_schedule"] == "squaredcos_cap_v2":
-            raise SchedulerConfigError("use_karras_sigmas with beta_schedule='squaredcos_cap_v2' evaluates the "
-                                       "model at fractional timesteps, which fastddpm does not run")
 
     @classmethod
     def default_steps(cls, num_train_timesteps: int) -> int:
@@ -560,22 +622,34 @@ class DPMSolverMultistepScheduler(_Scheduler):
             rho = 7.0
             ramp = np.linspace(0, 1, int(n))
             sigmas = (hi ** (1 / rho) + ramp * (lo ** (1 / rho) - hi ** (1 / rho))) ** rho
-            ts = np.array([_sigma_to_t(sg, log_sigmas) for sg in sigmas]).round().astype(np.int64)
+            ts = np.array([_sigma_to_t(sg, log_sigmas) for sg in sigmas])
+            # as diffusers: rounded, except for the cosine schedule, whose fractional timesteps its
+            # int64 timestep tensor then truncates (the model never sees a fractional DPM++ timestep)
+            if self.config["beta_schedule"] != "squaredcos_cap_v2":
+                ts = ts.round()
+            ts = ts.astype(np.int64)
         else:
             if len(ts) and (ts.min() < 0 or ts.max() >= self.num_train_timesteps):
                 raise ValueError(f"steps_offset={self.config['steps_offset']} puts timesteps outside "
                                  f"[0, {self.num_train_timesteps}) for {n} steps")
             sigmas = all_sigmas[ts]
+        model_ts = None
         if len(np.unique(ts)) != len(ts):
-            raise ValueError(f"{n} steps repeat a timestep with timestep_spacing="
-                             f"{self.config['timestep_spacing']!r}: choose fewer steps")
+            if not self.config["use_karras_sigmas"]:
+                raise ValueError(f"{n} steps repeat a timestep with timestep_spacing="
+                                 f"{self.config['timestep_spacing']!r}: choose fewer steps")
+            # Karras sigmas are distinct where their integer timesteps repeat (diffusers runs them
+            # by step index): the model sees the repeated timesteps, the noise gets distinct keys
+            model_ts, ts = ts.astype(np.float64), noise_keys(ts.astype(np.float64))
         last = all_sigmas[0] if self.config["final_sigmas_type"] == "sigma_min" else 0.0
         self._sigmas = np.concatenate([sigmas, [last]])                 # [S + 1] float64
         self.num_inference_steps = len(ts)
-        self._set_timestep_array(ts)
+        self._set_timestep_array(ts, model_ts)
+        if model_ts is not None:
+            self.timesteps = model_ts.astype(np.int64)   # diffusers' int64 timesteps, repeats and all
 
-    def _set_timestep_array(self, ts: np.ndarray) -> None:
-        super()._set_timestep_array(ts)
+    def _set_timestep_array(self, ts: np.ndarray, model_ts: np.ndarray | None = None) -> None:
+        super()._set_timestep_array(ts, model_ts)
         self._x0_history = []
         self._step_index = None
 
@@ -652,6 +726,20 @@ class DPMSolverMultistepScheduler(_Scheduler):
         return [a_x, a_m, w[0], dx, 0.0, noise, clip, 0.0, w[1], w[2], 0.0, 0.0]
 
     # -- step (stateful, as diffusers') --------------------------------------------------------
+    def _next_row(self, timestep) -> int:
+        """The row of timestep. Where Karras timesteps repeat, a timestep is a model time: the row
+        due next if it is that row's, else (the first call) the first row of that value."""
+        if self.model_timesteps is None:
+            return self.row_index(timestep)
+        value = float(timestep) if _is_float(timestep) else float(validate.timestep(timestep))
+        k = self._step_index
+        if k is not None and k < len(self.model_timesteps) and value == self.model_timesteps[k]:
+            return k
+        row = self._row_of_float.get(value, -1)
+        if row < 0:
+            raise ValueError(f"timestep {timestep!r} is not one of this scheduler's timesteps")
+        return row
+
     def step(self, model_output, timestep, sample, *, noise=None, seed=None, first_index=0,
              backend="auto", out=None):
         """x_{t-1} from x_t: diffusers' DPMSolverMultistepScheduler.step for the same config and
@@ -659,7 +747,7 @@ class DPMSolverMultistepScheduler(_Scheduler):
         Steps must come in the order of ``timesteps`` from the first one given, as in diffusers."""
         if self.num_inference_steps is None:
             raise ValueError("call set_timesteps(num_inference_steps) before DPMSolverMultistepScheduler.step")
-        row = self.row_index(timestep)
+        row = self._next_row(timestep)
         if self._step_index is None:
             self._step_index = row
         elif row != self._step_index:
@@ -670,7 +758,7 @@ class DPMSolverMultistepScheduler(_Scheduler):
         x0_out = empty_like(sample)
         history = (prev[-1] if len(prev) >= 1 else None, prev[-2] if len(prev) >= 2 else None, x0_out)
         result = self._step(model_output, timestep, sample, noise, seed, first_index, backend, out,
-                            history=history)
+                            history=history, row=row)
         self._x0_history = (prev + [x0_out])[-max(self.history, 1):] if self.history else []
         self._step_index += 1
         return result
@@ -682,10 +770,12 @@ class _EulerBase(_Scheduler):
     x = scale_model_input(sample_k); fastddpm's loop keeps x itself, so each Euler update of sample_k
     becomes an affine row in x (divided by the next step's sqrt(sigma^2 + 1)).
 
-    fastddpm runs them with timestep_spacing "leading" (integer timesteps, x_T the unscaled normals,
-    as diffusers' init_noise_sigma makes it there); "linspace" evaluates the model at fractional
-    timesteps and "trailing" starts from x_T scaled by sigma_max / sqrt(sigma_max^2 + 1), which the
-    engines do not run: both are refused with that reason."""
+    Every timestep spacing runs. "linspace" (diffusers' default) and Karras sigmas evaluate the
+    model at fractional timesteps: ``timesteps`` holds them (float64; the model gets their float32
+    rounding, as diffusers feeds it) and the noise of each step is keyed by ``noise_steps``
+    (noise_keys). diffusers starts from sample_k = init_noise_sigma * normals: sigma_max for
+    "linspace" and "trailing", sqrt(sigma_max^2 + 1) for "leading"; in x that is ``x_scale`` =
+    init_noise_sigma / sqrt(sigma_0^2 + 1) times the normals (exactly 1 for "leading")."""
 
     PREDICTIONS = PREDICTION_TYPES
 
@@ -698,11 +788,6 @@ class _EulerBase(_Scheduler):
 
     def _validate(self, cfg):
         super()._validate(cfg)
-        if cfg["timestep_spacing"] != "leading":
-            raise SchedulerConfigError(
-                f"timestep_spacing={cfg['timestep_spacing']!r}: fastddpm runs {type(self).__name__} with 'leading' "
-                "('linspace' evaluates the model at fractional timesteps and 'trailing' scales x_T, which the "
-                "engines do not run yet)")
         if cfg["prediction_type"] not in self.PREDICTIONS:
             raise SchedulerConfigError(f"prediction_type={cfg['prediction_type']!r} is not one of {self.PREDICTIONS}")
 
@@ -710,19 +795,51 @@ class _EulerBase(_Scheduler):
     def default_steps(cls, num_train_timesteps: int) -> int:
         return min(20, num_train_timesteps)
 
+    def _model_timesteps(self, n: int) -> np.ndarray:
+        """diffusers' Euler timesteps of n steps for the spacing, float64 [n] descending."""
+        T, spacing = self.num_train_timesteps, self.config["timestep_spacing"]
+        if spacing == "linspace":
+            return np.linspace(0, T - 1, n)[::-1].copy()
+        if spacing == "leading":
+            return (np.arange(0, n) * (T // n)).round()[::-1] + float(self.config["steps_offset"])
+        return np.arange(T, 0, -T / n).round() - 1.0    # trailing
+
+    def _karras(self, sigmas: np.ndarray, n: int) -> np.ndarray:
+        return sigmas   # Euler-ancestral has no Karras option
+
     def set_timesteps(self, num_inference_steps: int, device=None) -> None:
         n = num_inference_steps
-        ts = self._checked_timesteps(n)
-        sigmas = np.sqrt((1.0 - self.alphas_cumprod) / self.alphas_cumprod)[ts]
+        T = self.num_train_timesteps
+        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or not 1 <= n <= T:
+            raise ValueError(f"num_inference_steps must be an integer in [1, {T}], got {n!r}")
+        ts = self._model_timesteps(int(n))
+        if ts.min() < 0 or ts.max() > T - 1:
+            raise ValueError(f"steps_offset={self.config['steps_offset']} puts timesteps outside "
+                             f"[0, {T}) for {n} steps")
+        all_sigmas = np.sqrt((1.0 - self.alphas_cumprod) / self.alphas_cumprod)     # [T] float64
+        sigmas = np.interp(ts, np.arange(T), all_sigmas)                            # [S] (diffusers: linear)
+        karras = self._karras(sigmas, int(n))
+        if karras is not sigmas:
+            log_sigmas = np.log(all_sigmas)
+            sigmas, ts = karras, np.array([_sigma_to_t(sg, log_sigmas) for sg in karras])
         self._sigmas = np.concatenate([sigmas, [self._final_sigma()]])   # [S + 1] float64
+        init = self._sigmas.max()
+        if self.config["timestep_spacing"] == "leading":
+            init = math.sqrt(init * init + 1.0)
+        # x_T in x = sample_k / sqrt(sigma_0^2 + 1); for "leading" the same float expression twice: 1.0
+        self.init_noise_sigma = float(init)
+        self.x_scale = float(init / math.sqrt(sigmas[0] * sigmas[0] + 1.0))
         self.num_inference_steps = int(n)
-        self._set_timestep_array(ts)
+        if np.array_equal(ts, np.round(ts)):
+            self._set_timestep_array(ts.astype(np.int64), ts)    # integer timesteps: their own noise keys
+        else:
+            self._set_timestep_array(noise_keys(ts), ts)
 
     def _final_sigma(self) -> float:
         return 0.0
 
     def _prev_of_row(self, row: int) -> int:
-        return int(self.timesteps[row + 1]) if row + 1 < len(self.timesteps) else -1
+        return int(self.noise_steps[row + 1]) if row + 1 < len(self.noise_steps) else -1
 
     def _step_options(self, eta) -> dict:
         if validate.eta(eta) != 0.0:
@@ -760,14 +877,32 @@ class EulerDiscreteScheduler(_EulerBase):
 
     _DEFAULTS = dict(num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="linear",
                      trained_betas=None, prediction_type="epsilon", timestep_spacing="linspace", steps_offset=0,
-                     rescale_betas_zero_snr=False, final_sigmas_type="zero")
-    _INERT = dict(interpolation_type="linear", use_karras_sigmas=False, use_exponential_sigmas=False,
-                  use_beta_sigmas=False, timestep_type="discrete", sigma_min=None, sigma_max=None)
+                     rescale_betas_zero_snr=False, final_sigmas_type="zero", use_karras_sigmas=False,
+                     sigma_min=None, sigma_max=None)
+    # log_linear interpolation, exponential and beta sigmas and continuous timesteps are not built
+    _INERT = dict(interpolation_type="linear", use_exponential_sigmas=False, use_beta_sigmas=False,
+                  timestep_type="discrete")
 
     def _validate(self, cfg):
         super()._validate(cfg)
         if cfg["final_sigmas_type"] not in ("zero", "sigma_min"):
             raise SchedulerConfigError(f"final_sigmas_type={cfg['final_sigmas_type']!r} is not one of ('zero', 'sigma_min')")
+        if not isinstance(cfg["use_karras_sigmas"], (bool, np.bool_)):
+            raise SchedulerConfigError(f"use_karras_sigmas must be true or false, got {cfg['use_karras_sigmas']!r}")
+        for key in ("sigma_min", "sigma_max"):   # diffusers reads them only for Karras sigmas
+            v = cfg[key]
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not _finite(v) or v <= 0):
+                raise SchedulerConfigError(f"{key} must be a positive finite number or null, got {v!r}")
+
+    def _karras(self, sigmas: np.ndarray, n: int) -> np.ndarray:
+        """diffusers' _convert_to_karras (rho = 7) of the spaced sigmas (float64 [n], descending)."""
+        if not self.config["use_karras_sigmas"]:
+            return sigmas
+        cfg, rho = self.config, 7.0
+        lo = float(sigmas[-1]) if cfg["sigma_min"] is None else float(cfg["sigma_min"])
+        hi = float(sigmas[0]) if cfg["sigma_max"] is None else float(cfg["sigma_max"])
+        ramp = np.linspace(0, 1, n)
+        return (hi ** (1 / rho) + ramp * (lo ** (1 / rho) - hi ** (1 / rho))) ** rho
 
     def _final_sigma(self) -> float:
         if self.config["final_sigmas_type"] == "sigma_min":

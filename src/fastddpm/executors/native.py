@@ -122,8 +122,10 @@ class NativeCpuEngine(Engine):
         return self._engine.forward(x, t, class_emb)
 
     def _run(self, schedule, seed, first_index, keep, callback, class_emb=None, guidance=None):
+        frac = schedule.model_timesteps is not None   # the model's float32 times, else the timesteps'
         x, frames = self._engine.run(schedule.table, schedule.timesteps, seed, first_index, keep, callback,
-                                     self.callback_every, schedule.history, class_emb, guidance)
+                                     self.callback_every, schedule.history, class_emb, guidance,
+                                     schedule.model_t if frac else None, schedule.x_scale)
         return x, dict(zip(keep, frames))
 
 

@@ -342,9 +342,11 @@ class NativeCudaEngine(Engine):
     def _set_schedule(self, schedule) -> None:
         prev = self._schedule
         if prev is schedule or (prev is not None and np.array_equal(prev.table, schedule.table)
-                                and np.array_equal(prev.timesteps, schedule.timesteps)):
+                                and np.array_equal(prev.timesteps, schedule.timesteps)
+                                and np.array_equal(prev.model_t, schedule.model_t)):
             return
-        self._engine.set_schedule(schedule.table, schedule.timesteps)
+        frac = schedule.model_timesteps is not None   # the model's float32 times, else the timesteps'
+        self._engine.set_schedule(schedule.table, schedule.timesteps, schedule.model_t if frac else None)
         self._schedule = schedule
 
     def _run(self, schedule, seed, first_index, keep, callback, class_emb=None, guidance=None):
@@ -352,7 +354,7 @@ class NativeCudaEngine(Engine):
             self._set_schedule(schedule)
             x, frames = self._engine.run(seed, first_index, keep, callback,
                                          self.callback_every if callback is not None else 0, schedule.history,
-                                         class_emb, guidance)
+                                         class_emb, guidance, schedule.x_scale)
         return x, dict(zip(keep, frames))
 
 

@@ -41,7 +41,7 @@ import numpy as np
 
 from ..plan import (CLASS_SLOT, CONV_MODES, FLAG_FLIP, FLAG_PADDED_OUT, FLAG_SILU, FLOAT_FIELDS, INT_FIELDS,
                     OP_CODES, PlanError)
-from ..loop import fused_steps, run_loop
+from ..loop import fused_steps, run_loop, schedule_loop
 from ..philox import INITIAL_STEP
 from .base import Engine, EngineLock
 from .numba_threads import parallel_region
@@ -641,7 +641,7 @@ class NumbaEngine(Engine):
             x = np.ascontiguousarray(be.noise(seed, shape, INITIAL_STEP, first_index), dtype=np.float32)   # x_T
             step = fused_steps(be, schedule, seed, first_index, x, guidance)   # x <- x_{t-1}, in place
             return run_loop(schedule.timesteps, x, forward, step, keep=keep, callback=callback,
-                            every=self.callback_every)
+                            every=self.callback_every, **schedule_loop(schedule))
 
 
 def compile_info() -> dict:

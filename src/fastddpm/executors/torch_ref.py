@@ -144,12 +144,12 @@ class ReferenceEngine(Engine):
                 x, frames = reference_sample(unet, schedule.scheduler, shape, seed=seed,
                                              eta=dict(schedule.options).get("eta", 0.0), first_index=first_index,
                                              keep=keep, callback=callback, every=self.callback_every,
-                                             guidance=guidance)
+                                             guidance=guidance, schedule=schedule)
                 return x.numpy(), {k: v.numpy() for k, v in frames.items()}
             return self._run_fused_steps(unet, schedule, shape, seed, first_index, keep, callback, guidance)
 
     def _run_fused_steps(self, unet, schedule, shape, seed, first_index, keep, callback, guidance=None):
-        from ..loop import fused_steps, run_loop
+        from ..loop import fused_steps, run_loop, schedule_loop
         be = self._step_backend
         try:
             x = be.noise(seed, shape, INITIAL_STEP, first_index)     # x_T: [n, C, H, W]
@@ -164,7 +164,7 @@ class ReferenceEngine(Engine):
         step = fused_steps(be, schedule, seed, first_index, x, guidance)
 
         return run_loop(schedule.timesteps, x, forward, step, keep=keep, callback=callback,
-                        every=self.callback_every)
+                        every=self.callback_every, **schedule_loop(schedule))
 
 
 def _read_only_view(a: np.ndarray):

@@ -3,7 +3,8 @@
 It mirrors ``Pipeline.__call__`` / ``fastddpm.sample`` and is written from the papers' formulas
 (diffusers' DDPMScheduler.step and DDIMScheduler.step), reading only the scheduler's float64
 ``alphas_cumprod`` and timesteps, never its fused coefficient table: so it also checks the table.
-The noise is the spec's (fastddpm.noise): x_T at noise step -1, the noise of timestep t at step t.
+The noise is the spec's (fastddpm.noise): x_T at noise step -1 (times the scheduler's x_scale), the
+noise of timestep t at step t (a fractional schedule: its integer noise key, schedulers.noise_keys).
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from typing import Callable, Iterable
 import torch
 
 from .. import philox as noise_spec
-from ..loop import run_loop
+from ..loop import run_loop, schedule_loop
 
 
 def spec_noise(seed: int, shape: tuple, step: int, first_index: int, device) -> torch.Tensor:
@@ -206,8 +207,10 @@ def guided(unet: Callable, scale: float) -> Callable:
 def reference_sample(unet: Callable, scheduler, shape: tuple, *, seed: int, eta: float = 0.0,
                      first_index: int = 0, keep: Iterable[int] = (), device="cpu",
                      noise_fn: Callable = spec_noise, callback: Callable | None = None, every: int = 1,
-                     guidance: float | None = None):
+                     guidance: float | None = None, schedule=None):
     """Run the loop over ``scheduler.timesteps``; returns (x_0 [N, C, H, W] float32, frames).
+    ``schedule``: the loop's StepSchedule of the scheduler (default: scheduler.schedule(eta)), whose
+    noise keys, model times and x_T scale the loop takes; the step formulas read the scheduler.
 
     unet(x, t) -> model output. ``keep``: loop positions to copy out (0 = x_T, k = after k steps).
     ``noise_fn(seed, shape, step, first_index, device)``: the spec's noise by default (the
@@ -224,5 +227,9 @@ def reference_sample(unet: Callable, scheduler, shape: tuple, *, seed: int, eta:
         z = noise_fn(seed, shape, t, first_index, device) if needs_noise(t) else None
         return formula(m, t, x, z)
 
-    x = noise_fn(seed, shape, -1, first_index, device)                  # x_T: [N, C, H, W]
-    return run_loop(scheduler.timesteps, x, model, step, keep=set(keep), callback=callback, every=every)
+    x = noise_fn(seed, shape, -1, first_index, device)                  # unscaled x_T: [N, C, H, W]
+    # a fractional schedule: the model sees diffusers' float32 timesteps, the noise keys stay integers
+    if schedule is None:
+        schedule = scheduler.schedule(eta=eta)
+    return run_loop(schedule.timesteps, x, model, step, keep=set(keep), callback=callback, every=every,
+                    **schedule_loop(schedule))
