@@ -17,7 +17,8 @@ namespace fastddpm {
 namespace cpu {
 
 // The budget: at most `thread_budget()` threads computing at once across all calls of the
-// process. Default: the CPUs this process may run on. set_thread_budget(n): n >= 1.
+// process. Default: the CPUs this process may run on (OMP_NUM_THREADS if set). set_thread_budget(n):
+// n >= 1 (above 4095, the most one loop can use, it means 4095).
 int thread_budget();
 void set_thread_budget(int n);
 int threads_in_use();  // threads held by grants right now (for tests and info)
