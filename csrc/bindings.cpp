@@ -341,4 +341,6 @@ PYBIND11_MODULE(_C, mod) {
           "take min(requested or the budget, what is free), at least 1, from the budget; give it back "
           "with release_threads (for executors outside C++)");
   mod.def("release_threads", &cpu::release_threads, py::arg("n"));
+  mod.def("_set_solo_fallback", &cpu::set_solo_fallback, py::arg("on"),
+          "tests and benchmarks: the pool's fallback to one thread per call after a stall (default on)");
 }

@@ -20,10 +20,17 @@ needs_native = pytest.mark.skipif(not NATIVE, reason="the C++ core is not built 
 
 @pytest.fixture
 def budget_of():
-    """Set the budget for a test, and put the previous one back."""
+    """Set the budget for a test, and put the previous one back. The pool's oversubscription
+    fallback (one thread per call for a while after a stall, which a loaded test machine may
+    trigger at any time) is off meanwhile, so that the counts are exact."""
+    from fastddpm.threads import _C
     before = fastddpm.get_num_threads()
+    if _C is not None:
+        _C._set_solo_fallback(False)
     yield fastddpm.set_num_threads
     fastddpm.set_num_threads(before)
+    if _C is not None:
+        _C._set_solo_fallback(True)
 
 
 def test_budget_arithmetic(budget_of):

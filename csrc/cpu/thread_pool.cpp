@@ -61,6 +61,21 @@ void futex_wait(std::atomic<uint32_t>* a, uint32_t expected) {
 void futex_wake(std::atomic<uint32_t>*, int) {}
 #endif
 
+// Oversubscription: a caller that, after its own chunks, waited longer than kStallNs and longer
+// than it worked for a chunk another participant held, saw that participant descheduled mid-chunk
+// (the machine has more runnable threads than cores). Then for kSoloNs every call runs on its
+// own thread: with a busy process beside it, one thread per call keeps the tail near the idle one,
+// where two threads wait out time slices (measured on the Zen 1: see benchmarks/test_bench_load.py).
+// An idle machine never stalls like this, so it keeps every thread.
+constexpr int64_t kStallNs = 300 * 1000;
+constexpr int64_t kSoloNs = 50 * 1000 * 1000;
+std::atomic<int64_t> g_solo_until{0};
+std::atomic<bool> g_solo_fallback{true};
+
+inline bool solo_now() {
+  return g_solo_fallback.load(std::memory_order_relaxed) && now_ns() < g_solo_until.load(std::memory_order_relaxed);
+}
+
 // ---------------------------------------------------------------------------------- budget
 
 std::atomic<int> g_budget{0};  // 0: not set, the default applies
@@ -237,13 +252,18 @@ int acquire_threads(int requested) {
   if (requested < 0)
     throw std::invalid_argument("threads must be >= 1 (0: the default), got " + std::to_string(requested));
   const int budget = thread_budget();
-  const int want = std::min(requested > 0 ? requested : budget, budget);
+  const int want = solo_now() ? 1 : std::min(requested > 0 ? requested : budget, budget);
   int used = g_in_use.load(std::memory_order_relaxed);
   int take;
   do {
     take = std::max(1, std::min(want, budget - used));
   } while (!g_in_use.compare_exchange_weak(used, used + take, std::memory_order_acq_rel));
   return take;
+}
+
+void set_solo_fallback(bool on) {
+  g_solo_fallback.store(on, std::memory_order_relaxed);
+  g_solo_until.store(0, std::memory_order_relaxed);
 }
 
 void release_threads(int n) { g_in_use.fetch_sub(n, std::memory_order_acq_rel); }
@@ -277,7 +297,7 @@ void pool_run(int64_t n, int64_t chunk, int threads, ChunkBody body, void* ctx) 
   threads = std::min(threads, kMaxThreads);
   Pool& p = pool();
   int s_i = -1;
-  if (threads > 1 && chunks > 1) {
+  if (threads > 1 && chunks > 1 && !solo_now()) {
     if (g_workers_hint.load(std::memory_order_relaxed) < threads - 1) {
       ensure_workers(threads - 1);
       int h = g_workers_hint.load();
@@ -313,6 +333,7 @@ void pool_run(int64_t n, int64_t chunk, int threads, ChunkBody body, void* ctx) 
   p.wake.fetch_add(1, std::memory_order_seq_cst);
   if (p.sleepers.load(std::memory_order_seq_cst) > 0) futex_wake(&p.wake, threads - 1);
 
+  const int64_t start = now_ns();
   run_chunks(s, gen, body, ctx, n, chunk, chunks, 0);
   // Wait for the chunks other threads claimed: spin, then sleep until the last one wakes us.
   const int64_t t0 = now_ns();
@@ -325,6 +346,8 @@ void pool_run(int64_t n, int64_t chunk, int threads, ChunkBody body, void* ctx) 
     d = s.done.load(std::memory_order_seq_cst);
     if (d != chunks) futex_wait(&s.done, d);
   }
+  const int64_t waited = now_ns() - t0;
+  if (waited > kStallNs && waited > t0 - start) g_solo_until.store(now_ns() + kSoloNs, std::memory_order_relaxed);
   p.active.fetch_and(~bit, std::memory_order_seq_cst);
   std::exception_ptr error = s.error;
   s.error = nullptr;

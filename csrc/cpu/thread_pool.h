@@ -26,11 +26,16 @@ int threads_in_use();  // threads held by grants right now (for tests and info)
 // acquire returns min(requested or the budget, what is free), at least 1; release gives it back.
 int acquire_threads(int requested);
 void release_threads(int n);
+// The oversubscription fallback (one thread per call for a while after a stall): on by default;
+// off for tests that count threads and for benchmarks that measure what it buys.
+void set_solo_fallback(bool on);
 
 // A claim on the budget for one call (RAII): threads() = min(requested, what is free), at least 1
 // (the calling thread itself always runs; with every thread taken, a new call runs on its own
-// thread alone). requested 0 means the whole budget. Inside a grant on the same thread, a nested
-// grant takes no more from the budget: it gets min(requested, the outer grant).
+// thread alone). requested 0 means the whole budget. For a short while after the pool saw a
+// participant descheduled mid-loop (an oversubscribed machine), every grant is 1 (thread_pool.cpp).
+// Inside a grant on the same thread, a nested grant takes no more from the budget: it gets
+// min(requested, the outer grant).
 class ThreadGrant {
  public:
   explicit ThreadGrant(int requested = 0);
