@@ -23,7 +23,7 @@ def budget_of():
     """Set the budget for a test, and put the previous one back. The pool's oversubscription
     fallback (one thread per call for a while after a stall, which a loaded test machine may
     trigger at any time) is off meanwhile, so that the counts are exact."""
-    from fastddpm.threads import _C
+    from fastddpm.executors.native import _C
     before = fastddpm.get_num_threads()
     if _C is not None:
         _C._set_solo_fallback(False)

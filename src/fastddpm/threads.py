@@ -21,10 +21,12 @@ from contextlib import contextmanager
 
 from . import validate
 
-try:
-    from . import _C
+try:   # the names, not the module: `from . import _C` would make this module import the package
+    from ._C import acquire_threads as _c_acquire, num_threads as _c_budget, release_threads as _c_release
+    from ._C import set_num_threads as _c_set_budget, threads_in_use as _c_in_use
+    _NATIVE = True
 except ImportError:   # no C++ core: the numba engine runs, and the budget lives here
-    _C = None
+    _NATIVE = False
 
 # The threads= of the call in progress on this thread (None: the whole budget). A context
 # variable, not an argument through every executor: each Python thread has its own.
@@ -68,20 +70,20 @@ def set_num_threads(n: int) -> None:
     """Set the process-wide thread budget: at most ``n`` threads compute at once across every
     fastddpm call of this process (an int >= 1)."""
     n = validate.count("num_threads", n)
-    if _C is not None:
-        _C.set_num_threads(n)
+    if _NATIVE:
+        _c_set_budget(n)
     else:
         _PY.total = n
 
 
 def get_num_threads() -> int:
     """The process-wide thread budget (see ``set_num_threads``)."""
-    return _C.num_threads() if _C is not None else _PY.budget()
+    return _c_budget() if _NATIVE else _PY.budget()
 
 
 def threads_in_use() -> int:
     """Threads held by fastddpm calls in flight right now."""
-    return _C.threads_in_use() if _C is not None else _PY.in_use
+    return _c_in_use() if _NATIVE else _PY.in_use
 
 
 def check(threads) -> int | None:
@@ -109,9 +111,9 @@ def grant(requested_threads: int | None):
     """Draw threads from the budget for one call of an executor outside C++ (the numba engine);
     yields how many it got (>= 1)."""
     want = requested_threads or 0
-    if _C is not None:
-        n = _C.acquire_threads(want)
-        release = _C.release_threads
+    if _NATIVE:
+        n = _c_acquire(want)
+        release = _c_release
     else:
         n = _PY.acquire(want)
         release = _PY.release
