@@ -123,17 +123,20 @@ def grant(requested_threads: int | None):
         release(n)
 
 
-def _from_env() -> None:
+def _from_env() -> str | None:
+    """Apply FASTDDPM_NUM_THREADS; a bad value is returned as a reason (the backends report it as
+    why they cannot run) instead of breaking every import."""
     value = os.environ.get("FASTDDPM_NUM_THREADS")
     if value is None:
-        return
+        return None
     try:
         n = int(value)
         if n < 1:
             raise ValueError
     except ValueError:
-        raise ValueError(f"FASTDDPM_NUM_THREADS must be a positive integer, got {value!r}") from None
+        return f"FASTDDPM_NUM_THREADS must be a positive integer, got {value!r}"
     set_num_threads(n)
+    return None
 
 
-_from_env()
+ENV_ERROR = _from_env()

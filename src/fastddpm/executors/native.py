@@ -36,7 +36,7 @@ class NativeCpuBackend(Backend):
     devices = ("cpu",)
 
     def unavailable(self) -> list[str]:
-        return [_C_ERROR] if _C is None else []
+        return [_C_ERROR] if _C is None else [_threads.ENV_ERROR] if _threads.ENV_ERROR else []
 
     def step(self, x, m, out, table, row, seed, noise_step, first_index, noise, history=None, guide=None) -> None:
         # x, m, out, noise: [N, ...] float32 C-contiguous; table: float32 [S, COEF_WIDTH], row: this step's
