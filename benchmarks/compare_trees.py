@@ -28,12 +28,14 @@ def med(fn, reps):
 
 pipe = fastddpm.load("bench-small")
 x = np.random.default_rng(0).standard_normal((1, 1, 32, 32)).astype(np.float32)
+x16 = np.random.default_rng(0).standard_normal((16, 1, 32, 32)).astype(np.float32)
 digits = fastddpm.load("digits")
 sched = fastddpm.DDPMScheduler()
 big = np.random.default_rng(1).standard_normal((3, 64, 3, 256, 256)).astype(np.float32)
 small = np.random.default_rng(2).standard_normal((3, 1, 1, 32, 32)).astype(np.float32)
 calls = {
     "unet forward bench-small b1 (native-cpu)": (lambda: pipe.unet(x, 500, backend="native-cpu"), 40),
+    "unet forward bench-small b16 (native-cpu)": (lambda: pipe.unet(x16, 500, backend="native-cpu"), 8),
     "step 64x3x256x256 (native-cpu)": (lambda: sched.step(big[1], 500, big[0], seed=1, backend="native-cpu", out=big[2]), 20),
     "step 1x1x32x32 (native-cpu)": (lambda: sched.step(small[1], 500, small[0], seed=1, backend="native-cpu", out=small[2]), 3000),
     "sample digits n=1 ddim 20 (native-cpu)": (lambda: fastddpm.sample("digits", 1, sampler="ddim", steps=20, backend="native-cpu"), 15),

@@ -64,7 +64,7 @@ def rows(data: dict) -> dict[str, list[dict]]:
     peak = _fma_peak(benches)
     groups: dict[str, list[dict]] = {}
     for b in benches:
-        if b.get("extra_info", {}).get("kind") != "paired":  # those: paired_markdown
+        if b.get("extra_info", {}).get("kind") not in ("paired", "load"):  # those: paired_markdown, load_markdown
             groups.setdefault(b.get("group") or b["name"], []).append(b)
     out = {}
     for group, items in groups.items():
@@ -120,6 +120,24 @@ def paired_markdown(data: dict) -> list[str]:
     return lines
 
 
+def load_markdown(data: dict) -> list[str]:
+    """Latency under load (extra_info kind "load", test_bench_load.py): per condition and
+    implementation, median / p90 / p99 latency and throughput."""
+    lines = []
+    for b in data.get("benchmarks", []):
+        e = b.get("extra_info", {})
+        if e.get("kind") != "load":
+            continue
+        lines += [f"### latency under load: {e['workload']} ({e.get('cpu', '?')})", "",
+                  "| condition | impl | median ms | p90 ms | p99 ms | calls/s |", "|---|---|---|---|---|---|"]
+        for cond, row in e["conditions"].items():
+            for impl, st in row.items():
+                lines.append(f"| {cond} | {impl} | {st['median_ms']:.3g} | {st['p90_ms']:.3g} | "
+                             f"{st['p99_ms']:.3g} | {st['throughput_per_s']:.3g} |")
+        lines += [f"({impl}: {why})" for impl, why in e.get("skipped", {}).items()] + [""]
+    return lines
+
+
 def markdown(data: dict) -> str:
     lines = [f"Machine: {_machine_line(data)}", ""]
     cols = ["impl", "median_ms", "GB/s", "of copy", "GFLOP/s", "of sgemm", "of peak", "speed-up", "vs"]
@@ -135,7 +153,7 @@ def markdown(data: dict) -> str:
                 cells.append(str(v))
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
-    return "\n".join(lines + paired_markdown(data))
+    return "\n".join(lines + paired_markdown(data) + load_markdown(data))
 
 
 # --- one table of medians per machine, over many result files ---------------------------------

@@ -21,6 +21,7 @@
 #include "cpu/isa.h"
 #include "cpu/peak.h"
 #include "cpu/step_cpu.h"
+#include "cpu/thread_pool.h"
 #include "fastddpm/plan.h"
 
 namespace py = pybind11;
@@ -171,6 +172,10 @@ cpu::Isa isa_of(const std::string& name) {
   throw std::invalid_argument("unknown ISA path '" + name + "' (generic, avx2, avx512)");
 }
 
+void check_threads(int threads) {
+  if (threads < 0) throw std::invalid_argument("threads must be >= 1 (0: the default), got " + std::to_string(threads));
+}
+
 // The U-Net engine: a plan (plan.py's arrays) + weights -> forward passes and whole loops.
 class PyEngine {
  public:
@@ -183,21 +188,23 @@ class PyEngine {
     engine_ = std::make_unique<cpu::Engine>(plan.view(), plan.weights(), batch, in_c, out_c, height, width, options);
   }
 
-  py::array_t<float> forward(const py::array& x, const py::array& t, const py::object& class_emb) {
+  py::array_t<float> forward(const py::array& x, const py::array& t, const py::object& class_emb, int threads) {
+    check_threads(threads);
     const float* xp = shape_.sample_data(x);
     const float* tp = shape_.timestep_data(t);
     const float* cp = fastddpm::bind::class_emb_data(class_emb, shape_.n, engine_->class_dim());
     py::array_t<float> out = shape_.new_output();
     float* op = out.mutable_data();
     py::gil_scoped_release nogil;
-    engine_->forward(xp, tp, cp, op);
+    engine_->forward(xp, tp, cp, op, threads);
     return out;
   }
 
   py::tuple run(const py::array& coef, const py::array& timesteps, uint64_t seed, int64_t first_index,
                 const std::vector<int64_t>& keep, const py::object& callback, int64_t every, int64_t history,
                 const py::object& class_emb, const py::object& guidance, const py::object& model_t,
-                double x_scale) {
+                double x_scale, int threads) {
+    check_threads(threads);
     const float* cp = float_data(coef, "coefficient table");
     if (coef.ndim() != 2 || coef.shape(1) != fastddpm::kCoefWidth)
       throw std::invalid_argument("coefficient table must be float32 [steps, " +
@@ -228,6 +235,7 @@ class PyEngine {
       a.model_t = mt->data();
     }
     a.x_scale = float(x_scale);
+    a.threads = threads;
     // Takes the GIL back once per step (Ctrl-C) and every `every` steps and at the end (callback).
     fastddpm::bind::run_loop([&](const std::function<bool(int64_t)>& on_step) { return engine_->run(a, on_step); },
                              callback, [&](int64_t k) { return k % every == 0 || k == steps; });
@@ -308,13 +316,15 @@ PYBIND11_MODULE(_C, mod) {
            "wherever a conv's shape allows; compact_grid: skip the pad columns where the width allows; "
            "sample_parallel: one sample per thread for whole multiples of the thread count")
       .def("forward", &PyEngine::forward, py::arg("x"), py::arg("t"), py::arg("class_emb") = py::none(),
-           "model output [N, out_c, H, W] of x [N, in_c, H, W] (float32) at timesteps t (float32 [N]); "
+           py::arg("threads") = 0,
+           "threads: asked of the process-wide budget (0 = all of it); model output [N, out_c, H, W] of x [N, in_c, H, W] (float32) at timesteps t (float32 [N]); "
            "class_emb: float32 [N, class_dim] class-embedding rows, required by a class-conditional plan")
       .def("run", &PyEngine::run, py::arg("coef"), py::arg("timesteps"), py::arg("seed"), py::arg("first_index"),
            py::arg("keep"), py::arg("callback"), py::arg("every") = 1, py::arg("history") = 0,
            py::arg("class_emb") = py::none(), py::arg("guidance") = py::none(), py::arg("model_t") = py::none(),
-           py::arg("x_scale") = 1.0,
-           "the whole sampling loop; returns (x0, [frames for keep]). model_t: float32 [steps], the model's "
+           py::arg("x_scale") = 1.0, py::arg("threads") = 0,
+           "the whole sampling loop; returns (x0, [frames for keep]). threads: asked of the process-wide budget "
+           "at each step (0 = all of it); model_t: float32 [steps], the model's "
            "time input of a fractional schedule (default: the timesteps, which stay the noise keys); x_scale: "
            "x_T = x_scale * the initial normals (frame 0 shows it). history (0, 1, 2): previous x0 "
            "predictions fed to each step as h1 (h2), from an engine-owned ring of 3 buffers. class_emb: "
@@ -337,6 +347,13 @@ PYBIND11_MODULE(_C, mod) {
     return cpu::fma_peak_gflops(i, threads, seconds);
   }, py::arg("isa"), py::arg("threads"), py::arg("seconds") = 0.2,
           "benchmarks only: float32 FMA GFLOP/s of `threads` threads on an ISA path, the machine's FLOP ceiling");
-  mod.def("num_threads", &cpu::num_threads);
-  mod.def("set_num_threads", &cpu::set_num_threads, py::arg("n"));
+  mod.def("num_threads", &cpu::num_threads, "the process-wide thread budget every call draws from");
+  mod.def("set_num_threads", &cpu::set_num_threads, py::arg("n"), "set the process-wide thread budget (n >= 1)");
+  mod.def("threads_in_use", &cpu::threads_in_use, "threads held by calls in flight (budget accounting)");
+  mod.def("acquire_threads", &cpu::acquire_threads, py::arg("requested"),
+          "take min(requested or the budget, what is free), at least 1, from the budget; give it back "
+          "with release_threads (for executors outside C++)");
+  mod.def("release_threads", &cpu::release_threads, py::arg("n"));
+  mod.def("_set_solo_fallback", &cpu::set_solo_fallback, py::arg("on"),
+          "tests and benchmarks: the pool's fallback to one thread per call after a stall (default on)");
 }

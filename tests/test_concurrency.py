@@ -77,18 +77,8 @@ def _run_child(backend: str, env_extra: dict) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-# Known defect, not fixed yet: numba engine calls from several Python threads at once sometimes
-# round differently from the serial calls (sample() with batch >= 2; 17-19 of 20 identical on a
-# 2-core Zen 1, every run identical on the Xeon before). The suspect is the per-call BLAS thread
-# limit (threadpoolctl), which is process-wide while the calls overlap; a refcounted limit made
-# it worse, so the cause is not settled. Not strict: it passes on most runs.
-_NUMBA_RACE = pytest.mark.xfail(reason="numba: concurrent calls may round differently (known defect, see comment)",
-                                strict=False)
-
-
 @pytest.mark.parametrize("backend,layer", [("native-cpu", None),
-                                           pytest.param("numba", "workqueue", marks=_NUMBA_RACE),
-                                           pytest.param("numba", "default", marks=_NUMBA_RACE),
+                                           ("numba", "workqueue"), ("numba", "default"),
                                            ("torch", None)])
 @pytest.mark.slow
 def test_threads_get_the_serial_results(backend, layer):

@@ -19,7 +19,6 @@
 // [x, x]), and the fused step of sample i reads the model outputs of samples i and n + i.
 #include "engine.h"
 
-#include <omp.h>
 
 #include <algorithm>
 #include <chrono>
@@ -250,14 +249,14 @@ struct Engine::Impl {
   }
   float* slot(const Samples& b, int64_t n, int64_t s) { return b.base + n * T + slot_off[s]; }
   // `threads` blocks of scratch_stride floats, grown by forward_arena under the engine's lock
-  // (never inside a parallel region); ops use block omp_get_thread_num().
+  // (never inside a parallel region); a chunk uses the block of its participant index (thread_pool.h).
   void grow_scratch(int threads) {
     if (scratch_threads < threads) {
       scratch = alloc_floats(scratch_stride * threads);
       scratch_threads = threads;
     }
   }
-  float* this_thread_scratch() { return scratch.get() + int64_t(omp_get_thread_num()) * scratch_stride; }
+  float* this_thread_scratch() { return scratch.get() + int64_t(pool_thread_index()) * scratch_stride; }
   // How a grid conv over an image w wide runs its columns under kernels k: 0 over the padded grid,
   // 1 compact in whole vectors (w a multiple of the lanes), 2 compact in half-vectors.
   int compact_mode(int64_t w, const EngineKernels& k) const {
@@ -718,18 +717,9 @@ void Engine::Impl::forward_arena(const EngineKernels& k, int threads) {
   // Every sample's arithmetic is the same whichever schedule runs it (no reduction spans samples
   // or depends on the thread count), so results stay bit-identical across batch sizes.
   const int64_t whole = (threads > 1 && options.sample_parallel) ? N / threads * threads : 0;
-  if (whole > 0) {
-    std::exception_ptr error;
-#pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
-    for (int64_t n = 0; n < whole; ++n) {
-      try {
-        forward_samples(Samples{arena.get() + n * T, n, 1}, k, 1);
-      } catch (...) {
-#pragma omp critical(fastddpm_engine_error)
-        if (!error) error = std::current_exception();
-      }
-    }
-    if (error) std::rethrow_exception(error);
+  if (whole > 0) {  // one sample per chunk: a thread that runs takes the samples of one that does not
+    auto one = [&](int64_t n) { forward_samples(Samples{arena.get() + n * T, n, 1}, k, 1); };
+    pool_for(whole, 1, threads, one);
   }
   if (whole < N) forward_samples(Samples{arena.get() + whole * T, whole, N - whole}, k, threads);
 }
@@ -773,7 +763,7 @@ std::vector<double> Engine::op_seconds() const {
   return impl_->op_seconds.empty() ? std::vector<double>(impl_->ops.size(), 0.0) : impl_->op_seconds;
 }
 
-void Engine::forward(const float* x, const float* t, const float* class_emb, float* out) {
+void Engine::forward(const float* x, const float* t, const float* class_emb, float* out, int threads) {
   if (!x || !t || !out) fail("null array pointer");
   impl_->check_class_emb(class_emb);
   CallLock lock(mu_, "CPU engine");
@@ -785,7 +775,8 @@ void Engine::forward(const float* x, const float* t, const float* class_emb, flo
     e.tvals[size_t(n)] = t[n];
     std::memcpy(e.slot(n, P::kInputSlot), x + n * in_n, size_t(in_n) * 4);
   }
-  e.forward_arena(engine_kernels(active_isa()), num_threads());
+  const ThreadGrant grant(threads);
+  e.forward_arena(engine_kernels(active_isa()), grant.threads());
   for (int64_t n = 0; n < e.N; ++n)
     std::memcpy(out + n * out_n, e.slot(n, P::kOutputSlot), size_t(out_n) * 4);
 }
@@ -856,7 +847,9 @@ bool Engine::run(const LoopArgs& a, const std::function<bool(int64_t)>& on_step)
   keep_copy(0);
   for (int64_t s = 0; s < a.steps; ++s) {
     const EngineKernels& k = engine_kernels(active_isa());
-    const int threads = num_threads();
+    // drawn per step, so that concurrent runs rebalance the budget as they start and finish
+    const ThreadGrant grant(a.threads);
+    const int threads = grant.threads();
     const float t = a.model_t ? a.model_t[s] : float(a.timesteps[s]);
     for (int64_t n = 0; n < e.N; ++n) e.tvals[size_t(n)] = t;
     for (int64_t n = ns; n < e.N; ++n)  // guided: the null-class rows see the same x

@@ -44,6 +44,7 @@ struct LoopArgs {
   // m_u = rows [n, 2n), w = guidance. x_T, noise and first_index are those of the n samples.
   bool guided = false;
   float guidance = 1.0f;
+  int threads = 0;  // threads asked of the budget per step (thread_pool.h); 0: the whole budget
 };
 
 // Tuning switches; the defaults are the tuned behaviour, the others exist for tests and
@@ -67,7 +68,8 @@ class Engine {
 
   // out = U-Net(x, t): x [N, in_c, H, W], t [N] timesteps, out [N, out_c, H, W]. class_emb: the
   // class-embedding rows [N, class_dim()] of a class-conditional plan (required there), else null.
-  void forward(const float* x, const float* t, const float* class_emb, float* out);
+  // threads: asked of the process-wide budget (thread_pool.h ThreadGrant); 0 = the whole budget.
+  void forward(const float* x, const float* t, const float* class_emb, float* out, int threads = 0);
 
   // The loop of LoopArgs; on_step(k) runs after step k (1-based) and returns false to cancel.
   // Returns false if cancelled (outputs then hold nothing meaningful). With a.history > 0 the

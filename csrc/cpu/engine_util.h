@@ -1,7 +1,6 @@
 // Small pieces shared by the engine's translation units (engine.cpp, winograd.cpp): aligned
-// buffers, the packed-A layout of the GEMM micro-kernel, and the OpenMP loop they all use.
+// buffers, the packed-A layout of the GEMM micro-kernel, and the parallel loop they all use.
 #pragma once
-#include <omp.h>
 
 #include <algorithm>
 #include <cstdint>
@@ -11,6 +10,7 @@
 #include <new>
 
 #include "engine_kernels.h"
+#include "thread_pool.h"
 
 namespace fastddpm {
 namespace cpu {
@@ -53,10 +53,10 @@ Buffer pack_a(int64_t M, int64_t K, F&& f) {
   return A;
 }
 
-// Dynamic scheduling: an index's result does not depend on which thread computes it, and on a
-// busy machine a thread that runs takes the work of one that is descheduled. Chunks of about
-// n / (8 threads) consecutive indices, not single indices: OpenMP's per-chunk dispatch is then
-// amortised, and consecutive GEMM tiles, which share their B panel, stay on one core.
+// On the pool (thread_pool.h): an index's result does not depend on which thread computes it, and
+// on a busy machine a thread that runs takes the chunks of one that is descheduled. Chunks of about
+// n / (8 threads) consecutive indices, not single indices: the per-chunk claim is then amortised,
+// and consecutive GEMM tiles, which share their B panel, stay on one core.
 constexpr int64_t kChunksPerThread = 8;
 template <typename Fn>
 void parallel_for(int64_t n, int threads, bool worth_it, Fn&& fn) {
@@ -65,8 +65,7 @@ void parallel_for(int64_t n, int threads, bool worth_it, Fn&& fn) {
     return;
   }
   const int64_t chunk = std::max<int64_t>(1, n / (int64_t(threads) * kChunksPerThread));
-#pragma omp parallel for schedule(dynamic, chunk) num_threads(threads)
-  for (int64_t i = 0; i < n; ++i) fn(i);
+  pool_for(n, chunk, threads, fn);
 }
 
 }  // namespace engine_util

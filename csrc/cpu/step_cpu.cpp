@@ -1,11 +1,12 @@
 #include "step_cpu.h"
 
-#include <omp.h>
 
 #include <atomic>
 #include <cmath>
 #include <stdexcept>
 #include <string>
+
+#include "thread_pool.h"
 
 namespace fastddpm {
 namespace cpu {
@@ -24,7 +25,6 @@ constexpr int64_t kMaxIndex = int64_t(1) << 32;
 constexpr int64_t kStreamMinBytes = int64_t(16) << 20;
 
 std::atomic<int> g_isa{-1};
-std::atomic<int> g_threads{0};
 
 void check_params(const StepParams& p) {
   if (p.batch < 0 || p.per_sample < 0)
@@ -50,13 +50,12 @@ void for_each_chunk(const StepParams& p, Fn&& fn, bool large = false, bool strea
     c.stream = stream;
     fn(c);
   };
-  const int threads = num_threads();
-  if (threads <= 1 || tasks <= 1 || p.batch * p.per_sample < kParallelMin) {
+  if (tasks <= 1 || p.batch * p.per_sample < kParallelMin) {
     for (int64_t t = 0; t < tasks; ++t) run(t);
     return;
   }
-#pragma omp parallel for schedule(static) num_threads(threads)
-  for (int64_t t = 0; t < tasks; ++t) run(t);
+  const ThreadGrant grant;  // inside an engine's run: that run's grant
+  pool_for(tasks, 1, grant.threads(), run);
 }
 
 }  // namespace
@@ -76,15 +75,9 @@ void set_active_isa(Isa isa) {
   g_isa.store(int(isa), std::memory_order_relaxed);
 }
 
-int num_threads() {
-  const int n = g_threads.load(std::memory_order_relaxed);
-  return n > 0 ? n : omp_get_max_threads();
-}
+int num_threads() { return thread_budget(); }
 
-void set_num_threads(int n) {
-  if (n < 1) throw std::invalid_argument("num_threads must be >= 1");
-  g_threads.store(n, std::memory_order_relaxed);
-}
+void set_num_threads(int n) { set_thread_budget(n); }
 
 void fused_step(const StepParams& p, const StepArrays& a) {
   check_params(p);

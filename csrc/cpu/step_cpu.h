@@ -1,5 +1,5 @@
 // Checked CPU entry points of the fused step and the noise: validate, split into chunks, run the
-// chosen ISA's kernels on OpenMP threads. Raw pointers and plain structs only (no Python types).
+// chosen ISA's kernels on the thread pool (thread_pool.h). Raw pointers and plain structs only (no Python types).
 #pragma once
 #include <cstdint>
 
@@ -25,7 +25,7 @@ void philox_stream(const StepParams& p, uint32_t* out);
 Isa active_isa();
 void set_active_isa(Isa isa);  // throws std::invalid_argument if this CPU cannot run it
 
-int num_threads();             // threads the kernels use (OpenMP)
+int num_threads();             // the process-wide thread budget (thread_pool.h)
 void set_num_threads(int n);   // n >= 1
 
 }  // namespace cpu

@@ -15,7 +15,7 @@ __version__ = "0.1.0"
 __all__ = ["sample", "load", "noise", "backends", "DDPMScheduler", "DDIMScheduler", "DPMSolverMultistepScheduler",
            "EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler", "Pipeline",
            "BackendUnavailableError", "SchedulerConfigError", "__version__",
-           "save_grid", "save_trajectory", "to_pil", "sample_to_disk"]
+           "save_grid", "save_trajectory", "to_pil", "sample_to_disk", "set_num_threads", "get_num_threads"]
 
 
 def noise(seed: int, shape, step: int, first_index: int = 0) -> _np.ndarray:
@@ -28,6 +28,19 @@ def noise(seed: int, shape, step: int, first_index: int = 0) -> _np.ndarray:
     if not isinstance(native, str) and not native.unavailable():
         return native.noise(seed, shape, step, first_index)
     return _philox.noise(seed, shape, step, first_index)
+
+
+def set_num_threads(n: int) -> None:
+    """Set the process-wide thread budget: at most ``n`` threads (an int >= 1) compute at once
+    across every fastddpm call of this process; concurrent calls share it (threads.py)."""
+    from . import threads
+    threads.set_num_threads(n)
+
+
+def get_num_threads() -> int:
+    """The process-wide thread budget (default: the CPUs this process may use)."""
+    from . import threads
+    return threads.get_num_threads()
 
 
 def __getattr__(name):  # the pipeline pulls in more; import it on first use

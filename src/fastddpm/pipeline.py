@@ -22,6 +22,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from . import executors, validate
+from . import threads as _budget
 from ._files import check_inside, errors_name, read_json_object
 from .conditioning import check_guidance, check_labels, check_null_class, class_embedding, guided_labels
 from .executors import EngineOptions
@@ -80,8 +81,9 @@ class Sampler:
     A class-conditional model's sampler takes the labels per call (``s(seed=1, labels=[3])``); its
     guidance scale is fixed when it is made (a guided sampler's engine runs 2 x batch rows)."""
 
-    def __init__(self, pipeline, engine, schedule, guidance: float | None = None):
+    def __init__(self, pipeline, engine, schedule, guidance: float | None = None, threads: int | None = None):
         self.pipeline, self.engine, self.schedule = pipeline, engine, schedule
+        self.threads = threads              # asked of the thread budget per call (None: all of it)
         self.guidance_scale = guidance      # None: unguided (w = 1)
         self.batch = engine.samples(guidance)
         self.shape = (self.batch,) + tuple(engine.input_shape[1:])
@@ -98,9 +100,10 @@ class Sampler:
         if labels is not None and not (last is not None and np.array_equal(last, labels)):
             emb = self.pipeline._class_rows(labels, self.guidance_scale)
             self._class_emb = (labels.copy(), emb)   # a copy: the caller may reuse its array
-        x, frames = self.engine.run(self.schedule, seed=seed, first_index=first_index, keep=keep,
-                                    callback=callback, class_emb=None if labels is None else emb,
-                                    guidance=self.guidance_scale)
+        with _budget.request(self.threads):
+            x, frames = self.engine.run(self.schedule, seed=seed, first_index=first_index, keep=keep,
+                                        callback=callback, class_emb=None if labels is None else emb,
+                                        guidance=self.guidance_scale)
         return (x, frames) if keep else x
 
 
@@ -108,7 +111,7 @@ class Pipeline:
     """A U-Net (config + float32 weights) and a scheduler; call it to sample."""
 
     def __init__(self, unet_config: UNetConfig | dict, weights: dict, scheduler, name: str | None = None, *,
-                 null_class=None, guidance_scale=None):
+                 null_class=None, guidance_scale=None, threads: int | None = None):
         self.unet_config = unet_config if isinstance(unet_config, UNetConfig) else UNetConfig.from_dict(unet_config)
         self.weights = check_weights(weights, weight_shapes(self.unet_config))  # name -> float32 array
         # classifier-free guidance (conditioning.py): the label meaning "no label" (None: the model
@@ -121,11 +124,25 @@ class Pipeline:
             raise TypeError(f"scheduler must be a fastddpm DDPMScheduler or DDIMScheduler, got {type(scheduler).__name__}")
         self.scheduler = scheduler
         self.name = name
+        self.threads = threads            # each call's default threads= (None: the whole budget)
         self._reference = None            # the torch ReferenceUNet, built on first use
         self._engines: OrderedDict = OrderedDict()   # (backend, batch, h, w, options) -> engine, LRU order
         self._schedulers: OrderedDict = OrderedDict()   # (scheduler, sampler, steps) -> scheduler, LRU order
         self._per_sample_floats: dict = {}          # (h, w) -> the plan's activation floats per sample
         self._lock = threading.Lock()
+
+    @property
+    def threads(self) -> int | None:
+        """Threads each call of this pipeline asks of the process-wide budget (threads.py) when
+        it names none; None: the whole budget."""
+        return self._threads
+
+    @threads.setter
+    def threads(self, value) -> None:
+        self._threads = _budget.check(value)
+
+    def _threads_for(self, threads) -> int | None:
+        return self._threads if threads is None else _budget.check(threads)
 
     def __repr__(self):
         cfg = self.unet_config
@@ -198,10 +215,12 @@ class Pipeline:
         labels = check_labels(self.unet_config, labels, n)
         return None if labels is None else self._class_rows(labels, guidance)
 
-    def unet(self, sample, timestep, backend="auto", *, labels=None):
+    def unet(self, sample, timestep, backend="auto", *, labels=None, threads: int | None = None):
         """One U-Net forward: the model output for ``sample`` [N, C, H, W] at ``timestep`` (an int,
         or one per sample), conditioned on ``labels`` (one, or one per sample) for a class-
-        conditional model. NumPy in, NumPy out; torch tensors in, torch tensors out."""
+        conditional model. NumPy in, NumPy out; torch tensors in, torch tensors out. ``threads``:
+        asked of the process-wide thread budget (None: the pipeline's ``threads``)."""
+        threads = self._threads_for(threads)
         is_numpy = isinstance(sample, np.ndarray)
         if getattr(sample, "ndim", None) != 4 or sample.shape[1] != self.unet_config.in_channels:
             shape = tuple(sample.shape) if hasattr(sample, "shape") else type(sample).__name__
@@ -216,7 +235,8 @@ class Pipeline:
             self._check_request(sample.shape[0], sample.shape[2], sample.shape[3], 0,
                                 f"a U-Net forward of batch {sample.shape[0]}")
             engine = self._engine(be, *sample.shape[:1], *sample.shape[2:], EngineOptions(dtype=be.check_dtype(None)))
-            return engine.forward(np.ascontiguousarray(sample), timestep, class_emb)
+            with _budget.request(threads):
+                return engine.forward(np.ascontiguousarray(sample), timestep, class_emb)
         import torch
         executors.select(backend, "cuda" if sample.is_cuda else "cpu")   # refuse an impossible request
         with torch.no_grad():
@@ -252,10 +272,12 @@ class Pipeline:
     def __call__(self, n: int = 1, *, steps: int | None = None, sampler: str = "ddpm", seed: int | None = 0,
                  backend: str = "auto", eta: float = 0.0, output: str = "uint8", progress: bool = False,
                  trajectory: Sequence[int] | None = None, first_index: int = 0, dtype: str | None = None,
-                 labels=None, guidance_scale: float | None = None):
+                 labels=None, guidance_scale: float | None = None, threads: int | None = None):
         """``labels``: a class-conditional model's labels (one for all, or one per sample);
         ``guidance_scale``: classifier-free guidance w (None: the pipeline's default,
-        ``self.guidance_scale``; 1: the conditional model alone)."""
+        ``self.guidance_scale``; 1: the conditional model alone); ``threads``: asked of the
+        process-wide thread budget (None: the pipeline's ``threads``; the result never depends on it)."""
+        threads = self._threads_for(threads)
         if output not in _OUTPUTS:
             raise ValueError(f"output must be one of {_OUTPUTS}, got {output!r}")
         n, schedule, be, options = self._prepare(n, sampler, steps, eta, backend, dtype)
@@ -275,8 +297,9 @@ class Pipeline:
         try:
             callback = None if bar is None else (lambda k: bar.update(k - bar.n))
             engine = self._engine(be, rows, h, w, options)
-            x, frames = engine.run(schedule, seed=seed, first_index=first_index, keep=keep, callback=callback,
-                                   class_emb=class_emb, guidance=guidance)
+            with _budget.request(threads):
+                x, frames = engine.run(schedule, seed=seed, first_index=first_index, keep=keep, callback=callback,
+                                       class_emb=class_emb, guidance=guidance)
         finally:
             if bar is not None:
                 bar.close()
@@ -289,10 +312,12 @@ class Pipeline:
 
     def sampler(self, batch: int = 1, *, sampler: str = "ddpm", steps: int | None = None, eta: float = 0.0,
                 backend: str = "auto", dtype: str | None = None, device: int = 0,
-                guidance_scale: float | None = None) -> "Sampler":
+                guidance_scale: float | None = None, threads: int | None = None) -> "Sampler":
         """A fixed (batch, sampler, steps, eta, backend, dtype, guidance) ready to run again and
         again: the engine and the schedule are made once (on CUDA: weights on the device, graph
-        captured). A class-conditional model's labels are given per call (Sampler.__call__)."""
+        captured). A class-conditional model's labels are given per call (Sampler.__call__).
+        ``threads``: what each run asks of the thread budget (None: the pipeline's ``threads``)."""
+        threads = self._threads_for(threads)
         batch, schedule, be, options = self._prepare(batch, sampler, steps, eta, backend, dtype)
         guidance = self._guidance(guidance_scale)
         rows = batch if guidance is None else 2 * batch
@@ -301,7 +326,7 @@ class Pipeline:
                             rows=rows)
         options = EngineOptions(dtype=options.dtype, device=validate.integer(device, "device"))
         engine = executors.engine_for(be, self.unet_config, self.weights, rows, h, w, options)
-        return Sampler(self, engine, schedule, guidance)
+        return Sampler(self, engine, schedule, guidance, threads)
 
     # ------------------------------------------------------------------ saving
     def save(self, path) -> str:
@@ -403,9 +428,18 @@ _cache: dict[str, Pipeline] = {}
 _cache_lock = threading.Lock()
 
 
-def load(name_or_path) -> Pipeline:
+def load(name_or_path, *, threads: int | None = None) -> Pipeline:
     """A bundled model (``"digits"``), a benchmark preset (``"bench-small"``, ``"ddpm-cifar10"``:
-    seeded random weights) or a diffusers-layout directory."""
+    seeded random weights) or a diffusers-layout directory. ``threads``: the pipeline's default
+    threads= (what its calls ask of the process-wide thread budget; None: all of it)."""
+    threads = _budget.check(threads)
+    pipe = _load(name_or_path)
+    if threads is not None:
+        pipe.threads = threads
+    return pipe
+
+
+def _load(name_or_path) -> Pipeline:
     if isinstance(name_or_path, Pipeline):
         return name_or_path
     if not isinstance(name_or_path, (str, os.PathLike)):
@@ -434,9 +468,9 @@ def _cached(model) -> Pipeline:
     if key in BUNDLED_MODELS or key in PRESETS:
         with _cache_lock:
             if key not in _cache:
-                _cache[key] = load(key)
+                _cache[key] = _load(key)
             return _cache[key]
-    return load(model)
+    return _load(model)
 
 
 def default_model() -> str:
@@ -451,14 +485,15 @@ def default_model() -> str:
 def sample(model=None, n: int = 1, *, steps: int | None = None, sampler: str = "ddpm", seed: int | None = 0,
            backend: str = "auto", eta: float = 0.0, output: str = "uint8", progress: bool = False,
            trajectory: Sequence[int] | None = None, dtype: str | None = None, labels=None,
-           guidance_scale: float | None = None):
+           guidance_scale: float | None = None, threads: int | None = None):
     """Sample ``n`` images. ``model=None``: the bundled model. Returns uint8 [n, H, W, C]
     (``output="float"``: float32 [n, C, H, W] in [-1, 1]); with ``trajectory`` a SampleResult.
     ``dtype`` ("fp32", "tf32", "bf16", "fp16"): the CUDA engine's precision (default tf32; fp32
     means no TF32); CPU backends compute in fp32. ``labels``: a class-conditional model's class
     (one for all, or one per sample); ``guidance_scale``: classifier-free guidance w (None: the
-    model's default; 1: no guidance)."""
+    model's default; 1: no guidance); ``threads``: asked of the process-wide thread budget
+    (``fastddpm.set_num_threads``; None: the pipeline's default, else all of it)."""
     pipe = _cached(default_model() if model is None else model)
     return pipe(n, steps=steps, sampler=sampler, seed=seed, backend=backend, eta=eta, output=output,
                 progress=progress, trajectory=trajectory, dtype=dtype, labels=labels,
-                guidance_scale=guidance_scale)
+                guidance_scale=guidance_scale, threads=threads)

@@ -26,21 +26,8 @@ except ImportError as exc:  # not built (no compiler at install time), or built 
     _C, _C_ERROR = None, _missing_reason(exc)
 
 
-def _threads_from_env() -> None:
-    value = os.environ.get("FASTDDPM_NUM_THREADS")
-    if value is None or _C is None:
-        return
-    try:
-        n = int(value)
-        if n < 1:
-            raise ValueError
-    except ValueError:
-        raise ValueError(f"FASTDDPM_NUM_THREADS must be a positive integer, got {value!r}") from None
-    _C.set_num_threads(n)
-
-
-_threads_from_env()
-
+# FASTDDPM_NUM_THREADS sets the process-wide thread budget (threads.py) when this module loads.
+from .. import threads as _threads  # noqa: E402
 
 class NativeCpuBackend(Backend):
     """C++ fused step: vectorised (AVX-512 / AVX2 / generic, chosen at run time), OpenMP, GIL released."""
@@ -49,7 +36,7 @@ class NativeCpuBackend(Backend):
     devices = ("cpu",)
 
     def unavailable(self) -> list[str]:
-        return [_C_ERROR] if _C is None else []
+        return [_C_ERROR] if _C is None else [_threads.ENV_ERROR] if _threads.ENV_ERROR else []
 
     def step(self, x, m, out, table, row, seed, noise_step, first_index, noise, history=None, guide=None) -> None:
         # x, m, out, noise: [N, ...] float32 C-contiguous; table: float32 [S, COEF_WIDTH], row: this step's
@@ -119,13 +106,14 @@ class NativeCpuEngine(Engine):
                                  **cpu_engine_options())
 
     def _forward(self, x, t, class_emb=None):
-        return self._engine.forward(x, t, class_emb)
+        return self._engine.forward(x, t, class_emb, threads=_threads.requested() or 0)
 
     def _run(self, schedule, seed, first_index, keep, callback, class_emb=None, guidance=None):
         frac = schedule.model_timesteps is not None   # the model's float32 times, else the timesteps'
         x, frames = self._engine.run(schedule.table, schedule.timesteps, seed, first_index, keep, callback,
                                      self.callback_every, schedule.history, class_emb, guidance,
-                                     schedule.model_t if frac else None, schedule.x_scale)
+                                     schedule.model_t if frac else None, schedule.x_scale,
+                                     threads=_threads.requested() or 0)
         return x, dict(zip(keep, frames))
 
 

@@ -26,6 +26,7 @@ from .. import validate
 
 from ..coefficients import A_M, A_X, C_X0, CLIP, COEF_WIDTH, D_M, D_X, H1, H2, SIGMA
 from .base import Backend
+from .. import threads as _budget
 from .numba_threads import parallel_region
 
 try:
@@ -371,9 +372,15 @@ class NumbaStepBackend(Backend):
         # numba's thread count is per calling thread and shared with the rest of the process: set
         # ours for the call only, and put the caller's back. (Inside the kernel it would be cheaper,
         # but numba then refuses to cache the kernel.)
-        want = 1 if elements < _PARALLEL_MIN else self._threads
-        prev = numba.get_num_threads() if want is not None else None
-        if want is not None and want != prev:
+        # The threads come from the process-wide budget (threads.py): the call's threads=, else
+        # this backend's count, else the whole budget; small calls run on one.
+        ask = 1 if elements < _PARALLEL_MIN else (_budget.requested() or self._threads)
+        with _budget.grant(ask) as granted:
+            self._run_on(min(granted, _numba_config.NUMBA_NUM_THREADS), name, kernel, *args)
+
+    def _run_on(self, want: int, name: str, kernel, *args) -> None:
+        prev = numba.get_num_threads()
+        if want != prev:
             numba.set_num_threads(want)
         try:
             # The kernels release the GIL: parallel_region() keeps launches from different threads
@@ -390,7 +397,7 @@ class NumbaStepBackend(Backend):
                     self._first_call[name] = time.perf_counter() - t0
                     self._from_cache[name] = sum(kernel.stats.cache_hits.values()) > hits
         finally:
-            if want is not None and want != prev:
+            if want != prev:
                 numba.set_num_threads(prev)
 
     # -- the Backend interface ------------------------------------------------------------------

@@ -32,8 +32,8 @@ the 2n-row input and steps them with the fused step's guide (loop.py).
 """
 from __future__ import annotations
 
-import contextlib
 import math
+import os
 import threading
 import time
 
@@ -43,6 +43,7 @@ from ..plan import (CLASS_SLOT, CONV_MODES, FLAG_FLIP, FLAG_PADDED_OUT, FLAG_SIL
                     OP_CODES, PlanError)
 from ..loop import fused_steps, run_loop, schedule_loop
 from ..philox import INITIAL_STEP
+from .. import threads as _budget
 from .base import Engine, EngineLock
 from .numba_threads import parallel_region
 
@@ -506,37 +507,63 @@ def _work_floats(plan) -> int:
     return need
 
 
-_BLAS = []
+_BLAS: list = []   # [the controllers of SciPy's BLAS libraries (the sgemm numba calls)], once looked up
+_BLAS_LOCK = threading.Lock()
 
 
-def _blas_controller():
-    """threadpoolctl's controller over the BLAS numba calls (SciPy's), or None without
-    threadpoolctl (then BLAS keeps its own, fixed, thread count)."""
-    if not _BLAS:
-        try:
-            import scipy.linalg.cython_blas  # noqa: F401 - load numba's BLAS before looking for it
-            from threadpoolctl import ThreadpoolController
-            _BLAS.append(ThreadpoolController())
-        except Exception:  # noqa: BLE001 - optional
-            _BLAS.append(None)
-    return _BLAS[0]
+def _scipy_blas():
+    """threadpoolctl controllers of the BLAS that numba's np.dot calls (SciPy's, loaded through
+    scipy.linalg.cython_blas); [] without threadpoolctl or SciPy."""
+    with _BLAS_LOCK:
+        if not _BLAS:
+            try:
+                import scipy
+                import scipy.linalg.cython_blas  # noqa: F401 - load numba's BLAS before looking for it
+                from threadpoolctl import ThreadpoolController
+                root = os.path.dirname(os.path.dirname(scipy.__file__))   # site-packages: scipy/, scipy.libs/
+                libs = [lc for lc in ThreadpoolController().lib_controllers
+                        if lc.user_api == "blas" and os.path.basename(os.path.dirname(lc.filepath)).startswith("scipy")
+                        and os.path.dirname(os.path.dirname(lc.filepath)) == root]
+            except Exception:  # noqa: BLE001 - optional
+                libs = []
+            _BLAS.append(libs)
+        return _BLAS[0]
+
+
+def _pin_blas_threads() -> None:
+    """SciPy's BLAS on one thread, for the whole process, before every engine call.
+
+    OpenBLAS's sgemm rounds differently with different thread counts (measured on the Zen 1 with
+    scipy-openblas 0.3.30: [64, 288] x [288, 256] differs by up to 4e-5 between 1 and 2 threads),
+    so the engine's results need one fixed count. A per-call limit (threadpoolctl's limit(), the
+    previous way) is process-wide state that overlapping calls from several Python threads undo
+    for each other: one call's exit restored 2 threads while another call was still multiplying,
+    and that call rounded differently from the serial one. One thread, because the parallelism is
+    numba's: BLAS threads on top of numba's oversubscribed the cores (718 ms vs 39 ms per
+    bench-small forward with 2 + 2 threads on 2 cores). Only SciPy's copy is touched, not NumPy's.
+    """
+    for lc in _scipy_blas():
+        if lc.num_threads != 1:
+            lc.set_num_threads(1)
 
 
 class _Threads:
-    """Sets numba's (per calling thread) and BLAS's thread counts for one engine call, then puts
-    the caller's back."""
+    """Draws this call's threads from the process-wide budget (threads.py) and sets numba's count
+    (per calling thread) to them for the call, then puts the caller's back and returns them."""
 
     def __init__(self, engine):
-        self.n, self.ctx = engine._threads()
+        self.want = engine._threads()
 
     def __enter__(self):
+        _pin_blas_threads()
+        self.grant = _budget.grant(self.want)
+        n = self.grant.__enter__()
         self.prev = numba.get_num_threads()
-        numba.set_num_threads(min(self.n, numba.config.NUMBA_NUM_THREADS))
-        self.ctx.__enter__()
+        numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
 
     def __exit__(self, *exc):
-        self.ctx.__exit__(*exc)
         numba.set_num_threads(self.prev)
+        self.grant.__exit__(*exc)
 
 
 class NumbaEngine(Engine):
@@ -579,22 +606,15 @@ class NumbaEngine(Engine):
         self._lock = EngineLock("numba engine")
 
     # ------------------------------------------------------------------ forward
-    def _threads(self):
-        """(numba threads, a context setting BLAS threads) for this engine's calls.
-
-        The user's count (FASTDDPM_NUM_THREADS / NumbaBackend.set_num_threads), else 1, and never
-        a function of the batch: OpenBLAS's sgemm rounds differently with different thread counts,
-        so a batch-dependent count would break batch invariance. Why 1 by default: the kernels
-        run per op and per sample, ~300 short parallel regions per bench-small forward, and on 2
-        shared cores each fork-join can wait a whole scheduler timeslice for a descheduled worker
-        (measured on a loaded machine: 45 ms with 1 thread, 2.5 s with 2; torch eager alike)."""
-        n = getattr(self._step_backend, "_threads", None) or 1
-        ctl = _blas_controller()
-        # BLAS always on one thread: the parallelism is numba's; BLAS threads on top of numba's
-        # spinning workers oversubscribed the cores (measured 718 ms vs 39 ms per bench-small
-        # forward with 2 + 2 threads on 2 cores), and one BLAS thread rounds the same for any n.
-        ctx = ctl.limit(limits=1, user_api="blas") if ctl else contextlib.nullcontext()
-        return n, ctx
+    def _threads(self) -> int:
+        """Threads this engine's calls ask of the budget: the call's threads=, else the numba
+        backend's count (FASTDDPM_NUM_THREADS / NumbaBackend.set_num_threads), else 1. Why 1 by
+        default: the kernels run per op and per sample, ~300 short parallel regions per
+        bench-small forward, and on 2 shared cores each fork-join can wait a whole scheduler
+        timeslice for a descheduled worker (measured on a loaded machine: 45 ms with 1 thread,
+        2.5 s with 2; torch eager alike). The count never changes a result (BLAS is pinned to one
+        thread and numba's tasks are fixed)."""
+        return _budget.requested() or getattr(self._step_backend, "_threads", None) or 1
 
     def _run_forward(self) -> None:
         """slot 0 and self._t -> slot 1 (the caller holds the lock and has set the threads)."""
