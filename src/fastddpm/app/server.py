@@ -55,7 +55,7 @@ def build(handlers):
                     with gr.Row():
                         seed = gr.Number(0, precision=0, minimum=0, maximum=2**32 - 1, label="seed",
                                          elem_id="gen-seed")
-                        new_seed = gr.Button("🎲 new seed", elem_id="gen-new-seed", scale=0)
+                        new_seed = gr.Button("new seed", elem_id="gen-new-seed", scale=0)
                     n = gr.Slider(1, v.LIMITS["max_images"], value=4, step=1, label="number of images")
                     backend = gr.Dropdown(backend_choices(), value="auto", label="backend")
                     go = gr.Button("Generate", variant="primary", elem_id="gen-go")
@@ -166,6 +166,13 @@ def warm_up() -> None:
         generate(GenerateRequest(model=m, steps=2, n=1, label=info["labels"][0] if info["conditional"] else None))
 
 
+def _check_port(host: str, port: int) -> None:
+    """OSError now if (host, port) cannot be listened on (Gradio would say so only after start-up)."""
+    import socket
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.bind((host, port))
+
+
 def serve(host: str = "127.0.0.1", port: int = 7860, *, max_runs: int = 2, max_seconds: float = 300.0,
           quiet: bool = False) -> None:
     """Run the app until Ctrl-C or SIGTERM; then stop every run and remove the temporary directory."""
@@ -176,6 +183,7 @@ def serve(host: str = "127.0.0.1", port: int = 7860, *, max_runs: int = 2, max_s
     h = Handlers(root, max_runs=max_runs, max_seconds=max_seconds)
     demo = None
     try:
+        _check_port(host, port)      # before the warm-up: a taken port fails at once
         warm_up()
         import gradio as gr
         demo = build(h)
@@ -189,9 +197,9 @@ def serve(host: str = "127.0.0.1", port: int = 7860, *, max_runs: int = 2, max_s
         done = threading.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: done.set())
-        if not quiet:
-            print(f"fastddpm app: serving on http://{host}:{demo.server_port} (temporary files in {root}); "
-                  "Ctrl-C stops it", flush=True)
+        # always, even with quiet (which silences Gradio's banner): where the app is; the tests read it
+        print(f"fastddpm app: serving on http://{host}:{demo.server_port} (temporary files in {root}); "
+              "Ctrl-C stops it", flush=True)
         while not done.wait(0.5):
             pass
     except KeyboardInterrupt:
