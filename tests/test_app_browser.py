@@ -15,18 +15,15 @@ if _why is not None and os.environ.get("FASTDDPM_REQUIRE_BROWSER") == "1":      
     raise RuntimeError(f"FASTDDPM_REQUIRE_BROWSER=1 but there is no headless browser: {_why}")
 pytestmark = pytest.mark.skipif(_why is not None, reason=f"no headless browser: {_why}")
 
-from _app_server import app_server  # noqa: E402
-
 
 @pytest.fixture(scope="module")
-def page():
-    with app_server("--quiet", "--max-seconds", "120") as server:
-        d = B.make_driver(height=1500)      # tall enough for a whole tab in one screenshot
-        try:
-            B.load(d, server.url)
-            yield d
-        finally:
-            d.quit()
+def page(app_server_session):
+    d = B.make_driver(height=1500)      # tall enough for a whole tab in one screenshot
+    try:
+        B.load(d, app_server_session.url)
+        yield d
+    finally:
+        d.quit()
 
 
 def shots(tmp_path) -> str:

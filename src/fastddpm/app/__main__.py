@@ -14,7 +14,8 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=7860, help="the port (default 7860)")
     p.add_argument("--max-runs", type=int, default=2, help="training runs at a time (default 2)")
     p.add_argument("--max-seconds", type=float, default=300.0, help="the longest a training run may take (s)")
-    p.add_argument("--quiet", action="store_true", help="no Gradio start-up banner (the line with the address is still printed)")
+    p.add_argument("--quiet", action="store_true",
+                   help="no Gradio start-up banner (the line with the address is still printed)")
     return p
 
 

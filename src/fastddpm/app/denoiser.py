@@ -189,15 +189,16 @@ class DenoiserTrainer:
         return xt, x0.astype(np.float32)
 
     def snapshot(self) -> Snapshot:
+        state, message = self._state, self._message  # first: a finished run's losses are then all there
         losses = self._losses[:]                     # a consistent copy (appends only)
         n = len(losses)
         t = min(max(self._show_t, 0), self.cfg.num_train_timesteps - 1)
         noisy, den = self.preview(t)
         avg = float(np.mean(losses[-_AVG_WINDOW:])) if n else None
-        return Snapshot(state=self._state, steps_done=n, total_steps=self.cfg.steps, average_loss=avg,
+        return Snapshot(state=state, steps_done=n, total_steps=self.cfg.steps, average_loss=avg,
                         curve=_curve(losses), clean=_u8(self.target), noisy=_u8(noisy), denoised=_u8(den),
                         show_t=t, seconds=0.0 if self._t0 is None else time.monotonic() - self._t0,
-                        message=self._message)
+                        message=message)
 
 
 def _curve(losses: list) -> tuple[np.ndarray, np.ndarray]:

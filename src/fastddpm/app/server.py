@@ -112,12 +112,12 @@ def build(handlers):
                     tstatus = gr.Markdown(elem_id="train-status")
                 with gr.Column(scale=2):
                     with gr.Row():
-                        clean = gr.Image(label="clean target", format="png", interactive=False,
+                        clean = gr.Image(height=190, label="clean target", format="png", interactive=False,
                                          elem_id="train-clean", elem_classes="pixelated")
-                        noisy = gr.Image(label="noisy input at t", format="png", interactive=False,
+                        noisy = gr.Image(height=190, label="noisy input at t", format="png", interactive=False,
                                          elem_id="train-noisy", elem_classes="pixelated")
-                        den = gr.Image(label="denoised output (the model's x̂_0)", format="png", interactive=False,
-                                       elem_id="train-denoised", elem_classes="pixelated")
+                        den = gr.Image(height=190, label="denoised output (the model's x̂_0)", format="png",
+                                       interactive=False, elem_id="train-denoised", elem_classes="pixelated")
                     with gr.Row():
                         done = gr.Textbox(label="steps done", interactive=False, elem_id="train-done")
                         avg = gr.Textbox(label="average loss (last 20 steps)", interactive=False,

@@ -35,20 +35,24 @@ LIMITS = dict(
 UPLOAD_FORMATS = ("PNG", "JPEG")
 
 
-def _is_real(v) -> bool:
-    return isinstance(v, numbers.Real) and not isinstance(v, (bool, np.bool_))
-
-
-def integer(name: str, v, lo: int, hi: int) -> int:
-    """An integer in [lo, hi]. Gradio sends numbers as floats (2.0): whole floats pass."""
+def _finite(name: str, v, what: str) -> float:
+    """v as a finite float (a form may send numbers as text), else the message naming ``what``."""
     if isinstance(v, str):
         try:
             v = float(v.strip())
         except ValueError:
-            raise AppInputError(f"{name} must be a whole number, got {v!r}") from None
-    if not _is_real(v) or not math.isfinite(float(v)) or float(v) != int(v):
+            raise AppInputError(f"{name} must be {what}, got {v!r}") from None
+    if not isinstance(v, numbers.Real) or isinstance(v, (bool, np.bool_)) or not math.isfinite(float(v)):
+        raise AppInputError(f"{name} must be {what}, got {v!r}")
+    return float(v)
+
+
+def integer(name: str, v, lo: int, hi: int) -> int:
+    """An integer in [lo, hi]. Gradio sends numbers as floats (2.0): whole floats pass."""
+    f = _finite(name, v, "a whole number")
+    if f != int(f):
         raise AppInputError(f"{name} must be a whole number, got {v!r}")
-    v = int(v)
+    v = int(v) if isinstance(v, (int, np.integer)) and not isinstance(v, bool) else int(f)
     if not lo <= v <= hi:
         raise AppInputError(f"{name} must be between {lo} and {hi}, got {v}")
     return v
@@ -56,14 +60,7 @@ def integer(name: str, v, lo: int, hi: int) -> int:
 
 def number(name: str, v, lo: float, hi: float) -> float:
     """A finite float in [lo, hi]."""
-    if isinstance(v, str):
-        try:
-            v = float(v.strip())
-        except ValueError:
-            raise AppInputError(f"{name} must be a number, got {v!r}") from None
-    if not _is_real(v) or not math.isfinite(float(v)):
-        raise AppInputError(f"{name} must be a finite number, got {v!r}")
-    v = float(v)
+    v = _finite(name, v, "a finite number")
     if not lo <= v <= hi:
         raise AppInputError(f"{name} must be between {lo:g} and {hi:g}, got {v:g}")
     return v
