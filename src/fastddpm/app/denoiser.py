@@ -121,6 +121,10 @@ class DenoiserTrainer:
     def running(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
+    @property
+    def steps_done(self) -> int:
+        return len(self._losses)
+
     def set_show_t(self, t: int) -> None:
         self._show_t = int(t)
 

@@ -158,12 +158,17 @@ class Handlers:
             yield (_failure(exc),) + (gr.skip(),) * 6
             return
         try:
+            shown = -1
             while True:
                 done = not trainer.running
-                yield self._view(trainer)
+                n = trainer.steps_done if not done else None
+                if n != shown:                      # a view only when something changed (or at the end)
+                    yield self._view(trainer)
+                    shown = n
                 if done:
                     return
-                time.sleep(POLL_SECONDS)
+                # until the first loss point, look often: it is what the learner waits for
+                time.sleep(POLL_SECONDS if n else 0.03)
         finally:
             trainer.stop(wait=None)         # the page stopped watching (or the run ended)
 
