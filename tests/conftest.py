@@ -66,3 +66,15 @@ def pytest_runtest_makereport(item, call):
         reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
         report.outcome = "failed"
         report.longrepr = f"FASTDDPM_REQUIRE_GPU=1 but this cuda test was skipped: {reason}"
+
+
+@pytest.fixture(scope="session")
+def app_server_session():
+    """One web-app server (``python -m fastddpm.app`` on 127.0.0.1, a free port) for every app test,
+    stopped at the end of the session; it must leave no temporary files behind. One training run
+    at a time (the busy test relies on it), each ended by the server after 120 s at the most."""
+    from _app_server import app_server
+    with app_server("--max-runs", "1", "--max-seconds", "120", "--quiet") as s:
+        yield s
+    assert s.proc.returncode is not None
+    assert not os.path.exists(s.temp_root), "the app server left its temporary directory behind"

@@ -5,6 +5,7 @@
     fastddpm train --preset digits
     fastddpm train --dataset ./photos --channels 3 --image-size 32 --steps 20000 --out my-model
     fastddpm bench
+    fastddpm app                       # the web app on http://127.0.0.1:7860
     fastddpm info
 
 Exit codes: 0 done, 1 the request failed (message on stderr), 2 bad arguments, 130 interrupted.
@@ -221,6 +222,13 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("-k", default=None, help="pytest -k expression to select benchmarks")
     b.add_argument("-q", "--quiet", action="store_true", help="only the table")
     b.set_defaults(func=cmd_bench)
+
+    from .app.__main__ import add_arguments as app_arguments      # argparse only: Gradio is not imported
+    a = app_arguments(sub.add_parser("app", help="the local web app: watch an image come out of static, train "
+                                                 "a denoiser live (pip install 'fastddpm[app]')",
+                                     description="Start the fastddpm web app on 127.0.0.1 (--host for another "
+                                                 "address) and serve it until Ctrl-C."))
+    a.set_defaults(func=cmd_app)
 
     i = sub.add_parser("info", help="backends, build and devices")
     i.add_argument("--json", action="store_true")
@@ -555,6 +563,11 @@ def cmd_bench(args) -> int:
     if not args.quiet:
         print(f"results: {out}")
     return run.returncode or rep.returncode
+
+
+def cmd_app(args) -> int:
+    from .app.__main__ import run
+    return run(args)
 
 
 def cmd_info(args) -> int:

@@ -14,7 +14,7 @@ from typing import Sequence
 import numpy as np
 
 __all__ = ["load_digits", "digit_labels", "load_image_folder", "downscale_to_digits", "DatasetError",
-           "IMAGE_SUFFIXES", "DIGITS_SIZE"]
+           "IMAGE_SUFFIXES", "DIGITS_SIZE", "square_image"]
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +101,19 @@ def _list_images(folder: str, recursive: bool) -> list[str]:
     return [p for p in paths if os.path.isfile(p) and not os.path.basename(p).startswith(".")]
 
 
+def square_image(im, size: int) -> np.ndarray:
+    """A PIL image as float32 [size, size] (or [size, size, 3]) in [-1, 1]: its shorter side
+    scaled to ``size`` (bicubic, antialiased), then centre-cropped to a square."""
+    from PIL import Image
+    w, h = im.size
+    scale = size / min(w, h)
+    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+    im = im.resize((nw, nh), Image.BICUBIC, reducing_gap=None)
+    left, top = (nw - size) // 2, (nh - size) // 2
+    im = im.crop((left, top, left + size, top + size))
+    return np.asarray(im, dtype=np.float32) / 127.5 - 1.0
+
+
 def load_image_folder(folder, size: int, *, channels: int = 3, recursive: bool = True,
                       suffixes: Sequence[str] = IMAGE_SUFFIXES) -> np.ndarray:
     """Every image in ``folder`` as float32 [N, channels, size, size] in [-1, 1].
@@ -126,14 +139,7 @@ def load_image_folder(folder, size: int, *, channels: int = 3, recursive: bool =
         try:
             with Image.open(path) as im:
                 im.load()   # decode now, so a truncated file fails here and not later
-                im = im.convert(mode)
-                w, h = im.size
-                scale = size / min(w, h)
-                nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
-                im = im.resize((nw, nh), Image.BICUBIC, reducing_gap=None)
-                left, top = (nw - size) // 2, (nh - size) // 2
-                im = im.crop((left, top, left + size, top + size))
-                a = np.asarray(im, dtype=np.float32) / 127.5 - 1.0
+                a = square_image(im.convert(mode), size)
         except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
             bad.append(path)
             msg = f"skipping {path}: not a readable image ({type(exc).__name__}: {exc})"

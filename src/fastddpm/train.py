@@ -326,6 +326,19 @@ def _lr_at(cfg: TrainConfig, step: int, total: int) -> float:
     return lo + (cfg.lr - lo) * 0.5 * (1 + math.cos(math.pi * p))
 
 
+def noised(x0, t, eps, abar, prediction_type: str):
+    """One training batch's (x_t, regression target): x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps
+    (x0, eps: [B, C, H, W] tensors; t: [B] timesteps; abar: [T]); the target is what the U-Net
+    learns to output for ``prediction_type``."""
+    a = abar[t][:, None, None, None]                                         # [B, 1, 1, 1]
+    xt = a.sqrt() * x0 + (1 - a).sqrt() * eps
+    if prediction_type == "epsilon":
+        return xt, eps
+    if prediction_type == "sample":
+        return xt, x0
+    return xt, a.sqrt() * eps - (1 - a).sqrt() * x0                           # v_prediction
+
+
 def _atomic_write(path: str, write: Callable[[str], None]) -> None:
     """write(tmp_path), then rename over ``path`` (creating its directory): no half-written file."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -526,14 +539,7 @@ def train(cfg: TrainConfig, out_dir, *, work_dir=None, resume: bool = False, qui
             gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)     # this step's draws
             t = torch.randint(0, T, (len(idx),), generator=gen).to(device)
             eps = torch.randn(x0.shape, generator=gen).to(device)
-            a = abar[t][:, None, None, None]
-            xt = a.sqrt() * x0 + (1 - a).sqrt() * eps
-            if cfg.prediction_type == "epsilon":
-                target = eps
-            elif cfg.prediction_type == "sample":
-                target = x0
-            else:                                                                # v_prediction
-                target = a.sqrt() * eps - (1 - a).sqrt() * x0
+            xt, target = noised(x0, t, eps, abar, cfg.prediction_type)
             if label_t is None:
                 out = model(xt, t)
             else:
