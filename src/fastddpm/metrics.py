@@ -148,6 +148,13 @@ def evenness(counts) -> float:
     return float(-(p * np.log(p)).sum() / np.log(len(c)))
 
 
+def max_scored(seed: int = 0) -> int:
+    """The most images evaluate_digits scores at once: the size of the held-out real half that the
+    real-vs-real Fréchet distance is drawn from."""
+    n = len(digit_classifier(seed).y)
+    return n - n // 2
+
+
 def evaluate_digits(images, *, seed: int = 0) -> QualityReport:
     """Score generated digits: uint8 [N, H, W, 1] (``sample()``'s output) or float [N, 1, H, W]
     in [-1, 1]; H, W multiples of 8."""
