@@ -14,6 +14,7 @@ browser session and a fixed number at a time.
 """
 from __future__ import annotations
 
+import functools
 import math
 import threading
 import time
@@ -77,6 +78,16 @@ class Snapshot:
     message: str = ""
 
 
+@functools.cache
+def digit_targets() -> np.ndarray:
+    """The bundled digits at the app's size, float32 [1797, 1, 16, 16], loaded once per process
+    (scikit-learn's import and the resize take seconds: the server's warm-up pays them)."""
+    from ..data import load_digits
+    digits = load_digits(IMAGE_SIZE)
+    digits.setflags(write=False)     # shared by every run: nobody may change it
+    return digits
+
+
 def _u8(x: np.ndarray) -> np.ndarray:
     """float [1, H, W] in [-1, 1] -> uint8 [H, W, 1]."""
     return np.round(np.clip(x.transpose(1, 2, 0) / 2 + 0.5, 0, 1) * 255).astype(np.uint8)
@@ -86,7 +97,7 @@ class DenoiserTrainer:
     """Trains a fresh small U-Net on ``target`` (float32 [1, H, W] in [-1, 1]); thread-safe."""
 
     def __init__(self, target: np.ndarray, cfg: DenoiserConfig):
-        target = np.asarray(target, dtype=np.float32)
+        target = np.array(target, dtype=np.float32)       # its own copy: the caller's may be read-only or change
         if target.shape != (1, IMAGE_SIZE, IMAGE_SIZE):
             raise ValueError(f"target must be [1, {IMAGE_SIZE}, {IMAGE_SIZE}], got {target.shape}")
         self.cfg = cfg

@@ -18,7 +18,8 @@ import fastddpm
 from fastddpm.schedulers import SAMPLERS
 
 from . import validation as v
-from .denoiser import (BETA_SCHEDULES, IMAGE_SIZE, DenoiserConfig, DenoiserTrainer, RunRegistry, ServerBusy)
+from .denoiser import (BETA_SCHEDULES, IMAGE_SIZE, DenoiserConfig, DenoiserTrainer, RunRegistry, ServerBusy,
+                       digit_targets)
 from .generate import MODELS, GenerateRequest, GenerateRun, generate, model_info
 
 log = logging.getLogger("fastddpm.app")
@@ -53,7 +54,6 @@ class Handlers:
         self.temp_root = temp_root
         self.runs = RunRegistry(max_runs=max_runs)
         self.max_seconds = float(max_seconds)
-        self._digits = None
 
     # -- generate ----------------------------------------------------------------------------
     def check_generate(self, model, label, guidance, sampler, steps, seed, n, backend) -> GenerateRequest:
@@ -121,11 +121,9 @@ class Handlers:
 
     # -- train a denoiser ----------------------------------------------------------------------
     def _digit(self, index) -> np.ndarray:
-        from fastddpm.data import load_digits
-        if self._digits is None:
-            self._digits = load_digits(IMAGE_SIZE)                          # [1797, 1, 16, 16]
-        i = v.integer("digit index", index, 0, len(self._digits) - 1)
-        return self._digits[i]                                               # [1, 16, 16]
+        digits = digit_targets()                                             # [1797, 1, 16, 16]
+        i = v.integer("digit index", index, 0, len(digits) - 1)
+        return digits[i]                                                     # [1, 16, 16]
 
     def check_train(self, target_kind, digit, upload, lr, beta_start, beta_end, schedule, timesteps, steps,
                     show_t):

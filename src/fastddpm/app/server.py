@@ -81,9 +81,13 @@ def build(handlers):
 
             model.change(h.model_changed, [model], [label, guidance], api_name=False)
             new_seed.click(h.new_seed, None, [seed], api_name="new_seed")
+            # show_progress="minimal": Gradio's default full-size overlay animation keeps the browser
+            # busy on these 2 cores and slowed click -> strip by ~0.2 s (measured, benchmarks/test_bench_app.py);
+            # the minimal one still shows a timer.
             go.click(h.generate, [model, label, guidance, sampler, steps, seed, n, backend],
                      [status, strip, scrub, xt, x0, caption, grid, run], api_name="generate",
-                     concurrency_limit=4).then(h.downloads, [run], [png, gif], api_name="downloads")
+                     concurrency_limit=4, show_progress="minimal",
+                     ).then(h.downloads, [run], [png, gif], api_name="downloads")
             scrub.input(h.scrub, [scrub, run], [xt, x0, caption], api_name="scrub", trigger_mode="always_last",
                         concurrency_limit=None)
 
@@ -153,14 +157,18 @@ def build(handlers):
 
 
 def warm_up() -> None:
-    """Pay the one-time costs before the first click: torch's first training step (seconds), the
-    bundled models and their sampling engines."""
-    import numpy as np
+    """Pay the one-time costs before the first click: the digit targets (scikit-learn's import),
+    matplotlib's, torch's first training step (seconds), the bundled models and their engines."""
     import torch
-    from .denoiser import IMAGE_SIZE, DenoiserConfig, DenoiserTrainer
+    from .denoiser import DenoiserConfig, DenoiserTrainer, digit_targets
     from .generate import GenerateRequest, generate, model_info
+    try:    # Gradio asks matplotlib for its backend in every event: the first ask imports pyplot (~1 s)
+        import matplotlib
+        matplotlib.get_backend()
+    except ImportError:
+        pass
     torch.set_num_threads(1)     # one core per training run: runs and sampling share the machine
-    DenoiserTrainer(np.zeros((1, IMAGE_SIZE, IMAGE_SIZE), np.float32), DenoiserConfig(steps=2)).run()
+    DenoiserTrainer(digit_targets()[0], DenoiserConfig(steps=2)).run()
     for m in MODELS:
         info = model_info(m)
         generate(GenerateRequest(model=m, steps=2, n=1, label=info["labels"][0] if info["conditional"] else None))
