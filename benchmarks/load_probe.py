@@ -41,38 +41,15 @@ def _fastddpm():
     return {"forward": forward, "ddim50": ddim50}
 
 
-def _export(pipe, path: str, shape) -> None:
-    import torch
-    import diffusers
-    with torch.device("meta"):
-        model = diffusers.UNet2DModel.from_config(pipe.unet_config.to_dict())
-    model.load_state_dict({k: torch.from_numpy(v) for k, v in pipe.weights.items()}, strict=True, assign=True)
-    model.eval()
-
-    class Out(torch.nn.Module):
-        def __init__(self, m):
-            super().__init__()
-            self.m = m
-
-        def forward(self, x, t):
-            return self.m(x, t).sample
-
-    # the TorchScript exporter (dynamo=False): the dynamo one would need onnxscript
-    torch.onnx.export(Out(model), (torch.zeros(shape), torch.tensor([1.0])), path, input_names=["x", "t"],
-                      output_names=["out"], dynamo=False, opset_version=17)
-
-
 def _onnxruntime(onnx_dir: str):
-    import onnxruntime as ort
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = 2
-    opts.inter_op_num_threads = 1
+    from _onnx import export_unet, session as ort_session
 
     def session(name, shape):
         path = os.path.join(onnx_dir, f"{name}.onnx")
         if not os.path.exists(path):
-            _export(fastddpm.load(name), path, shape)
-        return ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+            pipe = fastddpm.load(name)
+            export_unet(pipe.unet_config, pipe.weights, path, shape)
+        return ort_session(path)
 
     small, digits = session("bench-small", (1, 1, 32, 32)), session("digits", (1, 1, 16, 16))
     x = np.random.default_rng(0).standard_normal((1, 1, 32, 32), dtype=np.float32)

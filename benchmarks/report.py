@@ -164,6 +164,8 @@ _COLUMNS = {"native": "native", "native-cpu": "native", "native-cuda": "native",
             "torch-compile": "compile", "onnxruntime": "onnxruntime", "openvino": "openvino"}
 _HEADERS = {"native": "fastddpm native", "numba": "fastddpm numba", "eager": "torch eager",
             "compile": "torch.compile", "onnxruntime": "ONNX Runtime", "openvino": "OpenVINO"}
+# native's speed-up columns: over these baselines (ONNX Runtime's only where a run measured it)
+_RATIOS = {"eager": "speed-up vs eager", "compile": "vs torch.compile", "onnxruntime": "vs ONNX Runtime"}
 # the CUDA engine's row is its default precision; the others are in docs/cuda.md
 _CUDA_DTYPE = "tf32"
 
@@ -255,8 +257,7 @@ def machine_tables(datas: list[dict]) -> dict[tuple, dict]:
     for m in machines.values():
         rows = {}
         for wl, cells in m["seq"].items():
-            ratios = {c: cells[c] / cells["native"] for c in ("eager", "compile")
-                      if c in cells and "native" in cells}
+            ratios = {c: cells[c] / cells["native"] for c in _RATIOS if c in cells and "native" in cells}
             rows[wl] = (cells, ratios, None)
         rows.update(m["paired"])
         m["rows"] = rows
@@ -273,12 +274,14 @@ def machines_markdown(datas: list[dict]) -> str:
         lines += [f"**{m['name']}**", ""]
         if m["rows"]:
             used = [c for c in _HEADERS if any(c in cells for cells, _, _ in m["rows"].values())]
-            heads = ["workload"] + [_HEADERS[c] for c in used] + ["speed-up vs eager", "vs torch.compile"]
+            ratio_cols = [c for c in _RATIOS if c in ("eager", "compile")
+                          or any(c in ratios for _, ratios, _ in m["rows"].values())]
+            heads = ["workload"] + [_HEADERS[c] for c in used] + [_RATIOS[c] for c in ratio_cols]
             lines += ["| " + " | ".join(heads) + " |", "|" + "---|" * len(heads)]
             for wl, (cells, ratios, rounds) in sorted(m["rows"].items(), key=lambda kv: _order(kv[0])):
                 label = wl + (f" ({rounds} paired rounds)" if rounds else "")
                 row = [label] + [_ms(cells[c]) if c in cells else "" for c in used]
-                row += [f"{ratios[c]:.2f}x" if c in ratios else "" for c in ("eager", "compile")]
+                row += [f"{ratios[c]:.2f}x" if c in ratios else "" for c in ratio_cols]
                 lines.append("| " + " | ".join(row) + " |")
             lines.append("")
         if m["ceilings"]:

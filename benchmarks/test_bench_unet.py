@@ -2,13 +2,17 @@
 
 Forward rows (bench-small batch 1 and 16, ddpm-cifar10 batch 1): native (fastddpm._C engine),
 native-direct (the same with the Winograd conv path off), torch-eager (the reference U-Net),
-torch-compile (torch.compile of the reference) and diffusers' UNet2DModel, all with the same
-weights. Sample rows: one bench-small image, 1000 DDPM steps, native vs the reference sampler
+torch-compile (torch.compile of the reference), diffusers' UNet2DModel and ONNX Runtime (that
+model exported to ONNX, CPU provider, all graph optimisations, 2 intra-op threads; the row skips,
+saying why, where onnxruntime is not installed), all with the same weights. Sample rows: one bench-small image, 1000 DDPM steps, native vs the reference sampler
 (backend="torch"). The ceiling rows, measured in the same run: sgemm (torch.mm 1024^3) and the
 CPU's float32 FMA rate on the engine's ISA path (fastddpm._C._fma_peak_gflops: torch's and NumPy's
 BLAS builds take AVX2 kernels on Zen 5, so sgemm is not this machine's FLOP ceiling there).
 Every implementation's answer is checked before it is timed.
 """
+import os
+import tempfile
+
 import numpy as np
 import pytest
 
@@ -21,9 +25,10 @@ torch.set_num_threads(2)
 
 FORWARD = [("bench-small", 1), ("bench-small", 16), ("ddpm-cifar10", 1)]
 # native-direct: the C++ engine with the Winograd path off (FASTDDPM_WINOGRAD=0), what it pays
-IMPLS = ["native", "native-direct", "torch-eager", "torch-compile", "diffusers"]
+IMPLS = ["native", "native-direct", "torch-eager", "torch-compile", "diffusers", "onnxruntime"]
 REL_TOL = 1e-4
 _cache: dict = {}
+_onnx_dir = tempfile.TemporaryDirectory(prefix="fastddpm-bench-onnx-")   # removed at exit
 
 
 def _record(benchmark, group, kind, impl, model, batch, gflop, baseline="torch-eager"):
@@ -84,6 +89,15 @@ def forward_fn(impl, cfg, w, x, ref, batch, monkeypatch):
         monkeypatch.setenv("FASTDDPM_WINOGRAD", "0" if impl == "native-direct" else "1")
         eng = CPU_BACKEND.make_engine(cfg, w, batch, h, wd)
         return lambda: eng.forward(x, 500)
+    if impl == "onnxruntime":
+        pytest.importorskip("onnxruntime", reason="ONNX Runtime is not installed (requirements-dev.txt pins it)")
+        pytest.importorskip("onnx", reason="torch.onnx.export needs the onnx package")
+        from _onnx import export_unet, forward, session
+        path = os.path.join(_onnx_dir.name, f"{cfg.in_channels}x{h}x{wd}-b{batch}-{id(w)}.onnx")
+        if not os.path.exists(path):
+            export_unet(cfg, w, path, x.shape)
+        sess = session(path)
+        return lambda: forward(sess, x, 500.0)
     if impl == "torch-eager":
         module = ref
     elif impl == "torch-compile":

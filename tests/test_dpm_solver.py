@@ -68,6 +68,8 @@ def _grid():
               # diffusers keeps cosine Karras times fractional until its int64 timesteps truncate them
               dict(use_karras_sigmas=True, beta_schedule="squaredcos_cap_v2"),
               dict(use_karras_sigmas=True, timestep_spacing="trailing", prediction_type="v_prediction"),
+              dict(use_lu_lambdas=True), dict(use_lu_lambdas=True, beta_schedule="squaredcos_cap_v2"),
+              dict(use_lu_lambdas=True, solver_order=3, algorithm_type="sde-dpmsolver++"),
               dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012),
               dict(beta_schedule="squaredcos_cap_v2", solver_order=3),
               dict(rescale_betas_zero_snr=True, prediction_type="v_prediction", timestep_spacing="trailing"),
@@ -125,8 +127,10 @@ def test_rows_are_diffusers_float64(cfg, steps):
                                  dict(solver_order=3, algorithm_type="sde-dpmsolver++", solver_type="heun",
                                       prediction_type="v_prediction"),
                                  dict(use_karras_sigmas=True, final_sigmas_type="sigma_min", lower_order_final=False),
-                                 dict(use_karras_sigmas=True), dict(use_karras_sigmas=True, beta_schedule="squaredcos_cap_v2")],
-                         ids=["2m", "3m", "2m-sde", "3m-sde-heun-v", "2m-karras-sigma-min", "2m-karras", "2m-karras-cos"])
+                                 dict(use_karras_sigmas=True), dict(use_karras_sigmas=True, beta_schedule="squaredcos_cap_v2"),
+                                 dict(use_lu_lambdas=True, beta_schedule="squaredcos_cap_v2")],
+                         ids=["2m", "3m", "2m-sde", "3m-sde-heun-v", "2m-karras-sigma-min", "2m-karras", "2m-karras-cos",
+                              "2m-lu-cos"])
 @pytest.mark.parametrize("steps", [10, 25, 50])
 def test_fused_step_with_history_on_every_backend(backend, cfg, steps):
     """Scheduler.step (stateful, as diffusers') through the fused kernel in float32 with the x0
@@ -200,7 +204,8 @@ def test_config_round_trips_with_diffusers(tmp_path):
 @pytest.mark.parametrize("bad,match", [
     (dict(solver_order=4), "solver_order"), (dict(algorithm_type="dpmsolver"), "algorithm_type"),
     (dict(solver_type="bh2"), "solver_type"), (dict(final_sigmas_type="max"), "final_sigmas_type"),
-    (dict(thresholding=True, sample_max_value=2.0), "sample_max_value"), (dict(use_lu_lambdas=True), "use_lu_lambdas"),
+    (dict(thresholding=True, sample_max_value=2.0), "sample_max_value"), (dict(use_lu_lambdas="yes"), "use_lu_lambdas"),
+    (dict(use_lu_lambdas=True, use_karras_sigmas=True), "exclusive"),
     (dict(variance_type="learned"), "variance_type"), (dict(prediction_type="flow_prediction"), "prediction_type"),
     (dict(use_exponential_sigmas=True), "use_exponential_sigmas"), (dict(colour=1), "colour")])
 def test_unsupported_keys_and_values_are_named(bad, match):

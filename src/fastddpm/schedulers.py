@@ -139,18 +139,22 @@ def _is_float(v) -> bool:
     return dtype is not None and "float" in str(dtype)
 
 
-def noise_keys(model_ts: np.ndarray) -> np.ndarray:
-    """int64 [S] noise step keys of a descending fractional schedule (float64 [S]): each timestep
-    rounded (half to even), lowered to one below the previous key where rounding repeats one, so
-    every step draws its own noise. Integer schedules keep their own timesteps as keys (so every
-    existing schedule draws the same noise as before); the keys depend on the schedule alone, so
+def noise_keys(model_ts: np.ndarray, num_train_timesteps: int) -> np.ndarray:
+    """int64 [S] noise step keys of a descending fractional schedule (float64 [S]), distinct, in
+    [0, num_train_timesteps): each timestep rounded (half to even), lowered to one below the
+    previous key where rounding repeats one, so every step draws its own noise. Key k is first held
+    in [S-1-k, T-1-k], the keys still free for it: schedules crowded at t = 0 or at t = T - 1 (a
+    uniform log-SNR one on a cosine schedule) fit too, and where the plain lowering fits, the
+    window changes nothing. Integer schedules keep their own timesteps as keys (so every existing
+    schedule draws the same noise as before); the keys depend on the schedule alone, so
     sample(n)[:k] == sample(k) and first_index hold as for any schedule."""
-    keys = np.round(model_ts).astype(np.int64)
-    for k in range(1, len(keys)):
-        keys[k] = min(keys[k], keys[k - 1] - 1)
-    if len(keys) and keys[-1] < 0:
-        raise ValueError(f"{len(keys)} steps are too many for distinct noise steps at these timesteps: "
-                         "choose fewer steps")
+    S, T = len(model_ts), int(num_train_timesteps)
+    if S > T:
+        raise ValueError(f"{S} steps are too many for distinct noise steps over {T} timesteps: choose fewer steps")
+    k = np.arange(S)
+    keys = np.clip(np.round(model_ts).astype(np.int64), S - 1 - k, T - 1 - k)
+    for i in range(1, S):
+        keys[i] = min(keys[i], keys[i - 1] - 1)
     return keys
 
 
@@ -542,11 +546,11 @@ class DPMSolverMultistepScheduler(_Scheduler):
     _DEFAULTS = dict(num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="linear",
                      trained_betas=None, solver_order=2, prediction_type="epsilon",
                      algorithm_type="dpmsolver++", solver_type="midpoint", lower_order_final=True,
-                     euler_at_final=False, use_karras_sigmas=False, final_sigmas_type="zero",
-                     lambda_min_clipped=-math.inf, timestep_spacing="linspace", steps_offset=0,
-                     rescale_betas_zero_snr=False, thresholding=False, dynamic_thresholding_ratio=0.995,
-                     sample_max_value=1.0)
-    _INERT = dict(use_exponential_sigmas=False, use_beta_sigmas=False, use_lu_lambdas=False,
+                     euler_at_final=False, use_karras_sigmas=False, use_lu_lambdas=False,
+                     final_sigmas_type="zero", lambda_min_clipped=-math.inf, timestep_spacing="linspace",
+                     steps_offset=0, rescale_betas_zero_snr=False, thresholding=False,
+                     dynamic_thresholding_ratio=0.995, sample_max_value=1.0)
+    _INERT = dict(use_exponential_sigmas=False, use_beta_sigmas=False,
                   use_flow_sigmas=False, use_dynamic_shifting=False, variance_type=None)
     _IGNORED = ("flow_shift", "time_shift_type")
     ALGORITHMS = ("dpmsolver++", "sde-dpmsolver++")
@@ -575,9 +579,12 @@ class DPMSolverMultistepScheduler(_Scheduler):
         order = cfg["solver_order"]
         if isinstance(order, bool) or order not in (1, 2, 3):
             raise SchedulerConfigError(f"solver_order must be 1, 2 or 3, got {order!r}")
-        for key in ("lower_order_final", "euler_at_final", "use_karras_sigmas"):
+        for key in ("lower_order_final", "euler_at_final", "use_karras_sigmas", "use_lu_lambdas"):
             if not isinstance(cfg[key], (bool, np.bool_)):
                 raise SchedulerConfigError(f"{key} must be true or false, got {cfg[key]!r}")
+        if cfg["use_karras_sigmas"] and cfg["use_lu_lambdas"]:
+            # diffusers takes the Karras branch and silently ignores use_lu_lambdas: refuse instead
+            raise SchedulerConfigError("use_karras_sigmas and use_lu_lambdas are exclusive: set one of them")
         lam = cfg["lambda_min_clipped"]
         if isinstance(lam, bool) or not isinstance(lam, (int, float)) or math.isnan(lam):
             raise SchedulerConfigError(f"lambda_min_clipped must be a number, got {lam!r}")
@@ -616,12 +623,16 @@ class DPMSolverMultistepScheduler(_Scheduler):
             raise ValueError(f"num_inference_steps must be an integer in [1, {self.num_train_timesteps}], got {n!r}")
         all_sigmas = self._all_sigmas()
         ts = self._spaced_timesteps(int(n))
-        if self.config["use_karras_sigmas"]:
+        sigma_spaced = self.config["use_karras_sigmas"] or self.config["use_lu_lambdas"]
+        if sigma_spaced:
             log_sigmas = np.log(all_sigmas)
-            lo, hi = all_sigmas[0], all_sigmas[-1]
-            rho = 7.0
-            ramp = np.linspace(0, 1, int(n))
-            sigmas = (hi ** (1 / rho) + ramp * (lo ** (1 / rho) - hi ** (1 / rho))) ** rho
+            ramp = np.linspace(0, 1, int(n))                                   # [S]
+            if self.config["use_karras_sigmas"]:
+                lo, hi = all_sigmas[0], all_sigmas[-1]
+                rho = 7.0
+                sigmas = (hi ** (1 / rho) + ramp * (lo ** (1 / rho) - hi ** (1 / rho))) ** rho
+            else:   # Lu et al.'s uniform log-SNR: log sigma = -lambda linear over the whole range
+                sigmas = np.exp(log_sigmas[-1] + ramp * (log_sigmas[0] - log_sigmas[-1]))
             ts = np.array([_sigma_to_t(sg, log_sigmas) for sg in sigmas])
             # as diffusers: rounded, except for the cosine schedule, whose fractional timesteps its
             # int64 timestep tensor then truncates (the model never sees a fractional DPM++ timestep)
@@ -635,12 +646,12 @@ class DPMSolverMultistepScheduler(_Scheduler):
             sigmas = all_sigmas[ts]
         model_ts = None
         if len(np.unique(ts)) != len(ts):
-            if not self.config["use_karras_sigmas"]:
+            if not sigma_spaced:
                 raise ValueError(f"{n} steps repeat a timestep with timestep_spacing="
                                  f"{self.config['timestep_spacing']!r}: choose fewer steps")
-            # Karras sigmas are distinct where their integer timesteps repeat (diffusers runs them
-            # by step index): the model sees the repeated timesteps, the noise gets distinct keys
-            model_ts, ts = ts.astype(np.float64), noise_keys(ts.astype(np.float64))
+            # Karras / log-SNR sigmas are distinct where their integer timesteps repeat (diffusers
+            # runs them by step index): the model sees the repeated timesteps, the noise gets distinct keys
+            model_ts, ts = ts.astype(np.float64), noise_keys(ts.astype(np.float64), self.num_train_timesteps)
         last = all_sigmas[0] if self.config["final_sigmas_type"] == "sigma_min" else 0.0
         self._sigmas = np.concatenate([sigmas, [last]])                 # [S + 1] float64
         self.num_inference_steps = len(ts)
@@ -696,7 +707,7 @@ class DPMSolverMultistepScheduler(_Scheduler):
         if sde:
             dx = s_next / s_cur * em
             c = [a_next * (1.0 - em * em)]      # the weight of D0
-            noise = s_next * math.sqrt(1.0 - em * em)
+            noise = s_next * math.sqrt(max(1.0 - em * em, 0.0))   # h ~ 0 (a repeated final sigma): no noise, not NaN
         else:
             dx = s_next / s_cur
             c = [-a_next * (em - 1.0)]
@@ -833,7 +844,7 @@ class _EulerBase(_Scheduler):
         if np.array_equal(ts, np.round(ts)):
             self._set_timestep_array(ts.astype(np.int64), ts)    # integer timesteps: their own noise keys
         else:
-            self._set_timestep_array(noise_keys(ts), ts)
+            self._set_timestep_array(noise_keys(ts, self.num_train_timesteps), ts)
 
     def _final_sigma(self) -> float:
         return 0.0
