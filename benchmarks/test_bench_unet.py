@@ -4,8 +4,8 @@ Forward rows (bench-small batch 1 and 16, ddpm-cifar10 batch 1): native (fastddp
 native-direct (the same with the Winograd conv path off), torch-eager (the reference U-Net),
 torch-compile (torch.compile of the reference), diffusers' UNet2DModel and ONNX Runtime (that
 model exported to ONNX, CPU provider, all graph optimisations, 2 intra-op threads; the row skips,
-saying why, where onnxruntime is not installed), all with the same weights. Sample rows: one bench-small image, 1000 DDPM steps, native vs the reference sampler
-(backend="torch"). The ceiling rows, measured in the same run: sgemm (torch.mm 1024^3) and the
+saying why, where onnxruntime is not installed), all with the same weights. Sample rows: one
+bench-small image, 1000 DDPM steps, native vs the reference sampler (backend="torch"). The ceiling rows, measured in the same run: sgemm (torch.mm 1024^3) and the
 CPU's float32 FMA rate on the engine's ISA path (fastddpm._C._fma_peak_gflops: torch's and NumPy's
 BLAS builds take AVX2 kernels on Zen 5, so sgemm is not this machine's FLOP ceiling there).
 Every implementation's answer is checked before it is timed.

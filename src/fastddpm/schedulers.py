@@ -158,6 +158,12 @@ def noise_keys(model_ts: np.ndarray, num_train_timesteps: int) -> np.ndarray:
     return keys
 
 
+def _karras_sigmas(sigma_min: float, sigma_max: float, n: int) -> np.ndarray:
+    """float64 [n], descending: Karras et al.'s sigmas (rho = 7), as diffusers' _convert_to_karras."""
+    rho, ramp = 7.0, np.linspace(0, 1, n)
+    return (sigma_max ** (1 / rho) + ramp * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
+
+
 def _finite(v) -> bool:
     """math.isfinite, and False for an int beyond float range (JSON allows 4300 digits)."""
     try:
@@ -626,12 +632,10 @@ class DPMSolverMultistepScheduler(_Scheduler):
         sigma_spaced = self.config["use_karras_sigmas"] or self.config["use_lu_lambdas"]
         if sigma_spaced:
             log_sigmas = np.log(all_sigmas)
-            ramp = np.linspace(0, 1, int(n))                                   # [S]
             if self.config["use_karras_sigmas"]:
-                lo, hi = all_sigmas[0], all_sigmas[-1]
-                rho = 7.0
-                sigmas = (hi ** (1 / rho) + ramp * (lo ** (1 / rho) - hi ** (1 / rho))) ** rho
+                sigmas = _karras_sigmas(all_sigmas[0], all_sigmas[-1], int(n))
             else:   # Lu et al.'s uniform log-SNR: log sigma = -lambda linear over the whole range
+                ramp = np.linspace(0, 1, int(n))                               # [S]
                 sigmas = np.exp(log_sigmas[-1] + ramp * (log_sigmas[0] - log_sigmas[-1]))
             ts = np.array([_sigma_to_t(sg, log_sigmas) for sg in sigmas])
             # as diffusers: rounded, except for the cosine schedule, whose fractional timesteps its
@@ -909,11 +913,10 @@ class EulerDiscreteScheduler(_EulerBase):
         """diffusers' _convert_to_karras (rho = 7) of the spaced sigmas (float64 [n], descending)."""
         if not self.config["use_karras_sigmas"]:
             return sigmas
-        cfg, rho = self.config, 7.0
+        cfg = self.config
         lo = float(sigmas[-1]) if cfg["sigma_min"] is None else float(cfg["sigma_min"])
         hi = float(sigmas[0]) if cfg["sigma_max"] is None else float(cfg["sigma_max"])
-        ramp = np.linspace(0, 1, n)
-        return (hi ** (1 / rho) + ramp * (lo ** (1 / rho) - hi ** (1 / rho))) ** rho
+        return _karras_sigmas(lo, hi, n)
 
     def _final_sigma(self) -> float:
         if self.config["final_sigmas_type"] == "sigma_min":
