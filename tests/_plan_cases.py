@@ -74,7 +74,7 @@ def time_emb_linear_cases():
     for dim, flip, shift in ((32, True, 0.0), (33, False, 1.0)):
         ops = [Op("TIME_EMB", out=2, c_out=dim, flip=flip, shift=shift),
                Op("LINEAR", out=3, in_=2, c_in=dim, c_out=40, w_idx=0, b_idx=1),
-               Op("LINEAR", out=1, in_=3, c_in=40, c_out=24, w_idx=2, b_idx=3, silu=True)]
+               Op("LINEAR", out=1, in_=3, c_in=40, c_out=24, w_idx=2, b_idx=3, act="silu")]
         w = [rand_w(rng, 40, dim), rand_w(rng, 40), rand_w(rng, 24, 40), rand_w(rng, 24)]
         yield Case(ops, [1, 24, dim, 40], w)
 
@@ -91,7 +91,7 @@ def conv_mode_case(mode):
     padded_in = mode in ("CONV3", "UP")
     sizes = [c * h * w, co * ho * wo, c * (h + 2) * (w + 2), 9, co, c * 9 * ho * wo]
     ops = [Op("TIME_EMB", out=3, c_out=9),
-           Op("LINEAR", out=4, in_=3, c_in=9, c_out=co, w_idx=2, b_idx=3, silu=True)]
+           Op("LINEAR", out=4, in_=3, c_in=9, c_out=co, w_idx=2, b_idx=3, act="silu")]
     src = 0
     if padded_in:
         ops.append(Op("PAD", out=2, in_=0, c_in=c, h=h, w=w, a=1.5, shift=-0.25))
@@ -113,7 +113,7 @@ def groupnorm_concat_shortcut_residual_cases():
     ops = [
         # split the input in two tensors so that the norm reads a concat
         Op("CONV", out=4, in_=0, c_in=c1 + c2, h=h, w=w, c_out=c2, mode=CONV_MODES["CONV1"], w_idx=6, b_idx=7),
-        Op("GROUPNORM", out=2, in_=0, c_in=c1, in2=4, c_in2=c2, h=h, w=w, groups=g, silu=True,
+        Op("GROUPNORM", out=2, in_=0, c_in=c1, in2=4, c_in2=c2, h=h, w=w, groups=g, act="silu",
            padded_out=True, eps=1e-5, w_idx=0, b_idx=1),
         Op("PAD", out=3, in_=0, c_in=c1, in2=4, c_in2=c2, h=h, w=w),
         Op("CONV", out=5, in_=2, c_in=c1 + c2, h=h, w=w, c_out=co, mode=CONV_MODES["CONV3"], w_idx=2,

@@ -6,13 +6,28 @@ import math
 
 import numpy as np
 
-from fastddpm.plan import CONV_MODES, Plan
+from fastddpm.plan import CLASS_SLOT, CONV_MODES, Plan
 
 _MODES = {v: k for k, v in CONV_MODES.items()}
 
 
 def _silu(x):
     return x / (1.0 + np.exp(-x))
+
+
+def _act(name, x):
+    """plan.ACT_FLAGS' activations in float64 (gelu: the exact erf form)."""
+    if name == "silu":
+        return _silu(x)
+    if name == "mish":
+        return x * np.tanh(np.logaddexp(0.0, x))
+    if name == "gelu":
+        erf = np.vectorize(math.erf, otypes=[np.float64])
+        return 0.5 * x * (1.0 + erf(x / math.sqrt(2.0)))
+    if name == "relu":
+        return np.maximum(x, 0.0)
+    assert name == "", name
+    return x
 
 
 def _conv2d(x, w, stride=1):
@@ -28,10 +43,13 @@ def _conv2d(x, w, stride=1):
     return out
 
 
-def run_plan(plan: Plan, weights: dict, x: np.ndarray, t) -> np.ndarray:
+def run_plan(plan: Plan, weights: dict, x: np.ndarray, t, class_emb=None) -> np.ndarray:
+    """class_emb: [N, D] the class-embedding rows of a class-conditional plan (slot CLASS_SLOT)."""
     W = [np.asarray(weights[n], dtype=np.float64) for n in plan.weight_names]
     N = plan.batch
     slots: dict[int, np.ndarray] = {0: np.asarray(x, dtype=np.float64)}
+    if class_emb is not None:
+        slots[CLASS_SLOT] = np.asarray(class_emb, dtype=np.float64).reshape(N, -1)
     tt = np.broadcast_to(np.asarray(t, dtype=np.float64).reshape(-1), (N,))
 
     def get(slot, *shape):
@@ -55,7 +73,9 @@ def run_plan(plan: Plan, weights: dict, x: np.ndarray, t) -> np.ndarray:
             res = e
         elif op.kind == "LINEAR":
             v = get(op.in_, op.c_in)
-            res = (_silu(v) if op.silu else v) @ W[op.w_idx].T + W[op.b_idx]
+            res = _act(op.act, v) @ W[op.w_idx].T + W[op.b_idx]
+            if op.residual >= 0:  # the class embedding
+                res = res + get(op.residual, op.c_out)
         elif op.kind == "PAD":
             res = np.pad(op.a * cat(op) + op.shift, ((0, 0), (0, 0), (1, 1), (1, 1)))
         elif op.kind == "GROUPNORM":
@@ -64,8 +84,10 @@ def run_plan(plan: Plan, weights: dict, x: np.ndarray, t) -> np.ndarray:
             g = v.reshape(n, op.groups, -1)
             g = (g - g.mean(-1, keepdims=True)) / np.sqrt(g.var(-1, keepdims=True) + op.eps)
             v = g.reshape(n, c, h, w) * W[op.w_idx][None, :, None, None] + W[op.b_idx][None, :, None, None]
-            if op.silu:
-                v = _silu(v)
+            if op.temb >= 0:  # scale_shift rows [N, 2C]
+                ss = get(op.temb, 2 * c)
+                v = v * (1 + ss[:, :c, None, None]) + ss[:, c:, None, None]
+            v = _act(op.act, v)
             res = np.pad(v, ((0, 0), (0, 0), (1, 1), (1, 1))) if op.padded_out else v
         elif op.kind == "CONV":
             mode = _MODES[op.mode]

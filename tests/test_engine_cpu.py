@@ -94,7 +94,7 @@ def _resnet_convs(c, co, h, w, residual=-1):
     conv1 with the time embedding, conv2 with the 1x1 shortcut of the input + scale 0.7 (and a
     residual if given); slots 2 and 6 are padded."""
     return [Op("TIME_EMB", out=3, c_out=16),
-            Op("LINEAR", out=4, in_=3, c_in=16, c_out=co, w_idx=2, b_idx=3, silu=True),
+            Op("LINEAR", out=4, in_=3, c_in=16, c_out=co, w_idx=2, b_idx=3, act="silu"),
             Op("PAD", out=2, in_=0, c_in=c, h=h, w=w),
             Op("CONV", out=5, in_=2, c_in=c, h=h, w=w, c_out=co, mode=CONV_MODES["CONV3"], w_idx=0,
                b_idx=1, temb=4),
@@ -158,7 +158,7 @@ def test_op_upsample_conv_winograd(isa, batch, threads, h, w, monkeypatch):
     plane, pp, up = h * w, (h + 2) * (w + 2), 4 * h * w
     sizes = [c * plane, co * up, c * pp, 16, co, co * up]
     ops = [Op("TIME_EMB", out=3, c_out=16),
-           Op("LINEAR", out=4, in_=3, c_in=16, c_out=co, w_idx=2, b_idx=3, silu=True),
+           Op("LINEAR", out=4, in_=3, c_in=16, c_out=co, w_idx=2, b_idx=3, act="silu"),
            Op("PAD", out=2, in_=0, c_in=c, h=h, w=w),
            Op("CONV", out=5, in_=2, c_in=c, h=h, w=w, c_out=co, mode=CONV_MODES["UP"], w_idx=0,
               b_idx=1, temb=4),

@@ -27,7 +27,10 @@ def test_python_tables_equal_the_compiled_ones():
         assert lay["op_codes"] == plan.OP_CODES, name
         assert lay["conv_modes"] == plan.CONV_MODES, name
         assert lay["flags"] == {"silu": plan.FLAG_SILU, "padded_out": plan.FLAG_PADDED_OUT,
-                                "flip": plan.FLAG_FLIP}, name
+                                "flip": plan.FLAG_FLIP, "mish": plan.FLAG_MISH, "gelu": plan.FLAG_GELU,
+                                "relu": plan.FLAG_RELU}, name
+        assert {k: v for k, v in lay["flags"].items() if v in plan.ACT_FLAGS.values()} == \
+            {k: v for k, v in plan.ACT_FLAGS.items() if k}, name
         assert tuple(lay["int_fields"]) == plan.INT_FIELDS, name
         assert tuple(lay["float_fields"]) == plan.FLOAT_FIELDS, name
         assert (lay["input_slot"], lay["output_slot"]) == (plan.INPUT_SLOT, plan.OUTPUT_SLOT), name
@@ -38,7 +41,7 @@ def test_python_tables_equal_the_compiled_ones():
 def test_plan_rows_follow_the_column_names():
     op = plan.Op("CONV", out=3, in_=4, c_in=5, in2=6, c_in2=7, h=8, w=9, c_out=10, w_idx=11, b_idx=12,
                  w2_idx=13, b2_idx=14, temb=15, residual=16, scratch=17, mode=2, groups=18, heads=19,
-                 silu=True, flip=True, eps=0.5, scale=0.25, a=2.0, shift=-1.0)
+                 act="silu", flip=True, eps=0.5, scale=0.25, a=2.0, shift=-1.0)
     row = dict(zip(plan.INT_FIELDS, op.int_row()))
     assert row["code"] == plan.OP_CODES["CONV"] and row["flags"] == plan.FLAG_SILU | plan.FLAG_FLIP
     assert all(row[f] == getattr(op, f) for f in plan.INT_FIELDS if f not in ("code", "flags"))

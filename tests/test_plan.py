@@ -59,7 +59,7 @@ def test_fusions():
     plan = build_plan(UNetConfig.from_dict(PRESETS["bench-small"]), 1)
     kinds = [op.kind for op in plan.ops]
     # group norm carries the SiLU and writes the padded conv input
-    assert any(op.kind == "GROUPNORM" and op.silu and op.padded_out for op in plan.ops)
+    assert any(op.kind == "GROUPNORM" and op.act == "silu" and op.padded_out for op in plan.ops)
     # resnet conv1: bias + time embedding; conv2: residual (same channels) or shortcut rows
     convs = [op for op in plan.ops if op.kind == "CONV"]
     assert sum(op.temb >= 0 for op in convs) == sum(k == "LINEAR" for k in kinds) - 2

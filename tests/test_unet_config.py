@@ -119,11 +119,11 @@ def test_preset_ddpm_cifar10_is_google_config():
 
 BAD = [
     ({"colour": 1}, ["colour"]),
-    ({"act_fn": "gelu"}, ["act_fn", "gelu", "silu"]),
+    ({"act_fn": "elu"}, ["act_fn", "elu", "silu"]),
     ({"time_embedding_type": "fourier"}, ["time_embedding_type", "fourier", "positional"]),
     ({"downsample_type": "resnet"}, ["downsample_type", "resnet", "conv"]),
     ({"upsample_type": "resnet"}, ["upsample_type", "resnet", "conv"]),
-    ({"resnet_time_scale_shift": "scale_shift"}, ["resnet_time_scale_shift", "scale_shift"]),
+    ({"resnet_time_scale_shift": "spatial"}, ["resnet_time_scale_shift", "spatial", "scale_shift"]),
     ({"class_embed_type": "projection"}, ["class_embed_type", "projection"]),
     ({"num_class_embeds": 0}, ["num_class_embeds", "0"]),
     ({"num_class_embeds": 2.5}, ["num_class_embeds", "2.5"]),

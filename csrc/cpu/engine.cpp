@@ -139,14 +139,14 @@ void run_gemm(const GemmCall& g, const EngineKernels& k, int threads) {
   parallel_for(tasks, threads, true, task);
 }
 
-// dst [h+2, w+2] = zero border around act(a * src + b), src [h, w].
+// dst [h+2, w+2] = zero border around act(a * src + b), src [h, w]; act a plan::Act.
 void affine_act_padded(const EngineKernels& k, const float* src, float* dst, int64_t h, int64_t w, float a,
-                       float b, bool silu) {
+                       float b, int act) {
   const int64_t Wp = w + 2;
   std::memset(dst, 0, size_t(Wp) * 4);
   std::memset(dst + (h + 1) * Wp, 0, size_t(Wp) * 4);
   for (int64_t y = 1; y <= h; ++y) dst[y * Wp] = dst[y * Wp + w + 1] = 0.0f;
-  k.affine_act(src, w, dst + Wp + 1, Wp, h, w, a, b, silu);
+  k.affine_act(src, w, dst + Wp + 1, Wp, h, w, a, b, act);
 }
 
 // One head's projections folded (see the ATTENTION build): Wkq = Wk^T Wq, u = Wk^T bq,
@@ -467,7 +467,7 @@ void Engine::Impl::op_linear(const Op& op, const Samples& b, const EngineKernels
   std::vector<float> act(size_t(b.n * ci));  // act: [b.n, Cin] the (SiLU'd) input
   for (int64_t n = 0; n < b.n; ++n) {
     const float* x = slot(b, n, op.in);
-    if (op.flags & P::kFlagSilu) k.affine_act(x, ci, act.data() + n * ci, ci, 1, ci, 1.0f, 0.0f, true);
+    if (const int a = P::act_of(op.flags)) k.affine_act(x, ci, act.data() + n * ci, ci, 1, ci, 1.0f, 0.0f, a);
     else std::memcpy(act.data() + n * ci, x, size_t(ci) * 4);
   }
   parallel_for(b.n * co, threads, b.n * co * ci >= (1 << 16), [&](int64_t t) {
@@ -483,13 +483,14 @@ void Engine::Impl::op_pad(const Op& op, const Samples& b, const EngineKernels& k
   parallel_for(b.n * C, threads, b.n * C * plane >= (1 << 14), [&](int64_t t) {
     const int64_t n = t / C, c = t % C;
     const float* src = c < op.cin ? slot(b, n, op.in) + c * h * w : slot(b, n, op.in2) + (c - op.cin) * h * w;
-    affine_act_padded(k, src, slot(b, n, op.out) + c * plane, h, w, op.a, op.shift, false);
+    affine_act_padded(k, src, slot(b, n, op.out) + c * plane, h, w, op.a, op.shift, P::kActNone);
   });
 }
 
 void Engine::Impl::op_groupnorm(const Op& op, const Samples& b, const EngineKernels& k, int threads) {
   const int64_t C = op.cin + op.cin2, G = op.groups, cpg = C / G, h = op.h, w = op.w, hw = h * w;
-  const bool padded = op.flags & P::kFlagPaddedOut, silu = op.flags & P::kFlagSilu;
+  const bool padded = op.flags & P::kFlagPaddedOut;
+  const int act = P::act_of(op.flags);
   const int64_t Wp = w + 2, plane = (h + 2) * Wp;
   parallel_for(b.n * G, threads, b.n * C * hw >= (1 << 13), [&](int64_t t) {
     const int64_t n = t / G, g = t % G;
@@ -503,11 +504,19 @@ void Engine::Impl::op_groupnorm(const Op& op, const Samples& b, const EngineKern
     double v = 0;
     for (int64_t c = g * cpg; c < (g + 1) * cpg; ++c) v += k.sum_sq_dev(chan(c), hw, mean);
     const float rstd = float(1.0 / std::sqrt(v / count + double(op.eps)));
+    // scale_shift (temb = [scale C, shift C] of the sample): y (1 + scale) + shift folds into
+    // the affine
+    const float* ss = op.temb >= 0 ? slot(b, n, op.temb) : nullptr;
     for (int64_t c = g * cpg; c < (g + 1) * cpg; ++c) {
-      const float a = rstd * op.gamma[size_t(c)], sh = op.beta[size_t(c)] - mean * a;
+      float a = rstd * op.gamma[size_t(c)], sh = op.beta[size_t(c)] - mean * a;
+      if (ss) {
+        const float s1 = 1.0f + ss[c];
+        a *= s1;
+        sh = sh * s1 + ss[C + c];
+      }
       const float* src = chan(c);
-      if (padded) affine_act_padded(k, src, slot(b, n, op.out) + c * plane, h, w, a, sh, silu);
-      else k.affine_act(src, hw, slot(b, n, op.out) + c * hw, hw, 1, hw, a, sh, silu);
+      if (padded) affine_act_padded(k, src, slot(b, n, op.out) + c * plane, h, w, a, sh, act);
+      else k.affine_act(src, hw, slot(b, n, op.out) + c * hw, hw, 1, hw, a, sh, act);
     }
   });
 }

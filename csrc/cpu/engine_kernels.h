@@ -3,7 +3,12 @@
 // translation unit (engine_generic.cpp, engine_avx2.cpp, engine_avx512.cpp) compiles
 // engine_simd.inc for its own target; engine.cpp picks the table of cpu::active_isa() per call.
 #pragma once
+#include <cmath>
 #include <cstdint>
+#include <stdexcept>
+#include <string>
+
+#include "fastddpm/plan.h"
 
 #include "isa.h"
 
@@ -59,10 +64,10 @@ struct EngineKernels {
                     float* tile, int rows, const int64_t* voff, bool halves);
   // the epilogue of one micro-tile of run_gemm (TileEpilogue)
   void (*gemm_epilogue)(const float* tile, int rows, const TileRuns& runs, const TileEpilogue& e);
-  // y[r * y_ld + i] = a * x[r * x_ld + i] + b for r < rows, i < n, then SiLU (y / (1 + exp(-y)))
-  // when silu; x and y may alias.
+  // y[r * y_ld + i] = act(a * x[r * x_ld + i] + b) for r < rows, i < n; act a plan::Act (SiLU
+  // y / (1 + exp(-y)), Mish, GELU (erf), ReLU, or none); x and y may alias.
   void (*affine_act)(const float* x, int64_t x_ld, float* y, int64_t y_ld, int64_t rows, int64_t n, float a,
-                     float b, bool silu);
+                     float b, int act);
   // sum of x[i] (first) and sum of (x[i] - mean)^2 (second) in double, for the norm statistics.
   double (*sum)(const float* x, int64_t n);
   double (*sum_sq_dev)(const float* x, int64_t n, float mean);

@@ -538,7 +538,7 @@ void Engine::Impl::forward_ops(cudaStream_t st, bool timed) {
         check_cuda(launch_linear(slot(op.in), bstride(op.in), slot(op.out), bstride(op.out), op.wt.as<float>(),
                                  op.bias.as<float>(), op.residual >= 0 ? slot(op.residual) : nullptr,
                                  op.residual >= 0 ? bstride(op.residual) : 0, n, int(op.cin), int(op.cout),
-                                 op.flags & P::kFlagSilu, st),
+                                 P::act_of(op.flags), st),
                    "linear");
         break;
       case P::kPad:
@@ -546,7 +546,8 @@ void Engine::Impl::forward_ops(cudaStream_t st, bool timed) {
         break;
       case P::kGroupNorm:
         check_cuda(launch_groupnorm(concat(op), slot(op.out), bstride(op.out), n, int(op.groups), op.eps,
-                               op.gamma.as<float>(), op.beta.as<float>(), op.flags & P::kFlagSilu,
+                               op.gamma.as<float>(), op.beta.as<float>(), op.temb >= 0 ? slot(op.temb) : nullptr,
+                               op.temb >= 0 ? bstride(op.temb) : 0, P::act_of(op.flags),
                                op.flags & P::kFlagPaddedOut, st), "group norm");
         break;
       case P::kConv: {

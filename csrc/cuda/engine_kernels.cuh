@@ -80,10 +80,10 @@ cudaError_t launch_time_emb(const float* t, float* out, int64_t o_bstride, int n
                             cudaStream_t st);
 
 // out[b][o] = W[o] . act(in[b]) + bias[o] (+ res[b * r_bstride + o] when res is not null: the
-// class embedding of a class-conditional plan); W [cout, cin]; act = SiLU if silu.
+// class embedding of a class-conditional plan); W [cout, cin]; act a plan::Act.
 cudaError_t launch_linear(const float* in, int64_t i_bstride, float* out, int64_t o_bstride, const float* W,
                           const float* bias, const float* res, int64_t r_bstride, int n, int cin, int cout,
-                          bool silu, cudaStream_t st);
+                          int act, cudaStream_t st);
 
 // Two-source channel concat [cin from in, cin2 from in2] of [C, h, w] tensors.
 struct Concat {
@@ -97,9 +97,11 @@ struct Concat {
 // out (padded) = a * concat + b inside, 0 on the border.
 cudaError_t launch_pad(const Concat& c, float* out, int64_t o_bstride, int n, float a, float b, cudaStream_t st);
 
-// out = GroupNorm(concat; groups, eps, gamma, beta) (+ SiLU), padded or not; one block per (sample, group).
+// out = act(GroupNorm(concat; groups, eps, gamma, beta) [* (1 + scale) + shift]), padded or not; one
+// block per (sample, group). ss: null, or the scale_shift rows [n][2C] (stride ss_bstride); act a plan::Act.
 cudaError_t launch_groupnorm(const Concat& c, float* out, int64_t o_bstride, int n, int groups, float eps,
-                             const float* gamma, const float* beta, bool silu, bool padded, cudaStream_t st);
+                             const float* gamma, const float* beta, const float* ss, int64_t ss_bstride, int act,
+                             bool padded, cudaStream_t st);
 
 // col[b][(c*9 + dy*3 + dx) * ho*wo + yo*wo + xo] = in[b][c][2yo+dy-pad][2xo+dx-pad] (0 outside).
 cudaError_t launch_im2col_s2(const float* in, int64_t i_bstride, float* col, int64_t c_bstride, int n, int C,

@@ -1,4 +1,4 @@
-// The engine's non-GEMM kernels: time embedding, linear, pad, group norm (+SiLU, padded output),
+// The engine's non-GEMM kernels: time embedding, linear, pad, group norm (+scale_shift, activation, padded output),
 // stride-2 im2col, row softmax, and the two bookkeeping kernels of the captured loop.
 // Everything in fp32 (the dtype option only changes the GEMM operands).
 #include <cuda_runtime.h>
@@ -12,6 +12,17 @@ namespace cuda {
 namespace {
 
 __device__ __forceinline__ float silu(float v) { return v / (1.0f + expf(-v)); }
+
+// The plan's activations (fastddpm/plan.h Act); Mish and GELU in double, as the CPU engines.
+__device__ __forceinline__ float activate(float v, int act) {
+  switch (act) {
+    case 1: return silu(v);
+    case 2: return v > 20.0f ? v : float(double(v) * tanh(log1p(exp(double(v)))));
+    case 3: return float(0.5 * double(v) * (1.0 + erf(double(v) * 0.70710678118654752440)));
+    case 4: return v > 0.0f ? v : 0.0f;
+    default: return v;
+  }
+}
 
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
@@ -59,7 +70,7 @@ __global__ void time_emb_kernel(const float* __restrict__ t, float* __restrict__
 // One warp per output (b, o). res: null, or a residual added last (the class embedding).
 __global__ void linear_kernel(const float* __restrict__ in, int64_t i_bstride, float* __restrict__ out,
                               int64_t o_bstride, const float* __restrict__ W, const float* __restrict__ bias,
-                              const float* __restrict__ res, int64_t r_bstride, int n, int cin, int cout, bool act) {
+                              const float* __restrict__ res, int64_t r_bstride, int n, int cin, int cout, int act) {
   const int64_t wid = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
   const int lane = threadIdx.x % 32;
   if (wid >= int64_t(n) * cout) return;
@@ -67,7 +78,7 @@ __global__ void linear_kernel(const float* __restrict__ in, int64_t i_bstride, f
   const float* x = in + int64_t(b) * i_bstride;
   const float* w = W + int64_t(o) * cin;
   float s = 0.0f;
-  for (int k = lane; k < cin; k += 32) s = fmaf(w[k], act ? silu(x[k]) : x[k], s);
+  for (int k = lane; k < cin; k += 32) s = fmaf(w[k], activate(x[k], act), s);
   s = warp_sum(s);
   if (lane == 0) {
     float v = s + bias[o];
@@ -97,10 +108,11 @@ __global__ void pad_kernel(const Concat c, float* __restrict__ out, int64_t o_bs
 }
 
 // One block per (sample, group): mean, then the biased variance as a second pass over the data
-// (as the CPU engine: no E[x^2] - mean^2 cancellation), then the affine (+SiLU) into out.
+// (as the CPU engine: no E[x^2] - mean^2 cancellation), then the affine (with the scale_shift
+// rows ss [N, 2C] when not null) and the activation into out.
 __global__ void groupnorm_kernel(const Concat c, float* __restrict__ out, int64_t o_bstride, int groups,
                                  float eps, const float* __restrict__ gamma, const float* __restrict__ beta,
-                                 bool act, bool padded) {
+                                 const float* __restrict__ ss, int64_t ss_bstride, int act, bool padded) {
   __shared__ float scratch[32];
   const int b = blockIdx.x / groups, g = blockIdx.x % groups;
   const int C = c.cin + c.cin2, cpg = C / groups, hw = c.h * c.w;
@@ -115,12 +127,22 @@ __global__ void groupnorm_kernel(const Concat c, float* __restrict__ out, int64_
   }
   const float rstd = rsqrtf(block_reduce<false>(v, scratch) / float(count) + eps);
   float* o = out + int64_t(b) * o_bstride;
+  const float* sb = ss ? ss + int64_t(b) * ss_bstride : nullptr;
+  auto affine = [&](int ch, float& a, float& sh) {
+    a = rstd * gamma[ch];
+    sh = beta[ch] - mean * a;
+    if (sb) {
+      const float s1 = 1.0f + sb[ch];
+      a *= s1;
+      sh = sh * s1 + sb[C + ch];
+    }
+  };
   if (!padded) {
     for (int i = threadIdx.x; i < count; i += blockDim.x) {
       const int ch = g * cpg + i / hw;
-      const float a = rstd * gamma[ch], sh = beta[ch] - mean * a;
-      const float y = a * concat_channel(c, b, ch)[i % hw] + sh;
-      o[int64_t(ch) * hw + i % hw] = act ? silu(y) : y;
+      float a, sh;
+      affine(ch, a, sh);
+      o[int64_t(ch) * hw + i % hw] = activate(a * concat_channel(c, b, ch)[i % hw] + sh, act);
     }
     return;
   }
@@ -129,9 +151,9 @@ __global__ void groupnorm_kernel(const Concat c, float* __restrict__ out, int64_
     const int ch = g * cpg + i / plane, q = i % plane, y = q / Wp - 1, x = q % Wp - 1;
     float val = 0.0f;
     if (y >= 0 && y < c.h && x >= 0 && x < c.w) {
-      const float a = rstd * gamma[ch], sh = beta[ch] - mean * a;
-      const float t = a * concat_channel(c, b, ch)[y * c.w + x] + sh;
-      val = act ? silu(t) : t;
+      float a, sh;
+      affine(ch, a, sh);
+      val = activate(a * concat_channel(c, b, ch)[y * c.w + x] + sh, act);
     }
     o[int64_t(ch) * plane + q] = val;
   }
@@ -194,7 +216,7 @@ cudaError_t launch_time_emb(const float* t, float* out, int64_t o_bstride, int n
 }
 
 cudaError_t launch_linear(const float* in, int64_t i_bstride, float* out, int64_t o_bstride, const float* W,
-                          const float* bias, const float* res, int64_t r_bstride, int n, int cin, int cout, bool act,
+                          const float* bias, const float* res, int64_t r_bstride, int n, int cin, int cout, int act,
                           cudaStream_t st) {
   const int64_t threads = int64_t(n) * cout * 32;
   linear_kernel<<<unsigned((threads + 255) / 256), 256, 0, st>>>(in, i_bstride, out, o_bstride, W, bias, res,
@@ -209,12 +231,14 @@ cudaError_t launch_pad(const Concat& c, float* out, int64_t o_bstride, int n, fl
 }
 
 cudaError_t launch_groupnorm(const Concat& c, float* out, int64_t o_bstride, int n, int groups, float eps,
-                             const float* gamma, const float* beta, bool act, bool padded, cudaStream_t st) {
+                             const float* gamma, const float* beta, const float* ss, int64_t ss_bstride, int act,
+                             bool padded, cudaStream_t st) {
   // threads from the per-sample size only (the reduction order, so the bits, must not depend on
   // the batch): a block per (sample, group) is few blocks at batch 1, so each gets more threads
   const int64_t count = int64_t(c.cin + c.cin2) / groups * c.h * c.w;
   const int threads = count >= 16384 ? 1024 : count >= 4096 ? 512 : 256;
-  groupnorm_kernel<<<unsigned(n * groups), threads, 0, st>>>(c, out, o_bstride, groups, eps, gamma, beta, act, padded);
+  groupnorm_kernel<<<unsigned(n * groups), threads, 0, st>>>(c, out, o_bstride, groups, eps, gamma, beta, ss, ss_bstride,
+                                                              act, padded);
   return cudaGetLastError();
 }
 

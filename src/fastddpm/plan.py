@@ -24,15 +24,17 @@ Ops (``Plan.ops``, in execution order); each is an ``Op`` with these fields (-1 
   freqs[k] = exp(-ln(10000) * k / (c_out//2 - freq_shift)), k < c_out//2; [sin, cos] of t*freqs,
   or [cos, sin] when ``flip``; an odd c_out gets a zero last column. (freq_shift in ``shift``.)
 - ``LINEAR``    out [N, c_out] = W @ act(in[N, c_in]) + b (+ residual[N, c_out] when residual >= 0);
-  act = SiLU if ``silu`` else identity. W = weights[w] [c_out, c_in], b = weights[b]. The
+  act = ``act`` (see Activations). W = weights[w] [c_out, c_in], b = weights[b]. The
   residual is the class embedding (slot 2) on a class-conditional model's
   ``time_embedding.linear_2``: diffusers' ``emb = time_embedding(t_emb) + class_emb``.
 - ``PAD``       out (padded) = a * concat(in, in2) + b in the interior, 0 on the border.
   concat: channels [0, c_in) from ``in``, [c_in, c_in + c_in2) from ``in2`` (when in2 >= 0).
   a, b in ``scale``/``shift`` (2, -1 for center_input_sample; else 1, 0).
 - ``GROUPNORM`` out = GroupNorm(concat(in, in2); ``groups``, eps, gamma=weights[w],
-  beta=weights[b]), then SiLU if ``silu``; written padded if ``padded_out``. Statistics per
-  (sample, group) over all of the group's channels and pixels (biased variance).
+  beta=weights[b]), then, when ``temb`` >= 0 (a slot [N, 2C]: diffusers' scale_shift time
+  embedding), y * (1 + temb[n, c]) + temb[n, C + c], then ``act``; written padded if
+  ``padded_out``. Statistics per (sample, group) over all of the group's channels and pixels
+  (biased variance).
 - ``CONV``      out [N, c_out, Ho, Wo] = scale * (conv(in) + bias + temb + conv1x1(in2) + residual):
     ``mode`` CONV3 : 3x3 stride 1 pad 1 on a padded ``in`` [c_in, h+2, w+2]; Ho, Wo = h, w.
     ``mode`` CONV1 : 1x1 on an unpadded ``in`` [c_in, h, w].
@@ -53,6 +55,10 @@ Ops (``Plan.ops``, in execution order); each is an ``Op`` with these fields (-1 
   weights[w .. w+7] = to_q.weight, to_q.bias, to_k.weight, to_k.bias, to_v.weight, to_v.bias,
   to_out.0.weight, to_out.0.bias. ``scratch``: 3*C*L + C*L + heads*L*L floats per sample
   (q, k, v [3C, L]; attention output [C, L]; scores), L = h*w.
+
+Activations (``act``): "" (identity), "silu", "mish" (x tanh(softplus x)), "gelu" (the exact,
+erf form, as torch's nn.GELU) or "relu"; one flag each in the int rows (FLAG_SILU, FLAG_MISH,
+FLAG_GELU, FLAG_RELU), at most one per op.
 
 Weight indices point into ``Plan.weight_names`` (diffusers' state-dict keys, exactly
 ``weight_shapes(cfg)``), so ``[weights[name] for name in plan.weight_names]`` is what an engine
@@ -75,7 +81,7 @@ from . import validate
 from .unet_config import UNetConfig, weight_shapes
 
 __all__ = ["Plan", "Op", "PlanError", "build_plan", "OP_CODES", "CONV_MODES", "INT_FIELDS",
-           "FLOAT_FIELDS", "INPUT_SLOT", "OUTPUT_SLOT", "CLASS_SLOT"]
+           "FLOAT_FIELDS", "ACT_FLAGS", "INPUT_SLOT", "OUTPUT_SLOT", "CLASS_SLOT"]
 
 
 class PlanError(ValueError):
@@ -91,7 +97,8 @@ CONV_MODES = {"CONV3": 0, "CONV1": 1, "DOWN1": 2, "DOWN0": 3, "UP": 4}
 INT_FIELDS = ("code", "out", "in_", "c_in", "in2", "c_in2", "h", "w", "c_out", "w_idx", "b_idx", "w2_idx",
               "b2_idx", "temb", "residual", "scratch", "mode", "groups", "heads", "flags")
 FLOAT_FIELDS = ("eps", "scale", "a", "shift")
-FLAG_SILU, FLAG_PADDED_OUT, FLAG_FLIP = 1, 2, 4
+FLAG_SILU, FLAG_PADDED_OUT, FLAG_FLIP, FLAG_MISH, FLAG_GELU, FLAG_RELU = 1, 2, 4, 8, 16, 32
+ACT_FLAGS = {"": 0, "silu": FLAG_SILU, "mish": FLAG_MISH, "gelu": FLAG_GELU, "relu": FLAG_RELU}
 INPUT_SLOT, OUTPUT_SLOT, CLASS_SLOT = 0, 1, 2
 
 
@@ -119,7 +126,7 @@ class Op:
     mode: int = 0
     groups: int = 0
     heads: int = 0
-    silu: bool = False
+    act: str = ""           # the activation (ACT_FLAGS): LINEAR's input, GROUPNORM's output
     padded_out: bool = False
     flip: bool = False
     eps: float = 0.0
@@ -132,8 +139,7 @@ class Op:
         return [v for v in (self.in_, self.in2, self.temb, self.residual) if v >= 0]
 
     def int_row(self) -> list[int]:
-        flags = (FLAG_SILU if self.silu else 0) | (FLAG_PADDED_OUT if self.padded_out else 0) \
-            | (FLAG_FLIP if self.flip else 0)
+        flags = ACT_FLAGS[self.act] | (FLAG_PADDED_OUT if self.padded_out else 0) | (FLAG_FLIP if self.flip else 0)
         derived = {"code": OP_CODES[self.kind], "flags": flags}
         return [derived[f] if f in derived else getattr(self, f) for f in INT_FIELDS]
 
@@ -227,7 +233,8 @@ class _Builder:
         h = self.emit(Op("LINEAR", out=self.value(d), in_=t, c_in=c0, c_out=d,
                          w_idx=self.widx("time_embedding.linear_1.weight"),
                          b_idx=self.widx("time_embedding.linear_1.bias"), name="time_embedding.linear_1"))
-        return self.emit(Op("LINEAR", out=self.value(d), in_=h, c_in=d, c_out=d, silu=True,
+        # diffusers' TimestepEmbedding keeps its default act (SiLU) whatever the model's act_fn
+        return self.emit(Op("LINEAR", out=self.value(d), in_=h, c_in=d, c_out=d, act="silu",
                             residual=self.class_value,
                             w_idx=self.widx("time_embedding.linear_2.weight"),
                             b_idx=self.widx("time_embedding.linear_2.bias"), name="time_embedding.linear_2"))
@@ -236,13 +243,13 @@ class _Builder:
         return self.emit(Op("PAD", out=self.value((c + c2) * (h + 2) * (w + 2)), in_=src, c_in=c,
                             in2=src2, c_in2=c2, h=h, w=w, a=a, shift=b, name=name))
 
-    def norm(self, key, src, c, h, w, groups, silu, padded, src2=-1, c2=0) -> int:
+    def norm(self, key, src, c, h, w, groups, act, padded, src2=-1, c2=0, scale_shift=-1) -> int:
         ctot = c + c2
         if ctot % groups:
             raise PlanError(f"{key}: {ctot} channels are not divisible by {groups} groups")
         size = ctot * ((h + 2) * (w + 2) if padded else h * w)
         return self.emit(Op("GROUPNORM", out=self.value(size), in_=src, c_in=c, in2=src2, c_in2=c2,
-                            h=h, w=w, groups=groups, silu=silu, padded_out=padded,
+                            h=h, w=w, groups=groups, act=act, padded_out=padded, temb=scale_shift,
                             eps=float(self.cfg.norm_eps), w_idx=self.widx(f"{key}.weight"),
                             b_idx=self.widx(f"{key}.bias"), name=key))
 
@@ -263,12 +270,18 @@ class _Builder:
         """diffusers ResnetBlock2D on concat(x, x2) (c_in + c2 channels) -> [c_out, h, w]."""
         cfg = self.cfg
         cin_tot = c_in + c2
-        tp = self.emit(Op("LINEAR", out=self.value(c_out), in_=emb, c_in=cfg.time_embed_dim,
-                          c_out=c_out, silu=True, w_idx=self.widx(f"{key}.time_emb_proj.weight"),
+        act = cfg.act
+        # scale_shift: time_emb_proj gives [scale, shift] rows applied after norm2 (its epilogue);
+        # default: one row added after conv1 (its epilogue)
+        shifts = cfg.resnet_time_scale_shift == "scale_shift"
+        tp = self.emit(Op("LINEAR", out=self.value((2 if shifts else 1) * c_out), in_=emb,
+                          c_in=cfg.time_embed_dim, c_out=(2 if shifts else 1) * c_out, act=act,
+                          w_idx=self.widx(f"{key}.time_emb_proj.weight"),
                           b_idx=self.widx(f"{key}.time_emb_proj.bias"), name=f"{key}.time_emb_proj"))
-        n1 = self.norm(f"{key}.norm1", x, c_in, h, w, cfg.norm_num_groups, True, True, x2, c2)
-        h1, _, _ = self.conv(f"{key}.conv1", "CONV3", n1, cin_tot, h, w, c_out, temb=tp)
-        n2 = self.norm(f"{key}.norm2", h1, c_out, h, w, cfg.norm_num_groups, True, True)
+        n1 = self.norm(f"{key}.norm1", x, c_in, h, w, cfg.norm_num_groups, act, True, x2, c2)
+        h1, _, _ = self.conv(f"{key}.conv1", "CONV3", n1, cin_tot, h, w, c_out, temb=-1 if shifts else tp)
+        n2 = self.norm(f"{key}.norm2", h1, c_out, h, w, cfg.norm_num_groups, act, True,
+                       scale_shift=tp if shifts else -1)
         if cin_tot != c_out:
             # the 1x1 shortcut runs inside conv2's GEMM: it reads a padded copy of its input
             xp = self.pad(x, c_in, h, w, x2, c2, name=f"{key}.conv_shortcut(input)")
@@ -282,12 +295,13 @@ class _Builder:
         return out
 
     def attention(self, key, x, c, h, w, groups, scale=1.0) -> int:
-        if c % groups:
+        """diffusers' Attention on x [c, h, w]; groups None: no group norm (reads x itself)."""
+        if groups is not None and c % groups:
             raise PlanError(f"{key}.group_norm: {c} channels are not divisible by {groups} groups")
         heads = self.cfg.heads(c)
         if heads < 1 or c % heads:
             raise PlanError(f"{key}: {c} channels cannot be split into {heads} heads")
-        n = self.norm(f"{key}.group_norm", x, c, h, w, groups, False, False)
+        n = x if groups is None else self.norm(f"{key}.group_norm", x, c, h, w, groups, "", False)
         L = h * w
         w0 = self.widx(f"{key}.to_q.weight")
         order = [f"{key}.{p}.{s}" for p in ("to_q", "to_k", "to_v", "to_out.0") for s in ("weight", "bias")]
@@ -344,7 +358,7 @@ class _Builder:
                 hp = self.pad(h, c, hh, ww, name=f"{p}.upsamplers.0(input)")
                 h, hh, ww = self.conv(f"{p}.upsamplers.0.conv", "UP", hp, c, hh, ww, c)
         assert not skips and (hh, ww) == (H, W)
-        n = self.norm("conv_norm_out", h, c, H, W, cfg.norm_num_groups, True, True)
+        n = self.norm("conv_norm_out", h, c, H, W, cfg.norm_num_groups, "silu", True)  # diffusers' conv_act: SiLU
         out, _, _ = self.conv("conv_out", "CONV3", n, c, H, W, cfg.out_channels)
         return self.assign_slots(out)
 

@@ -28,7 +28,12 @@ diffusers semantics this module (and every engine) must reproduce, read from dif
   resnets; its last resnet takes the skip from the previous resolution (or conv_in).
 - The time embedding is sin/cos of t * exp(-ln(10000) * k / (half - freq_shift)), k < half =
   block_out_channels[0] // 2, ordered [sin, cos] or, with flip_sin_to_cos, [cos, sin]; then
-  linear_1, SiLU, linear_2. Every resnet adds time_emb_proj(SiLU(emb)) after conv1.
+  linear_1, SiLU, linear_2 (SiLU whatever ``act_fn`` says). With resnet_time_scale_shift
+  "default" every resnet adds time_emb_proj(act(emb)) after conv1; with "scale_shift"
+  time_emb_proj gives 2 * out_channels rows [scale, shift] and norm2's output becomes
+  norm2(h) * (1 + scale) + shift (before the activation).
+- ``act_fn`` ("silu" = "swish", "mish", "gelu" (erf), "relu") is the resnets' activation only
+  (norm1, norm2, and the one before time_emb_proj); the output's conv_act is always SiLU.
 - State-dict order follows diffusers' module registration, not execution: conv_in,
   time_embedding, down_blocks, up_blocks, *then* mid_block, conv_norm_out, conv_out; inside a
   block with attention all ``attentions.*`` come before ``resnets.*``.
@@ -69,11 +74,11 @@ _ATTN_BLOCKS = ("AttnDownBlock2D", "AttnUpBlock2D")
 # Fields whose value is fixed in the supported subset: field -> the supported values.
 _CHOICES: dict[str, tuple] = {
     "mid_block_type": _MID_BLOCK_TYPES,
-    "act_fn": ("silu",),
+    "act_fn": ("silu", "swish", "mish", "gelu", "relu"),
     "time_embedding_type": ("positional",),
     "downsample_type": ("conv",),
     "upsample_type": ("conv",),
-    "resnet_time_scale_shift": ("default",),
+    "resnet_time_scale_shift": ("default", "scale_shift"),
     "class_embed_type": (None, "timestep", "identity"),
     "downsample_padding": (0, 1),
 }
@@ -163,6 +168,16 @@ class UNetConfig:
         return len(self.block_out_channels)
 
     @property
+    def act(self) -> str:
+        """The resnets' activation as the plan names it (plan.ACT_FLAGS): act_fn, "swish" as "silu"."""
+        return "silu" if self.act_fn == "swish" else self.act_fn
+
+    @property
+    def time_proj_rows(self) -> int:
+        """Rows of time_emb_proj per output channel: 2 ([scale, shift]) with scale_shift, else 1."""
+        return 2 if self.resnet_time_scale_shift == "scale_shift" else 1
+
+    @property
     def time_embed_dim(self) -> int:
         """Width of the time embedding (diffusers: ``time_embedding_dim or 4 * C0``)."""
         return self.time_embedding_dim or 4 * self.block_out_channels[0]
@@ -190,10 +205,13 @@ class UNetConfig:
             return None
         return (s, s) if isinstance(s, int) else (s[0], s[1])
 
-    def attn_norm_groups(self) -> int:
-        """Group count of the mid block's attention norm (down/up attention uses norm_num_groups)."""
-        return self.attn_norm_num_groups if self.attn_norm_num_groups is not None \
-            else self.norm_num_groups
+    def attn_norm_groups(self) -> int | None:
+        """Group count of the mid block's attention norm (down/up attention uses norm_num_groups);
+        None when it has no norm: diffusers' UNetMidBlock2D gives its attention a norm only with
+        attn_norm_num_groups set or the "default" time embedding."""
+        if self.attn_norm_num_groups is not None:
+            return self.attn_norm_num_groups
+        return self.norm_num_groups if self.resnet_time_scale_shift == "default" else None
 
     def heads(self, channels: int) -> int:
         """Attention heads of a block with ``channels`` channels (diffusers' rule)."""
@@ -337,7 +355,7 @@ def _check_structure(cfg: UNetConfig) -> None:
         if c % g:
             raise UNetConfigError(f"block_out_channels[{i}] = {c} is not divisible by "
                                   f"norm_num_groups = {g}")
-    if cfg.add_attention and cfg.block_out_channels[-1] % cfg.attn_norm_groups():
+    if cfg.add_attention and cfg.attn_norm_groups() and cfg.block_out_channels[-1] % cfg.attn_norm_groups():
         raise UNetConfigError(
             f"block_out_channels[-1] = {cfg.block_out_channels[-1]} (the mid-block attention) is "
             f"not divisible by attn_norm_num_groups = {cfg.attn_norm_num_groups}")
@@ -511,13 +529,14 @@ def weight_shapes(cfg: UNetConfig) -> dict[str, tuple[int, ...]]:
         elif ly.kind == "resnet":
             _norm(out, f"{ly.name}.norm1", ly.c_in)
             _conv(out, f"{ly.name}.conv1", ly.c_in, ly.c_out, 3)
-            _linear(out, f"{ly.name}.time_emb_proj", temb, ly.c_out)
+            _linear(out, f"{ly.name}.time_emb_proj", temb, cfg.time_proj_rows * ly.c_out)
             _norm(out, f"{ly.name}.norm2", ly.c_out)
             _conv(out, f"{ly.name}.conv2", ly.c_out, ly.c_out, 3)
             if ly.c_in != ly.c_out:
                 _conv(out, f"{ly.name}.conv_shortcut", ly.c_in, ly.c_out, 1)
         elif ly.kind == "attn":
-            _norm(out, f"{ly.name}.group_norm", ly.c_in)
+            if not (ly.name.startswith("mid_block.") and cfg.attn_norm_groups() is None):
+                _norm(out, f"{ly.name}.group_norm", ly.c_in)
             for proj in ("to_q", "to_k", "to_v", "to_out.0"):
                 _linear(out, f"{ly.name}.{proj}", ly.c_in, ly.c_in)
         else:  # pragma: no cover - _layers only makes the kinds above
@@ -556,7 +575,7 @@ def flops(cfg: UNetConfig, batch: int = 1, height: int | None = None,
         elif ly.kind == "linear":
             total += ly.c_in * ly.c_out
         elif ly.kind == "resnet":
-            total += 9 * ly.c_in * ly.c_out * px + 9 * ly.c_out * ly.c_out * px + temb * ly.c_out
+            total += 9 * ly.c_in * ly.c_out * px + 9 * ly.c_out * ly.c_out * px + temb * cfg.time_proj_rows * ly.c_out
             if ly.c_in != ly.c_out:
                 total += ly.c_in * ly.c_out * px
         elif ly.kind == "attn":

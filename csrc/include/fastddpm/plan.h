@@ -22,7 +22,19 @@ enum IntField : int {
 // Columns of the float rows (plan.FLOAT_FIELDS).
 enum FloatField : int { kEps = 0, kScale, kA, kShift, kFloatFields };
 
-enum Flags : int64_t { kFlagSilu = 1, kFlagPaddedOut = 2, kFlagFlip = 4 };
+// The activation flags (SiLU, Mish, GELU (erf), ReLU): at most one per op; none = identity.
+enum Flags : int64_t {
+  kFlagSilu = 1, kFlagPaddedOut = 2, kFlagFlip = 4, kFlagMish = 8, kFlagGelu = 16, kFlagRelu = 32
+};
+constexpr int64_t kActFlags = kFlagSilu | kFlagMish | kFlagGelu | kFlagRelu;
+constexpr int64_t kKnownFlags = kActFlags | kFlagPaddedOut | kFlagFlip;
+
+// The activation of an op as the kernels take it (engine_kernels.h, numba's _act, ops.cu).
+enum Act : int { kActNone = 0, kActSilu = 1, kActMish = 2, kActGelu = 3, kActRelu = 4 };
+inline int act_of(int64_t flags) {
+  return (flags & kFlagSilu) ? kActSilu : (flags & kFlagMish) ? kActMish : (flags & kFlagGelu) ? kActGelu
+         : (flags & kFlagRelu) ? kActRelu : kActNone;
+}
 
 // Names as plan.py spells them (the Op attribute of each int column; "code" and "flags" are derived).
 constexpr const char* kIntFieldNames[kIntFields] = {
@@ -37,7 +49,8 @@ constexpr NamedCode kOpCodeNames[] = {{"TIME_EMB", kTimeEmb}, {"LINEAR", kLinear
                                       {"GROUPNORM", kGroupNorm}, {"CONV", kConv}, {"ATTENTION", kAttention}};
 constexpr NamedCode kConvModeNames[] = {{"CONV3", kConv3}, {"CONV1", kConv1}, {"DOWN1", kDown1},
                                         {"DOWN0", kDown0}, {"UP", kUp}};
-constexpr NamedCode kFlagNames[] = {{"silu", kFlagSilu}, {"padded_out", kFlagPaddedOut}, {"flip", kFlagFlip}};
+constexpr NamedCode kFlagNames[] = {{"silu", kFlagSilu}, {"padded_out", kFlagPaddedOut}, {"flip", kFlagFlip},
+                                    {"mish", kFlagMish}, {"gelu", kFlagGelu}, {"relu", kFlagRelu}};
 
 constexpr int64_t kInputSlot = 0;
 constexpr int64_t kOutputSlot = 1;

@@ -109,6 +109,8 @@ inline std::vector<CheckedOp> check_plan(const PlanView& pv, const std::vector<W
     for (int j = 0; j < kFloatFields; ++j)
       if (!std::isfinite(f[j])) fail("plan op " + std::to_string(i) + " has a non-finite parameter");
     const std::string where = "plan op " + std::to_string(i) + " (" + op_name(op.code) + ")";
+    if ((op.flags & ~kKnownFlags) || __builtin_popcountll(uint64_t(op.flags & kActFlags)) > 1)
+      fail(where + ": flags " + std::to_string(op.flags) + " name an unknown flag or two activations");
 
     // Bounds that keep every size product below in int64 (channels <= 2^24, sides <= 2^16,
     // attention positions <= 2^16); far beyond any slot an engine could allocate anyway.
@@ -171,6 +173,7 @@ inline std::vector<CheckedOp> check_plan(const PlanView& pv, const std::vector<W
           if (!(op.eps > 0)) fail(where + ": eps must be > 0");
           weight(kWeight, r[kWIdx], {c}, "norm scale");
           weight(kBias, r[kBIdx], {c}, "norm shift");
+          use(op.temb, 2 * c, "scale_shift rows", true);
         }
         break;
       }

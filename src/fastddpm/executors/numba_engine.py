@@ -39,8 +39,8 @@ import time
 
 import numpy as np
 
-from ..plan import (CLASS_SLOT, CONV_MODES, FLAG_FLIP, FLAG_PADDED_OUT, FLAG_SILU, FLOAT_FIELDS, INT_FIELDS,
-                    OP_CODES, PlanError)
+from ..plan import (CLASS_SLOT, CONV_MODES, FLAG_FLIP, FLAG_GELU, FLAG_MISH, FLAG_PADDED_OUT, FLAG_RELU, FLAG_SILU,
+                    FLOAT_FIELDS, INT_FIELDS, OP_CODES, PlanError)
 from ..loop import fused_steps, run_loop, schedule_loop
 from ..philox import INITIAL_STEP
 from .. import threads as _budget
@@ -119,6 +119,34 @@ if numba is not None:
     def _silu(v):
         return v / (_F1 + _expf(-v))
 
+    @numba.njit(inline="always", fastmath=False)
+    def _act_code(flags):
+        # the plan's activation flags -> 0 none, 1 SiLU, 2 Mish, 3 GELU, 4 ReLU (plan.h Act)
+        if flags & FLAG_SILU:
+            return 1
+        if flags & FLAG_MISH:
+            return 2
+        if flags & FLAG_GELU:
+            return 3
+        if flags & FLAG_RELU:
+            return 4
+        return 0
+
+    @numba.njit(inline="always", fastmath=False)
+    def _act(v, act):
+        # v: float32; Mish and GELU (erf form) in float64, as the C++ engine
+        if act == 1:
+            return _silu(v)
+        if act == 2:
+            x = np.float64(v)
+            return v if x > 20.0 else np.float32(x * math.tanh(math.log1p(math.exp(x))))
+        if act == 3:
+            x = np.float64(v)
+            return np.float32(0.5 * x * (1.0 + math.erf(x * 0.70710678118654752440)))
+        if act == 4:
+            return v if v > _F0 else _F0
+        return v
+
     # ---------------------------------------------------------------- im2col (per sample)
     @_njit_parallel
     def _im2col3(src, c, h, w, col, r0):
@@ -193,9 +221,10 @@ if numba is not None:
 
     # ---------------------------------------------------------------- group norm, pad
     @_njit_parallel
-    def _groupnorm(src, c1, src2, c2, h, w, groups, eps, gamma, beta, silu, padded, dst):
+    def _groupnorm(src, c1, src2, c2, h, w, groups, eps, gamma, beta, ss, has_ss, act, padded, dst):
         # src: [c1, h*w], src2: [c2, h*w] (concatenated channels); dst: [c1+c2, h*w] or padded
         # [c1+c2, (h+2)*(w+2)]. Statistics per group in float64, two passes (biased variance).
+        # has_ss: ss [2 (c1+c2)] = [scale, shift] rows folded into the affine (scale_shift).
         ctot = c1 + c2
         cg = ctot // groups
         hw = h * w
@@ -220,22 +249,26 @@ if numba is not None:
                 # y = x * a + b with a = gamma * rstd, b = beta - mean * a
                 a = np.float32(gamma[cc] * rstd)
                 b = np.float32(beta[cc] - mean * gamma[cc] * rstd)
+                if has_ss:
+                    s1 = _F1 + ss[cc]
+                    a = a * s1
+                    b = b * s1 + ss[ctot + cc]
                 if padded:
                     out[:] = _F0                     # zero border (the slot holds old data)
                     for i in range(h):
                         o0 = (i + 1) * wp + 1
-                        if silu:
+                        if act == 1:
                             for j in range(w):
                                 out[o0 + j] = _silu(row[i * w + j] * a + b)
                         else:
                             for j in range(w):
-                                out[o0 + j] = row[i * w + j] * a + b
-                elif silu:
+                                out[o0 + j] = _act(row[i * w + j] * a + b, act)
+                elif act == 1:
                     for k in range(hw):
                         out[k] = _silu(row[k] * a + b)
                 else:
                     for k in range(hw):
-                        out[k] = row[k] * a + b
+                        out[k] = _act(row[k] * a + b, act)
 
     @_njit_parallel
     def _pad(src, c1, src2, c2, h, w, a, b, dst):
@@ -319,9 +352,7 @@ if numba is not None:
                     for o in range(cout):
                         acc = 0.0
                         for i in range(cin):
-                            v = src[0, i]
-                            if flags & FLAG_SILU:
-                                v = _silu(v)
+                            v = _act(src[0, i], _act_code(flags))
                             acc += wflat[wo + o * cin + i] * v
                         y = np.float32(acc + wflat[bo + o])
                         if has_res:
@@ -349,8 +380,11 @@ if numba is not None:
                     if op[I_IN2] >= 0:
                         src2 = _sample_view(arena, soff, ssize, op[I_IN2], n, cin2, hw)
                     dst = _sample_view(arena, soff, ssize, op[I_OUT], n, ctot, dcols)
+                    ss = gamma
+                    if op[I_TEMB] >= 0:
+                        ss = _sample_view(arena, soff, ssize, op[I_TEMB], n, 1, 2 * ctot)[0]
                     _groupnorm(src, cin, src2, cin2, h, w, op[I_GROUPS], floats[k, F_EPS], gamma, beta,
-                               (flags & FLAG_SILU) != 0, padded, dst)
+                               ss, op[I_TEMB] >= 0, _act_code(flags), padded, dst)
             elif code == OP_CONV:
                 mode = op[I_MODE]
                 if mode == M_UP:

@@ -53,15 +53,21 @@ class _GroupNorm(nn.Module):
 
 # ---------------------------------------------------------------------- layers
 
+# act_fn -> the activation (as torch.nn's SiLU, Mish, GELU (erf form), ReLU)
+_ACTS = {"silu": F.silu, "swish": F.silu, "mish": F.mish, "gelu": F.gelu, "relu": F.relu}
+
+
 class _Resnet(nn.Module):
-    """diffusers ResnetBlock2D ("default" time embedding, pre-norm, SiLU)."""
+    """diffusers ResnetBlock2D (pre-norm; "default" or "scale_shift" time embedding; act_fn)."""
 
     def __init__(self, cfg: UNetConfig, c_in: int, c_out: int, out_scale: float = 1.0):
         super().__init__()
         g, eps = cfg.norm_num_groups, cfg.norm_eps
         self.norm1 = _GroupNorm(c_in, g, eps)
         self.conv1 = _Conv(c_in, c_out, 3)
-        self.time_emb_proj = _Linear(cfg.time_embed_dim, c_out)
+        self.scale_shift = cfg.resnet_time_scale_shift == "scale_shift"
+        self.time_emb_proj = _Linear(cfg.time_embed_dim, cfg.time_proj_rows * c_out)
+        self.act = _ACTS[cfg.act_fn]
         self.norm2 = _GroupNorm(c_out, g, eps)
         self.conv2 = _Conv(c_out, c_out, 3)
         # a 1x1 conv only where the channel count changes
@@ -70,10 +76,15 @@ class _Resnet(nn.Module):
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         # x: [N, Cin, H, W], emb: [N, T]
-        h = F.silu(self.norm1(x))
+        h = self.act(self.norm1(x))
         h = F.conv2d(h, self.conv1.weight, self.conv1.bias, padding=1)   # [N, Cout, H, W]
-        h = h + self.time_emb_proj(F.silu(emb))[:, :, None, None]
-        h = F.silu(self.norm2(h))
+        t = self.time_emb_proj(self.act(emb))[:, :, None, None]         # [N, Cout or 2 Cout, 1, 1]
+        if self.scale_shift:
+            scale, shift = t.chunk(2, dim=1)
+            h = self.norm2(h) * (1 + scale) + shift
+        else:
+            h = self.norm2(h + t)
+        h = self.act(h)
         h = F.conv2d(h, self.conv2.weight, self.conv2.bias, padding=1)
         skip = x if self.conv_shortcut is None else \
             F.conv2d(x, self.conv_shortcut.weight, self.conv_shortcut.bias)
@@ -84,9 +95,10 @@ class _Attention(nn.Module):
     """diffusers Attention as built for UNet2DModel: group norm, multi-head self-attention over
     the H*W positions, output projection, residual add, then division by ``out_scale``."""
 
-    def __init__(self, cfg: UNetConfig, c: int, groups: int, out_scale: float = 1.0):
+    def __init__(self, cfg: UNetConfig, c: int, groups: int | None, out_scale: float = 1.0):
         super().__init__()
-        self.group_norm = _GroupNorm(c, groups, cfg.norm_eps)
+        # groups None: no norm (the mid block's attention with scale_shift, as diffusers builds it)
+        self.group_norm = _GroupNorm(c, groups, cfg.norm_eps) if groups is not None else nn.Identity()
         self.to_q = _Linear(c, c)
         self.to_k = _Linear(c, c)
         self.to_v = _Linear(c, c)
