@@ -25,6 +25,7 @@ inline pybind11::dict layout_dict() {
   py::dict d;
   d["op_codes"] = named(plan::kOpCodeNames);
   d["conv_modes"] = named(plan::kConvModeNames);
+  d["resample_modes"] = named(plan::kResampleModeNames);
   d["flags"] = named(plan::kFlagNames);
   d["int_fields"] = ints;
   d["float_fields"] = floats;

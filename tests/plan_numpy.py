@@ -6,7 +6,7 @@ import math
 
 import numpy as np
 
-from fastddpm.plan import CLASS_SLOT, CONV_MODES, Plan
+from fastddpm.plan import CLASS_SLOT, CONV_MODES, RESAMPLE_MODES, Plan
 
 _MODES = {v: k for k, v in CONV_MODES.items()}
 
@@ -28,6 +28,12 @@ def _act(name, x):
         return np.maximum(x, 0.0)
     assert name == "", name
     return x
+
+
+def _pool2(v):
+    """2x2 average pooling of [N, C, h, w] (h, w even)."""
+    n, c, h, w = v.shape
+    return v.reshape(n, c, h // 2, 2, w // 2, 2).mean(axis=(3, 5))
 
 
 def _conv2d(x, w, stride=1):
@@ -88,6 +94,12 @@ def run_plan(plan: Plan, weights: dict, x: np.ndarray, t, class_emb=None) -> np.
                 ss = get(op.temb, 2 * c)
                 v = v * (1 + ss[:, :c, None, None]) + ss[:, c:, None, None]
             v = _act(op.act, v)
+            if op.mode == RESAMPLE_MODES["POOL"]:
+                v = _pool2(v)
+            res = np.pad(v, ((0, 0), (0, 0), (1, 1), (1, 1))) if op.padded_out else v
+        elif op.kind == "RESAMPLE":
+            v = get(op.in_, op.c_in, op.h, op.w)
+            v = _pool2(v) if op.mode == RESAMPLE_MODES["POOL"] else v.repeat(2, axis=2).repeat(2, axis=3)
             res = np.pad(v, ((0, 0), (0, 0), (1, 1), (1, 1))) if op.padded_out else v
         elif op.kind == "CONV":
             mode = _MODES[op.mode]

@@ -41,7 +41,13 @@ CASES = {
     "gelu": {"act_fn": "gelu"},
     "relu": {"act_fn": "relu"},
     "scale_shift-mish": {"resnet_time_scale_shift": "scale_shift", "act_fn": "mish"},
-    "adm-classes": {"resnet_time_scale_shift": "scale_shift", "num_class_embeds": 7},
+    "resnet-resample": {"down_block_types": ["ResnetDownsampleBlock2D", "AttnDownBlock2D", "DownBlock2D"],
+                        "up_block_types": ["UpBlock2D", "AttnUpBlock2D", "ResnetUpsampleBlock2D"],
+                        "downsample_type": "resnet", "upsample_type": "resnet"},
+    "adm-classes": {"resnet_time_scale_shift": "scale_shift", "num_class_embeds": 7,
+                    "down_block_types": ["ResnetDownsampleBlock2D", "AttnDownBlock2D", "ResnetDownsampleBlock2D"],
+                    "up_block_types": ["ResnetUpsampleBlock2D", "AttnUpBlock2D", "ResnetUpsampleBlock2D"],
+                    "downsample_type": "resnet", "upsample_type": "resnet"},
 }
 TOL = 1e-5   # max |ours - float64 diffusers| / max |float64 diffusers|
 
@@ -205,6 +211,28 @@ def test_the_core_refuses_bad_activation_flags_and_short_scale_shift_rows():
     sizes = np.append(arrays["slot_sizes"], plan.ops[k].c_in + plan.ops[k].c_in2)
     with pytest.raises(ValueError, match="scale_shift rows"):
         build(short, sizes)
+
+
+@pytest.mark.skipif(_C is None, reason="fastddpm._C is not built")
+def test_the_core_refuses_bad_resampling():
+    plan, arrays, weights = _plan_rows("resnet-resample")
+    ints = arrays["ints"]
+    col = {f: plan_mod.INT_FIELDS.index(f) for f in ("mode", "h", "w")}
+    k = next(i for i, op in enumerate(plan.ops) if op.kind == "RESAMPLE")
+    g = next(i for i, op in enumerate(plan.ops) if op.kind == "GROUPNORM" and op.mode == plan_mod.RESAMPLE_MODES["POOL"])
+
+    def build(change):
+        bad = ints.copy()
+        change(bad)
+        _C.Engine(bad, arrays["floats"], arrays["slot_sizes"], list(zip(plan.weight_names, weights)), 1, 1, 1, 16, 16)
+
+    with pytest.raises(ValueError, match="unknown resample mode"):
+        build(lambda a: a.__setitem__((k, col["mode"]), 3))
+    with pytest.raises(ValueError, match="unknown resample mode"):
+        build(lambda a: a.__setitem__((g, col["mode"]), plan_mod.RESAMPLE_MODES["NEAREST"]))
+    flags = plan_mod.INT_FIELDS.index("flags")
+    with pytest.raises(ValueError, match="padded output"):   # pooled norm output written unpadded
+        build(lambda a: a.__setitem__((g, flags), a[g, flags] & ~plan_mod.FLAG_PADDED_OUT))
 
 
 @pytest.mark.cuda

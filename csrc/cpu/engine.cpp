@@ -149,6 +149,22 @@ void affine_act_padded(const EngineKernels& k, const float* src, float* dst, int
   k.affine_act(src, w, dst + Wp + 1, Wp, h, w, a, b, act);
 }
 
+// dst [h/2+2, w/2+2] = zero border around the 2x2 average pooling of act(a * src + b), src [h, w]
+// (h, w even); tmp: 2w floats.
+void pool_act_padded(const EngineKernels& k, const float* src, float* dst, int64_t h, int64_t w, float a, float b,
+                     int act, float* tmp) {
+  const int64_t ho = h / 2, wo = w / 2, Wp = wo + 2;
+  std::memset(dst, 0, size_t(Wp) * 4);
+  std::memset(dst + (ho + 1) * Wp, 0, size_t(Wp) * 4);
+  for (int64_t yo = 0; yo < ho; ++yo) {
+    k.affine_act(src + 2 * yo * w, w, tmp, w, 2, w, a, b, act);  // input rows 2yo, 2yo + 1
+    float* d = dst + (yo + 1) * Wp;
+    d[0] = d[wo + 1] = 0.0f;
+    for (int64_t xo = 0; xo < wo; ++xo)
+      d[1 + xo] = 0.25f * (((tmp[2 * xo] + tmp[2 * xo + 1]) + tmp[w + 2 * xo]) + tmp[w + 2 * xo + 1]);
+  }
+}
+
 // One head's projections folded (see the ATTENTION build): Wkq = Wk^T Wq, u = Wk^T bq,
 // Wov = Wo Wv, bov = Wo bv + bo, all [C, C] / [C] with weights [out, in], summed in double.
 struct FoldedAttention {
@@ -292,6 +308,7 @@ struct Engine::Impl {
   void op_pad(const Op& op, const Samples& b, const EngineKernels& k, int threads);
   void op_groupnorm(const Op& op, const Samples& b, const EngineKernels& k, int threads);
   void op_conv(const Op& op, const Samples& b, const EngineKernels& k, int threads);
+  void op_resample(const Op& op, const Samples& b, int threads);
   // 0 for the direct GEMM, else the Winograd tile size this conv runs with under kernels k
   int conv_path(const Op& op, const EngineKernels& k) const;
   void op_conv_winograd(const Op& op, const Samples& b, int m, const EngineKernels& k, int threads);
@@ -338,6 +355,7 @@ Op Engine::Impl::build_op(const P::CheckedOp& c) {
   switch (op.code) {
     case P::kTimeEmb:
     case P::kPad:
+    case P::kResample:
       break;  // no weights
     case P::kLinear: build_linear(op, c); break;
     case P::kGroupNorm: build_groupnorm(op, c); break;
@@ -489,8 +507,9 @@ void Engine::Impl::op_pad(const Op& op, const Samples& b, const EngineKernels& k
 
 void Engine::Impl::op_groupnorm(const Op& op, const Samples& b, const EngineKernels& k, int threads) {
   const int64_t C = op.cin + op.cin2, G = op.groups, cpg = C / G, h = op.h, w = op.w, hw = h * w;
-  const bool padded = op.flags & P::kFlagPaddedOut;
+  const bool padded = op.flags & P::kFlagPaddedOut, pooled = op.mode == P::kResamplePool;
   const int act = P::act_of(op.flags);
+  const int64_t pooled_plane = (h / 2 + 2) * (w / 2 + 2);
   const int64_t Wp = w + 2, plane = (h + 2) * Wp;
   parallel_for(b.n * G, threads, b.n * C * hw >= (1 << 13), [&](int64_t t) {
     const int64_t n = t / G, g = t % G;
@@ -507,6 +526,7 @@ void Engine::Impl::op_groupnorm(const Op& op, const Samples& b, const EngineKern
     // scale_shift (temb = [scale C, shift C] of the sample): y (1 + scale) + shift folds into
     // the affine
     const float* ss = op.temb >= 0 ? slot(b, n, op.temb) : nullptr;
+    std::vector<float> tmp(pooled ? size_t(2 * w) : 0);
     for (int64_t c = g * cpg; c < (g + 1) * cpg; ++c) {
       float a = rstd * op.gamma[size_t(c)], sh = op.beta[size_t(c)] - mean * a;
       if (ss) {
@@ -515,8 +535,33 @@ void Engine::Impl::op_groupnorm(const Op& op, const Samples& b, const EngineKern
         sh = sh * s1 + ss[C + c];
       }
       const float* src = chan(c);
-      if (padded) affine_act_padded(k, src, slot(b, n, op.out) + c * plane, h, w, a, sh, act);
+      if (pooled) pool_act_padded(k, src, slot(b, n, op.out) + c * pooled_plane, h, w, a, sh, act, tmp.data());
+      else if (padded) affine_act_padded(k, src, slot(b, n, op.out) + c * plane, h, w, a, sh, act);
       else k.affine_act(src, hw, slot(b, n, op.out) + c * hw, hw, 1, hw, a, sh, act);
+    }
+  });
+}
+
+// out = avg-pool 2x2 or nearest x2 of in, per channel (padded: a zero border around it)
+void Engine::Impl::op_resample(const Op& op, const Samples& b, int threads) {
+  const bool padded = op.flags & P::kFlagPaddedOut, pool = op.mode == P::kResamplePool;
+  const int64_t C = op.cin, h = op.h, w = op.w, ho = pool ? h / 2 : 2 * h, wo = pool ? w / 2 : 2 * w;
+  const int64_t Wp = padded ? wo + 2 : wo, plane = padded ? (ho + 2) * Wp : ho * wo, o0 = padded ? Wp + 1 : 0;
+  parallel_for(b.n * C, threads, b.n * C * ho * wo >= (1 << 14), [&](int64_t t) {
+    const int64_t n = t / C, c = t % C;
+    const float* src = slot(b, n, op.in) + c * h * w;
+    float* dst = slot(b, n, op.out) + c * plane;
+    if (padded) std::memset(dst, 0, size_t(plane) * 4);
+    for (int64_t y = 0; y < ho; ++y) {
+      float* d = dst + o0 + y * Wp;
+      if (pool) {
+        const float *r0 = src + 2 * y * w, *r1 = r0 + w;
+        for (int64_t x = 0; x < wo; ++x)
+          d[x] = 0.25f * (((r0[2 * x] + r0[2 * x + 1]) + r1[2 * x]) + r1[2 * x + 1]);
+      } else {
+        const float* r = src + (y / 2) * w;
+        for (int64_t x = 0; x < wo; ++x) d[x] = r[x / 2];
+      }
     }
   });
 }
@@ -715,6 +760,7 @@ void Engine::Impl::forward_samples(const Samples& b, const EngineKernels& k, int
       case P::kGroupNorm: op_groupnorm(op, b, k, threads); break;
       case P::kConv: op_conv(op, b, k, threads); break;
       case P::kAttention: op_attention(op, b, k, threads); break;
+      case P::kResample: op_resample(op, b, threads); break;
       default: break;  // rejected at build
     }
     if (timed) op_seconds[i] += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();

@@ -388,6 +388,7 @@ GOp Engine::Impl::build_op(const P::CheckedOp& c, size_t index) {
   switch (op.code) {
     case P::kTimeEmb:
     case P::kPad:
+    case P::kResample:
       break;  // no weights
     case P::kLinear: build_linear(op, c); break;
     case P::kGroupNorm: build_groupnorm(op, c); break;
@@ -548,7 +549,12 @@ void Engine::Impl::forward_ops(cudaStream_t st, bool timed) {
         check_cuda(launch_groupnorm(concat(op), slot(op.out), bstride(op.out), n, int(op.groups), op.eps,
                                op.gamma.as<float>(), op.beta.as<float>(), op.temb >= 0 ? slot(op.temb) : nullptr,
                                op.temb >= 0 ? bstride(op.temb) : 0, P::act_of(op.flags),
-                               op.flags & P::kFlagPaddedOut, st), "group norm");
+                               op.flags & P::kFlagPaddedOut, op.mode == P::kResamplePool, st), "group norm");
+        break;
+      case P::kResample:
+        check_cuda(launch_resample(slot(op.in), bstride(op.in), slot(op.out), bstride(op.out), n, int(op.cin),
+                                   int(op.h), int(op.w), op.mode == P::kResamplePool, op.flags & P::kFlagPaddedOut, st),
+                   "resample");
         break;
       case P::kConv: {
         int64_t ho = op.h, wo = op.w;

@@ -98,10 +98,16 @@ struct Concat {
 cudaError_t launch_pad(const Concat& c, float* out, int64_t o_bstride, int n, float a, float b, cudaStream_t st);
 
 // out = act(GroupNorm(concat; groups, eps, gamma, beta) [* (1 + scale) + shift]), padded or not; one
-// block per (sample, group). ss: null, or the scale_shift rows [n][2C] (stride ss_bstride); act a plan::Act.
+// block per (sample, group). ss: null, or the scale_shift rows [n][2C] (stride ss_bstride); act a plan::Act;
+// pool (padded only): the output is the 2x2 average pooling of that, [C, h/2+2, w/2+2].
 cudaError_t launch_groupnorm(const Concat& c, float* out, int64_t o_bstride, int n, int groups, float eps,
                              const float* gamma, const float* beta, const float* ss, int64_t ss_bstride, int act,
-                             bool padded, cudaStream_t st);
+                             bool padded, bool pool, cudaStream_t st);
+
+// out[b][c] = the 2x2 average pooling (pool) or nearest x2 upsampling of in[b][c] [h, w]; padded: a
+// zero border of one pixel around it.
+cudaError_t launch_resample(const float* in, int64_t i_bstride, float* out, int64_t o_bstride, int n, int C, int h,
+                            int w, bool pool, bool padded, cudaStream_t st);
 
 // col[b][(c*9 + dy*3 + dx) * ho*wo + yo*wo + xo] = in[b][c][2yo+dy-pad][2xo+dx-pad] (0 outside).
 cudaError_t launch_im2col_s2(const float* in, int64_t i_bstride, float* col, int64_t c_bstride, int n, int C,

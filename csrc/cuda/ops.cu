@@ -112,7 +112,8 @@ __global__ void pad_kernel(const Concat c, float* __restrict__ out, int64_t o_bs
 // rows ss [N, 2C] when not null) and the activation into out.
 __global__ void groupnorm_kernel(const Concat c, float* __restrict__ out, int64_t o_bstride, int groups,
                                  float eps, const float* __restrict__ gamma, const float* __restrict__ beta,
-                                 const float* __restrict__ ss, int64_t ss_bstride, int act, bool padded) {
+                                 const float* __restrict__ ss, int64_t ss_bstride, int act, bool padded,
+                                 bool pool) {
   __shared__ float scratch[32];
   const int b = blockIdx.x / groups, g = blockIdx.x % groups;
   const int C = c.cin + c.cin2, cpg = C / groups, hw = c.h * c.w;
@@ -146,16 +147,49 @@ __global__ void groupnorm_kernel(const Concat c, float* __restrict__ out, int64_
     }
     return;
   }
-  const int Wp = c.w + 2, plane = (c.h + 2) * Wp;  // out: [C, h+2, w+2], zero border
+  // out: [C, h+2, w+2] (pool: the 2x2 average pooling, [C, h/2+2, w/2+2]), zero border
+  const int oh = pool ? c.h / 2 : c.h, ow = pool ? c.w / 2 : c.w, Wp = ow + 2, plane = (oh + 2) * Wp;
   for (int i = threadIdx.x; i < cpg * plane; i += blockDim.x) {
     const int ch = g * cpg + i / plane, q = i % plane, y = q / Wp - 1, x = q % Wp - 1;
     float val = 0.0f;
-    if (y >= 0 && y < c.h && x >= 0 && x < c.w) {
+    if (y >= 0 && y < oh && x >= 0 && x < ow) {
       float a, sh;
       affine(ch, a, sh);
-      val = activate(a * concat_channel(c, b, ch)[y * c.w + x] + sh, act);
+      const float* src = concat_channel(c, b, ch);
+      if (pool) {
+        const float* r0 = src + 2 * y * c.w + 2 * x;
+        val = 0.25f * (((activate(a * r0[0] + sh, act) + activate(a * r0[1] + sh, act)) +
+                        activate(a * r0[c.w] + sh, act)) + activate(a * r0[c.w + 1] + sh, act));
+      } else {
+        val = activate(a * src[y * c.w + x] + sh, act);
+      }
     }
     o[int64_t(ch) * plane + q] = val;
+  }
+}
+
+// out[b][c] = avg-pool 2x2 (pool) or nearest x2 of in[b][c] [h, w]; padded: a zero border around it.
+__global__ void resample_kernel(const float* __restrict__ in, int64_t i_bstride, float* __restrict__ out,
+                                int64_t o_bstride, int n, int C, int h, int w, bool pool, bool padded) {
+  const int oh = pool ? h / 2 : 2 * h, ow = pool ? w / 2 : 2 * w, p = padded ? 1 : 0;
+  const int Wp = ow + 2 * p, plane = (oh + 2 * p) * Wp;
+  const int64_t total = int64_t(n) * C * plane;
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
+    const int q = int(i % plane);
+    const int64_t r = i / plane;
+    const int ch = int(r % C), b = int(r / C);
+    const int y = q / Wp - p, x = q % Wp - p;
+    const float* src = in + int64_t(b) * i_bstride + int64_t(ch) * h * w;
+    float v = 0.0f;
+    if (y >= 0 && y < oh && x >= 0 && x < ow) {
+      if (pool) {
+        const float* r0 = src + 2 * y * w + 2 * x;
+        v = 0.25f * (((r0[0] + r0[1]) + r0[w]) + r0[w + 1]);
+      } else {
+        v = src[(y / 2) * w + x / 2];
+      }
+    }
+    out[int64_t(b) * o_bstride + int64_t(ch) * plane + q] = v;
   }
 }
 
@@ -232,13 +266,21 @@ cudaError_t launch_pad(const Concat& c, float* out, int64_t o_bstride, int n, fl
 
 cudaError_t launch_groupnorm(const Concat& c, float* out, int64_t o_bstride, int n, int groups, float eps,
                              const float* gamma, const float* beta, const float* ss, int64_t ss_bstride, int act,
-                             bool padded, cudaStream_t st) {
+                             bool padded, bool pool, cudaStream_t st) {
   // threads from the per-sample size only (the reduction order, so the bits, must not depend on
   // the batch): a block per (sample, group) is few blocks at batch 1, so each gets more threads
   const int64_t count = int64_t(c.cin + c.cin2) / groups * c.h * c.w;
   const int threads = count >= 16384 ? 1024 : count >= 4096 ? 512 : 256;
   groupnorm_kernel<<<unsigned(n * groups), threads, 0, st>>>(c, out, o_bstride, groups, eps, gamma, beta, ss, ss_bstride,
-                                                              act, padded);
+                                                              act, padded, pool);
+  return cudaGetLastError();
+}
+
+cudaError_t launch_resample(const float* in, int64_t i_bstride, float* out, int64_t o_bstride, int n, int C, int h,
+                            int w, bool pool, bool padded, cudaStream_t st) {
+  const int oh = pool ? h / 2 : 2 * h, ow = pool ? w / 2 : 2 * w, p = padded ? 2 : 0;
+  const int64_t total = int64_t(n) * C * (oh + p) * (ow + p);
+  resample_kernel<<<blocks_for(total, 256), 256, 0, st>>>(in, i_bstride, out, o_bstride, n, C, h, w, pool, padded);
   return cudaGetLastError();
 }
 

@@ -8,12 +8,12 @@ from . import validate as _validate
 
 from .executors import BackendUnavailableError, backends
 from .executors import get as _backend
-from .schedulers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler,
-                         EulerDiscreteScheduler, SchedulerConfigError)
+from .schedulers import (CMStochasticIterativeScheduler, DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler,
+                         EulerAncestralDiscreteScheduler, EulerDiscreteScheduler, SchedulerConfigError)
 
 __version__ = "0.1.0"
 __all__ = ["sample", "load", "noise", "backends", "DDPMScheduler", "DDIMScheduler", "DPMSolverMultistepScheduler",
-           "EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler", "Pipeline",
+           "EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler", "CMStochasticIterativeScheduler", "Pipeline",
            "BackendUnavailableError", "SchedulerConfigError", "__version__",
            "save_grid", "save_trajectory", "to_pil", "sample_to_disk", "set_num_threads", "get_num_threads"]
 

@@ -27,8 +27,8 @@ from ._files import check_inside, errors_name, read_json_object
 from .conditioning import check_guidance, check_labels, check_null_class, class_embedding, guided_labels
 from .executors import EngineOptions
 from .limits import check_request, engine_cache_size
-from .schedulers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler,
-                         EulerDiscreteScheduler, SchedulerConfigError, scheduler_for)
+from .schedulers import (CMStochasticIterativeScheduler, DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler,
+                         EulerAncestralDiscreteScheduler, EulerDiscreteScheduler, SchedulerConfigError, scheduler_for)
 from .unet_config import PRESETS, UNetConfig, UNetConfigError, random_weights, weight_shapes
 from .weights import WeightsError, check_weights, load_safetensors, save_safetensors
 
@@ -40,7 +40,8 @@ PRESET_MODELS = tuple(PRESETS)
 DEFAULT_MODEL = "digits"
 _DIFFUSERS_VERSION = "0.42.1"   # what the saved files say they were written for
 _SCHEDULERS = {cls.__name__: cls for cls in (DDPMScheduler, DDIMScheduler, DPMSolverMultistepScheduler,
-                                             EulerDiscreteScheduler, EulerAncestralDiscreteScheduler)}   # loadable from a model directory
+                                             EulerDiscreteScheduler, EulerAncestralDiscreteScheduler,
+                                             CMStochasticIterativeScheduler)}   # loadable from a model directory
 _OUTPUTS = ("uint8", "float")
 # model_index.json keys of a model trained for classifier-free guidance (conditioning.py)
 _NULL_CLASS_KEY, _GUIDANCE_KEY = "_fastddpm_null_class", "_fastddpm_guidance_scale"
@@ -244,9 +245,17 @@ class Pipeline:
             return self.reference_unet(sample.device)(sample, timestep, class_emb=ce)
 
     # ------------------------------------------------------------------ sampling
-    def scheduler_for(self, sampler: str, steps: int | None):
-        """A scheduler of the kind ``sampler`` names, from this pipeline's scheduler config, with
-        ``steps`` timesteps (None: the sampler's default). Kept for reuse; do not modify it."""
+    def default_sampler(self) -> str:
+        """The sampler a call that names none runs: "cm" for a consistency model, else "ddpm"."""
+        return "cm" if isinstance(self.scheduler, CMStochasticIterativeScheduler) else "ddpm"
+
+    def scheduler_for(self, sampler: str | None, steps: int | None):
+        """A scheduler of the kind ``sampler`` names (None: ``default_sampler()``), from this
+        pipeline's scheduler config, with ``steps`` timesteps (None: the sampler's default). Kept
+        for reuse; do not modify it."""
+        sampler = self.default_sampler() if sampler is None else sampler
+        if isinstance(steps, (list, tuple)):   # explicit CM timesteps: hashable for the cache
+            steps = tuple(steps)
         key = (id(self.scheduler), sampler, steps)
         with self._lock:
             found = self._schedulers.get(key)
@@ -269,7 +278,7 @@ class Pipeline:
         options = EngineOptions(dtype=be.check_dtype(dtype))
         return n, schedule, be, options
 
-    def __call__(self, n: int = 1, *, steps: int | None = None, sampler: str = "ddpm", seed: int | None = 0,
+    def __call__(self, n: int = 1, *, steps: int | None = None, sampler: str | None = None, seed: int | None = 0,
                  backend: str = "auto", eta: float = 0.0, output: str = "uint8", progress: bool = False,
                  trajectory: Sequence[int] | None = None, first_index: int = 0, dtype: str | None = None,
                  labels=None, guidance_scale: float | None = None, threads: int | None = None):
@@ -293,7 +302,7 @@ class Pipeline:
                             schedule.history, rows=rows)
         class_emb = self._class_emb(labels, n, guidance)
 
-        bar = _progress_bar(total, progress, f"{sampler} {total} steps on {be.name}")
+        bar = _progress_bar(total, progress, f"{sampler or self.default_sampler()} {total} steps on {be.name}")
         try:
             callback = None if bar is None else (lambda k: bar.update(k - bar.n))
             engine = self._engine(be, rows, h, w, options)
@@ -310,7 +319,7 @@ class Pipeline:
         return SampleResult(images=images, trajectory=stack, trajectory_steps=list(keep),
                             timesteps=schedule.position_timesteps(keep))
 
-    def sampler(self, batch: int = 1, *, sampler: str = "ddpm", steps: int | None = None, eta: float = 0.0,
+    def sampler(self, batch: int = 1, *, sampler: str | None = None, steps: int | None = None, eta: float = 0.0,
                 backend: str = "auto", dtype: str | None = None, device: int = 0,
                 guidance_scale: float | None = None, threads: int | None = None) -> "Sampler":
         """A fixed (batch, sampler, steps, eta, backend, dtype, guidance) ready to run again and
@@ -482,11 +491,12 @@ def default_model() -> str:
     return "bench-small"
 
 
-def sample(model=None, n: int = 1, *, steps: int | None = None, sampler: str = "ddpm", seed: int | None = 0,
+def sample(model=None, n: int = 1, *, steps: int | None = None, sampler: str | None = None, seed: int | None = 0,
            backend: str = "auto", eta: float = 0.0, output: str = "uint8", progress: bool = False,
            trajectory: Sequence[int] | None = None, dtype: str | None = None, labels=None,
            guidance_scale: float | None = None, threads: int | None = None):
-    """Sample ``n`` images. ``model=None``: the bundled model. Returns uint8 [n, H, W, C]
+    """Sample ``n`` images. ``model=None``: the bundled model. ``sampler`` (SAMPLERS; None: "cm" for
+    a consistency model, else "ddpm") and ``steps`` (None: the sampler's default). Returns uint8 [n, H, W, C]
     (``output="float"``: float32 [n, C, H, W] in [-1, 1]); with ``trajectory`` a SampleResult.
     ``dtype`` ("fp32", "tf32", "bf16", "fp16"): the CUDA engine's precision (default tf32; fp32
     means no TF32); CPU backends compute in fp32. ``labels``: a class-conditional model's class

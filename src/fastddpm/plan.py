@@ -34,7 +34,11 @@ Ops (``Plan.ops``, in execution order); each is an ``Op`` with these fields (-1 
   beta=weights[b]), then, when ``temb`` >= 0 (a slot [N, 2C]: diffusers' scale_shift time
   embedding), y * (1 + temb[n, c]) + temb[n, C + c], then ``act``; written padded if
   ``padded_out``. Statistics per (sample, group) over all of the group's channels and pixels
-  (biased variance).
+  (biased variance). ``mode`` POOL (padded_out only): the output is the 2x2 average pooling of
+  that, [N, C, h/2+2, w/2+2] (the first half of a downsampling resnet: norm1, act, avg-pool).
+- ``RESAMPLE``  out [N, C, Ho, Wo] = ``mode`` POOL: 2x2 average pooling (Ho, Wo = h/2, w/2), or
+  NEAREST: nearest x2 upsampling (2h, 2w), of in [N, C, h, w]; written padded if ``padded_out``
+  (the resampled input of a downsampling / upsampling resnet: its residual or shortcut input).
 - ``CONV``      out [N, c_out, Ho, Wo] = scale * (conv(in) + bias + temb + conv1x1(in2) + residual):
     ``mode`` CONV3 : 3x3 stride 1 pad 1 on a padded ``in`` [c_in, h+2, w+2]; Ho, Wo = h, w.
     ``mode`` CONV1 : 1x1 on an unpadded ``in`` [c_in, h, w].
@@ -81,7 +85,7 @@ from . import validate
 from .unet_config import UNetConfig, weight_shapes
 
 __all__ = ["Plan", "Op", "PlanError", "build_plan", "OP_CODES", "CONV_MODES", "INT_FIELDS",
-           "FLOAT_FIELDS", "ACT_FLAGS", "INPUT_SLOT", "OUTPUT_SLOT", "CLASS_SLOT"]
+           "FLOAT_FIELDS", "ACT_FLAGS", "RESAMPLE_MODES", "INPUT_SLOT", "OUTPUT_SLOT", "CLASS_SLOT"]
 
 
 class PlanError(ValueError):
@@ -90,8 +94,9 @@ class PlanError(ValueError):
 
 # Op codes, conv modes, columns and flags: the same in csrc/include/fastddpm/plan.h, which the
 # extensions export (layout()); tests/test_layout.py asserts the two agree.
-OP_CODES = {"TIME_EMB": 1, "LINEAR": 2, "PAD": 3, "GROUPNORM": 4, "CONV": 5, "ATTENTION": 6}
+OP_CODES = {"TIME_EMB": 1, "LINEAR": 2, "PAD": 3, "GROUPNORM": 4, "CONV": 5, "ATTENTION": 6, "RESAMPLE": 7}
 CONV_MODES = {"CONV3": 0, "CONV1": 1, "DOWN1": 2, "DOWN0": 3, "UP": 4}
+RESAMPLE_MODES = {"NONE": 0, "POOL": 1, "NEAREST": 2}
 # Column order of Plan.arrays()["ints"] and ["floats"]: Op attribute names ("code" and "flags"
 # are derived from Op.kind and the boolean flags).
 INT_FIELDS = ("code", "out", "in_", "c_in", "in2", "c_in2", "h", "w", "c_out", "w_idx", "b_idx", "w2_idx",
@@ -243,13 +248,15 @@ class _Builder:
         return self.emit(Op("PAD", out=self.value((c + c2) * (h + 2) * (w + 2)), in_=src, c_in=c,
                             in2=src2, c_in2=c2, h=h, w=w, a=a, shift=b, name=name))
 
-    def norm(self, key, src, c, h, w, groups, act, padded, src2=-1, c2=0, scale_shift=-1) -> int:
+    def norm(self, key, src, c, h, w, groups, act, padded, src2=-1, c2=0, scale_shift=-1, pool=False) -> int:
         ctot = c + c2
         if ctot % groups:
             raise PlanError(f"{key}: {ctot} channels are not divisible by {groups} groups")
-        size = ctot * ((h + 2) * (w + 2) if padded else h * w)
+        ho, wo = (h // 2, w // 2) if pool else (h, w)
+        size = ctot * ((ho + 2) * (wo + 2) if padded else ho * wo)
         return self.emit(Op("GROUPNORM", out=self.value(size), in_=src, c_in=c, in2=src2, c_in2=c2,
                             h=h, w=w, groups=groups, act=act, padded_out=padded, temb=scale_shift,
+                            mode=RESAMPLE_MODES["POOL" if pool else "NONE"],
                             eps=float(self.cfg.norm_eps), w_idx=self.widx(f"{key}.weight"),
                             b_idx=self.widx(f"{key}.bias"), name=key))
 
@@ -266,10 +273,20 @@ class _Builder:
                            temb=temb, residual=residual, scratch=scratch, scale=scale, name=key))
         return out, ho, wo
 
-    def resnet(self, key, x, c_in, h, w, c_out, emb, x2=-1, c2=0, scale=1.0) -> int:
-        """diffusers ResnetBlock2D on concat(x, x2) (c_in + c2 channels) -> [c_out, h, w]."""
+    def resample(self, src, c, h, w, mode, padded, name="") -> int:
+        ho, wo = (h // 2, w // 2) if mode == "POOL" else (2 * h, 2 * w)
+        size = c * ((ho + 2) * (wo + 2) if padded else ho * wo)
+        return self.emit(Op("RESAMPLE", out=self.value(size), in_=src, c_in=c, h=h, w=w, c_out=c,
+                            mode=RESAMPLE_MODES[mode], padded_out=padded, name=name))
+
+    def resnet(self, key, x, c_in, h, w, c_out, emb, x2=-1, c2=0, scale=1.0, resample=None) -> int:
+        """diffusers ResnetBlock2D on concat(x, x2) (c_in + c2 channels) -> [c_out, h, w];
+        resample "down" / "up" (its down=True / up=True: x and norm1's output are average-pooled /
+        upsampled x2 before conv1 and the shortcut) -> [c_out, h/2, w/2] / [c_out, 2h, 2w]."""
         cfg = self.cfg
         cin_tot = c_in + c2
+        if resample is not None and x2 >= 0:  # diffusers' resampling resnets never take a concat
+            raise PlanError(f"{key}: a resampling resnet with a concatenated input")
         act = cfg.act
         # scale_shift: time_emb_proj gives [scale, shift] rows applied after norm2 (its epilogue);
         # default: one row added after conv1 (its epilogue)
@@ -278,13 +295,23 @@ class _Builder:
                           c_in=cfg.time_embed_dim, c_out=(2 if shifts else 1) * c_out, act=act,
                           w_idx=self.widx(f"{key}.time_emb_proj.weight"),
                           b_idx=self.widx(f"{key}.time_emb_proj.bias"), name=f"{key}.time_emb_proj"))
-        n1 = self.norm(f"{key}.norm1", x, c_in, h, w, cfg.norm_num_groups, act, True, x2, c2)
-        h1, _, _ = self.conv(f"{key}.conv1", "CONV3", n1, cin_tot, h, w, c_out, temb=-1 if shifts else tp)
+        # down: norm1 + act + avg-pool in one op, then a plain conv1 at h/2; up: conv1's UP mode
+        # folds the nearest x2 upsampling into the conv (4 phases of 2x2 taps)
+        n1 = self.norm(f"{key}.norm1", x, c_in, h, w, cfg.norm_num_groups, act, True, x2, c2,
+                       pool=resample == "down")
+        h0, w0 = h, w
+        if resample == "down":
+            h, w = h // 2, w // 2
+        h1, h, w = self.conv(f"{key}.conv1", "UP" if resample == "up" else "CONV3", n1, cin_tot, h, w, c_out,
+                             temb=-1 if shifts else tp)
         n2 = self.norm(f"{key}.norm2", h1, c_out, h, w, cfg.norm_num_groups, act, True,
                        scale_shift=tp if shifts else -1)
+        if resample is not None:  # the shortcut reads x resampled (padded for a 1x1 shortcut)
+            mode = "POOL" if resample == "down" else "NEAREST"
+            x = self.resample(x, c_in, h0, w0, mode, cin_tot != c_out, name=f"{key}.{resample}sample(input)")
         if cin_tot != c_out:
             # the 1x1 shortcut runs inside conv2's GEMM: it reads a padded copy of its input
-            xp = self.pad(x, c_in, h, w, x2, c2, name=f"{key}.conv_shortcut(input)")
+            xp = x if resample is not None else self.pad(x, c_in, h, w, x2, c2, name=f"{key}.conv_shortcut(input)")
             out, _, _ = self.conv(f"{key}.conv2", "CONV3", n2, c_out, h, w, c_out, src2=xp,
                                   c2=cin_tot, short_key=f"{key}.conv_shortcut", scale=scale)
         else:
@@ -335,7 +362,11 @@ class _Builder:
                 if t == "AttnDownBlock2D":
                     h = self.attention(f"{p}.attentions.{j}", h, c, hh, ww, cfg.norm_num_groups)
                 skips.append((h, c))
-            if i < nb - 1:
+            if i < nb - 1 and cfg.resnet_downsampler(i):
+                h = self.resnet(f"{p}.downsamplers.0", h, c, hh, ww, c, emb, resample="down")
+                hh, ww = hh // 2, ww // 2
+                skips.append((h, c))
+            elif i < nb - 1:
                 mode = "DOWN1" if cfg.downsample_padding == 1 else "DOWN0"
                 h, hh, ww = self.conv(f"{p}.downsamplers.0.conv", mode, h, c, hh, ww, c)
                 skips.append((h, c))
@@ -354,7 +385,10 @@ class _Builder:
                 c = rev[i]
                 if t == "AttnUpBlock2D":
                     h = self.attention(f"{p}.attentions.{j}", h, c, hh, ww, cfg.norm_num_groups)
-            if i < nb - 1:
+            if i < nb - 1 and cfg.resnet_upsampler(i):
+                h = self.resnet(f"{p}.upsamplers.0", h, c, hh, ww, c, emb, resample="up")
+                hh, ww = 2 * hh, 2 * ww
+            elif i < nb - 1:
                 hp = self.pad(h, c, hh, ww, name=f"{p}.upsamplers.0(input)")
                 h, hh, ww = self.conv(f"{p}.upsamplers.0.conv", "UP", hp, c, hh, ww, c)
         assert not skips and (hh, ww) == (H, W)

@@ -28,7 +28,7 @@ from .dispatch import fused_step
 from .loop import empty_like
 
 __all__ = ["DDPMScheduler", "DDIMScheduler", "DPMSolverMultistepScheduler", "EulerDiscreteScheduler",
-           "EulerAncestralDiscreteScheduler", "COEF_WIDTH", "SchedulerConfigError", "StepSchedule", "SAMPLERS",
+           "EulerAncestralDiscreteScheduler", "CMStochasticIterativeScheduler", "COEF_WIDTH", "SchedulerConfigError", "StepSchedule", "SAMPLERS",
            "scheduler_for"]
 
 
@@ -217,6 +217,15 @@ class _Scheduler:
             cfg[key] = value
         self._validate(cfg)
         self.config = cfg
+        self.num_inference_steps: int | None = None
+        self._tables: dict = {}
+        self._schedules: dict = {}
+        self._init_noise_levels()
+        self._set_timestep_array(np.arange(self.num_train_timesteps - 1, -1, -1, dtype=np.int64))
+
+    def _init_noise_levels(self) -> None:
+        """The variance-preserving tables of the beta schedule (the consistency scheduler has sigmas instead)."""
+        cfg = self.config
         betas = _betas(cfg)
         if cfg["rescale_betas_zero_snr"]:
             betas = _rescale_zero_terminal_snr(betas)
@@ -224,10 +233,6 @@ class _Scheduler:
         self.alphas = 1.0 - betas
         self.alphas_cumprod = np.cumprod(self.alphas)       # [T] float64; [T-1] = 0 after a zero-SNR rescale
         self.num_train_timesteps = len(betas)
-        self.num_inference_steps: int | None = None
-        self._tables: dict = {}
-        self._schedules: dict = {}
-        self._set_timestep_array(np.arange(self.num_train_timesteps - 1, -1, -1, dtype=np.int64))
 
     # -- config -------------------------------------------------------------------------------
     def _validate(self, cfg: dict) -> None:
@@ -308,7 +313,7 @@ class _Scheduler:
         """Write scheduler_config.json (diffusers' format) into directory; returns its path."""
         os.makedirs(directory, exist_ok=True)
         cfg = {"_class_name": type(self).__name__, **self.config}
-        if cfg["trained_betas"] is not None:
+        if cfg.get("trained_betas") is not None:
             cfg["trained_betas"] = [float(b) for b in cfg["trained_betas"]]
         path = os.path.join(os.fspath(directory), "scheduler_config.json")
         with open(path, "w", encoding="utf-8") as f:
@@ -941,6 +946,122 @@ class EulerAncestralDiscreteScheduler(_EulerBase):
         return math.sqrt(nxt * nxt - up * up), up
 
 
+class CMStochasticIterativeScheduler(_Scheduler):
+    """Consistency-model sampling (Song et al. 2023, multistep Algorithm 1); the same maths as
+    diffusers' CMStochasticIterativeScheduler, with its config keys.
+
+    Step k at Karras sigma s_k denoises with the boundary-condition scalings
+    x0 = c_skip(s_k) sample + c_out(s_k) m (clipped to [-1, 1] with clip_denoised) and, except at
+    the last step, adds noise back to s_{k+1}: sample' = x0 + s_noise sqrt(s_{k+1}^2 - sigma_min^2) z.
+    diffusers feeds the model sample / sqrt(s_k^2 + sigma_data^2) (scale_model_input) at the time
+    250 ln(s_k); as fastddpm's Euler, the loop here keeps that model input x itself, so every update
+    is an affine row in x divided by the next sqrt(s^2 + sigma_data^2), and ``step`` maps x to the
+    next x (the last step returns the sample itself). x_T = ``x_scale`` normals, x_scale =
+    sigma_max / sqrt(s_0^2 + sigma_data^2) (diffusers' init_noise_sigma = sigma_max in x).
+
+    Timesteps: ``set_timesteps(n)`` or ``set_timesteps(timesteps=[22, 0])`` (indices of the
+    num_train_timesteps-point Karras discretisation, descending), as diffusers. ``timesteps`` then
+    holds the model's float times 250 ln(s_k); the noise of step k is keyed by the integer
+    num_train_timesteps - 1 - (its ramp index), distinct and descending."""
+
+    _DEFAULTS = dict(num_train_timesteps=40, sigma_min=0.002, sigma_max=80.0, sigma_data=0.5, s_noise=1.0, rho=7.0,
+                     clip_denoised=True)
+
+    def __init__(self, **config):
+        super().__init__(**config)
+        self._sigmas = np.zeros(0)
+        self._set_timestep_array(np.zeros(0, dtype=np.int64))   # diffusers: set_timesteps first
+
+    def _validate(self, cfg):
+        n = cfg["num_train_timesteps"]
+        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or not 2 <= n <= MAX_TRAIN_TIMESTEPS:
+            raise SchedulerConfigError(f"num_train_timesteps must be an integer in [2, {MAX_TRAIN_TIMESTEPS}], got {n!r}")
+        for key, low in (("sigma_min", 0.0), ("sigma_max", 0.0), ("sigma_data", 0.0), ("rho", 0.0), ("s_noise", None)):
+            v = cfg[key]
+            if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)) or not _finite(v) \
+                    or (v <= low if low is not None else v < 0):
+                raise SchedulerConfigError(f"{key} must be a finite number {'> 0' if low is not None else '>= 0'}, got {v!r}")
+        if not cfg["sigma_min"] < cfg["sigma_max"]:
+            raise SchedulerConfigError(f"sigma_min = {cfg['sigma_min']!r} must be below sigma_max = {cfg['sigma_max']!r}")
+        if not isinstance(cfg["clip_denoised"], (bool, np.bool_)):
+            raise SchedulerConfigError(f"clip_denoised must be true or false, got {cfg['clip_denoised']!r}")
+
+    def _init_noise_levels(self) -> None:
+        self.num_train_timesteps = int(self.config["num_train_timesteps"])
+        self.init_noise_sigma = float(self.config["sigma_max"])
+
+    @classmethod
+    def default_steps(cls, num_train_timesteps: int) -> int:
+        return 1   # one network evaluation: what consistency models are for
+
+    def _karras(self, ramp: np.ndarray) -> np.ndarray:
+        """diffusers' _convert_to_karras(ramp) in float64."""
+        cfg = self.config
+        lo, hi = float(cfg["sigma_min"]) ** (1.0 / cfg["rho"]), float(cfg["sigma_max"]) ** (1.0 / cfg["rho"])
+        return (hi + ramp * (lo - hi)) ** cfg["rho"]
+
+    def set_timesteps(self, num_inference_steps: int | None = None, device=None, timesteps=None) -> None:
+        T = self.num_train_timesteps
+        if (num_inference_steps is None) == (timesteps is None):
+            raise ValueError("exactly one of num_inference_steps and timesteps must be given")
+        if timesteps is not None:
+            ts = np.asarray(timesteps)
+            if ts.ndim != 1 or ts.size == 0 or not np.issubdtype(ts.dtype, np.integer):
+                raise ValueError(f"timesteps must be a non-empty list of integers, got {timesteps!r}")
+            if np.any(np.diff(ts) >= 0):
+                raise ValueError(f"timesteps must be in descending order, got {list(ts)}")
+            if ts[0] >= T or ts[-1] < 0:
+                raise ValueError(f"timesteps must lie in [0, {T}), got {list(ts)}")
+            ts = ts.astype(np.int64)
+        else:
+            n = num_inference_steps
+            if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or not 1 <= n <= T:
+                raise ValueError(f"num_inference_steps must be an integer in [1, {T}], got {n!r}")
+            ts = (np.arange(0, int(n)) * (T // int(n))).round()[::-1].astype(np.int64)
+        ramp_index = ts[::-1].copy()                                   # ascending: sigmas descend
+        sigmas = self._karras(ramp_index / (T - 1))                    # [S] float64
+        self._sigmas = np.concatenate([sigmas, [float(self.config["sigma_min"])]])
+        self.num_inference_steps = len(ts)
+        sd = float(self.config["sigma_data"])
+        self.x_scale = float(self.config["sigma_max"]) / math.sqrt(sigmas[0] ** 2 + sd * sd)
+        self._set_timestep_array(T - 1 - ramp_index, 250.0 * np.log(sigmas + 1e-44))
+
+    def _prev_of_row(self, row: int) -> int:
+        return int(self.noise_steps[row + 1]) if row + 1 < len(self.noise_steps) else -1
+
+    def scale_model_input(self, sample, timestep=None):
+        """The model's input: ``sample`` itself, since the loop state here is already what diffusers'
+        scale_model_input makes of its sample (see the class docstring)."""
+        return sample
+
+    def step(self, model_output, timestep, sample, *, noise=None, seed=None, first_index=0,
+             backend="auto", out=None):
+        """The next x (the model's input at the next sigma) from x, or at the last step the sample.
+        The noise: ``noise``, or the Philox noise of (seed, sample first_index + i, noise step)."""
+        if self.num_inference_steps is None:
+            raise ValueError("call set_timesteps(num_inference_steps or timesteps) before CMStochasticIterativeScheduler.step")
+        return self._step(model_output, timestep, sample, noise, seed, first_index, backend, out)
+
+    def boundary_scalings(self, sigma: float) -> tuple[float, float]:
+        """(c_skip, c_out) of diffusers' get_scalings_for_boundary_condition, float64."""
+        lo, sd = float(self.config["sigma_min"]), float(self.config["sigma_data"])
+        return sd * sd / ((sigma - lo) ** 2 + sd * sd), (sigma - lo) * sd / math.sqrt(sigma * sigma + sd * sd)
+
+    def _row(self, k: int) -> list[float]:
+        cfg = self.config
+        sigma, nxt = self._sigmas[k], self._sigmas[k + 1]
+        lo, hi, sd = float(cfg["sigma_min"]), float(cfg["sigma_max"]), float(cfg["sigma_data"])
+        c_skip, c_out = self.boundary_scalings(sigma)
+        last = k == len(self._sigmas) - 2
+        # x = sample / r (r = sqrt(sigma^2 + sigma_data^2)); the next x divides by the next r, except
+        # that the last step returns the sample; one-step sampling draws no noise (as diffusers)
+        r, r_next = math.sqrt(sigma * sigma + sd * sd), 1.0 if last else math.sqrt(nxt * nxt + sd * sd)
+        hat = min(max(nxt, lo), hi)
+        noise = 0.0 if len(self._sigmas) == 2 else cfg["s_noise"] * math.sqrt(max(hat * hat - lo * lo, 0.0))
+        clip = 1.0 if cfg["clip_denoised"] else 0.0
+        return [c_skip * r, c_out, 1.0 / r_next, 0.0, 0.0, noise / r_next, clip, 0.0, 0.0, 0.0, 0.0, 0.0]
+
+
 def _sigma_to_t(sigma: float, log_sigmas: np.ndarray) -> float:
     """diffusers' _sigma_to_t: the (fractional) timestep of a sigma, by log-linear interpolation."""
     log_sigma = math.log(max(sigma, 1e-10))
@@ -971,18 +1092,33 @@ SAMPLERS = {"ddpm": (DDPMScheduler, {}, None), "ddim": (DDIMScheduler, {}, None)
             "dpm++2m-sde": (DPMSolverMultistepScheduler, {"solver_order": 2, "algorithm_type": "sde-dpmsolver++"},
                             _dpm_from_others),
             "euler": (EulerDiscreteScheduler, {}, lambda config: {"timestep_spacing": "leading"}),
-            "euler-a": (EulerAncestralDiscreteScheduler, {}, lambda config: {"timestep_spacing": "leading"})}
+            "euler-a": (EulerAncestralDiscreteScheduler, {}, lambda config: {"timestep_spacing": "leading"}),
+            "cm": (CMStochasticIterativeScheduler, {}, None)}
 
 
-def scheduler_for(sampler: str, config: dict, steps: int | None = None, source: type | None = None) -> _Scheduler:
+def scheduler_for(sampler: str, config: dict, steps=None, source: type | None = None) -> _Scheduler:
     """A scheduler of the kind ``sampler`` names, built from a model's scheduler config (of class
     ``source``), with ``steps`` timesteps (None: the class's default, e.g. every training timestep
-    for DDPM)."""
+    for DDPM; for "cm" also a list: diffusers' explicit timesteps, e.g. [22, 0])."""
     found = SAMPLERS.get(sampler) if isinstance(sampler, str) else None
     if found is None:
         raise ValueError(f"sampler must be one of {tuple(SAMPLERS)}, got {sampler!r}")
     cls, defining, converting = found
+    # a consistency model's sigmas and a variance-preserving beta schedule are different models:
+    # neither kind of sampler runs the other's (from_compatible_config would drop every key)
+    if (cls is CMStochasticIterativeScheduler) != (source is CMStochasticIterativeScheduler) and source is not None:
+        if cls is CMStochasticIterativeScheduler:
+            raise ValueError(f"sampler 'cm' needs a consistency model (CMStochasticIterativeScheduler); "
+                             f"this model's scheduler is {source.__name__}")
+        raise ValueError(f"sampler {sampler!r} runs a beta-schedule model; this is a consistency model "
+                         f"(CMStochasticIterativeScheduler): use sampler='cm'")
     base = config if source is cls or converting is None else {**config, **converting(config)}
     sched = cls.from_compatible_config({**base, **defining})
-    sched.set_timesteps(cls.default_steps(sched.num_train_timesteps) if steps is None else steps)
+    if isinstance(steps, (list, tuple, np.ndarray)):   # diffusers' explicit CM timesteps, e.g. [22, 0]
+        if cls is not CMStochasticIterativeScheduler:
+            raise ValueError(f"explicit timesteps (steps={list(steps)!r}) are for sampler 'cm'; "
+                             f"sampler {sampler!r} takes a number of steps")
+        sched.set_timesteps(timesteps=list(steps))
+    else:
+        sched.set_timesteps(cls.default_steps(sched.num_train_timesteps) if steps is None else steps)
     return sched

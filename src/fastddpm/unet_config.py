@@ -66,8 +66,8 @@ MAX_RESNET_BLOCKS = 4096           # len(block_out_channels) x (2 layers_per_blo
 MAX_PARAMETERS = 2**32             # 16 GiB of float32 weights
 MAX_SAMPLE_FLOATS = 2**30          # the largest activation of one sample at sample_size: 4 GiB
 
-DOWN_BLOCK_TYPES = ("DownBlock2D", "AttnDownBlock2D")
-UP_BLOCK_TYPES = ("UpBlock2D", "AttnUpBlock2D")
+DOWN_BLOCK_TYPES = ("DownBlock2D", "AttnDownBlock2D", "ResnetDownsampleBlock2D")
+UP_BLOCK_TYPES = ("UpBlock2D", "AttnUpBlock2D", "ResnetUpsampleBlock2D")
 _MID_BLOCK_TYPES = ("UNetMidBlock2D",)
 _ATTN_BLOCKS = ("AttnDownBlock2D", "AttnUpBlock2D")
 
@@ -76,8 +76,8 @@ _CHOICES: dict[str, tuple] = {
     "mid_block_type": _MID_BLOCK_TYPES,
     "act_fn": ("silu", "swish", "mish", "gelu", "relu"),
     "time_embedding_type": ("positional",),
-    "downsample_type": ("conv",),
-    "upsample_type": ("conv",),
+    "downsample_type": ("conv", "resnet"),
+    "upsample_type": ("conv", "resnet"),
     "resnet_time_scale_shift": ("default", "scale_shift"),
     "class_embed_type": (None, "timestep", "identity"),
     "downsample_padding": (0, 1),
@@ -204,6 +204,19 @@ class UNetConfig:
         if s is None:
             return None
         return (s, s) if isinstance(s, int) else (s[0], s[1])
+
+    def resnet_downsampler(self, block: int) -> bool:
+        """Whether down block ``block`` downsamples with a resnet (ResnetBlock2D down=True: avg-pool
+        2x2 inside) rather than a stride-2 conv: ResnetDownsampleBlock2D, or AttnDownBlock2D
+        with downsample_type "resnet" (DownBlock2D ignores downsample_type, as in diffusers)."""
+        t = self.down_block_types[block]
+        return t == "ResnetDownsampleBlock2D" or (t == "AttnDownBlock2D" and self.downsample_type == "resnet")
+
+    def resnet_upsampler(self, block: int) -> bool:
+        """Whether up block ``block`` upsamples with a resnet (ResnetBlock2D up=True: nearest x2
+        inside): ResnetUpsampleBlock2D, or AttnUpBlock2D with upsample_type "resnet"."""
+        t = self.up_block_types[block]
+        return t == "ResnetUpsampleBlock2D" or (t == "AttnUpBlock2D" and self.upsample_type == "resnet")
 
     def attn_norm_groups(self) -> int | None:
         """Group count of the mid block's attention norm (down/up attention uses norm_num_groups);
@@ -412,7 +425,7 @@ def _largest_activation(cfg: UNetConfig, height: int, width: int) -> tuple[int, 
     best = (0, "")
     for ly in _layers(cfg):
         px = (height >> ly.level) * (width >> ly.level)
-        out_px = px // 4 if ly.kind == "down" else px * 4 if ly.kind == "up" else px
+        out_px = px // 4 if ly.kind in ("down", "resnet_down") else px * 4 if ly.kind in ("up", "resnet_up") else px
         floats = max(ly.c_in * px, ly.c_out * out_px)
         if ly.kind == "attn":
             floats = max(floats, cfg.heads(ly.c_in) * px * px + 4 * ly.c_in * px)
@@ -441,7 +454,8 @@ class _Layer:
 
     kind: "conv3" (3x3 pad 1), "down" (3x3 stride 2), "up" (nearest x2 then 3x3), "linear",
     "class_linear" (the class MLP, run once per call), "embedding" (c_in rows of c_out),
-    "norm", "resnet", "attn". level: halvings of the input image size at the module's input."""
+    "norm", "resnet", "resnet_down" / "resnet_up" (a resnet that avg-pools / upsamples x2 after
+    norm1), "attn". level: halvings of the input image size at the module's input."""
 
     name: str
     kind: str
@@ -472,7 +486,9 @@ def _layers(cfg: UNetConfig) -> list[_Layer]:
                   for j in range(cfg.layers_per_block)]
         L += [_Layer(f"{p}.resnets.{j}", "resnet", c_in if j == 0 else c_out, c_out, i)
               for j in range(cfg.layers_per_block)]
-        if i < n - 1:
+        if i < n - 1 and cfg.resnet_downsampler(i):
+            L.append(_Layer(f"{p}.downsamplers.0", "resnet_down", c_out, c_out, i))
+        elif i < n - 1:
             L.append(_Layer(f"{p}.downsamplers.0.conv", "down", c_out, c_out, i))
     rev = ch[::-1]
     c_out = rev[0]
@@ -485,7 +501,9 @@ def _layers(cfg: UNetConfig) -> list[_Layer]:
         for j in range(m):
             c_in = (prev if j == 0 else c_out) + (skip_last if j == m - 1 else c_out)
             L.append(_Layer(f"{p}.resnets.{j}", "resnet", c_in, c_out, level))
-        if i < n - 1:
+        if i < n - 1 and cfg.resnet_upsampler(i):
+            L.append(_Layer(f"{p}.upsamplers.0", "resnet_up", c_out, c_out, level))
+        elif i < n - 1:
             L.append(_Layer(f"{p}.upsamplers.0.conv", "up", c_out, c_out, level))
     # diffusers registers up_blocks before mid_block, so the mid block's keys come after them
     c = ch[-1]
@@ -526,7 +544,7 @@ def weight_shapes(cfg: UNetConfig) -> dict[str, tuple[int, ...]]:
             out[f"{ly.name}.weight"] = (ly.c_in, ly.c_out)
         elif ly.kind == "norm":
             _norm(out, ly.name, ly.c_in)
-        elif ly.kind == "resnet":
+        elif ly.kind in ("resnet", "resnet_down", "resnet_up"):
             _norm(out, f"{ly.name}.norm1", ly.c_in)
             _conv(out, f"{ly.name}.conv1", ly.c_in, ly.c_out, 3)
             _linear(out, f"{ly.name}.time_emb_proj", temb, cfg.time_proj_rows * ly.c_out)
@@ -574,7 +592,9 @@ def flops(cfg: UNetConfig, batch: int = 1, height: int | None = None,
             total += 9 * ly.c_in * ly.c_out * px * 4
         elif ly.kind == "linear":
             total += ly.c_in * ly.c_out
-        elif ly.kind == "resnet":
+        elif ly.kind in ("resnet", "resnet_down", "resnet_up"):
+            # the convs run at the resampled size (the UP conv counted as a plain 3x3 at 2x, as "up")
+            px = px // 4 if ly.kind == "resnet_down" else px * 4 if ly.kind == "resnet_up" else px
             total += 9 * ly.c_in * ly.c_out * px + 9 * ly.c_out * ly.c_out * px + temb * cfg.time_proj_rows * ly.c_out
             if ly.c_in != ly.c_out:
                 total += ly.c_in * ly.c_out * px

@@ -45,7 +45,7 @@ enum WeightRole : int {
 };
 
 struct CheckedOp : OpFields {
-  int64_t ho = 0, wo = 0;  // CONV: the output's spatial size
+  int64_t ho = 0, wo = 0;  // CONV, RESAMPLE: the output's spatial size
   // The weights the op uses (shapes checked; null where unused); valid while the caller's weights are.
   const WeightView* weights[kMaxWeights] = {};
 };
@@ -58,6 +58,7 @@ inline const char* op_name(int64_t code) {
     case kGroupNorm: return "GROUPNORM";
     case kConv: return "CONV";
     case kAttention: return "ATTENTION";
+    case kResample: return "RESAMPLE";
     default: return "?";
   }
 }
@@ -166,7 +167,13 @@ inline std::vector<CheckedOp> check_plan(const PlanView& pv, const std::vector<W
         if (op.cin2 > 0) use(op.in2, op.cin2 * hw, "second input");
         const int64_t c = op.cin + op.cin2;
         const bool padded = op.code == kPad || (op.flags & kFlagPaddedOut);
-        use(op.out, c * (padded ? pplane : hw), "output");
+        const bool pooled = op.code == kGroupNorm && op.mode == kResamplePool;
+        if (op.code == kGroupNorm && op.mode != kResampleNone && !pooled)
+          fail(where + ": unknown resample mode " + std::to_string(op.mode));
+        if (pooled && (!padded || op.h % 2 || op.w % 2))
+          fail(where + ": a pooled output needs even sizes and a padded output");
+        const int64_t out_plane = pooled ? (op.h / 2 + 2) * (op.w / 2 + 2) : padded ? pplane : hw;
+        use(op.out, c * out_plane, "output");
         if (op.code == kGroupNorm) {
           if (op.groups <= 0 || c % op.groups)
             fail(where + ": " + std::to_string(c) + " channels are not divisible by " + std::to_string(op.groups) + " groups");
@@ -208,6 +215,22 @@ inline std::vector<CheckedOp> check_plan(const PlanView& pv, const std::vector<W
           use(op.in, ci * hw, "input");
         }
         if (op.mode == kDown0 || op.mode == kDown1) use(op.scratch, ci * 9 * op.ho * op.wo, "im2col scratch");
+        break;
+      }
+      case kResample: {
+        positive(op.cin, "c_in"); side(op.h, "h"); side(op.w, "w");
+        if (op.cout != op.cin) fail(where + ": c_out must equal c_in");
+        if (op.mode == kResamplePool) {
+          if (op.h % 2 || op.w % 2) fail(where + ": pooling needs even sizes");
+          op.ho = op.h / 2; op.wo = op.w / 2;
+        } else if (op.mode == kResampleNearest) {
+          op.ho = op.h * 2; op.wo = op.w * 2;
+        } else {
+          fail(where + ": unknown resample mode " + std::to_string(op.mode));
+        }
+        use(op.in, op.cin * hw, "input");
+        const int64_t plane = (op.flags & kFlagPaddedOut) ? (op.ho + 2) * (op.wo + 2) : op.ho * op.wo;
+        use(op.out, op.cin * plane, "output");
         break;
       }
       case kAttention: {

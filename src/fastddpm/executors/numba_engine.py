@@ -40,7 +40,7 @@ import time
 import numpy as np
 
 from ..plan import (CLASS_SLOT, CONV_MODES, FLAG_FLIP, FLAG_GELU, FLAG_MISH, FLAG_PADDED_OUT, FLAG_RELU, FLAG_SILU,
-                    FLOAT_FIELDS, INT_FIELDS, OP_CODES, PlanError)
+                    FLOAT_FIELDS, INT_FIELDS, OP_CODES, RESAMPLE_MODES, PlanError)
 from ..loop import fused_steps, run_loop, schedule_loop
 from ..philox import INITIAL_STEP
 from .. import threads as _budget
@@ -61,8 +61,9 @@ except Exception as exc:  # noqa: BLE001 - numba missing or refusing this NumPy
     "code", "out", "in_", "c_in", "in2", "c_in2", "h", "w", "c_out", "w_idx", "b_idx", "w2_idx", "b2_idx",
     "temb", "residual", "scratch", "mode", "groups", "heads", "flags"))
 F_EPS, F_SCALE, F_A, F_SHIFT = (FLOAT_FIELDS.index(f) for f in ("eps", "scale", "a", "shift"))
-OP_TIME_EMB, OP_LINEAR, OP_PAD, OP_GROUPNORM, OP_CONV, OP_ATTENTION = (
-    OP_CODES[k] for k in ("TIME_EMB", "LINEAR", "PAD", "GROUPNORM", "CONV", "ATTENTION"))
+OP_TIME_EMB, OP_LINEAR, OP_PAD, OP_GROUPNORM, OP_CONV, OP_ATTENTION, OP_RESAMPLE = (
+    OP_CODES[k] for k in ("TIME_EMB", "LINEAR", "PAD", "GROUPNORM", "CONV", "ATTENTION", "RESAMPLE"))
+R_POOL = RESAMPLE_MODES["POOL"]
 M_CONV3, M_CONV1, M_DOWN1, M_DOWN0, M_UP = (CONV_MODES[k] for k in ("CONV3", "CONV1", "DOWN1", "DOWN0", "UP"))
 _ALIGN = 16   # floats: every slot and packed weight starts on a 64-byte boundary
 
@@ -221,10 +222,11 @@ if numba is not None:
 
     # ---------------------------------------------------------------- group norm, pad
     @_njit_parallel
-    def _groupnorm(src, c1, src2, c2, h, w, groups, eps, gamma, beta, ss, has_ss, act, padded, dst):
+    def _groupnorm(src, c1, src2, c2, h, w, groups, eps, gamma, beta, ss, has_ss, act, padded, pool, dst):
         # src: [c1, h*w], src2: [c2, h*w] (concatenated channels); dst: [c1+c2, h*w] or padded
         # [c1+c2, (h+2)*(w+2)]. Statistics per group in float64, two passes (biased variance).
         # has_ss: ss [2 (c1+c2)] = [scale, shift] rows folded into the affine (scale_shift).
+        # pool (padded only): dst [c1+c2, (h/2+2)*(w/2+2)] holds the 2x2 average pooling.
         ctot = c1 + c2
         cg = ctot // groups
         hw = h * w
@@ -253,7 +255,16 @@ if numba is not None:
                     s1 = _F1 + ss[cc]
                     a = a * s1
                     b = b * s1 + ss[ctot + cc]
-                if padded:
+                if pool:
+                    out[:] = _F0
+                    ho, wo, wq = h // 2, w // 2, w // 2 + 2
+                    for i in range(ho):
+                        for j in range(wo):
+                            r0 = 2 * i * w + 2 * j
+                            out[(i + 1) * wq + j + 1] = np.float32(0.25) * (
+                                ((_act(row[r0] * a + b, act) + _act(row[r0 + 1] * a + b, act))
+                                 + _act(row[r0 + w] * a + b, act)) + _act(row[r0 + w + 1] * a + b, act))
+                elif padded:
                     out[:] = _F0                     # zero border (the slot holds old data)
                     for i in range(h):
                         o0 = (i + 1) * wp + 1
@@ -269,6 +280,25 @@ if numba is not None:
                 else:
                     for k in range(hw):
                         out[k] = _act(row[k] * a + b, act)
+
+    @_njit_parallel
+    def _resample(src, c, h, w, pool, padded, dst):
+        # dst [c, Ho*Wo] (or padded) = 2x2 average pooling (pool) or nearest x2 of src [c, h*w]
+        ho, wo = (h // 2, w // 2) if pool else (2 * h, 2 * w)
+        p = 1 if padded else 0
+        wq = wo + 2 * p
+        for cc in prange(c):
+            if padded:
+                for k in range((ho + 2) * wq):
+                    dst[cc, k] = _F0
+            for i in range(ho):
+                for j in range(wo):
+                    if pool:
+                        r0 = 2 * i * w + 2 * j
+                        v = np.float32(0.25) * (((src[cc, r0] + src[cc, r0 + 1]) + src[cc, r0 + w]) + src[cc, r0 + w + 1])
+                    else:
+                        v = src[cc, (i // 2) * w + j // 2]
+                    dst[cc, (i + p) * wq + j + p] = v
 
     @_njit_parallel
     def _pad(src, c1, src2, c2, h, w, a, b, dst):
@@ -371,7 +401,8 @@ if numba is not None:
                 hw = h * w
                 ctot = cin + cin2
                 padded = (flags & FLAG_PADDED_OUT) != 0
-                dcols = (h + 2) * (w + 2) if padded else hw
+                pool = op[I_MODE] == R_POOL
+                dcols = (h // 2 + 2) * (w // 2 + 2) if pool else (h + 2) * (w + 2) if padded else hw
                 gamma = wflat[woff[k, 0]:woff[k, 0] + ctot]
                 beta = wflat[woff[k, 1]:woff[k, 1] + ctot]
                 for n in range(nb):
@@ -384,7 +415,16 @@ if numba is not None:
                     if op[I_TEMB] >= 0:
                         ss = _sample_view(arena, soff, ssize, op[I_TEMB], n, 1, 2 * ctot)[0]
                     _groupnorm(src, cin, src2, cin2, h, w, op[I_GROUPS], floats[k, F_EPS], gamma, beta,
-                               ss, op[I_TEMB] >= 0, _act_code(flags), padded, dst)
+                               ss, op[I_TEMB] >= 0, _act_code(flags), padded, pool, dst)
+            elif code == OP_RESAMPLE:
+                pool = op[I_MODE] == R_POOL
+                padded = (flags & FLAG_PADDED_OUT) != 0
+                ho, wo_ = (h // 2, w // 2) if pool else (2 * h, 2 * w)
+                dcols = (ho + 2) * (wo_ + 2) if padded else ho * wo_
+                for n in range(nb):
+                    src = _sample_view(arena, soff, ssize, op[I_IN], n, cin, h * w)
+                    dst = _sample_view(arena, soff, ssize, op[I_OUT], n, cin, dcols)
+                    _resample(src, cin, h, w, pool, padded, dst)
             elif code == OP_CONV:
                 mode = op[I_MODE]
                 if mode == M_UP:

@@ -152,6 +152,30 @@ def euler_step(scheduler, m, t: int, x, z, ancestral: bool):
     return prev / math.sqrt(nxt**2 + 1)
 
 
+def cm_step(scheduler, m, t, x, z):
+    """diffusers' CMStochasticIterativeScheduler.step with the noise z given (None: none), on its
+    sample = x * sqrt(sigma^2 + sigma_data^2); returns the next x (the next sample over the next
+    sqrt(sigma^2 + sigma_data^2)), or at the last step the sample itself."""
+    k = scheduler.row_index(t)
+    cfg = scheduler.config
+    sigma, nxt = float(scheduler._sigmas[k]), float(scheduler._sigmas[k + 1])
+    lo, hi, sd = cfg["sigma_min"], cfg["sigma_max"], cfg["sigma_data"]
+    sample = x * math.sqrt(sigma**2 + sd**2)
+    c_skip = sd**2 / ((sigma - lo) ** 2 + sd**2)                      # the boundary condition (Appendix C)
+    c_out = (sigma - lo) * sd / (sigma**2 + sd**2) ** 0.5
+    denoised = c_out * m + c_skip * sample
+    if cfg["clip_denoised"]:
+        denoised = denoised.clamp(-1, 1)
+    sigma_hat = min(max(nxt, lo), hi)
+    prev = denoised if z is None else denoised + z * cfg["s_noise"] * (sigma_hat**2 - lo**2) ** 0.5
+    return prev if k == len(scheduler.timesteps) - 1 else prev / math.sqrt(nxt**2 + sd**2)
+
+
+def _cm(scheduler, eta):
+    last = len(scheduler.timesteps) - 1   # one-step sampling draws no noise, and the last step adds none
+    return (lambda m, t, x, z: cm_step(scheduler, m, t, x, z)), (lambda t: scheduler.row_index(t) < last)
+
+
 def _euler(scheduler, eta):
     return (lambda m, t, x, z: euler_step(scheduler, m, t, x, z, False)), (lambda t: False)
 
@@ -177,7 +201,8 @@ def _dpm_solver(scheduler, eta):
 # The oracle per scheduler class: (scheduler, eta) -> (step(m, t, x, z), needs_noise(t)). The
 # reference is written per sampler from the papers and diffusers, on purpose: it never reads the table.
 FORMULAS = {"DDPMScheduler": _ddpm, "DDIMScheduler": _ddim, "DPMSolverMultistepScheduler": _dpm_solver,
-            "EulerDiscreteScheduler": _euler, "EulerAncestralDiscreteScheduler": _euler_ancestral}
+            "EulerDiscreteScheduler": _euler, "EulerAncestralDiscreteScheduler": _euler_ancestral,
+            "CMStochasticIterativeScheduler": _cm}
 
 
 def per_sample(unet: Callable, class_emb: torch.Tensor | None = None) -> Callable:

@@ -60,9 +60,10 @@ _ACTS = {"silu": F.silu, "swish": F.silu, "mish": F.mish, "gelu": F.gelu, "relu"
 class _Resnet(nn.Module):
     """diffusers ResnetBlock2D (pre-norm; "default" or "scale_shift" time embedding; act_fn)."""
 
-    def __init__(self, cfg: UNetConfig, c_in: int, c_out: int, out_scale: float = 1.0):
+    def __init__(self, cfg: UNetConfig, c_in: int, c_out: int, out_scale: float = 1.0, resample: str | None = None):
         super().__init__()
         g, eps = cfg.norm_num_groups, cfg.norm_eps
+        self.resample = resample  # "down" (avg-pool 2x2) / "up" (nearest x2) after norm1: down=True / up=True
         self.norm1 = _GroupNorm(c_in, g, eps)
         self.conv1 = _Conv(c_in, c_out, 3)
         self.scale_shift = cfg.resnet_time_scale_shift == "scale_shift"
@@ -77,6 +78,10 @@ class _Resnet(nn.Module):
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         # x: [N, Cin, H, W], emb: [N, T]
         h = self.act(self.norm1(x))
+        if self.resample == "down":
+            x, h = F.avg_pool2d(x, 2), F.avg_pool2d(h, 2)                # [N, C, H/2, W/2]
+        elif self.resample == "up":
+            x, h = F.interpolate(x, scale_factor=2.0, mode="nearest"), F.interpolate(h, scale_factor=2.0, mode="nearest")
         h = F.conv2d(h, self.conv1.weight, self.conv1.bias, padding=1)   # [N, Cout, H, W]
         t = self.time_emb_proj(self.act(emb))[:, :, None, None]         # [N, Cout or 2 Cout, 1, 1]
         if self.scale_shift:
@@ -146,8 +151,8 @@ class _Upsample(nn.Module):
 
 
 class _DownBlock(nn.Module):
-    """DownBlock2D / AttnDownBlock2D: resnets (each followed by attention in the Attn variant),
-    then a stride-2 conv except in the last block. Every resnet (or attention) output and the
+    """DownBlock2D / AttnDownBlock2D / ResnetDownsampleBlock2D: resnets (each followed by attention
+    in the Attn variant), then a stride-2 conv (or a downsampling resnet) except in the last block. Every resnet (or attention) output and the
     downsampled output are skips."""
 
     def __init__(self, cfg: UNetConfig, i: int, c_in: int, c_out: int):
@@ -161,8 +166,9 @@ class _DownBlock(nn.Module):
         self.resnets = nn.ModuleList(
             [_Resnet(cfg, c_in if j == 0 else c_out, c_out) for j in range(m)])
         last = i == cfg.num_blocks - 1
-        self.downsamplers = None if last else \
-            nn.ModuleList([_Downsample(c_out, cfg.downsample_padding)])
+        self.downsamplers = None if last else nn.ModuleList(
+            [_Resnet(cfg, c_out, c_out, resample="down") if cfg.resnet_downsampler(i)
+             else _Downsample(c_out, cfg.downsample_padding)])
 
     def forward(self, h, emb, skips: list):
         for j, resnet in enumerate(self.resnets):
@@ -171,15 +177,16 @@ class _DownBlock(nn.Module):
                 h = self.attentions[j](h)
             skips.append(h)
         if self.downsamplers is not None:
-            h = self.downsamplers[0](h)
+            d = self.downsamplers[0]
+            h = d(h, emb) if isinstance(d, _Resnet) else d(h)
             skips.append(h)
         return h
 
 
 class _UpBlock(nn.Module):
     """UpBlock2D / AttnUpBlock2D: layers_per_block + 1 resnets, each on [h, skip] concatenated
-    along channels (attention after each in the Attn variant), then nearest x2 + conv except in
-    the last block."""
+    along channels (attention after each in the Attn variant), then nearest x2 + conv (or an
+    upsampling resnet) except in the last block."""
 
     def __init__(self, cfg: UNetConfig, i: int, prev: int, c_out: int, skip_last: int):
         super().__init__()
@@ -193,7 +200,8 @@ class _UpBlock(nn.Module):
             _Resnet(cfg, (prev if j == 0 else c_out) + (skip_last if j == m - 1 else c_out), c_out)
             for j in range(m)])
         last = i == cfg.num_blocks - 1
-        self.upsamplers = None if last else nn.ModuleList([_Upsample(c_out)])
+        self.upsamplers = None if last else nn.ModuleList(
+            [_Resnet(cfg, c_out, c_out, resample="up") if cfg.resnet_upsampler(i) else _Upsample(c_out)])
 
     def forward(self, h, emb, skips: list):
         for j, resnet in enumerate(self.resnets):
@@ -201,7 +209,8 @@ class _UpBlock(nn.Module):
             if self.attentions is not None:
                 h = self.attentions[j](h)
         if self.upsamplers is not None:
-            h = self.upsamplers[0](h)
+            u = self.upsamplers[0]
+            h = u(h, emb) if isinstance(u, _Resnet) else u(h)
         return h
 
 
@@ -291,7 +300,7 @@ class ReferenceUNet(nn.Module):
     def _fill(self, weights: Mapping[str, np.ndarray]) -> None:
         with torch.no_grad():
             for name, p in self.named_parameters():
-                p.copy_(torch.from_numpy(np.ascontiguousarray(weights[name], dtype=np.float32)))
+                p.copy_(torch.from_numpy(np.array(weights[name], dtype=np.float32)))  # a copy: weights may be read-only
 
     def numpy_weights(self) -> dict[str, np.ndarray]:
         """The weights as float32 NumPy arrays, diffusers' keys and order."""
