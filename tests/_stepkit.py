@@ -170,6 +170,21 @@ def assert_step_close(got, ref, scale, what="", rtol=STEP_RTOL, extra=0.0):
             f"(scale {np.broadcast_to(scale, err.shape)[i]:.3e})")
 
 
+def assert_step_sequence(scheduler, seq, backend, what=""):
+    """A scheduler's fused step over a whole float64 sequence [(x, m, z, want)] (its rows' terms
+    and diffusers' float64 results) on ``backend``: max abs <= 1e-5 where the terms are
+    unit-scale, else STEP_RTOL times the terms' size."""
+    rows = scheduler.coefficients_float64()
+    with using(backend):
+        for k, (x, m, z, want) in enumerate(seq):
+            got = scheduler.step(m.astype(np.float32), scheduler.timesteps[k], x.astype(np.float32),
+                                 noise=z.astype(np.float32), backend=backend[0])
+            err = float(np.abs(got.astype(np.float64) - want).max())
+            ax, am, cx0, dx, dm, sigma = rows[k][:6]
+            size = np.abs(cx0) * (np.abs(ax * x) + np.abs(am * m)) + np.abs(dx * x) + np.abs(dm * m) + np.abs(sigma * z)
+            assert err <= max(1e-5, STEP_RTOL * size.max()), f"{what} step {k}: {err:.2e}"
+
+
 def random_inputs(shape, seed=0, x_std=1.0, m_std=1.0):
     """float32 (x, m, z): sample, model output and given noise."""
     rng = np.random.default_rng(seed)

@@ -22,11 +22,10 @@ import numpy as np
 import pytest
 
 import fastddpm
-from fastddpm.conditioning import check_labels, class_embedding
 from fastddpm.philox import noise as spec_noise
 from fastddpm.unet_config import UNetConfig, random_weights
 
-from _stepkit import CPU_BACKEND_NAMES, CPU_BACKENDS, STEP_RTOL, using
+from _stepkit import CPU_BACKENDS, assert_step_sequence
 
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers", reason="diffusers is the test-only oracle")
@@ -98,15 +97,7 @@ def test_fused_step_on_every_backend(backend, cfg, when):
     unit-scale (the first step weighs x by c_skip sqrt(sigma^2 + sigma_data^2) ~ 3e-3 and m by ~0.5:
     all unit-scale here), else the float32 bound of _stepkit."""
     ours, seq = _sequence(cfg, when)
-    rows = ours.coefficients_float64()
-    with using(backend):
-        for k, (x, m, z, want) in enumerate(seq):
-            got = ours.step(m.astype(np.float32), ours.timesteps[k], x.astype(np.float32),
-                            noise=z.astype(np.float32), backend=backend[0])
-            err = float(np.abs(got.astype(np.float64) - want).max())
-            ax, am, cx0, dx, dm, sigma = rows[k][:6]
-            size = np.abs(cx0) * (np.abs(ax * x) + np.abs(am * m)) + np.abs(sigma * z)
-            assert err <= max(1e-5, STEP_RTOL * size.max()), f"step {k}: {err:.2e}"
+    assert_step_sequence(ours, seq, backend)
 
 
 def test_timesteps_and_noise_keys():

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import fastddpm
-from _stepkit import CPU_BACKEND_NAMES, CPU_BACKENDS, STEP_RTOL, using
+from _stepkit import CPU_BACKEND_NAMES, CPU_BACKENDS, assert_step_sequence
 
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers", reason="diffusers is the test-only oracle of the schedulers")
@@ -134,15 +134,7 @@ def test_fused_step_on_every_backend(backend, kind, cfg):
     outputs up to 2.2e3, at most 2.4 units; every other case <= 1.5e-6)."""
     for steps in (10, 25, 50):
         ours, seq = _sequence(kind, cfg, steps)
-        rows = ours.coefficients_float64()
-        with using(backend):
-            for k, (x, m, z, want) in enumerate(seq):
-                got = ours.step(m.astype(np.float32), ours.timesteps[k], x.astype(np.float32),
-                                noise=z.astype(np.float32), backend=backend[0])
-                err = float(np.abs(got.astype(np.float64) - want).max())
-                ax, am, cx0, dx, dm, sigma = rows[k][:6]
-                size = np.abs(cx0) * (np.abs(ax * x) + np.abs(am * m)) + np.abs(dx * x) + np.abs(dm * m) + np.abs(sigma * z)
-                assert err <= max(1e-5, STEP_RTOL * size.max()), f"{steps} steps, step {k}: {err:.2e}"
+        assert_step_sequence(ours, seq, backend, f"{steps} steps,")
 
 
 def test_float32_timesteps_find_their_row():
