@@ -26,6 +26,7 @@ inline pybind11::dict layout_dict() {
   d["op_codes"] = named(plan::kOpCodeNames);
   d["conv_modes"] = named(plan::kConvModeNames);
   d["resample_modes"] = named(plan::kResampleModeNames);
+  d["time_modes"] = named(plan::kTimeModeNames);
   d["flags"] = named(plan::kFlagNames);
   d["int_fields"] = ints;
   d["float_fields"] = floats;

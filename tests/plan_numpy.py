@@ -6,7 +6,7 @@ import math
 
 import numpy as np
 
-from fastddpm.plan import CLASS_SLOT, CONV_MODES, RESAMPLE_MODES, Plan
+from fastddpm.plan import CLASS_SLOT, CONV_MODES, RESAMPLE_MODES, TIME_MODES, Plan
 
 _MODES = {v: k for k, v in CONV_MODES.items()}
 
@@ -69,7 +69,9 @@ def run_plan(plan: Plan, weights: dict, x: np.ndarray, t, class_emb=None) -> np.
         return a
 
     for op in plan.ops:
-        if op.kind == "TIME_EMB":
+        if op.kind == "TIME_EMB" and op.mode == TIME_MODES["LEARNED"]:
+            res = W[op.w_idx][tt.astype(np.int64)]
+        elif op.kind == "TIME_EMB":
             half = op.c_out // 2
             f = np.exp(-math.log(10000) * np.arange(half) / (half - op.shift))
             arg = tt[:, None] * f[None]

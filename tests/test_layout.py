@@ -27,6 +27,7 @@ def test_python_tables_equal_the_compiled_ones():
         assert lay["op_codes"] == plan.OP_CODES, name
         assert lay["conv_modes"] == plan.CONV_MODES, name
         assert lay["resample_modes"] == plan.RESAMPLE_MODES, name
+        assert lay["time_modes"] == plan.TIME_MODES, name
         assert lay["flags"] == {"silu": plan.FLAG_SILU, "padded_out": plan.FLAG_PADDED_OUT,
                                 "flip": plan.FLAG_FLIP, "mish": plan.FLAG_MISH, "gelu": plan.FLAG_GELU,
                                 "relu": plan.FLAG_RELU}, name

@@ -5,7 +5,8 @@ about as much as ours does, so float32 diffusers would blur the comparison); the
 NumPy interpreter (tests/plan_numpy.py) checks the plan itself against it (to the ~1e-7 of
 diffusers' float32 time embedding).
 
-Covered: ``resnet_time_scale_shift="scale_shift"`` (time_emb_proj gives [scale, shift]; the
+Covered: ``time_embedding_type="learned"`` (a table row per integer timestep),
+``resnet_time_scale_shift="scale_shift"`` (time_emb_proj gives [scale, shift]; the
 engines fold them into norm2's affine), ``act_fn`` silu / swish / mish / gelu / relu, both
 together with a class-embedding table (the ADM shape), on the C++ engine (every ISA path), the
 numba engine, the reference U-Net and the CUDA engine (where a GPU is present); that the options
@@ -25,7 +26,7 @@ from fastddpm.conditioning import check_labels, class_embedding
 from fastddpm.executors import get as get_backend
 from fastddpm.executors.native import CPU_BACKEND, _C
 from fastddpm.plan import build_plan
-from fastddpm.unet_config import UNetConfig, random_weights, weight_shapes
+from fastddpm.unet_config import UNetConfig, UNetConfigError, random_weights, weight_shapes
 
 from _stepkit import using
 from plan_numpy import run_plan
@@ -41,6 +42,7 @@ CASES = {
     "gelu": {"act_fn": "gelu"},
     "relu": {"act_fn": "relu"},
     "scale_shift-mish": {"resnet_time_scale_shift": "scale_shift", "act_fn": "mish"},
+    "learned-time": {"time_embedding_type": "learned", "num_train_timesteps": 1000},
     "resnet-resample": {"down_block_types": ["ResnetDownsampleBlock2D", "AttnDownBlock2D", "DownBlock2D"],
                         "up_block_types": ["UpBlock2D", "AttnUpBlock2D", "ResnetUpsampleBlock2D"],
                         "downsample_type": "resnet", "upsample_type": "resnet"},
@@ -179,6 +181,23 @@ def test_the_options_change_the_output(case):
     base = run_plan(build_plan(base_cfg, 2, 16, 16), {k: v.astype(np.float64) for k, v in w.items()},
                     x.astype(np.float64), t)
     assert scaled_err(base, oracle(case, 2)) > 1e-2
+
+
+def test_learned_time_embedding_refuses_fractional_or_out_of_range_timesteps():
+    cfg, weights = model("learned-time")
+    x, _, _ = inputs("learned-time", 2)
+    engines = {"numba": get_backend("numba")} if not isinstance(get_backend("numba"), str) else {}
+    if _C is not None:
+        engines["native-cpu"] = CPU_BACKEND
+    assert engines
+    for name, be in engines.items():
+        eng = be.make_engine(cfg, weights, 2, 16, 16)
+        for bad in ([3.5, 4.0], [-1.0, 2.0], [999.0, 1000.0]):
+            with pytest.raises(ValueError, match="integer timesteps"):
+                eng.forward(x, np.array(bad))
+        eng.forward(x, np.array([0.0, 999.0]))      # the table's first and last rows
+    with pytest.raises(UNetConfigError, match="num_train_timesteps"):
+        UNetConfig.from_dict({**fastddpm.train.DIGITS_UNET, "time_embedding_type": "learned"})
 
 
 def _plan_rows(case: str):

@@ -212,7 +212,7 @@ struct ConvGemm {
 };
 
 struct Op : P::OpFields {
-  std::vector<float> wt, bias, gamma, beta;   // LINEAR weight; biases; norm affine
+  std::vector<float> wt, bias, gamma, beta;   // LINEAR weight (TIME_EMB: a learned table); biases; norm affine
   std::vector<ConvGemm> gemms;                 // CONV: 1 or 4 (UP); ATTENTION: qkv, out
   Buffer wino_u2, wino_u4;                     // CONV3: Winograd weights, F(2x2) and F(4x4), or null
   std::vector<ConvGemm> wino_shortcut;         // CONV3 + in2 on the Winograd path: the 1x1 alone
@@ -354,6 +354,8 @@ Op Engine::Impl::build_op(const P::CheckedOp& c) {
   static_cast<P::OpFields&>(op) = c;
   switch (op.code) {
     case P::kTimeEmb:
+      if (op.mode == P::kTimeLearned) op.wt = P::weight_copy(c, P::kWeight);  // the table [rows, dim]
+      break;
     case P::kPad:
     case P::kResample:
       break;  // no weights
@@ -462,8 +464,19 @@ void Engine::Impl::add_winograd_weights(Op& op, const float* w) {
 // ------------------------------------------------------------------------------- ops
 
 void Engine::Impl::op_time_emb(const Op& op, const Samples& b) {
-  // as torch computes it in float32: freqs = exp(-ln(1e4) * k / (half - shift)); arg = t * freqs
   const int64_t dim = op.cout, half = dim / 2;
+  if (op.mode == P::kTimeLearned) {  // row t of the table (nn.Embedding): t an integer in [0, rows)
+    const int64_t rows = int64_t(op.wt.size()) / dim;
+    for (int64_t n = 0; n < b.n; ++n) {
+      const float t = tvals[size_t(b.n0 + n)];
+      if (!(t >= 0.0f && t < float(rows) && t == std::floor(t)))
+        throw std::invalid_argument("a learned time embedding takes integer timesteps in [0, " +
+                                    std::to_string(rows) + "), got " + std::to_string(t));
+      std::memcpy(slot(b, n, op.out), op.wt.data() + int64_t(t) * dim, size_t(dim) * 4);
+    }
+    return;
+  }
+  // as torch computes it in float32: freqs = exp(-ln(1e4) * k / (half - shift)); arg = t * freqs
   const float lnmax = -float(std::log(10000.0));
   const float div = float(half) - op.shift;
   for (int64_t n = 0; n < b.n; ++n) {

@@ -203,7 +203,8 @@ void choose_split(GGemm& g, bool enabled) {
 }
 
 struct GOp : P::OpFields {
-  DevBuf wt, bias, gamma, beta, bias2;
+  DevBuf wt, bias, gamma, beta, bias2;  // wt: LINEAR's weight, or TIME_EMB's learned table
+  int64_t table_rows = 0;               // TIME_EMB learned: rows of wt
   std::vector<GGemm> gemms;
 };
 
@@ -386,7 +387,13 @@ GOp Engine::Impl::build_op(const P::CheckedOp& c, size_t index) {
   static_cast<P::OpFields&>(op) = c;
   const std::string where = "plan op " + std::to_string(index) + " (" + P::op_name(op.code) + ")";
   switch (op.code) {
-    case P::kTimeEmb:
+    case P::kTimeEmb:   // a learned table [rows, dim], or no weights
+      if (op.mode == P::kTimeLearned) {
+        const std::vector<float> table = P::weight_copy(c, P::kWeight);
+        op.table_rows = int64_t(table.size()) / op.cout;
+        op.wt = upload_floats(table, "time embedding table", stream);
+      }
+      break;
     case P::kPad:
     case P::kResample:
       break;  // no weights
@@ -532,8 +539,12 @@ void Engine::Impl::forward_ops(cudaStream_t st, bool timed) {
     if (timed) check_cuda(cudaEventRecord(prof_ev[index++], st), "cudaEventRecord");
     switch (op.code) {
       case P::kTimeEmb:
-        check_cuda(launch_time_emb(tvals.as<float>(), slot(op.out), bstride(op.out), n, int(op.cout), op.shift,
-                              op.flags & P::kFlagFlip, st), "time embedding");
+        check_cuda(op.mode == P::kTimeLearned
+                       ? launch_time_table(tvals.as<float>(), op.wt.as<float>(), op.table_rows, slot(op.out),
+                                           bstride(op.out), n, int(op.cout), st)
+                       : launch_time_emb(tvals.as<float>(), slot(op.out), bstride(op.out), n, int(op.cout), op.shift,
+                                         op.flags & P::kFlagFlip, st),
+                   "time embedding");
         break;
       case P::kLinear:
         check_cuda(launch_linear(slot(op.in), bstride(op.in), slot(op.out), bstride(op.out), op.wt.as<float>(),

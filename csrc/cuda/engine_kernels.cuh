@@ -75,6 +75,11 @@ struct StridedGemm {
 };
 cudaError_t launch_strided_gemm(const StridedGemm& g, cudaStream_t st);
 
+// out[b] = table[t[b]] ([rows, dim]; t an integer in [0, rows), checked on the host by the
+// Python engine; clamped here so that no bad t reads outside the table).
+cudaError_t launch_time_table(const float* t, const float* table, int64_t rows, float* out, int64_t o_bstride, int n,
+                              int dim, cudaStream_t st);
+
 // out[b][k] = sinusoidal embedding of t[b] (plan.py TIME_EMB), dim floats per sample.
 cudaError_t launch_time_emb(const float* t, float* out, int64_t o_bstride, int n, int dim, float shift, bool flip,
                             cudaStream_t st);

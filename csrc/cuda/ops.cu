@@ -242,6 +242,22 @@ unsigned blocks_for(int64_t total, int threads) {
 
 }  // namespace
 
+__global__ void time_table_kernel(const float* __restrict__ t, const float* __restrict__ table, int64_t rows,
+                                  float* __restrict__ out, int64_t o_bstride, int n, int dim) {
+  const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= int64_t(n) * dim) return;
+  const int b = int(i / dim), k = int(i % dim);
+  const int64_t row = min(max(int64_t(t[b]), int64_t(0)), rows - 1);
+  out[int64_t(b) * o_bstride + k] = table[row * dim + k];
+}
+
+cudaError_t launch_time_table(const float* t, const float* table, int64_t rows, float* out, int64_t o_bstride, int n,
+                              int dim, cudaStream_t st) {
+  const int64_t total = int64_t(n) * dim;
+  time_table_kernel<<<unsigned((total + 127) / 128), 128, 0, st>>>(t, table, rows, out, o_bstride, n, dim);
+  return cudaGetLastError();
+}
+
 cudaError_t launch_time_emb(const float* t, float* out, int64_t o_bstride, int n, int dim, float shift, bool flip,
                             cudaStream_t st) {
   const int64_t total = int64_t(n) * (dim / 2 + 1);

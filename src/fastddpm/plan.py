@@ -23,6 +23,8 @@ Ops (``Plan.ops``, in execution order); each is an ``Op`` with these fields (-1 
 - ``TIME_EMB``  out [N, c_out] = sinusoidal embedding of the per-sample timestep t:
   freqs[k] = exp(-ln(10000) * k / (c_out//2 - freq_shift)), k < c_out//2; [sin, cos] of t*freqs,
   or [cos, sin] when ``flip``; an odd c_out gets a zero last column. (freq_shift in ``shift``.)
+  ``mode`` LEARNED (TIME_MODES): row t of the table weights[w] [rows, c_out] instead (a learned
+  embedding; t must be an integer in [0, rows), or the engine raises).
 - ``LINEAR``    out [N, c_out] = W @ act(in[N, c_in]) + b (+ residual[N, c_out] when residual >= 0);
   act = ``act`` (see Activations). W = weights[w] [c_out, c_in], b = weights[b]. The
   residual is the class embedding (slot 2) on a class-conditional model's
@@ -85,7 +87,7 @@ from . import validate
 from .unet_config import UNetConfig, weight_shapes
 
 __all__ = ["Plan", "Op", "PlanError", "build_plan", "OP_CODES", "CONV_MODES", "INT_FIELDS",
-           "FLOAT_FIELDS", "ACT_FLAGS", "RESAMPLE_MODES", "INPUT_SLOT", "OUTPUT_SLOT", "CLASS_SLOT"]
+           "FLOAT_FIELDS", "ACT_FLAGS", "RESAMPLE_MODES", "TIME_MODES", "INPUT_SLOT", "OUTPUT_SLOT", "CLASS_SLOT"]
 
 
 class PlanError(ValueError):
@@ -97,6 +99,7 @@ class PlanError(ValueError):
 OP_CODES = {"TIME_EMB": 1, "LINEAR": 2, "PAD": 3, "GROUPNORM": 4, "CONV": 5, "ATTENTION": 6, "RESAMPLE": 7}
 CONV_MODES = {"CONV3": 0, "CONV1": 1, "DOWN1": 2, "DOWN0": 3, "UP": 4}
 RESAMPLE_MODES = {"NONE": 0, "POOL": 1, "NEAREST": 2}
+TIME_MODES = {"SINUSOIDAL": 0, "LEARNED": 1}       # the mode column of TIME_EMB
 # Column order of Plan.arrays()["ints"] and ["floats"]: Op attribute names ("code" and "flags"
 # are derived from Op.kind and the boolean flags).
 INT_FIELDS = ("code", "out", "in_", "c_in", "in2", "c_in2", "h", "w", "c_out", "w_idx", "b_idx", "w2_idx",
@@ -232,8 +235,12 @@ class _Builder:
     def time_embedding(self) -> int:
         cfg = self.cfg
         c0 = cfg.block_out_channels[0]
-        t = self.emit(Op("TIME_EMB", out=self.value(c0), c_out=c0, flip=cfg.flip_sin_to_cos,
-                         shift=float(cfg.freq_shift), name="time_proj"))
+        if cfg.time_embedding_type == "learned":
+            t = self.emit(Op("TIME_EMB", out=self.value(c0), c_out=c0, mode=TIME_MODES["LEARNED"],
+                             w_idx=self.widx("time_proj.weight"), name="time_proj"))
+        else:
+            t = self.emit(Op("TIME_EMB", out=self.value(c0), c_out=c0, flip=cfg.flip_sin_to_cos,
+                             shift=float(cfg.freq_shift), name="time_proj"))
         d = cfg.time_embed_dim
         h = self.emit(Op("LINEAR", out=self.value(d), in_=t, c_in=c0, c_out=d,
                          w_idx=self.widx("time_embedding.linear_1.weight"),

@@ -32,6 +32,8 @@ diffusers semantics this module (and every engine) must reproduce, read from dif
   "default" every resnet adds time_emb_proj(act(emb)) after conv1; with "scale_shift"
   time_emb_proj gives 2 * out_channels rows [scale, shift] and norm2's output becomes
   norm2(h) * (1 + scale) + shift (before the activation).
+- ``time_embedding_type="learned"``: the embedding is row t of ``time_proj.weight``
+  [num_train_timesteps, C0] (nn.Embedding), so t must be an integer in [0, num_train_timesteps).
 - ``act_fn`` ("silu" = "swish", "mish", "gelu" (erf), "relu") is the resnets' activation only
   (norm1, norm2, and the one before time_emb_proj); the output's conv_act is always SiLU.
 - State-dict order follows diffusers' module registration, not execution: conv_in,
@@ -75,7 +77,7 @@ _ATTN_BLOCKS = ("AttnDownBlock2D", "AttnUpBlock2D")
 _CHOICES: dict[str, tuple] = {
     "mid_block_type": _MID_BLOCK_TYPES,
     "act_fn": ("silu", "swish", "mish", "gelu", "relu"),
-    "time_embedding_type": ("positional",),
+    "time_embedding_type": ("positional", "learned"),
     "downsample_type": ("conv", "resnet"),
     "upsample_type": ("conv", "resnet"),
     "resnet_time_scale_shift": ("default", "scale_shift"),
@@ -354,6 +356,8 @@ def _normalise(cfg: UNetConfig) -> dict[str, Any]:
 
 def _check_structure(cfg: UNetConfig) -> None:
     """Checks that relate fields to each other."""
+    if cfg.time_embedding_type == "learned" and cfg.num_train_timesteps is None:
+        raise UNetConfigError("time_embedding_type 'learned' needs num_train_timesteps (the rows of its table)")
     n = cfg.num_blocks
     if len(cfg.down_block_types) != n:
         raise UNetConfigError(
@@ -466,11 +470,11 @@ class _Layer:
 
 def _layers(cfg: UNetConfig) -> list[_Layer]:
     ch, n, temb = cfg.block_out_channels, cfg.num_blocks, cfg.time_embed_dim
-    L: list[_Layer] = [
-        _Layer("conv_in", "conv3", cfg.in_channels, ch[0]),
-        _Layer("time_embedding.linear_1", "linear", ch[0], temb),
-        _Layer("time_embedding.linear_2", "linear", temb, temb),
-    ]
+    L: list[_Layer] = [_Layer("conv_in", "conv3", cfg.in_channels, ch[0])]
+    if cfg.time_embedding_type == "learned":   # nn.Embedding(num_train_timesteps, C0), before time_embedding
+        L.append(_Layer("time_proj", "embedding", cfg.num_train_timesteps, ch[0]))
+    L += [_Layer("time_embedding.linear_1", "linear", ch[0], temb),
+          _Layer("time_embedding.linear_2", "linear", temb, temb)]
     # diffusers registers class_embedding right after time_embedding
     if cfg.class_embedding_kind == "table":
         L.append(_Layer("class_embedding", "embedding", cfg.num_class_embeds, temb))

@@ -18,6 +18,8 @@ enum ConvMode : int64_t { kConv3 = 0, kConv1 = 1, kDown1 = 2, kDown0 = 3, kUp = 
 // The mode column of RESAMPLE (and of GROUPNORM, which may average-pool its output): 2x2 average
 // pooling, or nearest x2 upsampling (RESAMPLE only); 0 = no resampling (GROUPNORM).
 enum ResampleMode : int64_t { kResampleNone = 0, kResamplePool = 1, kResampleNearest = 2 };
+// The mode column of TIME_EMB: the sinusoidal embedding, or a learned table's row t.
+enum TimeMode : int64_t { kTimeSinusoidal = 0, kTimeLearned = 1 };
 
 // Columns of the int rows (plan.INT_FIELDS).
 enum IntField : int {
@@ -55,6 +57,7 @@ constexpr NamedCode kOpCodeNames[] = {{"TIME_EMB", kTimeEmb}, {"LINEAR", kLinear
                                       {"RESAMPLE", kResample}};
 constexpr NamedCode kResampleModeNames[] = {{"NONE", kResampleNone}, {"POOL", kResamplePool},
                                             {"NEAREST", kResampleNearest}};
+constexpr NamedCode kTimeModeNames[] = {{"SINUSOIDAL", kTimeSinusoidal}, {"LEARNED", kTimeLearned}};
 constexpr NamedCode kConvModeNames[] = {{"CONV3", kConv3}, {"CONV1", kConv1}, {"DOWN1", kDown1},
                                         {"DOWN0", kDown0}, {"UP", kUp}};
 constexpr NamedCode kFlagNames[] = {{"silu", kFlagSilu}, {"padded_out", kFlagPaddedOut}, {"flip", kFlagFlip},

@@ -151,6 +151,15 @@ inline std::vector<CheckedOp> check_plan(const PlanView& pv, const std::vector<W
       case kTimeEmb:
         positive(op.cout, "c_out");
         use(op.out, op.cout, "output");
+        if (op.mode == kTimeLearned) {  // a table [rows, c_out]: its rows are the weight's own
+          const int64_t idx = r[kWIdx];
+          if (idx < 0 || idx >= int64_t(weights.size()) || weights[size_t(idx)].shape.size() != 2)
+            fail(where + ": a learned time embedding needs a 2-D table weight");
+          weight(kWeight, idx, {weights[size_t(idx)].shape[0], op.cout}, "time embedding table");
+          positive(weights[size_t(idx)].shape[0], "table rows", int64_t(1) << 40);
+        } else if (op.mode != kTimeSinusoidal) {
+          fail(where + ": unknown time embedding mode " + std::to_string(op.mode));
+        }
         break;
       case kLinear:
         positive(op.cin, "c_in"); positive(op.cout, "c_out");

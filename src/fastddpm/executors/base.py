@@ -94,13 +94,15 @@ class Engine:
                              f"{getattr(x, 'shape', type(x).__name__)}")
         if x.dtype != np.float32:
             raise TypeError(f"sample must be float32, got {x.dtype}")
-        return self._forward(np.ascontiguousarray(x), validate.per_sample_timesteps(timestep, self.batch),
-                             self._class_emb(class_emb))
+        t = validate.per_sample_timesteps(timestep, self.batch)
+        self._check_times(t)
+        return self._forward(np.ascontiguousarray(x), t, self._class_emb(class_emb))
 
     def run(self, schedule, *, seed, first_index=0, keep=(), callback=None, class_emb=None, guidance=None):
         if schedule.history > self.history or schedule.model_outputs > self.model_outputs:
             raise ValueError(f"{type(self).__name__} cannot run this schedule: it reads {schedule.history} "
                              f"previous predictions and {schedule.model_outputs} model outputs per step")
+        self._check_times(schedule.model_t)
         class_emb = self._class_emb(class_emb)
         guidance = self._guidance(guidance)
         seed = validate.seed(seed)
@@ -109,6 +111,15 @@ class Engine:
         if callback is not None and not callable(callback):
             raise TypeError(f"callback must be callable, got {type(callback).__name__}")
         return self._run(schedule, seed, first_index, keep, callback, class_emb, guidance)
+
+    def _check_times(self, t: np.ndarray) -> None:
+        """A learned time embedding (a table) takes integer timesteps in [0, num_train_timesteps)."""
+        if self.config.time_embedding_type == "learned":
+            rows = self.config.num_train_timesteps
+            if not np.all((t >= 0) & (t < rows) & (t == np.floor(t))):
+                bad = t[~((t >= 0) & (t < rows) & (t == np.floor(t)))][0]
+                raise ValueError(f"this U-Net's learned time embedding takes integer timesteps in [0, {rows}), "
+                                 f"got {float(bad)!r} (a sampler with fractional model times cannot run it)")
 
     def samples(self, guidance) -> int:
         """Images a run makes: batch, or batch // 2 with guidance."""

@@ -40,7 +40,7 @@ import time
 import numpy as np
 
 from ..plan import (CLASS_SLOT, CONV_MODES, FLAG_FLIP, FLAG_GELU, FLAG_MISH, FLAG_PADDED_OUT, FLAG_RELU, FLAG_SILU,
-                    FLOAT_FIELDS, INT_FIELDS, OP_CODES, RESAMPLE_MODES, PlanError)
+                    FLOAT_FIELDS, INT_FIELDS, OP_CODES, RESAMPLE_MODES, TIME_MODES, PlanError)
 from ..loop import fused_steps, run_loop, schedule_loop
 from ..philox import INITIAL_STEP
 from .. import threads as _budget
@@ -64,6 +64,7 @@ F_EPS, F_SCALE, F_A, F_SHIFT = (FLOAT_FIELDS.index(f) for f in ("eps", "scale", 
 OP_TIME_EMB, OP_LINEAR, OP_PAD, OP_GROUPNORM, OP_CONV, OP_ATTENTION, OP_RESAMPLE = (
     OP_CODES[k] for k in ("TIME_EMB", "LINEAR", "PAD", "GROUPNORM", "CONV", "ATTENTION", "RESAMPLE"))
 R_POOL = RESAMPLE_MODES["POOL"]
+T_LEARNED = TIME_MODES["LEARNED"]
 M_CONV3, M_CONV1, M_DOWN1, M_DOWN0, M_UP = (CONV_MODES[k] for k in ("CONV3", "CONV1", "DOWN1", "DOWN0", "UP"))
 _ALIGN = 16   # floats: every slot and packed weight starts on a 64-byte boundary
 
@@ -354,7 +355,17 @@ if numba is not None:
             code = op[I_CODE]
             cin, cin2, h, w, cout = op[I_CIN], op[I_CIN2], op[I_H], op[I_W], op[I_COUT]
             flags = op[I_FLAGS]
-            if code == OP_TIME_EMB:
+            if code == OP_TIME_EMB and op[I_MODE] == T_LEARNED:
+                rows = woff[k, 1]
+                for n in range(nb):
+                    tv = t[n]
+                    if not (tv >= 0 and tv < rows and tv == np.floor(tv)):
+                        raise ValueError("a learned time embedding takes integer timesteps in [0, rows)")
+                    dst = _sample_view(arena, soff, ssize, op[I_OUT], n, 1, cout)
+                    r0 = woff[k, 0] + np.int64(tv) * cout
+                    for j in range(cout):
+                        dst[0, j] = wflat[r0 + j]
+            elif code == OP_TIME_EMB:
                 half = cout // 2
                 shift = np.float32(floats[k, F_SHIFT])
                 for n in range(nb):
@@ -531,6 +542,8 @@ def _pack(plan, weights) -> tuple[np.ndarray, np.ndarray]:
     for k, op in enumerate(plan.ops):
         if op.kind == "LINEAR" or op.kind == "GROUPNORM":
             woff[k, 0], woff[k, 1] = add(W[op.w_idx]), add(W[op.b_idx])
+        elif op.kind == "TIME_EMB" and op.w_idx >= 0:             # a learned table [rows, C0]
+            woff[k, 0], woff[k, 1] = add(W[op.w_idx]), W[op.w_idx].shape[0]
         elif op.kind == "CONV":
             w, b = W[op.w_idx], W[op.b_idx]                       # w: [O, C, k, k]
             o = w.shape[0]

@@ -269,6 +269,9 @@ class ReferenceUNet(nn.Module):
         ch, n = cfg.block_out_channels, cfg.num_blocks
         # registration order = diffusers' state_dict order (up_blocks before mid_block)
         self.conv_in = _Conv(cfg.in_channels, ch[0], 3)
+        if cfg.time_embedding_type == "learned":   # nn.Embedding's weight [num_train_timesteps, C0]
+            self.time_proj = nn.Module()
+            self.time_proj.weight = nn.Parameter(torch.empty(cfg.num_train_timesteps, ch[0]))
         self.time_embedding = _TimestepEmbedding(ch[0], cfg.time_embed_dim)
         kind = cfg.class_embedding_kind
         if kind == "table":
@@ -309,9 +312,11 @@ class ReferenceUNet(nn.Module):
     # -------------------------------------------------------------- forward
 
     def time_embedding_input(self, t: torch.Tensor) -> torch.Tensor:
-        """Sinusoidal embedding of timesteps t [N] -> [N, C0] (diffusers' get_timestep_embedding
-        with max_period 10000, scale 1)."""
+        """The time embedding of timesteps t [N] -> [N, C0]: a learned table's rows, or the
+        sinusoidal one (diffusers' get_timestep_embedding with max_period 10000, scale 1)."""
         cfg = self.config
+        if cfg.time_embedding_type == "learned":
+            return F.embedding(t.long(), self.time_proj.weight)
         dim = cfg.block_out_channels[0]
         half = dim // 2
         exponent = -math.log(10000) * torch.arange(half, dtype=torch.float32, device=t.device)
