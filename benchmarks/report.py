@@ -64,7 +64,7 @@ def rows(data: dict) -> dict[str, list[dict]]:
     peak = _fma_peak(benches)
     groups: dict[str, list[dict]] = {}
     for b in benches:
-        if b.get("extra_info", {}).get("kind") not in ("paired", "load"):  # those: paired_markdown, load_markdown
+        if b.get("extra_info", {}).get("kind") not in ("paired", "paired-cm", "load"):  # paired_markdown, load_markdown
             groups.setdefault(b.get("group") or b["name"], []).append(b)
     out = {}
     for group, items in groups.items():
@@ -103,15 +103,16 @@ def rows(data: dict) -> dict[str, list[dict]]:
 
 
 def paired_markdown(data: dict) -> list[str]:
-    """Interleaved runs (extra_info kind "paired"): each implementation's median, and native's
-    speed-up over each baseline as the median of the per-round ratios."""
+    """Interleaved runs (extra_info kind "paired", or "paired-cm": test_bench_cm.py's one-step
+    sampling): each implementation's median, and fastddpm's speed-up over each baseline as the
+    median of the per-round ratios."""
     lines = []
     for b in data.get("benchmarks", []):
         e = b.get("extra_info", {})
-        if e.get("kind") != "paired":
+        if e.get("kind") not in ("paired", "paired-cm"):
             continue
         lines += [f"### {b.get('group') or b['name']} ({e['rounds']} interleaved rounds)", "",
-                  "| impl | median_ms | GFLOP/s | native's paired speed-up over it |", "|---|---|---|---|"]
+                  "| impl | median_ms | GFLOP/s | fastddpm's paired speed-up over it |", "|---|---|---|---|"]
         for impl, ms in e["medians_ms"].items():
             ratio = e["paired"].get(impl)
             lines.append(f"| {impl} | {ms:.3g} | {e['gflop'] / ms * 1e3:.3g} | "
@@ -245,7 +246,7 @@ def machine_tables(datas: list[dict]) -> dict[tuple, dict]:
                 cells = {_COLUMNS[i]: ms for i, ms in e["medians_ms"].items() if i in _COLUMNS}
                 ratios = {_COLUMNS[i]: r for i, r in e["paired"].items() if i in _COLUMNS}
                 m["paired"][wl] = (cells, ratios, e["rounds"])
-            elif e.get("kind") in ("shards", "projection"):
+            elif e.get("kind") in ("shards", "projection", "paired-cm"):
                 m["other"][e["kind"]] = e
             else:
                 wl, col = _workload(b), _COLUMNS.get(e.get("impl"))
@@ -294,6 +295,12 @@ def machines_markdown(datas: list[dict]) -> str:
                       f"Ray 2 workers x 1 thread {sh['median_ray_s']:.3g} s (throughput ratio "
                       f"{sh['throughput_ratio_ray_vs_one_process']:.2f}, median of "
                       f"{len(sh['pair_ratios'])} interleaved pairs)", ""]
+        cm = m["other"].get("paired-cm")
+        if cm:
+            ms, ratio = cm["medians_ms"], cm["paired"]
+            lines += [f"{cm['model']} one-step sampling, batch {cm['batch']} (`test_bench_cm.py`, {cm['rounds']} "
+                      f"paired rounds): fastddpm {_ms(ms['fastddpm'])}; " + ", ".join(
+                          f"{impl} {_ms(ms[impl])} ({ratio[impl]:.2f}x)" for impl in ratio), ""]
         pr = m["other"].get("projection")
         if pr:
             lines += [f"{pr['model']}, native engine on {pr['threads']} thread, batch {pr['batch']}: {pr['seconds_per_image_step'] * 1e3:.3g} ms "
