@@ -10,7 +10,7 @@ import pytest
 
 import fastddpm
 from fastddpm import images as fimages
-from fastddpm.schedulers import SAMPLERS
+from fastddpm.schedulers import BETA_SCHEDULE_SAMPLERS
 
 pytest.importorskip("gradio", reason="the web app needs Gradio (pip install 'fastddpm[app]'; in requirements-dev)")
 gradio_client = pytest.importorskip("gradio_client", reason="the app's API tests need gradio_client (requirements-dev)")
@@ -74,7 +74,7 @@ def refusal(call) -> str:
 
 # ---------------------------------------------------------------------- generate
 
-@pytest.mark.parametrize("sampler", list(SAMPLERS))
+@pytest.mark.parametrize("sampler", list(BETA_SCHEDULE_SAMPLERS))
 def test_generate_equals_sample(server, sampler):
     c = client(server)
     out = generate(c, sampler=sampler, steps=10, seed=12345, n=3)

@@ -124,7 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="bundled name (digits), preset (bench-small, ddpm-cifar10) or a diffusers model "
                         "directory (default: the bundled digits model)")
     s.add_argument("-n", "--num", "--n", dest="n", type=_positive_int, default=16, help="images (default 16)")
-    s.add_argument("--sampler", choices=tuple(SAMPLERS), default="ddpm")
+    s.add_argument("--sampler", choices=tuple(SAMPLERS), default=None,
+                   help="default: cm for a consistency model, else ddpm")
     s.add_argument("--steps", type=_positive_int, default=None,
                    help="sampling steps (default: every training timestep for ddpm, 50 for ddim)")
     s.add_argument("--eta", type=_nonneg_float, default=0.0, help="DDIM eta (0: deterministic)")
@@ -323,6 +324,7 @@ def cmd_sample_to_disk(args) -> int:
         raise CliError("--eta is a DDIM parameter: add --sampler ddim")
     model = default_model() if args.model is None else args.model
     pipe = _cached(model)
+    args.sampler = args.sampler or pipe.default_sampler()
     labels, classes = _class_labels(pipe, args.label, args.n)
     _check_guidance(pipe, args.guidance)
     total = args.n * (len(classes) if classes else 1)
@@ -365,6 +367,7 @@ def cmd_sample(args) -> int:
     for w in caught:
         print(f"{PROG} sample: warning: {w.message}", file=sys.stderr)
     pipe = _cached(model)
+    args.sampler = args.sampler or pipe.default_sampler()
     labels, classes = _class_labels(pipe, args.label, args.n)
     _check_guidance(pipe, args.guidance)
     count, nrow = args.n, args.nrow

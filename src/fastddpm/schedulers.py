@@ -28,7 +28,8 @@ from .dispatch import fused_step
 from .loop import empty_like
 
 __all__ = ["DDPMScheduler", "DDIMScheduler", "DPMSolverMultistepScheduler", "EulerDiscreteScheduler",
-           "EulerAncestralDiscreteScheduler", "CMStochasticIterativeScheduler", "COEF_WIDTH", "SchedulerConfigError", "StepSchedule", "SAMPLERS",
+           "EulerAncestralDiscreteScheduler", "CMStochasticIterativeScheduler", "COEF_WIDTH", "SchedulerConfigError",
+           "StepSchedule", "SAMPLERS", "BETA_SCHEDULE_SAMPLERS",
            "scheduler_for"]
 
 
@@ -1094,6 +1095,8 @@ SAMPLERS = {"ddpm": (DDPMScheduler, {}, None), "ddim": (DDIMScheduler, {}, None)
             "euler": (EulerDiscreteScheduler, {}, lambda config: {"timestep_spacing": "leading"}),
             "euler-a": (EulerAncestralDiscreteScheduler, {}, lambda config: {"timestep_spacing": "leading"}),
             "cm": (CMStochasticIterativeScheduler, {}, None)}
+# The samplers of a model trained with a beta schedule (every one but the consistency sampler).
+BETA_SCHEDULE_SAMPLERS = tuple(name for name, (cls, _, _) in SAMPLERS.items() if cls is not CMStochasticIterativeScheduler)
 
 
 def scheduler_for(sampler: str, config: dict, steps=None, source: type | None = None) -> _Scheduler:

@@ -15,7 +15,7 @@ import time
 import numpy as np
 
 import fastddpm
-from fastddpm.schedulers import SAMPLERS
+from fastddpm.schedulers import BETA_SCHEDULE_SAMPLERS
 
 from . import validation as v
 from .denoiser import (BETA_SCHEDULES, IMAGE_SIZE, DenoiserConfig, DenoiserTrainer, RunRegistry, ServerBusy,
@@ -59,7 +59,7 @@ class Handlers:
     def check_generate(self, model, label, guidance, sampler, steps, seed, n, backend) -> GenerateRequest:
         model = v.choice("model", model, MODELS)
         info = model_info(model)
-        sampler = v.choice("sampler", sampler, SAMPLERS)
+        sampler = v.choice("sampler", sampler, BETA_SCHEDULE_SAMPLERS)   # the app's models are beta-schedule ones
         steps = v.integer("steps", steps, 1, info["max_steps"])
         seed = v.integer("seed", seed, 0, MAX_SEED)
         n = v.integer("number of images", n, 1, v.LIMITS["max_images"])

@@ -8,7 +8,7 @@ analytics or version check, its upload/cache directory inside this server's temp
 import os
 import tempfile
 
-from fastddpm.schedulers import SAMPLERS
+from fastddpm.schedulers import BETA_SCHEDULE_SAMPLERS
 
 from . import validation as v
 from .denoiser import BETA_SCHEDULES
@@ -50,7 +50,7 @@ def build(handlers):
                                         elem_id="gen-label")
                     guidance = gr.Slider(0, v.LIMITS["max_guidance"], value=3.0, step=0.1,
                                          label="guidance scale", visible=False)
-                    sampler = gr.Dropdown(list(SAMPLERS), value="ddim", label="sampler")
+                    sampler = gr.Dropdown(list(BETA_SCHEDULE_SAMPLERS), value="ddim", label="sampler")
                     steps = gr.Slider(1, max_steps, value=50, step=1, label="steps")
                     with gr.Row():
                         seed = gr.Number(0, precision=0, minimum=0, maximum=2**32 - 1, label="seed",
