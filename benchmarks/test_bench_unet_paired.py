@@ -4,7 +4,11 @@ A machine whose speed drifts under sustained load (a shared VM, thermal or power
 rows timed one after the other (test_bench_unet.py) at different speeds, which skews their ratio.
 Here each round times one call of every implementation (native, native-direct, torch eager,
 torch.compile, ONNX Runtime), in an order that rotates from round to round, and a speed-up is the
-median of the per-round ratios: both sides of each ratio ran within a second of each other.
+median of the per-round ratios: both sides of each ratio ran within a second of each other. Each
+timed call follows an untimed call of the same implementation: ONNX Runtime's and OpenMP's worker
+threads spin for a while after a call returns, on the cores the next implementation is about to
+use, which slowed whichever implementation came next (measured on a Zen 2: native's cifar10 b1
+forward 94 ms when timed right after another implementation, 65 ms back to back).
 Answers are checked before anything is timed; a baseline that cannot run here (ONNX Runtime not
 installed) is left out of the rounds and named in extra_info["skipped"]. The pytest-benchmark
 statistics of these tests are of a whole round (all implementations); the per-implementation
@@ -46,6 +50,7 @@ def test_forward_paired(benchmark, model, batch, monkeypatch):
 
     def one_round():
         for name in order:
+            fns[name]()   # untimed: the previous implementation's threads stop spinning meanwhile
             t0 = time.perf_counter()
             fns[name]()
             if warm:

@@ -260,3 +260,13 @@ def test_imagenet64_shape_one_step_on_every_cpu_engine(tmp_path_factory):
         err = float(np.abs(got - want).max())
         print(f"ImageNet-64 CM shape, 1 step on {backend}: max abs {err:.2e}")
         assert err <= 2e-5, (backend, err)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("steps", STEPS, ids=["1-step", "22-0", "3-steps"])
+def test_cuda_engine_matches_the_reference_sampler(steps, tmp_path_factory):
+    """The CUDA engine (fp32, its captured loop) runs the CM rows and the ADM ops like the reference."""
+    pipe = fastddpm.load(saved("small", tmp_path_factory))
+    got = pipe(3, steps=steps, seed=7, labels=[0, 3, 4], backend="native-cuda", dtype="fp32", output="float")
+    want = pipe(3, steps=steps, seed=7, labels=[0, 3, 4], backend="torch", output="float")
+    assert float(np.abs(got - want).max()) <= 1e-4
