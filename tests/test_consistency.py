@@ -270,3 +270,15 @@ def test_cuda_engine_matches_the_reference_sampler(steps, tmp_path_factory):
     got = pipe(3, steps=steps, seed=7, labels=[0, 3, 4], backend="native-cuda", dtype="fp32", output="float")
     want = pipe(3, steps=steps, seed=7, labels=[0, 3, 4], backend="torch", output="float")
     assert float(np.abs(got - want).max()) <= 1e-4
+
+
+def test_sharded_sampling_keeps_explicit_timesteps(tmp_path_factory, tmp_path):
+    """sample_to_disk of a consistency model: the model's own sampler by default, and steps=[22, 0]
+    reaches the shards as those timesteps (their count alone would space them as [20, 0])."""
+    from fastddpm.shards import read_shards
+    directory = saved("small", tmp_path_factory)
+    pipe = fastddpm.load(directory)
+    manifest = fastddpm.sample_to_disk(directory, 5, tmp_path / "out", seed=9, shard_size=2, steps=[22, 0], labels=1)
+    assert manifest["request"]["sampler"] == "cm" and manifest["request"]["steps"] == [22, 0]
+    np.testing.assert_array_equal(read_shards(tmp_path / "out"), pipe(5, steps=[22, 0], seed=9, labels=1))
+    assert not np.array_equal(pipe(5, steps=2, seed=9, labels=1), pipe(5, steps=[22, 0], seed=9, labels=1))

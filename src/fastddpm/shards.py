@@ -217,12 +217,14 @@ def _labels_record(given, labels: np.ndarray):
 
 # ------------------------------------------------------------------ the driver
 
-def sample_to_disk(model, n: int, out_dir, *, seed: int = 0, shard_size: int = 1000, sampler: str = "ddpm",
+def sample_to_disk(model, n: int, out_dir, *, seed: int = 0, shard_size: int = 1000, sampler: str | None = None,
                    steps: int | None = None, eta: float = 0.0, backend: str = "auto", cluster=None,
                    threads: int | None = None, png: bool = False, progress: bool = False, labels=None,
                    guidance_scale: float | None = None) -> dict:
     """Sample ``n`` images into ``out_dir`` as shards of ``shard_size`` (see the module doc).
 
+    sampler: None for the model's own (Pipeline.default_sampler); steps: as for sample() (a list:
+    a consistency model's explicit timesteps, recorded as such).
     labels: a class-conditional model's labels, one for all images or a sequence of n (shard j
     gets its slice); guidance_scale: classifier-free guidance (None: the model's default).
 
@@ -284,7 +286,11 @@ def _sample_to_disk(pipe, model, n, out_dir, seed, shard_size, sampler, steps, e
         spec = os.fspath(model)
         if os.path.isdir(spec):
             spec = os.path.abspath(spec)
+    sampler = pipe.default_sampler() if sampler is None else sampler
     sched = pipe.scheduler_for(sampler, steps)   # validates sampler and steps
+    # what the workers run: the step count, or explicit timesteps as given (their count would
+    # space the timesteps differently)
+    steps = [int(s) for s in steps] if isinstance(steps, (list, tuple)) else len(sched.timesteps)
     h, w = pipe.image_size
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a string, got {type(backend).__name__}")
@@ -292,13 +298,13 @@ def _sample_to_disk(pipe, model, n, out_dir, seed, shard_size, sampler, steps, e
     # (a worker without it fails loudly instead of falling back)
     backend = executors.sampling_backend(backend).name
     request = {"format": FORMAT, "model_hash": model_hash(pipe), "sampler": sampler,
-               "steps": len(sched.timesteps), "eta": float(eta), "seed": seed, "n": n,
+               "steps": steps, "eta": float(eta), "seed": seed, "n": n,
                "shard_size": shard_size, "image_shape": [h, w, pipe.unet_config.in_channels], "backend": backend}
     if labels is not None:   # only for a conditional model: an unconditional run's manifest is as it was
         request.update({"labels": _labels_record(given_labels, labels), "null_class": pipe.null_class,
                         "guidance_scale": 1.0 if guidance is None else guidance})
     manifest = _Manifest(out_dir, request)
-    opts = {"seed": seed, "sampler": sampler, "steps": len(sched.timesteps), "eta": float(eta), "backend": backend,
+    opts = {"seed": seed, "sampler": sampler, "steps": steps, "eta": float(eta), "backend": backend,
             "guidance_scale": 1.0 if guidance is None else guidance}
     shards = [(j, j * shard_size, min(shard_size, n - j * shard_size)) for j in range(-(-n // shard_size))]
     todo = [s for s in shards if not manifest.verified(out_dir, s[0])]
