@@ -50,6 +50,12 @@ CONFIGS = {
         layers_per_block=1, down_block_types=["AttnDownBlock2D", "DownBlock2D"],
         up_block_types=["UpBlock2D", "AttnUpBlock2D"], attention_head_dim=3, norm_num_groups=3,
         freq_shift=0, flip_sin_to_cos=False, downsample_padding=1),
+    "adm-learned": dict(   # the ADM options: scale_shift, resnet resampling, a learned time table, Mish
+        sample_size=16, in_channels=3, out_channels=3, block_out_channels=[16, 32, 32], layers_per_block=1,
+        down_block_types=["ResnetDownsampleBlock2D", "AttnDownBlock2D", "DownBlock2D"],
+        up_block_types=["UpBlock2D", "AttnUpBlock2D", "ResnetUpsampleBlock2D"], downsample_type="resnet",
+        upsample_type="resnet", resnet_time_scale_shift="scale_shift", act_fn="mish",
+        time_embedding_type="learned", num_train_timesteps=1000, attention_head_dim=8, norm_num_groups=8),
 }
 
 
