@@ -198,6 +198,9 @@ def test_learned_time_embedding_refuses_fractional_or_out_of_range_timesteps():
         eng.forward(x, np.array([0.0, 999.0]))      # the table's first and last rows
     with pytest.raises(UNetConfigError, match="num_train_timesteps"):
         UNetConfig.from_dict({**fastddpm.train.DIGITS_UNET, "time_embedding_type": "learned"})
+    with pytest.raises(UNetConfigError, match="class_embed_type 'timestep' with time_embedding_type 'learned'"):
+        UNetConfig.from_dict({**fastddpm.train.DIGITS_UNET, "time_embedding_type": "learned",
+                              "num_train_timesteps": 1000, "class_embed_type": "timestep"})
 
 
 def _plan_rows(case: str):

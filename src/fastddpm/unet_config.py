@@ -358,6 +358,11 @@ def _check_structure(cfg: UNetConfig) -> None:
     """Checks that relate fields to each other."""
     if cfg.time_embedding_type == "learned" and cfg.num_train_timesteps is None:
         raise UNetConfigError("time_embedding_type 'learned' needs num_train_timesteps (the rows of its table)")
+    if cfg.time_embedding_type != "positional" and cfg.class_embed_type == "timestep":
+        # diffusers sends the labels through time_proj (here a table): not built, refused rather than
+        # embedding them with the sinusoid
+        raise UNetConfigError(f"class_embed_type 'timestep' with time_embedding_type "
+                              f"{cfg.time_embedding_type!r} is not supported (only with 'positional')")
     n = cfg.num_blocks
     if len(cfg.down_block_types) != n:
         raise UNetConfigError(
