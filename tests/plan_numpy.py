@@ -71,6 +71,11 @@ def run_plan(plan: Plan, weights: dict, x: np.ndarray, t, class_emb=None) -> np.
     for op in plan.ops:
         if op.kind == "TIME_EMB" and op.mode == TIME_MODES["LEARNED"]:
             res = W[op.w_idx][tt.astype(np.int64)]
+        elif op.kind == "TIME_EMB" and op.mode == TIME_MODES["FOURIER"]:
+            arg = np.log(tt)[:, None] * W[op.w_idx][None, :] * 2 * np.pi
+            res = np.concatenate([np.sin(arg), np.cos(arg)], 1)
+        elif op.kind == "DIVIDE_BY_T":
+            res = get(op.in_, op.c_in, op.h, op.w) / tt[:, None, None, None]
         elif op.kind == "TIME_EMB":
             half = op.c_out // 2
             f = np.exp(-math.log(10000) * np.arange(half) / (half - op.shift))

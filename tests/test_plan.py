@@ -46,7 +46,7 @@ def test_plan_computes_the_reference_unet(name, batch):
 
 def test_every_op_kind_and_conv_mode_is_used():
     kinds, modes = set(), set()
-    for name in ("gray16-noattn", "rgb64-heads", "adm-learned"):   # padding 0 and 1; RESAMPLE
+    for name in ("gray16-noattn", "rgb64-heads", "adm-learned", "fourier-gelu"):   # padding 0, 1; RESAMPLE; DIVIDE_BY_T
         for op in build_plan(UNetConfig.from_dict(CONFIGS[name]), 1).ops:
             kinds.add(op.kind)
             if op.kind == "CONV":

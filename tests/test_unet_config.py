@@ -56,6 +56,10 @@ CONFIGS = {
         up_block_types=["UpBlock2D", "AttnUpBlock2D", "ResnetUpsampleBlock2D"], downsample_type="resnet",
         upsample_type="resnet", resnet_time_scale_shift="scale_shift", act_fn="mish",
         time_embedding_type="learned", num_train_timesteps=1000, attention_head_dim=8, norm_num_groups=8),
+    "fourier-gelu": dict(
+        sample_size=8, in_channels=1, out_channels=1, block_out_channels=[8, 16], layers_per_block=1,
+        down_block_types=["DownBlock2D", "AttnDownBlock2D"], up_block_types=["AttnUpBlock2D", "UpBlock2D"],
+        time_embedding_type="fourier", act_fn="gelu", attention_head_dim=8, norm_num_groups=4),
 }
 
 
@@ -126,7 +130,7 @@ def test_preset_ddpm_cifar10_is_google_config():
 BAD = [
     ({"colour": 1}, ["colour"]),
     ({"act_fn": "elu"}, ["act_fn", "elu", "silu"]),
-    ({"time_embedding_type": "fourier"}, ["time_embedding_type", "fourier", "positional"]),
+    ({"time_embedding_type": "rotary"}, ["time_embedding_type", "rotary", "fourier"]),
     ({"downsample_type": "fir"}, ["downsample_type", "fir", "resnet"]),
     ({"upsample_type": "fir"}, ["upsample_type", "fir", "resnet"]),
     ({"resnet_time_scale_shift": "spatial"}, ["resnet_time_scale_shift", "spatial", "scale_shift"]),

@@ -5,7 +5,8 @@ about as much as ours does, so float32 diffusers would blur the comparison); the
 NumPy interpreter (tests/plan_numpy.py) checks the plan itself against it (to the ~1e-7 of
 diffusers' float32 time embedding).
 
-Covered: ``time_embedding_type="learned"`` (a table row per integer timestep),
+Covered: ``time_embedding_type="learned"`` (a table row per integer timestep) and "fourier"
+(score-SDE's Gaussian Fourier projection of ln t, the output divided by t),
 ``resnet_time_scale_shift="scale_shift"`` (time_emb_proj gives [scale, shift]; the
 engines fold them into norm2's affine), ``act_fn`` silu / swish / mish / gelu / relu, both
 together with a class-embedding table (the ADM shape), on the C++ engine (every ISA path), the
@@ -43,6 +44,7 @@ CASES = {
     "relu": {"act_fn": "relu"},
     "scale_shift-mish": {"resnet_time_scale_shift": "scale_shift", "act_fn": "mish"},
     "learned-time": {"time_embedding_type": "learned", "num_train_timesteps": 1000},
+    "fourier-time": {"time_embedding_type": "fourier", "resnet_time_scale_shift": "scale_shift"},
     "resnet-resample": {"down_block_types": ["ResnetDownsampleBlock2D", "AttnDownBlock2D", "DownBlock2D"],
                         "up_block_types": ["UpBlock2D", "AttnUpBlock2D", "ResnetUpsampleBlock2D"],
                         "downsample_type": "resnet", "upsample_type": "resnet"},
@@ -61,6 +63,8 @@ def model(case: str):
     cfg = UNetConfig.from_dict({**fastddpm.train.DIGITS_UNET, **CASES[case]})
     rng = np.random.default_rng(5)
     w = {k: (v + 0.05 * rng.standard_normal(v.shape)).astype(np.float32) for k, v in random_weights(cfg, 3).items()}
+    if cfg.time_embedding_type == "fourier":   # GaussianFourierProjection's own init: 16 N(0, 1)
+        w["time_proj.weight"] = (16 * rng.standard_normal(w["time_proj.weight"].shape)).astype(np.float32)
     return cfg, w
 
 
@@ -77,6 +81,8 @@ def inputs(case: str, batch: int, h: int = 16, w: int = 16):
     rng = np.random.default_rng(batch + h)
     x = rng.standard_normal((batch, cfg.in_channels, h, w)).astype(np.float32)
     t = rng.integers(0, 1000, size=batch)
+    if cfg.time_embedding_type == "fourier":   # noise levels sigma > 0 (ln t), float32 values
+        t = rng.uniform(0.01, 50.0, size=batch).astype(np.float32).astype(np.float64)
     labels = rng.integers(0, cfg.num_class_embeds, size=batch) if cfg.num_class_embeds else None
     return x, t, labels
 
@@ -201,6 +207,21 @@ def test_learned_time_embedding_refuses_fractional_or_out_of_range_timesteps():
     with pytest.raises(UNetConfigError, match="class_embed_type 'timestep' with time_embedding_type 'learned'"):
         UNetConfig.from_dict({**fastddpm.train.DIGITS_UNET, "time_embedding_type": "learned",
                               "num_train_timesteps": 1000, "class_embed_type": "timestep"})
+
+
+def test_fourier_time_embedding_refuses_timesteps_that_are_not_positive():
+    cfg, weights = model("fourier-time")
+    x, t, _ = inputs("fourier-time", 2)
+    engines = [CPU_BACKEND] if _C is not None else []
+    if not isinstance(get_backend("numba"), str):
+        engines.append(get_backend("numba"))
+    assert engines
+    for be in engines:
+        eng = be.make_engine(cfg, weights, 2, 16, 16)
+        for bad in ([0.0, 1.0], [2.0, -0.5]):
+            with pytest.raises(ValueError, match="> 0"):
+                eng.forward(x, np.array(bad))
+        assert np.isfinite(eng.forward(x, t)).all()
 
 
 def _plan_rows(case: str):

@@ -353,11 +353,12 @@ Op Engine::Impl::build_op(const P::CheckedOp& c) {
   Op op;
   static_cast<P::OpFields&>(op) = c;
   switch (op.code) {
-    case P::kTimeEmb:
-      if (op.mode == P::kTimeLearned) op.wt = P::weight_copy(c, P::kWeight);  // the table [rows, dim]
+    case P::kTimeEmb:  // a learned table [rows, dim] or Fourier frequencies [dim / 2]
+      if (op.mode != P::kTimeSinusoidal) op.wt = P::weight_copy(c, P::kWeight);
       break;
     case P::kPad:
     case P::kResample:
+    case P::kDivideByT:
       break;  // no weights
     case P::kLinear: build_linear(op, c); break;
     case P::kGroupNorm: build_groupnorm(op, c); break;
@@ -473,6 +474,20 @@ void Engine::Impl::op_time_emb(const Op& op, const Samples& b) {
         throw std::invalid_argument("a learned time embedding takes integer timesteps in [0, " +
                                     std::to_string(rows) + "), got " + std::to_string(t));
       std::memcpy(slot(b, n, op.out), op.wt.data() + int64_t(t) * dim, size_t(dim) * 4);
+    }
+    return;
+  }
+  if (op.mode == P::kTimeFourier) {  // [sin, cos](2 pi W ln t), the argument in double
+    for (int64_t n = 0; n < b.n; ++n) {
+      const float t = tvals[size_t(b.n0 + n)];
+      if (!(t > 0.0f)) throw std::invalid_argument("a Fourier time embedding takes timesteps > 0, got " + std::to_string(t));
+      float* e = slot(b, n, op.out);
+      const double lt = std::log(double(t));
+      for (int64_t k = 0; k < half; ++k) {
+        const double arg = lt * double(op.wt[size_t(k)]) * 2.0 * 3.14159265358979323846;
+        e[k] = float(std::sin(arg));
+        e[half + k] = float(std::cos(arg));
+      }
     }
     return;
   }
@@ -774,6 +789,14 @@ void Engine::Impl::forward_samples(const Samples& b, const EngineKernels& k, int
       case P::kConv: op_conv(op, b, k, threads); break;
       case P::kAttention: op_attention(op, b, k, threads); break;
       case P::kResample: op_resample(op, b, threads); break;
+      case P::kDivideByT:
+        for (int64_t n = 0; n < b.n; ++n) {  // out = in / t (a Fourier model's output)
+          const float* src = slot(b, n, op.in);
+          float* dst = slot(b, n, op.out);
+          const float t = tvals[size_t(b.n0 + n)];
+          for (int64_t i = 0; i < op.cin * op.h * op.w; ++i) dst[i] = src[i] / t;
+        }
+        break;
       default: break;  // rejected at build
     }
     if (timed) op_seconds[i] += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();

@@ -387,15 +387,16 @@ GOp Engine::Impl::build_op(const P::CheckedOp& c, size_t index) {
   static_cast<P::OpFields&>(op) = c;
   const std::string where = "plan op " + std::to_string(index) + " (" + P::op_name(op.code) + ")";
   switch (op.code) {
-    case P::kTimeEmb:   // a learned table [rows, dim], or no weights
-      if (op.mode == P::kTimeLearned) {
+    case P::kTimeEmb:   // a learned table [rows, dim], Fourier frequencies [dim / 2], or no weights
+      if (op.mode != P::kTimeSinusoidal) {
         const std::vector<float> table = P::weight_copy(c, P::kWeight);
         op.table_rows = int64_t(table.size()) / op.cout;
-        op.wt = upload_floats(table, "time embedding table", stream);
+        op.wt = upload_floats(table, "time embedding weights", stream);
       }
       break;
     case P::kPad:
     case P::kResample:
+    case P::kDivideByT:
       break;  // no weights
     case P::kLinear: build_linear(op, c); break;
     case P::kGroupNorm: build_groupnorm(op, c); break;
@@ -542,9 +543,17 @@ void Engine::Impl::forward_ops(cudaStream_t st, bool timed) {
         check_cuda(op.mode == P::kTimeLearned
                        ? launch_time_table(tvals.as<float>(), op.wt.as<float>(), op.table_rows, slot(op.out),
                                            bstride(op.out), n, int(op.cout), st)
+                   : op.mode == P::kTimeFourier
+                       ? launch_time_fourier(tvals.as<float>(), op.wt.as<float>(), slot(op.out), bstride(op.out), n,
+                                             int(op.cout), st)
                        : launch_time_emb(tvals.as<float>(), slot(op.out), bstride(op.out), n, int(op.cout), op.shift,
                                          op.flags & P::kFlagFlip, st),
                    "time embedding");
+        break;
+      case P::kDivideByT:
+        check_cuda(launch_divide_by_t(slot(op.in), bstride(op.in), slot(op.out), bstride(op.out), tvals.as<float>(), n,
+                                      op.cin * op.h * op.w, st),
+                   "divide by t");
         break;
       case P::kLinear:
         check_cuda(launch_linear(slot(op.in), bstride(op.in), slot(op.out), bstride(op.out), op.wt.as<float>(),

@@ -80,6 +80,14 @@ cudaError_t launch_strided_gemm(const StridedGemm& g, cudaStream_t st);
 cudaError_t launch_time_table(const float* t, const float* table, int64_t rows, float* out, int64_t o_bstride, int n,
                               int dim, cudaStream_t st);
 
+// out[b] = [sin, cos](2 pi freqs ln t[b]) (dim = 2 x the frequencies; t > 0, checked on the host).
+cudaError_t launch_time_fourier(const float* t, const float* freqs, float* out, int64_t o_bstride, int n, int dim,
+                                cudaStream_t st);
+
+// out[b][j] = in[b][j] / t[b] for j < per (a Fourier-embedded U-Net's output).
+cudaError_t launch_divide_by_t(const float* in, int64_t i_bstride, float* out, int64_t o_bstride, const float* t,
+                               int n, int64_t per, cudaStream_t st);
+
 // out[b][k] = sinusoidal embedding of t[b] (plan.py TIME_EMB), dim floats per sample.
 cudaError_t launch_time_emb(const float* t, float* out, int64_t o_bstride, int n, int dim, float shift, bool flip,
                             cudaStream_t st);

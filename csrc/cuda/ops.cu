@@ -251,6 +251,39 @@ __global__ void time_table_kernel(const float* __restrict__ t, const float* __re
   out[int64_t(b) * o_bstride + k] = table[row * dim + k];
 }
 
+__global__ void time_fourier_kernel(const float* __restrict__ t, const float* __restrict__ freqs,
+                                    float* __restrict__ out, int64_t o_bstride, int n, int half) {
+  const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= int64_t(n) * half) return;
+  const int b = int(i / half), k = int(i % half);
+  const double arg = log(double(t[b])) * double(freqs[k]) * 2.0 * 3.14159265358979323846;  // as the CPU engines
+  out[int64_t(b) * o_bstride + k] = float(sin(arg));
+  out[int64_t(b) * o_bstride + half + k] = float(cos(arg));
+}
+
+cudaError_t launch_time_fourier(const float* t, const float* freqs, float* out, int64_t o_bstride, int n, int dim,
+                                cudaStream_t st) {
+  const int64_t total = int64_t(n) * (dim / 2);
+  time_fourier_kernel<<<unsigned((total + 127) / 128), 128, 0, st>>>(t, freqs, out, o_bstride, n, dim / 2);
+  return cudaGetLastError();
+}
+
+__global__ void divide_by_t_kernel(const float* __restrict__ in, int64_t i_bstride, float* __restrict__ out,
+                                   int64_t o_bstride, const float* __restrict__ t, int n, int64_t per) {
+  const int64_t total = int64_t(n) * per;
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
+    const int b = int(i / per);
+    const int64_t j = i % per;
+    out[int64_t(b) * o_bstride + j] = in[int64_t(b) * i_bstride + j] / t[b];
+  }
+}
+
+cudaError_t launch_divide_by_t(const float* in, int64_t i_bstride, float* out, int64_t o_bstride, const float* t,
+                               int n, int64_t per, cudaStream_t st) {
+  divide_by_t_kernel<<<blocks_for(int64_t(n) * per, 256), 256, 0, st>>>(in, i_bstride, out, o_bstride, t, n, per);
+  return cudaGetLastError();
+}
+
 cudaError_t launch_time_table(const float* t, const float* table, int64_t rows, float* out, int64_t o_bstride, int n,
                               int dim, cudaStream_t st) {
   const int64_t total = int64_t(n) * dim;

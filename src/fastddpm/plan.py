@@ -24,7 +24,9 @@ Ops (``Plan.ops``, in execution order); each is an ``Op`` with these fields (-1 
   freqs[k] = exp(-ln(10000) * k / (c_out//2 - freq_shift)), k < c_out//2; [sin, cos] of t*freqs,
   or [cos, sin] when ``flip``; an odd c_out gets a zero last column. (freq_shift in ``shift``.)
   ``mode`` LEARNED (TIME_MODES): row t of the table weights[w] [rows, c_out] instead (a learned
-  embedding; t must be an integer in [0, rows), or the engine raises).
+  embedding; t must be an integer in [0, rows), or the engine raises); FOURIER: [sin, cos] of
+  2 pi W ln(t), W = weights[w] [c_out / 2], the argument in float64 (t > 0).
+- ``DIVIDE_BY_T`` out [N, c_in, h, w] = in / t[n] (a Fourier-embedded U-Net's output).
 - ``LINEAR``    out [N, c_out] = W @ act(in[N, c_in]) + b (+ residual[N, c_out] when residual >= 0);
   act = ``act`` (see Activations). W = weights[w] [c_out, c_in], b = weights[b]. The
   residual is the class embedding (slot 2) on a class-conditional model's
@@ -96,10 +98,11 @@ class PlanError(ValueError):
 
 # Op codes, conv modes, columns and flags: the same in csrc/include/fastddpm/plan.h, which the
 # extensions export (layout()); tests/test_layout.py asserts the two agree.
-OP_CODES = {"TIME_EMB": 1, "LINEAR": 2, "PAD": 3, "GROUPNORM": 4, "CONV": 5, "ATTENTION": 6, "RESAMPLE": 7}
+OP_CODES = {"TIME_EMB": 1, "LINEAR": 2, "PAD": 3, "GROUPNORM": 4, "CONV": 5, "ATTENTION": 6, "RESAMPLE": 7,
+            "DIVIDE_BY_T": 8}
 CONV_MODES = {"CONV3": 0, "CONV1": 1, "DOWN1": 2, "DOWN0": 3, "UP": 4}
 RESAMPLE_MODES = {"NONE": 0, "POOL": 1, "NEAREST": 2}
-TIME_MODES = {"SINUSOIDAL": 0, "LEARNED": 1}       # the mode column of TIME_EMB
+TIME_MODES = {"SINUSOIDAL": 0, "LEARNED": 1, "FOURIER": 2}       # the mode column of TIME_EMB
 # Column order of Plan.arrays()["ints"] and ["floats"]: Op attribute names ("code" and "flags"
 # are derived from Op.kind and the boolean flags).
 INT_FIELDS = ("code", "out", "in_", "c_in", "in2", "c_in2", "h", "w", "c_out", "w_idx", "b_idx", "w2_idx",
@@ -238,11 +241,14 @@ class _Builder:
         if cfg.time_embedding_type == "learned":
             t = self.emit(Op("TIME_EMB", out=self.value(c0), c_out=c0, mode=TIME_MODES["LEARNED"],
                              w_idx=self.widx("time_proj.weight"), name="time_proj"))
+        elif cfg.time_embedding_type == "fourier":
+            t = self.emit(Op("TIME_EMB", out=self.value(2 * c0), c_out=2 * c0, mode=TIME_MODES["FOURIER"],
+                             w_idx=self.widx("time_proj.weight"), name="time_proj"))
         else:
             t = self.emit(Op("TIME_EMB", out=self.value(c0), c_out=c0, flip=cfg.flip_sin_to_cos,
                              shift=float(cfg.freq_shift), name="time_proj"))
         d = cfg.time_embed_dim
-        h = self.emit(Op("LINEAR", out=self.value(d), in_=t, c_in=c0, c_out=d,
+        h = self.emit(Op("LINEAR", out=self.value(d), in_=t, c_in=cfg.timestep_input_dim, c_out=d,
                          w_idx=self.widx("time_embedding.linear_1.weight"),
                          b_idx=self.widx("time_embedding.linear_1.bias"), name="time_embedding.linear_1"))
         # diffusers' TimestepEmbedding keeps its default act (SiLU) whatever the model's act_fn
@@ -401,6 +407,9 @@ class _Builder:
         assert not skips and (hh, ww) == (H, W)
         n = self.norm("conv_norm_out", h, c, H, W, cfg.norm_num_groups, "silu", True)  # diffusers' conv_act: SiLU
         out, _, _ = self.conv("conv_out", "CONV3", n, c, H, W, cfg.out_channels)
+        if cfg.time_embedding_type == "fourier":   # diffusers divides a Fourier model's output by t
+            out = self.emit(Op("DIVIDE_BY_T", out=self.value(cfg.out_channels * H * W), in_=out,
+                               c_in=cfg.out_channels, h=H, w=W, c_out=cfg.out_channels, name="sample / timesteps"))
         return self.assign_slots(out)
 
     def assign_slots(self, out_value: int) -> list[Op]:

@@ -34,6 +34,9 @@ diffusers semantics this module (and every engine) must reproduce, read from dif
   norm2(h) * (1 + scale) + shift (before the activation).
 - ``time_embedding_type="learned"``: the embedding is row t of ``time_proj.weight``
   [num_train_timesteps, C0] (nn.Embedding), so t must be an integer in [0, num_train_timesteps).
+- ``time_embedding_type="fourier"`` (score-SDE): [sin, cos] of 2 pi W ln(t) with
+  ``time_proj.weight`` W [C0] (GaussianFourierProjection; diffusers never flips it), so
+  linear_1 takes 2 C0; the U-Net's output is divided by t at the end. t must be > 0.
 - ``act_fn`` ("silu" = "swish", "mish", "gelu" (erf), "relu") is the resnets' activation only
   (norm1, norm2, and the one before time_emb_proj); the output's conv_act is always SiLU.
 - State-dict order follows diffusers' module registration, not execution: conv_in,
@@ -77,7 +80,7 @@ _ATTN_BLOCKS = ("AttnDownBlock2D", "AttnUpBlock2D")
 _CHOICES: dict[str, tuple] = {
     "mid_block_type": _MID_BLOCK_TYPES,
     "act_fn": ("silu", "swish", "mish", "gelu", "relu"),
-    "time_embedding_type": ("positional", "learned"),
+    "time_embedding_type": ("positional", "learned", "fourier"),
     "downsample_type": ("conv", "resnet"),
     "upsample_type": ("conv", "resnet"),
     "resnet_time_scale_shift": ("default", "scale_shift"),
@@ -173,6 +176,11 @@ class UNetConfig:
     def act(self) -> str:
         """The resnets' activation as the plan names it (plan.ACT_FLAGS): act_fn, "swish" as "silu"."""
         return "silu" if self.act_fn == "swish" else self.act_fn
+
+    @property
+    def timestep_input_dim(self) -> int:
+        """Width of the time projection (time_embedding.linear_1's input): 2 C0 for "fourier" ([sin, cos])."""
+        return 2 * self.block_out_channels[0] if self.time_embedding_type == "fourier" else self.block_out_channels[0]
 
     @property
     def time_proj_rows(self) -> int:
@@ -463,6 +471,7 @@ class _Layer:
 
     kind: "conv3" (3x3 pad 1), "down" (3x3 stride 2), "up" (nearest x2 then 3x3), "linear",
     "class_linear" (the class MLP, run once per call), "embedding" (c_in rows of c_out),
+    "fourier" (c_in Gaussian Fourier frequencies),
     "norm", "resnet", "resnet_down" / "resnet_up" (a resnet that avg-pools / upsamples x2 after
     norm1), "attn". level: halvings of the input image size at the module's input."""
 
@@ -478,7 +487,9 @@ def _layers(cfg: UNetConfig) -> list[_Layer]:
     L: list[_Layer] = [_Layer("conv_in", "conv3", cfg.in_channels, ch[0])]
     if cfg.time_embedding_type == "learned":   # nn.Embedding(num_train_timesteps, C0), before time_embedding
         L.append(_Layer("time_proj", "embedding", cfg.num_train_timesteps, ch[0]))
-    L += [_Layer("time_embedding.linear_1", "linear", ch[0], temb),
+    elif cfg.time_embedding_type == "fourier":   # GaussianFourierProjection's frequencies [C0]
+        L.append(_Layer("time_proj", "fourier", ch[0], ch[0]))
+    L += [_Layer("time_embedding.linear_1", "linear", cfg.timestep_input_dim, temb),
           _Layer("time_embedding.linear_2", "linear", temb, temb)]
     # diffusers registers class_embedding right after time_embedding
     if cfg.class_embedding_kind == "table":
@@ -551,6 +562,8 @@ def weight_shapes(cfg: UNetConfig) -> dict[str, tuple[int, ...]]:
             _linear(out, ly.name, ly.c_in, ly.c_out)
         elif ly.kind == "embedding":
             out[f"{ly.name}.weight"] = (ly.c_in, ly.c_out)
+        elif ly.kind == "fourier":
+            out[f"{ly.name}.weight"] = (ly.c_in,)
         elif ly.kind == "norm":
             _norm(out, ly.name, ly.c_in)
         elif ly.kind in ("resnet", "resnet_down", "resnet_up"):

@@ -12,14 +12,15 @@ namespace fastddpm {
 namespace plan {
 
 enum OpCode : int64_t {
-  kTimeEmb = 1, kLinear = 2, kPad = 3, kGroupNorm = 4, kConv = 5, kAttention = 6, kResample = 7
+  kTimeEmb = 1, kLinear = 2, kPad = 3, kGroupNorm = 4, kConv = 5, kAttention = 6, kResample = 7, kDivideByT = 8
 };
 enum ConvMode : int64_t { kConv3 = 0, kConv1 = 1, kDown1 = 2, kDown0 = 3, kUp = 4 };
 // The mode column of RESAMPLE (and of GROUPNORM, which may average-pool its output): 2x2 average
 // pooling, or nearest x2 upsampling (RESAMPLE only); 0 = no resampling (GROUPNORM).
 enum ResampleMode : int64_t { kResampleNone = 0, kResamplePool = 1, kResampleNearest = 2 };
-// The mode column of TIME_EMB: the sinusoidal embedding, or a learned table's row t.
-enum TimeMode : int64_t { kTimeSinusoidal = 0, kTimeLearned = 1 };
+// The mode column of TIME_EMB: the sinusoidal embedding, a learned table's row t, or the Gaussian
+// Fourier projection [sin, cos](2 pi W ln t).
+enum TimeMode : int64_t { kTimeSinusoidal = 0, kTimeLearned = 1, kTimeFourier = 2 };
 
 // Columns of the int rows (plan.INT_FIELDS).
 enum IntField : int {
@@ -54,10 +55,11 @@ struct NamedCode {
 };
 constexpr NamedCode kOpCodeNames[] = {{"TIME_EMB", kTimeEmb}, {"LINEAR", kLinear}, {"PAD", kPad},
                                       {"GROUPNORM", kGroupNorm}, {"CONV", kConv}, {"ATTENTION", kAttention},
-                                      {"RESAMPLE", kResample}};
+                                      {"RESAMPLE", kResample}, {"DIVIDE_BY_T", kDivideByT}};
 constexpr NamedCode kResampleModeNames[] = {{"NONE", kResampleNone}, {"POOL", kResamplePool},
                                             {"NEAREST", kResampleNearest}};
-constexpr NamedCode kTimeModeNames[] = {{"SINUSOIDAL", kTimeSinusoidal}, {"LEARNED", kTimeLearned}};
+constexpr NamedCode kTimeModeNames[] = {{"SINUSOIDAL", kTimeSinusoidal}, {"LEARNED", kTimeLearned},
+                                        {"FOURIER", kTimeFourier}};
 constexpr NamedCode kConvModeNames[] = {{"CONV3", kConv3}, {"CONV1", kConv1}, {"DOWN1", kDown1},
                                         {"DOWN0", kDown0}, {"UP", kUp}};
 constexpr NamedCode kFlagNames[] = {{"silu", kFlagSilu}, {"padded_out", kFlagPaddedOut}, {"flip", kFlagFlip},

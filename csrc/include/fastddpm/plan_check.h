@@ -59,6 +59,7 @@ inline const char* op_name(int64_t code) {
     case kConv: return "CONV";
     case kAttention: return "ATTENTION";
     case kResample: return "RESAMPLE";
+    case kDivideByT: return "DIVIDE_BY_T";
     default: return "?";
   }
 }
@@ -157,9 +158,17 @@ inline std::vector<CheckedOp> check_plan(const PlanView& pv, const std::vector<W
             fail(where + ": a learned time embedding needs a 2-D table weight");
           weight(kWeight, idx, {weights[size_t(idx)].shape[0], op.cout}, "time embedding table");
           positive(weights[size_t(idx)].shape[0], "table rows", int64_t(1) << 40);
+        } else if (op.mode == kTimeFourier) {  // frequencies [c_out / 2]
+          if (op.cout % 2) fail(where + ": a Fourier time embedding needs an even width");
+          weight(kWeight, r[kWIdx], {op.cout / 2}, "Fourier frequencies");
         } else if (op.mode != kTimeSinusoidal) {
           fail(where + ": unknown time embedding mode " + std::to_string(op.mode));
         }
+        break;
+      case kDivideByT:
+        positive(op.cin, "c_in"); side(op.h, "h"); side(op.w, "w");
+        use(op.in, op.cin * hw, "input");
+        use(op.out, op.cin * hw, "output");
         break;
       case kLinear:
         positive(op.cin, "c_in"); positive(op.cout, "c_out");

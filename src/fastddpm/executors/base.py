@@ -114,6 +114,8 @@ class Engine:
 
     def _check_times(self, t: np.ndarray) -> None:
         """A learned time embedding (a table) takes integer timesteps in [0, num_train_timesteps)."""
+        if self.config.time_embedding_type == "fourier" and not np.all(t > 0):
+            raise ValueError(f"this U-Net's Fourier time embedding takes timesteps > 0 (ln t), got {float(t.min())!r}")
         if self.config.time_embedding_type == "learned":
             rows = self.config.num_train_timesteps
             if not np.all((t >= 0) & (t < rows) & (t == np.floor(t))):

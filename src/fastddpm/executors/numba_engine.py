@@ -61,10 +61,10 @@ except Exception as exc:  # noqa: BLE001 - numba missing or refusing this NumPy
     "code", "out", "in_", "c_in", "in2", "c_in2", "h", "w", "c_out", "w_idx", "b_idx", "w2_idx", "b2_idx",
     "temb", "residual", "scratch", "mode", "groups", "heads", "flags"))
 F_EPS, F_SCALE, F_A, F_SHIFT = (FLOAT_FIELDS.index(f) for f in ("eps", "scale", "a", "shift"))
-OP_TIME_EMB, OP_LINEAR, OP_PAD, OP_GROUPNORM, OP_CONV, OP_ATTENTION, OP_RESAMPLE = (
-    OP_CODES[k] for k in ("TIME_EMB", "LINEAR", "PAD", "GROUPNORM", "CONV", "ATTENTION", "RESAMPLE"))
+OP_TIME_EMB, OP_LINEAR, OP_PAD, OP_GROUPNORM, OP_CONV, OP_ATTENTION, OP_RESAMPLE, OP_DIVIDE_BY_T = (
+    OP_CODES[k] for k in ("TIME_EMB", "LINEAR", "PAD", "GROUPNORM", "CONV", "ATTENTION", "RESAMPLE", "DIVIDE_BY_T"))
 R_POOL = RESAMPLE_MODES["POOL"]
-T_LEARNED = TIME_MODES["LEARNED"]
+T_LEARNED, T_FOURIER = TIME_MODES["LEARNED"], TIME_MODES["FOURIER"]
 M_CONV3, M_CONV1, M_DOWN1, M_DOWN0, M_UP = (CONV_MODES[k] for k in ("CONV3", "CONV1", "DOWN1", "DOWN0", "UP"))
 _ALIGN = 16   # floats: every slot and packed weight starts on a 64-byte boundary
 
@@ -365,6 +365,22 @@ if numba is not None:
                     r0 = woff[k, 0] + np.int64(tv) * cout
                     for j in range(cout):
                         dst[0, j] = wflat[r0 + j]
+            elif code == OP_TIME_EMB and op[I_MODE] == T_FOURIER:
+                half = cout // 2
+                for n in range(nb):
+                    if not t[n] > 0:
+                        raise ValueError("a Fourier time embedding takes timesteps > 0")
+                    dst = _sample_view(arena, soff, ssize, op[I_OUT], n, 1, cout)
+                    lt = math.log(np.float64(t[n]))
+                    for j in range(half):   # the argument in float64, as the C++ engine
+                        arg = lt * np.float64(wflat[woff[k, 0] + j]) * 2.0 * math.pi
+                        dst[0, j], dst[0, half + j] = np.float32(math.sin(arg)), np.float32(math.cos(arg))
+            elif code == OP_DIVIDE_BY_T:
+                for n in range(nb):
+                    src = _sample_view(arena, soff, ssize, op[I_IN], n, 1, cin * h * w)
+                    dst = _sample_view(arena, soff, ssize, op[I_OUT], n, 1, cin * h * w)
+                    for i in range(cin * h * w):
+                        dst[0, i] = src[0, i] / t[n]
             elif code == OP_TIME_EMB:
                 half = cout // 2
                 shift = np.float32(floats[k, F_SHIFT])
@@ -542,7 +558,7 @@ def _pack(plan, weights) -> tuple[np.ndarray, np.ndarray]:
     for k, op in enumerate(plan.ops):
         if op.kind == "LINEAR" or op.kind == "GROUPNORM":
             woff[k, 0], woff[k, 1] = add(W[op.w_idx]), add(W[op.b_idx])
-        elif op.kind == "TIME_EMB" and op.w_idx >= 0:             # a learned table [rows, C0]
+        elif op.kind == "TIME_EMB" and op.w_idx >= 0:             # a learned table [rows, C0] / Fourier W [C0]
             woff[k, 0], woff[k, 1] = add(W[op.w_idx]), W[op.w_idx].shape[0]
         elif op.kind == "CONV":
             w, b = W[op.w_idx], W[op.b_idx]                       # w: [O, C, k, k]

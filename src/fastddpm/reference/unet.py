@@ -269,10 +269,11 @@ class ReferenceUNet(nn.Module):
         ch, n = cfg.block_out_channels, cfg.num_blocks
         # registration order = diffusers' state_dict order (up_blocks before mid_block)
         self.conv_in = _Conv(cfg.in_channels, ch[0], 3)
-        if cfg.time_embedding_type == "learned":   # nn.Embedding's weight [num_train_timesteps, C0]
-            self.time_proj = nn.Module()
-            self.time_proj.weight = nn.Parameter(torch.empty(cfg.num_train_timesteps, ch[0]))
-        self.time_embedding = _TimestepEmbedding(ch[0], cfg.time_embed_dim)
+        if cfg.time_embedding_type != "positional":   # nn.Embedding's table [num_train_timesteps, C0]
+            self.time_proj = nn.Module()                # or GaussianFourierProjection's W [C0]
+            shape = (cfg.num_train_timesteps, ch[0]) if cfg.time_embedding_type == "learned" else (ch[0],)
+            self.time_proj.weight = nn.Parameter(torch.empty(shape))
+        self.time_embedding = _TimestepEmbedding(cfg.timestep_input_dim, cfg.time_embed_dim)
         kind = cfg.class_embedding_kind
         if kind == "table":
             self.class_embedding = _Embedding(cfg.num_class_embeds, cfg.time_embed_dim)
@@ -317,6 +318,9 @@ class ReferenceUNet(nn.Module):
         cfg = self.config
         if cfg.time_embedding_type == "learned":
             return F.embedding(t.long(), self.time_proj.weight)
+        if cfg.time_embedding_type == "fourier":   # [sin, cos](2 pi W ln t), never flipped (diffusers)
+            arg = torch.log(t.float())[:, None] * self.time_proj.weight[None, :] * 2 * math.pi
+            return torch.cat([torch.sin(arg), torch.cos(arg)], dim=-1)
         dim = cfg.block_out_channels[0]
         half = dim // 2
         exponent = -math.log(10000) * torch.arange(half, dtype=torch.float32, device=t.device)
@@ -403,4 +407,7 @@ class ReferenceUNet(nn.Module):
         for block in self.up_blocks:
             h = block(h, emb, skips)
         h = F.silu(self.conv_norm_out(h))                                 # [N, C0, H, W]
-        return F.conv2d(h, self.conv_out.weight, self.conv_out.bias, padding=1)
+        out = F.conv2d(h, self.conv_out.weight, self.conv_out.bias, padding=1)
+        if cfg.time_embedding_type == "fourier":                          # diffusers: sample / timesteps
+            out = out / t.to(out.dtype).reshape(n, 1, 1, 1)
+        return out
