@@ -113,15 +113,20 @@ class Engine:
         return self._run(schedule, seed, first_index, keep, callback, class_emb, guidance)
 
     def _check_times(self, t: np.ndarray) -> None:
-        """A learned time embedding (a table) takes integer timesteps in [0, num_train_timesteps)."""
-        if self.config.time_embedding_type == "fourier" and not np.all(t > 0):
-            raise ValueError(f"this U-Net's Fourier time embedding takes timesteps > 0 (ln t), got {float(t.min())!r}")
-        if self.config.time_embedding_type == "learned":
+        """The model times this U-Net's time embedding takes: > 0 for "fourier" (it embeds ln t),
+        integers in [0, num_train_timesteps) for "learned" (a table's rows); any for "positional"."""
+        kind = self.config.time_embedding_type
+        if kind == "fourier":
+            bad, what = t[~(t > 0)], "timesteps > 0 (its Fourier time embedding takes ln t)"
+        elif kind == "learned":
             rows = self.config.num_train_timesteps
-            if not np.all((t >= 0) & (t < rows) & (t == np.floor(t))):
-                bad = t[~((t >= 0) & (t < rows) & (t == np.floor(t)))][0]
-                raise ValueError(f"this U-Net's learned time embedding takes integer timesteps in [0, {rows}), "
-                                 f"got {float(bad)!r} (a sampler with fractional model times cannot run it)")
+            bad = t[~((t >= 0) & (t < rows) & (t == np.floor(t)))]
+            what = (f"integer timesteps in [0, {rows}) (its learned time embedding is a table; a sampler "
+                    f"with fractional model times cannot run it)")
+        else:
+            return
+        if bad.size:
+            raise ValueError(f"this U-Net takes {what}, got {float(bad[0])!r}")
 
     def samples(self, guidance) -> int:
         """Images a run makes: batch, or batch // 2 with guidance."""
