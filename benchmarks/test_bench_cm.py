@@ -4,7 +4,8 @@ weights), batch 1, one class label: fastddpm.sample against diffusers' Consisten
 eager, the same pipeline with its U-Net under torch.compile, and ONNX Runtime running the exported
 U-Net with the same scheduler step in NumPy. Every implementation starts from the same x_T; the
 images are checked against fastddpm's before anything is timed. Rounds are interleaved (the order
-rotates) and a speed-up is the median of the per-round ratios, as in test_bench_unet_paired.py.
+rotates), each timed call right after an untimed one of the same implementation, and a speed-up is
+the median of the per-round ratios, as in test_bench_unet_paired.py.
 
     FASTDDPM_BENCH_CM_ROUNDS=5 pytest -s benchmarks/test_bench_cm.py
 """
@@ -110,6 +111,7 @@ def test_cm_imagenet64_one_step_paired(benchmark):
 
     def one_round():
         for name in order:
+            fns[name]()   # untimed, as in test_bench_unet_paired.py: other implementations' threads stop spinning
             t0 = time.perf_counter()
             fns[name]()
             if warm:
