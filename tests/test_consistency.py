@@ -282,3 +282,15 @@ def test_sharded_sampling_keeps_explicit_timesteps(tmp_path_factory, tmp_path):
     assert manifest["request"]["sampler"] == "cm" and manifest["request"]["steps"] == [22, 0]
     np.testing.assert_array_equal(read_shards(tmp_path / "out"), pipe(5, steps=[22, 0], seed=9, labels=1))
     assert not np.array_equal(pipe(5, steps=2, seed=9, labels=1), pipe(5, steps=[22, 0], seed=9, labels=1))
+
+
+def test_cli_samples_a_consistency_model_with_its_own_sampler(tmp_path_factory, tmp_path, capsys):
+    """`fastddpm sample -m <CM directory>` without --sampler runs "cm" (one step) and says so."""
+    from fastddpm.cli import main
+    directory = saved("small", tmp_path_factory)
+    npy = tmp_path / "s.npy"
+    rc = main(["sample", "-m", directory, "-n", "2", "--label", "3", "--seed", "4", "-o", str(tmp_path / "s.png"),
+               "--npy", str(npy)])
+    out = capsys.readouterr().out
+    assert rc == 0 and "cm 1 steps" in out
+    np.testing.assert_array_equal(np.load(npy), fastddpm.load(directory)(2, labels=3, seed=4))
