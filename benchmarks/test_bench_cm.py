@@ -20,18 +20,12 @@ import pytest
 
 import fastddpm
 from fastddpm.philox import noise as spec_noise
-from fastddpm.unet_config import UNetConfig, flops, random_weights
+from fastddpm.unet_config import CM_IMAGENET64, UNetConfig, flops, random_weights
 
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 torch.set_num_threads(2)
 
-IMAGENET64 = dict(sample_size=64, in_channels=3, out_channels=3, layers_per_block=3, num_class_embeds=1000,
-                  block_out_channels=[192, 384, 576, 768], attention_head_dim=64,
-                  down_block_types=["ResnetDownsampleBlock2D", "AttnDownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"],
-                  up_block_types=["AttnUpBlock2D", "AttnUpBlock2D", "AttnUpBlock2D", "ResnetUpsampleBlock2D"],
-                  resnet_time_scale_shift="scale_shift", attn_norm_num_groups=32, upsample_type="resnet",
-                  downsample_type="resnet")
 LABEL, SEED = 207, 3
 TOL = 1e-4   # max abs on the [-1, 1] image (measured ~6e-6 between the engines and diffusers)
 
@@ -61,7 +55,7 @@ def _export(unet, path: str, shape) -> None:
 
 
 def test_cm_imagenet64_one_step_paired(benchmark):
-    cfg = UNetConfig.from_dict(IMAGENET64)
+    cfg = UNetConfig.from_dict(CM_IMAGENET64)
     w = random_weights(cfg, seed=0)
     shape = (1, 3, 64, 64)
     normals = spec_noise(SEED, shape, -1)

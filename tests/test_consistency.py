@@ -23,7 +23,7 @@ import pytest
 
 import fastddpm
 from fastddpm.philox import noise as spec_noise
-from fastddpm.unet_config import UNetConfig, random_weights
+from fastddpm.unet_config import CM_IMAGENET64, UNetConfig, random_weights
 
 from _stepkit import CPU_BACKENDS, assert_step_sequence
 
@@ -142,19 +142,12 @@ ADM_SMALL = dict(sample_size=16, in_channels=3, out_channels=3, layers_per_block
                  up_block_types=["AttnUpBlock2D", "AttnUpBlock2D", "ResnetUpsampleBlock2D"],
                  resnet_time_scale_shift="scale_shift", attn_norm_num_groups=8, upsample_type="resnet",
                  downsample_type="resnet")
-# diffusers' conversion of openai's ImageNet-64 consistency models (cd_imagenet64_l2 and friends)
-IMAGENET64 = dict(sample_size=64, in_channels=3, out_channels=3, layers_per_block=3, num_class_embeds=1000,
-                  block_out_channels=[192, 384, 576, 768], attention_head_dim=64,
-                  down_block_types=["ResnetDownsampleBlock2D", "AttnDownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"],
-                  up_block_types=["AttnUpBlock2D", "AttnUpBlock2D", "AttnUpBlock2D", "ResnetUpsampleBlock2D"],
-                  resnet_time_scale_shift="scale_shift", attn_norm_num_groups=32, upsample_type="resnet",
-                  downsample_type="resnet")
 
 
 @functools.lru_cache(maxsize=None)
 def model(name: str):
     """(config, weights): random weights, perturbed where small so that nothing is zero."""
-    cfg = UNetConfig.from_dict(ADM_SMALL if name == "small" else IMAGENET64)
+    cfg = UNetConfig.from_dict(ADM_SMALL if name == "small" else CM_IMAGENET64)
     w = random_weights(cfg, 4)
     if name == "small":
         rng = np.random.default_rng(8)

@@ -390,7 +390,7 @@ GOp Engine::Impl::build_op(const P::CheckedOp& c, size_t index) {
     case P::kTimeEmb:   // a learned table [rows, dim], Fourier frequencies [dim / 2], or no weights
       if (op.mode != P::kTimeSinusoidal) {
         const std::vector<float> table = P::weight_copy(c, P::kWeight);
-        op.table_rows = int64_t(table.size()) / op.cout;
+        if (op.mode == P::kTimeLearned) op.table_rows = int64_t(table.size()) / op.cout;
         op.wt = upload_floats(table, "time embedding weights", stream);
       }
       break;

@@ -368,6 +368,10 @@ class _Scheduler:
         self._tables.clear()
         self._schedules.clear()
 
+    def _prev_of_row(self, row: int) -> int:
+        """The noise step after row's (-1 after the last); DDIM and DPM-Solver++ define their own."""
+        return int(self.noise_steps[row + 1]) if row + 1 < len(self.noise_steps) else -1
+
     def previous_timestep(self, timestep: int) -> int:
         row = self.row_index(timestep)
         return self._prev_of_row(row)
@@ -465,9 +469,6 @@ class DDPMScheduler(_Scheduler):
         super()._validate(cfg)
         if cfg["variance_type"] not in VARIANCE_TYPES:
             raise SchedulerConfigError(f"variance_type={cfg['variance_type']!r} is not one of {VARIANCE_TYPES}")
-
-    def _prev_of_row(self, row: int) -> int:
-        return int(self.timesteps[row + 1]) if row + 1 < len(self.timesteps) else -1
 
     def _row(self, row: int) -> list[float]:
         t = int(self.timesteps[row])
@@ -859,9 +860,6 @@ class _EulerBase(_Scheduler):
     def _final_sigma(self) -> float:
         return 0.0
 
-    def _prev_of_row(self, row: int) -> int:
-        return int(self.noise_steps[row + 1]) if row + 1 < len(self.noise_steps) else -1
-
     def _step_options(self, eta) -> dict:
         if validate.eta(eta) != 0.0:
             raise ValueError(f"eta is a DDIM parameter; {type(self).__name__} takes none")
@@ -1026,9 +1024,6 @@ class CMStochasticIterativeScheduler(_Scheduler):
         sd = float(self.config["sigma_data"])
         self.x_scale = float(self.config["sigma_max"]) / math.sqrt(sigmas[0] ** 2 + sd * sd)
         self._set_timestep_array(T - 1 - ramp_index, 250.0 * np.log(sigmas + 1e-44))
-
-    def _prev_of_row(self, row: int) -> int:
-        return int(self.noise_steps[row + 1]) if row + 1 < len(self.noise_steps) else -1
 
     def scale_model_input(self, sample, timestep=None):
         """The model's input: ``sample`` itself, since the loop state here is already what diffusers'

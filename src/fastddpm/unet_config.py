@@ -55,7 +55,7 @@ import numpy as np
 from . import validate
 
 __all__ = ["UNetConfigError", "UNetConfig", "weight_shapes", "parameter_count", "flops",
-           "random_weights", "PRESETS", "DOWN_BLOCK_TYPES", "UP_BLOCK_TYPES", "MAX_DIMENSION",
+           "random_weights", "PRESETS", "CM_IMAGENET64", "DOWN_BLOCK_TYPES", "UP_BLOCK_TYPES", "MAX_DIMENSION",
            "MAX_RESNET_BLOCKS", "MAX_PARAMETERS", "MAX_SAMPLE_FLOATS"]
 
 
@@ -667,6 +667,16 @@ _DDPM_STYLE = dict(
     flip_sin_to_cos=False, freq_shift=1, mid_block_scale_factor=1, norm_eps=1e-6,
     time_embedding_type="positional",
 )
+
+# The U-Net of openai's ImageNet-64 consistency models as diffusers converts them (cd_imagenet64_l2
+# and friends: ADM blocks, scale_shift, 1000 classes, 296M parameters): the shape the consistency-
+# model tests and benchmark run with random weights. Not a preset: no weights ship with it.
+CM_IMAGENET64: dict[str, Any] = dict(
+    sample_size=64, in_channels=3, out_channels=3, layers_per_block=3, num_class_embeds=1000,
+    block_out_channels=[192, 384, 576, 768], attention_head_dim=64,
+    down_block_types=["ResnetDownsampleBlock2D", "AttnDownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"],
+    up_block_types=["AttnUpBlock2D", "AttnUpBlock2D", "AttnUpBlock2D", "ResnetUpsampleBlock2D"],
+    resnet_time_scale_shift="scale_shift", attn_norm_num_groups=32, upsample_type="resnet", downsample_type="resnet")
 
 PRESETS: dict[str, dict[str, Any]] = {
     # The small benchmark network: 32x32x1, attention at 16x16.
