@@ -36,6 +36,33 @@ def _pool2(v):
     return v.reshape(n, c, h // 2, 2, w // 2, 2).mean(axis=(3, 5))
 
 
+def _fir_axis(v, axis, up):
+    """score-SDE's [1, 3, 3, 1] FIR resampling along one axis of v (zero outside), from its
+    definition: down y[i] = (x[2i-1] + 3 x[2i] + 3 x[2i+1] + x[2i+2]) / 8; up
+    y[2i] = (x[i-1] + 3 x[i]) / 4, y[2i+1] = (3 x[i] + x[i+1]) / 4."""
+    v = np.moveaxis(v, axis, -1)
+    p = np.pad(v, [(0, 0)] * (v.ndim - 1) + [(1, 2) if not up else (1, 1)])   # p[k] = x[k - 1]
+    n = v.shape[-1]
+    if up:
+        out = np.empty(v.shape[:-1] + (2 * n,))
+        out[..., 0::2] = (p[..., 0:n] + 3 * p[..., 1:n + 1]) / 4
+        out[..., 1::2] = (3 * p[..., 1:n + 1] + p[..., 2:n + 2]) / 4
+    else:
+        out = (p[..., 0:n:2] + 3 * p[..., 1:n + 1:2] + 3 * p[..., 2:n + 2:2] + p[..., 3:n + 3:2]) / 8
+    return np.moveaxis(out, -1, axis)
+
+
+def _resample(v, mode):
+    """RESAMPLE's modes on [N, C, h, w]."""
+    if mode == RESAMPLE_MODES["POOL"]:
+        return _pool2(v)
+    if mode == RESAMPLE_MODES["NEAREST"]:
+        return v.repeat(2, axis=2).repeat(2, axis=3)
+    up = mode == RESAMPLE_MODES["FIR_UP"]
+    assert up or mode == RESAMPLE_MODES["FIR_DOWN"], mode
+    return _fir_axis(_fir_axis(v, 2, up), 3, up)
+
+
 def _conv2d(x, w, stride=1):
     """x: [N, C, Hp, Wp] already padded; w: [O, C, k, k] -> valid conv with stride."""
     n, c, hp, wp = x.shape
@@ -106,7 +133,7 @@ def run_plan(plan: Plan, weights: dict, x: np.ndarray, t, class_emb=None) -> np.
             res = np.pad(v, ((0, 0), (0, 0), (1, 1), (1, 1))) if op.padded_out else v
         elif op.kind == "RESAMPLE":
             v = get(op.in_, op.c_in, op.h, op.w)
-            v = _pool2(v) if op.mode == RESAMPLE_MODES["POOL"] else v.repeat(2, axis=2).repeat(2, axis=3)
+            v = _resample(v, op.mode)
             res = np.pad(v, ((0, 0), (0, 0), (1, 1), (1, 1))) if op.padded_out else v
         elif op.kind == "CONV":
             mode = _MODES[op.mode]

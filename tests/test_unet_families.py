@@ -5,7 +5,8 @@ about as much as ours does, so float32 diffusers would blur the comparison); the
 NumPy interpreter (tests/plan_numpy.py) checks the plan itself against it (to the ~1e-7 of
 diffusers' float32 time embedding).
 
-Covered: ``time_embedding_type="learned"`` (a table row per integer timestep) and "fourier"
+Covered: score-SDE's NCSN++ skip blocks (FIR resampling, image pyramids, min(C/4, 32) groups),
+``time_embedding_type="learned"`` (a table row per integer timestep) and "fourier"
 (score-SDE's Gaussian Fourier projection of ln t, the output divided by t),
 ``resnet_time_scale_shift="scale_shift"`` (time_emb_proj gives [scale, shift]; the
 engines fold them into norm2's affine), ``act_fn`` silu / swish / mish / gelu / relu, both
@@ -52,6 +53,17 @@ CASES = {
                     "down_block_types": ["ResnetDownsampleBlock2D", "AttnDownBlock2D", "ResnetDownsampleBlock2D"],
                     "up_block_types": ["ResnetUpsampleBlock2D", "AttnUpBlock2D", "ResnetUpsampleBlock2D"],
                     "downsample_type": "resnet", "upsample_type": "resnet"},
+    # score-SDE's NCSN++ shape (google/ncsnpp-*): skip blocks only, norm_num_groups null
+    # (min(C/4, 32) groups), FIR resampling resnets, the input / output image pyramids, sqrt 2 scales
+    "ncsnpp": {"in_channels": 3, "out_channels": 3, "block_out_channels": [32, 32, 64], "norm_num_groups": None,
+               "down_block_types": ["SkipDownBlock2D", "AttnSkipDownBlock2D", "SkipDownBlock2D"],
+               "up_block_types": ["SkipUpBlock2D", "AttnSkipUpBlock2D", "SkipUpBlock2D"],
+               "time_embedding_type": "fourier", "mid_block_scale_factor": 2 ** 0.5, "flip_sin_to_cos": True},
+    # skip blocks beside plain ones: the skip blocks' own group counts whatever norm_num_groups says,
+    # a pyramid that starts in the middle of the up path, the positional time embedding
+    "skip-mixed": {"in_channels": 3, "out_channels": 3, "act_fn": "gelu",
+                   "down_block_types": ["SkipDownBlock2D", "SkipDownBlock2D", "DownBlock2D"],
+                   "up_block_types": ["UpBlock2D", "SkipUpBlock2D", "SkipUpBlock2D"]},
 }
 TOL = 1e-5   # max |ours - float64 diffusers| / max |float64 diffusers|
 
@@ -270,7 +282,7 @@ def test_the_core_refuses_bad_resampling():
         _C.Engine(bad, arrays["floats"], arrays["slot_sizes"], list(zip(plan.weight_names, weights)), 1, 1, 1, 16, 16)
 
     with pytest.raises(ValueError, match="unknown resample mode"):
-        build(lambda a: a.__setitem__((k, col["mode"]), 3))
+        build(lambda a: a.__setitem__((k, col["mode"]), 5))
     with pytest.raises(ValueError, match="unknown resample mode"):
         build(lambda a: a.__setitem__((g, col["mode"]), plan_mod.RESAMPLE_MODES["NEAREST"]))
     flags = plan_mod.INT_FIELDS.index("flags")
@@ -288,3 +300,37 @@ def test_cuda_forward_matches_diffusers(case):
     eng = CUDA_BACKEND.make_engine(cfg, weights, 3, 12, 20, EngineOptions(dtype="fp32"))
     got = eng.forward(x, t, class_rows(case, labels))
     assert scaled_err(got, oracle(case, 3, 12, 20)) <= TOL, case
+
+
+def test_skip_block_rules_are_refused_by_name():
+    """What diffusers' forward would trip over (or build wrong) with the skip blocks: refused when the config is read."""
+    base = {**fastddpm.train.DIGITS_UNET, **CASES["ncsnpp"]}
+    bad = {
+        "norm_num_groups null is supported with the score-SDE skip blocks only":
+            dict(down_block_types=["DownBlock2D", "AttnSkipDownBlock2D", "SkipDownBlock2D"]),
+        "after a non-skip block": dict(norm_num_groups=8, block_out_channels=[32, 32, 64],
+                                       down_block_types=["DownBlock2D", "SkipDownBlock2D", "SkipDownBlock2D"]),
+        "must be the last ones": dict(norm_num_groups=8, up_block_types=["SkipUpBlock2D", "UpBlock2D", "SkipUpBlock2D"]),
+        "in_channels must be 3": dict(in_channels=1),
+        "out_channels must be 3": dict(out_channels=1),
+        "center_input_sample": dict(center_input_sample=True),
+        "attention norm has 32 groups": dict(block_out_channels=[32, 48, 64]),
+    }
+    for message, change in bad.items():
+        with pytest.raises(UNetConfigError, match=message):
+            UNetConfig.from_dict({**base, **change})
+    # a skip block that does not downsample (the last) may follow plain blocks, and plain up blocks may
+    # precede the skip ones: both run in diffusers, both accepted
+    UNetConfig.from_dict({**base, "norm_num_groups": 8, "down_block_types": ["DownBlock2D", "DownBlock2D", "SkipDownBlock2D"]})
+
+
+def test_skip_blocks_use_fir_resampling_and_the_pyramids():
+    """The plan of the NCSN++ case has what the diffusers match depends on (so a later plan change
+    that drops one would show here, not only as a tolerance miss)."""
+    plan = build_plan(model("ncsnpp")[0], 1, 16, 16)
+    modes = [op.mode for op in plan.ops if op.kind == "RESAMPLE"]
+    R = plan_mod.RESAMPLE_MODES
+    # per resampling level (2 each way): the FIR resnet's norm1 output and input, and the pyramid
+    assert modes.count(R["FIR_DOWN"]) == 2 * 3 and modes.count(R["FIR_UP"]) == 2 * 3
+    assert sum(op.kind == "CONV" and op.name.endswith("skip_conv") for op in plan.ops) == 4
+    assert next(op for op in plan.ops if op.name == "conv_out").residual >= 0            # + the output pyramid

@@ -309,6 +309,7 @@ struct Engine::Impl {
   void op_groupnorm(const Op& op, const Samples& b, const EngineKernels& k, int threads);
   void op_conv(const Op& op, const Samples& b, const EngineKernels& k, int threads);
   void op_resample(const Op& op, const Samples& b, int threads);
+  void op_fir(const Op& op, const Samples& b, int threads);
   // 0 for the direct GEMM, else the Winograd tile size this conv runs with under kernels k
   int conv_path(const Op& op, const EngineKernels& k) const;
   void op_conv_winograd(const Op& op, const Samples& b, int m, const EngineKernels& k, int threads);
@@ -570,8 +571,9 @@ void Engine::Impl::op_groupnorm(const Op& op, const Samples& b, const EngineKern
   });
 }
 
-// out = avg-pool 2x2 or nearest x2 of in, per channel (padded: a zero border around it)
+// out = avg-pool 2x2, nearest x2 or FIR down / up of in, per channel (padded: a zero border around it)
 void Engine::Impl::op_resample(const Op& op, const Samples& b, int threads) {
+  if (op.mode == P::kResampleFirDown || op.mode == P::kResampleFirUp) return op_fir(op, b, threads);
   const bool padded = op.flags & P::kFlagPaddedOut, pool = op.mode == P::kResamplePool;
   const int64_t C = op.cin, h = op.h, w = op.w, ho = pool ? h / 2 : 2 * h, wo = pool ? w / 2 : 2 * w;
   const int64_t Wp = padded ? wo + 2 : wo, plane = padded ? (ho + 2) * Wp : ho * wo, o0 = padded ? Wp + 1 : 0;
@@ -589,6 +591,40 @@ void Engine::Impl::op_resample(const Op& op, const Samples& b, int threads) {
       } else {
         const float* r = src + (y / 2) * w;
         for (int64_t x = 0; x < wo; ++x) d[x] = r[x / 2];
+      }
+    }
+  });
+}
+
+// score-SDE's FIR resampling: separable, so a row pass (into a per-task [h, wo] buffer) then a
+// column pass; a fixed tap order, so every thread count gives the same bits
+void Engine::Impl::op_fir(const Op& op, const Samples& b, int threads) {
+  const bool padded = op.flags & P::kFlagPaddedOut, up = op.mode == P::kResampleFirUp;
+  const int64_t C = op.cin, h = op.h, w = op.w, ho = up ? 2 * h : h / 2, wo = up ? 2 * w : w / 2;
+  const int64_t Wp = padded ? wo + 2 : wo, plane = padded ? (ho + 2) * Wp : ho * wo, o0 = padded ? Wp + 1 : 0;
+  std::vector<P::FirTaps> xt(static_cast<size_t>(wo)), yt(static_cast<size_t>(ho));
+  for (int64_t x = 0; x < wo; ++x) xt[size_t(x)] = P::fir_taps(up, x, w);
+  for (int64_t y = 0; y < ho; ++y) yt[size_t(y)] = P::fir_taps(up, y, h);
+  parallel_for(b.n * C, threads, b.n * C * ho * wo >= (1 << 14), [&](int64_t t) {
+    const int64_t n = t / C, c = t % C;
+    const float* src = slot(b, n, op.in) + c * h * w;
+    float* dst = slot(b, n, op.out) + c * plane;
+    std::vector<float> rows(static_cast<size_t>(h * wo));   // [h, wo]: each input row filtered along x
+    for (int64_t y = 0; y < h; ++y)
+      for (int64_t x = 0; x < wo; ++x) {
+        const P::FirTaps& k = xt[size_t(x)];
+        float s = 0.0f;
+        for (int j = 0; j < k.count; ++j) s += k.weight[j] * src[y * w + k.index[j]];
+        rows[size_t(y * wo + x)] = s;
+      }
+    if (padded) std::memset(dst, 0, size_t(plane) * 4);
+    for (int64_t y = 0; y < ho; ++y) {
+      const P::FirTaps& k = yt[size_t(y)];
+      float* d = dst + o0 + y * Wp;
+      for (int64_t x = 0; x < wo; ++x) {
+        float s = 0.0f;
+        for (int j = 0; j < k.count; ++j) s += k.weight[j] * rows[size_t(k.index[j] * wo + x)];
+        d[x] = s;
       }
     }
   });

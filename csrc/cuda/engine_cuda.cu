@@ -573,7 +573,7 @@ void Engine::Impl::forward_ops(cudaStream_t st, bool timed) {
         break;
       case P::kResample:
         check_cuda(launch_resample(slot(op.in), bstride(op.in), slot(op.out), bstride(op.out), n, int(op.cin),
-                                   int(op.h), int(op.w), op.mode == P::kResamplePool, op.flags & P::kFlagPaddedOut, st),
+                                   int(op.h), int(op.w), int(op.mode), op.flags & P::kFlagPaddedOut, st),
                    "resample");
         break;
       case P::kConv: {

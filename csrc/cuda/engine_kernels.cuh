@@ -120,7 +120,7 @@ cudaError_t launch_groupnorm(const Concat& c, float* out, int64_t o_bstride, int
 // out[b][c] = the 2x2 average pooling (pool) or nearest x2 upsampling of in[b][c] [h, w]; padded: a
 // zero border of one pixel around it.
 cudaError_t launch_resample(const float* in, int64_t i_bstride, float* out, int64_t o_bstride, int n, int C, int h,
-                            int w, bool pool, bool padded, cudaStream_t st);
+                            int w, int mode, bool padded, cudaStream_t st);  // mode: plan::ResampleMode
 
 // col[b][(c*9 + dy*3 + dx) * ho*wo + yo*wo + xo] = in[b][c][2yo+dy-pad][2xo+dx-pad] (0 outside).
 cudaError_t launch_im2col_s2(const float* in, int64_t i_bstride, float* col, int64_t c_bstride, int n, int C,

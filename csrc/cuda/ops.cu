@@ -6,6 +6,7 @@
 #include <cstdint>
 
 #include "engine_kernels.cuh"
+#include "fastddpm/plan.h"
 
 namespace fastddpm {
 namespace cuda {
@@ -168,9 +169,12 @@ __global__ void groupnorm_kernel(const Concat c, float* __restrict__ out, int64_
   }
 }
 
-// out[b][c] = avg-pool 2x2 (pool) or nearest x2 of in[b][c] [h, w]; padded: a zero border around it.
+// out[b][c] = avg-pool 2x2, nearest x2 or FIR down / up (plan::ResampleMode) of in[b][c] [h, w];
+// padded: a zero border around it.
 __global__ void resample_kernel(const float* __restrict__ in, int64_t i_bstride, float* __restrict__ out,
-                                int64_t o_bstride, int n, int C, int h, int w, bool pool, bool padded) {
+                                int64_t o_bstride, int n, int C, int h, int w, int mode, bool padded) {
+  const bool pool = mode == plan::kResamplePool || mode == plan::kResampleFirDown;
+  const bool fir = mode == plan::kResampleFirDown || mode == plan::kResampleFirUp;
   const int oh = pool ? h / 2 : 2 * h, ow = pool ? w / 2 : 2 * w, p = padded ? 1 : 0;
   const int Wp = ow + 2 * p, plane = (oh + 2 * p) * Wp;
   const int64_t total = int64_t(n) * C * plane;
@@ -182,7 +186,15 @@ __global__ void resample_kernel(const float* __restrict__ in, int64_t i_bstride,
     const float* src = in + int64_t(b) * i_bstride + int64_t(ch) * h * w;
     float v = 0.0f;
     if (y >= 0 && y < oh && x >= 0 && x < ow) {
-      if (pool) {
+      if (fir) {   // the same tap order as the CPU engine: rows filtered along x, then summed along y
+        const bool up = mode == plan::kResampleFirUp;
+        const plan::FirTaps ty = plan::fir_taps(up, y, h), tx = plan::fir_taps(up, x, w);
+        for (int a = 0; a < ty.count; ++a) {
+          float row = 0.0f;
+          for (int j = 0; j < tx.count; ++j) row += tx.weight[j] * src[ty.index[a] * w + tx.index[j]];
+          v += ty.weight[a] * row;
+        }
+      } else if (pool) {
         const float* r0 = src + 2 * y * w + 2 * x;
         v = 0.25f * (((r0[0] + r0[1]) + r0[w]) + r0[w + 1]);
       } else {
@@ -326,10 +338,11 @@ cudaError_t launch_groupnorm(const Concat& c, float* out, int64_t o_bstride, int
 }
 
 cudaError_t launch_resample(const float* in, int64_t i_bstride, float* out, int64_t o_bstride, int n, int C, int h,
-                            int w, bool pool, bool padded, cudaStream_t st) {
-  const int oh = pool ? h / 2 : 2 * h, ow = pool ? w / 2 : 2 * w, p = padded ? 2 : 0;
+                            int w, int mode, bool padded, cudaStream_t st) {
+  const bool down = mode == plan::kResamplePool || mode == plan::kResampleFirDown;
+  const int oh = down ? h / 2 : 2 * h, ow = down ? w / 2 : 2 * w, p = padded ? 2 : 0;
   const int64_t total = int64_t(n) * C * (oh + p) * (ow + p);
-  resample_kernel<<<blocks_for(total, 256), 256, 0, st>>>(in, i_bstride, out, o_bstride, n, C, h, w, pool, padded);
+  resample_kernel<<<blocks_for(total, 256), 256, 0, st>>>(in, i_bstride, out, o_bstride, n, C, h, w, mode, padded);
   return cudaGetLastError();
 }
 

@@ -43,6 +43,11 @@ Ops (``Plan.ops``, in execution order); each is an ``Op`` with these fields (-1 
 - ``RESAMPLE``  out [N, C, Ho, Wo] = ``mode`` POOL: 2x2 average pooling (Ho, Wo = h/2, w/2), or
   NEAREST: nearest x2 upsampling (2h, 2w), of in [N, C, h, w]; written padded if ``padded_out``
   (the resampled input of a downsampling / upsampling resnet: its residual or shortcut input).
+  FIR_DOWN / FIR_UP: score-SDE's [1, 3, 3, 1] FIR resampling, separable, zero outside the image:
+  down (h/2, w/2) y[i] = (x[2i-1] + 3 x[2i] + 3 x[2i+1] + x[2i+2]) / 8 per axis; up (2h, 2w)
+  y[2i] = (x[i-1] + 3 x[i]) / 4, y[2i+1] = (3 x[i] + x[i+1]) / 4 per axis (diffusers'
+  downsample_2d / upsample_2d with that kernel: the FIR resnets' norm1 output and input, and the
+  image pyramid of the skip blocks).
 - ``CONV``      out [N, c_out, Ho, Wo] = scale * (conv(in) + bias + temb + conv1x1(in2) + residual):
     ``mode`` CONV3 : 3x3 stride 1 pad 1 on a padded ``in`` [c_in, h+2, w+2]; Ho, Wo = h, w.
     ``mode`` CONV1 : 1x1 on an unpadded ``in`` [c_in, h, w].
@@ -86,7 +91,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from . import validate
-from .unet_config import UNetConfig, weight_shapes
+from .unet_config import SKIP_ATTN_GROUPS, SKIP_SCALE, UNetConfig, weight_shapes
 
 __all__ = ["Plan", "Op", "PlanError", "build_plan", "OP_CODES", "CONV_MODES", "INT_FIELDS",
            "FLOAT_FIELDS", "ACT_FLAGS", "RESAMPLE_MODES", "TIME_MODES", "INPUT_SLOT", "OUTPUT_SLOT", "CLASS_SLOT"]
@@ -101,7 +106,7 @@ class PlanError(ValueError):
 OP_CODES = {"TIME_EMB": 1, "LINEAR": 2, "PAD": 3, "GROUPNORM": 4, "CONV": 5, "ATTENTION": 6, "RESAMPLE": 7,
             "DIVIDE_BY_T": 8}
 CONV_MODES = {"CONV3": 0, "CONV1": 1, "DOWN1": 2, "DOWN0": 3, "UP": 4}
-RESAMPLE_MODES = {"NONE": 0, "POOL": 1, "NEAREST": 2}
+RESAMPLE_MODES = {"NONE": 0, "POOL": 1, "NEAREST": 2, "FIR_DOWN": 3, "FIR_UP": 4}
 TIME_MODES = {"SINUSOIDAL": 0, "LEARNED": 1, "FOURIER": 2}       # the mode column of TIME_EMB
 # Column order of Plan.arrays()["ints"] and ["floats"]: Op attribute names ("code" and "flags"
 # are derived from Op.kind and the boolean flags).
@@ -287,17 +292,23 @@ class _Builder:
         return out, ho, wo
 
     def resample(self, src, c, h, w, mode, padded, name="") -> int:
-        ho, wo = (h // 2, w // 2) if mode == "POOL" else (2 * h, 2 * w)
+        ho, wo = (h // 2, w // 2) if mode in ("POOL", "FIR_DOWN") else (2 * h, 2 * w)
         size = c * ((ho + 2) * (wo + 2) if padded else ho * wo)
         return self.emit(Op("RESAMPLE", out=self.value(size), in_=src, c_in=c, h=h, w=w, c_out=c,
                             mode=RESAMPLE_MODES[mode], padded_out=padded, name=name))
 
-    def resnet(self, key, x, c_in, h, w, c_out, emb, x2=-1, c2=0, scale=1.0, resample=None) -> int:
+    def resnet(self, key, x, c_in, h, w, c_out, emb, x2=-1, c2=0, scale=1.0, resample=None,
+               groups=None, shortcut=None) -> int:
         """diffusers ResnetBlock2D on concat(x, x2) (c_in + c2 channels) -> [c_out, h, w];
         resample "down" / "up" (its down=True / up=True: x and norm1's output are average-pooled /
-        upsampled x2 before conv1 and the shortcut) -> [c_out, h/2, w/2] / [c_out, 2h, 2w]."""
+        upsampled x2 before conv1 and the shortcut), "fir_down" / "fir_up" (the same with the
+        [1, 3, 3, 1] FIR kernel: score-SDE's kernel="fir") -> [c_out, h/2, w/2] / [c_out, 2h, 2w].
+        groups: (norm1, norm2) group counts (default norm_num_groups); shortcut: force the 1x1
+        conv_shortcut (use_in_shortcut=True) even where the channel count stays."""
         cfg = self.cfg
         cin_tot = c_in + c2
+        g1, g2 = groups if groups is not None else (cfg.norm_groups(cin_tot), cfg.norm_groups(c_out))
+        has_shortcut = cin_tot != c_out if shortcut is None else shortcut
         if resample is not None and x2 >= 0:  # diffusers' resampling resnets never take a concat
             raise PlanError(f"{key}: a resampling resnet with a concatenated input")
         act = cfg.act
@@ -309,20 +320,25 @@ class _Builder:
                           w_idx=self.widx(f"{key}.time_emb_proj.weight"),
                           b_idx=self.widx(f"{key}.time_emb_proj.bias"), name=f"{key}.time_emb_proj"))
         # down: norm1 + act + avg-pool in one op, then a plain conv1 at h/2; up: conv1's UP mode
-        # folds the nearest x2 upsampling into the conv (4 phases of 2x2 taps)
-        n1 = self.norm(f"{key}.norm1", x, c_in, h, w, cfg.norm_num_groups, act, True, x2, c2,
-                       pool=resample == "down")
+        # folds the nearest x2 upsampling into the conv (4 phases of 2x2 taps); FIR: norm1 + act,
+        # then the separable 4x4 stencil into conv1's padded input
+        fir = resample in ("fir_down", "fir_up")
+        n1 = self.norm(f"{key}.norm1", x, c_in, h, w, g1, act, not fir, x2, c2, pool=resample == "down")
+        if fir:
+            n1 = self.resample(n1, c_in, h, w, resample.upper(), True, name=f"{key}.{resample}(norm1)")
         h0, w0 = h, w
-        if resample == "down":
+        if resample in ("down", "fir_down"):
             h, w = h // 2, w // 2
+        elif resample == "fir_up":
+            h, w = 2 * h, 2 * w
         h1, h, w = self.conv(f"{key}.conv1", "UP" if resample == "up" else "CONV3", n1, cin_tot, h, w, c_out,
                              temb=-1 if shifts else tp)
-        n2 = self.norm(f"{key}.norm2", h1, c_out, h, w, cfg.norm_num_groups, act, True,
+        n2 = self.norm(f"{key}.norm2", h1, c_out, h, w, g2, act, True,
                        scale_shift=tp if shifts else -1)
         if resample is not None:  # the shortcut reads x resampled (padded for a 1x1 shortcut)
-            mode = "POOL" if resample == "down" else "NEAREST"
-            x = self.resample(x, c_in, h0, w0, mode, cin_tot != c_out, name=f"{key}.{resample}sample(input)")
-        if cin_tot != c_out:
+            mode = {"down": "POOL", "up": "NEAREST"}.get(resample, resample.upper())
+            x = self.resample(x, c_in, h0, w0, mode, has_shortcut, name=f"{key}.{resample}(input)")
+        if has_shortcut:
             # the 1x1 shortcut runs inside conv2's GEMM: it reads a padded copy of its input
             xp = x if resample is not None else self.pad(x, c_in, h, w, x2, c2, name=f"{key}.conv_shortcut(input)")
             out, _, _ = self.conv(f"{key}.conv2", "CONV3", n2, c_out, h, w, c_out, src2=xp,
@@ -367,15 +383,29 @@ class _Builder:
         h, _, _ = self.conv("conv_in", "CONV3", xp, cfg.in_channels, H, W, ch[0])
         skips = [(h, ch[0])]
         c, hh, ww = ch[0], H, W
+        img = x                                           # score-SDE's image pyramid (skip blocks)
+        inv2 = 1.0 / SKIP_SCALE
         for i, t in enumerate(cfg.down_block_types):
-            p = f"down_blocks.{i}"
+            p, skip = f"down_blocks.{i}", cfg.skip_down(i)
             for j in range(lpb):
-                h = self.resnet(f"{p}.resnets.{j}", h, c, hh, ww, ch[i], emb)
+                groups = (cfg.norm_groups(c, True), cfg.norm_groups(ch[i], True)) if skip else None
+                h = self.resnet(f"{p}.resnets.{j}", h, c, hh, ww, ch[i], emb, groups=groups,
+                                scale=inv2 if skip else 1.0)
                 c = ch[i]
                 if t == "AttnDownBlock2D":
-                    h = self.attention(f"{p}.attentions.{j}", h, c, hh, ww, cfg.norm_num_groups)
+                    h = self.attention(f"{p}.attentions.{j}", h, c, hh, ww, cfg.norm_groups(c))
+                elif t == "AttnSkipDownBlock2D":
+                    h = self.attention(f"{p}.attentions.{j}", h, c, hh, ww, SKIP_ATTN_GROUPS, scale=inv2)
                 skips.append((h, c))
-            if i < nb - 1 and cfg.resnet_downsampler(i):
+            if i < nb - 1 and skip:
+                g = cfg.norm_groups(c, True)
+                h = self.resnet(f"{p}.resnet_down", h, c, hh, ww, c, emb, resample="fir_down", groups=(g, g),
+                                shortcut=True, scale=inv2)
+                img = self.resample(img, 3, hh, ww, "FIR_DOWN", False, name=f"{p}.downsamplers.0(skip)")
+                hh, ww = hh // 2, ww // 2
+                h, _, _ = self.conv(f"{p}.skip_conv", "CONV1", img, 3, hh, ww, c, residual=h)
+                skips.append((h, c))
+            elif i < nb - 1 and cfg.resnet_downsampler(i):
                 h = self.resnet(f"{p}.downsamplers.0", h, c, hh, ww, c, emb, resample="down")
                 hh, ww = hh // 2, ww // 2
                 skips.append((h, c))
@@ -390,23 +420,41 @@ class _Builder:
             h = self.attention("mid_block.attentions.0", h, c, hh, ww, cfg.attn_norm_groups(), scale=inv)
         h = self.resnet("mid_block.resnets.1", h, c, hh, ww, c, emb, scale=inv)
         rev = ch[::-1]
+        pyramid = -1                                      # the output pyramid [3, hh, ww] (skip up blocks)
         for i, t in enumerate(cfg.up_block_types):
-            p = f"up_blocks.{i}"
+            p, skip = f"up_blocks.{i}", cfg.skip_up(i)
             for j in range(lpb + 1):
-                skip, cs = skips.pop()
-                h = self.resnet(f"{p}.resnets.{j}", h, c, hh, ww, rev[i], emb, x2=skip, c2=cs)
+                sk, cs = skips.pop()
+                groups = None
+                if skip:   # AttnSkipUpBlock2D's norm1: diffusers' min(c_in + c_skip // 4, 32), precedence as written
+                    g1 = min(c + cs // 4, 32) if t == "AttnSkipUpBlock2D" else cfg.norm_groups(c + cs, True)
+                    groups = (g1, cfg.norm_groups(rev[i], True))
+                h = self.resnet(f"{p}.resnets.{j}", h, c, hh, ww, rev[i], emb, x2=sk, c2=cs, groups=groups,
+                                scale=inv2 if skip else 1.0)
                 c = rev[i]
                 if t == "AttnUpBlock2D":
-                    h = self.attention(f"{p}.attentions.{j}", h, c, hh, ww, cfg.norm_num_groups)
-            if i < nb - 1 and cfg.resnet_upsampler(i):
+                    h = self.attention(f"{p}.attentions.{j}", h, c, hh, ww, cfg.norm_groups(c))
+            if t == "AttnSkipUpBlock2D":
+                h = self.attention(f"{p}.attentions.0", h, c, hh, ww, SKIP_ATTN_GROUPS, scale=inv2)
+            if skip and pyramid >= 0:   # the pyramid of the level below, FIR-upsampled to this one
+                pyramid = self.resample(pyramid, 3, hh // 2, ww // 2, "FIR_UP", False, name=f"{p}.upsampler(skip)")
+            if i < nb - 1 and skip:
+                g = cfg.norm_groups(c, True)
+                sn = self.norm(f"{p}.skip_norm", h, c, hh, ww, g, "silu", True)   # diffusers' nn.SiLU here
+                pyramid, _, _ = self.conv(f"{p}.skip_conv", "CONV3", sn, c, hh, ww, 3, residual=pyramid)
+                h = self.resnet(f"{p}.resnet_up", h, c, hh, ww, c, emb, resample="fir_up", groups=(g, g),
+                                shortcut=True, scale=inv2)
+                hh, ww = 2 * hh, 2 * ww
+            elif i < nb - 1 and cfg.resnet_upsampler(i):
                 h = self.resnet(f"{p}.upsamplers.0", h, c, hh, ww, c, emb, resample="up")
                 hh, ww = 2 * hh, 2 * ww
             elif i < nb - 1:
                 hp = self.pad(h, c, hh, ww, name=f"{p}.upsamplers.0(input)")
                 h, hh, ww = self.conv(f"{p}.upsamplers.0.conv", "UP", hp, c, hh, ww, c)
         assert not skips and (hh, ww) == (H, W)
-        n = self.norm("conv_norm_out", h, c, H, W, cfg.norm_num_groups, "silu", True)  # diffusers' conv_act: SiLU
-        out, _, _ = self.conv("conv_out", "CONV3", n, c, H, W, cfg.out_channels)
+        n = self.norm("conv_norm_out", h, c, H, W, cfg.norm_groups(c), "silu", True)  # diffusers' conv_act: SiLU
+        # score-SDE: conv_out's output + the output pyramid (diffusers' sample += skip_sample)
+        out, _, _ = self.conv("conv_out", "CONV3", n, c, H, W, cfg.out_channels, residual=pyramid)
         if cfg.time_embedding_type == "fourier":   # diffusers divides a Fourier model's output by t
             out = self.emit(Op("DIVIDE_BY_T", out=self.value(cfg.out_channels * H * W), in_=out,
                                c_in=cfg.out_channels, h=H, w=W, c_out=cfg.out_channels, name="sample / timesteps"))

@@ -55,7 +55,7 @@ import numpy as np
 from . import validate
 
 __all__ = ["UNetConfigError", "UNetConfig", "weight_shapes", "parameter_count", "flops",
-           "random_weights", "PRESETS", "CM_IMAGENET64", "DOWN_BLOCK_TYPES", "UP_BLOCK_TYPES", "MAX_DIMENSION",
+           "random_weights", "PRESETS", "CM_IMAGENET64", "SKIP_SCALE", "SKIP_ATTN_GROUPS", "DOWN_BLOCK_TYPES", "UP_BLOCK_TYPES", "MAX_DIMENSION",
            "MAX_RESNET_BLOCKS", "MAX_PARAMETERS", "MAX_SAMPLE_FLOATS"]
 
 
@@ -71,10 +71,15 @@ MAX_RESNET_BLOCKS = 4096           # len(block_out_channels) x (2 layers_per_blo
 MAX_PARAMETERS = 2**32             # 16 GiB of float32 weights
 MAX_SAMPLE_FLOATS = 2**30          # the largest activation of one sample at sample_size: 4 GiB
 
-DOWN_BLOCK_TYPES = ("DownBlock2D", "AttnDownBlock2D", "ResnetDownsampleBlock2D")
-UP_BLOCK_TYPES = ("UpBlock2D", "AttnUpBlock2D", "ResnetUpsampleBlock2D")
+DOWN_BLOCK_TYPES = ("DownBlock2D", "AttnDownBlock2D", "ResnetDownsampleBlock2D", "SkipDownBlock2D",
+                    "AttnSkipDownBlock2D")
+UP_BLOCK_TYPES = ("UpBlock2D", "AttnUpBlock2D", "ResnetUpsampleBlock2D", "SkipUpBlock2D", "AttnSkipUpBlock2D")
 _MID_BLOCK_TYPES = ("UNetMidBlock2D",)
-_ATTN_BLOCKS = ("AttnDownBlock2D", "AttnUpBlock2D")
+_ATTN_BLOCKS = ("AttnDownBlock2D", "AttnUpBlock2D", "AttnSkipDownBlock2D", "AttnSkipUpBlock2D")
+# score-SDE's NCSN++ blocks: FIR resampling resnets, a 3-channel image pyramid beside the features
+_SKIP_BLOCKS = ("SkipDownBlock2D", "AttnSkipDownBlock2D", "SkipUpBlock2D", "AttnSkipUpBlock2D")
+SKIP_SCALE = math.sqrt(2.0)   # the skip blocks' output_scale_factor (resnets and attention divide by it)
+SKIP_ATTN_GROUPS = 32         # their attention's group norm: 32 groups whatever norm_num_groups says
 
 # Fields whose value is fixed in the supported subset: field -> the supported values.
 _CHOICES: dict[str, tuple] = {
@@ -118,7 +123,7 @@ class UNetConfig:
     dropout: float = 0.0
     act_fn: str = "silu"
     attention_head_dim: int | None = 8
-    norm_num_groups: int = 32
+    norm_num_groups: int | None = 32
     attn_norm_num_groups: int | None = None
     norm_eps: float = 1e-5
     resnet_time_scale_shift: str = "default"
@@ -228,13 +233,35 @@ class UNetConfig:
         t = self.up_block_types[block]
         return t == "ResnetUpsampleBlock2D" or (t == "AttnUpBlock2D" and self.upsample_type == "resnet")
 
+    def skip_down(self, block: int) -> bool:
+        """Whether down block ``block`` is a score-SDE skip block (SkipDownBlock2D /
+        AttnSkipDownBlock2D: FIR-downsampling resnet, the input image pyramid added by a 1x1 conv)."""
+        return self.down_block_types[block] in _SKIP_BLOCKS
+
+    def skip_up(self, block: int) -> bool:
+        """Whether up block ``block`` is a score-SDE skip block (SkipUpBlock2D / AttnSkipUpBlock2D)."""
+        return self.up_block_types[block] in _SKIP_BLOCKS
+
+    @property
+    def has_skip_pyramid(self) -> bool:
+        """Whether the up path builds score-SDE's 3-channel output pyramid (added to conv_out's output)."""
+        return any(self.skip_up(i) for i in range(self.num_blocks))
+
+    def norm_groups(self, channels: int, skip_block: bool = False) -> int:
+        """Groups of a resnet / output norm over ``channels`` channels: norm_num_groups, or
+        min(channels // 4, 32) where diffusers uses that (inside the skip blocks, whatever
+        norm_num_groups says; in the mid block and conv_norm_out when norm_num_groups is None)."""
+        if skip_block or self.norm_num_groups is None:
+            return min(channels // 4, 32)
+        return self.norm_num_groups
+
     def attn_norm_groups(self) -> int | None:
         """Group count of the mid block's attention norm (down/up attention uses norm_num_groups);
         None when it has no norm: diffusers' UNetMidBlock2D gives its attention a norm only with
         attn_norm_num_groups set or the "default" time embedding."""
         if self.attn_norm_num_groups is not None:
             return self.attn_norm_num_groups
-        return self.norm_num_groups if self.resnet_time_scale_shift == "default" else None
+        return self.norm_groups(self.block_out_channels[-1]) if self.resnet_time_scale_shift == "default" else None
 
     def heads(self, channels: int) -> int:
         """Attention heads of a block with ``channels`` channels (diffusers' rule)."""
@@ -333,9 +360,9 @@ def _normalise(cfg: UNetConfig) -> dict[str, Any]:
             out["sample_size"] = (_pos_int("sample_size[0]", s[0]), _pos_int("sample_size[1]", s[1]))
         else:
             raise UNetConfigError(f"sample_size must be an int or a [height, width] pair, got {s!r}")
-    for name in ("in_channels", "out_channels", "layers_per_block", "norm_num_groups"):
+    for name in ("in_channels", "out_channels", "layers_per_block"):
         out[name] = _pos_int(name, getattr(cfg, name))
-    for name in ("time_embedding_dim", "attention_head_dim", "attn_norm_num_groups",
+    for name in ("time_embedding_dim", "attention_head_dim", "attn_norm_num_groups", "norm_num_groups",
                  "num_train_timesteps", "num_class_embeds"):
         out[name] = _opt_pos_int(name, getattr(cfg, name))
     for name in ("center_input_sample", "flip_sin_to_cos", "add_attention"):
@@ -380,11 +407,15 @@ def _check_structure(cfg: UNetConfig) -> None:
         raise UNetConfigError(
             f"up_block_types has {len(cfg.up_block_types)} entries but down_block_types has "
             f"{len(cfg.down_block_types)}; they must match")
+    _check_skip_blocks(cfg)
     g = cfg.norm_num_groups
     for i, c in enumerate(cfg.block_out_channels):
-        if c % g:
+        if g is not None and c % g:
             raise UNetConfigError(f"block_out_channels[{i}] = {c} is not divisible by "
                                   f"norm_num_groups = {g}")
+        if g is None and c < 4:   # min(c // 4, 32) groups: none below 4 channels (diffusers fails too)
+            raise UNetConfigError(f"block_out_channels[{i}] = {c}: with norm_num_groups null the norms "
+                                  f"take min(channels // 4, 32) groups, which needs at least 4 channels")
     if cfg.add_attention and cfg.attn_norm_groups() and cfg.block_out_channels[-1] % cfg.attn_norm_groups():
         raise UNetConfigError(
             f"block_out_channels[-1] = {cfg.block_out_channels[-1]} (the mid-block attention) is "
@@ -409,6 +440,45 @@ def _check_structure(cfg: UNetConfig) -> None:
                     f"sample_size = {cfg.sample_size!r} must be a multiple of "
                     f"{cfg.size_multiple} (2**(len(block_out_channels)-1))")
     _check_size(cfg)
+
+
+def _check_skip_blocks(cfg: UNetConfig) -> None:
+    """The score-SDE skip blocks' constraints: the ones diffusers' forward would trip over (shape
+    errors deep in a run) or silently not build; each refused here by name."""
+    n, ch = cfg.num_blocks, cfg.block_out_channels
+    if cfg.norm_num_groups is None:
+        plain = [t for t in cfg.down_block_types + cfg.up_block_types if t not in _SKIP_BLOCKS]
+        if plain:   # their resnets take norm_num_groups as is: GroupNorm(None) fails in diffusers
+            raise UNetConfigError(f"norm_num_groups null is supported with the score-SDE skip blocks only; "
+                                  f"{plain[0]} needs a group count")
+    for i in range(n - 1):   # a downsampling skip block reads the image pyramid: every block before must keep it
+        if cfg.skip_down(i) and not all(cfg.skip_down(j) for j in range(i)):
+            raise UNetConfigError(f"down_block_types[{i}] = {cfg.down_block_types[i]!r} after a non-skip block: "
+                                  f"the image pyramid it downsamples would be at the wrong resolution")
+    if any(cfg.skip_down(i) for i in range(n - 1)) and cfg.center_input_sample:
+        raise UNetConfigError("center_input_sample with the skip down blocks is not supported (their image "
+                              "pyramid would start from the centred input)")
+    if any(cfg.skip_down(i) for i in range(n - 1)) and cfg.in_channels != 3:
+        raise UNetConfigError(f"the skip down blocks add a 1x1 conv of the 3-channel input image: "
+                              f"in_channels must be 3, got {cfg.in_channels}")
+    first = next((i for i in range(n) if cfg.skip_up(i)), None)
+    if first is not None:
+        for i in range(first, n):
+            if not cfg.skip_up(i):
+                raise UNetConfigError(f"up_block_types[{i}] = {cfg.up_block_types[i]!r} after a skip up block: the "
+                                      f"skip up blocks must be the last ones (each upsamples the output pyramid "
+                                      f"of the one before)")
+        if first < n - 1 and cfg.out_channels != 3:
+            raise UNetConfigError(f"the skip up blocks build a 3-channel output pyramid added to the "
+                                  f"output: out_channels must be 3, got {cfg.out_channels}")
+    for i, c in enumerate(ch):
+        attn = cfg.down_block_types[i] == "AttnSkipDownBlock2D" or cfg.up_block_types[n - 1 - i] == "AttnSkipUpBlock2D"
+        if attn and c % SKIP_ATTN_GROUPS:
+            raise UNetConfigError(f"block_out_channels[{i}] = {c}: the skip blocks' attention norm has "
+                                  f"{SKIP_ATTN_GROUPS} groups, which must divide it")
+        if (cfg.skip_down(i) or cfg.skip_up(n - 1 - i)) and c < 4:
+            raise UNetConfigError(f"block_out_channels[{i}] = {c}: the skip blocks' norms take "
+                                  f"min(channels // 4, 32) groups, which needs at least 4 channels")
 
 
 def _check_size(cfg: UNetConfig) -> None:
@@ -469,7 +539,7 @@ def _attention_channels(cfg: UNetConfig) -> Iterator[tuple[int, str]]:
 class _Layer:
     """One parametrised module of the U-Net (listed in diffusers' registration order).
 
-    kind: "conv3" (3x3 pad 1), "down" (3x3 stride 2), "up" (nearest x2 then 3x3), "linear",
+    kind: "conv3" (3x3 pad 1), "conv1" (1x1), "down" (3x3 stride 2), "up" (nearest x2 then 3x3), "linear",
     "class_linear" (the class MLP, run once per call), "embedding" (c_in rows of c_out),
     "fourier" (c_in Gaussian Fourier frequencies),
     "norm", "resnet", "resnet_down" / "resnet_up" (a resnet that avg-pools / upsamples x2 after
@@ -480,6 +550,11 @@ class _Layer:
     c_in: int
     c_out: int
     level: int = 0
+    shortcut: bool | None = None   # a resnet's 1x1 conv_shortcut: None = where c_in != c_out
+
+    @property
+    def has_shortcut(self) -> bool:
+        return self.c_in != self.c_out if self.shortcut is None else self.shortcut
 
 
 def _layers(cfg: UNetConfig) -> list[_Layer]:
@@ -501,12 +576,15 @@ def _layers(cfg: UNetConfig) -> list[_Layer]:
     for i, t in enumerate(cfg.down_block_types):
         c_in, c_out = c_out, ch[i]
         p = f"down_blocks.{i}"
-        if t == "AttnDownBlock2D":  # diffusers registers `attentions` before `resnets`
+        if t in ("AttnDownBlock2D", "AttnSkipDownBlock2D"):  # diffusers registers `attentions` before `resnets`
             L += [_Layer(f"{p}.attentions.{j}", "attn", c_out, c_out, i)
                   for j in range(cfg.layers_per_block)]
         L += [_Layer(f"{p}.resnets.{j}", "resnet", c_in if j == 0 else c_out, c_out, i)
               for j in range(cfg.layers_per_block)]
-        if i < n - 1 and cfg.resnet_downsampler(i):
+        if i < n - 1 and cfg.skip_down(i):   # FIR resnet (always a 1x1 shortcut), then the pyramid's 1x1 conv
+            L += [_Layer(f"{p}.resnet_down", "resnet_down", c_out, c_out, i, shortcut=True),
+                  _Layer(f"{p}.skip_conv", "conv1", 3, c_out, i + 1)]
+        elif i < n - 1 and cfg.resnet_downsampler(i):
             L.append(_Layer(f"{p}.downsamplers.0", "resnet_down", c_out, c_out, i))
         elif i < n - 1:
             L.append(_Layer(f"{p}.downsamplers.0.conv", "down", c_out, c_out, i))
@@ -518,10 +596,16 @@ def _layers(cfg: UNetConfig) -> list[_Layer]:
         p, level, m = f"up_blocks.{i}", n - 1 - i, cfg.layers_per_block + 1
         if t == "AttnUpBlock2D":
             L += [_Layer(f"{p}.attentions.{j}", "attn", c_out, c_out, level) for j in range(m)]
+        elif t == "AttnSkipUpBlock2D":   # one attention, after the last resnet
+            L.append(_Layer(f"{p}.attentions.0", "attn", c_out, c_out, level))
         for j in range(m):
             c_in = (prev if j == 0 else c_out) + (skip_last if j == m - 1 else c_out)
             L.append(_Layer(f"{p}.resnets.{j}", "resnet", c_in, c_out, level))
-        if i < n - 1 and cfg.resnet_upsampler(i):
+        if i < n - 1 and cfg.skip_up(i):   # FIR resnet; the pyramid's norm + act + 3x3 conv to 3 channels
+            L += [_Layer(f"{p}.resnet_up", "resnet_up", c_out, c_out, level, shortcut=True),
+                  _Layer(f"{p}.skip_conv", "conv3", c_out, 3, level),
+                  _Layer(f"{p}.skip_norm", "norm", c_out, c_out, level)]
+        elif i < n - 1 and cfg.resnet_upsampler(i):
             L.append(_Layer(f"{p}.upsamplers.0", "resnet_up", c_out, c_out, level))
         elif i < n - 1:
             L.append(_Layer(f"{p}.upsamplers.0.conv", "up", c_out, c_out, level))
@@ -558,6 +642,8 @@ def weight_shapes(cfg: UNetConfig) -> dict[str, tuple[int, ...]]:
     for ly in _layers(cfg):
         if ly.kind in ("conv3", "down", "up"):
             _conv(out, ly.name, ly.c_in, ly.c_out, 3)
+        elif ly.kind == "conv1":
+            _conv(out, ly.name, ly.c_in, ly.c_out, 1)
         elif ly.kind in ("linear", "class_linear"):
             _linear(out, ly.name, ly.c_in, ly.c_out)
         elif ly.kind == "embedding":
@@ -572,7 +658,7 @@ def weight_shapes(cfg: UNetConfig) -> dict[str, tuple[int, ...]]:
             _linear(out, f"{ly.name}.time_emb_proj", temb, cfg.time_proj_rows * ly.c_out)
             _norm(out, f"{ly.name}.norm2", ly.c_out)
             _conv(out, f"{ly.name}.conv2", ly.c_out, ly.c_out, 3)
-            if ly.c_in != ly.c_out:
+            if ly.has_shortcut:
                 _conv(out, f"{ly.name}.conv_shortcut", ly.c_in, ly.c_out, 1)
         elif ly.kind == "attn":
             if not (ly.name.startswith("mid_block.") and cfg.attn_norm_groups() is None):
@@ -608,6 +694,8 @@ def flops(cfg: UNetConfig, batch: int = 1, height: int | None = None,
         px = (height >> ly.level) * (width >> ly.level)  # pixels at the module's input
         if ly.kind == "conv3":
             total += 9 * ly.c_in * ly.c_out * px
+        elif ly.kind == "conv1":
+            total += ly.c_in * ly.c_out * px
         elif ly.kind == "down":
             total += 9 * ly.c_in * ly.c_out * px // 4
         elif ly.kind == "up":
@@ -618,7 +706,7 @@ def flops(cfg: UNetConfig, batch: int = 1, height: int | None = None,
             # the convs run at the resampled size (the UP conv counted as a plain 3x3 at 2x, as "up")
             px = px // 4 if ly.kind == "resnet_down" else px * 4 if ly.kind == "resnet_up" else px
             total += 9 * ly.c_in * ly.c_out * px + 9 * ly.c_out * ly.c_out * px + temb * cfg.time_proj_rows * ly.c_out
-            if ly.c_in != ly.c_out:
+            if ly.has_shortcut:
                 total += ly.c_in * ly.c_out * px
         elif ly.kind == "attn":
             c = ly.c_in
@@ -632,7 +720,7 @@ def flops(cfg: UNetConfig, batch: int = 1, height: int | None = None,
 
 def _is_norm(key: str) -> bool:
     module = key.rsplit(".", 1)[0].rsplit(".", 1)[-1]
-    return module in ("norm1", "norm2", "group_norm", "conv_norm_out")
+    return module in ("norm1", "norm2", "group_norm", "conv_norm_out", "skip_norm")
 
 
 def random_weights(cfg: UNetConfig, seed: int = 0) -> dict[str, np.ndarray]:

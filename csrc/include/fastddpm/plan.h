@@ -16,8 +16,12 @@ enum OpCode : int64_t {
 };
 enum ConvMode : int64_t { kConv3 = 0, kConv1 = 1, kDown1 = 2, kDown0 = 3, kUp = 4 };
 // The mode column of RESAMPLE (and of GROUPNORM, which may average-pool its output): 2x2 average
-// pooling, or nearest x2 upsampling (RESAMPLE only); 0 = no resampling (GROUPNORM).
-enum ResampleMode : int64_t { kResampleNone = 0, kResamplePool = 1, kResampleNearest = 2 };
+// pooling, or (RESAMPLE only) nearest x2 upsampling and score-SDE's [1, 3, 3, 1] FIR down / up
+// (separable, zero outside: down y[i] = (x[2i-1] + 3x[2i] + 3x[2i+1] + x[2i+2]) / 8 per axis; up
+// y[2i] = (x[i-1] + 3x[i]) / 4, y[2i+1] = (3x[i] + x[i+1]) / 4); 0 = no resampling (GROUPNORM).
+enum ResampleMode : int64_t {
+  kResampleNone = 0, kResamplePool = 1, kResampleNearest = 2, kResampleFirDown = 3, kResampleFirUp = 4
+};
 // The mode column of TIME_EMB: the sinusoidal embedding, a learned table's row t, or the Gaussian
 // Fourier projection [sin, cos](2 pi W ln t).
 enum TimeMode : int64_t { kTimeSinusoidal = 0, kTimeLearned = 1, kTimeFourier = 2 };
@@ -57,7 +61,40 @@ constexpr NamedCode kOpCodeNames[] = {{"TIME_EMB", kTimeEmb}, {"LINEAR", kLinear
                                       {"GROUPNORM", kGroupNorm}, {"CONV", kConv}, {"ATTENTION", kAttention},
                                       {"RESAMPLE", kResample}, {"DIVIDE_BY_T", kDivideByT}};
 constexpr NamedCode kResampleModeNames[] = {{"NONE", kResampleNone}, {"POOL", kResamplePool},
-                                            {"NEAREST", kResampleNearest}};
+                                            {"NEAREST", kResampleNearest}, {"FIR_DOWN", kResampleFirDown},
+                                            {"FIR_UP", kResampleFirUp}};
+
+// The taps of one output index o of the FIR modes along an axis of n inputs: up to 4 (index,
+// weight) pairs, out-of-range inputs dropped (zero). Shared by the CPU and CUDA engines.
+struct FirTaps {
+  int count = 0;
+  int64_t index[4] = {0, 0, 0, 0};
+  float weight[4] = {0, 0, 0, 0};
+};
+#if defined(__CUDACC__)
+#define FDDPM_PLAN_HD __host__ __device__ __forceinline__
+#else
+#define FDDPM_PLAN_HD inline
+#endif
+FDDPM_PLAN_HD void fir_add(FirTaps& t, int64_t i, int64_t n, float wgt) {
+  if (i >= 0 && i < n) {
+    t.index[t.count] = i;
+    t.weight[t.count] = wgt;
+    ++t.count;
+  }
+}
+FDDPM_PLAN_HD FirTaps fir_taps(bool up, int64_t o, int64_t n) {
+  FirTaps t;
+  if (up) {
+    const int64_t i = o / 2;
+    if (o % 2 == 0) { fir_add(t, i - 1, n, 0.25f); fir_add(t, i, n, 0.75f); }
+    else { fir_add(t, i, n, 0.75f); fir_add(t, i + 1, n, 0.25f); }
+  } else {
+    fir_add(t, 2 * o - 1, n, 0.125f); fir_add(t, 2 * o, n, 0.375f);
+    fir_add(t, 2 * o + 1, n, 0.375f); fir_add(t, 2 * o + 2, n, 0.125f);
+  }
+  return t;
+}
 constexpr NamedCode kTimeModeNames[] = {{"SINUSOIDAL", kTimeSinusoidal}, {"LEARNED", kTimeLearned},
                                         {"FOURIER", kTimeFourier}};
 constexpr NamedCode kConvModeNames[] = {{"CONV3", kConv3}, {"CONV1", kConv1}, {"DOWN1", kDown1},

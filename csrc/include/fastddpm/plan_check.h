@@ -238,10 +238,10 @@ inline std::vector<CheckedOp> check_plan(const PlanView& pv, const std::vector<W
       case kResample: {
         positive(op.cin, "c_in"); side(op.h, "h"); side(op.w, "w");
         if (op.cout != op.cin) fail(where + ": c_out must equal c_in");
-        if (op.mode == kResamplePool) {
-          if (op.h % 2 || op.w % 2) fail(where + ": pooling needs even sizes");
+        if (op.mode == kResamplePool || op.mode == kResampleFirDown) {
+          if (op.h % 2 || op.w % 2) fail(where + ": downsampling needs even sizes");
           op.ho = op.h / 2; op.wo = op.w / 2;
-        } else if (op.mode == kResampleNearest) {
+        } else if (op.mode == kResampleNearest || op.mode == kResampleFirUp) {
           op.ho = op.h * 2; op.wo = op.w * 2;
         } else {
           fail(where + ": unknown resample mode " + std::to_string(op.mode));

@@ -63,7 +63,7 @@ except Exception as exc:  # noqa: BLE001 - numba missing or refusing this NumPy
 F_EPS, F_SCALE, F_A, F_SHIFT = (FLOAT_FIELDS.index(f) for f in ("eps", "scale", "a", "shift"))
 OP_TIME_EMB, OP_LINEAR, OP_PAD, OP_GROUPNORM, OP_CONV, OP_ATTENTION, OP_RESAMPLE, OP_DIVIDE_BY_T = (
     OP_CODES[k] for k in ("TIME_EMB", "LINEAR", "PAD", "GROUPNORM", "CONV", "ATTENTION", "RESAMPLE", "DIVIDE_BY_T"))
-R_POOL = RESAMPLE_MODES["POOL"]
+R_POOL, R_FIR_DOWN, R_FIR_UP = RESAMPLE_MODES["POOL"], RESAMPLE_MODES["FIR_DOWN"], RESAMPLE_MODES["FIR_UP"]
 T_LEARNED, T_FOURIER = TIME_MODES["LEARNED"], TIME_MODES["FOURIER"]
 M_CONV3, M_CONV1, M_DOWN1, M_DOWN0, M_UP = (CONV_MODES[k] for k in ("CONV3", "CONV1", "DOWN1", "DOWN0", "UP"))
 _ALIGN = 16   # floats: every slot and packed weight starts on a 64-byte boundary
@@ -282,6 +282,58 @@ if numba is not None:
                     for k in range(hw):
                         out[k] = _act(row[k] * a + b, act)
 
+    @_njit
+    def _fir_taps(up, o, n, idx, wgt):
+        # the taps of output o along an axis of n inputs (plan.h fir_taps): fills idx, wgt, returns the count
+        cnt = 0
+        for a in range(2 if up else 4):
+            if up:
+                i = o // 2 - 1 + a + (o % 2)
+                wt = (np.float32(0.25) if a == 0 else np.float32(0.75)) if o % 2 == 0 else \
+                    (np.float32(0.75) if a == 0 else np.float32(0.25))
+            else:
+                i = 2 * o - 1 + a
+                wt = np.float32(0.125) if a == 0 or a == 3 else np.float32(0.375)
+            if 0 <= i < n:
+                idx[cnt] = i
+                wgt[cnt] = wt
+                cnt += 1
+        return cnt
+
+    @_njit_parallel
+    def _fir(src, c, h, w, up, padded, dst):
+        # dst [c, Ho*Wo] (or padded) = score-SDE's FIR down / up of src [c, h*w]: rows along x, then y
+        ho, wo = (2 * h, 2 * w) if up else (h // 2, w // 2)
+        p = 1 if padded else 0
+        wq = wo + 2 * p
+        xi = np.zeros((wo, 4), np.int64)
+        xw = np.zeros((wo, 4), np.float32)
+        xc = np.zeros(wo, np.int64)
+        for x in range(wo):
+            xc[x] = _fir_taps(up, x, w, xi[x], xw[x])
+        yi = np.zeros((ho, 4), np.int64)
+        yw = np.zeros((ho, 4), np.float32)
+        yc = np.zeros(ho, np.int64)
+        for y in range(ho):
+            yc[y] = _fir_taps(up, y, h, yi[y], yw[y])
+        for cc in prange(c):
+            rows = np.empty((h, wo), np.float32)
+            for y in range(h):
+                for x in range(wo):
+                    s = _F0
+                    for j in range(xc[x]):
+                        s += xw[x, j] * src[cc, y * w + xi[x, j]]
+                    rows[y, x] = s
+            if padded:
+                for k in range((ho + 2) * wq):
+                    dst[cc, k] = _F0
+            for y in range(ho):
+                for x in range(wo):
+                    s = _F0
+                    for a in range(yc[y]):
+                        s += yw[y, a] * rows[yi[y, a], x]
+                    dst[cc, (y + p) * wq + x + p] = s
+
     @_njit_parallel
     def _resample(src, c, h, w, pool, padded, dst):
         # dst [c, Ho*Wo] (or padded) = 2x2 average pooling (pool) or nearest x2 of src [c, h*w]
@@ -444,14 +496,19 @@ if numba is not None:
                     _groupnorm(src, cin, src2, cin2, h, w, op[I_GROUPS], floats[k, F_EPS], gamma, beta,
                                ss, op[I_TEMB] >= 0, _act_code(flags), padded, pool, dst)
             elif code == OP_RESAMPLE:
-                pool = op[I_MODE] == R_POOL
+                mode = op[I_MODE]
+                down = mode == R_POOL or mode == R_FIR_DOWN
+                fir = mode == R_FIR_DOWN or mode == R_FIR_UP
                 padded = (flags & FLAG_PADDED_OUT) != 0
-                ho, wo_ = (h // 2, w // 2) if pool else (2 * h, 2 * w)
+                ho, wo_ = (h // 2, w // 2) if down else (2 * h, 2 * w)
                 dcols = (ho + 2) * (wo_ + 2) if padded else ho * wo_
                 for n in range(nb):
                     src = _sample_view(arena, soff, ssize, op[I_IN], n, cin, h * w)
                     dst = _sample_view(arena, soff, ssize, op[I_OUT], n, cin, dcols)
-                    _resample(src, cin, h, w, pool, padded, dst)
+                    if fir:
+                        _fir(src, cin, h, w, mode == R_FIR_UP, padded, dst)
+                    else:
+                        _resample(src, cin, h, w, down, padded, dst)
             elif code == OP_CONV:
                 mode = op[I_MODE]
                 if mode == M_UP:

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..unet_config import UNetConfig, random_weights, weight_shapes
+from ..unet_config import SKIP_ATTN_GROUPS, SKIP_SCALE, UNetConfig, random_weights, weight_shapes
 from ..weights import check_weights
 
 __all__ = ["ReferenceUNet"]
@@ -57,31 +57,55 @@ class _GroupNorm(nn.Module):
 _ACTS = {"silu": F.silu, "swish": F.silu, "mish": F.mish, "gelu": F.gelu, "relu": F.relu}
 
 
+def _fir_kernel(c: int, x: torch.Tensor, norm: float) -> torch.Tensor:
+    k = torch.tensor([1.0, 3.0, 3.0, 1.0], dtype=x.dtype, device=x.device)
+    return (k[:, None] * k[None, :] / norm).expand(c, 1, 4, 4)          # [C, 1, 4, 4] depthwise
+
+
+def fir_down(x: torch.Tensor) -> torch.Tensor:
+    """score-SDE's FIR downsampling (diffusers' downsample_2d, kernel [1, 3, 3, 1]): [N, C, H, W] -> [N, C, H/2, W/2]."""
+    return F.conv2d(F.pad(x, (1, 1, 1, 1)), _fir_kernel(x.shape[1], x, 64.0), stride=2, groups=x.shape[1])
+
+
+def fir_up(x: torch.Tensor) -> torch.Tensor:
+    """score-SDE's FIR upsampling (diffusers' upsample_2d, kernel [1, 3, 3, 1]): [N, C, H, W] -> [N, C, 2H, 2W]."""
+    n, c, h, w = x.shape
+    u = x.new_zeros(n, c, 2 * h, 2 * w)
+    u[:, :, ::2, ::2] = x                                                 # zero insertion
+    return F.conv2d(F.pad(u, (2, 1, 2, 1)), _fir_kernel(c, x, 16.0), groups=c)
+
+
+_RESAMPLE = {"down": lambda t: F.avg_pool2d(t, 2), "up": lambda t: F.interpolate(t, scale_factor=2.0, mode="nearest"),
+             "fir_down": fir_down, "fir_up": fir_up}
+
+
 class _Resnet(nn.Module):
     """diffusers ResnetBlock2D (pre-norm; "default" or "scale_shift" time embedding; act_fn)."""
 
-    def __init__(self, cfg: UNetConfig, c_in: int, c_out: int, out_scale: float = 1.0, resample: str | None = None):
+    def __init__(self, cfg: UNetConfig, c_in: int, c_out: int, out_scale: float = 1.0, resample: str | None = None,
+                 groups: tuple[int, int] | None = None, shortcut: bool | None = None):
         super().__init__()
-        g, eps = cfg.norm_num_groups, cfg.norm_eps
-        self.resample = resample  # "down" (avg-pool 2x2) / "up" (nearest x2) after norm1: down=True / up=True
-        self.norm1 = _GroupNorm(c_in, g, eps)
+        g1, g2 = groups if groups is not None else (cfg.norm_groups(c_in), cfg.norm_groups(c_out))
+        eps = cfg.norm_eps
+        # "down" (avg-pool 2x2) / "up" (nearest x2) / "fir_down" / "fir_up" (score-SDE's FIR kernel)
+        # after norm1, on it and on the input: diffusers' down=True / up=True
+        self.resample = resample
+        self.norm1 = _GroupNorm(c_in, g1, eps)
         self.conv1 = _Conv(c_in, c_out, 3)
         self.scale_shift = cfg.resnet_time_scale_shift == "scale_shift"
         self.time_emb_proj = _Linear(cfg.time_embed_dim, cfg.time_proj_rows * c_out)
         self.act = _ACTS[cfg.act_fn]
-        self.norm2 = _GroupNorm(c_out, g, eps)
+        self.norm2 = _GroupNorm(c_out, g2, eps)
         self.conv2 = _Conv(c_out, c_out, 3)
-        # a 1x1 conv only where the channel count changes
-        self.conv_shortcut = _Conv(c_in, c_out, 1) if c_in != c_out else None
+        # a 1x1 conv where the channel count changes (or where diffusers forces use_in_shortcut)
+        self.conv_shortcut = _Conv(c_in, c_out, 1) if (c_in != c_out if shortcut is None else shortcut) else None
         self.out_scale = out_scale
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         # x: [N, Cin, H, W], emb: [N, T]
         h = self.act(self.norm1(x))
-        if self.resample == "down":
-            x, h = F.avg_pool2d(x, 2), F.avg_pool2d(h, 2)                # [N, C, H/2, W/2]
-        elif self.resample == "up":
-            x, h = F.interpolate(x, scale_factor=2.0, mode="nearest"), F.interpolate(h, scale_factor=2.0, mode="nearest")
+        if self.resample is not None:
+            x, h = _RESAMPLE[self.resample](x), _RESAMPLE[self.resample](h)   # [N, C, H/2 or 2H, ...]
         h = F.conv2d(h, self.conv1.weight, self.conv1.bias, padding=1)   # [N, Cout, H, W]
         t = self.time_emb_proj(self.act(emb))[:, :, None, None]         # [N, Cout or 2 Cout, 1, 1]
         if self.scale_shift:
@@ -153,65 +177,108 @@ class _Upsample(nn.Module):
 class _DownBlock(nn.Module):
     """DownBlock2D / AttnDownBlock2D / ResnetDownsampleBlock2D: resnets (each followed by attention
     in the Attn variant), then a stride-2 conv (or a downsampling resnet) except in the last block. Every resnet (or attention) output and the
-    downsampled output are skips."""
+    downsampled output are skips. SkipDownBlock2D / AttnSkipDownBlock2D (score-SDE): min(C/4, 32)
+    groups, outputs divided by sqrt 2, a FIR-downsampling resnet, and the FIR-downsampled input
+    image through a 1x1 conv added to its output."""
 
     def __init__(self, cfg: UNetConfig, i: int, c_in: int, c_out: int):
         super().__init__()
-        m = cfg.layers_per_block
-        if cfg.down_block_types[i] == "AttnDownBlock2D":  # registered first, as in diffusers
-            self.attentions = nn.ModuleList(
-                [_Attention(cfg, c_out, cfg.norm_num_groups) for _ in range(m)])
+        m, t = cfg.layers_per_block, cfg.down_block_types[i]
+        self.skip = cfg.skip_down(i)
+        s = SKIP_SCALE if self.skip else 1.0
+        if t in ("AttnDownBlock2D", "AttnSkipDownBlock2D"):  # registered first, as in diffusers
+            g = SKIP_ATTN_GROUPS if self.skip else cfg.norm_groups(c_out)
+            self.attentions = nn.ModuleList([_Attention(cfg, c_out, g, s) for _ in range(m)])
         else:
             self.attentions = None
-        self.resnets = nn.ModuleList(
-            [_Resnet(cfg, c_in if j == 0 else c_out, c_out) for j in range(m)])
+        self.resnets = nn.ModuleList([
+            _Resnet(cfg, c_in if j == 0 else c_out, c_out, s,
+                    groups=(cfg.norm_groups(c_in if j == 0 else c_out, True), cfg.norm_groups(c_out, True))
+                    if self.skip else None) for j in range(m)])
         last = i == cfg.num_blocks - 1
-        self.downsamplers = None if last else nn.ModuleList(
-            [_Resnet(cfg, c_out, c_out, resample="down") if cfg.resnet_downsampler(i)
-             else _Downsample(c_out, cfg.downsample_padding)])
+        self.downsamplers = None
+        if self.skip and not last:
+            g = cfg.norm_groups(c_out, True)
+            self.resnet_down = _Resnet(cfg, c_out, c_out, s, resample="fir_down", groups=(g, g), shortcut=True)
+            self.skip_conv = _Conv(3, c_out, 1)
+        elif not last:
+            self.downsamplers = nn.ModuleList(
+                [_Resnet(cfg, c_out, c_out, resample="down") if cfg.resnet_downsampler(i)
+                 else _Downsample(c_out, cfg.downsample_padding)])
 
-    def forward(self, h, emb, skips: list):
+    def forward(self, h, emb, skips: list, img):
         for j, resnet in enumerate(self.resnets):
             h = resnet(h, emb)
             if self.attentions is not None:
                 h = self.attentions[j](h)
             skips.append(h)
-        if self.downsamplers is not None:
+        if self.skip and hasattr(self, "resnet_down"):
+            h = self.resnet_down(h, emb)
+            img = fir_down(img)                                          # [N, 3, H/2, W/2]
+            h = F.conv2d(img, self.skip_conv.weight, self.skip_conv.bias) + h
+            skips.append(h)
+        elif self.downsamplers is not None:
             d = self.downsamplers[0]
             h = d(h, emb) if isinstance(d, _Resnet) else d(h)
             skips.append(h)
-        return h
+        return h, img
 
 
 class _UpBlock(nn.Module):
     """UpBlock2D / AttnUpBlock2D: layers_per_block + 1 resnets, each on [h, skip] concatenated
     along channels (attention after each in the Attn variant), then nearest x2 + conv (or an
-    upsampling resnet) except in the last block."""
+    upsampling resnet) except in the last block. SkipUpBlock2D / AttnSkipUpBlock2D (score-SDE):
+    one attention after the last resnet, outputs divided by sqrt 2, and the 3-channel output
+    pyramid: FIR-upsampled from the level below, plus conv(SiLU(skip_norm(h))) where the block
+    upsamples (with a FIR resnet)."""
 
     def __init__(self, cfg: UNetConfig, i: int, prev: int, c_out: int, skip_last: int):
         super().__init__()
-        m = cfg.layers_per_block + 1
-        if cfg.up_block_types[i] == "AttnUpBlock2D":
-            self.attentions = nn.ModuleList(
-                [_Attention(cfg, c_out, cfg.norm_num_groups) for _ in range(m)])
+        m, t = cfg.layers_per_block + 1, cfg.up_block_types[i]
+        self.skip = cfg.skip_up(i)
+        s = SKIP_SCALE if self.skip else 1.0
+        if t == "AttnUpBlock2D":
+            self.attentions = nn.ModuleList([_Attention(cfg, c_out, cfg.norm_groups(c_out)) for _ in range(m)])
+        elif t == "AttnSkipUpBlock2D":
+            self.attentions = nn.ModuleList([_Attention(cfg, c_out, SKIP_ATTN_GROUPS, s)])
         else:
             self.attentions = None
-        self.resnets = nn.ModuleList([
-            _Resnet(cfg, (prev if j == 0 else c_out) + (skip_last if j == m - 1 else c_out), c_out)
-            for j in range(m)])
+        resnets = []
+        for j in range(m):
+            c_h, c_s = prev if j == 0 else c_out, skip_last if j == m - 1 else c_out
+            groups = None
+            if self.skip:  # AttnSkipUpBlock2D: diffusers' min(c_h + c_s // 4, 32), precedence as written
+                g1 = min(c_h + c_s // 4, 32) if t == "AttnSkipUpBlock2D" else cfg.norm_groups(c_h + c_s, True)
+                groups = (g1, cfg.norm_groups(c_out, True))
+            resnets.append(_Resnet(cfg, c_h + c_s, c_out, s, groups=groups))
+        self.resnets = nn.ModuleList(resnets)
         last = i == cfg.num_blocks - 1
-        self.upsamplers = None if last else nn.ModuleList(
-            [_Resnet(cfg, c_out, c_out, resample="up") if cfg.resnet_upsampler(i) else _Upsample(c_out)])
+        self.upsamplers = None
+        self.pyramid_step = self.skip and not last
+        if self.pyramid_step:
+            g = cfg.norm_groups(c_out, True)
+            self.resnet_up = _Resnet(cfg, c_out, c_out, s, resample="fir_up", groups=(g, g), shortcut=True)
+            self.skip_conv = _Conv(c_out, 3, 3)
+            self.skip_norm = _GroupNorm(c_out, g, cfg.norm_eps)
+        elif not last:
+            self.upsamplers = nn.ModuleList(
+                [_Resnet(cfg, c_out, c_out, resample="up") if cfg.resnet_upsampler(i) else _Upsample(c_out)])
 
-    def forward(self, h, emb, skips: list):
+    def forward(self, h, emb, skips: list, pyramid):
         for j, resnet in enumerate(self.resnets):
             h = resnet(torch.cat([h, skips.pop()], dim=1), emb)          # [N, Ch + Cskip, H, W]
-            if self.attentions is not None:
-                h = self.attentions[j](h)
-        if self.upsamplers is not None:
+            if self.attentions is not None and (len(self.attentions) > 1 or j == len(self.resnets) - 1):
+                h = self.attentions[j if len(self.attentions) > 1 else 0](h)
+        if self.skip and pyramid is not None:
+            pyramid = fir_up(pyramid)                                    # [N, 3, H, W]
+        if self.pyramid_step:
+            p = F.conv2d(F.silu(self.skip_norm(h)), self.skip_conv.weight, self.skip_conv.bias, padding=1)
+            pyramid = p if pyramid is None else pyramid + p
+            h = self.resnet_up(h, emb)
+        elif self.upsamplers is not None:
             u = self.upsamplers[0]
             h = u(h, emb) if isinstance(u, _Resnet) else u(h)
-        return h
+        return h, pyramid
 
 
 class _MidBlock(nn.Module):
@@ -286,7 +353,7 @@ class ReferenceUNet(nn.Module):
             [_UpBlock(cfg, i, rev[max(i - 1, 0)], rev[i], rev[min(i + 1, n - 1)])
              for i in range(n)])
         self.mid_block = _MidBlock(cfg)
-        self.conv_norm_out = _GroupNorm(ch[0], cfg.norm_num_groups, cfg.norm_eps)
+        self.conv_norm_out = _GroupNorm(ch[0], cfg.norm_groups(ch[0]), cfg.norm_eps)
         self.conv_out = _Conv(ch[0], cfg.out_channels, 3)
         if init_seed is not None:
             self._fill(random_weights(cfg, init_seed))
@@ -400,14 +467,16 @@ class ReferenceUNet(nn.Module):
             emb = emb + self.class_embedding_of(class_labels, n, x.device).to(x.dtype)
 
         h = F.conv2d(x, self.conv_in.weight, self.conv_in.bias, padding=1)   # [N, C0, H, W]
-        skips = [h]
+        skips, img, pyramid = [h], x, None                                # img: score-SDE's input pyramid
         for block in self.down_blocks:
-            h = block(h, emb, skips)
+            h, img = block(h, emb, skips, img)
         h = self.mid_block(h, emb)                                        # [N, C[-1], H/m, W/m]
         for block in self.up_blocks:
-            h = block(h, emb, skips)
+            h, pyramid = block(h, emb, skips, pyramid)
         h = F.silu(self.conv_norm_out(h))                                 # [N, C0, H, W]
         out = F.conv2d(h, self.conv_out.weight, self.conv_out.bias, padding=1)
+        if pyramid is not None:                                           # skip up blocks: + [N, 3, H, W]
+            out = out + pyramid
         if cfg.time_embedding_type == "fourier":                          # diffusers: sample / timesteps
             out = out / t.to(out.dtype).reshape(n, 1, 1, 1)
         return out
